@@ -1,0 +1,170 @@
+#pragma once
+// Executors: the caller decides threading. Kernels call `parallel_for(n, fn)` with fn(i) for
+// i in [0, n), and ask `concurrency_of(ex)` how many workers to plan for. attnkit ships a serial
+// executor, a small std::thread pool, and an adapter for any user callable; no global state.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <concepts>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include "error.hpp"
+
+namespace attnkit {
+
+/// Anything with `parallel_for(n, fn)` that calls fn(i) once for every i in [0, n) and returns
+/// when all calls have returned. fn may be called concurrently from several threads.
+template <class E>
+concept executor = requires(E& e, std::int64_t n, std::function<void(std::int64_t)> fn) { e.parallel_for(n, fn); };
+
+/// Runs everything on the calling thread.
+struct serial_executor {
+  static constexpr int concurrency() { return 1; }
+  template <class F>
+  void parallel_for(std::int64_t n, F&& fn) const {
+    for (std::int64_t i = 0; i < n; ++i) fn(i);
+  }
+};
+
+/// How many workers to plan for: `ex.concurrency()` where the executor has it, else the
+/// hardware's thread count (kernels pull work from a shared counter, so extra workers idle).
+template <class E>
+int concurrency_of(const E& ex) {
+  if constexpr (requires { { ex.concurrency() } -> std::convertible_to<int>; }) {
+    return std::max(1, static_cast<int>(ex.concurrency()));
+  } else {
+    return std::max(1u, std::thread::hardware_concurrency());
+  }
+}
+
+/// Adapts a user callable `f(n, fn)` (an engine's own pool) into an executor.
+template <class F>
+class callable_executor {
+ public:
+  callable_executor(F f, int concurrency) : f_(std::move(f)), concurrency_(concurrency) {
+    detail::require(concurrency >= 1, "callable_executor: concurrency must be >= 1, got ", concurrency);
+  }
+  int concurrency() const { return concurrency_; }
+  template <class Fn>
+  void parallel_for(std::int64_t n, Fn&& fn) {
+    f_(n, std::function<void(std::int64_t)>(std::forward<Fn>(fn)));
+  }
+
+ private:
+  F f_;
+  int concurrency_;
+};
+
+/// A small persistent std::thread pool. The calling thread takes part in every parallel_for,
+/// so `thread_pool(2)` starts one extra thread. Idle workers spin briefly before they sleep,
+/// which keeps the per-call overhead of short kernels (decode) at a few microseconds.
+/// A parallel_for issued from inside one of the pool's own tasks runs inline (serially).
+class thread_pool {
+ public:
+  explicit thread_pool(int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())))
+      : threads_(threads) {
+    detail::require(threads >= 1, "thread_pool: threads must be >= 1, got ", threads);
+    for (int t = 1; t < threads; ++t) workers_.emplace_back([this] { worker_loop(); });
+  }
+  thread_pool(const thread_pool&) = delete;
+  thread_pool& operator=(const thread_pool&) = delete;
+  ~thread_pool() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
+  int concurrency() const { return threads_; }
+
+  template <class F>
+  void parallel_for(std::int64_t n, F&& fn) {
+    if (n <= 0) return;
+    if (n == 1 || workers_.empty() || inside_pool() == this) {
+      for (std::int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    std::lock_guard call_lock(call_mutex_);  // one parallel_for at a time per pool
+    std::function<void(std::int64_t)> task(std::ref(fn));
+    {
+      std::lock_guard lock(mutex_);
+      task_ = &task;
+      n_ = n;
+      next_.store(0, std::memory_order_relaxed);
+      active_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    run_tasks();
+    // Wait until every worker has left this generation's task.
+    while (active_.load(std::memory_order_acquire) != 0) pause();
+    task_ = nullptr;
+  }
+
+ private:
+  static const thread_pool*& inside_pool() {
+    thread_local const thread_pool* current = nullptr;
+    return current;
+  }
+  static void pause() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+  void run_tasks() {
+    const thread_pool* outer = inside_pool();
+    inside_pool() = this;
+    for (std::int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < n_;) (*task_)(i);
+    inside_pool() = outer;
+  }
+  void worker_loop() {
+    std::uint64_t seen = 0;
+    for (;;) {
+      // Spin a little for the next generation, then sleep.
+      std::uint64_t g = generation_.load(std::memory_order_acquire);
+      for (int spin = 0; g == seen && spin < 20000; ++spin) {
+        pause();
+        g = generation_.load(std::memory_order_acquire);
+      }
+      if (g == seen) {
+        std::unique_lock lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        g = generation_.load(std::memory_order_acquire);
+      }
+      seen = g;
+      {
+        std::lock_guard lock(mutex_);
+        if (stop_) return;
+      }
+      run_tasks();
+      active_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  int threads_;
+  std::vector<std::thread> workers_;
+  std::mutex call_mutex_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<std::uint64_t> generation_{0};
+  std::atomic<std::int64_t> next_{0};
+  std::atomic<int> active_{0};
+  std::function<void(std::int64_t)>* task_ = nullptr;
+  std::int64_t n_ = 0;
+  bool stop_ = false;
+};
+
+}  // namespace attnkit

@@ -1,0 +1,131 @@
+#pragma once
+// Non-owning strided views over caller memory, in mdspan vocabulary (extent, stride,
+// data_handle), with 64-bit extents and strides (in elements) and Eigen Map interop.
+#include <Eigen/Core>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "error.hpp"
+
+namespace attnkit {
+
+using index_t = std::int64_t;
+
+template <class T, std::size_t Rank>
+class strided_view {
+ public:
+  using element_type = T;
+  using value_type = std::remove_cv_t<T>;
+  static constexpr std::size_t rank() { return Rank; }
+
+  constexpr strided_view() = default;
+
+  /// Row-major contiguous view: the last extent varies fastest.
+  constexpr strided_view(T* data, const std::array<index_t, Rank>& extents) : data_(data), extents_(extents) {
+    index_t s = 1;
+    for (std::size_t r = Rank; r-- > 0;) {
+      strides_[r] = s;
+      s *= extents_[r];
+    }
+  }
+  constexpr strided_view(T* data, const std::array<index_t, Rank>& extents,
+                         const std::array<index_t, Rank>& strides)
+      : data_(data), extents_(extents), strides_(strides) {}
+
+  /// A view of T converts to a view of const T.
+  template <class U>
+    requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
+  constexpr strided_view(const strided_view<U, Rank>& other)
+      : data_(other.data_handle()), extents_(other.extents()), strides_(other.strides()) {}
+
+  constexpr T* data_handle() const { return data_; }
+  constexpr index_t extent(std::size_t r) const { return extents_[r]; }
+  constexpr index_t stride(std::size_t r) const { return strides_[r]; }
+  constexpr const std::array<index_t, Rank>& extents() const { return extents_; }
+  constexpr const std::array<index_t, Rank>& strides() const { return strides_; }
+  constexpr index_t size() const {
+    index_t n = 1;
+    for (auto e : extents_) n *= e;
+    return n;
+  }
+  constexpr bool empty() const { return data_ == nullptr || size() == 0; }
+
+  template <class... I>
+    requires(sizeof...(I) == Rank)
+  constexpr T& operator()(I... idx) const {
+    const std::array<index_t, Rank> i{static_cast<index_t>(idx)...};
+    index_t off = 0;
+    for (std::size_t r = 0; r < Rank; ++r) off += i[r] * strides_[r];
+    return data_[off];
+  }
+
+  /// Pointer to element (i, 0, ..., 0): the start of a leading-index slice.
+  constexpr T* slice_ptr(index_t i) const { return data_ + i * strides_[0]; }
+
+ private:
+  T* data_ = nullptr;
+  std::array<index_t, Rank> extents_{};
+  std::array<index_t, Rank> strides_{};
+};
+
+template <class T> using matrix_view = strided_view<T, 2>;
+template <class T> using tensor3_view = strided_view<T, 3>;
+
+/// Row-major Eigen matrix type and the Map type a 2-D view converts to.
+template <class T>
+using row_matrix = Eigen::Matrix<std::remove_const_t<T>, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using eigen_map = Eigen::Map<std::conditional_t<std::is_const_v<T>, const row_matrix<T>, row_matrix<T>>,
+                             Eigen::Unaligned, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+
+/// A 2-D view as an Eigen Map (no copy; any strides).
+template <class T>
+eigen_map<T> as_eigen(const matrix_view<T>& v) {
+  return eigen_map<T>(v.data_handle(), v.extent(0), v.extent(1),
+                      Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(v.stride(0), v.stride(1)));
+}
+
+/// A 2-D view of any direct-access Eigen matrix, Map or Block (no copy).
+template <class Derived>
+auto view_of(Eigen::PlainObjectBase<Derived>& m) {
+  using T = typename Derived::Scalar;
+  const bool row_major = Derived::IsRowMajor;
+  return matrix_view<T>(m.data(), {m.rows(), m.cols()},
+                        {row_major ? m.outerStride() : m.innerStride(), row_major ? m.innerStride() : m.outerStride()});
+}
+template <class Derived>
+auto view_of(const Eigen::PlainObjectBase<Derived>& m) {
+  using T = const typename Derived::Scalar;
+  const bool row_major = Derived::IsRowMajor;
+  return matrix_view<T>(m.data(), {m.rows(), m.cols()},
+                        {row_major ? m.outerStride() : m.innerStride(), row_major ? m.innerStride() : m.outerStride()});
+}
+template <class Derived>
+auto view_of(const Eigen::MapBase<Derived, Eigen::ReadOnlyAccessors>& m) {
+  using T = std::remove_pointer_t<decltype(m.data())>;
+  const bool row_major = Derived::IsRowMajor;
+  return matrix_view<T>(m.data(), {m.rows(), m.cols()},
+                        {row_major ? m.outerStride() : m.innerStride(), row_major ? m.innerStride() : m.outerStride()});
+}
+
+namespace detail {
+/// Checks a view's extents at an API boundary; `name` is the parameter's name.
+template <class T, std::size_t Rank>
+void require_extents(const strided_view<T, Rank>& v, const std::array<index_t, Rank>& expected, const char* name) {
+  bool ok = v.data_handle() != nullptr || v.size() == 0;
+  for (std::size_t r = 0; r < Rank; ++r) ok = ok && v.extent(r) == expected[r];
+  if (!ok) {
+    std::ostringstream os;
+    os << name << " has shape [";
+    for (std::size_t r = 0; r < Rank; ++r) os << (r ? ", " : "") << v.extent(r);
+    os << "] but [";
+    for (std::size_t r = 0; r < Rank; ++r) os << (r ? ", " : "") << expected[r];
+    os << "] was expected" << (v.data_handle() == nullptr && v.size() != 0 ? " (null data)" : "");
+    throw_invalid(os.str());
+  }
+}
+}  // namespace detail
+
+}  // namespace attnkit

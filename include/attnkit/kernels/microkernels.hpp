@@ -1,0 +1,145 @@
+#pragma once
+// Register-blocked micro-kernels for the streaming (decode / short chunk) path:
+//   scores:  S[r][t] = sum_c Q[r][c] * K[t][c]   (rows of Q: all query heads of a KV group)
+//   pv:      O[r][c] += sum_t P[r][t] * V[t][c]
+// K and V are read in their storage type and widened to float in registers, so bf16/f16
+// caches are never converted in memory. Blocks of RB query rows x 4 keys (scores) or
+// RB rows x 64 value columns (pv) live in zmm registers; out-of-range rows and keys are
+// clamped to the last valid one (computed, then discarded) so there is one code path.
+#include <algorithm>
+#include <cstdint>
+
+#include "../core/simd.hpp"
+
+namespace attnkit::detail {
+
+#if ATTNKIT_HAS_AVX512
+
+/// [sum(a), sum(b), sum(c), sum(d)].
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  u = _mm512_add_ps(u, _mm512_shuffle_ps(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
+  u = _mm512_add_ps(u, _mm512_shuffle_ps(u, u, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u));
+}
+
+template <int RB, storage_type S>
+inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t rows, const S* k, std::int64_t k_stride,
+                         std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride) {
+  const float* qr[RB];
+  for (int r = 0; r < RB; ++r) qr[r] = q + std::min<std::int64_t>(r, rows - 1) * q_stride;
+  const __mmask16 tail = lane_mask(d % 16);
+  const std::int64_t d_full = d - d % 16;
+  for (std::int64_t t0 = 0; t0 < keys; t0 += 4) {
+    const S* kr[4];
+    for (int u = 0; u < 4; ++u) kr[u] = k + std::min<std::int64_t>(t0 + u, keys - 1) * k_stride;
+    __m512 acc[RB][4];
+    for (int r = 0; r < RB; ++r)
+      for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
+    for (std::int64_t c = 0; c < d_full; c += 16) {
+      __m512 kv[4];
+      for (int u = 0; u < 4; ++u) kv[u] = load16(kr[u] + c);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 qv = _mm512_loadu_ps(qr[r] + c);
+        for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_fmadd_ps(qv, kv[u], acc[r][u]);
+      }
+    }
+    if (d_full < d) {
+      __m512 kv[4];
+      for (int u = 0; u < 4; ++u) kv[u] = load16(kr[u] + d_full, tail);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 qv = _mm512_maskz_loadu_ps(tail, qr[r] + d_full);
+        for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_fmadd_ps(qv, kv[u], acc[r][u]);
+      }
+    }
+    const __mmask8 kmask = static_cast<__mmask8>((1u << std::min<std::int64_t>(4, keys - t0)) - 1u);
+    for (int r = 0; r < RB && r < rows; ++r)
+      _mm_mask_storeu_ps(s + r * s_stride + t0, kmask, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+  }
+}
+
+template <int RB, bool Full, storage_type S>
+inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v, std::int64_t v_stride,
+                     std::int64_t keys, std::int64_t width, float* o, std::int64_t o_stride) {
+  __mmask16 m[4];
+  for (int i = 0; i < 4; ++i) m[i] = lane_mask(std::max<std::int64_t>(0, width - 16 * i));
+  const float* pr[RB];
+  float* orow[RB];
+  for (int r = 0; r < RB; ++r) {
+    const std::int64_t rr = std::min<std::int64_t>(r, rows - 1);
+    pr[r] = p + rr * p_stride;
+    orow[r] = o + rr * o_stride;
+  }
+  __m512 acc[RB][4];
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < 4; ++i)
+      acc[r][i] = Full ? _mm512_loadu_ps(orow[r] + 16 * i) : _mm512_maskz_loadu_ps(m[i], orow[r] + 16 * i);
+  for (std::int64_t t = 0; t < keys; ++t) {
+    const S* vr = v + t * v_stride;
+    __m512 vv[4];
+    for (int i = 0; i < 4; ++i) vv[i] = Full ? load16(vr + 16 * i) : load16(vr + 16 * i, m[i]);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 pv = _mm512_set1_ps(pr[r][t]);
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_fmadd_ps(pv, vv[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < RB && r < rows; ++r)
+    for (int i = 0; i < 4; ++i) {
+      if (Full) _mm512_storeu_ps(orow[r] + 16 * i, acc[r][i]);
+      else _mm512_mask_storeu_ps(orow[r] + 16 * i, m[i], acc[r][i]);
+    }
+}
+
+template <int RB, storage_type S>
+inline void pv_block(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v, std::int64_t v_stride,
+                     std::int64_t keys, std::int64_t dv, float* o, std::int64_t o_stride) {
+  std::int64_t c = 0;
+  for (; c + 64 <= dv; c += 64) pv_chunk<RB, true>(p, p_stride, rows, v + c, v_stride, keys, 64, o + c, o_stride);
+  if (c < dv) pv_chunk<RB, false>(p, p_stride, rows, v + c, v_stride, keys, dv - c, o + c, o_stride);
+}
+
+#endif  // ATTNKIT_HAS_AVX512
+
+/// S[rows][keys] = Q K^T for a block (streaming path). Portable fallback: plain loops.
+template <storage_type S>
+inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, const S* k, std::int64_t k_stride,
+                   std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride) {
+#if ATTNKIT_HAS_AVX512
+  std::int64_t r = 0;
+  if (rows == 1) { scores_block<1>(q, q_stride, 1, k, k_stride, keys, d, s, s_stride); return; }
+  if (rows == 2) { scores_block<2>(q, q_stride, 2, k, k_stride, keys, d, s, s_stride); return; }
+  for (; r < rows; r += 4)
+    scores_block<4>(q + r * q_stride, q_stride, std::min<std::int64_t>(4, rows - r), k, k_stride, keys, d,
+                    s + r * s_stride, s_stride);
+#else
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t t = 0; t < keys; ++t) {
+      float acc = 0.f;
+      for (std::int64_t c = 0; c < d; ++c) acc += q[r * q_stride + c] * static_cast<float>(k[t * k_stride + c]);
+      s[r * s_stride + t] = acc;
+    }
+#endif
+}
+
+/// O[rows][dv] += P[rows][keys] V[keys][dv] (streaming path).
+template <storage_type S>
+inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v, std::int64_t v_stride,
+                          std::int64_t keys, std::int64_t dv, float* o, std::int64_t o_stride) {
+#if ATTNKIT_HAS_AVX512
+  if (rows == 1) { pv_block<1>(p, p_stride, 1, v, v_stride, keys, dv, o, o_stride); return; }
+  if (rows == 2) { pv_block<2>(p, p_stride, 2, v, v_stride, keys, dv, o, o_stride); return; }
+  for (std::int64_t r = 0; r < rows; r += 4)
+    pv_block<4>(p + r * p_stride, p_stride, std::min<std::int64_t>(4, rows - r), v, v_stride, keys, dv,
+                o + r * o_stride, o_stride);
+#else
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t t = 0; t < keys; ++t) {
+      const float pt = p[r * p_stride + t];
+      for (std::int64_t c = 0; c < dv; ++c) o[r * o_stride + c] += pt * static_cast<float>(v[t * v_stride + c]);
+    }
+#endif
+}
+
+}  // namespace attnkit::detail

@@ -1,0 +1,143 @@
+#pragma once
+// gqa_layer: a full GQA/MHA/MQA attention layer. Weights are non-owning views in nn.Linear
+// layout (the caller keeps them alive); forward(x, positions, cache, y) projects, ropes,
+// appends K/V to the cache, attends over everything the cache holds and projects out.
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <span>
+
+#include "../cache/dense_cache.hpp"
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/linear.hpp"
+#include "../core/rope.hpp"
+#include "../core/view.hpp"
+#include "../kernels/gqa.hpp"
+
+namespace attnkit {
+
+struct gqa_config {
+  std::int64_t model_dim = 0;
+  std::int64_t heads = 0;
+  std::int64_t kv_heads = 0;
+  std::int64_t head_dim = 0;    ///< d_qk
+  std::int64_t v_head_dim = 0;  ///< d_v; 0 = head_dim
+  rope_config rope{};
+  std::optional<float> scale{};          ///< default 1/sqrt(head_dim)
+  std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
+};
+
+/// nn.Linear-layout weights: q [H*d, D], k [H_kv*d, D], v [H_kv*d_v, D], o [D, H*d_v];
+/// biases optional (empty span = none).
+struct gqa_weights {
+  matrix_view<const float> q, k, v, o;
+  std::span<const float> q_bias{}, k_bias{}, v_bias{}, o_bias{};
+};
+
+class gqa_layer {
+ public:
+  gqa_layer(const gqa_config& cfg, const gqa_weights& w) : cfg_(validated(cfg)), w_(w) {
+    using detail::require;
+    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, hkv = cfg_.kv_heads, dq = cfg_.head_dim, dv = cfg_.v_head_dim;
+    detail::require_extents(w.q, {h * dq, d}, "gqa_layer: weight q");
+    detail::require_extents(w.k, {hkv * dq, d}, "gqa_layer: weight k");
+    detail::require_extents(w.v, {hkv * dv, d}, "gqa_layer: weight v");
+    detail::require_extents(w.o, {d, h * dv}, "gqa_layer: weight o");
+    auto check_bias = [](std::span<const float> b, std::int64_t n, const char* name) {
+      require(b.empty() || static_cast<std::int64_t>(b.size()) == n, "gqa_layer: ", name, " has ", b.size(),
+              " entries but ", n, " were expected");
+    };
+    check_bias(w.q_bias, h * dq, "q_bias");
+    check_bias(w.k_bias, hkv * dq, "k_bias");
+    check_bias(w.v_bias, hkv * dv, "v_bias");
+    check_bias(w.o_bias, d, "o_bias");
+    for (auto [v, name] : {std::pair{w.q, "q"}, {w.k, "k"}, {w.v, "v"}, {w.o, "o"}})
+      (void)detail::row_major_map(v, name);
+    k_rope_ = rope(cfg_.rope, dq, hkv);
+    q_rope_ = rope(query_tables(cfg_.rope, h / hkv), dq, h);
+  }
+
+  const gqa_config& config() const { return cfg_; }
+  const gqa_weights& weights() const { return w_; }
+  /// A dense cache that fits this layer.
+  template <storage_type S>
+  dense_cache<S> make_cache(std::int64_t capacity) const {
+    return dense_cache<S>({cfg_.kv_heads, cfg_.head_dim, cfg_.v_head_dim, capacity});
+  }
+
+  /// x [T, D] at positions (one per token) -> y [T, D]. Appends T tokens to `cache`.
+  template <storage_type S, class Exec = serial_executor>
+  void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, dense_cache<S>& cache,
+               matrix_view<float> y, Exec&& exec = Exec{}) {
+    using detail::require;
+    const std::int64_t t = x.extent(0), d = cfg_.model_dim, h = cfg_.heads, hkv = cfg_.kv_heads;
+    const std::int64_t dq = cfg_.head_dim, dv = cfg_.v_head_dim;
+    detail::require_extents(x, {t, d}, "gqa_layer::forward: x");
+    detail::require_extents(y, {t, d}, "gqa_layer::forward: y");
+    require(static_cast<std::int64_t>(positions.size()) == t, "gqa_layer::forward: positions has ", positions.size(),
+            " entries but x has T=", t, " tokens");
+    require(cache.kv_heads() == hkv && cache.qk_dim() == dq && cache.v_dim() == dv,
+            "gqa_layer::forward: cache has kv_heads=", cache.kv_heads(), ", qk_dim=", cache.qk_dim(), ", v_dim=",
+            cache.v_dim(), " but the layer needs ", hkv, ", ", dq, ", ", dv);
+    require(cache.size() + t <= cache.capacity(), "gqa_layer::forward: appending ", t, " tokens to size=",
+            cache.size(), " exceeds capacity=", cache.capacity());
+
+    q_.resize(t, h * dq);
+    k_.resize(t, hkv * dq);
+    v_.resize(t, hkv * dv);
+    o_.resize(t, h * dv);
+    const auto xm = detail::row_major_map(x, "gqa_layer::forward: x");
+    auto ym = detail::row_major_map(y, "gqa_layer::forward: y");
+    auto map = [](row_matrix<float>& m) { return detail::row_map<float>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())); };
+    detail::linear(xm, detail::row_major_map(w_.q, "q"), w_.q_bias, map(q_), exec);
+    detail::linear(xm, detail::row_major_map(w_.k, "k"), w_.k_bias, map(k_), exec);
+    detail::linear(xm, detail::row_major_map(w_.v, "v"), w_.v_bias, map(v_), exec);
+    for (std::int64_t i = 0; i < t; ++i) {
+      const std::int64_t pos = positions[static_cast<std::size_t>(i)];
+      for (std::int64_t hh = 0; hh < h; ++hh) q_rope_.apply(q_.row(i).data() + hh * dq, pos, hh);
+      for (std::int64_t j = 0; j < hkv; ++j) k_rope_.apply(k_.row(i).data() + j * dq, pos, j);
+    }
+    cache.append(tensor3_view<const float>(k_.data(), {t, hkv, dq}), tensor3_view<const float>(v_.data(), {t, hkv, dv}),
+                 positions);
+    attention_options opt;
+    opt.scale = cfg_.scale;
+    opt.window = cfg_.window;
+    attend(tensor3_view<const float>(q_.data(), {t, h, dq}), positions, cache, tensor3_view<float>(o_.data(), {t, h, dv}),
+           opt, exec, &ws_);
+    const auto om = detail::row_map<const float>(o_.data(), t, h * dv, Eigen::OuterStride<>(h * dv));
+    detail::linear(om, detail::row_major_map(w_.o, "o"), w_.o_bias, ym, exec);
+  }
+
+ private:
+  static gqa_config validated(gqa_config c) {
+    using detail::require;
+    if (c.v_head_dim == 0) c.v_head_dim = c.head_dim;
+    require(c.model_dim > 0, "gqa_config: model_dim must be > 0, got ", c.model_dim);
+    require(c.heads > 0 && c.kv_heads > 0, "gqa_config: heads and kv_heads must be > 0, got heads=", c.heads,
+            ", kv_heads=", c.kv_heads);
+    require(c.heads % c.kv_heads == 0, "gqa_config: heads=", c.heads, " must be a multiple of kv_heads=", c.kv_heads);
+    require(c.head_dim > 0 && c.v_head_dim > 0, "gqa_config: head_dim and v_head_dim must be > 0, got ", c.head_dim,
+            ", ", c.v_head_dim);
+    if (c.window) require(*c.window >= 1, "gqa_config: window must be >= 1, got ", *c.window);
+    return c;
+  }
+  /// With one frequency table per KV head (MHA2MLA), query head h uses its KV head's table.
+  static rope_config query_tables(rope_config r, std::int64_t g) {
+    if (r.frequency_index.size() > 1) {
+      std::vector<std::vector<std::int64_t>> per_query;
+      for (const auto& tab : r.frequency_index)
+        for (std::int64_t i = 0; i < g; ++i) per_query.push_back(tab);
+      r.frequency_index = std::move(per_query);
+    }
+    return r;
+  }
+
+  gqa_config cfg_;
+  gqa_weights w_;
+  rope q_rope_, k_rope_;
+  row_matrix<float> q_, k_, v_, o_;
+  attention_workspace ws_;
+};
+
+}  // namespace attnkit

@@ -1,0 +1,121 @@
+#pragma once
+// Plain double-precision implementations of attnkit's math, written for clarity, not speed.
+// They are the oracle of attnkit's tests and are public so that users can write their own
+// equivalence proofs. Layout conventions follow the kernels: activations token-major,
+// weights in nn.Linear layout [out, in]; a [T, H, d] tensor is a [T, H*d] row-major matrix.
+#include <Eigen/Core>
+#include <cmath>
+#include <complex>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "../core/rope.hpp"
+
+namespace attnkit::reference {
+
+using matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using vector = Eigen::VectorXd;
+
+/// RoPE from its definition as a complex rotation: pair p is the complex number
+/// z_p = x_i + i x_j, multiplied by exp(i * pos * theta^(-2 f_p / frequency_dim)).
+inline void rope_rotate(double* x, std::int64_t head_dim, std::int64_t pos, const rope_config& cfg,
+                        std::int64_t head = 0) {
+  const std::int64_t rot = cfg.rotary_dim == 0 ? head_dim : cfg.rotary_dim;
+  const std::int64_t fdim = cfg.frequency_dim == 0 ? rot : cfg.frequency_dim;
+  const std::int64_t pairs = rot / 2;
+  for (std::int64_t p = 0; p < pairs; ++p) {
+    std::int64_t f = p;
+    if (!cfg.frequency_index.empty()) {
+      const auto& tab = cfg.frequency_index.size() == 1 ? cfg.frequency_index[0]
+                                                        : cfg.frequency_index[static_cast<std::size_t>(head)];
+      f = tab[static_cast<std::size_t>(p)];
+    }
+    const double angle = static_cast<double>(pos) * std::pow(cfg.theta, -2.0 * f / static_cast<double>(fdim));
+    const std::int64_t i = cfg.layout == rope_layout::half_split ? p : 2 * p;
+    const std::int64_t j = cfg.layout == rope_layout::half_split ? p + pairs : 2 * p + 1;
+    const std::complex<double> z = std::complex<double>(x[i], x[j]) * std::polar(1.0, angle);
+    x[i] = z.real();
+    x[j] = z.imag();
+  }
+}
+
+/// Applies rope_rotate to every head of X [T, heads*head_dim] (row t at positions[t]).
+inline void rope_rows(matrix& x, std::int64_t heads, std::int64_t head_dim, std::span<const std::int64_t> positions,
+                      const rope_config& cfg) {
+  for (std::int64_t t = 0; t < x.rows(); ++t)
+    for (std::int64_t h = 0; h < heads; ++h)
+      rope_rotate(x.row(t).data() + h * head_dim, head_dim, positions[static_cast<std::size_t>(t)], cfg, h);
+}
+
+struct attention_result {
+  matrix out;  ///< [Tq, H*d_v]
+  matrix lse;  ///< [Tq, H], natural log; -inf for fully masked rows
+};
+
+/// softmax(q k^T * scale) v per query head, query head h using KV head h / (H / H_kv), keys
+/// masked unless (not causal or k_pos <= q_pos) and (no window or q_pos - k_pos < window).
+/// q [Tq, H*d_qk], k [Tk, H_kv*d_qk], v [Tk, H_kv*d_v]. Fully masked rows give 0.
+inline attention_result attention(const matrix& q, std::span<const std::int64_t> q_pos, const matrix& k,
+                                  const matrix& v, std::span<const std::int64_t> k_pos, std::int64_t heads,
+                                  std::int64_t kv_heads, double scale, bool causal = true,
+                                  std::optional<std::int64_t> window = std::nullopt) {
+  const std::int64_t tq = q.rows(), tk = k.rows(), dqk = q.cols() / heads, dv = v.cols() / kv_heads;
+  const std::int64_t g = heads / kv_heads;
+  attention_result r{matrix::Zero(tq, heads * dv), matrix::Zero(tq, heads)};
+  std::vector<double> s(static_cast<std::size_t>(tk));
+  for (std::int64_t t = 0; t < tq; ++t) {
+    for (std::int64_t h = 0; h < heads; ++h) {
+      const std::int64_t j = h / g;
+      double mx = -std::numeric_limits<double>::infinity();
+      for (std::int64_t u = 0; u < tk; ++u) {
+        const std::int64_t qp = q_pos[static_cast<std::size_t>(t)], kp = k_pos[static_cast<std::size_t>(u)];
+        const bool visible = (!causal || kp <= qp) && (!window || qp - kp < *window);
+        double dot = 0;
+        for (std::int64_t c = 0; c < dqk; ++c) dot += q(t, h * dqk + c) * k(u, j * dqk + c);
+        s[static_cast<std::size_t>(u)] = visible ? dot * scale : -std::numeric_limits<double>::infinity();
+        mx = std::max(mx, s[static_cast<std::size_t>(u)]);
+      }
+      if (mx == -std::numeric_limits<double>::infinity()) {
+        r.lse(t, h) = mx;
+        continue;
+      }
+      double sum = 0;
+      for (auto& x : s) sum += (x = std::exp(x - mx));
+      for (std::int64_t u = 0; u < tk; ++u)
+        for (std::int64_t c = 0; c < dv; ++c)
+          r.out(t, h * dv + c) += s[static_cast<std::size_t>(u)] / sum * v(u, j * dv + c);
+      r.lse(t, h) = mx + std::log(sum);
+    }
+  }
+  return r;
+}
+
+/// A GQA layer's weights in double, nn.Linear layout. Empty bias vectors mean no bias.
+struct gqa_weights {
+  matrix q, k, v, o;
+  vector q_bias, k_bias, v_bias, o_bias;
+};
+
+/// The layer's function on a whole sequence: y = W_o attention(RoPE(W_q x), RoPE(W_k x), W_v x).
+/// Tokens attend to each other by their positions (causal on positions).
+inline matrix gqa_layer_forward(const matrix& x, std::span<const std::int64_t> positions, const gqa_weights& w,
+                                std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
+                                const rope_config& rope, double scale, std::optional<std::int64_t> window = {}) {
+  auto project = [&](const matrix& wt, const vector& b) {
+    matrix y = x * wt.transpose();
+    if (b.size()) y.rowwise() += b.transpose();
+    return y;
+  };
+  matrix q = project(w.q, w.q_bias), k = project(w.k, w.k_bias), v = project(w.v, w.v_bias);
+  rope_rows(q, heads, head_dim, positions, rope);
+  rope_rows(k, kv_heads, head_dim, positions, rope);
+  const auto a = attention(q, positions, k, v, positions, heads, kv_heads, scale, true, window);
+  matrix y = a.out * w.o.transpose();
+  if (w.o_bias.size()) y.rowwise() += w.o_bias.transpose();
+  return y;
+}
+
+}  // namespace attnkit::reference

@@ -1,0 +1,70 @@
+// Views, Eigen interop, errors, version macros.
+#include "test_util.hpp"
+
+using namespace attnkit;
+using namespace attnkit::test;
+
+TEST_CASE("version macros match project(VERSION)", "[core]") {
+  CHECK(std::string(ATTNKIT_VERSION_STRING) == ATTNKIT_CMAKE_PROJECT_VERSION);
+  CHECK(ATTNKIT_VERSION == ATTNKIT_VERSION_MAJOR * 10000 + ATTNKIT_VERSION_MINOR * 100 + ATTNKIT_VERSION_PATCH);
+  CHECK(ATTNKIT_VERSION_AT_LEAST(0, 1, 0));
+  CHECK_FALSE(ATTNKIT_VERSION_AT_LEAST(99, 0, 0));
+}
+
+TEST_CASE("strided_view: contiguous row-major extents and strides", "[core][view]") {
+  std::vector<float> buf(2 * 3 * 4);
+  for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(i);
+  tensor3_view<float> v(buf.data(), {2, 3, 4});
+  CHECK(v.rank() == 3);
+  CHECK(v.extent(0) == 2);
+  CHECK(v.stride(0) == 12);
+  CHECK(v.stride(1) == 4);
+  CHECK(v.stride(2) == 1);
+  CHECK(v.size() == 24);
+  CHECK(v(1, 2, 3) == 23.f);
+  CHECK(v.slice_ptr(1) == buf.data() + 12);
+  tensor3_view<const float> c = v;  // T -> const T
+  CHECK(c(1, 0, 2) == 14.f);
+}
+
+TEST_CASE("strided_view: 64-bit offsets do not overflow", "[core][view]") {
+  // A view whose offsets pass 2^31 elements; only the arithmetic is exercised.
+  float* base = nullptr;
+  matrix_view<float> v(base, {std::int64_t{1} << 20, std::int64_t{1} << 13});
+  CHECK(&v((std::int64_t{1} << 20) - 1, 0) - base == ((std::int64_t{1} << 20) - 1) * (std::int64_t{1} << 13));
+}
+
+TEST_CASE("strided_view <-> Eigen Map round trip with strides", "[core][view]") {
+  fmat m(5, 7);
+  for (int i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(i);
+  // A non-contiguous column block of a row-major matrix.
+  auto blk = m.block(1, 2, 3, 4);
+  matrix_view<float> v(&blk(0, 0), {3, 4}, {m.outerStride(), 1});
+  auto map = as_eigen(v);
+  CHECK(map.rows() == 3);
+  CHECK(map.cols() == 4);
+  CHECK(map(2, 3) == m(3, 5));
+  map(0, 0) = -1.f;
+  CHECK(m(1, 2) == -1.f);
+  // view_of a column-major matrix: strides are swapped.
+  Eigen::MatrixXf cm = Eigen::MatrixXf::Random(3, 4);
+  auto cv = view_of(cm);
+  CHECK(cv.stride(0) == 1);
+  CHECK(cv.stride(1) == 3);
+  CHECK(cv(2, 1) == cm(2, 1));
+  const fmat& cref = m;
+  auto rv = view_of(cref);
+  static_assert(std::is_same_v<decltype(rv), matrix_view<const float>>);
+  CHECK(rv(4, 6) == m(4, 6));
+}
+
+TEST_CASE("invalid_argument derives from std::invalid_argument and names the values", "[core]") {
+  try {
+    detail::require(false, "param=", 3, " must be < ", 2);
+    FAIL("no throw");
+  } catch (const std::invalid_argument& e) {
+    CHECK(std::string(e.what()) == "attnkit: param=3 must be < 2");
+  }
+  tensor3_view<const float> v(nullptr, {0, 2, 3});
+  ATTNKIT_CHECK_INVALID(detail::require_extents(v, {1, 2, 3}, "q"), "q has shape [0, 2, 3] but [1, 2, 3]");
+}

@@ -1,0 +1,90 @@
+// Online softmax: block updates and split merges equal the direct formula in double.
+#include "test_util.hpp"
+
+using namespace attnkit;
+using namespace attnkit::test;
+
+namespace {
+// Direct softmax(s) v in double; lse in natural log.
+void direct(const std::vector<float>& s, const fmat& v, std::vector<double>& out, double& lse) {
+  double mx = -INFINITY;
+  for (float x : s) mx = std::max(mx, double(x));
+  out.assign(static_cast<std::size_t>(v.cols()), 0.0);
+  if (mx == -INFINITY) {
+    lse = mx;
+    return;
+  }
+  double sum = 0;
+  for (float x : s) sum += std::exp(double(x) - mx);
+  for (std::size_t t = 0; t < s.size(); ++t)
+    for (std::int64_t c = 0; c < v.cols(); ++c)
+      out[static_cast<std::size_t>(c)] += std::exp(double(s[t]) - mx) / sum * v(static_cast<std::int64_t>(t), c);
+  lse = mx + std::log(sum);
+}
+}  // namespace
+
+TEST_CASE("online_softmax: blockwise updates and merges equal the direct softmax", "[softmax]") {
+  std::mt19937_64 rng(GENERATE(1, 2, 3, 4));
+  const std::int64_t n = 1 + static_cast<std::int64_t>(rng() % 300), dim = 1 + static_cast<std::int64_t>(rng() % 40);
+  const fmat v = random_matrix(rng, n, dim);
+  std::vector<float> s(static_cast<std::size_t>(n));
+  std::normal_distribution<float> nd(0.f, 4.f);
+  for (auto& x : s) x = nd(rng);
+  // Mask a random subset.
+  for (auto& x : s)
+    if (rng() % 5 == 0) x = -INFINITY;
+
+  std::vector<double> ref;
+  double ref_lse;
+  direct(s, v, ref, ref_lse);
+
+  // Split the keys in two halves, each fed in blocks of 7, then merge.
+  const std::int64_t half = n / 2;
+  online_softmax a(1, dim), b(1, dim);
+  std::vector<float> scratch = s;
+  for (std::int64_t i = 0; i < half; i += 7)
+    a.update(0, scratch.data() + i, v.row(i).data(), std::min<std::int64_t>(7, half - i), dim);
+  for (std::int64_t i = half; i < n; i += 7)
+    b.update(0, scratch.data() + i, v.row(i).data(), std::min<std::int64_t>(7, n - i), dim);
+  a.merge(b);
+  std::vector<float> out(static_cast<std::size_t>(dim));
+  float lse;
+  a.finalize(out.data(), dim, &lse);
+  // Tolerance: float exp/sum of n terms, ~(8 + n) unit roundoffs of the largest |v|.
+  const double tol = (8.0 + double(n)) * 0x1p-24 * v.cwiseAbs().maxCoeff();
+  for (std::int64_t c = 0; c < dim; ++c) CHECK(std::abs(out[static_cast<std::size_t>(c)] - ref[static_cast<std::size_t>(c)]) <= tol);
+  if (std::isinf(ref_lse)) CHECK(std::isinf(lse));
+  else CHECK(std::abs(lse - ref_lse) <= 1e-5 * (1 + std::abs(ref_lse)));
+}
+
+TEST_CASE("online_softmax: a fully masked row gives output 0 and LSE -inf, never NaN", "[softmax]") {
+  online_softmax sm(2, 3);
+  std::vector<float> s{-INFINITY, -INFINITY};
+  const float v[6] = {1, 2, 3, 4, 5, 6};
+  sm.update(0, s.data(), v, 2, 3);
+  online_softmax other(2, 3);
+  sm.merge(other);  // merging two empty states stays empty
+  float out[6] = {9, 9, 9, 9, 9, 9}, lse[2];
+  sm.finalize(out, 3, lse);
+  for (float x : out) CHECK(x == 0.f);
+  CHECK(lse[0] == -INFINITY);
+  CHECK(lse[1] == -INFINITY);
+  ATTNKIT_CHECK_INVALID(sm.merge(online_softmax(1, 3)), "shapes differ", "[2, 3] vs [1, 3]");
+}
+
+TEST_CASE("vectorised exp matches std::exp to a few ulp over the softmax range", "[softmax]") {
+  std::vector<float> xs;
+  for (float x = -100.f; x <= 0.f; x += 0.01237f) xs.push_back(x);
+  xs.push_back(-INFINITY);
+  std::vector<float> e = xs;
+  const float sum = detail::exp_shift_sum(e.data(), static_cast<std::int64_t>(e.size()), 0.f);
+  double ref_sum = 0;
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    const double r = std::exp(double(xs[i]));
+    ref_sum += r;
+    // 4 ulp relative, or below the smallest normal float.
+    CHECK(std::abs(e[i] - r) <= std::max(4 * 0x1p-24 * r, 1.2e-38));
+  }
+  CHECK(e.back() == 0.f);
+  CHECK(std::abs(sum - ref_sum) <= 1e-5 * ref_sum);
+}

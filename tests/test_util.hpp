@@ -1,0 +1,67 @@
+#pragma once
+// Shared test helpers: random data, float <-> double matrices, and storage round-trips.
+#include <attnkit/attnkit.hpp>
+#include <attnkit/reference/attention.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "catch_compat.hpp"
+
+namespace attnkit::test {
+
+using dmat = reference::matrix;
+using fmat = row_matrix<float>;
+
+inline fmat random_matrix(std::mt19937_64& rng, std::int64_t rows, std::int64_t cols, float sigma = 1.f) {
+  std::normal_distribution<float> nd(0.f, sigma);
+  fmat m(rows, cols);
+  for (std::int64_t i = 0; i < m.size(); ++i) m.data()[i] = nd(rng);
+  return m;
+}
+inline dmat to_double(const fmat& m) { return m.cast<double>(); }
+
+/// Rounds every element through storage type S (what a cache of S stores).
+template <storage_type S>
+fmat round_trip(const fmat& m) {
+  fmat r(m.rows(), m.cols());
+  for (std::int64_t i = 0; i < m.size(); ++i) r.data()[i] = static_cast<float>(static_cast<S>(m.data()[i]));
+  return r;
+}
+
+/// Increasing positions starting at `offset` with random gaps in [1, max_gap].
+inline std::vector<std::int64_t> gapped_positions(std::mt19937_64& rng, std::int64_t n, std::int64_t offset,
+                                                  std::int64_t max_gap) {
+  std::uniform_int_distribution<std::int64_t> gap(1, max_gap);
+  std::vector<std::int64_t> p(static_cast<std::size_t>(n));
+  std::int64_t cur = offset;
+  for (auto& x : p) x = (cur += gap(rng));
+  return p;
+}
+
+inline double max_abs_diff(const dmat& a, const dmat& b) { return (a - b).cwiseAbs().maxCoeff(); }
+
+template <class F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const attnkit::invalid_argument& e) {
+    return e.what();
+  }
+  return "<no attnkit::invalid_argument thrown>";
+}
+
+/// Checks that f throws attnkit::invalid_argument whose message contains every fragment.
+#define ATTNKIT_CHECK_INVALID(expr, ...)                                         \
+  do {                                                                           \
+    const std::string msg_ = ::attnkit::test::message_of([&] { (void)(expr); }); \
+    for (const char* frag_ : {__VA_ARGS__}) {                                    \
+      INFO("message: " << msg_ << "\nexpected fragment: " << frag_);            \
+      CHECK(msg_.find(frag_) != std::string::npos);                              \
+    }                                                                            \
+  } while (0)
+
+}  // namespace attnkit::test
