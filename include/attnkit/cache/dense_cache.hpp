@@ -13,6 +13,10 @@
 #include <span>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "../core/error.hpp"
 #include "../core/simd.hpp"
 #include "../core/storage.hpp"
@@ -36,13 +40,25 @@ struct dense_append {
 };
 
 namespace detail {
+/// Buffers of 2 MiB and more are 2 MiB-aligned and, on Linux, advised to use transparent huge
+/// pages: a decode step streams the whole cache, and 4 KiB pages cost a TLB miss every 4 KiB.
+constexpr std::size_t huge_page_bytes = std::size_t{2} << 20;
+inline std::size_t cache_alignment(std::size_t bytes) { return bytes >= huge_page_bytes ? huge_page_bytes : 64; }
+
 struct aligned_free {
-  void operator()(void* p) const { ::operator delete[](p, std::align_val_t{64}); }
+  std::size_t alignment = 64;
+  void operator()(void* p) const { ::operator delete[](p, std::align_val_t{alignment}); }
 };
 template <class T>
 std::unique_ptr<T[], aligned_free> aligned_alloc_array(std::int64_t n) {
-  void* p = ::operator new[](static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(T), std::align_val_t{64});
-  return std::unique_ptr<T[], aligned_free>(static_cast<T*>(p));
+  std::size_t bytes = static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(T);
+  const std::size_t align = cache_alignment(bytes);
+  bytes = (bytes + align - 1) / align * align;
+  void* p = ::operator new[](bytes, std::align_val_t{align});
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (align == huge_page_bytes) ::madvise(p, bytes, MADV_HUGEPAGE);  // a hint; failure is harmless
+#endif
+  return std::unique_ptr<T[], aligned_free>(static_cast<T*>(p), aligned_free{align});
 }
 }  // namespace detail
 

@@ -15,6 +15,23 @@ namespace attnkit::detail {
 
 #if ATTNKIT_HAS_AVX512
 
+/// Software prefetch into L2, this many bytes of rows ahead. One core streaming K/V rows from
+/// DRAM while it computes needs more misses in flight than its hardware prefetchers issue:
+/// measured on a Zen 4 core (d 128, 4 heads per row), K+V streaming went from 13 GB/s without
+/// prefetch to 22-24 GB/s with 64 KiB ahead (a plain read reaches 26 GB/s).
+#ifndef ATTNKIT_PREFETCH_BYTES
+#define ATTNKIT_PREFETCH_BYTES 65536
+#endif
+inline std::int64_t prefetch_rows(std::int64_t row_bytes) {
+  return std::max<std::int64_t>(4, ATTNKIT_PREFETCH_BYTES / std::max<std::int64_t>(row_bytes, 1));
+}
+
+template <class S>
+inline void prefetch_row(const S* row, std::int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (std::int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+}
+
 /// [sum(a), sum(b), sum(c), sum(d)].
 inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
@@ -32,9 +49,11 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
   for (int r = 0; r < RB; ++r) qr[r] = q + std::min<std::int64_t>(r, rows - 1) * q_stride;
   const __mmask16 tail = lane_mask(d % 16);
   const std::int64_t d_full = d - d % 16;
+  const std::int64_t row_bytes = k_stride * static_cast<std::int64_t>(sizeof(S)), ahead = prefetch_rows(row_bytes);
   for (std::int64_t t0 = 0; t0 < keys; t0 += 4) {
     const S* kr[4];
     for (int u = 0; u < 4; ++u) kr[u] = k + std::min<std::int64_t>(t0 + u, keys - 1) * k_stride;
+    for (int u = 0; u < 4; ++u) prefetch_row(k + (t0 + u + ahead) * k_stride, d * static_cast<std::int64_t>(sizeof(S)));
     __m512 acc[RB][4];
     for (int r = 0; r < RB; ++r)
       for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
@@ -72,12 +91,14 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
     pr[r] = p + rr * p_stride;
     orow[r] = o + rr * o_stride;
   }
+  const std::int64_t ahead = prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(S)));
   __m512 acc[RB][4];
   for (int r = 0; r < RB; ++r)
     for (int i = 0; i < 4; ++i)
       acc[r][i] = Full ? _mm512_loadu_ps(orow[r] + 16 * i) : _mm512_maskz_loadu_ps(m[i], orow[r] + 16 * i);
   for (std::int64_t t = 0; t < keys; ++t) {
     const S* vr = v + t * v_stride;
+    prefetch_row(vr + ahead * v_stride, width * static_cast<std::int64_t>(sizeof(S)));
     __m512 vv[4];
     for (int i = 0; i < 4; ++i) vv[i] = Full ? load16(vr + 16 * i) : load16(vr + 16 * i, m[i]);
     for (int r = 0; r < RB; ++r) {

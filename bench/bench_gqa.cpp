@@ -1,0 +1,86 @@
+// GQA decode and causal prefill at the Llama-3-8B attention geometry (H 32, H_kv 8, d 128),
+// with the machine's roofline (read bandwidth, FMA peak) measured in the same run.
+// Decode is memory-bound: read bytes/s vs BM_read_bandwidth. Prefill is compute-bound: FLOPS
+// vs BM_fma_peak. FLOPs per call: 2 * H * Tq * (d_qk + d_v) * Tk, halved for causal prefill.
+#include <attnkit/attnkit.hpp>
+
+#include <random>
+
+#include "roofline.hpp"
+
+namespace {
+namespace ak = attnkit;
+constexpr std::int64_t H = 32, HKV = 8, D = 128;
+
+template <ak::storage_type S>
+ak::dense_cache<S> filled_cache(std::int64_t t) {
+  ak::dense_cache<S> cache({.kv_heads = HKV, .qk_dim = D, .v_dim = D, .capacity = t});
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd;
+  const std::int64_t chunk = 1024;
+  std::vector<float> k(static_cast<std::size_t>(chunk * HKV * D)), v(k.size());
+  std::vector<std::int64_t> pos(chunk);
+  for (std::int64_t s = 0; s < t; s += chunk) {
+    const std::int64_t n = std::min(chunk, t - s);
+    for (auto& x : k) x = nd(rng);
+    for (auto& x : v) x = nd(rng);
+    for (std::int64_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = s + i;
+    cache.append(ak::tensor3_view<const float>(k.data(), {n, HKV, D}), ak::tensor3_view<const float>(v.data(), {n, HKV, D}),
+                 std::span(pos).first(static_cast<std::size_t>(n)));
+  }
+  return cache;
+}
+
+template <ak::storage_type S>
+void BM_gqa_decode(benchmark::State& state) {
+  const std::int64_t t = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  const auto cache = filled_cache<S>(t);
+  std::vector<float> q(H * D, 0.01f), out(H * D);
+  const std::int64_t qpos = t - 1;
+  ak::thread_pool pool(threads);
+  ak::attention_workspace ws;
+  for (auto _ : state) {
+    ak::attend(ak::tensor3_view<const float>(q.data(), {1, H, D}), std::span(&qpos, 1), cache,
+               ak::tensor3_view<float>(out.data(), {1, H, D}), {}, pool, &ws);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());
+  state.counters["FLOPS"] = benchmark::Counter(2.0 * H * (D + D) * t, benchmark::Counter::kIsIterationInvariantRate,
+                                               benchmark::Counter::OneK::kIs1000);
+  state.SetLabel(std::string("memory-bound, ") + ak::storage_name<S>());
+}
+
+template <ak::storage_type S>
+void BM_gqa_prefill_causal(benchmark::State& state) {
+  const std::int64_t t = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  const auto cache = filled_cache<S>(t);
+  std::vector<float> q(static_cast<std::size_t>(t * H * D)), out(q.size());
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd;
+  for (auto& x : q) x = nd(rng);
+  std::vector<std::int64_t> pos(cache.positions().begin(), cache.positions().end());
+  ak::thread_pool pool(threads);
+  ak::attention_workspace ws;
+  for (auto _ : state) {
+    ak::attend(ak::tensor3_view<const float>(q.data(), {t, H, D}), pos, cache, ak::tensor3_view<float>(out.data(), {t, H, D}),
+               {}, pool, &ws);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["FLOPS"] = benchmark::Counter(2.0 * H * t * (D + D) * t / 2, benchmark::Counter::kIsIterationInvariantRate,
+                                               benchmark::Counter::OneK::kIs1000);
+  state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>());
+}
+}  // namespace
+
+BENCHMARK_TEMPLATE(BM_gqa_decode, float)->ArgsProduct({{1024, 4096, 16384}, {1, 2}})->ArgNames({"T", "threads"})
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16)->ArgsProduct({{1024, 4096, 16384}, {1, 2}})->ArgNames({"T", "threads"})
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, float)->ArgsProduct({{512, 2048}, {1, 2}})->ArgNames({"T", "threads"})
+    ->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, ak::bf16)->ArgsProduct({{512, 2048}, {1, 2}})->ArgNames({"T", "threads"})
+    ->UseRealTime()->Unit(benchmark::kMillisecond);
+
+BENCHMARK_MAIN();
