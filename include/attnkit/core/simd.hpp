@@ -16,16 +16,6 @@
 
 namespace attnkit::detail {
 
-/// Converts n elements of storage type S to float.
-template <storage_type S>
-inline void to_float_row(const S* src, float* dst, std::int64_t n) {
-  if constexpr (std::same_as<S, float>) {
-    std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));
-  } else {
-    for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  }
-}
-
 /// Converts n floats into storage type S (round to nearest even).
 template <storage_type S>
 inline void from_float_row(const float* src, S* dst, std::int64_t n) {
@@ -91,6 +81,23 @@ inline __m512 exp16(__m512 x) {
 }
 
 #endif  // ATTNKIT_HAS_AVX512
+
+/// Converts n elements of storage type S to float.
+template <storage_type S>
+inline void to_float_row(const S* src, float* dst, std::int64_t n) {
+  if constexpr (std::same_as<S, float>) {
+    std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));
+  } else {
+#if ATTNKIT_HAS_AVX512
+    for (std::int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = lane_mask(n - i);
+      _mm512_mask_storeu_ps(dst + i, m, load16(src + i, m));
+    }
+#else
+    for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+#endif
+  }
+}
 
 /// s[i] = exp(s[i] - shift) in place; returns the sum. exp(-inf) is 0.
 inline float exp_shift_sum(float* s, std::int64_t n, float shift) {

@@ -164,6 +164,7 @@ class gqa_tile_runner {
         row_pos_[r] = pos;
         const float* src = &pb_.q(t0 + ti, j * g + hh, 0);
         for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * pb_.q.stride(2)] * pb_.scale;
+        if (paired()) permute_pairs(q_ + r * dqk, dqk);
         state_[r] = softmax_row_state{};
       }
     }
@@ -190,6 +191,8 @@ class gqa_tile_runner {
       block_pv(vh + b0 * pb_.kv.v_row_stride, m, nb);
     }
 
+    if (paired())
+      for (std::int64_t r = 0; r < m; ++r) unpermute_pairs(o_ + r * dv, dv);
     if (pl_.splits == 1) {
       for (std::int64_t r = 0; r < m; ++r) {
         const std::int64_t t = t0 + r / g, h = j * g + r % g;
@@ -207,6 +210,8 @@ class gqa_tile_runner {
   }
 
  private:
+  bool paired() const { return paired_columns<S> && pb_.streaming; }
+
   void apply_mask(const std::int64_t* kp, std::int64_t m, std::int64_t nb) {
     for (std::int64_t r = 0; r < m; ++r) {
       const std::int64_t qp = row_pos_[r];
