@@ -27,6 +27,7 @@
 #include "../core/softmax.hpp"
 #include "../core/view.hpp"
 #include "microkernels.hpp"
+#include "tile_gemm.hpp"
 
 namespace attnkit {
 
@@ -140,13 +141,16 @@ class gqa_tile_runner {
     o_ = f; f += m * dv;
     s_ = f; f += m * nb;
     kf_ = f; f += nb * dqk;
-    vf_ = f;
+    vf_ = f; f += nb * dv;
+    col_max_ = f; f += m;
+    col_sum_ = f; f += m;
+    alpha_ = f;
     row_pos_ = w.pos.data();
     state_ = w.st.data();
   }
   static std::size_t floats_needed(const gqa_problem<S>& pb, const gqa_plan<S>& pl) {
     const std::int64_t m = pl.rows, nb = pl.block;
-    return static_cast<std::size_t>(m * (pb.kv.qk_dim + pb.kv.v_dim + nb) + nb * (pb.kv.qk_dim + pb.kv.v_dim));
+    return static_cast<std::size_t>(m * (pb.kv.qk_dim + pb.kv.v_dim + nb + 3) + nb * (pb.kv.qk_dim + pb.kv.v_dim));
   }
 
   /// Runs item (query tile qt, KV head j, key split ks). With one split the result goes to
@@ -163,12 +167,20 @@ class gqa_tile_runner {
         const std::int64_t r = ti * g + hh;
         row_pos_[r] = pos;
         const float* src = &pb_.q(t0 + ti, j * g + hh, 0);
-        for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * pb_.q.stride(2)] * pb_.scale;
-        if (paired()) permute_pairs(q_ + r * dqk, dqk);
+        if (transposed()) {  // Q^T [d_qk, m]
+          for (std::int64_t c = 0; c < dqk; ++c) q_[c * m + r] = src[c * pb_.q.stride(2)] * pb_.scale;
+        } else {
+          for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * pb_.q.stride(2)] * pb_.scale;
+          if (paired()) permute_pairs(q_ + r * dqk, dqk);
+        }
         state_[r] = softmax_row_state{};
       }
     }
     std::fill(o_, o_ + m * dv, 0.f);
+    if (transposed()) {
+      std::fill(col_max_, col_max_ + m, neg_inf);
+      std::fill(col_sum_, col_sum_ + m, 0.f);
+    }
 
     const std::int64_t tk = pb_.kv.tokens;
     const std::int64_t k_begin = tk * ks / pl_.splits, k_end = tk * (ks + 1) / pl_.splits;
@@ -182,6 +194,10 @@ class gqa_tile_runner {
       if (pb_.causal && kmin > qmax) continue;                        // entirely in the future
       if (pb_.window > 0 && kmax <= qmin - pb_.window) continue;       // entirely out of the window
       const bool need_mask = (pb_.causal && kmax > qmin) || (pb_.window > 0 && kmin <= qmax - pb_.window);
+      if (transposed()) {
+        transposed_block(kh + b0 * pb_.kv.k_row_stride, vh + b0 * pb_.kv.v_row_stride, kp, m, nb, need_mask);
+        continue;
+      }
       block_scores(kh + b0 * pb_.kv.k_row_stride, m, nb);
       if (need_mask) apply_mask(kp, m, nb);
       for (std::int64_t r = 0; r < m; ++r) {
@@ -190,6 +206,8 @@ class gqa_tile_runner {
       }
       block_pv(vh + b0 * pb_.kv.v_row_stride, m, nb);
     }
+    if (transposed())
+      for (std::int64_t r = 0; r < m; ++r) state_[r] = softmax_row_state{col_max_[r], col_sum_[r]};
 
     if (paired())
       for (std::int64_t r = 0; r < m; ++r) unpermute_pairs(o_ + r * dv, dv);
@@ -211,16 +229,45 @@ class gqa_tile_runner {
 
  private:
   bool paired() const { return paired_columns<S> && pb_.streaming; }
+  /// The AVX-512 gemm strategy: scores transposed (S^T = K Q^T), own register-blocked GEMMs.
+  bool transposed() const { return ATTNKIT_HAS_AVX512 && !pb_.streaming; }
+
+  /// One key block of the transposed path: S^T = K Q^T, mask, column softmax, O += P V.
+  void transposed_block(const S* k, const S* v, const std::int64_t* kp, std::int64_t m, std::int64_t nb, bool need_mask) {
+#if ATTNKIT_HAS_AVX512
+    const std::int64_t dqk = pb_.kv.qk_dim, dv = pb_.kv.v_dim;
+    const float* kf = reinterpret_cast<const float*>(k);
+    const float* vf = reinterpret_cast<const float*>(v);
+    std::int64_t ks = pb_.kv.k_row_stride, vs = pb_.kv.v_row_stride;
+    if constexpr (!std::same_as<S, float>) {  // widen the block once; the GEMMs reuse it m times
+      for (std::int64_t t = 0; t < nb; ++t) to_float_row(k + t * ks, kf_ + t * dqk, dqk);
+      for (std::int64_t t = 0; t < nb; ++t) to_float_row(v + t * vs, vf_ + t * dv, dv);
+      kf = kf_, vf = vf_, ks = dqk, vs = dv;
+    }
+    gemm_bcast<false>(nb, m, dqk, kf, ks, 1, q_, m, s_, m);  // s_ = S^T [nb, m]
+    if (need_mask)
+      for (std::int64_t t = 0; t < nb; ++t)
+        for (std::int64_t r = 0; r < m; ++r)
+          if (masked(kp[t], row_pos_[r])) s_[t * m + r] = neg_inf;
+    softmax_absorb_columns(s_, m, nb, m, col_max_, col_sum_, alpha_);
+    for (std::int64_t r = 0; r < m; ++r)
+      if (alpha_[r] != 1.f) scale_row(o_ + r * dv, dv, alpha_[r]);
+    gemm_bcast<true>(m, dv, nb, s_, 1, m, vf, vs, o_, dv);  // O += P V, P(r, t) = S^T[t][r]
+#else
+    (void)k, (void)v, (void)kp, (void)m, (void)nb, (void)need_mask;
+#endif
+  }
+
+  bool masked(std::int64_t kpos, std::int64_t qpos) const {
+    return (pb_.causal && kpos > qpos) || (pb_.window > 0 && qpos - kpos >= pb_.window);
+  }
 
   void apply_mask(const std::int64_t* kp, std::int64_t m, std::int64_t nb) {
     for (std::int64_t r = 0; r < m; ++r) {
       const std::int64_t qp = row_pos_[r];
       float* s = s_ + r * pl_.block;
-      for (std::int64_t t = 0; t < nb; ++t) {
-        const bool future = pb_.causal && kp[t] > qp;
-        const bool old = pb_.window > 0 && qp - kp[t] >= pb_.window;
-        if (future || old) s[t] = neg_inf;
-      }
+      for (std::int64_t t = 0; t < nb; ++t)
+        if (masked(kp[t], qp)) s[t] = neg_inf;
     }
   }
 
@@ -260,7 +307,7 @@ class gqa_tile_runner {
 
   const gqa_problem<S>& pb_;
   const gqa_plan<S>& pl_;
-  float *q_, *o_, *s_, *kf_, *vf_;
+  float *q_, *o_, *s_, *kf_, *vf_, *col_max_, *col_sum_, *alpha_;
   softmax_row_state* state_;
   std::int64_t* row_pos_;
 };
