@@ -124,7 +124,7 @@ gqa_plan<S> plan_gqa(const gqa_problem<S>& pb, int workers) {
   p.block = pb.streaming ? 64 : 128;
   const std::int64_t base = pb.kv.kv_heads * p.qtiles;
   p.splits = 1;
-  if (pb.streaming && (base < 2 * workers || base % workers != 0))
+  if (base < 2 * workers || base % workers != 0)
     p.splits = std::clamp<std::int64_t>((4 * workers + base - 1) / base, 1, std::max<std::int64_t>(1, tk / 256));
   p.items = base * p.splits;
   return p;
@@ -340,7 +340,7 @@ void run_gqa(const tensor3_view<const float>& q, std::span<const std::int64_t> q
                     opt.window.value_or(0), true};
   const std::int64_t g = q.extent(1) / kv.kv_heads;
   pb.streaming = opt.strategy == tile_strategy::streaming ||
-                 (opt.strategy == tile_strategy::automatic && (g * q.extent(0) <= 32 || !ATTNKIT_HAS_AVX512));
+                 (opt.strategy == tile_strategy::automatic && (g * q.extent(0) < 16 || !ATTNKIT_HAS_AVX512));
 #if !ATTNKIT_HAS_AVX512
   // Without AVX-512 the portable streaming loops are slow; Eigen's vectorised GEMM is the fast path.
   if (opt.strategy == tile_strategy::automatic) pb.streaming = false;
