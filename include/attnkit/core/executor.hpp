@@ -55,7 +55,8 @@ class callable_executor {
   int concurrency() const { return concurrency_; }
   template <class Fn>
   void parallel_for(std::int64_t n, Fn&& fn) {
-    f_(n, std::function<void(std::int64_t)>(std::forward<Fn>(fn)));
+    // std::ref: the std::function holds a pointer, so wrapping a large lambda never allocates.
+    f_(n, std::function<void(std::int64_t)>(std::ref(fn)));
   }
 
  private:
