@@ -16,45 +16,57 @@ namespace attnkit::detail {
 
 /// C[rows, cols] (+)= A B, with A(i, k) = a[i * a_rs + k * a_cs] (any strides: every element is
 /// broadcast) and B(k, j) = b[k * b_rs + j] (unit column stride), C row-major (ldc).
-/// Micro-tile: 8 rows x 32 columns in 16 zmm accumulators; the 32-column B panel stays in L1
-/// while the row blocks of A stream past it.
-template <bool Accumulate>
-inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth, const float* a, std::int64_t a_rs,
-                       std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c, std::int64_t ldc) {
-  constexpr int MR = 8;
-  for (std::int64_t j0 = 0; j0 < cols; j0 += 32) {
-    const __mmask16 m0 = lane_mask(cols - j0), m1 = lane_mask(std::max<std::int64_t>(0, cols - j0 - 16));
+/// Micro-tile: MR rows x 16*NV columns in MR*NV zmm accumulators; the B panel stays in L1 while
+/// the row blocks of A stream past it.
+template <bool Accumulate, int MR, int NV>
+inline void gemm_bcast_tiles(std::int64_t rows, std::int64_t cols, std::int64_t depth, const float* a, std::int64_t a_rs,
+                             std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c, std::int64_t ldc) {
+  for (std::int64_t j0 = 0; j0 < cols; j0 += 16 * NV) {
+    __mmask16 mk[NV];
+    ATTNKIT_UNROLL
+    for (int v = 0; v < NV; ++v) mk[v] = lane_mask(std::max<std::int64_t>(0, cols - j0 - 16 * v));
     for (std::int64_t i0 = 0; i0 < rows; i0 += MR) {
       const float* ar[MR];
       ATTNKIT_UNROLL
       for (int r = 0; r < MR; ++r) ar[r] = a + std::min<std::int64_t>(i0 + r, rows - 1) * a_rs;
-      __m512 acc[MR][2];
+      __m512 acc[MR][NV];
       ATTNKIT_UNROLL
       for (int r = 0; r < MR; ++r) {
         float* cr = c + std::min<std::int64_t>(i0 + r, rows - 1) * ldc + j0;
-        acc[r][0] = Accumulate ? _mm512_maskz_loadu_ps(m0, cr) : _mm512_setzero_ps();
-        acc[r][1] = Accumulate ? _mm512_maskz_loadu_ps(m1, cr + 16) : _mm512_setzero_ps();
+        ATTNKIT_UNROLL
+        for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? _mm512_maskz_loadu_ps(mk[v], cr + 16 * v) : _mm512_setzero_ps();
       }
       const float* bk = b + j0;
       for (std::int64_t k = 0; k < depth; ++k, bk += b_rs) {
-        const __m512 b0 = _mm512_maskz_loadu_ps(m0, bk), b1 = _mm512_maskz_loadu_ps(m1, bk + 16);
+        __m512 bv[NV];
+        ATTNKIT_UNROLL
+        for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(mk[v], bk + 16 * v);
         const std::int64_t ak = k * a_cs;
         ATTNKIT_UNROLL
         for (int r = 0; r < MR; ++r) {
           const __m512 av = _mm512_set1_ps(ar[r][ak]);
-          acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-          acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+          ATTNKIT_UNROLL
+          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
         }
       }
       ATTNKIT_UNROLL
       for (int r = 0; r < MR; ++r) {
         if (i0 + r >= rows) break;
         float* cr = c + (i0 + r) * ldc + j0;
-        _mm512_mask_storeu_ps(cr, m0, acc[r][0]);
-        _mm512_mask_storeu_ps(cr + 16, m1, acc[r][1]);
+        ATTNKIT_UNROLL
+        for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(cr + 16 * v, mk[v], acc[r][v]);
       }
     }
   }
+}
+
+/// 8 x 32 tiles, or 16 x 16 when C is at most 16 columns wide (e.g. the 16 query heads of an
+/// MLA decode step), so narrow products do not compute half-empty vectors.
+template <bool Accumulate>
+inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth, const float* a, std::int64_t a_rs,
+                       std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c, std::int64_t ldc) {
+  if (cols <= 16) gemm_bcast_tiles<Accumulate, 16, 1>(rows, cols, depth, a, a_rs, a_cs, b, b_rs, c, ldc);
+  else gemm_bcast_tiles<Accumulate, 8, 2>(rows, cols, depth, a, a_rs, a_cs, b, b_rs, c, ldc);
 }
 
 /// Online-softmax update for a transposed score block st[keys][ld] (queries along the row):
