@@ -48,7 +48,7 @@ class attention_workspace {
   attention_workspace() = default;
   /// Bytes currently held (grows to the largest call's need, never shrinks).
   std::size_t bytes() const {
-    std::size_t n = partial_.size() * sizeof(float);
+    std::size_t n = (partial_.size() + query_.size()) * sizeof(float);
     for (const auto& w : workers_)
       n += w.f.size() * sizeof(float) + w.pos.size() * sizeof(std::int64_t) + w.st.size() * sizeof(softmax_row_state);
     return n;
@@ -71,13 +71,18 @@ class attention_workspace {
     if (partial_.size() < floats) partial_.resize(floats);
     return partial_.data();
   }
+  /// Per-call query staging (e.g. MLA's [q_latent ; q_rope] rows).
+  float* query(std::size_t floats) {
+    if (query_.size() < floats) query_.resize(floats);
+    return query_.data();
+  }
   void reserve_workers(std::size_t n) {
     if (workers_.size() < n) workers_.resize(n);
   }
 
  private:
   std::vector<worker> workers_;
-  std::vector<float> partial_;
+  std::vector<float> partial_, query_;
 };
 
 namespace detail {

@@ -1,0 +1,325 @@
+#pragma once
+// mla_layer: DeepSeek-V2/V3 multi-head latent attention with DeepSeek's tensors (nn.Linear
+// layout) over a latent cache, with two public execution paths:
+//   naive:    K_i = [W_UK_i c ; k_rope], V_i = W_UV_i c materialised for the cached tokens, then
+//             the GQA kernel as MHA (compute-friendly: long prefill);
+//   absorbed: q_latent_i = W_UK_i^T q_nope_i, attend_latent over [c ; k_rope] with the values a
+//             view of c, then W_UV_i (or W_O with W_UV folded in) (data-movement friendly: decode).
+// The automatic rule takes the path with fewer FLOPs for the call: absorbed when
+//   Tq <= d_c (d_nope + d_v) / (2 d_c + rope_heads d_R - (d_nope + d_R) - d_v)
+// (materialising K/V costs 2 Tk H d_c (d_nope + d_v) once per call; absorption costs
+// 2 Tq Tk H ((2 d_c + rope_heads d_R) - (d_qk + d_v)) more attention FLOPs); 170 tokens for
+// DeepSeek-V2/V3 shapes. Biases: a key bias on kv_b_proj adds q . b_k to every score of a row,
+// which softmax ignores, so the absorbed path drops it exactly; a value bias leaves the
+// probability-weighted sum (the weights sum to 1) and is added after W_UV.
+#include <Eigen/Core>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+#include <span>
+#include <vector>
+
+#include "../cache/latent_cache.hpp"
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/linear.hpp"
+#include "../core/rmsnorm.hpp"
+#include "../core/rope.hpp"
+#include "../core/view.hpp"
+#include "../kernels/gqa.hpp"
+#include "../kernels/mla.hpp"
+
+namespace attnkit {
+
+struct mla_config {
+  std::int64_t model_dim = 0;
+  std::int64_t heads = 0;
+  std::int64_t q_lora_rank = 0;  ///< 0: plain q_proj; else q_a_proj -> RMSNorm -> q_b_proj
+  std::int64_t latent_dim = 0;   ///< d_c (kv_lora_rank)
+  std::int64_t nope_dim = 0;     ///< d_nope (qk_nope_head_dim)
+  std::int64_t rope_dim = 0;     ///< d_R (qk_rope_head_dim), even
+  std::int64_t v_dim = 0;        ///< d_v (v_head_dim)
+  std::int64_t rope_heads = 1;   ///< decoupled rope keys: 1 (DeepSeek) or one per head group
+  /// RoPE of the rope parts; DeepSeek checkpoints store them as interleaved pairs. rotary_dim
+  /// must be 0 or rope_dim; frequency tables may be one per rope head.
+  rope_config rope{.theta = 10000.0, .layout = rope_layout::interleaved};
+  float rms_eps = 1e-6f;
+  std::optional<float> scale{};  ///< default 1/sqrt(nope_dim + rope_dim) * mscale^2
+  float mscale = 1.f;            ///< YaRN attention factor: scale *= mscale^2
+  std::optional<std::int64_t> window{};
+  bool fold_uv_into_o = false;   ///< absorbed path: precompute W_O W_UV (more memory, fewer steps)
+};
+
+/// DeepSeek's tensors, nn.Linear layout, as views (kept alive by the caller). Empty = absent.
+struct mla_weights {
+  matrix_view<const float> q_proj{};              ///< [H (d_nope + d_R), D] (no q-LoRA)
+  matrix_view<const float> q_a_proj{};            ///< [q_lora_rank, D]
+  std::span<const float> q_a_layernorm{};         ///< [q_lora_rank]
+  matrix_view<const float> q_b_proj{};            ///< [H (d_nope + d_R), q_lora_rank]
+  matrix_view<const float> kv_a_proj_with_mqa{};  ///< [d_c + rope_heads d_R, D]: [c_raw | k_pe_raw]
+  std::span<const float> kv_a_layernorm{};        ///< [d_c]; empty: no latent norm
+  matrix_view<const float> kv_b_proj{};           ///< [H (d_nope + d_v), d_c]: per head [W_UK ; W_UV]
+  matrix_view<const float> o_proj{};              ///< [D, H d_v]
+  std::span<const float> q_proj_bias{}, q_a_proj_bias{}, q_b_proj_bias{}, kv_a_proj_bias{}, kv_b_proj_bias{},
+      o_proj_bias{};
+};
+
+enum class mla_path { automatic, naive, absorbed };
+
+class mla_layer {
+ public:
+  mla_layer(const mla_config& cfg, const mla_weights& w) : cfg_(validated(cfg)), w_(w) {
+    validate_weights();
+    const std::int64_t h = cfg_.heads, dr = cfg_.rope_dim;
+    if (cfg_.fold_uv_into_o) fold_uv();
+    if (dr == 0) return;  // no decoupled rope part
+    rope_config rc = cfg_.rope;
+    rc.rotary_dim = 0;
+    k_rope_ = rope(rc, dr, cfg_.rope_heads);
+    if (rc.frequency_index.size() > 1) {  // query head i uses its rope group's table
+      std::vector<std::vector<std::int64_t>> per_head;
+      for (std::int64_t i = 0; i < h; ++i) per_head.push_back(rc.frequency_index[static_cast<std::size_t>(i / group())]);
+      rc.frequency_index = std::move(per_head);
+    }
+    q_rope_ = rope(rc, dr, h);
+  }
+
+  const mla_config& config() const { return cfg_; }
+  const mla_weights& weights() const { return w_; }
+  float scale() const {
+    return cfg_.scale.value_or(1.f / std::sqrt(static_cast<float>(cfg_.nope_dim + cfg_.rope_dim))) * cfg_.mscale *
+           cfg_.mscale;
+  }
+  /// Largest Tq for which the automatic rule takes the absorbed path.
+  std::int64_t absorbed_max_tokens() const {
+    const std::int64_t dc = cfg_.latent_dim, extra = 2 * dc + cfg_.rope_heads * cfg_.rope_dim -
+                                                        (cfg_.nope_dim + cfg_.rope_dim) - cfg_.v_dim;
+    return extra <= 0 ? std::numeric_limits<std::int64_t>::max() : dc * (cfg_.nope_dim + cfg_.v_dim) / extra;
+  }
+  template <storage_type S>
+  latent_cache<S> make_cache(std::int64_t capacity) const {
+    return latent_cache<S>({cfg_.latent_dim, cfg_.rope_dim, cfg_.rope_heads, capacity});
+  }
+
+  /// x [T, D] at positions -> y [T, D]; appends T tokens to the latent cache.
+  template <storage_type S, class Exec = serial_executor>
+  void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, latent_cache<S>& cache,
+               matrix_view<float> y, Exec&& exec = Exec{}, mla_path path = mla_path::automatic) {
+    using detail::require;
+    const std::int64_t t = x.extent(0), d = cfg_.model_dim, h = cfg_.heads, dc = cfg_.latent_dim;
+    const std::int64_t dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr, nr = cfg_.rope_heads;
+    detail::require_extents(x, {t, d}, "mla_layer::forward: x");
+    detail::require_extents(y, {t, d}, "mla_layer::forward: y");
+    require(static_cast<std::int64_t>(positions.size()) == t, "mla_layer::forward: positions has ", positions.size(),
+            " entries but x has T=", t, " tokens");
+    require(cache.latent_dim() == dc && cache.rope_dim() == dr && cache.rope_heads() == nr,
+            "mla_layer::forward: cache has latent_dim=", cache.latent_dim(), ", rope_dim=", cache.rope_dim(),
+            ", rope_heads=", cache.rope_heads(), " but the layer needs ", dc, ", ", dr, ", ", nr);
+    require(cache.size() + t <= cache.capacity(), "mla_layer::forward: appending ", t, " tokens to size=", cache.size(),
+            " exceeds capacity=", cache.capacity());
+    const auto xm = detail::row_major_map(x, "mla_layer::forward: x");
+
+    // Queries [T, H, d_nope + d_R], rope part roped.
+    q_.resize(t, h * dqk);
+    if (cfg_.q_lora_rank > 0) {
+      cq_.resize(t, cfg_.q_lora_rank);
+      detail::linear(xm, map(w_.q_a_proj), w_.q_a_proj_bias, as_map(cq_), exec);
+      for (std::int64_t i = 0; i < t; ++i) rms_norm(cq_.row(i).data(), cfg_.q_lora_rank, w_.q_a_layernorm, cfg_.rms_eps);
+      detail::linear(const_map(cq_), map(w_.q_b_proj), w_.q_b_proj_bias, as_map(q_), exec);
+    } else {
+      detail::linear(xm, map(w_.q_proj), w_.q_proj_bias, as_map(q_), exec);
+    }
+    // Latent and rope key: [c_raw | k_pe_raw] -> c = RMSNorm(c_raw), k_rope = RoPE(k_pe_raw).
+    kva_.resize(t, dc + nr * dr);
+    detail::linear(xm, map(w_.kv_a_proj_with_mqa), w_.kv_a_proj_bias, as_map(kva_), exec);
+    for (std::int64_t i = 0; i < t; ++i) {
+      const std::int64_t pos = positions[static_cast<std::size_t>(i)];
+      if (!w_.kv_a_layernorm.empty()) rms_norm(kva_.row(i).data(), dc, w_.kv_a_layernorm, cfg_.rms_eps);
+      if (dr == 0) continue;
+      for (std::int64_t g = 0; g < nr; ++g) k_rope_.apply(kva_.row(i).data() + dc + g * dr, pos, g);
+      for (std::int64_t hh = 0; hh < h; ++hh) q_rope_.apply(q_.row(i).data() + hh * dqk + dn, pos, hh);
+    }
+    cache.append(matrix_view<const float>(kva_.data(), {t, dc}, {dc + nr * dr, 1}),
+                 tensor3_view<const float>(kva_.data() + dc, {t, nr, dr}, {dc + nr * dr, dr, 1}), positions);
+
+    if (path == mla_path::automatic) path = t <= absorbed_max_tokens() ? mla_path::absorbed : mla_path::naive;
+    if (path == mla_path::absorbed) forward_absorbed(t, positions, cache, exec);
+    else forward_naive(t, positions, cache, exec);
+  
+    // y = O W_O^T + b_o, O = o_ [T, H d_v] (or the latent [T, H d_c] with W_O W_UV folded).
+    auto ym = detail::row_major_map(y, "mla_layer::forward: y");
+    if (path == mla_path::absorbed && cfg_.fold_uv_into_o) {
+      detail::linear(const_map(olat_), const_map(w_ouv_), std::span<const float>(b_ouv_), ym, exec);
+    } else {
+      detail::linear(const_map(o_), map(w_.o_proj), w_.o_proj_bias, ym, exec);
+    }
+  }
+
+ private:
+  using rmat = row_matrix<float>;
+  using cmap = detail::row_map<const float>;
+  std::int64_t group() const { return cfg_.heads / cfg_.rope_heads; }
+  static detail::row_map<float> as_map(rmat& m) { return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())}; }
+  static cmap const_map(const rmat& m) { return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())}; }
+  static cmap map(const matrix_view<const float>& v) { return detail::row_major_map(v, "mla weight"); }
+  /// W_UK_i [d_nope, d_c] and W_UV_i [d_v, d_c]: row blocks of kv_b_proj.
+  cmap w_uk(std::int64_t i) const {
+    const std::int64_t stride = w_.kv_b_proj.stride(0);
+    return {w_.kv_b_proj.data_handle() + i * (cfg_.nope_dim + cfg_.v_dim) * stride, cfg_.nope_dim, cfg_.latent_dim,
+            Eigen::OuterStride<>(stride)};
+  }
+  cmap w_uv(std::int64_t i) const {
+    const std::int64_t stride = w_.kv_b_proj.stride(0);
+    return {w_.kv_b_proj.data_handle() + (i * (cfg_.nope_dim + cfg_.v_dim) + cfg_.nope_dim) * stride, cfg_.v_dim,
+            cfg_.latent_dim, Eigen::OuterStride<>(stride)};
+  }
+  /// The value bias of head i (d_v entries), or empty.
+  std::span<const float> value_bias(std::int64_t i) const {
+    if (w_.kv_b_proj_bias.empty()) return {};
+    return w_.kv_b_proj_bias.subspan(static_cast<std::size_t>(i * (cfg_.nope_dim + cfg_.v_dim) + cfg_.nope_dim),
+                                     static_cast<std::size_t>(cfg_.v_dim));
+  }
+
+  template <storage_type S, class Exec>
+  void forward_absorbed(std::int64_t t, std::span<const std::int64_t> positions, const latent_cache<S>& cache, Exec& exec) {
+    const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr;
+    const std::int64_t dv = cfg_.v_dim;
+    qlat_.resize(t, h * dc);
+    exec.parallel_for(h, [&](std::int64_t i) {  // q_latent_i = W_UK_i^T q_nope_i
+      const cmap qn(q_.data() + i * dqk, t, dn, Eigen::OuterStride<>(h * dqk));
+      detail::row_map<float>(qlat_.data() + i * dc, t, dc, Eigen::OuterStride<>(h * dc)).noalias() = qn * w_uk(i);
+    });
+    olat_.resize(t, h * dc);
+    attention_options opt;
+    opt.scale = scale();
+    opt.window = cfg_.window;
+    attend_latent(tensor3_view<const float>(qlat_.data(), {t, h, dc}),
+                  tensor3_view<const float>(q_.data() + dn, {t, h, dr}, {h * dqk, dqk, 1}), positions, cache,
+                  tensor3_view<float>(olat_.data(), {t, h, dc}), opt, exec, &ws_);
+    if (cfg_.fold_uv_into_o) return;
+    o_.resize(t, h * dv);
+    exec.parallel_for(h, [&](std::int64_t i) {  // o_i = W_UV_i o_latent_i + b_v_i
+      const cmap ol(olat_.data() + i * dc, t, dc, Eigen::OuterStride<>(h * dc));
+      auto oi = detail::row_map<float>(o_.data() + i * dv, t, dv, Eigen::OuterStride<>(h * dv));
+      oi.noalias() = ol * w_uv(i).transpose();
+      if (const auto b = value_bias(i); !b.empty()) oi.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(b.data(), dv);
+    });
+  }
+
+  template <storage_type S, class Exec>
+  void forward_naive(std::int64_t t, std::span<const std::int64_t> positions, const latent_cache<S>& cache, Exec& exec) {
+    const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr;
+    const std::int64_t dv = cfg_.v_dim, tk = cache.size(), w = cache.row_width();
+    // Widen the cached rows, then K_i = [W_UK_i c + b_k ; k_rope_r(i)], V_i = W_UV_i c + b_v.
+    lat_.resize(tk, w);
+    for (std::int64_t s = 0; s < tk; ++s) detail::to_float_row(cache.rows() + s * w, lat_.row(s).data(), w);
+    k_.resize(tk, h * dqk);
+    v_.resize(tk, h * dv);
+    exec.parallel_for(h, [&](std::int64_t i) {
+      const cmap c(lat_.data(), tk, dc, Eigen::OuterStride<>(w));
+      auto ki = detail::row_map<float>(k_.data() + i * dqk, tk, dn, Eigen::OuterStride<>(h * dqk));
+      auto vi = detail::row_map<float>(v_.data() + i * dv, tk, dv, Eigen::OuterStride<>(h * dv));
+      ki.noalias() = c * w_uk(i).transpose();
+      vi.noalias() = c * w_uv(i).transpose();
+      if (!w_.kv_b_proj_bias.empty()) {
+        ki.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(
+            w_.kv_b_proj_bias.data() + i * (dn + dv), dn);
+        vi.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(value_bias(i).data(), dv);
+      }
+      const std::int64_t g = i / group();
+      for (std::int64_t s = 0; s < tk; ++s)
+        std::copy(lat_.row(s).data() + dc + g * dr, lat_.row(s).data() + dc + (g + 1) * dr, k_.row(s).data() + i * dqk + dn);
+    });
+    o_.resize(t, h * dv);
+    attention_options opt;
+    opt.scale = scale();
+    opt.window = cfg_.window;
+    attend<float>(tensor3_view<const float>(q_.data(), {t, h, dqk}), positions,
+                  tensor3_view<const float>(k_.data(), {tk, h, dqk}), tensor3_view<const float>(v_.data(), {tk, h, dv}),
+                  cache.positions(), tensor3_view<float>(o_.data(), {t, h, dv}), opt, exec, &ws_);
+  }
+
+  /// W_OUV [D, H d_c] = [W_O,i W_UV_i]_i and the folded value bias b = b_o + sum_i W_O,i b_v,i.
+  void fold_uv() {
+    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, dc = cfg_.latent_dim, dv = cfg_.v_dim;
+    const cmap wo = map(w_.o_proj);
+    w_ouv_.resize(d, h * dc);
+    Eigen::VectorXf b = Eigen::VectorXf::Zero(d);
+    if (!w_.o_proj_bias.empty()) b = Eigen::Map<const Eigen::VectorXf>(w_.o_proj_bias.data(), d);
+    for (std::int64_t i = 0; i < h; ++i) {
+      w_ouv_.middleCols(i * dc, dc).noalias() = wo.middleCols(i * dv, dv) * w_uv(i);
+      if (const auto bv = value_bias(i); !bv.empty())
+        b.noalias() += wo.middleCols(i * dv, dv) * Eigen::Map<const Eigen::VectorXf>(bv.data(), dv);
+    }
+    b_ouv_.assign(b.data(), b.data() + d);
+  }
+
+  static mla_config validated(mla_config c) {
+    using detail::require;
+    require(c.model_dim > 0, "mla_config: model_dim must be > 0, got ", c.model_dim);
+    require(c.heads > 0, "mla_config: heads must be > 0, got ", c.heads);
+    require(c.q_lora_rank >= 0, "mla_config: q_lora_rank must be >= 0, got ", c.q_lora_rank);
+    require(c.latent_dim > 0, "mla_config: latent_dim must be > 0, got ", c.latent_dim);
+    require(c.nope_dim >= 0 && c.v_dim > 0, "mla_config: nope_dim must be >= 0 and v_dim > 0, got ", c.nope_dim, ", ", c.v_dim);
+    require(c.rope_dim >= 0 && c.rope_dim % 2 == 0, "mla_config: rope_dim must be even and >= 0, got ", c.rope_dim);
+    require(c.nope_dim + c.rope_dim > 0, "mla_config: nope_dim + rope_dim must be > 0");
+    require(c.rope_heads >= 1 && c.heads % c.rope_heads == 0, "mla_config: heads=", c.heads,
+            " must be a multiple of rope_heads=", c.rope_heads);
+    require(c.rope.rotary_dim == 0 || c.rope.rotary_dim == c.rope_dim, "mla_config: rope.rotary_dim=",
+            c.rope.rotary_dim, " must be 0 or rope_dim=", c.rope_dim, " (the rope part is rotated whole)");
+    require(c.rms_eps > 0, "mla_config: rms_eps must be > 0, got ", c.rms_eps);
+    require(c.mscale > 0, "mla_config: mscale must be > 0, got ", c.mscale);
+    if (c.window) require(*c.window >= 1, "mla_config: window must be >= 1, got ", *c.window);
+    return c;
+  }
+
+  void validate_weights() const {
+    using detail::require;
+    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, dqk = cfg_.nope_dim + cfg_.rope_dim, dc = cfg_.latent_dim;
+    const std::int64_t ql = cfg_.q_lora_rank, dv = cfg_.v_dim, nr = cfg_.rope_heads, dr = cfg_.rope_dim;
+    auto present = [](const matrix_view<const float>& m) { return m.data_handle() != nullptr; };
+    auto need = [&](const matrix_view<const float>& m, std::int64_t rows, std::int64_t cols, const char* name) {
+      require(present(m), "mla_layer: tensor ", name, " is missing (expected shape [", rows, ", ", cols, "])");
+      detail::require_extents(m, {rows, cols}, (std::string("mla_layer: tensor ") + name).c_str());
+      (void)detail::row_major_map(m, name);
+    };
+    auto bias = [&](std::span<const float> b, std::int64_t n, const char* name) {
+      require(b.empty() || static_cast<std::int64_t>(b.size()) == n, "mla_layer: ", name, " has ", b.size(),
+              " entries but ", n, " were expected");
+    };
+    if (ql > 0) {
+      require(!present(w_.q_proj), "mla_layer: q_lora_rank=", ql, " uses q_a_proj/q_b_proj, but q_proj was also given");
+      need(w_.q_a_proj, ql, d, "q_a_proj");
+      need(w_.q_b_proj, h * dqk, ql, "q_b_proj");
+      require(static_cast<std::int64_t>(w_.q_a_layernorm.size()) == ql, "mla_layer: tensor q_a_layernorm has ",
+              w_.q_a_layernorm.size(), " entries but q_lora_rank=", ql, " were expected");
+      bias(w_.q_a_proj_bias, ql, "q_a_proj_bias");
+      bias(w_.q_b_proj_bias, h * dqk, "q_b_proj_bias");
+    } else {
+      require(!present(w_.q_a_proj) && !present(w_.q_b_proj),
+              "mla_layer: q_a_proj/q_b_proj given but q_lora_rank=0 (set q_lora_rank to use q-LoRA)");
+      need(w_.q_proj, h * dqk, d, "q_proj");
+      bias(w_.q_proj_bias, h * dqk, "q_proj_bias");
+    }
+    need(w_.kv_a_proj_with_mqa, dc + nr * dr, d, "kv_a_proj_with_mqa");
+    need(w_.kv_b_proj, h * (cfg_.nope_dim + dv), dc, "kv_b_proj");
+    need(w_.o_proj, d, h * dv, "o_proj");
+    require(w_.kv_a_layernorm.empty() || static_cast<std::int64_t>(w_.kv_a_layernorm.size()) == dc,
+            "mla_layer: tensor kv_a_layernorm has ", w_.kv_a_layernorm.size(), " entries but latent_dim=", dc,
+            " were expected");
+    bias(w_.kv_a_proj_bias, dc + nr * dr, "kv_a_proj_bias");
+    bias(w_.kv_b_proj_bias, h * (cfg_.nope_dim + dv), "kv_b_proj_bias");
+    bias(w_.o_proj_bias, d, "o_proj_bias");
+  }
+
+  mla_config cfg_;
+  mla_weights w_;
+  rope q_rope_, k_rope_;
+  rmat q_, cq_, kva_, qlat_, olat_, o_, lat_, k_, v_, w_ouv_;
+  std::vector<float> b_ouv_;
+  attention_workspace ws_;
+};
+
+}  // namespace attnkit
