@@ -245,9 +245,12 @@ class gqa_tile_runner {
     const float* vf = reinterpret_cast<const float*>(v);
     std::int64_t ks = pb_.kv.k_row_stride, vs = pb_.kv.v_row_stride;
     if constexpr (!std::same_as<S, float>) {  // widen the block once; the GEMMs reuse it m times
+      const bool v_in_k = v == k && vs == ks && dv <= dqk;  // MLA: values are a view of the keys
       for (std::int64_t t = 0; t < nb; ++t) to_float_row(k + t * ks, kf_ + t * dqk, dqk);
-      for (std::int64_t t = 0; t < nb; ++t) to_float_row(v + t * vs, vf_ + t * dv, dv);
-      kf = kf_, vf = vf_, ks = dqk, vs = dv;
+      if (!v_in_k)
+        for (std::int64_t t = 0; t < nb; ++t) to_float_row(v + t * vs, vf_ + t * dv, dv);
+      kf = kf_, ks = dqk;
+      vf = v_in_k ? kf_ : vf_, vs = v_in_k ? dqk : dv;
     }
     gemm_bcast<false>(nb, m, dqk, kf, ks, 1, q_, m, s_, m);  // s_ = S^T [nb, m]
     if (need_mask)
