@@ -5,6 +5,7 @@
 // Default geometry: a Llama-3-8B attention layer (D 4096, H 32, H_kv 8, d 128, theta 5e5).
 #include <attnkit/attnkit.hpp>
 #include <attnkit/reference/attention.hpp>
+#include <attnkit/reference/mla.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -27,6 +28,8 @@ struct options {
   int threads = 2;
   std::string storage = "f32";
   bool json = false;
+  std::vector<std::string> rows{"MHA", "GQA", "MQA", "MLA-V2-Lite", "MLA-V3"};
+  bool wants(const std::string& name) const { return std::find(rows.begin(), rows.end(), name) != rows.end(); }
 };
 
 struct row {
@@ -43,6 +46,8 @@ const char* usage =
     "  --prefill N     causal prefill tokens (1024) --layers N    layers for the GiB column (32)\n"
     "  --tokens N      tokens for the GiB column (32768)\n"
     "  --threads N     worker threads (2)          --storage S    f32 | bf16 | f16 (f32)\n"
+    "  --rows LIST     comma-separated rows: MHA,GQA,MQA (at the geometry above), MLA-V2-Lite,\n"
+    "                  MLA-V3 (DeepSeek shapes, each naive and absorbed); default: all\n"
     "  --json          machine-readable output\n";
 
 options parse(int argc, char** argv) {
@@ -72,6 +77,18 @@ options parse(int argc, char** argv) {
     else if (a == "--threads") o.threads = static_cast<int>(integer(i));
     else if (a == "--storage") o.storage = need(i);
     else if (a == "--json") o.json = true;
+    else if (a == "--rows") {
+      o.rows.clear();
+      std::string list = need(i);
+      for (std::size_t p = 0; p <= list.size();) {
+        const std::size_t q = std::min(list.find(',', p), list.size());
+        const std::string r = list.substr(p, q - p);
+        if (r != "MHA" && r != "GQA" && r != "MQA" && r != "MLA-V2-Lite" && r != "MLA-V3")
+          throw ak::invalid_argument("attnkit-compare: --rows: unknown row '" + r + "' (MHA, GQA, MQA, MLA-V2-Lite, MLA-V3)");
+        o.rows.push_back(r);
+        p = q + 1;
+      }
+    }
     else if (a == "--help" || a == "-h") {
       std::cout << usage;
       std::exit(0);
@@ -192,12 +209,161 @@ row gqa_family_row(const options& o, const std::string& name, std::int64_t kv_he
   return r;
 }
 
+/// Median wall time, with fewer repetitions for slow calls (naive MLA decode at 128 heads).
+double adaptive_median_us(const std::function<void()>& fn) {
+  const auto a = std::chrono::steady_clock::now();
+  fn();
+  const double once = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
+  return median_us(once > 2e5 ? 2 : once > 2e4 ? 5 : 15, fn);
+}
+
+/// Two rows (naive, absorbed) for an MLA layer with random weights. attn decode: the attention
+/// core of that path at the context (naive: K/V materialised from the latent, then MHA;
+/// absorbed: attend_latent); attn prefill: the same for `prefill` causal queries; layer decode
+/// and layer err: mla_layer with the path forced; attn err: decode output vs the double reference.
+template <ak::storage_type S>
+std::vector<row> mla_rows(const options& o, const std::string& name, const ak::mla_config& cfg, ak::thread_pool& pool) {
+  const std::int64_t dm = cfg.model_dim, h = cfg.heads, dc = cfg.latent_dim, dn = cfg.nope_dim, dr = cfg.rope_dim;
+  const std::int64_t dv = cfg.v_dim, dqk = dn + dr, t = o.context, w = dc + dr;
+  std::mt19937_64 rng(7);
+  auto rnd = [&](std::int64_t r, std::int64_t c, float s) { return random_matrix(rng, r, c, s); };
+  const float sd = 1.f / std::sqrt(float(dm));
+  const fmat q_proj = cfg.q_lora_rank ? fmat() : rnd(h * dqk, dm, sd);
+  const fmat q_a = cfg.q_lora_rank ? rnd(cfg.q_lora_rank, dm, sd) : fmat();
+  const fmat q_b = cfg.q_lora_rank ? rnd(h * dqk, cfg.q_lora_rank, 1.f / std::sqrt(float(cfg.q_lora_rank))) : fmat();
+  const std::vector<float> q_norm(static_cast<std::size_t>(cfg.q_lora_rank), 1.f), kv_norm(static_cast<std::size_t>(dc), 1.f);
+  const fmat kv_a = rnd(w, dm, sd), kv_b = rnd(h * (dn + dv), dc, 1.f / std::sqrt(float(dc))),
+             o_proj = rnd(dm, h * dv, 1.f / std::sqrt(float(h * dv)));
+  auto view = [](const fmat& m) { return m.size() ? ak::view_of(m) : ak::matrix_view<const float>{}; };
+  const ak::mla_weights weights{view(q_proj), view(q_a), q_norm, view(q_b), view(kv_a), kv_norm, view(kv_b), view(o_proj)};
+  ak::mla_layer layer(cfg, weights);
+
+  // The latent cache at the context: random normalised latents and rope keys.
+  const fmat lat = random_matrix(rng, t, dc), kr = random_matrix(rng, t, dr);
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
+  for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
+  ak::latent_cache<S> cache({.latent_dim = dc, .rope_dim = dr, .rope_heads = 1, .capacity = t + 1});
+  cache.append(ak::view_of(lat), ak::tensor3_view<const float>(kr.data(), {t, 1, dr}), pos);
+  const std::int64_t qpos = t - 1;
+  ak::attention_options opt;
+  opt.scale = layer.scale();
+  ak::attention_workspace ws;
+
+  // Absorbed core: q_latent [1, H, d_c], q_rope [1, H, d_R] -> out [1, H, d_c].
+  const fmat ql = random_matrix(rng, 1, h * dc, 0.05f), qr = random_matrix(rng, 1, h * dr);
+  fmat olat(1, h * dc);
+  auto absorbed = [&](std::int64_t n, const float* qlp, const float* qrp, const std::int64_t* qp, float* out,
+                      const ak::latent_cache<S>& c) {
+    ak::attend_latent(ak::tensor3_view<const float>(qlp, {n, h, dc}), ak::tensor3_view<const float>(qrp, {n, h, dr}),
+                      std::span(qp, static_cast<std::size_t>(n)), c, ak::tensor3_view<float>(out, {n, h, dc}), opt, pool, &ws);
+  };
+  // Naive core: K_i = [W_UK_i c ; k_rope], V_i = W_UV_i c for the cached tokens, then MHA.
+  fmat kf, vf, cf;
+  auto naive = [&](std::int64_t n, const float* q, const std::int64_t* qp, float* out, const ak::latent_cache<S>& c) {
+    const std::int64_t tk = c.size();
+    cf.resize(tk, w);
+    kf.resize(tk, h * dqk);
+    vf.resize(tk, h * dv);
+    for (std::int64_t s = 0; s < tk; ++s) ak::detail::to_float_row(c.rows() + s * w, cf.row(s).data(), w);
+    pool.parallel_for(h, [&](std::int64_t i) {
+      using cmap = Eigen::Map<const fmat, Eigen::Unaligned, Eigen::OuterStride<>>;
+      using mmap = Eigen::Map<fmat, Eigen::Unaligned, Eigen::OuterStride<>>;
+      const cmap cl(cf.data(), tk, dc, Eigen::OuterStride<>(w));
+      mmap(kf.data() + i * dqk, tk, dn, Eigen::OuterStride<>(h * dqk)).noalias() = cl * kv_b.middleRows(i * (dn + dv), dn).transpose();
+      mmap(vf.data() + i * dv, tk, dv, Eigen::OuterStride<>(h * dv)).noalias() = cl * kv_b.middleRows(i * (dn + dv) + dn, dv).transpose();
+      for (std::int64_t s = 0; s < tk; ++s)
+        std::copy(cf.row(s).data() + dc, cf.row(s).data() + w, kf.row(s).data() + i * dqk + dn);
+    });
+    ak::attend<float>(ak::tensor3_view<const float>(q, {n, h, dqk}), std::span(qp, static_cast<std::size_t>(n)),
+                      ak::tensor3_view<const float>(kf.data(), {tk, h, dqk}), ak::tensor3_view<const float>(vf.data(), {tk, h, dv}),
+                      c.positions(), ak::tensor3_view<float>(out, {n, h, dv}), opt, pool, &ws);
+  };
+  const fmat qn = random_matrix(rng, 1, h * dqk, 0.05f);
+  fmat on(1, h * dv);
+
+  std::vector<row> rows;
+  for (const bool is_absorbed : {false, true}) {
+    row r{name + (is_absorbed ? " absorbed" : " naive"),
+          "H=" + std::to_string(h) + " d_c=" + std::to_string(dc) + " d_R=" + std::to_string(dr) +
+              (cfg.q_lora_rank ? " qLoRA" : ""),
+          cache.bytes_per_token()};
+    r.kv_gib = double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
+    using rmat = ak::reference::matrix;
+    if (is_absorbed) {
+      r.decode_us = adaptive_median_us([&] { absorbed(1, ql.data(), qr.data(), &qpos, olat.data(), cache); });
+      // Reference: an MQA of [q_latent ; q_rope] against rows [c ; k_rope] with values c.
+      rmat q(1, h * w);
+      for (std::int64_t i = 0; i < h; ++i) {
+        q.block(0, i * w, 1, dc) = ql.block(0, i * dc, 1, dc).cast<double>();
+        q.block(0, i * w + dc, 1, dr) = qr.block(0, i * dr, 1, dr).cast<double>();
+      }
+      const rmat exact_k = (rmat(t, w) << lat.cast<double>(), kr.cast<double>()).finished();
+      const auto ref = ak::reference::attention(q, std::span(&qpos, 1), exact_k, exact_k.leftCols(dc), pos, h, 1, opt.scale.value());
+      r.max_rel_err = (olat.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
+    } else {
+      r.decode_us = adaptive_median_us([&] { naive(1, qn.data(), &qpos, on.data(), cache); });
+      // Reference on the materialised K/V (the naive path's own intermediate).
+      const auto ref = ak::reference::attention(qn.cast<double>(), std::span(&qpos, 1), kf.cast<double>(), vf.cast<double>(), pos,
+                                                h, h, opt.scale.value());
+      r.max_rel_err = (on.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
+    }
+    // Causal prefill of `prefill` tokens through the same core.
+    {
+      const std::int64_t n = std::min(o.prefill, t);
+      ak::latent_cache<S> pc({.latent_dim = dc, .rope_dim = dr, .rope_heads = 1, .capacity = n});
+      pc.append(ak::matrix_view<const float>(lat.data(), {n, dc}), ak::tensor3_view<const float>(kr.data(), {n, 1, dr}),
+                std::span(pos).first(static_cast<std::size_t>(n)));
+      const fmat pq = random_matrix(rng, n, h * (is_absorbed ? dc : dqk), 0.05f), pr = random_matrix(rng, n, h * dr);
+      fmat po(n, h * (is_absorbed ? dc : dv));
+      r.prefill_ms = adaptive_median_us([&] {
+                       if (is_absorbed) absorbed(n, pq.data(), pr.data(), pos.data(), po.data(), pc);
+                       else naive(n, pq.data(), pos.data(), po.data(), pc);
+                     }) / 1000.0;
+    }
+    // Layer: decode at the context (token appended, then rolled back), and error vs reference.
+    const ak::mla_path path = is_absorbed ? ak::mla_path::absorbed : ak::mla_path::naive;
+    const fmat x = random_matrix(rng, 8, dm);
+    fmat y(8, dm);
+    const std::int64_t next = cache.size();
+    r.layer_decode_us = adaptive_median_us([&] {
+      layer.forward(ak::matrix_view<const float>(x.data(), {1, dm}), std::span(&next, 1), cache,
+                    ak::matrix_view<float>(y.data(), {1, dm}), pool, path);
+      cache.truncate(next);
+    });
+    std::vector<std::int64_t> lpos(8);
+    for (std::int64_t i = 0; i < 8; ++i) lpos[static_cast<std::size_t>(i)] = 500 + 2 * i;
+    auto fresh = layer.make_cache<S>(8);
+    layer.forward(ak::view_of(x), lpos, fresh, ak::view_of(y), pool, path);
+    auto d = [](const fmat& m) { return m.size() ? rmat(m.cast<double>()) : rmat(); };
+    auto dvec = [](const std::vector<float>& v) {
+      return Eigen::Map<const Eigen::VectorXf>(v.data(), static_cast<Eigen::Index>(v.size())).cast<double>().eval();
+    };
+    const ak::reference::mla_weights rw{d(q_proj), d(q_a), d(q_b), d(kv_a), d(kv_b), d(o_proj), dvec(q_norm), dvec(kv_norm),
+                                        {}, {}, {}, {}, {}, {}};
+    const auto ref = ak::reference::mla_forward(x.cast<double>(), lpos, rw, {h, dc, dn, dr, dv, 1, cfg.rms_eps}, cfg.rope,
+                                                layer.scale());
+    r.layer_rel_err = (y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
+    rows.push_back(r);
+  }
+  return rows;
+}
+
 template <ak::storage_type S>
 std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
   std::vector<row> rows;
-  rows.push_back(gqa_family_row<S>(o, "MHA", o.heads, pool));
-  rows.push_back(gqa_family_row<S>(o, "GQA", o.kv_heads, pool));
-  rows.push_back(gqa_family_row<S>(o, "MQA", 1, pool));
+  if (o.wants("MHA")) rows.push_back(gqa_family_row<S>(o, "MHA", o.heads, pool));
+  if (o.wants("GQA")) rows.push_back(gqa_family_row<S>(o, "GQA", o.kv_heads, pool));
+  if (o.wants("MQA")) rows.push_back(gqa_family_row<S>(o, "MQA", 1, pool));
+  // DeepSeek-V2-Lite: D 2048, H 16, no q-LoRA; DeepSeek-V3-shaped: D 7168, H 128, q-LoRA 1536.
+  const ak::mla_config v2{.model_dim = 2048, .heads = 16, .latent_dim = 512, .nope_dim = 128, .rope_dim = 64, .v_dim = 128};
+  ak::mla_config v3 = v2;
+  v3.model_dim = 7168;
+  v3.heads = 128;
+  v3.q_lora_rank = 1536;
+  if (o.wants("MLA-V2-Lite"))
+    for (auto r : mla_rows<S>(o, "MLA-V2-Lite", v2, pool)) rows.push_back(r);
+  if (o.wants("MLA-V3"))
+    for (auto r : mla_rows<S>(o, "MLA-V3", v3, pool)) rows.push_back(r);
   return rows;
 }
 
@@ -206,16 +372,16 @@ void print_table(const options& o, const std::vector<row>& rows) {
               (long long)o.model_dim, (long long)o.heads, (long long)o.head_dim, o.theta, o.storage.c_str(), o.threads);
   std::printf("medians. attn = attention core (one query token vs the cache / causal prefill); layer = projections +\n"
               "RoPE + append + attention + output projection. errors: max |out - ref| / max |ref| vs the double reference\n\n");
-  std::printf("%-8s %-22s %12s %14s %14s %14s %14s %12s %12s\n", "variant", "shape", "KV B/token", "KV GiB", "attn decode",
+  std::printf("%-20s %-26s %12s %14s %14s %14s %14s %12s %12s\n", "variant", "shape", "KV B/token", "KV GiB", "attn decode",
               "layer decode", "attn prefill", "attn err", "layer err");
   char gib_head[64], dec_head[64], pre_head[64];
   std::snprintf(gib_head, sizeof gib_head, "(%lldL x %lldk)", (long long)o.layers, (long long)(o.model_tokens / 1024));
   std::snprintf(dec_head, sizeof dec_head, "(us @ %lldk)", (long long)(o.context / 1024));
   std::snprintf(pre_head, sizeof pre_head, "(ms, %lld tok)", (long long)o.prefill);
-  std::printf("%-8s %-22s %12s %14s %14s %14s %14s %12s %12s\n", "", "", "(per layer)", gib_head, dec_head, "(us/token)",
+  std::printf("%-20s %-26s %12s %14s %14s %14s %14s %12s %12s\n", "", "", "(per layer)", gib_head, dec_head, "(us/token)",
               pre_head, "", "");
   for (const auto& r : rows)
-    std::printf("%-8s %-22s %12lld %14.2f %14.1f %14.1f %14.2f %12.2e %12.2e\n", r.variant.c_str(), r.detail.c_str(),
+    std::printf("%-20s %-26s %12lld %14.2f %14.1f %14.1f %14.2f %12.2e %12.2e\n", r.variant.c_str(), r.detail.c_str(),
                 (long long)r.kv_bytes_per_token, r.kv_gib, r.decode_us, r.layer_decode_us, r.prefill_ms, r.max_rel_err,
                 r.layer_rel_err);
 }
