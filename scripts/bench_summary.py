@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Reads bench_gqa's JSON (--benchmark_repetitions=N --benchmark_out=F) and prints the figures the
-foundation's speed targets are stated in, each as a ratio of medians taken in the same run.
+"""Reads the JSON of bench_gqa or bench_mla (--benchmark_repetitions=N --benchmark_out=F) and prints
+the figures the speed targets are stated in, each as a ratio of medians taken in the same run.
 
-usage: scripts/bench_summary.py bench_gqa.json
+usage: scripts/bench_summary.py bench_gqa.json|bench_mla.json
 """
 import json
 import sys
@@ -22,6 +22,32 @@ def medians(path):
     return data.get("context", {}), out
 
 
+def mla(m, us, bw2, fma2):
+    print("\nMLA absorbed decode (d_c 512, d_R 64), 2 threads: time, GFLOP/s, share of its roofline "
+          "max(bytes / read BW, FLOPs / FMA peak):")
+    for s in ("float", "ak::bf16"):
+        for h in (16, 128):
+            for t in (1024, 4096, 16384):
+                n = f"BM_mla_absorbed_decode<{s}>/H:{h}/T:{t}/threads:2"
+                fl = m[n]["FLOPS"] * us(n) * 1e-6
+                by = m[n]["bytes_per_second"] * us(n) * 1e-6
+                roof = max(by / (bw2 * 1e9), fl / (fma2 * 1e9)) * 1e6
+                print(f"  {s:9s} H={h:3d} T={t:5d}: {us(n):9.1f} us  {m[n]['FLOPS'] / 1e9:6.1f} GFLOP/s  "
+                      f"{100 * roof / us(n):5.1f}% of roofline ({100 * m[n]['FLOPS'] / 1e9 / fma2:4.1f}% of FMA peak)")
+    print("\nabsorbed vs naive vs GQA decode (Llama-3-8B, H 32/8, d 128), f32, 2 threads:")
+    for t in (1024, 4096, 16384):
+        a = us(f"BM_mla_absorbed_decode<float>/H:16/T:{t}/threads:2")
+        nv = us(f"BM_mla_naive_decode/H:16/T:{t}/threads:2")
+        g = us(f"BM_gqa_decode_llama<float>/T:{t}/threads:2")
+        gb = us(f"BM_gqa_decode_llama<ak::bf16>/T:{t}/threads:2")
+        print(f"  T={t:5d}: absorbed H16 {a:8.1f} us, naive H16 {nv / 1e3:8.1f} ms ({nv / a:6.1f}x slower), "
+              f"GQA f32 {g:8.1f} us ({g / a:4.2f}x the absorbed time), GQA bf16 {gb:8.1f} us")
+    for t in (1024, 4096):
+        a = us(f"BM_mla_absorbed_decode<float>/H:128/T:{t}/threads:2")
+        nv = us(f"BM_mla_naive_decode/H:128/T:{t}/threads:2")
+        print(f"  T={t:5d}: absorbed H128 {a:8.1f} us, naive H128 {nv / 1e3:8.1f} ms ({nv / a:6.1f}x slower)")
+
+
 def main():
     ctx, m = medians(sys.argv[1])
     gbs = lambda n: m[n]["bytes_per_second"] / 1e9
@@ -33,6 +59,9 @@ def main():
     fma2 = m["attnkit::bench::BM_fma_peak/threads:2"]["FLOPS"] / 1e9
     print(f"roofline: read bandwidth {bw1:.1f} GB/s (1 thread), {bw2:.1f} GB/s (2 threads); "
           f"FP32 FMA peak {fma1:.0f} / {fma2:.0f} GFLOP/s")
+    if any(k.startswith("BM_mla_") for k in m):
+        mla(m, us, bw2, fma2)
+        return
     print("\nGQA decode (H 32, H_kv 8, d 128), median time, KV read rate, share of the read bandwidth:")
     for s in ("float", "ak::bf16"):
         for t in (1024, 4096, 16384):
