@@ -336,6 +336,22 @@ inline void validate_gqa_call(const tensor3_view<const float>& q, std::span<cons
   if (opt.scale) require(std::isfinite(*opt.scale), "attend: scale must be finite, got ", *opt.scale);
 }
 
+/// Merges `splits` partial states of `rows` rows, each row stored as (max, sum, acc[dv]) and the
+/// splits `part_stride` floats apart, into the first; calls done(r, state, acc) for every row.
+template <class Done>
+void merge_partials(float* base, std::int64_t splits, std::int64_t part_stride, std::int64_t rows, std::int64_t dv,
+                    Done&& done) {
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float* a = base + r * (dv + 2);
+    softmax_row_state sa{a[0], a[1]};
+    for (std::int64_t ks = 1; ks < splits; ++ks) {
+      const float* b = base + ks * part_stride + r * (dv + 2);
+      softmax_merge(sa, a + 2, softmax_row_state{b[0], b[1]}, b + 2, dv);
+    }
+    done(r, sa, a + 2);
+  }
+}
+
 template <storage_type S, class Exec>
 void run_gqa(const tensor3_view<const float>& q, std::span<const std::int64_t> q_pos, const kv_rows<S>& kv,
              const tensor3_view<float>& out, const attention_options& opt, Exec& exec, attention_workspace* ws_in) {
@@ -379,20 +395,13 @@ void run_gqa(const tensor3_view<const float>& q, std::span<const std::int64_t> q
   const std::int64_t dv = kv.v_dim;
   for (std::int64_t qt = 0; qt < pl.qtiles; ++qt) {
     const std::int64_t t0 = qt * pl.tq, tn = std::min(pl.tq, q.extent(0) - t0);
-    for (std::int64_t j = 0; j < kv.kv_heads; ++j) {
-      float* base = partial + (qt * kv.kv_heads + j) * pl.splits * part_stride;
-      for (std::int64_t r = 0; r < tn * g; ++r) {
-        float* a = base + r * (dv + 2);
-        softmax_row_state sa{a[0], a[1]};
-        for (std::int64_t ks = 1; ks < pl.splits; ++ks) {
-          const float* b = base + ks * part_stride + r * (dv + 2);
-          softmax_merge(sa, a + 2, softmax_row_state{b[0], b[1]}, b + 2, dv);
-        }
-        const std::int64_t t = t0 + r / g, h = j * g + r % g;
-        const float l = softmax_finalize(sa, a + 2, &out(t, h, 0), out.stride(2), dv);
-        if (!opt.lse.empty()) opt.lse(t, h) = l;
-      }
-    }
+    for (std::int64_t j = 0; j < kv.kv_heads; ++j)
+      merge_partials(partial + (qt * kv.kv_heads + j) * pl.splits * part_stride, pl.splits, part_stride, tn * g, dv,
+                     [&](std::int64_t r, const softmax_row_state& st, const float* acc) {
+                       const std::int64_t t = t0 + r / g, h = j * g + r % g;
+                       const float l = softmax_finalize(st, acc, &out(t, h, 0), out.stride(2), dv);
+                       if (!opt.lse.empty()) opt.lse(t, h) = l;
+                     });
   }
 }
 

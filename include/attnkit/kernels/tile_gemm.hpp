@@ -5,6 +5,7 @@
 //     tile transposed once per item (Q^T [d, M]) and the cached V rows themselves;
 //   * the online softmax runs down the columns, vectorised across 16 queries at a time.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "../core/simd.hpp"
@@ -94,6 +95,37 @@ inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys
     _mm512_mask_storeu_ps(sum + m0, mm, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mm, sum + m0), a, colsum));
     _mm512_mask_storeu_ps(max + m0, mm, mx);
     _mm512_mask_storeu_ps(alpha + m0, mm, a);
+  }
+}
+
+#else  // portable versions: the same contracts in plain loops
+
+template <bool Accumulate>
+inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth, const float* a, std::int64_t a_rs,
+                       std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c, std::int64_t ldc) {
+  for (std::int64_t i = 0; i < rows; ++i) {
+    float* cr = c + i * ldc;
+    if (!Accumulate) std::fill(cr, cr + cols, 0.f);
+    for (std::int64_t k = 0; k < depth; ++k) {
+      const float av = a[i * a_rs + k * a_cs];
+      const float* bk = b + k * b_rs;
+      for (std::int64_t j = 0; j < cols; ++j) cr[j] += av * bk[j];
+    }
+  }
+}
+
+inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t queries, float* max,
+                                   float* sum, float* alpha) {
+  for (std::int64_t m = 0; m < queries; ++m) {
+    float colmax = neg_inf;
+    for (std::int64_t t = 0; t < keys; ++t) colmax = std::max(colmax, st[t * ld + m]);
+    const float mx = std::max(max[m], colmax), shift = mx == neg_inf ? 0.f : mx;
+    const float a = std::exp(max[m] - shift);
+    float colsum = 0.f;
+    for (std::int64_t t = 0; t < keys; ++t) colsum += (st[t * ld + m] = std::exp(st[t * ld + m] - shift));
+    sum[m] = sum[m] * a + colsum;
+    max[m] = mx;
+    alpha[m] = a;
   }
 }
 

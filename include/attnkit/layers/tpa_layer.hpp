@@ -1,0 +1,241 @@
+#pragma once
+// tpa_layer: a Tensor Product Attention (T6) layer over a factorized cache. Per token:
+//   A_Q = W_A_q x as [H, R_Q] (T6's view), B_Q = W_B_q x as [R_Q, d]; Q = q_scale A_Q^T B_Q,
+// likewise K (rank R_K) and V (rank R_V); RoPE rotates the rows of B_Q and B_K, which equals
+// rotating Q and K (RoPE is linear and acts on the head dimension). Variants: full TPA;
+// TPA-KVonly (a plain q_proj); non-contextual head factors (fixed A parameters [R, H] instead
+// of W_A) -- with those, MHA, MQA and GQA are special cases (tests/equivalence).
+// Paths: factorized (FlashTPA order, K/V never materialised) and materialized (Q/K/V formed,
+// then the GQA kernel as MHA). The automatic rule is factorized for every call: see
+// docs/benchmarks.md for the measurement that chose it.
+#include <Eigen/Core>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "../cache/factorized_cache.hpp"
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/linear.hpp"
+#include "../core/rope.hpp"
+#include "../core/view.hpp"
+#include "../kernels/gqa.hpp"
+#include "../kernels/tpa.hpp"
+
+namespace attnkit {
+
+struct tpa_config {
+  std::int64_t model_dim = 0;
+  std::int64_t heads = 0;
+  std::int64_t head_dim = 0;    ///< d (q and k)
+  std::int64_t v_head_dim = 0;  ///< 0 = head_dim
+  std::int64_t q_rank = 0;      ///< R_Q; 0 = TPA-KVonly (plain q_proj)
+  std::int64_t k_rank = 0;
+  std::int64_t v_rank = 0;
+  rope_config rope{};           ///< one table (B rows are shared by all heads)
+  std::optional<tpa_scales> scales{};    ///< default {1/R_Q, 1/R_K, 1/R_V} (q: 1 for KV-only)
+  std::optional<float> scale{};          ///< softmax scale, default 1/sqrt(head_dim)
+  std::optional<std::int64_t> window{};
+};
+
+/// nn.Linear-layout weights (views; the caller keeps them alive). W_A_* [H R, D] with output
+/// index h R + r; W_B_* [R d, D]. Fixed head factors a_* [R, H] replace W_A_* when given.
+struct tpa_weights {
+  matrix_view<const float> w_a_q{}, w_b_q{}, q_proj{};
+  matrix_view<const float> w_a_k{}, w_b_k{};
+  matrix_view<const float> w_a_v{}, w_b_v{};
+  matrix_view<const float> o_proj{};
+  matrix_view<const float> a_q{}, a_k{}, a_v{};
+};
+
+enum class tpa_path { automatic, factorized, materialized };
+
+class tpa_layer {
+ public:
+  tpa_layer(const tpa_config& cfg, const tpa_weights& w) : cfg_(validated(cfg)), w_(w) {
+    validate_weights();
+    rope_config rc = cfg_.rope;
+    rope_ = rope(rc, cfg_.head_dim, 1);
+  }
+  const tpa_config& config() const { return cfg_; }
+  tpa_scales scales() const {
+    return cfg_.scales.value_or(tpa_scales{cfg_.q_rank ? 1.f / float(cfg_.q_rank) : 1.f, 1.f / float(cfg_.k_rank),
+                                           1.f / float(cfg_.v_rank)});
+  }
+  template <storage_type S>
+  factorized_cache<S> make_cache(std::int64_t capacity) const {
+    return factorized_cache<S>({cfg_.heads, cfg_.head_dim, cfg_.v_head_dim, cfg_.k_rank, cfg_.v_rank, capacity});
+  }
+
+  template <storage_type S, class Exec = serial_executor>
+  void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, factorized_cache<S>& cache,
+               matrix_view<float> y, Exec&& exec = Exec{}, tpa_path path = tpa_path::automatic) {
+    using detail::require;
+    const std::int64_t t = x.extent(0), dm = cfg_.model_dim, h = cfg_.heads, d = cfg_.head_dim, dv = cfg_.v_head_dim;
+    const std::int64_t rk = cfg_.k_rank, rv = cfg_.v_rank, rq = cfg_.q_rank ? cfg_.q_rank : h;
+    detail::require_extents(x, {t, dm}, "tpa_layer::forward: x");
+    detail::require_extents(y, {t, dm}, "tpa_layer::forward: y");
+    require(static_cast<std::int64_t>(positions.size()) == t, "tpa_layer::forward: positions has ", positions.size(),
+            " entries but x has T=", t, " tokens");
+    require(cache.heads() == h && cache.qk_dim() == d && cache.v_dim() == dv && cache.k_rank() == rk && cache.v_rank() == rv,
+            "tpa_layer::forward: cache has heads=", cache.heads(), ", qk_dim=", cache.qk_dim(), ", v_dim=", cache.v_dim(),
+            ", k_rank=", cache.k_rank(), ", v_rank=", cache.v_rank(), " but the layer needs ", h, ", ", d, ", ", dv, ", ",
+            rk, ", ", rv);
+    require(cache.size() + t <= cache.capacity(), "tpa_layer::forward: appending ", t, " tokens to size=", cache.size(),
+            " exceeds capacity=", cache.capacity());
+    const auto xm = detail::row_major_map(x, "tpa_layer::forward: x");
+
+    // Query factors [T, R_Q, H] and [T, R_Q, d]; KV-only: A_Q = I (R_Q = H), B_Q = the roped q heads.
+    aq_.resize(t, rq * h);
+    bq_.resize(t, rq * d);
+    if (cfg_.q_rank) {
+      factor_a(xm, w_.w_a_q, w_.a_q, rq, aq_, exec);
+      detail::linear(xm, map(w_.w_b_q), {}, as_map(bq_), exec);
+    } else {
+      aq_.setZero();
+      for (std::int64_t i = 0; i < t; ++i)
+        for (std::int64_t hh = 0; hh < h; ++hh) aq_(i, hh * h + hh) = 1.f;
+      detail::linear(xm, map(w_.q_proj), {}, as_map(bq_), exec);
+    }
+    ak_.resize(t, rk * h);
+    bk_.resize(t, rk * d);
+    av_.resize(t, rv * h);
+    bv_.resize(t, rv * dv);
+    factor_a(xm, w_.w_a_k, w_.a_k, rk, ak_, exec);
+    detail::linear(xm, map(w_.w_b_k), {}, as_map(bk_), exec);
+    factor_a(xm, w_.w_a_v, w_.a_v, rv, av_, exec);
+    detail::linear(xm, map(w_.w_b_v), {}, as_map(bv_), exec);
+    for (std::int64_t i = 0; i < t; ++i) {
+      const std::int64_t pos = positions[static_cast<std::size_t>(i)];
+      for (std::int64_t r = 0; r < rq; ++r) rope_.apply(bq_.row(i).data() + r * d, pos);
+      for (std::int64_t r = 0; r < rk; ++r) rope_.apply(bk_.row(i).data() + r * d, pos);
+    }
+    cache.append({tensor3_view<const float>(ak_.data(), {t, rk, h}), tensor3_view<const float>(bk_.data(), {t, rk, d}),
+                  tensor3_view<const float>(av_.data(), {t, rv, h}), tensor3_view<const float>(bv_.data(), {t, rv, dv}),
+                  positions});
+    attention_options opt;
+    opt.scale = cfg_.scale;
+    opt.window = cfg_.window;
+    o_.resize(t, h * dv);
+    if (path == tpa_path::materialized) {
+      materialized(t, positions, cache, opt, exec);
+    } else {
+      attend_factorized(tensor3_view<const float>(aq_.data(), {t, rq, h}), tensor3_view<const float>(bq_.data(), {t, rq, d}),
+                        positions, cache, tensor3_view<float>(o_.data(), {t, h, dv}), scales(), opt, exec, &ws_);
+    }
+    detail::linear(const_map(o_), map(w_.o_proj), {}, detail::row_major_map(y, "tpa_layer::forward: y"), exec);
+  }
+
+ private:
+  using rmat = row_matrix<float>;
+  static detail::row_map<float> as_map(rmat& m) { return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())}; }
+  static detail::row_map<const float> const_map(const rmat& m) {
+    return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())};
+  }
+  static detail::row_map<const float> map(const matrix_view<const float>& v) { return detail::row_major_map(v, "tpa weight"); }
+
+  /// A [T, R, H] (rank-major, as cached) from W_A x (output index h R + r) or the fixed [R, H].
+  template <class Exec>
+  void factor_a(const detail::row_map<const float>& xm, const matrix_view<const float>& w_a,
+                const matrix_view<const float>& fixed, std::int64_t rank, rmat& out, Exec& exec) {
+    const std::int64_t t = xm.rows(), h = cfg_.heads;
+    if (w_a.data_handle()) {
+      raw_.resize(t, h * rank);
+      detail::linear(xm, map(w_a), {}, as_map(raw_), exec);
+      for (std::int64_t i = 0; i < t; ++i)
+        for (std::int64_t r = 0; r < rank; ++r)
+          for (std::int64_t hh = 0; hh < h; ++hh) out(i, r * h + hh) = raw_(i, hh * rank + r);
+    } else {
+      for (std::int64_t i = 0; i < t; ++i)
+        for (std::int64_t r = 0; r < rank; ++r)
+          for (std::int64_t hh = 0; hh < h; ++hh) out(i, r * h + hh) = fixed(r, hh);
+    }
+  }
+
+  /// Q, K, V materialised (K and V for every cached token), then the GQA kernel as MHA.
+  template <storage_type S, class Exec>
+  void materialized(std::int64_t t, std::span<const std::int64_t> positions, const factorized_cache<S>& cache,
+                    attention_options opt, Exec& exec) {
+    const std::int64_t h = cfg_.heads, d = cfg_.head_dim, dv = cfg_.v_head_dim, tk = cache.size();
+    const std::int64_t rq = cfg_.q_rank ? cfg_.q_rank : h, rk = cfg_.k_rank, rv = cfg_.v_rank;
+    const tpa_scales sc = scales();
+    auto form = [&](std::int64_t n, std::int64_t rank, std::int64_t width, float scale, auto a_at, auto b_row, rmat& out) {
+      out.setZero(n, h * width);
+      std::vector<float> brow(static_cast<std::size_t>(width));
+      exec.parallel_for(n, [&](std::int64_t i) {
+        std::vector<float> b(static_cast<std::size_t>(width));
+        for (std::int64_t r = 0; r < rank; ++r) {
+          b_row(i, r, b.data());
+          for (std::int64_t hh = 0; hh < h; ++hh) {
+            const float a = scale * a_at(i, r, hh);
+            float* o = out.row(i).data() + hh * width;
+            for (std::int64_t c = 0; c < width; ++c) o[c] += a * b[static_cast<std::size_t>(c)];
+          }
+        }
+      });
+    };
+    form(t, rq, d, cfg_.q_rank ? sc.q : 1.f, [&](std::int64_t i, std::int64_t r, std::int64_t hh) { return aq_(i, r * h + hh); },
+         [&](std::int64_t i, std::int64_t r, float* b) { std::copy_n(bq_.row(i).data() + r * d, d, b); }, qm_);
+    form(tk, rk, d, sc.k, [&](std::int64_t i, std::int64_t r, std::int64_t hh) { return to_float(cache.a_k()[(i * rk + r) * h + hh]); },
+         [&](std::int64_t i, std::int64_t r, float* b) { detail::to_float_row(cache.b_k() + (i * rk + r) * d, b, d); }, km_);
+    form(tk, rv, dv, sc.v, [&](std::int64_t i, std::int64_t r, std::int64_t hh) { return to_float(cache.a_v()[(i * rv + r) * h + hh]); },
+         [&](std::int64_t i, std::int64_t r, float* b) { detail::to_float_row(cache.b_v() + (i * rv + r) * dv, b, dv); }, vm_);
+    attend<float>(tensor3_view<const float>(qm_.data(), {t, h, d}), positions, tensor3_view<const float>(km_.data(), {tk, h, d}),
+                  tensor3_view<const float>(vm_.data(), {tk, h, dv}), cache.positions(),
+                  tensor3_view<float>(o_.data(), {t, h, dv}), opt, exec, &ws_);
+  }
+
+  static tpa_config validated(tpa_config c) {
+    using detail::require;
+    if (c.v_head_dim == 0) c.v_head_dim = c.head_dim;
+    require(c.model_dim > 0 && c.heads > 0, "tpa_config: model_dim and heads must be > 0, got ", c.model_dim, ", ", c.heads);
+    require(c.head_dim > 0 && c.v_head_dim > 0, "tpa_config: head_dim and v_head_dim must be > 0, got ", c.head_dim, ", ",
+            c.v_head_dim);
+    require(c.q_rank >= 0, "tpa_config: q_rank must be >= 0 (0: KV-only), got ", c.q_rank);
+    require(c.k_rank >= 1, "tpa_config: k_rank must be >= 1, got ", c.k_rank);
+    require(c.v_rank >= 1, "tpa_config: v_rank must be >= 1, got ", c.v_rank);
+    require(c.rope.frequency_index.size() <= 1, "tpa_config: rope.frequency_index must hold 0 or 1 tables (B rows are "
+            "shared by all heads), got ", c.rope.frequency_index.size());
+    if (c.window) require(*c.window >= 1, "tpa_config: window must be >= 1, got ", *c.window);
+    return c;
+  }
+
+  void validate_weights() const {
+    using detail::require;
+    const std::int64_t dm = cfg_.model_dim, h = cfg_.heads, d = cfg_.head_dim, dv = cfg_.v_head_dim;
+    auto need = [&](const matrix_view<const float>& m, std::int64_t rows, std::int64_t cols, const char* name) {
+      require(m.data_handle() != nullptr, "tpa_layer: tensor ", name, " is missing (expected shape [", rows, ", ", cols, "])");
+      detail::require_extents(m, {rows, cols}, (std::string("tpa_layer: tensor ") + name).c_str());
+      (void)detail::row_major_map(m, name);
+    };
+    auto factor = [&](const matrix_view<const float>& w_a, const matrix_view<const float>& fixed, std::int64_t rank,
+                      const char* wname, const char* fname) {
+      require((w_a.data_handle() != nullptr) != (fixed.data_handle() != nullptr), "tpa_layer: give exactly one of ", wname,
+              " (contextual) and ", fname, " (fixed head factors)");
+      if (w_a.data_handle()) need(w_a, h * rank, dm, wname);
+      else detail::require_extents(fixed, {rank, h}, (std::string("tpa_layer: tensor ") + fname).c_str());
+    };
+    if (cfg_.q_rank) {
+      require(w_.q_proj.data_handle() == nullptr, "tpa_layer: q_rank=", cfg_.q_rank, " factorizes the queries, but q_proj was also given");
+      factor(w_.w_a_q, w_.a_q, cfg_.q_rank, "w_a_q", "a_q");
+      need(w_.w_b_q, cfg_.q_rank * d, dm, "w_b_q");
+    } else {
+      need(w_.q_proj, h * d, dm, "q_proj");
+    }
+    factor(w_.w_a_k, w_.a_k, cfg_.k_rank, "w_a_k", "a_k");
+    need(w_.w_b_k, cfg_.k_rank * d, dm, "w_b_k");
+    factor(w_.w_a_v, w_.a_v, cfg_.v_rank, "w_a_v", "a_v");
+    need(w_.w_b_v, cfg_.v_rank * dv, dm, "w_b_v");
+    need(w_.o_proj, dm, h * dv, "o_proj");
+  }
+
+  tpa_config cfg_;
+  tpa_weights w_;
+  rope rope_;
+  rmat aq_, bq_, ak_, bk_, av_, bv_, raw_, o_, qm_, km_, vm_;
+  attention_workspace ws_;
+};
+
+}  // namespace attnkit
