@@ -241,11 +241,11 @@ inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, con
                    std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride) {
 #if ATTNKIT_HAS_AVX512
   std::int64_t r = 0;
-  if (rows == 1) { scores_block<1>(q, q_stride, 1, k, k_stride, keys, d, s, s_stride); return; }
-  if (rows == 2) { scores_block<2>(q, q_stride, 2, k, k_stride, keys, d, s, s_stride); return; }
-  for (; r < rows; r += 4)
+  for (; rows - r >= 3; r += 4)  // 3 leftover rows also take a 4-row block (one clamped row)
     scores_block<4>(q + r * q_stride, q_stride, std::min<std::int64_t>(4, rows - r), k, k_stride, keys, d,
                     s + r * s_stride, s_stride);
+  if (rows - r == 2) scores_block<2>(q + r * q_stride, q_stride, 2, k, k_stride, keys, d, s + r * s_stride, s_stride);
+  if (rows - r == 1) scores_block<1>(q + r * q_stride, q_stride, 1, k, k_stride, keys, d, s + r * s_stride, s_stride);
 #else
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t t = 0; t < keys; ++t) {
