@@ -6,6 +6,7 @@
 #include <attnkit/attnkit.hpp>
 #include <attnkit/reference/attention.hpp>
 #include <attnkit/reference/mla.hpp>
+#include <attnkit/reference/tpa.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -28,7 +29,7 @@ struct options {
   int threads = 2;
   std::string storage = "f32";
   bool json = false;
-  std::vector<std::string> rows{"MHA", "GQA", "MQA", "MLA-V2-Lite", "MLA-V3"};
+  std::vector<std::string> rows{"MHA", "GQA", "MQA", "MLA-V2-Lite", "MLA-V3", "TPA-R2", "TPA-R1", "TPA-T6-small"};
   bool wants(const std::string& name) const { return std::find(rows.begin(), rows.end(), name) != rows.end(); }
 };
 
@@ -47,7 +48,8 @@ const char* usage =
     "  --tokens N      tokens for the GiB column (32768)\n"
     "  --threads N     worker threads (2)          --storage S    f32 | bf16 | f16 (f32)\n"
     "  --rows LIST     comma-separated rows: MHA,GQA,MQA (at the geometry above), MLA-V2-Lite,\n"
-    "                  MLA-V3 (DeepSeek shapes, each naive and absorbed); default: all\n"
+    "                  MLA-V3 (DeepSeek shapes, each naive and absorbed), TPA-R2, TPA-R1 (T6 factors\n"
+    "                  at the geometry above, R_Q 6), TPA-T6-small (D 768, H 34, d 64); default: all\n"
     "  --json          machine-readable output\n";
 
 options parse(int argc, char** argv) {
@@ -83,8 +85,10 @@ options parse(int argc, char** argv) {
       for (std::size_t p = 0; p <= list.size();) {
         const std::size_t q = std::min(list.find(',', p), list.size());
         const std::string r = list.substr(p, q - p);
-        if (r != "MHA" && r != "GQA" && r != "MQA" && r != "MLA-V2-Lite" && r != "MLA-V3")
-          throw ak::invalid_argument("attnkit-compare: --rows: unknown row '" + r + "' (MHA, GQA, MQA, MLA-V2-Lite, MLA-V3)");
+        const options all;
+        if (!all.wants(r))
+          throw ak::invalid_argument("attnkit-compare: --rows: unknown row '" + r +
+                                     "' (MHA, GQA, MQA, MLA-V2-Lite, MLA-V3, TPA-R2, TPA-R1, TPA-T6-small)");
         o.rows.push_back(r);
         p = q + 1;
       }
@@ -348,6 +352,86 @@ std::vector<row> mla_rows(const options& o, const std::string& name, const ak::m
   return rows;
 }
 
+/// A TPA row with random T6 weights: attn decode/prefill = attend_factorized (FlashTPA order)
+/// on random factors at the context; layer = tpa_layer; errors vs the double reference
+/// (materialised Q/K/V for the kernel; reference::tpa_forward for the layer).
+template <ak::storage_type S>
+row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg, ak::thread_pool& pool) {
+  const std::int64_t dm = cfg.model_dim, h = cfg.heads, d = cfg.head_dim, rq = cfg.q_rank, rk = cfg.k_rank, rv = cfg.v_rank;
+  const std::int64_t t = o.context;
+  std::mt19937_64 rng(11);
+  const float sd = 1.f / std::sqrt(float(dm));
+  const fmat waq = random_matrix(rng, h * rq, dm, sd), wbq = random_matrix(rng, rq * d, dm, sd),
+             wak = random_matrix(rng, h * rk, dm, sd), wbk = random_matrix(rng, rk * d, dm, sd),
+             wav = random_matrix(rng, h * rv, dm, sd), wbv = random_matrix(rng, rv * d, dm, sd),
+             wo = random_matrix(rng, dm, h * d, 1.f / std::sqrt(float(h * d)));
+  ak::tpa_layer layer(cfg, {.w_a_q = ak::view_of(waq), .w_b_q = ak::view_of(wbq), .w_a_k = ak::view_of(wak),
+                            .w_b_k = ak::view_of(wbk), .w_a_v = ak::view_of(wav), .w_b_v = ak::view_of(wbv),
+                            .o_proj = ak::view_of(wo)});
+  const ak::tpa_scales sc = layer.scales();
+  // Cache of random factors at the context.
+  const fmat ak_ = random_matrix(rng, t, rk * h), bk = random_matrix(rng, t, rk * d, 0.3f), av = random_matrix(rng, t, rv * h),
+             bv = random_matrix(rng, t, rv * d);
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
+  for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
+  auto cache = layer.make_cache<S>(t + 1);
+  cache.append({ak::tensor3_view<const float>(ak_.data(), {t, rk, h}), ak::tensor3_view<const float>(bk.data(), {t, rk, d}),
+                ak::tensor3_view<const float>(av.data(), {t, rv, h}), ak::tensor3_view<const float>(bv.data(), {t, rv, d}), pos});
+  const fmat aq = random_matrix(rng, 1, rq * h), bq = random_matrix(rng, 1, rq * d, 0.3f);
+  fmat out(1, h * d);
+  const std::int64_t qpos = t - 1;
+  ak::attention_workspace ws;
+  row r{name, "H=" + std::to_string(h) + " d=" + std::to_string(d) + " R=" + std::to_string(rq) + "/" + std::to_string(rk) +
+                  "/" + std::to_string(rv),
+        cache.bytes_per_token()};
+  r.kv_gib = double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
+  r.decode_us = median_us(15, [&] {
+    ak::attend_factorized(ak::tensor3_view<const float>(aq.data(), {1, rq, h}), ak::tensor3_view<const float>(bq.data(), {1, rq, d}),
+                          std::span(&qpos, 1), cache, ak::tensor3_view<float>(out.data(), {1, h, d}), sc, {}, pool, &ws);
+  });
+  {
+    using rmat = ak::reference::matrix;
+    const rmat q = ak::reference::tpa_materialise(aq.cast<double>(), bq.cast<double>(), rq, h, sc.q);
+    const rmat k = ak::reference::tpa_materialise(ak_.cast<double>(), bk.cast<double>(), rk, h, sc.k);
+    const rmat v = ak::reference::tpa_materialise(av.cast<double>(), bv.cast<double>(), rv, h, sc.v);
+    const auto ref = ak::reference::attention(q, std::span(&qpos, 1), k, v, pos, h, h, 1.0 / std::sqrt(double(d)));
+    r.max_rel_err = (out.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
+  }
+  {  // causal prefill of `prefill` query tokens against as many cached tokens
+    const std::int64_t n = std::min(o.prefill, t);
+    auto pc = layer.make_cache<S>(n);
+    pc.append({ak::tensor3_view<const float>(ak_.data(), {n, rk, h}), ak::tensor3_view<const float>(bk.data(), {n, rk, d}),
+               ak::tensor3_view<const float>(av.data(), {n, rv, h}), ak::tensor3_view<const float>(bv.data(), {n, rv, d}),
+               std::span(pos).first(static_cast<std::size_t>(n))});
+    const fmat paq = random_matrix(rng, n, rq * h), pbq = random_matrix(rng, n, rq * d, 0.3f);
+    fmat po(n, h * d);
+    r.prefill_ms = median_us(3, [&] {
+                     ak::attend_factorized(ak::tensor3_view<const float>(paq.data(), {n, rq, h}),
+                                           ak::tensor3_view<const float>(pbq.data(), {n, rq, d}),
+                                           std::span(pos).first(static_cast<std::size_t>(n)), pc,
+                                           ak::tensor3_view<float>(po.data(), {n, h, d}), sc, {}, pool, &ws);
+                   }) / 1000.0;
+  }
+  const fmat x = random_matrix(rng, 8, dm);
+  fmat y(8, dm);
+  const std::int64_t next = cache.size();
+  r.layer_decode_us = median_us(15, [&] {
+    layer.forward(ak::matrix_view<const float>(x.data(), {1, dm}), std::span(&next, 1), cache, ak::matrix_view<float>(y.data(), {1, dm}),
+                  pool);
+    cache.truncate(next);
+  });
+  std::vector<std::int64_t> lpos(8);
+  for (std::int64_t i = 0; i < 8; ++i) lpos[static_cast<std::size_t>(i)] = 900 + 3 * i;
+  auto fresh = layer.make_cache<S>(8);
+  layer.forward(ak::view_of(x), lpos, fresh, ak::view_of(y), pool);
+  auto dd = [](const fmat& m) { return ak::reference::matrix(m.cast<double>()); };
+  const ak::reference::tpa_weights rw{dd(waq), dd(wbq), {}, dd(wak), dd(wbk), dd(wav), dd(wbv), dd(wo), {}, {}, {}};
+  const auto ref = ak::reference::tpa_forward(x.cast<double>(), lpos, rw, {h, d, d, rq, rk, rv, sc.q, sc.k, sc.v}, cfg.rope,
+                                              1.0 / std::sqrt(double(d)));
+  r.layer_rel_err = (y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
+  return r;
+}
+
 template <ak::storage_type S>
 std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
   std::vector<row> rows;
@@ -364,6 +448,20 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
     for (auto r : mla_rows<S>(o, "MLA-V2-Lite", v2, pool)) rows.push_back(r);
   if (o.wants("MLA-V3"))
     for (auto r : mla_rows<S>(o, "MLA-V3", v3, pool)) rows.push_back(r);
+  // TPA (T6): R_Q 6 with R_K = R_V = 2 or 1 at the geometry of the GQA rows, and T6-small.
+  const ak::tpa_config llama_tpa{.model_dim = o.model_dim, .heads = o.heads, .head_dim = o.head_dim, .q_rank = 6,
+                                 .k_rank = 2, .v_rank = 2, .rope = {.theta = o.theta}};
+  if (o.wants("TPA-R2")) rows.push_back(tpa_row<S>(o, "TPA-R2", llama_tpa, pool));
+  if (o.wants("TPA-R1")) {
+    ak::tpa_config c = llama_tpa;
+    c.k_rank = c.v_rank = 1;
+    rows.push_back(tpa_row<S>(o, "TPA-R1", c, pool));
+  }
+  if (o.wants("TPA-T6-small"))
+    rows.push_back(tpa_row<S>(o, "TPA-T6-small",
+                              {.model_dim = 768, .heads = 34, .head_dim = 64, .q_rank = 6, .k_rank = 2, .v_rank = 2,
+                               .rope = {.theta = 10000.0}},
+                              pool));
   return rows;
 }
 
