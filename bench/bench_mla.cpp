@@ -8,10 +8,12 @@
 
 #include <random>
 
+#include "gqa_decode.hpp"
 #include "roofline.hpp"
 
 namespace {
 namespace ak = attnkit;
+using attnkit::bench::BM_gqa_decode;
 constexpr std::int64_t DC = 512, DR = 64, DN = 128, DV = 128;
 
 template <ak::storage_type S>
@@ -96,32 +98,6 @@ void BM_mla_naive_decode(benchmark::State& state) {
   state.SetLabel("compute-bound (K/V materialised), f32");
 }
 
-/// The foundation's GQA decode at the Llama-3-8B geometry, for comparison in the same run.
-template <ak::storage_type S>
-void BM_gqa_decode_llama(benchmark::State& state) {
-  const std::int64_t t = state.range(0), h = 32, hkv = 8, d = 128;
-  const int threads = static_cast<int>(state.range(1));
-  ak::dense_cache<S> cache({.kv_heads = hkv, .qk_dim = d, .v_dim = d, .capacity = t});
-  {
-    std::vector<float> k(static_cast<std::size_t>(t * hkv * d), 0.01f);
-    std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
-    for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
-    cache.append(ak::tensor3_view<const float>(k.data(), {t, hkv, d}), ak::tensor3_view<const float>(k.data(), {t, hkv, d}), pos);
-  }
-  std::vector<float> q(h * d, 0.01f), out(h * d);
-  const std::int64_t qpos = t - 1;
-  ak::thread_pool pool(threads);
-  ak::attention_workspace ws;
-  for (auto _ : state) {
-    ak::attend(ak::tensor3_view<const float>(q.data(), {1, h, d}), std::span(&qpos, 1), cache,
-               ak::tensor3_view<float>(out.data(), {1, h, d}), {}, pool, &ws);
-    benchmark::DoNotOptimize(out.data());
-  }
-  state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());
-  state.counters["FLOPS"] = benchmark::Counter(2.0 * h * 2 * d * t, benchmark::Counter::kIsIterationInvariantRate,
-                                               benchmark::Counter::OneK::kIs1000);
-  state.SetLabel(std::string("memory-bound, ") + ak::storage_name<S>());
-}
 }  // namespace
 
 BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, float)->ArgsProduct({{16, 128}, {1024, 4096, 16384}, {2}})
@@ -130,9 +106,9 @@ BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, ak::bf16)->ArgsProduct({{16, 128}, {1
     ->ArgNames({"H", "T", "threads"})->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_mla_naive_decode)->ArgsProduct({{16}, {1024, 4096, 16384}, {2}})->Args({128, 1024, 2})->Args({128, 4096, 2})
     ->ArgNames({"H", "T", "threads"})->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_TEMPLATE(BM_gqa_decode_llama, float)->ArgsProduct({{1024, 4096, 16384}, {2}})->ArgNames({"T", "threads"})
+BENCHMARK_TEMPLATE(BM_gqa_decode, float)->ArgsProduct({{1024, 4096, 16384}, {2}})->ArgNames({"T", "threads"})
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_TEMPLATE(BM_gqa_decode_llama, ak::bf16)->ArgsProduct({{1024, 4096, 16384}, {2}})->ArgNames({"T", "threads"})
+BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16)->ArgsProduct({{1024, 4096, 16384}, {2}})->ArgNames({"T", "threads"})
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

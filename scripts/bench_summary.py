@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Reads the JSON of bench_gqa or bench_mla (--benchmark_repetitions=N --benchmark_out=F) and prints
+"""Reads the JSON of bench_gqa, bench_mla or bench_tpa (--benchmark_repetitions=N --benchmark_out=F) and prints
 the figures the speed targets are stated in, each as a ratio of medians taken in the same run.
 
-usage: scripts/bench_summary.py bench_gqa.json|bench_mla.json
+usage: scripts/bench_summary.py bench_gqa.json|bench_mla.json|bench_tpa.json
 """
 import json
 import sys
@@ -38,14 +38,39 @@ def mla(m, us, bw2, fma2):
     for t in (1024, 4096, 16384):
         a = us(f"BM_mla_absorbed_decode<float>/H:16/T:{t}/threads:2")
         nv = us(f"BM_mla_naive_decode/H:16/T:{t}/threads:2")
-        g = us(f"BM_gqa_decode_llama<float>/T:{t}/threads:2")
-        gb = us(f"BM_gqa_decode_llama<ak::bf16>/T:{t}/threads:2")
+        g = us(f"BM_gqa_decode<float>/T:{t}/threads:2")
+        gb = us(f"BM_gqa_decode<ak::bf16>/T:{t}/threads:2")
         print(f"  T={t:5d}: absorbed H16 {a:8.1f} us, naive H16 {nv / 1e3:8.1f} ms ({nv / a:6.1f}x slower), "
               f"GQA f32 {g:8.1f} us ({g / a:4.2f}x the absorbed time), GQA bf16 {gb:8.1f} us")
     for t in (1024, 4096):
         a = us(f"BM_mla_absorbed_decode<float>/H:128/T:{t}/threads:2")
         nv = us(f"BM_mla_naive_decode/H:128/T:{t}/threads:2")
         print(f"  T={t:5d}: absorbed H128 {a:8.1f} us, naive H128 {nv / 1e3:8.1f} ms ({nv / a:6.1f}x slower)")
+
+
+def tpa(m, us, bw2, fma2):
+    names = {0: "llama R2", 1: "llama R1", 2: "T6-small"}
+    print("\nTPA decode (FlashTPA order), 2 threads: time, GFLOP/s, GB/s, share of its roofline "
+          "max(bytes / read BW, FLOPs / FMA peak), speed-up over GQA decode (H 32/8, d 128, same storage):")
+    for s in ("float", "ak::bf16"):
+        for sh in (0, 1, 2):
+            for t in (1024, 4096, 16384):
+                n = f"BM_tpa_decode<{s}>/shape:{sh}/T:{t}/threads:2"
+                if n not in m:
+                    continue
+                fl = m[n]["FLOPS"] * us(n) * 1e-6
+                by = m[n]["bytes_per_second"] * us(n) * 1e-6
+                roof = max(by / (bw2 * 1e9), fl / (fma2 * 1e9)) * 1e6
+                regime = "compute" if fl / (fma2 * 1e9) > by / (bw2 * 1e9) else "memory"
+                g = f"BM_gqa_decode<{s}>/T:{t}/threads:2"
+                vs = f"{us(g) / us(n):5.2f}x GQA" if g in m else ""
+                print(f"  {s:9s} {names[sh]:9s} T={t:5d}: {us(n):8.1f} us  {m[n]['FLOPS'] / 1e9:6.1f} GFLOP/s  "
+                      f"{m[n]['bytes_per_second'] / 1e9:5.1f} GB/s  {100 * roof / us(n):5.1f}% of roofline ({regime}-bound)  {vs}")
+    for t in (512, 2048):
+        f = f"BM_tpa_layer_prefill/path:0/T:{t}/threads:2"
+        mt = f"BM_tpa_layer_prefill/path:1/T:{t}/threads:2"
+        if f in m and mt in m:
+            print(f"  layer prefill T={t}: factorized {us(f) / 1e3:7.1f} ms, materialized {us(mt) / 1e3:7.1f} ms")
 
 
 def main():
@@ -61,6 +86,9 @@ def main():
           f"FP32 FMA peak {fma1:.0f} / {fma2:.0f} GFLOP/s")
     if any(k.startswith("BM_mla_") for k in m):
         mla(m, us, bw2, fma2)
+        return
+    if any(k.startswith("BM_tpa_") for k in m):
+        tpa(m, us, bw2, fma2)
         return
     print("\nGQA decode (H 32, H_kv 8, d 128), median time, KV read rate, share of the read bandwidth:")
     for s in ("float", "ak::bf16"):

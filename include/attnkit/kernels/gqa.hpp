@@ -363,12 +363,10 @@ void run_gqa(const tensor3_view<const float>& q, std::span<const std::int64_t> q
                     opt.scale.value_or(1.f / std::sqrt(static_cast<float>(kv.qk_dim))), opt.causal,
                     opt.window.value_or(0), true};
   const std::int64_t g = q.extent(1) / kv.kv_heads;
+  // Streaming micro-kernels for tiles of fewer than 16 query rows. Without AVX-512 the portable
+  // streaming loops are slow and Eigen's vectorised GEMM tiles are the fast path for every size.
   pb.streaming = opt.strategy == tile_strategy::streaming ||
-                 (opt.strategy == tile_strategy::automatic && (g * q.extent(0) < 16 || !ATTNKIT_HAS_AVX512));
-#if !ATTNKIT_HAS_AVX512
-  // Without AVX-512 the portable streaming loops are slow; Eigen's vectorised GEMM is the fast path.
-  if (opt.strategy == tile_strategy::automatic) pb.streaming = false;
-#endif
+                 (opt.strategy == tile_strategy::automatic && ATTNKIT_HAS_AVX512 && g * q.extent(0) < 16);
   if (q.extent(0) == 0) return;
   const int workers_wanted = concurrency_of(exec);
   const gqa_plan<S> pl = plan_gqa(pb, workers_wanted);

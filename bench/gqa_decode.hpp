@@ -1,0 +1,55 @@
+#pragma once
+// The foundation's GQA decode at the Llama-3-8B attention geometry (H 32, H_kv 8, d 128), shared
+// by the benchmark binaries so that every variant is compared with it in the same run.
+// Args: T, threads. Bytes: the KV read; FLOPs: 2 H (d_qk + d_v) T.
+#include <attnkit/attnkit.hpp>
+#include <benchmark/benchmark.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+namespace attnkit::bench {
+namespace ak = attnkit;
+constexpr std::int64_t H = 32, HKV = 8, D = 128;
+
+template <ak::storage_type S>
+ak::dense_cache<S> filled_cache(std::int64_t t) {
+  ak::dense_cache<S> cache({.kv_heads = HKV, .qk_dim = D, .v_dim = D, .capacity = t});
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd;
+  const std::int64_t chunk = 1024;
+  std::vector<float> k(static_cast<std::size_t>(chunk * HKV * D)), v(k.size());
+  std::vector<std::int64_t> pos(chunk);
+  for (std::int64_t s = 0; s < t; s += chunk) {
+    const std::int64_t n = std::min(chunk, t - s);
+    for (auto& x : k) x = nd(rng);
+    for (auto& x : v) x = nd(rng);
+    for (std::int64_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = s + i;
+    cache.append(ak::tensor3_view<const float>(k.data(), {n, HKV, D}), ak::tensor3_view<const float>(v.data(), {n, HKV, D}),
+                 std::span(pos).first(static_cast<std::size_t>(n)));
+  }
+  return cache;
+}
+
+template <ak::storage_type S>
+void BM_gqa_decode(benchmark::State& state) {
+  const std::int64_t t = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  const auto cache = filled_cache<S>(t);
+  std::vector<float> q(H * D, 0.01f), out(H * D);
+  const std::int64_t qpos = t - 1;
+  ak::thread_pool pool(threads);
+  ak::attention_workspace ws;
+  for (auto _ : state) {
+    ak::attend(ak::tensor3_view<const float>(q.data(), {1, H, D}), std::span(&qpos, 1), cache,
+               ak::tensor3_view<float>(out.data(), {1, H, D}), {}, pool, &ws);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());
+  state.counters["FLOPS"] = benchmark::Counter(2.0 * H * (D + D) * t, benchmark::Counter::kIsIterationInvariantRate,
+                                               benchmark::Counter::OneK::kIs1000);
+  state.SetLabel(std::string("memory-bound, ") + ak::storage_name<S>());
+}
+
+}  // namespace attnkit::bench
