@@ -6,8 +6,10 @@
 // TPA-KVonly (a plain q_proj); non-contextual head factors (fixed A parameters [R, H] instead
 // of W_A) -- with those, MHA, MQA and GQA are special cases (tests/equivalence).
 // Paths: factorized (FlashTPA order, K/V never materialised) and materialized (Q/K/V formed,
-// then the GQA kernel as MHA). The automatic rule is factorized for every call: see
-// docs/benchmarks.md for the measurement that chose it.
+// then the GQA kernel as MHA). The automatic rule is factorized for every call: measured
+// through this layer (Llama shape, R 2, 2 threads), causal prefill of 512 / 2048 tokens took
+// 223 / 1086 ms factorized and 238 / 1037 ms materialised -- within 5% -- while a materialised
+// decode step would re-form K and V of every cached token (docs/benchmarks.md).
 #include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
