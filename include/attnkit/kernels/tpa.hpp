@@ -47,8 +47,8 @@ class tpa_runner {
   static std::size_t floats_needed(const tpa_problem<S>& p) {
     const std::int64_t rq = p.a_q.extent(1), d = p.cache->qk_dim(), dv = p.cache->v_dim(), nb = p.block;
     const std::int64_t rk = p.cache->k_rank(), rv = p.cache->v_rank(), hp = p.hp, h = p.cache->heads();
-    return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * hp + 3 * hp + nb * rv * hp + h * dv +
-                                    nb * rv * dv);
+    return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * rk * hp + nb * hp + 3 * hp + nb * rv * hp +
+                                    h * dv + nb * rv * dv);
   }
   tpa_runner(const tpa_problem<S>& p, attention_workspace::worker& w) : p_(p) {
     const std::int64_t rq = p.a_q.extent(1), d = p.cache->qk_dim(), dv = p.cache->v_dim(), nb = p.block;
@@ -57,6 +57,7 @@ class tpa_runner {
     aq_ = f, f += rq * hp;
     bq_ = f, f += rq * d;
     dots_ = f, f += rq * nb * rk;
+    comb_ = f, f += nb * rk * hp;
     st_ = f, f += nb * hp;
     max_ = f, f += hp;
     sum_ = f, f += hp;
@@ -88,6 +89,9 @@ class tpa_runner {
       if (p_.window > 0 && *hi <= qpos - p_.window) continue;
       // D[r][(s, u)] = B_Q[r] . B_K(s)[u]
       scores(bq_, d, rq, c.b_k() + b0 * rk * d, d, nb * rk, d, dots_, dots_stride());
+      // T[(s, u)][h] = sum_r aq[r, h] D[r][(s, u)]: one small GEMM for the block (independent
+      // accumulators; a per-key loop over r would be one long FMA dependency chain).
+      gemm_bcast<false>(nb * rk, hp, rq, dots_, 1, dots_stride(), aq_, hp, comb_, hp);
       for (std::int64_t s = 0; s < nb; ++s) {
         prefetch_token(b0 + s + p_.block);  // the next block streams in while this one computes
         const std::int64_t kp = kpos[b0 + s];
@@ -96,7 +100,7 @@ class tpa_runner {
           std::fill(row, row + hp, neg_inf);
           continue;
         }
-        combine_heads(c.a_k() + (b0 + s) * rk * h, s, rq, rk, h, row);
+        combine_heads(c.a_k() + (b0 + s) * rk * h, comb_ + s * rk * hp, rk, h, row);
       }
       softmax_absorb_columns(st_, hp, nb, h, max_, sum_, alpha_);
       for (std::int64_t i = 0; i < h; ++i)
@@ -154,37 +158,27 @@ class tpa_runner {
 #endif
   }
 
-  /// row[h] = sum_u A_K[u, h] * sum_r aq[r, h] D[r][(s, u)], vectorised over heads.
-  void combine_heads(const S* ak, std::int64_t s, std::int64_t rq, std::int64_t rk, std::int64_t h, float* row) const {
-    const std::int64_t stride = dots_stride();
+  /// row[h] = sum_u A_K[u, h] * t[u][h] (t: the block's T rows of this key), vectorised over heads.
+  void combine_heads(const S* ak, const float* t, std::int64_t rk, std::int64_t h, float* row) const {
 #if ATTNKIT_HAS_AVX512
     for (std::int64_t i0 = 0; i0 < p_.hp; i0 += 16) {
       const __mmask16 m = lane_mask(h - i0);
       __m512 acc = _mm512_setzero_ps();
-      for (std::int64_t u = 0; u < rk; ++u) {
-        __m512 tmp = _mm512_setzero_ps();
-        for (std::int64_t r = 0; r < rq; ++r)
-          tmp = _mm512_fmadd_ps(_mm512_loadu_ps(aq_ + r * p_.hp + i0), _mm512_set1_ps(dots_[r * stride + s * rk + u]), tmp);
-        acc = _mm512_fmadd_ps(load16(ak + u * h + i0, m), tmp, acc);
-      }
+      for (std::int64_t u = 0; u < rk; ++u)
+        acc = _mm512_fmadd_ps(load16(ak + u * h + i0, m), _mm512_loadu_ps(t + u * p_.hp + i0), acc);
       _mm512_storeu_ps(row + i0, acc);
     }
 #else
-    for (std::int64_t i = 0; i < h; ++i) {
+    for (std::int64_t i = 0; i < p_.hp; ++i) {
       float acc = 0.f;
-      for (std::int64_t u = 0; u < rk; ++u) {
-        float tmp = 0.f;
-        for (std::int64_t r = 0; r < rq; ++r) tmp += aq_[r * p_.hp + i] * dots_[r * stride + s * rk + u];
-        acc += to_float(ak[u * h + i]) * tmp;
-      }
+      for (std::int64_t u = 0; u < rk && i < h; ++u) acc += to_float(ak[u * h + i]) * t[u * p_.hp + i];
       row[i] = acc;
     }
-    for (std::int64_t i = h; i < p_.hp; ++i) row[i] = 0.f;
 #endif
   }
 
   const tpa_problem<S>& p_;
-  float *aq_, *bq_, *dots_, *st_, *max_, *sum_, *alpha_, *wt_, *o_, *bv_;
+  float *aq_, *bq_, *dots_, *comb_, *st_, *max_, *sum_, *alpha_, *wt_, *o_, *bv_;
 };
 
 }  // namespace detail
