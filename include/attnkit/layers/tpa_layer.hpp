@@ -8,8 +8,9 @@
 // Paths: factorized (FlashTPA order, K/V never materialised) and materialized (Q/K/V formed,
 // then the GQA kernel as MHA). The automatic rule is factorized for every call: measured
 // through this layer (Llama shape, R 2, 2 threads), causal prefill of 512 / 2048 tokens took
-// 223 / 1086 ms factorized and 238 / 1037 ms materialised -- within 5% -- while a materialised
-// decode step would re-form K and V of every cached token (docs/benchmarks.md).
+// 223-229 / 1086-1122 ms factorized and 209-238 / 1037-1064 ms materialised -- within 10%, the
+// lead changing between runs -- while a materialised decode step re-forms K and V of every
+// cached token (docs/benchmarks.md).
 #include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
