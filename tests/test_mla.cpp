@@ -107,7 +107,7 @@ TEST_CASE("mla_layer: invalid configurations and tensors throw naming the tensor
   };
   ATTNKIT_CHECK_INVALID(mla_layer(bad_cfg([](mla_config& c) { c.rope_dim = 5; }), w.weights()), "rope_dim must be even", "got 5");
   ATTNKIT_CHECK_INVALID(mla_layer(bad_cfg([](mla_config& c) { c.rope.rotary_dim = 8; }), w.weights()),
-                        "rope.rotary_dim=8 must be 0 or rope_dim=4");
+                        "rope.rotary_dim=8 must be in [0, rope_dim=4]");
   ATTNKIT_CHECK_INVALID(mla_layer(bad_cfg([](mla_config& c) { c.rope_heads = 3; }), w.weights()),
                         "heads=2 must be a multiple of rope_heads=3");
   mla_weights bad = w.weights();

@@ -42,8 +42,8 @@ struct mla_config {
   std::int64_t rope_dim = 0;     ///< d_R (qk_rope_head_dim), even
   std::int64_t v_dim = 0;        ///< d_v (v_head_dim)
   std::int64_t rope_heads = 1;   ///< decoupled rope keys: 1 (DeepSeek) or one per head group
-  /// RoPE of the rope parts; DeepSeek checkpoints store them as interleaved pairs. rotary_dim
-  /// must be 0 or rope_dim; frequency tables may be one per rope head.
+  /// RoPE of the rope parts; DeepSeek checkpoints store them as interleaved pairs. rotary_dim:
+  /// 0 (= rope_dim) or less (a converted partial-RoPE model); tables may be one per rope head.
   rope_config rope{.theta = 10000.0, .layout = rope_layout::interleaved};
   float rms_eps = 1e-6f;
   std::optional<float> scale{};  ///< default 1/sqrt(nope_dim + rope_dim) * mscale^2
@@ -76,7 +76,6 @@ class mla_layer {
     if (cfg_.fold_uv_into_o) fold_uv();
     if (dr == 0) return;  // no decoupled rope part
     rope_config rc = cfg_.rope;
-    rc.rotary_dim = 0;
     k_rope_ = rope(rc, dr, cfg_.rope_heads);
     if (rc.frequency_index.size() > 1) {  // query head i uses its rope group's table
       std::vector<std::vector<std::int64_t>> per_head;
@@ -267,8 +266,8 @@ class mla_layer {
     require(c.nope_dim + c.rope_dim > 0, "mla_config: nope_dim + rope_dim must be > 0");
     require(c.rope_heads >= 1 && c.heads % c.rope_heads == 0, "mla_config: heads=", c.heads,
             " must be a multiple of rope_heads=", c.rope_heads);
-    require(c.rope.rotary_dim == 0 || c.rope.rotary_dim == c.rope_dim, "mla_config: rope.rotary_dim=",
-            c.rope.rotary_dim, " must be 0 or rope_dim=", c.rope_dim, " (the rope part is rotated whole)");
+    require(c.rope.rotary_dim >= 0 && c.rope.rotary_dim <= c.rope_dim, "mla_config: rope.rotary_dim=",
+            c.rope.rotary_dim, " must be in [0, rope_dim=", c.rope_dim, "] (it rotates the rope part only)");
     require(c.rms_eps > 0, "mla_config: rms_eps must be > 0, got ", c.rms_eps);
     require(c.mscale > 0, "mla_config: mscale must be > 0, got ", c.mscale);
     if (c.window) require(*c.window >= 1, "mla_config: window must be >= 1, got ", *c.window);

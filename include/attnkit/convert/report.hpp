@@ -1,0 +1,19 @@
+#pragma once
+// What a conversion step did and what it cost.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+namespace attnkit::convert {
+
+struct conversion_report {
+  std::string step;                         ///< e.g. "exact GQA -> MLA (grouped rope)"
+  std::int64_t kv_elements_before = 0;      ///< KV-cache elements per token per layer
+  std::int64_t kv_elements_after = 0;
+  /// Relative Frobenius error ||y_new - y_old|| / ||y_old|| of the layer output on held-out
+  /// inputs; NaN when no held-out inputs were given.
+  double rel_error = std::numeric_limits<double>::quiet_NaN();
+};
+
+}  // namespace attnkit::convert
