@@ -2,7 +2,7 @@
 // GQA layer's function to float round-off, with exactly the GQA cache size.
 #include "layer_fixture.hpp"
 
-#include <attnkit/convert/gqa_to_mla.hpp>
+#include <attnkit/convert/gqa_to_mla.hpp>  // also in the umbrella header
 
 using namespace attnkit;
 using namespace attnkit::test;

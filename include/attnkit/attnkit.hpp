@@ -19,3 +19,4 @@
 #include "layers/gqa_layer.hpp"
 #include "layers/mla_layer.hpp"
 #include "layers/tpa_layer.hpp"
+#include "convert/gqa_to_mla.hpp"
