@@ -93,7 +93,7 @@ class tpa_runner {
       // accumulators; a per-key loop over r would be one long FMA dependency chain).
       gemm_bcast<false>(nb * rk, hp, rq, dots_, 1, dots_stride(), aq_, hp, comb_, hp);
       for (std::int64_t s = 0; s < nb; ++s) {
-        prefetch_keys(b0 + s + p_.block);  // the next block's keys stream in while this one computes
+        prefetch_token(b0 + s + p_.block);  // the next block streams in while this one computes
         const std::int64_t kp = kpos[b0 + s];
         float* row = st_ + s * hp;
         if ((p_.causal && kp > qpos) || (p_.window > 0 && qpos - kp >= p_.window)) {
@@ -109,7 +109,6 @@ class tpa_runner {
       const S* av = c.a_v() + b0 * rv * h;
       for (std::int64_t s = 0; s < nb; ++s)
         for (std::int64_t v = 0; v < rv; ++v) {
-          if (v == 0) prefetch_values(b0 + s + p_.block);  // spread: the key prefetches came earlier
           const S* a = av + (s * rv + v) * h;
           float* w = wt_ + (s * rv + v) * hp;
 #if ATTNKIT_HAS_AVX512
@@ -144,23 +143,14 @@ class tpa_runner {
  private:
   std::int64_t dots_stride() const { return p_.block * p_.cache->k_rank(); }
 
-  /// Prefetch cached token s's key factors / value factors into L2 (past the end is harmless:
-  /// prefetches never fault). Issued in two places of the block so that the misses in flight
-  /// stay within what the core tracks; without them the value GEMM waits on DRAM latency.
-  void prefetch_keys(std::int64_t s) const {
+  /// Prefetches cached token s's four factor rows into L2 (a no-op past the end is harmless:
+  /// prefetches never fault). Without it the value GEMM waits on DRAM latency.
+  void prefetch_token(std::int64_t s) const {
 #if ATTNKIT_HAS_AVX512
     const auto& c = *p_.cache;
     const std::int64_t sz = static_cast<std::int64_t>(sizeof(S)), h = c.heads();
     prefetch_row(c.a_k() + s * c.k_rank() * h, c.k_rank() * h * sz);
     prefetch_row(c.b_k() + s * c.k_rank() * c.qk_dim(), c.k_rank() * c.qk_dim() * sz);
-#else
-    (void)s;
-#endif
-  }
-  void prefetch_values(std::int64_t s) const {
-#if ATTNKIT_HAS_AVX512
-    const auto& c = *p_.cache;
-    const std::int64_t sz = static_cast<std::int64_t>(sizeof(S)), h = c.heads();
     prefetch_row(c.a_v() + s * c.v_rank() * h, c.v_rank() * h * sz);
     prefetch_row(c.b_v() + s * c.v_rank() * c.v_dim(), c.v_rank() * c.v_dim() * sz);
 #else
