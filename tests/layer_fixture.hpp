@@ -8,20 +8,22 @@ struct gqa_layer_data {
   gqa_config cfg;
   fmat q, k, v, o;
   std::vector<float> qb, kb, vb, ob;
+  std::vector<float> qn, kn;  ///< QK-norm weights (empty = none)
 
   gqa_weights weights() const {
-    return {view_of(q), view_of(k), view_of(v), view_of(o), qb, kb, vb, ob};
+    return {view_of(q), view_of(k), view_of(v), view_of(o), qb, kb, vb, ob, qn, kn};
   }
   reference::gqa_weights reference_weights() const {
     auto vec = [](const std::vector<float>& b) {
       return Eigen::Map<const Eigen::VectorXf>(b.data(), static_cast<Eigen::Index>(b.size())).cast<double>().eval();
     };
-    return {to_double(q), to_double(k), to_double(v), to_double(o), vec(qb), vec(kb), vec(vb), vec(ob)};
+    return {to_double(q), to_double(k), to_double(v), to_double(o), vec(qb), vec(kb), vec(vb), vec(ob), vec(qn), vec(kn),
+            double(cfg.qk_norm_eps)};
   }
 };
 
-inline gqa_layer_data make_layer_data(std::mt19937_64& rng, const gqa_config& cfg, bool biases) {
-  gqa_layer_data w{cfg, {}, {}, {}, {}, {}, {}, {}, {}};
+inline gqa_layer_data make_layer_data(std::mt19937_64& rng, const gqa_config& cfg, bool biases, bool qk_norm = false) {
+  gqa_layer_data w{cfg, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   const std::int64_t dv = cfg.v_head_dim ? cfg.v_head_dim : cfg.head_dim;
   const float s_in = 1.f / std::sqrt(float(cfg.model_dim)), s_out = 1.f / std::sqrt(float(cfg.heads * dv));
   w.q = random_matrix(rng, cfg.heads * cfg.head_dim, cfg.model_dim, s_in);
@@ -37,6 +39,13 @@ inline gqa_layer_data make_layer_data(std::mt19937_64& rng, const gqa_config& cf
     w.kb = rv(w.k.rows());
     w.vb = rv(w.v.rows());
     w.ob = rv(w.o.rows());
+  }
+  if (qk_norm) {
+    std::normal_distribution<float> nd(1.f, 0.2f);
+    w.qn.resize(static_cast<std::size_t>(cfg.head_dim));
+    w.kn.resize(static_cast<std::size_t>(cfg.head_dim));
+    for (auto& x : w.qn) x = nd(rng);
+    for (auto& x : w.kn) x = nd(rng);
   }
   return w;
 }
@@ -62,6 +71,8 @@ inline double layer_a_max(const gqa_layer_data& w, const fmat& x) {
   if (!w.qb.empty()) q.rowwise() += w.reference_weights().q_bias.transpose();
   if (!w.kb.empty()) k.rowwise() += w.reference_weights().k_bias.transpose();
   const std::int64_t d = w.cfg.head_dim;
+  reference::rms_norm_heads(q, d, w.reference_weights().q_norm, w.cfg.qk_norm_eps);
+  reference::rms_norm_heads(k, d, w.reference_weights().k_norm, w.cfg.qk_norm_eps);
   double qn = 0, kn = 0;
   for (std::int64_t i = 0; i < x.rows(); ++i) {
     for (std::int64_t h = 0; h < w.cfg.heads; ++h) qn = std::max(qn, q.row(i).segment(h * d, d).norm());

@@ -26,14 +26,18 @@ TEST_CASE("I1: exact GQA -> MLA equals the GQA layer (both layouts, both MLA pat
     }
   }
   if (rng() % 4 == 0) cfg.window = 7;
-  const bool biases = rng() % 2;
-  const auto w = make_layer_data(rng, cfg, biases);
+  const bool biases = rng() % 2, qk_norm = rng() % 3 == 0;
+  const auto w = make_layer_data(rng, cfg, biases, qk_norm);
   gqa_layer gqa(cfg, w.weights());
   const std::int64_t t = 20;
   const fmat x = random_matrix(rng, t, cfg.model_dim);
   const auto pos = gapped_positions(rng, t, 30, 3);
   const double tol = 2 * layer_rel_tolerance<float>(gqa.config(), t, layer_a_max(w, x));
   for (auto layout : {convert::mla_layout::grouped_rope, convert::mla_layout::deepseek}) {
+    if (qk_norm && layout == convert::mla_layout::deepseek) {  // refused, with the reason
+      ATTNKIT_CHECK_INVALID(convert::gqa_to_mla_exact(cfg, w.weights(), layout), "QK-norm", "use mla_layout::grouped_rope");
+      continue;
+    }
     const auto [ckpt, report] = convert::gqa_to_mla_exact(cfg, w.weights(), layout);
     mla_layer mla(ckpt.config, ckpt.weights());
     const auto gqa_cache = gqa.make_cache<float>(1);
@@ -45,11 +49,33 @@ TEST_CASE("I1: exact GQA -> MLA equals the GQA layer (both layouts, both MLA pat
       const double err = convert::output_rel_error(gqa, mla, view_of(x), pos, path);
       INFO(report.step << " path=" << (path == mla_path::naive ? "naive" : "absorbed") << " H=" << cfg.heads << " H_kv="
                        << hkv << " d=" << cfg.head_dim << " layout=" << to_string(cfg.rope.layout) << " rot="
-                       << cfg.rope.rotary_dim << " tables=" << cfg.rope.frequency_index.size() << " biases=" << biases
+                       << cfg.rope.rotary_dim << " tables=" << cfg.rope.frequency_index.size() << " biases=" << biases << " qk_norm=" << qk_norm
                        << " err=" << err << " tol=" << tol);
       CHECK(err <= tol);
     }
   }
+}
+
+TEST_CASE("I1 with QK-norm (Qwen3 style): the normalised, roped K is cached; always exercised", "[convert][identity]") {
+  std::mt19937_64 rng(77);
+  gqa_config cfg{.model_dim = 40, .heads = 6, .kv_heads = 2, .head_dim = 16, .rope = {.theta = 1e6}};
+  const auto w = make_layer_data(rng, cfg, true, true);
+  gqa_layer gqa(cfg, w.weights());
+  const auto [ckpt, report] = convert::gqa_to_mla_exact(cfg, w.weights());
+  CHECK(ckpt.k_rope_norm.size() == 16);
+  mla_layer mla(ckpt.config, ckpt.weights());
+  const std::int64_t t = 15;
+  const fmat x = random_matrix(rng, t, 40);
+  const auto pos = gapped_positions(rng, t, 0, 2);
+  const double tol = 2 * layer_rel_tolerance<float>(gqa.config(), t, layer_a_max(w, x));
+  CHECK(convert::output_rel_error(gqa, mla, view_of(x), pos, mla_path::absorbed) <= tol);
+  CHECK(convert::output_rel_error(gqa, mla, view_of(x), pos, mla_path::naive) <= tol);
+  // Dropping the norms changes the function: the test can fail.
+  auto plain = ckpt;
+  plain.q_rope_norm.clear();
+  plain.k_rope_norm.clear();
+  mla_layer wrong(plain.config, plain.weights());
+  CHECK(convert::output_rel_error(gqa, wrong, view_of(x), pos) > 100 * tol);
 }
 
 TEST_CASE("exact conversion: DeepSeek layout tensor shapes", "[convert]") {

@@ -15,8 +15,8 @@ TEMPLATE_TEST_CASE("gqa_layer matches the double reference layer", "[layer]", fl
                  .rope = {.theta = 10000.0, .layout = rng() % 2 ? rope_layout::half_split : rope_layout::interleaved}};
   if (rng() % 2) cfg.rope.rotary_dim = cfg.head_dim / 2;
   if (rng() % 3 == 0) cfg.window = 5 + static_cast<std::int64_t>(rng() % 20);
-  const bool biases = rng() % 2;
-  const auto w = make_layer_data(rng, cfg, biases);
+  const bool biases = rng() % 2, qk_norm = rng() % 3 == 0;
+  const auto w = make_layer_data(rng, cfg, biases, qk_norm);
   const std::int64_t t = 1 + static_cast<std::int64_t>(rng() % 60);
   const fmat x = random_matrix(rng, t, cfg.model_dim);
   const auto pos = gapped_positions(rng, t, static_cast<std::int64_t>(rng() % 100), 4);
@@ -33,7 +33,8 @@ TEMPLATE_TEST_CASE("gqa_layer matches the double reference layer", "[layer]", fl
   const auto ref = reference::gqa_layer_forward(to_double(x), pos, w.reference_weights(), cfg.heads, cfg.kv_heads,
                                                 cfg.head_dim, cfg.rope, 1.0 / std::sqrt(double(cfg.head_dim)), cfg.window);
   const double tol = layer_rel_tolerance<S>(cfg, t, layer_a_max(w, x));
-  INFO("storage=" << storage_name<S>() << " H=" << cfg.heads << " H_kv=" << hkv << " biases=" << biases << " tol=" << tol);
+  INFO("storage=" << storage_name<S>() << " H=" << cfg.heads << " H_kv=" << hkv << " biases=" << biases << " qk_norm=" << qk_norm
+                    << " tol=" << tol);
   CHECK(rel_error(to_double(y), ref) <= tol);
 }
 
@@ -79,6 +80,9 @@ TEST_CASE("gqa_layer: invalid configurations and weights throw naming the tensor
   bad = w.weights();
   bad.v_bias = std::span(w.vb).first(3);
   ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "v_bias has 3 entries but 16");
+  bad = w.weights();
+  bad.k_norm = std::span(w.vb).first(5);
+  ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "k_norm has 5 entries but 8");
   bad = w.weights();
   bad.q = matrix_view<const float>(w.q.data(), {32, 32}, {64, 2});
   ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "unit column stride");

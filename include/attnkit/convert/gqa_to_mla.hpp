@@ -10,6 +10,9 @@
 //     permutation on q and k), q_pe_i = W_Q^i placed at KV head j(i)'s slot and zero elsewhere,
 //     qk_nope = 0, and the factor sqrt(d_R / d) folded into W_Q (MLA scales by 1/sqrt(d_R)).
 // RoPE stays in the cache because the up-projections are selectors, which commute with it.
+// QK-norm models (Qwen3: per-head RMSNorm on q and k before RoPE) convert exactly in the grouped
+// layout: the normalised, roped K is what is cached, and the norms become the MLA layer's
+// q_rope_norm / k_rope_norm. The DeepSeek layout refuses them (see the error it throws).
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -30,6 +33,7 @@ struct mla_checkpoint {
   mla_config config;
   row_matrix<float> q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj;
   std::vector<float> q_proj_bias, kv_a_proj_bias, o_proj_bias;
+  std::vector<float> q_rope_norm, k_rope_norm;  ///< converted QK-norm weights (grouped layout)
 
   /// Views for mla_layer (valid while this object lives).
   mla_weights weights() const {
@@ -41,6 +45,8 @@ struct mla_checkpoint {
     w.q_proj_bias = q_proj_bias;
     w.kv_a_proj_bias = kv_a_proj_bias;
     w.o_proj_bias = o_proj_bias;
+    w.q_rope_norm = q_rope_norm;
+    w.k_rope_norm = k_rope_norm;
     return w;
   }
 };
@@ -90,6 +96,16 @@ inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(const gqa_c
     k_part();
   };
 
+  const bool qk_norm = !w.q_norm.empty() || !w.k_norm.empty();
+  if (qk_norm) {
+    ::attnkit::detail::require(layout == mla_layout::grouped_rope,
+                               "gqa_to_mla_exact: the model has QK-norm (per-head RMSNorm on q/k before RoPE), which the "
+                               "DeepSeek layout cannot express: it concatenates all K heads into one rope key whose norm "
+                               "would mix heads; use mla_layout::grouped_rope (one rope key per KV head)");
+    m.q_rope_norm = detail::to_vector(w.q_norm);
+    m.k_rope_norm = detail::to_vector(w.k_norm);
+    m.config.rms_eps = cfg.qk_norm_eps;
+  }
   if (layout == mla_layout::grouped_rope) {
     m.config.rope_dim = d;
     m.config.rope_heads = hkv;

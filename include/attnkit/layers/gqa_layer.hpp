@@ -11,6 +11,7 @@
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
 #include "../core/linear.hpp"
+#include "../core/rmsnorm.hpp"
 #include "../core/rope.hpp"
 #include "../core/view.hpp"
 #include "../kernels/gqa.hpp"
@@ -26,6 +27,7 @@ struct gqa_config {
   rope_config rope{};
   std::optional<float> scale{};          ///< default 1/sqrt(head_dim)
   std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
+  float qk_norm_eps = 1e-6f;             ///< epsilon of the optional q/k RMSNorm (QK-norm)
 };
 
 /// nn.Linear-layout weights: q [H*d, D], k [H_kv*d, D], v [H_kv*d_v, D], o [D, H*d_v];
@@ -33,6 +35,9 @@ struct gqa_config {
 struct gqa_weights {
   matrix_view<const float> q, k, v, o;
   std::span<const float> q_bias{}, k_bias{}, v_bias{}, o_bias{};
+  /// QK-norm (Qwen3 style): per-head RMSNorm weights [head_dim] applied to every query / key
+  /// head after the projection and before RoPE. Empty = none.
+  std::span<const float> q_norm{}, k_norm{};
 };
 
 class gqa_layer {
@@ -52,6 +57,9 @@ class gqa_layer {
     check_bias(w.k_bias, hkv * dq, "k_bias");
     check_bias(w.v_bias, hkv * dv, "v_bias");
     check_bias(w.o_bias, d, "o_bias");
+    check_bias(w.q_norm, dq, "q_norm");
+    check_bias(w.k_norm, dq, "k_norm");
+    require(cfg_.qk_norm_eps > 0, "gqa_config: qk_norm_eps must be > 0, got ", cfg_.qk_norm_eps);
     for (auto [v, name] : {std::pair{w.q, "q"}, {w.k, "k"}, {w.v, "v"}, {w.o, "o"}})
       (void)detail::row_major_map(v, name);
     k_rope_ = rope(cfg_.rope, dq, hkv);
@@ -95,8 +103,14 @@ class gqa_layer {
     detail::linear(xm, detail::row_major_map(w_.v, "v"), w_.v_bias, map(v_), exec);
     for (std::int64_t i = 0; i < t; ++i) {
       const std::int64_t pos = positions[static_cast<std::size_t>(i)];
-      for (std::int64_t hh = 0; hh < h; ++hh) q_rope_.apply(q_.row(i).data() + hh * dq, pos, hh);
-      for (std::int64_t j = 0; j < hkv; ++j) k_rope_.apply(k_.row(i).data() + j * dq, pos, j);
+      for (std::int64_t hh = 0; hh < h; ++hh) {
+        if (!w_.q_norm.empty()) rms_norm(q_.row(i).data() + hh * dq, dq, w_.q_norm, cfg_.qk_norm_eps);
+        q_rope_.apply(q_.row(i).data() + hh * dq, pos, hh);
+      }
+      for (std::int64_t j = 0; j < hkv; ++j) {
+        if (!w_.k_norm.empty()) rms_norm(k_.row(i).data() + j * dq, dq, w_.k_norm, cfg_.qk_norm_eps);
+        k_rope_.apply(k_.row(i).data() + j * dq, pos, j);
+      }
     }
     cache.append(tensor3_view<const float>(k_.data(), {t, hkv, dq}), tensor3_view<const float>(v_.data(), {t, hkv, dv}),
                  positions);

@@ -64,6 +64,9 @@ struct mla_weights {
   matrix_view<const float> o_proj{};              ///< [D, H d_v]
   std::span<const float> q_proj_bias{}, q_a_proj_bias{}, q_b_proj_bias{}, kv_a_proj_bias{}, kv_b_proj_bias{},
       o_proj_bias{};
+  /// RMSNorm weights [d_R] applied to every head's q_pe and every rope key's k_pe before RoPE
+  /// (what a converted QK-norm model needs; DeepSeek checkpoints have none). Empty = none.
+  std::span<const float> q_rope_norm{}, k_rope_norm{};
 };
 
 enum class mla_path { automatic, naive, absorbed };
@@ -137,8 +140,16 @@ class mla_layer {
       const std::int64_t pos = positions[static_cast<std::size_t>(i)];
       if (!w_.kv_a_layernorm.empty()) rms_norm(kva_.row(i).data(), dc, w_.kv_a_layernorm, cfg_.rms_eps);
       if (dr == 0) continue;
-      for (std::int64_t g = 0; g < nr; ++g) k_rope_.apply(kva_.row(i).data() + dc + g * dr, pos, g);
-      for (std::int64_t hh = 0; hh < h; ++hh) q_rope_.apply(q_.row(i).data() + hh * dqk + dn, pos, hh);
+      for (std::int64_t g = 0; g < nr; ++g) {
+        float* k = kva_.row(i).data() + dc + g * dr;
+        if (!w_.k_rope_norm.empty()) rms_norm(k, dr, w_.k_rope_norm, cfg_.rms_eps);
+        k_rope_.apply(k, pos, g);
+      }
+      for (std::int64_t hh = 0; hh < h; ++hh) {
+        float* q = q_.row(i).data() + hh * dqk + dn;
+        if (!w_.q_rope_norm.empty()) rms_norm(q, dr, w_.q_rope_norm, cfg_.rms_eps);
+        q_rope_.apply(q, pos, hh);
+      }
     }
     cache.append(matrix_view<const float>(kva_.data(), {t, dc}, {dc + nr * dr, 1}),
                  tensor3_view<const float>(kva_.data() + dc, {t, nr, dr}, {dc + nr * dr, dr, 1}), positions);
@@ -311,6 +322,8 @@ class mla_layer {
     bias(w_.kv_a_proj_bias, dc + nr * dr, "kv_a_proj_bias");
     bias(w_.kv_b_proj_bias, h * (cfg_.nope_dim + dv), "kv_b_proj_bias");
     bias(w_.o_proj_bias, d, "o_proj_bias");
+    bias(w_.q_rope_norm, dr, "q_rope_norm");
+    bias(w_.k_rope_norm, dr, "k_rope_norm");
   }
 
   mla_config cfg_;

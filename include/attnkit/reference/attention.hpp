@@ -97,7 +97,19 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
 struct gqa_weights {
   matrix q, k, v, o;
   vector q_bias, k_bias, v_bias, o_bias;
+  vector q_norm, k_norm;  ///< QK-norm weights [head_dim], RMSNorm per head before RoPE; empty = none
+  double qk_norm_eps = 1e-6;
 };
+
+/// RMSNorm of every head_dim-wide head of every row of x, with weight w.
+inline void rms_norm_heads(matrix& x, std::int64_t head_dim, const vector& w, double eps) {
+  if (!w.size()) return;
+  for (std::int64_t t = 0; t < x.rows(); ++t)
+    for (std::int64_t h = 0; h < x.cols() / head_dim; ++h) {
+      auto seg = x.row(t).segment(h * head_dim, head_dim);
+      seg = (seg / std::sqrt(seg.squaredNorm() / double(head_dim) + eps)).cwiseProduct(w.transpose());
+    }
+}
 
 /// The layer's function on a whole sequence: y = W_o attention(RoPE(W_q x), RoPE(W_k x), W_v x).
 /// Tokens attend to each other by their positions (causal on positions).
@@ -110,6 +122,8 @@ inline matrix gqa_layer_forward(const matrix& x, std::span<const std::int64_t> p
     return y;
   };
   matrix q = project(w.q, w.q_bias), k = project(w.k, w.k_bias), v = project(w.v, w.v_bias);
+  rms_norm_heads(q, head_dim, w.q_norm, w.qk_norm_eps);
+  rms_norm_heads(k, head_dim, w.k_norm, w.qk_norm_eps);
   rope_rows(q, heads, head_dim, positions, rope);
   rope_rows(k, kv_heads, head_dim, positions, rope);
   const auto a = attention(q, positions, k, v, positions, heads, kv_heads, scale, true, window);

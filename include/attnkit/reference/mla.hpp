@@ -13,6 +13,7 @@ struct mla_weights {
   matrix q_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj;  ///< empty = absent
   vector q_a_layernorm, kv_a_layernorm;                                      ///< empty = absent
   vector q_proj_bias, q_a_proj_bias, q_b_proj_bias, kv_a_proj_bias, kv_b_proj_bias, o_proj_bias;
+  vector q_rope_norm, k_rope_norm;  ///< RMSNorm of q_pe / k_pe before RoPE; empty = none
 };
 
 struct mla_shape {
@@ -62,8 +63,11 @@ inline mla_heads mla_materialise(const matrix& x, std::span<const std::int64_t> 
       kf.row(i).segment(hh * dqk + dn, dr) = kva.row(i).segment(dc + grp * dr, dr);
       vf.row(i).segment(hh * dv, dv) = kv.row(i).segment(hh * (dn + dv) + dn, dv);
       if (dr > 0) {
-        rope_rotate(qf.row(i).data() + hh * dqk + dn, dr, positions[static_cast<std::size_t>(i)], rope, grp);
-        rope_rotate(kf.row(i).data() + hh * dqk + dn, dr, positions[static_cast<std::size_t>(i)], rope, grp);
+        for (auto [m, w_norm] : {std::pair<matrix*, const vector*>{&qf, &w.q_rope_norm}, {&kf, &w.k_rope_norm}}) {
+          auto seg = m->row(i).segment(hh * dqk + dn, dr);
+          if (w_norm->size()) seg = (seg / std::sqrt(seg.squaredNorm() / double(dr) + s.rms_eps)).cwiseProduct(w_norm->transpose());
+          rope_rotate(m->row(i).data() + hh * dqk + dn, dr, positions[static_cast<std::size_t>(i)], rope, grp);
+        }
       }
     }
   }
