@@ -164,7 +164,8 @@ void layer_columns(const options& o, std::int64_t kv_heads, ak::dense_cache<S>& 
   for (std::int64_t i = 0; i < 16; ++i) pos[static_cast<std::size_t>(i)] = 1000 + 3 * i;
   auto fresh = layer.make_cache<S>(16);
   layer.forward(ak::view_of(x), pos, fresh, ak::view_of(y), pool);
-  const ak::reference::gqa_weights rw{wq.cast<double>(), wk.cast<double>(), wv.cast<double>(), wo.cast<double>(), {}, {}, {}, {}};
+  ak::reference::gqa_weights rw;
+  rw.q = wq.cast<double>(), rw.k = wk.cast<double>(), rw.v = wv.cast<double>(), rw.o = wo.cast<double>();
   const auto ref = ak::reference::gqa_layer_forward(x.cast<double>(), pos, rw, h, kv_heads, d, cfg.rope, 1.0 / std::sqrt(double(d)));
   r.layer_rel_err = (y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
 }
@@ -342,8 +343,9 @@ std::vector<row> mla_rows(const options& o, const std::string& name, const ak::m
     auto dvec = [](const std::vector<float>& v) {
       return Eigen::Map<const Eigen::VectorXf>(v.data(), static_cast<Eigen::Index>(v.size())).cast<double>().eval();
     };
-    const ak::reference::mla_weights rw{d(q_proj), d(q_a), d(q_b), d(kv_a), d(kv_b), d(o_proj), dvec(q_norm), dvec(kv_norm),
-                                        {}, {}, {}, {}, {}, {}};
+    ak::reference::mla_weights rw;
+    rw.q_proj = d(q_proj), rw.q_a_proj = d(q_a), rw.q_b_proj = d(q_b), rw.kv_a_proj_with_mqa = d(kv_a), rw.kv_b_proj = d(kv_b);
+    rw.o_proj = d(o_proj), rw.q_a_layernorm = dvec(q_norm), rw.kv_a_layernorm = dvec(kv_norm);
     const auto ref = ak::reference::mla_forward(x.cast<double>(), lpos, rw, {h, dc, dn, dr, dv, 1, cfg.rms_eps}, cfg.rope,
                                                 layer.scale());
     r.layer_rel_err = (y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
