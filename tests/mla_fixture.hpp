@@ -24,7 +24,7 @@ struct mla_data {
       return Eigen::Map<const Eigen::VectorXf>(x.data(), static_cast<Eigen::Index>(x.size())).cast<double>().eval();
     };
     return {m(q_proj), m(q_a_proj), m(q_b_proj), m(kv_a), m(kv_b), m(o_proj), b(q_a_norm), b(kv_a_norm),
-            b(q_bias), b(q_a_bias), b(q_b_bias), b(kv_a_bias), b(kv_b_bias), b(o_bias)};
+            b(q_bias), b(q_a_bias), b(q_b_bias), b(kv_a_bias), b(kv_b_bias), b(o_bias), {}, {}};
   }
   reference::mla_shape shape() const {
     return {cfg.heads, cfg.latent_dim, cfg.nope_dim, cfg.rope_dim, cfg.v_dim, cfg.rope_heads, cfg.rms_eps};
