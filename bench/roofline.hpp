@@ -4,6 +4,7 @@
 //   BM_fma_peak/threads:       independent FP32 FMA chains in registers (FLOP/s peak).
 #include <attnkit/cache/dense_cache.hpp>
 #include <attnkit/core/executor.hpp>
+#include <attnkit/core/simd.hpp>
 #include <attnkit/version.hpp>
 #include <benchmark/benchmark.h>
 
@@ -28,7 +29,7 @@ inline float read_sum(const float* p, std::int64_t n) {
     a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));
     a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  return detail::hsum16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 #else
   float s[8] = {};
   for (std::int64_t i = 0; i + 8 <= n; i += 8)
@@ -68,7 +69,7 @@ inline float fma_chains(std::int64_t iters) {
     for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
   __m512 s = a[0];
   for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, a[i]);
-  return _mm512_reduce_add_ps(s);
+  return detail::hsum16(s);
 #else
   float a[12][8];
   for (auto& r : a)

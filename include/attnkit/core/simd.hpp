@@ -33,6 +33,24 @@ inline __mmask16 lane_mask(std::int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
+/// Horizontal sum / max of 16 lanes. GCC 12's _mm512_reduce_*_ps and unmasked shuffles pass
+/// _mm512_undefined_ps() through, which trips -Wuninitialized in every includer built with
+/// -Wall (GCC bug 105593); the zero-masked ("maskz", all lanes on) forms do not.
+inline float hsum16(__m512 x) {
+  x = _mm512_add_ps(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm512_add_ps(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  x = _mm512_add_ps(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm512_add_ps(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_cvtss_f32(x);
+}
+inline float hmax16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm512_max_ps(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  x = _mm512_max_ps(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm512_max_ps(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_cvtss_f32(x);
+}
+
 /// Loads 16 elements of S as float (masked lanes read nothing and are zero).
 template <storage_type S>
 inline __m512 load16(const S* p, __mmask16 m) {
@@ -110,7 +128,7 @@ inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
     _mm512_mask_storeu_ps(s + i, m, e);
     acc = _mm512_mask_add_ps(acc, m, acc, e);
   }
-  return _mm512_reduce_add_ps(acc);
+  return hsum16(acc);
 #else
   float sum = 0.f;
   for (std::int64_t i = 0; i < n; ++i) {
@@ -129,7 +147,7 @@ inline float row_max(const float* s, std::int64_t n) {
     const __mmask16 k = lane_mask(n - i);
     m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, s + i));
   }
-  return _mm512_reduce_max_ps(m);
+  return hmax16(m);
 #else
   float m = -std::numeric_limits<float>::infinity();
   for (std::int64_t i = 0; i < n; ++i) m = s[i] > m ? s[i] : m;

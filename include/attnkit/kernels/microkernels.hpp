@@ -45,12 +45,12 @@ inline void prefetch_row(const S* row, std::int64_t bytes) {
 
 /// [sum(a), sum(b), sum(c), sum(d)].
 inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  u = _mm512_add_ps(u, _mm512_shuffle_ps(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
-  u = _mm512_add_ps(u, _mm512_shuffle_ps(u, u, _MM_SHUFFLE(1, 0, 3, 2)));
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u));
+  const __m512 ab = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, a, b, 0x44), _mm512_maskz_shuffle_f32x4(0xFFFF, a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, c, d, 0x44), _mm512_maskz_shuffle_f32x4(0xFFFF, c, d, 0xEE));
+  __m512 u = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, ab, cd, 0x88), _mm512_maskz_shuffle_f32x4(0xFFFF, ab, cd, 0xDD));
+  u = _mm512_add_ps(u, _mm512_maskz_shuffle_ps(0xFFFF, u, u, _MM_SHUFFLE(2, 3, 0, 1)));
+  u = _mm512_add_ps(u, _mm512_maskz_shuffle_ps(0xFFFF, u, u, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm512_castps512_ps128(_mm512_maskz_permutexvar_ps(0xFFFF, _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u));
 }
 
 /// bf16 rows are widened 32 at a time without a cross-lane shuffle: one 512-bit load holds
