@@ -132,27 +132,36 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
   }
 }
 
+/// Row pointers of an RB-row block of P and O; rows past `rows` repeat the last valid one
+/// (computed, never stored), so every block size runs one code path.
+template <int RB>
+struct pv_rows {
+  const float* p[RB];
+  float* o[RB];
+  pv_rows(const float* pb, std::int64_t p_stride, float* ob, std::int64_t o_stride, std::int64_t rows) {
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      const std::int64_t rr = std::min<std::int64_t>(r, rows - 1);
+      p[r] = pb + rr * p_stride;
+      o[r] = ob + rr * o_stride;
+    }
+  }
+};
+
 template <int RB, bool Full, storage_type S>
 inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v, std::int64_t v_stride,
                      std::int64_t keys, std::int64_t width, float* o, std::int64_t o_stride) {
   __mmask16 m[4];
   ATTNKIT_UNROLL
   for (int i = 0; i < 4; ++i) m[i] = lane_mask(std::max<std::int64_t>(0, width - 16 * i));
-  const float* pr[RB];
-  float* orow[RB];
-  ATTNKIT_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    const std::int64_t rr = std::min<std::int64_t>(r, rows - 1);
-    pr[r] = p + rr * p_stride;
-    orow[r] = o + rr * o_stride;
-  }
+  const pv_rows<RB> rw(p, p_stride, o, o_stride, rows);
   const std::int64_t ahead = prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(S)));
   __m512 acc[RB][4];
   ATTNKIT_UNROLL
   for (int r = 0; r < RB; ++r)
     ATTNKIT_UNROLL
     for (int i = 0; i < 4; ++i)
-      acc[r][i] = Full ? _mm512_loadu_ps(orow[r] + 16 * i) : _mm512_maskz_loadu_ps(m[i], orow[r] + 16 * i);
+      acc[r][i] = Full ? _mm512_loadu_ps(rw.o[r] + 16 * i) : _mm512_maskz_loadu_ps(m[i], rw.o[r] + 16 * i);
   for (std::int64_t t = 0; t < keys; ++t) {
     const S* vr = v + t * v_stride;
     prefetch_row(vr + ahead * v_stride, width * static_cast<std::int64_t>(sizeof(S)));
@@ -161,7 +170,7 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
     for (int i = 0; i < 4; ++i) vv[i] = Full ? load16(vr + 16 * i) : load16(vr + 16 * i, m[i]);
     ATTNKIT_UNROLL
     for (int r = 0; r < RB; ++r) {
-      const __m512 pv = _mm512_set1_ps(pr[r][t]);
+      const __m512 pv = _mm512_set1_ps(rw.p[r][t]);
       ATTNKIT_UNROLL
       for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_fmadd_ps(pv, vv[i], acc[r][i]);
     }
@@ -171,8 +180,8 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
     ATTNKIT_UNROLL
     for (int i = 0; i < 4; ++i) {
       if (r >= rows) break;
-      if (Full) _mm512_storeu_ps(orow[r] + 16 * i, acc[r][i]);
-      else _mm512_mask_storeu_ps(orow[r] + 16 * i, m[i], acc[r][i]);
+      if (Full) _mm512_storeu_ps(rw.o[r] + 16 * i, acc[r][i]);
+      else _mm512_mask_storeu_ps(rw.o[r] + 16 * i, m[i], acc[r][i]);
     }
 }
 
@@ -181,19 +190,12 @@ template <int RB, int NG>
 inline void pv_chunk_bf16_pairs(const float* p, std::int64_t p_stride, std::int64_t rows, const bf16* v,
                                 std::int64_t v_stride, std::int64_t keys, float* o, std::int64_t o_stride) {
   const std::int64_t ahead = prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(bf16)));
-  const float* pr[RB];
-  float* orow[RB];
-  ATTNKIT_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    const std::int64_t rr = std::min<std::int64_t>(r, rows - 1);
-    pr[r] = p + rr * p_stride;
-    orow[r] = o + rr * o_stride;
-  }
+  const pv_rows<RB> rw(p, p_stride, o, o_stride, rows);
   __m512 acc[RB][2 * NG];
   ATTNKIT_UNROLL
   for (int r = 0; r < RB; ++r)
     ATTNKIT_UNROLL
-    for (int i = 0; i < 2 * NG; ++i) acc[r][i] = _mm512_loadu_ps(orow[r] + 16 * i);
+    for (int i = 0; i < 2 * NG; ++i) acc[r][i] = _mm512_loadu_ps(rw.o[r] + 16 * i);
   for (std::int64_t t = 0; t < keys; ++t) {
     const bf16* vr = v + t * v_stride;
     prefetch_row(vr + ahead * v_stride, 64 * NG);
@@ -206,7 +208,7 @@ inline void pv_chunk_bf16_pairs(const float* p, std::int64_t p_stride, std::int6
     }
     ATTNKIT_UNROLL
     for (int r = 0; r < RB; ++r) {
-      const __m512 pv = _mm512_set1_ps(pr[r][t]);
+      const __m512 pv = _mm512_set1_ps(rw.p[r][t]);
       ATTNKIT_UNROLL
       for (int i = 0; i < 2 * NG; ++i) acc[r][i] = _mm512_fmadd_ps(pv, vv[i], acc[r][i]);
     }
@@ -215,7 +217,7 @@ inline void pv_chunk_bf16_pairs(const float* p, std::int64_t p_stride, std::int6
   for (int r = 0; r < RB; ++r)  // constant trip count: see scores_block
     ATTNKIT_UNROLL
     for (int i = 0; i < 2 * NG; ++i)
-      if (r < rows) _mm512_storeu_ps(orow[r] + 16 * i, acc[r][i]);
+      if (r < rows) _mm512_storeu_ps(rw.o[r] + 16 * i, acc[r][i]);
 }
 
 template <int RB, storage_type S>
