@@ -20,3 +20,6 @@
 #include "layers/mla_layer.hpp"
 #include "layers/tpa_layer.hpp"
 #include "convert/gqa_to_mla.hpp"
+#include "convert/mha2mla.hpp"
+#include "convert/transmla.hpp"
+#include "convert/synthetic.hpp"

@@ -32,7 +32,7 @@ enum class mla_layout { grouped_rope, deepseek };
 struct mla_checkpoint {
   mla_config config;
   row_matrix<float> q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj;
-  std::vector<float> q_proj_bias, kv_a_proj_bias, o_proj_bias;
+  std::vector<float> q_proj_bias, kv_a_proj_bias, kv_b_proj_bias, o_proj_bias;
   std::vector<float> q_rope_norm, k_rope_norm;  ///< converted QK-norm weights (grouped layout)
 
   /// Views for mla_layer (valid while this object lives).
@@ -44,6 +44,7 @@ struct mla_checkpoint {
     w.o_proj = view_of(o_proj);
     w.q_proj_bias = q_proj_bias;
     w.kv_a_proj_bias = kv_a_proj_bias;
+    w.kv_b_proj_bias = kv_b_proj_bias;
     w.o_proj_bias = o_proj_bias;
     w.q_rope_norm = q_rope_norm;
     w.k_rope_norm = k_rope_norm;

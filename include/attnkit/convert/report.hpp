@@ -14,6 +14,7 @@ struct conversion_report {
   /// Relative Frobenius error ||y_new - y_old|| / ||y_old|| of the layer output on held-out
   /// inputs; NaN when no held-out inputs were given.
   double rel_error = std::numeric_limits<double>::quiet_NaN();
+  double seconds = 0;  ///< wall time of the step (not of its error measurement)
 };
 
 }  // namespace attnkit::convert
