@@ -53,26 +53,46 @@ void for_each_activation_chunk(matrix_view<const float> x, const row_matrix<floa
   }
 }
 
-/// sum_t a_t a_t^T over the activations of for_each_activation_chunk, in double.
+/// sum_t a_t a_t^T over the activations a_t = w x_t + bias, in double. Each worker takes its own
+/// tokens of every chunk: one GEMM for its activations, then a rank update of its float Gram
+/// while they are in cache, added into the double sum after the chunk.
 template <class Exec>
 dmatrix activation_gram(matrix_view<const float> x, const row_matrix<float>& w, std::span<const float> bias,
-                        Exec& exec) {
-  const std::int64_t n = w.rows();
+                        Exec& exec, std::int64_t chunk = 4096) {
+  const std::int64_t n = w.rows(), tokens = x.extent(0);
   const int workers = concurrency_of(exec);
+  const auto xm = ::attnkit::detail::row_major_map(x, "calibration x");
   dmatrix gram = dmatrix::Zero(n, n);
   std::vector<Eigen::MatrixXf> partial(static_cast<std::size_t>(workers), Eigen::MatrixXf(n, n));
-  for_each_activation_chunk(x, w, bias, exec, [&](const auto& a) {
-    const std::int64_t rows = a.rows();
-    exec.parallel_for(workers, [&](std::int64_t k) {  // lower triangle of each worker's share
-      const std::int64_t r0 = rows * k / workers, r1 = rows * (k + 1) / workers;
+  std::vector<row_matrix<float>> act(static_cast<std::size_t>(workers));
+  for (std::int64_t t0 = 0; t0 < tokens; t0 += chunk) {
+    const std::int64_t rows = std::min(chunk, tokens - t0);
+    exec.parallel_for(workers, [&](std::int64_t k) {
+      const std::int64_t r0 = t0 + rows * k / workers, r1 = t0 + rows * (k + 1) / workers;
       auto& p = partial[static_cast<std::size_t>(k)];
+      auto& a = act[static_cast<std::size_t>(k)];
       p.setZero();
-      if (r1 > r0) p.selfadjointView<Eigen::Lower>().rankUpdate(a.middleRows(r0, r1 - r0).transpose());
+      if (r1 <= r0) return;
+      a.noalias() = xm.middleRows(r0, r1 - r0) * w.transpose();
+      if (!bias.empty()) a.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias.data(), n);
+      p.selfadjointView<Eigen::Lower>().rankUpdate(a.transpose());
     });
     for (auto& p : partial) gram.triangularView<Eigen::Lower>() += p.cast<double>();
-  });
+  }
   gram.triangularView<Eigen::StrictlyUpper>() = gram.transpose();
   return gram;
+}
+
+/// a b with the rows of a split over the executor (Eigen's own GEMM runs on one thread here).
+template <class Exec, class A, class B>
+dmatrix product(const A& a, const B& b, Exec& exec) {
+  dmatrix c(a.rows(), b.cols());
+  const std::int64_t n = a.rows(), parts = std::min<std::int64_t>(n, concurrency_of(exec));
+  exec.parallel_for(parts, [&](std::int64_t k) {
+    const std::int64_t r0 = n * k / parts, r1 = n * (k + 1) / parts;
+    c.middleRows(r0, r1 - r0).noalias() = a.middleRows(r0, r1 - r0) * b;
+  });
+  return c;
 }
 
 }  // namespace detail

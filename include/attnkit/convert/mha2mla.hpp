@@ -45,6 +45,9 @@ struct mha2mla_options {
   std::int64_t uniform_start = 0;                       ///< first pair of the uniform selection
   svd_mode svd = svd_mode::joint;
   std::int64_t latent_dim = 0;  ///< d_c after the SVD (split: half to K, half to V); 0 = no SVD step
+  /// two_norm rates the pairs on at most this many leading calibration tokens: means of pair
+  /// norms settle long before 32k tokens, and the query activations cost 2 N D H d FLOPs.
+  std::int64_t two_norm_max_tokens = 8192;
 };
 
 /// Pairs kept per KV head (ascending pair indices), by the chosen strategy.
@@ -90,7 +93,11 @@ std::vector<std::vector<std::int64_t>> select_rope_pairs(const gqa_config& cfg, 
     std::copy(w.k_bias.begin(), w.k_bias.end(), bqk.begin() + h * d);
   }
   dmatrix norm_sum = dmatrix::Zero(h + hkv, pairs);  // rows: query heads, then KV heads
-  detail::for_each_activation_chunk(calibration, wqk, bqk, exec, [&](const auto& a) {
+  const matrix_view<const float> used(calibration.data_handle(),
+                                      {std::min(calibration.extent(0), std::max<std::int64_t>(opt.two_norm_max_tokens, 1)),
+                                       calibration.extent(1)},
+                                      {calibration.stride(0), calibration.stride(1)});
+  detail::for_each_activation_chunk(used, wqk, bqk, exec, [&](const auto& a) {
     for (std::int64_t t = 0; t < a.rows(); ++t)
       for (std::int64_t head = 0; head < h + hkv; ++head)
         for (std::int64_t p = 0; p < pairs; ++p) {
@@ -185,7 +192,7 @@ conversion_result gqa_to_mla_mha2mla(const gqa_config& cfg_in, const gqa_weights
   conversion_result res;
   auto t0 = std::chrono::steady_clock::now();
   mla_map m = mha2mla_partial_rope_map(cfg, w, select_rope_pairs(cfg, w, calibration, opt, exec));
-  res.checkpoint = assemble(cfg, w, m);
+  res.checkpoint = assemble(cfg, w, m, exec);
   res.steps.push_back({"MHA2MLA partial RoPE (" + std::string(to_string(opt.selection)) + ", " +
                            std::to_string(opt.rope_dim) + " of " + std::to_string(detail::rope_pairs{cfg}.rot()) +
                            " rotary dims per KV head)",
@@ -195,11 +202,11 @@ conversion_result gqa_to_mla_mha2mla(const gqa_config& cfg_in, const gqa_weights
 
   t0 = std::chrono::steady_clock::now();
   const std::int64_t lk = hkv * (d - opt.rope_dim), lv = hkv * dv;
-  const dmatrix mk = m.latent * detail::kv_weights(w);  // [latent, D]: the nope-key and value weights
+  const dmatrix mk = detail::product(m.latent, detail::kv_weights(w), exec);  // [latent, D]: nope-K and V weights
   if (opt.svd == svd_mode::joint) {
     require(opt.latent_dim <= lk + lv, "mha2mla: latent_dim (joint SVD rank) must be <= ", lk + lv,
             " (= H_kv (d - rope_dim + d_v)), got ", opt.latent_dim);
-    project_latent(m, principal_axes(mk * mk.transpose(), opt.latent_dim, 0.0));
+    project_latent(m, principal_axes(detail::product(mk, mk.transpose(), exec), opt.latent_dim, 0.0));
   } else {
     const std::int64_t rk = opt.latent_dim / 2, rv = opt.latent_dim - rk;
     require(rk <= lk && rv <= lv, "mha2mla: latent_dim=", opt.latent_dim, " splits into ", rk, " key and ", rv,
@@ -209,7 +216,7 @@ conversion_result gqa_to_mla_mha2mla(const gqa_config& cfg_in, const gqa_weights
     basis.bottomRightCorner(lv, rv) = principal_axes(mk.bottomRows(lv) * mk.bottomRows(lv).transpose(), rv, 0.0);
     project_latent(m, basis);
   }
-  res.checkpoint = assemble(cfg, w, m);
+  res.checkpoint = assemble(cfg, w, m, exec);
   res.steps.push_back({std::string("MHA2MLA SVD ") + (opt.svd == svd_mode::joint ? "joint" : "split") +
                            " to d_c=" + std::to_string(opt.latent_dim),
                        hkv * (d + dv), m.kv_elements(), 0, detail::seconds_since(t0)});

@@ -103,7 +103,8 @@ inline dvector kv_bias(const gqa_weights& w) {
 }  // namespace detail
 
 /// Multiplies the maps into the GQA weights: an MLA checkpoint in DeepSeek's tensor names.
-inline mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, const mla_map& m) {
+template <class Exec = serial_executor>
+mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, const mla_map& m, Exec&& exec = Exec{}) {
   const std::int64_t h = cfg.heads, hkv = cfg.kv_heads, d = cfg.head_dim, dv = cfg.v_head_dim ? cfg.v_head_dim : d;
   const std::int64_t g = h / hkv, dc = m.latent_dim(), dn = m.nope_dim, dr = m.rope_dim, dqk = dn + dr;
   const bool biases = !w.k_bias.empty() || !w.v_bias.empty();
@@ -112,8 +113,9 @@ inline mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, cons
                           .v_dim = dv, .rope_heads = m.rope_heads, .rope = m.rope, .scale = m.scale,
                           .window = cfg.window};
   const dmatrix kv = detail::kv_weights(w);
-  dmatrix kv_a(dc + m.rope_heads * dr, kv.cols());
-  kv_a << m.latent * kv, m.rope_key * kv.topRows(hkv * d);
+  dmatrix maps(dc + m.rope_heads * dr, kv.rows());  // [latent ; rope_key (on the k part)]
+  maps << m.latent, m.rope_key, dmatrix::Zero(m.rope_key.rows(), kv.rows() - hkv * d);
+  const dmatrix kv_a = detail::product(maps, kv, exec);
   out.kv_a_proj_with_mqa = kv_a.cast<float>();
   if (biases) {
     const dvector b = detail::kv_bias(w);
@@ -121,17 +123,21 @@ inline mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, cons
     kv_a_b << (m.bias_through_latent ? dvector(m.latent * b) : dvector::Zero(dc)), m.rope_key * b.head(hkv * d);
     out.kv_a_proj_bias = detail::to_float(kv_a_b);
   }
-  const dmatrix wq = detail::to_double(w.q);
+  // Query rows in float (W_Q is the largest tensor; the maps are small and cast once per head).
+  const auto wq = as_eigen(w.q);
   const dvector bq = detail::to_double(w.q_bias, h * d);
-  dmatrix q(h * dqk, wq.cols());
+  out.q_proj.resize(h * dqk, wq.cols());
   dvector q_b(h * dqk);
   out.kv_b_proj.resize(h * (dn + dv), dc);
   std::vector<float> kv_b_b;
-  for (std::int64_t i = 0; i < h; ++i) {
+  exec.parallel_for(h, [&](std::int64_t i) {
     const auto j = static_cast<std::size_t>(i / g);
     const auto wqi = wq.middleRows(i * d, d);
-    q.middleRows(i * dqk, dn) = m.q_scale * m.q_nope[j] * wqi;
-    q.middleRows(i * dqk + dn, dr) = m.q_scale * m.q_rope[j] * wqi;
+    out.q_proj.middleRows(i * dqk, dn).noalias() = (m.q_scale * m.q_nope[j]).cast<float>() * wqi;
+    out.q_proj.middleRows(i * dqk + dn, dr).noalias() = (m.q_scale * m.q_rope[j]).cast<float>() * wqi;
+  });
+  for (std::int64_t i = 0; i < h; ++i) {
+    const auto j = static_cast<std::size_t>(i / g);
     q_b.segment(i * dqk, dn) = m.q_scale * m.q_nope[j] * bq.segment(i * d, d);
     q_b.segment(i * dqk + dn, dr) = m.q_scale * m.q_rope[j] * bq.segment(i * d, d);
     out.kv_b_proj.middleRows(i * (dn + dv), dn) = m.w_uk[j].cast<float>();
@@ -141,7 +147,6 @@ inline mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, cons
       kv_b_b.insert(kv_b_b.end(), b.begin(), b.end());
     }
   }
-  out.q_proj = q.cast<float>();
   if (!w.q_bias.empty()) out.q_proj_bias = detail::to_float(q_b);
   out.kv_b_proj_bias = std::move(kv_b_b);
   out.o_proj = as_eigen(w.o);

@@ -169,7 +169,7 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
                                                       {calibration.stride(0), calibration.stride(1)});
     double best = std::numeric_limits<double>::infinity();
     for (std::int64_t c = collapse; c <= pairs && pairs % c == 0; c *= 2) {
-      const double e = detail::held_out_error(gqa, assemble(cfg, w, partial_map(c, c / collapse)), probe);
+      const double e = detail::held_out_error(gqa, assemble(cfg, w, partial_map(c, c / collapse), exec), probe);
       if (!(e < best)) break;
       best = e, f = c;
     }
@@ -179,7 +179,7 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
   if (opt.stop_after == transmla_step::rorope) {
     t0 = std::chrono::steady_clock::now();
     const mla_map m = partial_map(f, hkv * f);
-    res.checkpoint = assemble(cfg, w, m);
+    res.checkpoint = assemble(cfg, w, m, exec);
     res.steps.push_back({"TransMLA RoRoPE + FreqFold " + ff + ", RoPE on every rotated dim", before, m.kv_elements(),
                          detail::held_out_error(gqa, res.checkpoint, heldout), t_gram + detail::seconds_since(t0)});
     return res;
@@ -191,7 +191,7 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
                             before, m.kv_elements(), std::numeric_limits<double>::quiet_NaN(),
                             t_gram + detail::seconds_since(t0)};
   if (measure || opt.stop_after == transmla_step::partial_rope) {
-    res.checkpoint = assemble(cfg, w, m);
+    res.checkpoint = assemble(cfg, w, m, exec);
     partial.rel_error = detail::held_out_error(gqa, res.checkpoint, heldout);
   }
   res.steps.push_back(partial);
@@ -199,7 +199,15 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
 
   t0 = std::chrono::steady_clock::now();
   const std::int64_t lk = hkv * d - qk, lv = hkv * dv;
-  dmatrix lat_gram = m.latent * gram * m.latent.transpose();
+  // Gram of the latent activations: the latent is [R 0 ; 0 I] (R: the nope rows of the rotation),
+  // so only R's blocks need products.
+  const dmatrix r_nope = m.latent.topLeftCorner(lk, hkv * d);
+  const dmatrix rg = detail::product(r_nope, gram.topRows(hkv * d), exec);  // [lk, H_kv (d + d_v)]
+  dmatrix lat_gram(lk + lv, lk + lv);
+  lat_gram.topLeftCorner(lk, lk) = detail::product(rg.leftCols(hkv * d), r_nope.transpose(), exec);
+  lat_gram.topRightCorner(lk, lv) = rg.rightCols(lv);
+  lat_gram.bottomLeftCorner(lv, lk) = rg.rightCols(lv).transpose();
+  lat_gram.bottomRightCorner(lv, lv) = gram.bottomRightCorner(lv, lv);
   const double k_norm = lat_gram.diagonal().head(lk).cwiseMax(0).cwiseSqrt().mean();
   const double v_norm = lat_gram.diagonal().tail(lv).cwiseMax(0).cwiseSqrt().mean();
   const double ratio = k_norm > 0 && v_norm > 0 ? k_norm / (v_norm * opt.balance_kv_ratio) : 1.0;
@@ -208,7 +216,7 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
   lat_gram.topRows(lk) /= ratio;
   lat_gram.leftCols(lk) /= ratio;
   project_latent(m, principal_axes(lat_gram, opt.kv_lora_rank, opt.damping));
-  res.checkpoint = assemble(cfg, w, m);
+  res.checkpoint = assemble(cfg, w, m, exec);
   res.steps.push_back({"TransMLA balanced K/V (ratio " + std::to_string(ratio) + ") + joint PCA to kv_lora_rank=" +
                            std::to_string(opt.kv_lora_rank),
                        before, m.kv_elements(), std::numeric_limits<double>::quiet_NaN(), detail::seconds_since(t0)});
