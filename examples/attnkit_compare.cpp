@@ -13,6 +13,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <numeric>
+#include <limits>
+#include <cmath>
 #include <iostream>
 #include <random>
 #include <string>
@@ -29,7 +32,9 @@ struct options {
   int threads = 2;
   std::string storage = "f32";
   bool json = false;
-  std::vector<std::string> rows{"MHA", "GQA", "MQA", "MLA-V2-Lite", "MLA-V3", "TPA-R2", "TPA-R1", "TPA-T6-small"};
+  std::int64_t calibration = 4096;
+  std::vector<std::string> rows{"MHA",    "GQA",    "MQA",          "MLA-V2-Lite",   "MLA-V3",           "TPA-R2",
+                                "TPA-R1", "TPA-T6-small", "GQA->MLA-exact", "GQA->TransMLA", "GQA->MHA2MLA"};
   bool wants(const std::string& name) const { return std::find(rows.begin(), rows.end(), name) != rows.end(); }
 };
 
@@ -50,6 +55,9 @@ const char* usage =
     "  --rows LIST     comma-separated rows: MHA,GQA,MQA (at the geometry above), MLA-V2-Lite,\n"
     "                  MLA-V3 (DeepSeek shapes, each naive and absorbed), TPA-R2, TPA-R1 (T6 factors\n"
     "                  at the geometry above, R_Q 6), TPA-T6-small (D 768, H 34, d 64); default: all\n"
+    "                  GQA->MLA-exact, GQA->TransMLA, GQA->MHA2MLA (a synthetic GQA layer at the geometry\n"
+    "                  above converted exactly, and compressed to 512 + 64 elements per token)\n"
+    "  --calibration N calibration tokens for the conversions (4096)\n"
     "  --json          machine-readable output\n";
 
 options parse(int argc, char** argv) {
@@ -76,6 +84,7 @@ options parse(int argc, char** argv) {
     else if (a == "--prefill") o.prefill = integer(i);
     else if (a == "--layers") o.layers = integer(i);
     else if (a == "--tokens") o.model_tokens = integer(i);
+    else if (a == "--calibration") o.calibration = integer(i);
     else if (a == "--threads") o.threads = static_cast<int>(integer(i));
     else if (a == "--storage") o.storage = need(i);
     else if (a == "--json") o.json = true;
@@ -88,7 +97,8 @@ options parse(int argc, char** argv) {
         const options all;
         if (!all.wants(r))
           throw ak::invalid_argument("attnkit-compare: --rows: unknown row '" + r +
-                                     "' (MHA, GQA, MQA, MLA-V2-Lite, MLA-V3, TPA-R2, TPA-R1, TPA-T6-small)");
+                                     "' (MHA, GQA, MQA, MLA-V2-Lite, MLA-V3, TPA-R2, TPA-R1, TPA-T6-small, GQA->MLA-exact, "
+                                     "GQA->TransMLA, GQA->MHA2MLA)");
         o.rows.push_back(r);
         p = q + 1;
       }
@@ -434,6 +444,76 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
   return r;
 }
 
+/// Conversion rows: a synthetic GQA layer at the geometry (decaying spectra, see
+/// convert/synthetic.hpp) converted exactly and compressed by TransMLA and MHA2MLA to
+/// qk_mqa_dim + kv_lora_rank = 64 + 512 elements per token (d/2 + a quarter of the GQA cache for
+/// smaller geometries).
+/// layer decode: the converted mla_layer (absorbed path) at the context; layer err: the
+/// conversion report's relative Frobenius error of the layer output vs the GQA layer on 256
+/// held-out tokens (a different measure from the other rows' max-abs error vs a reference).
+template <ak::storage_type S>
+std::vector<row> conversion_rows(const options& o, ak::thread_pool& pool) {
+  namespace cv = ak::convert;
+  const ak::gqa_config cfg{.model_dim = o.model_dim, .heads = o.heads, .kv_heads = o.kv_heads, .head_dim = o.head_dim,
+                           .rope = {.theta = o.theta}};
+  const auto layer = cv::synthetic::make_layer(cfg, 1, o.model_dim / 16.0);
+  std::mt19937_64 rng(2);
+  const std::int64_t sub = std::min<std::int64_t>(o.model_dim, 512);
+  const auto calib = cv::synthetic::activations(rng, o.calibration, o.model_dim, sub, sub / 8.0);
+  const auto heldout = cv::synthetic::activations(rng, 256, o.model_dim, sub, sub / 8.0);
+  const std::int64_t d = o.head_dim, qk = std::min<std::int64_t>(64, d / 2), collapse = d / qk;
+  const std::int64_t rank = std::min<std::int64_t>(512, o.kv_heads * 2 * d / 4);  // Llama-3-8B: 512
+  const std::int64_t fold = (d / 2) % (2 * collapse) == 0 ? 2 * collapse : collapse;  // Llama-3-8B: F = 4
+  const std::int64_t m2m_rope = std::max<std::int64_t>(2, qk / o.kv_heads / 2 * 2);
+  std::vector<row> rows;
+  auto add = [&](const std::string& name, const std::string& detail, const cv::mla_checkpoint& c, double err) {
+    ak::mla_layer mla(c.config, c.weights());
+    auto cache = mla.make_cache<S>(o.context + 1);
+    const std::int64_t w = c.config.latent_dim, nr = c.config.rope_heads * c.config.rope_dim;
+    for (std::int64_t s = 0; s < o.context; s += 256) {  // random latent rows at positions 0..context-1
+      const std::int64_t n = std::min<std::int64_t>(256, o.context - s);
+      const fmat lat = random_matrix(rng, n, w), kr = random_matrix(rng, n, nr);
+      std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+      std::iota(pos.begin(), pos.end(), s);
+      cache.append(ak::view_of(lat), ak::tensor3_view<const float>(kr.data(), {n, c.config.rope_heads, c.config.rope_dim}), pos);
+    }
+    const fmat x = random_matrix(rng, 1, o.model_dim);
+    fmat y(1, o.model_dim);
+    const std::int64_t next = o.context;
+    row r{name, detail, cache.bytes_per_token()};
+    r.kv_gib = double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
+    r.decode_us = r.prefill_ms = r.max_rel_err = std::numeric_limits<double>::quiet_NaN();
+    r.layer_decode_us = median_us(15, [&] {
+      mla.forward(ak::view_of(x), std::span(&next, 1), cache, ak::view_of(y), pool, ak::mla_path::absorbed);
+      cache.truncate(next);
+    });
+    r.layer_rel_err = err;
+    rows.push_back(r);
+  };
+  if (o.wants("GQA->MLA-exact")) {
+    ak::gqa_layer gqa(cfg, layer.weights());
+    const auto [c, rep] = cv::gqa_to_mla_exact(cfg, layer.weights());
+    ak::mla_layer mla(c.config, c.weights());
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(heldout.rows()));
+    std::iota(pos.begin(), pos.end(), std::int64_t{0});
+    add("GQA->MLA-exact", "d_c=" + std::to_string(c.config.latent_dim) + " " + std::to_string(o.kv_heads) + " rope keys", c,
+        cv::output_rel_error(gqa, mla, ak::view_of(heldout), pos));
+  }
+  if (o.wants("GQA->TransMLA")) {
+    const auto res = cv::gqa_to_mla_transmla(cfg, layer.weights(), ak::view_of(calib), ak::view_of(heldout),
+                                             {.qk_mqa_dim = qk, .kv_lora_rank = rank, .freqfold = fold}, pool);
+    add("GQA->TransMLA", "d_c=" + std::to_string(rank) + " d_R=" + std::to_string(qk) + " F=" + std::to_string(fold),
+        res.checkpoint, res.steps.back().rel_error);
+  }
+  if (o.wants("GQA->MHA2MLA")) {
+    const auto res = cv::gqa_to_mla_mha2mla(cfg, layer.weights(), ak::view_of(calib), ak::view_of(heldout),
+                                            {.rope_dim = m2m_rope, .latent_dim = rank}, pool);
+    add("GQA->MHA2MLA", "d_c=" + std::to_string(rank) + " 2-norm r=" + std::to_string(m2m_rope) + "/KV head", res.checkpoint,
+        res.steps.back().rel_error);
+  }
+  return rows;
+}
+
 template <ak::storage_type S>
 std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
   std::vector<row> rows;
@@ -464,6 +544,7 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
                               {.model_dim = 768, .heads = 34, .head_dim = 64, .q_rank = 6, .k_rank = 2, .v_rank = 2,
                                .rope = {.theta = 10000.0}},
                               pool));
+  for (auto r : conversion_rows<S>(o, pool)) rows.push_back(r);
   return rows;
 }
 
@@ -480,10 +561,20 @@ void print_table(const options& o, const std::vector<row>& rows) {
   std::snprintf(pre_head, sizeof pre_head, "(ms, %lld tok)", (long long)o.prefill);
   std::printf("%-20s %-26s %12s %14s %14s %14s %14s %12s %12s\n", "", "", "(per layer)", gib_head, dec_head, "(us/token)",
               pre_head, "", "");
+  auto cell = [](double v, const char* fmt) {  // "-" for a column a row does not measure
+    char b[32];
+    if (std::isnan(v)) return std::string("-");
+    std::snprintf(b, sizeof b, fmt, v);
+    return std::string(b);
+  };
   for (const auto& r : rows)
-    std::printf("%-20s %-26s %12lld %14.2f %14.1f %14.1f %14.2f %12.2e %12.2e\n", r.variant.c_str(), r.detail.c_str(),
-                (long long)r.kv_bytes_per_token, r.kv_gib, r.decode_us, r.layer_decode_us, r.prefill_ms, r.max_rel_err,
-                r.layer_rel_err);
+    std::printf("%-20s %-26s %12lld %14.2f %14s %14.1f %14s %12s %12.2e\n", r.variant.c_str(), r.detail.c_str(),
+                (long long)r.kv_bytes_per_token, r.kv_gib, cell(r.decode_us, "%.1f").c_str(), r.layer_decode_us,
+                cell(r.prefill_ms, "%.2f").c_str(), cell(r.max_rel_err, "%.2e").c_str(), r.layer_rel_err);
+  if (std::any_of(rows.begin(), rows.end(), [](const row& r) { return r.variant.rfind("GQA->", 0) == 0; }))
+    std::printf("\nGQA-> rows: a synthetic GQA layer at the geometry, converted (exact) or compressed; layer decode = the\n"
+                "converted MLA layer (absorbed path); layer err = relative Frobenius error of its output vs the GQA layer\n"
+                "on 256 held-out tokens (the conversion report's figure).\n");
 }
 
 void print_json(const options& o, const std::vector<row>& rows) {
@@ -496,11 +587,18 @@ void print_json(const options& o, const std::vector<row>& rows) {
   std::printf("  \"rows\": [\n");
   for (std::size_t i = 0; i < rows.size(); ++i) {
     const auto& r = rows[i];
+    auto num = [](double v, const char* fmt) {  // JSON has no NaN: null for an unmeasured column
+      char b[32];
+      if (std::isnan(v)) return std::string("null");
+      std::snprintf(b, sizeof b, fmt, v);
+      return std::string(b);
+    };
     std::printf("    {\"variant\": \"%s\", \"shape\": \"%s\", \"kv_bytes_per_token\": %lld, \"kv_gib\": %.4f, "
-                "\"decode_us\": %.2f, \"layer_decode_us\": %.2f, \"prefill_ms\": %.3f, \"max_rel_err\": %.3e, "
+                "\"decode_us\": %s, \"layer_decode_us\": %.2f, \"prefill_ms\": %s, \"max_rel_err\": %s, "
                 "\"layer_rel_err\": %.3e}%s\n",
-                r.variant.c_str(), r.detail.c_str(), (long long)r.kv_bytes_per_token, r.kv_gib, r.decode_us, r.layer_decode_us,
-                r.prefill_ms, r.max_rel_err, r.layer_rel_err, i + 1 < rows.size() ? "," : "");
+                r.variant.c_str(), r.detail.c_str(), (long long)r.kv_bytes_per_token, r.kv_gib, num(r.decode_us, "%.2f").c_str(),
+                r.layer_decode_us, num(r.prefill_ms, "%.3f").c_str(), num(r.max_rel_err, "%.3e").c_str(), r.layer_rel_err,
+                i + 1 < rows.size() ? "," : "");
   }
   std::printf("  ]\n}\n");
 }

@@ -2,7 +2,7 @@
 """Reads the JSON of bench_gqa, bench_mla or bench_tpa (--benchmark_repetitions=N --benchmark_out=F) and prints
 the figures the speed targets are stated in, each as a ratio of medians taken in the same run.
 
-usage: scripts/bench_summary.py bench_gqa.json|bench_mla.json|bench_tpa.json
+usage: scripts/bench_summary.py bench_gqa.json|bench_mla.json|bench_tpa.json|bench_convert.json
 """
 import json
 import sys
@@ -73,6 +73,23 @@ def tpa(m, us, bw2, fma2):
             print(f"  layer prefill T={t}: factorized {us(f) / 1e3:7.1f} ms, materialized {us(mt) / 1e3:7.1f} ms")
 
 
+def convert(m, us, bw2, fma2):
+    print("\nConversion of a Llama-3-8B-shaped layer (D 4096, H 32, H_kv 8, d 128) to 512 + 64 elements per token, "
+          "32768 calibration tokens, 2 threads (target < 10 s):")
+    for n, what in (("BM_transmla_conversion/threads:2/iterations:1", "TransMLA (F=4)"),
+                    ("BM_mha2mla_conversion/threads:2/iterations:1", "MHA2MLA (2-norm, joint SVD)")):
+        steps = ", ".join(f"step {k[4:-2]} {m[n][k]:.2f} s" for k in sorted(m[n]) if k.startswith("step"))
+        print(f"  {what:28s}: {us(n) / 1e6:6.2f} s  ({steps})")
+    a = us("BM_mla_absorbed_decode<float>/H:32/T:16384/threads:2")
+    g = us("BM_gqa_decode<float>/T:16384/threads:2")
+    n = "BM_mla_absorbed_decode<float>/H:32/T:16384/threads:2"
+    fl = m[n]["FLOPS"] * a * 1e-6
+    by = m[n]["bytes_per_second"] * a * 1e-6
+    roof = max(by / (bw2 * 1e9), fl / (fma2 * 1e9)) * 1e6
+    print(f"\ndecode attention at T=16384, f32, 2 threads: converted layer (absorbed, H 32 over 576) {a:8.1f} us "
+          f"({100 * roof / a:.1f}% of its roofline, compute-bound), original GQA {g:8.1f} us; GQA / converted = {g / a:.2f}")
+
+
 def main():
     ctx, m = medians(sys.argv[1])
     gbs = lambda n: m[n]["bytes_per_second"] / 1e9
@@ -84,6 +101,9 @@ def main():
     fma2 = m["attnkit::bench::BM_fma_peak/threads:2"]["FLOPS"] / 1e9
     print(f"roofline: read bandwidth {bw1:.1f} GB/s (1 thread), {bw2:.1f} GB/s (2 threads); "
           f"FP32 FMA peak {fma1:.0f} / {fma2:.0f} GFLOP/s")
+    if any(k.startswith("BM_transmla_") for k in m):
+        convert(m, us, bw2, fma2)
+        return
     if any(k.startswith("BM_mla_") for k in m):
         mla(m, us, bw2, fma2)
         return
