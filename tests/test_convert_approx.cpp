@@ -282,3 +282,24 @@ TEST_CASE("approximate conversions: invalid options throw naming the option", "[
   ATTNKIT_CHECK_INVALID(cv::gqa_to_mla_transmla(tabled, w.weights(), view_of(calib), view_of(none), {.qk_mqa_dim = 4}),
                         "per-KV-head RoPE tables");
 }
+
+TEST_CASE("TransMLA freqfold auto: picks a valid F no worse than F = C on the probe tokens", "[convert]") {
+  gqa_config cfg{.model_dim = 96, .heads = 8, .kv_heads = 4, .head_dim = 32, .rope = {.theta = 10000.0}};
+  const auto layer = cv::synthetic::make_layer(cfg, 3, 8.0);
+  std::mt19937_64 rng(5);
+  const auto calib = cv::synthetic::activations(rng, 1024, cfg.model_dim, 64, 8.0);
+  const cv::transmla_options base{.qk_mqa_dim = 16, .freqfold = 0, .auto_tokens = 128,
+                                  .stop_after = cv::transmla_step::partial_rope};
+  // Held-out = the probe itself, so the reported errors are the ones auto compared.
+  const fmat probe = calib.topRows(128);
+  const auto automatic = cv::gqa_to_mla_transmla(cfg, layer.weights(), view_of(calib), view_of(probe), base);
+  auto at_c = base;
+  at_c.freqfold = 2;  // C = 32 / 16
+  const auto fixed = cv::gqa_to_mla_transmla(cfg, layer.weights(), view_of(calib), view_of(probe), at_c);
+  const std::string& name = automatic.steps[0].step;
+  INFO(name << " err=" << automatic.steps[0].rel_error << " vs F=2: " << fixed.steps[0].rel_error);
+  const bool valid_f = name.find("F=2,") != std::string::npos || name.find("F=4,") != std::string::npos ||
+                       name.find("F=8,") != std::string::npos || name.find("F=16,") != std::string::npos;
+  CHECK(valid_f);
+  CHECK(automatic.steps[0].rel_error <= fixed.steps[0].rel_error);
+}
