@@ -33,11 +33,7 @@ const llama_data& data() {
 }
 
 void report(benchmark::State& state, const cv::conversion_result& r) {
-  double total = 0;
-  for (std::size_t i = 0; i < r.steps.size(); ++i) {
-    state.counters["step" + std::to_string(i + 1) + "_s"] = r.steps[i].seconds;
-    total += r.steps[i].seconds;
-  }
+  for (std::size_t i = 0; i < r.steps.size(); ++i) state.counters["step" + std::to_string(i + 1) + "_s"] = r.steps[i].seconds;
   state.counters["kv_elements"] = static_cast<double>(r.steps.back().kv_elements_after);
   state.counters["calibration_tokens"] = static_cast<double>(data().calib.rows());
   state.SetLabel(r.steps.back().step);
