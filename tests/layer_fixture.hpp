@@ -22,6 +22,19 @@ struct gqa_layer_data {
   }
 };
 
+/// Random per-KV-head RoPE frequency tables (MHA2MLA-style: each KV head rotates its pairs with
+/// its own frequencies, drawn from the head's full frequency range).
+inline void add_random_kv_head_tables(std::mt19937_64& rng, gqa_config& cfg) {
+  const std::int64_t pairs = (cfg.rope.rotary_dim ? cfg.rope.rotary_dim : cfg.head_dim) / 2;
+  cfg.rope.frequency_dim = cfg.head_dim;
+  for (std::int64_t j = 0; j < cfg.kv_heads; ++j) {
+    std::vector<std::int64_t> t;
+    for (std::int64_t p = 0; p < pairs; ++p)
+      t.push_back(static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(cfg.head_dim / 2)));
+    cfg.rope.frequency_index.push_back(t);
+  }
+}
+
 inline gqa_layer_data make_layer_data(std::mt19937_64& rng, const gqa_config& cfg, bool biases, bool qk_norm = false) {
   gqa_layer_data w{cfg, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   const std::int64_t dv = cfg.v_head_dim ? cfg.v_head_dim : cfg.head_dim;

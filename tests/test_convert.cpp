@@ -16,15 +16,7 @@ TEST_CASE("I1: exact GQA -> MLA equals the GQA layer (both layouts, both MLA pat
                  .rope = {.theta = rng() % 2 ? 10000.0 : 500000.0,
                           .layout = rng() % 2 ? rope_layout::half_split : rope_layout::interleaved}};
   if (rng() % 3 == 0) cfg.rope.rotary_dim = cfg.head_dim / 2;
-  if (rng() % 3 == 0) {  // MHA2MLA-style per-KV-head frequency tables
-    const std::int64_t pairs = (cfg.rope.rotary_dim ? cfg.rope.rotary_dim : cfg.head_dim) / 2;
-    cfg.rope.frequency_dim = cfg.head_dim;
-    for (std::int64_t j = 0; j < hkv; ++j) {
-      std::vector<std::int64_t> t;
-      for (std::int64_t p = 0; p < pairs; ++p) t.push_back(static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(cfg.head_dim / 2)));
-      cfg.rope.frequency_index.push_back(t);
-    }
-  }
+  if (rng() % 3 == 0) add_random_kv_head_tables(rng, cfg);  // MHA2MLA-style
   if (rng() % 4 == 0) cfg.window = 7;
   const bool biases = rng() % 2, qk_norm = rng() % 3 == 0;
   const auto w = make_layer_data(rng, cfg, biases, qk_norm);

@@ -28,15 +28,7 @@ random_case make_case(std::uint64_t seed, bool allow_tables = true) {
                  .v_head_dim = rng() % 3 == 0 ? 8 : 0,
                  .rope = {.theta = 10000.0, .layout = rng() % 2 ? rope_layout::half_split : rope_layout::interleaved}};
   if (rng() % 3 == 0) cfg.rope.rotary_dim = cfg.head_dim / 2;
-  if (allow_tables && rng() % 3 == 0) {  // per-KV-head frequency tables
-    const std::int64_t pairs = (cfg.rope.rotary_dim ? cfg.rope.rotary_dim : cfg.head_dim) / 2;
-    cfg.rope.frequency_dim = cfg.head_dim;
-    for (std::int64_t j = 0; j < hkv; ++j) {
-      std::vector<std::int64_t> t;
-      for (std::int64_t p = 0; p < pairs; ++p) t.push_back(static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(cfg.head_dim / 2)));
-      cfg.rope.frequency_index.push_back(t);
-    }
-  }
+  if (allow_tables && rng() % 3 == 0) add_random_kv_head_tables(rng, cfg);
   const bool biases = rng() % 2;
   random_case c{cfg, make_layer_data(rng, cfg, biases), random_matrix(rng, 300, cfg.model_dim),
                 random_matrix(rng, 24, cfg.model_dim), biases};
