@@ -24,6 +24,14 @@
 
 namespace attnkit::detail {
 
+/// The software-prefetch stream a kernel's inner loop drives: step() runs once per iteration and
+/// may issue one prefetch, so a caller's prefetches spread evenly over the work instead of
+/// queueing up in bursts (a burst fills the core's miss buffers and stalls it; spread, the same
+/// lines arrive while the FMAs run). no_prefetch is the default: it issues nothing.
+struct no_prefetch {
+  void step() {}
+};
+
 #if ATTNKIT_HAS_AVX512
 
 /// Software prefetch into L2, this many bytes of rows ahead. One core streaming K/V rows from
@@ -63,9 +71,10 @@ inline __m512 bf16_odd(__m512i raw) {
   return _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-template <int RB, storage_type S>
+template <int RB, storage_type S, class Prefetch>
 inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t rows, const S* k, std::int64_t k_stride,
-                         std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride) {
+                         std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride, bool prefetch_k,
+                         Prefetch& pf) {
   const float* qr[RB];
   ATTNKIT_UNROLL
   for (int r = 0; r < RB; ++r) qr[r] = q + std::min<std::int64_t>(r, rows - 1) * q_stride;
@@ -77,7 +86,7 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
     ATTNKIT_UNROLL
     for (int u = 0; u < 4; ++u) kr[u] = k + std::min<std::int64_t>(t0 + u, keys - 1) * k_stride;
     ATTNKIT_UNROLL
-    for (int u = 0; u < 4; ++u) prefetch_row(k + (t0 + u + ahead) * k_stride, d * static_cast<std::int64_t>(sizeof(S)));
+    for (int u = 0; u < 4 && prefetch_k; ++u) prefetch_row(k + (t0 + u + ahead) * k_stride, d * static_cast<std::int64_t>(sizeof(S)));
     __m512 acc[RB][4];
     ATTNKIT_UNROLL
     for (int r = 0; r < RB; ++r)
@@ -87,6 +96,7 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
     if constexpr (std::same_as<S, bf16>) {
       for (; c0 + 32 <= d; c0 += 32) {
         __m512 ke[4], ko[4];
+        pf.step();
         ATTNKIT_UNROLL
         for (int u = 0; u < 4; ++u) {
           const __m512i raw = _mm512_loadu_si512(kr[u] + c0);
@@ -102,6 +112,7 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
       }
     }
     for (std::int64_t c = c0; c < d_full; c += 16) {
+      pf.step();
       __m512 kv[4];
       ATTNKIT_UNROLL
       for (int u = 0; u < 4; ++u) kv[u] = load16(kr[u] + c);
@@ -237,18 +248,25 @@ inline void pv_block(const float* p, std::int64_t p_stride, std::int64_t rows, c
 
 #endif  // ATTNKIT_HAS_AVX512
 
-/// S[rows][keys] = Q K^T for a block (streaming path). Portable fallback: plain loops.
-template <storage_type S>
+/// S[rows][keys] = Q K^T for a block (streaming path). prefetch_k: prefetch the K rows
+/// ATTNKIT_PREFETCH_BYTES ahead; pf: a caller's prefetch stream, stepped once per inner
+/// iteration. Portable fallback: plain loops.
+template <storage_type S, class Prefetch = no_prefetch>
 inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, const S* k, std::int64_t k_stride,
-                   std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride) {
+                   std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride, bool prefetch_k = true,
+                   Prefetch&& pf = {}) {
 #if ATTNKIT_HAS_AVX512
   std::int64_t r = 0;
   for (; rows - r >= 3; r += 4)  // 3 leftover rows also take a 4-row block (one clamped row)
     scores_block<4>(q + r * q_stride, q_stride, std::min<std::int64_t>(4, rows - r), k, k_stride, keys, d,
-                    s + r * s_stride, s_stride);
-  if (rows - r == 2) scores_block<2>(q + r * q_stride, q_stride, 2, k, k_stride, keys, d, s + r * s_stride, s_stride);
-  if (rows - r == 1) scores_block<1>(q + r * q_stride, q_stride, 1, k, k_stride, keys, d, s + r * s_stride, s_stride);
+                    s + r * s_stride, s_stride, prefetch_k, pf);
+  if (rows - r == 2)
+    scores_block<2>(q + r * q_stride, q_stride, 2, k, k_stride, keys, d, s + r * s_stride, s_stride, prefetch_k, pf);
+  if (rows - r == 1)
+    scores_block<1>(q + r * q_stride, q_stride, 1, k, k_stride, keys, d, s + r * s_stride, s_stride, prefetch_k, pf);
 #else
+  (void)prefetch_k;
+  (void)pf;
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t t = 0; t < keys; ++t) {
       float acc = 0.f;
