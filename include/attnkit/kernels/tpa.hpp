@@ -4,11 +4,13 @@
 //   D[r, u]   = B_Q[r] . B_K(s)[u]                          (R_Q x R_K dots, shared by all heads)
 //   score[h]  = c * sum_u A_K(s)[u, h] * sum_r A_Q[r, h] D[r, u],   c = scale * q_scale * k_scale
 //   out[h]    = v_scale * sum_s p[h, s] sum_v A_V(s)[v, h] B_V(s)[v]
-// Per key block: D by the streaming score micro-kernel, the head combination vectorised over
-// heads, an online softmax down the heads (the block's scores are stored [key][head]), and the
-// values as one GEMM O[H, d_v] += W[H, keys * R_V] B_V[keys * R_V, d_v] with
-// W[h, (s, v)] = p[h, s] A_V(s)[v, h]. Work items are (query token, key split); splits are merged
-// by log-sum-exp (decode).
+// Per key block, three passes: D by the streaming score micro-kernel; one pass per key for the
+// head combination (vectorised over heads, scores stored [key][head]) and the block's column max;
+// one pass down the heads for the online softmax and the value weights
+// W[h, (s, v)] = p[h, s] A_V(s)[v, h]; then the values as one GEMM
+// O[H, d_v] += W[H, keys * R_V] B_V[keys * R_V, d_v]. The next block's factor rows are
+// prefetched a line per inner-loop step. Work items are (query token, key split); splits are
+// merged by log-sum-exp (decode).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -94,8 +96,8 @@ class tpa_runner {
   static std::size_t floats_needed(const tpa_problem<S>& p) {
     const std::int64_t rq = p.a_q.extent(1), d = p.cache->qk_dim(), dv = p.cache->v_dim(), nb = p.block;
     const std::int64_t rk = p.cache->k_rank(), rv = p.cache->v_rank(), hp = p.hp, h = p.cache->heads();
-    return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * rk * hp + nb * hp + 3 * hp + nb * rv * hp +
-                                    h * dv + nb * rv * dv);
+    return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * hp + 4 * hp + nb * rv * hp + h * dv +
+                                    nb * rv * dv);
   }
   tpa_runner(const tpa_problem<S>& p, attention_workspace::worker& w) : p_(p), pf_(*p.cache) {
     const std::int64_t rq = p.a_q.extent(1), d = p.cache->qk_dim(), dv = p.cache->v_dim(), nb = p.block;
@@ -104,8 +106,8 @@ class tpa_runner {
     aq_ = f, f += rq * hp;
     bq_ = f, f += rq * d;
     dots_ = f, f += rq * nb * rk;
-    comb_ = f, f += nb * rk * hp;
     st_ = f, f += nb * hp;
+    bmax_ = f, f += hp;
     max_ = f, f += hp;
     sum_ = f, f += hp;
     alpha_ = f, f += hp;
@@ -140,35 +142,11 @@ class tpa_runner {
       if (p_.window > 0 && *hi <= qpos - p_.window) continue;
       // D[r][(s, u)] = B_Q[r] . B_K(s)[u]
       scores(bq_, d, rq, c.b_k() + b0 * rk * d, d, nb * rk, d, dots_, dots_stride(), false, pf_);
-      // T[(s, u)][h] = sum_r aq[r, h] D[r][(s, u)]: one small GEMM for the block (independent
-      // accumulators; a per-key loop over r would be one long FMA dependency chain).
-      gemm_bcast<false>(nb * rk, hp, rq, dots_, 1, dots_stride(), aq_, hp, comb_, hp);
-      for (std::int64_t s = 0; s < nb; ++s) {
-        pf_.step();
-        const std::int64_t kp = kpos[b0 + s];
-        float* row = st_ + s * hp;
-        if ((p_.causal && kp > qpos) || (p_.window > 0 && qpos - kp >= p_.window)) {
-          std::fill(row, row + hp, neg_inf);
-          continue;
-        }
-        combine_heads(c.a_k() + (b0 + s) * rk * h, comb_ + s * rk * hp, rk, h, row);
-      }
-      softmax_absorb_columns(st_, hp, nb, h, max_, sum_, alpha_);
+      score_rows(c.a_k() + b0 * rk * h, nb, kpos + b0, qpos);
+      softmax_value_weights(c.a_v() + b0 * rv * h, nb);
       for (std::int64_t i = 0; i < h; ++i)
         if (alpha_[i] != 1.f) scale_row(o_ + i * dv, dv, alpha_[i]);
-      // W^T[(s, v)][h] = p[s][h] * A_V(s)[v, h]; O += W B_V.
-      const S* av = c.a_v() + b0 * rv * h;
-      for (std::int64_t s = 0; s < nb; ++s)
-        for (std::int64_t v = 0; v < rv; ++v) {
-          const S* a = av + (s * rv + v) * h;
-          float* w = wt_ + (s * rv + v) * hp;
-#if ATTNKIT_HAS_AVX512
-          for (std::int64_t i0 = 0; i0 < hp; i0 += 16)
-            _mm512_storeu_ps(w + i0, _mm512_mul_ps(_mm512_loadu_ps(st_ + s * hp + i0), load16(a + i0, lane_mask(h - i0))));
-#else
-          for (std::int64_t i = 0; i < h; ++i) w[i] = st_[s * hp + i] * to_float(a[i]);
-#endif
-        }
+      // O += W B_V with W^T[(s, v)][h] = p[s][h] A_V(s)[v, h].
       const S* bv = c.b_v() + b0 * rv * dv;
       const float* bvf = reinterpret_cast<const float*>(bv);
       if constexpr (!std::same_as<S, float>) {
@@ -194,28 +172,120 @@ class tpa_runner {
  private:
   std::int64_t dots_stride() const { return p_.block * p_.cache->k_rank(); }
 
-  /// row[h] = sum_u A_K[u, h] * t[u][h] (t: the block's T rows of this key), vectorised over heads.
-  void combine_heads(const S* ak, const float* t, std::int64_t rk, std::int64_t h, float* row) const {
+  bool masked(std::int64_t kp, std::int64_t qpos) const {
+    return (p_.causal && kp > qpos) || (p_.window > 0 && qpos - kp >= p_.window);
+  }
+
+  /// st_[s][h] = score of the block's key s for head h (-inf where masked), vectorised over heads,
+  /// and bmax_[h] = the block's column max, in one pass over the D products:
+  ///   score[h] = sum_u A_K(s)[u, h] * sum_r aq[r, h] D[r][(s, u)].
+  /// G keys at a time, so the sums over r are G independent FMA chains (one key's chain alone
+  /// waits on the FMA latency at every step: this pass took 22% of T6-small's time).
+  static constexpr int G = 8;
+  void score_rows(const S* ak, std::int64_t nb, const std::int64_t* kpos, std::int64_t qpos) {
+    const std::int64_t hp = p_.hp, h = p_.cache->heads(), rk = p_.cache->k_rank(), rq = p_.a_q.extent(1);
+    const std::int64_t ds = dots_stride();
+    std::fill(bmax_, bmax_ + hp, neg_inf);
+    for (std::int64_t s0 = 0; s0 < nb; s0 += G) {
+      std::int64_t sk[G];  // keys past the block repeat the last one (computed, never stored)
+      bool live[G];
+      for (int j = 0; j < G; ++j) {
+        pf_.step();
+        sk[j] = std::min(s0 + j, nb - 1);
+        live[j] = s0 + j < nb && !masked(kpos[s0 + j], qpos);
+        if (s0 + j < nb && !live[j]) std::fill(st_ + (s0 + j) * hp, st_ + (s0 + j + 1) * hp, neg_inf);
+      }
 #if ATTNKIT_HAS_AVX512
-    for (std::int64_t i0 = 0; i0 < p_.hp; i0 += 16) {
+      for (std::int64_t i0 = 0; i0 < hp; i0 += 16) {
+        const __mmask16 m = lane_mask(h - i0);
+        __m512 acc[G];
+        ATTNKIT_UNROLL
+        for (int j = 0; j < G; ++j) acc[j] = _mm512_setzero_ps();
+        for (std::int64_t u = 0; u < rk; ++u) {
+          __m512 t[G];
+          ATTNKIT_UNROLL
+          for (int j = 0; j < G; ++j) t[j] = _mm512_setzero_ps();
+          for (std::int64_t r = 0; r < rq; ++r) {
+            const __m512 a = _mm512_loadu_ps(aq_ + r * hp + i0);
+            const float* dr = dots_ + r * ds + u;
+            ATTNKIT_UNROLL
+            for (int j = 0; j < G; ++j) t[j] = _mm512_fmadd_ps(a, _mm512_set1_ps(dr[sk[j] * rk]), t[j]);
+          }
+          ATTNKIT_UNROLL
+          for (int j = 0; j < G; ++j) acc[j] = _mm512_fmadd_ps(load16(ak + (sk[j] * rk + u) * h + i0, m), t[j], acc[j]);
+        }
+        __m512 mx = _mm512_loadu_ps(bmax_ + i0);
+        ATTNKIT_UNROLL
+        for (int j = 0; j < G; ++j)
+          if (live[j]) {
+            _mm512_storeu_ps(st_ + (s0 + j) * hp + i0, acc[j]);
+            mx = _mm512_max_ps(mx, acc[j]);
+          }
+        _mm512_storeu_ps(bmax_ + i0, mx);
+      }
+#else
+      for (int j = 0; j < G; ++j) {
+        if (!live[j]) continue;
+        float* row = st_ + (s0 + j) * hp;
+        for (std::int64_t i = 0; i < h; ++i) {
+          float acc = 0.f;
+          for (std::int64_t u = 0; u < rk; ++u) {
+            float t = 0.f;
+            for (std::int64_t r = 0; r < rq; ++r) t += aq_[r * hp + i] * dots_[r * ds + sk[j] * rk + u];
+            acc += to_float(ak[(sk[j] * rk + u) * h + i]) * t;
+          }
+          row[i] = acc;
+          bmax_[i] = std::max(bmax_[i], acc);
+        }
+      }
+#endif
+    }
+  }
+
+  /// The block's online-softmax step down the heads: max_ and sum_ updated, alpha_ the factor
+  /// for O (0 while a head has seen only masked keys), and the value weights
+  /// wt_[(s, v)][h] = p[s][h] A_V(s)[v, h] with p = exp(score - max).
+  void softmax_value_weights(const S* av, std::int64_t nb) {
+    const std::int64_t hp = p_.hp, h = p_.cache->heads(), rv = p_.cache->v_rank();
+#if ATTNKIT_HAS_AVX512
+    const __m512 ninf = _mm512_set1_ps(neg_inf);
+    for (std::int64_t i0 = 0; i0 < hp; i0 += 16) {
       const __mmask16 m = lane_mask(h - i0);
-      __m512 acc = _mm512_setzero_ps();
-      for (std::int64_t u = 0; u < rk; ++u)
-        acc = _mm512_fmadd_ps(load16(ak + u * h + i0, m), _mm512_loadu_ps(t + u * p_.hp + i0), acc);
-      _mm512_storeu_ps(row + i0, acc);
+      const __m512 old = _mm512_mask_loadu_ps(ninf, m, max_ + i0);
+      const __m512 mx = _mm512_max_ps(old, _mm512_maskz_loadu_ps(m, bmax_ + i0));
+      const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
+      const __m512 a = exp16(_mm512_sub_ps(old, shift));  // exp(-inf - finite) = 0
+      __m512 colsum = _mm512_setzero_ps();
+      for (std::int64_t s = 0; s < nb; ++s) {
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, st_ + s * hp + i0), shift));
+        colsum = _mm512_add_ps(colsum, p);
+        for (std::int64_t v = 0; v < rv; ++v)
+          _mm512_storeu_ps(wt_ + (s * rv + v) * hp + i0, _mm512_mul_ps(p, load16(av + (s * rv + v) * h + i0, m)));
+      }
+      _mm512_mask_storeu_ps(sum_ + i0, m, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, sum_ + i0), a, colsum));
+      _mm512_mask_storeu_ps(max_ + i0, m, mx);
+      _mm512_mask_storeu_ps(alpha_ + i0, m, a);
     }
 #else
-    for (std::int64_t i = 0; i < p_.hp; ++i) {
-      float acc = 0.f;
-      for (std::int64_t u = 0; u < rk && i < h; ++u) acc += to_float(ak[u * h + i]) * t[u * p_.hp + i];
-      row[i] = acc;
+    for (std::int64_t i = 0; i < h; ++i) {  // the value GEMM reads rows < h only
+      const float mx = std::max(max_[i], bmax_[i]), shift = mx == neg_inf ? 0.f : mx;
+      const float a = std::exp(max_[i] - shift);
+      float colsum = 0.f;
+      for (std::int64_t s = 0; s < nb; ++s) {
+        const float p = std::exp(st_[s * hp + i] - shift);
+        colsum += p;
+        for (std::int64_t v = 0; v < rv; ++v) wt_[(s * rv + v) * hp + i] = p * to_float(av[(s * rv + v) * h + i]);
+      }
+      sum_[i] = sum_[i] * a + colsum;
+      max_[i] = mx;
+      alpha_[i] = a;
     }
 #endif
   }
 
   const tpa_problem<S>& p_;
   factor_prefetcher<S> pf_;
-  float *aq_, *bq_, *dots_, *comb_, *st_, *max_, *sum_, *alpha_, *wt_, *o_, *bv_;
+  float *aq_, *bq_, *dots_, *st_, *bmax_, *max_, *sum_, *alpha_, *wt_, *o_, *bv_;
 };
 
 }  // namespace detail
