@@ -32,6 +32,15 @@ struct no_prefetch {
   void step() {}
 };
 
+/// Prefetches the cache line at p into L2 (T1); a no-op where the compiler has no builtin.
+inline void prefetch_line(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 2);
+#else
+  (void)p;
+#endif
+}
+
 #if ATTNKIT_HAS_AVX512
 
 /// Software prefetch into L2, this many bytes of rows ahead. One core streaming K/V rows from
@@ -48,7 +57,7 @@ inline std::int64_t prefetch_rows(std::int64_t row_bytes) {
 template <class S>
 inline void prefetch_row(const S* row, std::int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);  // into L2 (T1)
+  for (std::int64_t b = 0; b < bytes; b += 64) prefetch_line(p + b);
 }
 
 /// [sum(a), sum(b), sum(c), sum(d)].

@@ -13,7 +13,6 @@
 
 namespace attnkit::detail {
 
-
 #if ATTNKIT_HAS_AVX512
 
 /// One MR x 16*NV micro-tile of C (+)= A B at rows [i0, i0 + MR) (clamped to the last row; the
@@ -22,9 +21,9 @@ namespace attnkit::detail {
 /// step read one pointer at constant offsets instead of MR pointers (which spill when inlined:
 /// the TPA value GEMM ran ~15% slower that way).
 template <bool Accumulate, int MR, int NV, bool UnitRows, class Prefetch>
-inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const __mmask16* mk, std::int64_t rows,
-                         std::int64_t depth, const float* a, std::int64_t a_rs, std::int64_t a_cs,
-                         const float* b, std::int64_t b_rs, float* c, std::int64_t ldc, Prefetch& pf) {
+inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const __mmask16* mk, std::int64_t rows, std::int64_t depth,
+                            const float* a, std::int64_t a_rs, std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c,
+                            std::int64_t ldc, Prefetch& pf) {
   const float* ar[MR];
   ATTNKIT_UNROLL
   for (int r = 0; r < MR; ++r) ar[r] = UnitRows ? a + i0 + r : a + std::min<std::int64_t>(i0 + r, rows - 1) * a_rs;

@@ -65,18 +65,22 @@ class factor_prefetcher {
     range_ = 0;
     next_ = begin_[0], end_ = end_of_[0];
   }
+  /// One line, or (once per range) the move to the next range.
   void step() {
     if (next_ < end_) {
-      __builtin_prefetch(next_, 0, 2);  // into L2 (T1)
+      prefetch_line(next_);
       next_ += 64;
     } else if (range_ < 3) {
       ++range_;
       next_ = begin_[range_], end_ = end_of_[range_];
     }
   }
+  /// Every line not yet issued.
   void finish() {
-    for (; range_ < 4; ++range_, next_ = range_ < 4 ? begin_[range_] : nullptr, end_ = range_ < 4 ? end_of_[range_] : nullptr)
-      for (; next_ < end_; next_ += 64) __builtin_prefetch(next_, 0, 2);
+    while (range_ < 4) {
+      for (; next_ < end_; next_ += 64) prefetch_line(next_);
+      if (++range_ < 4) next_ = begin_[range_], end_ = end_of_[range_];
+    }
   }
 
  private:
