@@ -246,44 +246,19 @@ class tpa_runner {
     }
   }
 
-  /// The block's online-softmax step down the heads: max_ and sum_ updated, alpha_ the factor
-  /// for O (0 while a head has seen only masked keys), and the value weights
-  /// wt_[(s, v)][h] = p[s][h] A_V(s)[v, h] with p = exp(score - max).
+  /// The block's online-softmax step down the heads (max_, sum_, alpha_ as softmax_columns) with
+  /// the value weights wt_[(s, v)][h] = p[s][h] A_V(s)[v, h] written as the probabilities come.
   void softmax_value_weights(const S* av, std::int64_t nb) {
     const std::int64_t hp = p_.hp, h = p_.cache->heads(), rv = p_.cache->v_rank();
 #if ATTNKIT_HAS_AVX512
-    const __m512 ninf = _mm512_set1_ps(neg_inf);
-    for (std::int64_t i0 = 0; i0 < hp; i0 += 16) {
-      const __mmask16 m = lane_mask(h - i0);
-      const __m512 old = _mm512_mask_loadu_ps(ninf, m, max_ + i0);
-      const __m512 mx = _mm512_max_ps(old, _mm512_maskz_loadu_ps(m, bmax_ + i0));
-      const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
-      const __m512 a = exp16(_mm512_sub_ps(old, shift));  // exp(-inf - finite) = 0
-      __m512 colsum = _mm512_setzero_ps();
-      for (std::int64_t s = 0; s < nb; ++s) {
-        const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, st_ + s * hp + i0), shift));
-        colsum = _mm512_add_ps(colsum, p);
-        for (std::int64_t v = 0; v < rv; ++v)
-          _mm512_storeu_ps(wt_ + (s * rv + v) * hp + i0, _mm512_mul_ps(p, load16(av + (s * rv + v) * h + i0, m)));
-      }
-      _mm512_mask_storeu_ps(sum_ + i0, m, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, sum_ + i0), a, colsum));
-      _mm512_mask_storeu_ps(max_ + i0, m, mx);
-      _mm512_mask_storeu_ps(alpha_ + i0, m, a);
-    }
+    softmax_columns(st_, hp, nb, h, bmax_, max_, sum_, alpha_, [&](std::int64_t s, std::int64_t i0, __m512 p, __mmask16 m) {
+      for (std::int64_t v = 0; v < rv; ++v)
+        _mm512_mask_storeu_ps(wt_ + (s * rv + v) * hp + i0, m, _mm512_mul_ps(p, load16(av + (s * rv + v) * h + i0, m)));
+    });
 #else
-    for (std::int64_t i = 0; i < h; ++i) {  // the value GEMM reads rows < h only
-      const float mx = std::max(max_[i], bmax_[i]), shift = mx == neg_inf ? 0.f : mx;
-      const float a = std::exp(max_[i] - shift);
-      float colsum = 0.f;
-      for (std::int64_t s = 0; s < nb; ++s) {
-        const float p = std::exp(st_[s * hp + i] - shift);
-        colsum += p;
-        for (std::int64_t v = 0; v < rv; ++v) wt_[(s * rv + v) * hp + i] = p * to_float(av[(s * rv + v) * h + i]);
-      }
-      sum_[i] = sum_[i] * a + colsum;
-      max_[i] = mx;
-      alpha_[i] = a;
-    }
+    softmax_columns(st_, hp, nb, h, bmax_, max_, sum_, alpha_, [&](std::int64_t s, std::int64_t i, float p) {
+      for (std::int64_t v = 0; v < rv; ++v) wt_[(s * rv + v) * hp + i] = p * to_float(av[(s * rv + v) * h + i]);
+    });
 #endif
   }
 
