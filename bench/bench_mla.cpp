@@ -45,9 +45,10 @@ void BM_mla_naive_decode(benchmark::State& state) {
     });
     ak::attention_options opt;
     opt.scale = 1.f / std::sqrt(float(DN + DR));
-    ak::attend<float>(ak::tensor3_view<const float>(q.data(), {1, h, DN + DR}), std::span(&qpos, 1),
-                      ak::tensor3_view<const float>(k.data(), {t, h, DN + DR}), ak::tensor3_view<const float>(v.data(), {t, h, DV}),
-                      cache.positions(), ak::tensor3_view<float>(out.data(), {1, h, DV}), opt, pool, &ws);
+    const ak::kv_view<float> kv(ak::tensor3_view<const float>(k.data(), {t, h, DN + DR}),
+                                ak::tensor3_view<const float>(v.data(), {t, h, DV}), cache.positions());
+    ak::attend(ak::tensor3_view<const float>(q.data(), {1, h, DN + DR}), std::span(&qpos, 1), kv,
+               ak::tensor3_view<float>(out.data(), {1, h, DV}), opt, pool, &ws);
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());

@@ -31,7 +31,7 @@ void BM_tpa_decode(benchmark::State& state) {
   const shape s = shape_of(state.range(0));
   const std::int64_t t = state.range(1);
   const int threads = static_cast<int>(state.range(2));
-  ak::factorized_cache<S> cache({.heads = s.h, .qk_dim = s.d, .k_rank = s.rk, .v_rank = s.rv, .capacity = t});
+  ak::factorized_cache<S> cache({.heads = s.h, .head_dim = s.d, .k_rank = s.rk, .v_rank = s.rv, .capacity = t});
   {
     std::mt19937 rng(1);
     std::normal_distribution<float> nd;
@@ -54,10 +54,9 @@ void BM_tpa_decode(benchmark::State& state) {
   const std::int64_t qpos = t - 1;
   ak::thread_pool pool(threads);
   ak::attention_workspace ws;
-  const ak::tpa_scales sc{1.f / float(s.rq), 1.f / float(s.rk), 1.f / float(s.rv)};
   for (auto _ : state) {
     ak::attend_factorized(ak::tensor3_view<const float>(aq.data(), {1, s.rq, s.h}), ak::tensor3_view<const float>(bq.data(), {1, s.rq, s.d}),
-                          std::span(&qpos, 1), cache, ak::tensor3_view<float>(out.data(), {1, s.h, s.d}), sc, {}, pool, &ws);
+                          std::span(&qpos, 1), cache, ak::tensor3_view<float>(out.data(), {1, s.h, s.d}), {}, pool, &ws);
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());

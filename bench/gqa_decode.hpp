@@ -15,7 +15,7 @@ constexpr std::int64_t H = 32, HKV = 8, D = 128;
 
 template <ak::storage_type S>
 ak::dense_cache<S> filled_cache(std::int64_t t) {
-  ak::dense_cache<S> cache({.kv_heads = HKV, .qk_dim = D, .v_dim = D, .capacity = t});
+  ak::dense_cache<S> cache({.kv_heads = HKV, .head_dim = D, .v_head_dim = D, .capacity = t});
   std::mt19937 rng(1);
   std::normal_distribution<float> nd;
   const std::int64_t chunk = 1024;

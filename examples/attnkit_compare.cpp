@@ -154,7 +154,7 @@ void layer_columns(const options& o, std::int64_t kv_heads, ak::dense_cache<S>& 
                            .rope = {.theta = o.theta, .layout = ak::rope_layout::half_split}};
   ak::gqa_layer layer(cfg, {ak::view_of(wq), ak::view_of(wk), ak::view_of(wv), ak::view_of(wo)});
 
-  ak::dense_cache<S> big({.kv_heads = kv_heads, .qk_dim = d, .v_dim = d, .capacity = cache.size() + 1});
+  ak::dense_cache<S> big({.kv_heads = kv_heads, .head_dim = d, .v_head_dim = d, .capacity = cache.size() + 1});
   {  // the same context, one slot to spare
     std::vector<float> k(static_cast<std::size_t>(cache.size() * kv_heads * d), 0.1f);
     std::vector<std::int64_t> pos(cache.positions().begin(), cache.positions().end());
@@ -190,7 +190,7 @@ row gqa_family_row(const options& o, const std::string& name, std::int64_t kv_he
   const fmat k = random_matrix(rng, t, kv_heads * d), v = random_matrix(rng, t, kv_heads * d), q = random_matrix(rng, 1, h * d);
   std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
   for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
-  ak::dense_cache<S> cache({.kv_heads = kv_heads, .qk_dim = d, .v_dim = d, .capacity = t});
+  ak::dense_cache<S> cache({.kv_heads = kv_heads, .head_dim = d, .v_head_dim = d, .capacity = t});
   cache.append(ak::tensor3_view<const float>(k.data(), {t, kv_heads, d}), ak::tensor3_view<const float>(v.data(), {t, kv_heads, d}), pos);
   fmat out(1, h * d);
   ak::attention_workspace ws;
@@ -210,7 +210,7 @@ row gqa_family_row(const options& o, const std::string& name, std::int64_t kv_he
 
   const std::int64_t tp = o.prefill;
   const fmat qp = random_matrix(rng, tp, h * d);
-  ak::dense_cache<S> pc({.kv_heads = kv_heads, .qk_dim = d, .v_dim = d, .capacity = tp});
+  ak::dense_cache<S> pc({.kv_heads = kv_heads, .head_dim = d, .v_head_dim = d, .capacity = tp});
   const std::int64_t n = std::min(tp, t);
   pc.append(ak::tensor3_view<const float>(k.data(), {n, kv_heads, d}), ak::tensor3_view<const float>(v.data(), {n, kv_heads, d}),
             std::span(pos).first(static_cast<std::size_t>(n)));
@@ -239,7 +239,7 @@ double adaptive_median_us(const std::function<void()>& fn) {
 template <ak::storage_type S>
 std::vector<row> mla_rows(const options& o, const std::string& name, const ak::mla_config& cfg, ak::thread_pool& pool) {
   const std::int64_t dm = cfg.model_dim, h = cfg.heads, dc = cfg.latent_dim, dn = cfg.nope_dim, dr = cfg.rope_dim;
-  const std::int64_t dv = cfg.v_dim, dqk = dn + dr, t = o.context, w = dc + dr;
+  const std::int64_t dv = cfg.v_head_dim, dqk = dn + dr, t = o.context, w = dc + dr;
   std::mt19937_64 rng(7);
   auto rnd = [&](std::int64_t r, std::int64_t c, float s) { return random_matrix(rng, r, c, s); };
   const float sd = 1.f / std::sqrt(float(dm));
@@ -289,9 +289,10 @@ std::vector<row> mla_rows(const options& o, const std::string& name, const ak::m
       for (std::int64_t s = 0; s < tk; ++s)
         std::copy(cf.row(s).data() + dc, cf.row(s).data() + w, kf.row(s).data() + i * dqk + dn);
     });
-    ak::attend<float>(ak::tensor3_view<const float>(q, {n, h, dqk}), std::span(qp, static_cast<std::size_t>(n)),
-                      ak::tensor3_view<const float>(kf.data(), {tk, h, dqk}), ak::tensor3_view<const float>(vf.data(), {tk, h, dv}),
-                      c.positions(), ak::tensor3_view<float>(out, {n, h, dv}), opt, pool, &ws);
+    const ak::kv_view<float> kv(ak::tensor3_view<const float>(kf.data(), {tk, h, dqk}),
+                                ak::tensor3_view<const float>(vf.data(), {tk, h, dv}), c.positions());
+    ak::attend(ak::tensor3_view<const float>(q, {n, h, dqk}), std::span(qp, static_cast<std::size_t>(n)), kv,
+               ak::tensor3_view<float>(out, {n, h, dv}), opt, pool, &ws);
   };
   const fmat qn = random_matrix(rng, 1, h * dqk, 0.05f);
   fmat on(1, h * dv);
@@ -390,6 +391,7 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
   cache.append({ak::tensor3_view<const float>(ak_.data(), {t, rk, h}), ak::tensor3_view<const float>(bk.data(), {t, rk, d}),
                 ak::tensor3_view<const float>(av.data(), {t, rv, h}), ak::tensor3_view<const float>(bv.data(), {t, rv, d}), pos});
   const fmat aq = random_matrix(rng, 1, rq * h), bq = random_matrix(rng, 1, rq * d, 0.3f);
+  const fmat aq_scaled = aq * sc.q;  // the kernel's query is A_Q^T B_Q: T6's 1/R_Q goes into A_Q
   fmat out(1, h * d);
   const std::int64_t qpos = t - 1;
   ak::attention_workspace ws;
@@ -398,8 +400,9 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
         cache.bytes_per_token()};
   r.kv_gib = double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
   r.decode_us = median_us(15, [&] {
-    ak::attend_factorized(ak::tensor3_view<const float>(aq.data(), {1, rq, h}), ak::tensor3_view<const float>(bq.data(), {1, rq, d}),
-                          std::span(&qpos, 1), cache, ak::tensor3_view<float>(out.data(), {1, h, d}), sc, {}, pool, &ws);
+    ak::attend_factorized(ak::tensor3_view<const float>(aq_scaled.data(), {1, rq, h}),
+                          ak::tensor3_view<const float>(bq.data(), {1, rq, d}), std::span(&qpos, 1), cache,
+                          ak::tensor3_view<float>(out.data(), {1, h, d}), {}, pool, &ws);
   });
   {
     using rmat = ak::reference::matrix;
@@ -421,7 +424,7 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
                      ak::attend_factorized(ak::tensor3_view<const float>(paq.data(), {n, rq, h}),
                                            ak::tensor3_view<const float>(pbq.data(), {n, rq, d}),
                                            std::span(pos).first(static_cast<std::size_t>(n)), pc,
-                                           ak::tensor3_view<float>(po.data(), {n, h, d}), sc, {}, pool, &ws);
+                                           ak::tensor3_view<float>(po.data(), {n, h, d}), {}, pool, &ws);
                    }) / 1000.0;
   }
   const fmat x = random_matrix(rng, 8, dm);
@@ -521,7 +524,7 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
   if (o.wants("GQA")) rows.push_back(gqa_family_row<S>(o, "GQA", o.kv_heads, pool));
   if (o.wants("MQA")) rows.push_back(gqa_family_row<S>(o, "MQA", 1, pool));
   // DeepSeek-V2-Lite: D 2048, H 16, no q-LoRA; DeepSeek-V3-shaped: D 7168, H 128, q-LoRA 1536.
-  const ak::mla_config v2{.model_dim = 2048, .heads = 16, .latent_dim = 512, .nope_dim = 128, .rope_dim = 64, .v_dim = 128};
+  const ak::mla_config v2{.model_dim = 2048, .heads = 16, .latent_dim = 512, .nope_dim = 128, .rope_dim = 64, .v_head_dim = 128};
   ak::mla_config v3 = v2;
   v3.model_dim = 7168;
   v3.heads = 128;

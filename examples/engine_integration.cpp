@@ -36,7 +36,7 @@ int main() {
   // KV memory owned by the engine, in bf16, head-major.
   std::vector<ak::bf16> k_mem(static_cast<std::size_t>(hkv * capacity * d)), v_mem(k_mem.size());
   std::vector<std::int64_t> pos_mem(capacity);
-  ak::dense_cache<ak::bf16> cache({.kv_heads = hkv, .qk_dim = d, .v_dim = d, .capacity = capacity}, k_mem.data(), v_mem.data(),
+  ak::dense_cache<ak::bf16> cache({.kv_heads = hkv, .head_dim = d, .v_head_dim = d, .capacity = capacity}, k_mem.data(), v_mem.data(),
                                   pos_mem.data());
   engine_pool pool;
 

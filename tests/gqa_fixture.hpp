@@ -5,7 +5,7 @@
 namespace attnkit::test {
 
 struct gqa_case {
-  std::int64_t heads = 8, kv_heads = 2, qk_dim = 64, v_dim = 64, tk = 100, tq = 1;
+  std::int64_t heads = 8, kv_heads = 2, head_dim = 64, v_head_dim = 64, tk = 100, tq = 1;
   bool causal = true;
   std::optional<std::int64_t> window{};
   tile_strategy strategy = tile_strategy::automatic;
@@ -16,9 +16,9 @@ struct gqa_case {
 /// with A = max scale*|q||k| (Cauchy-Schwarz); softmax passes that on at most 2x to the
 /// probabilities; the probability-weighted sum of Tk values accumulates <~ sqrt(Tk) u max|v|;
 /// exp and the normalisation add a few u. Safety factor 4 on the sum of the terms.
-inline double float_tolerance(std::int64_t qk_dim, std::int64_t tk, double a_max, double v_max) {
+inline double float_tolerance(std::int64_t head_dim, std::int64_t tk, double a_max, double v_max) {
   const double u = 0x1p-24;
-  return 4 * u * v_max * (std::sqrt(double(tk)) + 2 * std::sqrt(double(qk_dim)) * a_max + 8);
+  return 4 * u * v_max * (std::sqrt(double(tk)) + 2 * std::sqrt(double(head_dim)) * a_max + 8);
 }
 
 /// Extra error bound from storing K and V in S instead of float (rigorous): |dk| <= u_S |k|
@@ -34,12 +34,12 @@ struct gqa_data {
   double scale;
   /// A = max over query heads and key heads of scale * |q_h| |k_j| (Cauchy-Schwarz bound of
   /// scale * sum_c |q_c k_c|).
-  double a_max(std::int64_t qk_dim) const {
+  double a_max(std::int64_t head_dim) const {
     auto max_head_norm = [&](const fmat& m) {
       double n = 0;
       for (std::int64_t i = 0; i < m.rows(); ++i)
-        for (std::int64_t h = 0; h < m.cols() / qk_dim; ++h)
-          n = std::max<double>(n, m.row(i).segment(h * qk_dim, qk_dim).cast<double>().norm());
+        for (std::int64_t h = 0; h < m.cols() / head_dim; ++h)
+          n = std::max<double>(n, m.row(i).segment(h * head_dim, head_dim).cast<double>().norm());
       return n;
     };
     return scale * max_head_norm(q) * max_head_norm(k);
@@ -50,31 +50,31 @@ struct gqa_data {
 /// around the keys' positions (so masks and fully masked rows both occur).
 inline gqa_data make_gqa_data(std::mt19937_64& rng, const gqa_case& c) {
   gqa_data x;
-  x.q = random_matrix(rng, c.tq, c.heads * c.qk_dim);
-  x.k = random_matrix(rng, c.tk, c.kv_heads * c.qk_dim);
-  x.v = random_matrix(rng, c.tk, c.kv_heads * c.v_dim);
+  x.q = random_matrix(rng, c.tq, c.heads * c.head_dim);
+  x.k = random_matrix(rng, c.tk, c.kv_heads * c.head_dim);
+  x.v = random_matrix(rng, c.tk, c.kv_heads * c.v_head_dim);
   x.k_pos = gapped_positions(rng, c.tk, static_cast<std::int64_t>(rng() % 1000), 3);
   const std::int64_t last = c.tk ? x.k_pos.back() : 0;
   std::uniform_int_distribution<std::int64_t> pick(-5, last + 3);
   for (std::int64_t i = 0; i < c.tq; ++i) x.q_pos.push_back(i == c.tq - 1 ? last : pick(rng));
-  x.scale = 1.0 / std::sqrt(double(c.qk_dim));
+  x.scale = 1.0 / std::sqrt(double(c.head_dim));
   return x;
 }
 
 /// The kernel's output over a dense cache of S.
 template <storage_type S, class Exec = serial_executor>
 fmat run_kernel(const gqa_case& c, const gqa_data& x, Exec&& exec = Exec{}, fmat* lse = nullptr) {
-  dense_cache<S> cache({.kv_heads = c.kv_heads, .qk_dim = c.qk_dim, .v_dim = c.v_dim, .capacity = c.tk});
-  cache.append(tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.qk_dim}),
-               tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_dim}), x.k_pos);
-  fmat out(c.tq, c.heads * c.v_dim);
+  dense_cache<S> cache({.kv_heads = c.kv_heads, .head_dim = c.head_dim, .v_head_dim = c.v_head_dim, .capacity = c.tk});
+  cache.append(tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.head_dim}),
+               tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_head_dim}), x.k_pos);
+  fmat out(c.tq, c.heads * c.v_head_dim);
   attention_options opt{.causal = c.causal, .window = c.window, .strategy = c.strategy};
   if (lse) {
     lse->resize(c.tq, c.heads);
     opt.lse = matrix_view<float>(lse->data(), {c.tq, c.heads});
   }
-  attend(tensor3_view<const float>(x.q.data(), {c.tq, c.heads, c.qk_dim}), x.q_pos, cache,
-         tensor3_view<float>(out.data(), {c.tq, c.heads, c.v_dim}), opt, exec);
+  attend(tensor3_view<const float>(x.q.data(), {c.tq, c.heads, c.head_dim}), x.q_pos, cache,
+         tensor3_view<float>(out.data(), {c.tq, c.heads, c.v_head_dim}), opt, exec);
   return out;
 }
 
@@ -87,7 +87,7 @@ reference::attention_result run_reference(const gqa_case& c, const gqa_data& x) 
 
 inline std::string describe(const gqa_case& c) {
   std::ostringstream os;
-  os << "H=" << c.heads << " H_kv=" << c.kv_heads << " d_qk=" << c.qk_dim << " d_v=" << c.v_dim << " Tk=" << c.tk
+  os << "H=" << c.heads << " H_kv=" << c.kv_heads << " d_qk=" << c.head_dim << " d_v=" << c.v_head_dim << " Tk=" << c.tk
      << " Tq=" << c.tq << " causal=" << c.causal << " window=" << (c.window ? *c.window : 0)
      << " strategy=" << static_cast<int>(c.strategy);
   return os.str();

@@ -18,7 +18,7 @@ struct gqa_layer_data {
       return Eigen::Map<const Eigen::VectorXf>(b.data(), static_cast<Eigen::Index>(b.size())).cast<double>().eval();
     };
     return {to_double(q), to_double(k), to_double(v), to_double(o), vec(qb), vec(kb), vec(vb), vec(ob), vec(qn), vec(kn),
-            double(cfg.qk_norm_eps)};
+            double(cfg.rms_eps)};
   }
 };
 
@@ -84,8 +84,8 @@ inline double layer_a_max(const gqa_layer_data& w, const fmat& x) {
   if (!w.qb.empty()) q.rowwise() += w.reference_weights().q_bias.transpose();
   if (!w.kb.empty()) k.rowwise() += w.reference_weights().k_bias.transpose();
   const std::int64_t d = w.cfg.head_dim;
-  reference::rms_norm_heads(q, d, w.reference_weights().q_norm, w.cfg.qk_norm_eps);
-  reference::rms_norm_heads(k, d, w.reference_weights().k_norm, w.cfg.qk_norm_eps);
+  reference::rms_norm_heads(q, d, w.reference_weights().q_norm, w.cfg.rms_eps);
+  reference::rms_norm_heads(k, d, w.reference_weights().k_norm, w.cfg.rms_eps);
   double qn = 0, kn = 0;
   for (std::int64_t i = 0; i < x.rows(); ++i) {
     for (std::int64_t h = 0; h < w.cfg.heads; ++h) qn = std::max(qn, q.row(i).segment(h * d, d).norm());

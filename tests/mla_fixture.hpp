@@ -27,7 +27,7 @@ struct mla_data {
             b(q_bias), b(q_a_bias), b(q_b_bias), b(kv_a_bias), b(kv_b_bias), b(o_bias), {}, {}};
   }
   reference::mla_shape shape() const {
-    return {cfg.heads, cfg.latent_dim, cfg.nope_dim, cfg.rope_dim, cfg.v_dim, cfg.rope_heads, cfg.rms_eps};
+    return {cfg.heads, cfg.latent_dim, cfg.nope_dim, cfg.rope_dim, cfg.v_head_dim, cfg.rope_heads, cfg.rms_eps};
   }
   double scale() const {
     return cfg.scale.value_or(1.f / std::sqrt(float(cfg.nope_dim + cfg.rope_dim))) * double(cfg.mscale) * cfg.mscale;
@@ -54,8 +54,8 @@ inline mla_data make_mla(std::mt19937_64& rng, const mla_config& cfg, bool biase
   }
   w.kv_a = random_matrix(rng, cfg.latent_dim + cfg.rope_heads * cfg.rope_dim, d, sd);
   if (latent_norm) w.kv_a_norm = random_vector(rng, cfg.latent_dim, 0.1f, 1.f);
-  w.kv_b = random_matrix(rng, h * (cfg.nope_dim + cfg.v_dim), cfg.latent_dim, 1.f / std::sqrt(float(cfg.latent_dim)));
-  w.o_proj = random_matrix(rng, d, h * cfg.v_dim, 1.f / std::sqrt(float(h * cfg.v_dim)));
+  w.kv_b = random_matrix(rng, h * (cfg.nope_dim + cfg.v_head_dim), cfg.latent_dim, 1.f / std::sqrt(float(cfg.latent_dim)));
+  w.o_proj = random_matrix(rng, d, h * cfg.v_head_dim, 1.f / std::sqrt(float(h * cfg.v_head_dim)));
   if (biases) {
     if (cfg.q_lora_rank > 0) {
       w.q_a_bias = random_vector(rng, cfg.q_lora_rank, 0.3f);
@@ -64,7 +64,7 @@ inline mla_data make_mla(std::mt19937_64& rng, const mla_config& cfg, bool biase
       w.q_bias = random_vector(rng, h * dqk, 0.3f);
     }
     w.kv_a_bias = random_vector(rng, cfg.latent_dim + cfg.rope_heads * cfg.rope_dim, 0.3f);
-    w.kv_b_bias = random_vector(rng, h * (cfg.nope_dim + cfg.v_dim), 0.3f);
+    w.kv_b_bias = random_vector(rng, h * (cfg.nope_dim + cfg.v_head_dim), 0.3f);
     w.o_bias = random_vector(rng, d, 0.3f);
   }
   return w;
@@ -80,7 +80,7 @@ inline mla_config random_mla_config(std::mt19937_64& rng) {
   c.latent_dim = rng() % 2 ? 32 : 48;
   c.nope_dim = rng() % 2 ? 16 : 24;
   c.rope_dim = rng() % 3 == 0 ? 16 : 8;
-  c.v_dim = rng() % 2 ? 16 : 20;
+  c.v_head_dim = rng() % 2 ? 16 : 20;
   c.rope = {.theta = 10000.0, .layout = rng() % 2 ? rope_layout::interleaved : rope_layout::half_split};
   if (rng() % 3 == 0) c.mscale = 1.3f;
   return c;
@@ -94,7 +94,7 @@ double mla_rel_tolerance(const mla_config& c, std::int64_t t, double a_max) {
   const double u = 0x1p-24;
   const double f = 4 * u *
                    (std::sqrt(double(c.model_dim)) + std::sqrt(double(c.latent_dim)) * 2 +
-                    std::sqrt(double(std::max<std::int64_t>(c.q_lora_rank, 1))) + std::sqrt(double(c.heads * c.v_dim)) +
+                    std::sqrt(double(std::max<std::int64_t>(c.q_lora_rank, 1))) + std::sqrt(double(c.heads * c.v_head_dim)) +
                     2 * std::sqrt(double(c.nope_dim + c.rope_dim)) * a_max + std::sqrt(double(t)) + 8);
   return f + (std::same_as<S, float> ? 0.0 : unit_roundoff<S>() * (1 + 2 * a_max) * 2);
 }

@@ -29,7 +29,7 @@ TEMPLATE_TEST_CASE("dense_cache stores rounded K/V head-major with positions", "
   using S = TestType;
   std::mt19937_64 rng(7);
   const std::int64_t hkv = 3, dqk = 20, dv = 12;
-  dense_cache<S> c({.kv_heads = hkv, .qk_dim = dqk, .v_dim = dv, .capacity = 10});
+  dense_cache<S> c({.kv_heads = hkv, .head_dim = dqk, .v_head_dim = dv, .capacity = 10});
   CHECK(c.size() == 0);
   CHECK(c.capacity() == 10);
   CHECK(c.bytes_per_token() == hkv * (dqk + dv) * static_cast<std::int64_t>(sizeof(S)));
@@ -39,15 +39,15 @@ TEMPLATE_TEST_CASE("dense_cache stores rounded K/V head-major with positions", "
   CHECK(std::vector<std::int64_t>(c.positions().begin(), c.positions().end()) == a.pos);
   for (std::int64_t t = 0; t < 4; ++t)
     for (std::int64_t j = 0; j < hkv; ++j) {
-      for (std::int64_t i = 0; i < dqk; ++i) CHECK(c.keys(j)[t * dqk + i] == static_cast<S>(a.k(t, j * dqk + i)));
-      for (std::int64_t i = 0; i < dv; ++i) CHECK(c.values(j)[t * dv + i] == static_cast<S>(a.v(t, j * dv + i)));
+      for (std::int64_t i = 0; i < dqk; ++i) CHECK(c.view().keys().row(j, t)[i] == static_cast<S>(a.k(t, j * dqk + i)));
+      for (std::int64_t i = 0; i < dv; ++i) CHECK(c.view().values().row(j, t)[i] == static_cast<S>(a.v(t, j * dv + i)));
     }
 }
 
 TEST_CASE("dense_cache: appending past capacity throws and leaves the cache unchanged", "[cache][errors]") {
   std::mt19937_64 rng(8);
-  dense_cache<float> c({.kv_heads = 2, .qk_dim = 4, .capacity = 5});
-  CHECK(c.v_dim() == 4);  // v_dim defaults to qk_dim
+  dense_cache<float> c({.kv_heads = 2, .head_dim = 4, .capacity = 5});
+  CHECK(c.v_head_dim() == 4);  // v_head_dim defaults to head_dim
   c.append(make_tokens(rng, 3, 2, 4, 4, 0).payload(2, 4, 4));
   const tokens more = make_tokens(rng, 3, 2, 4, 4, 3);
   ATTNKIT_CHECK_INVALID(c.append(more.payload(2, 4, 4)), "appending 3 tokens to size=3 exceeds capacity=5");
@@ -62,16 +62,16 @@ TEST_CASE("dense_cache: appending past capacity throws and leaves the cache unch
   p = bad.payload(2, 4, 4);
   p.positions = std::span(bad.pos).first(1);
   ATTNKIT_CHECK_INVALID(c.append(p), "k has shape [2, 2, 4] but [1, 2, 4]");
-  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 0, .qk_dim = 4, .capacity = 1}), "kv_heads must be > 0", "got 0");
-  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 1, .qk_dim = -2, .capacity = 1}), "qk_dim must be > 0");
-  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 1, .qk_dim = 2, .capacity = -1}), "capacity must be >= 0");
+  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 0, .head_dim = 4, .capacity = 1}), "kv_heads must be > 0", "got 0");
+  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 1, .head_dim = -2, .capacity = 1}), "head_dim must be > 0");
+  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 1, .head_dim = 2, .capacity = -1}), "capacity must be >= 0");
 }
 
 TEST_CASE("dense_cache: truncate-then-append equals never having appended", "[cache]") {
   std::mt19937_64 rng(9);
   const std::int64_t hkv = 2, h = 4, d = 16;
-  dense_cache<float> rolled({.kv_heads = hkv, .qk_dim = d, .capacity = 64});
-  dense_cache<float> clean({.kv_heads = hkv, .qk_dim = d, .capacity = 64});
+  dense_cache<float> rolled({.kv_heads = hkv, .head_dim = d, .capacity = 64});
+  dense_cache<float> clean({.kv_heads = hkv, .head_dim = d, .capacity = 64});
   const tokens prefix = make_tokens(rng, 20, hkv, d, d, 0);
   const tokens rejected = make_tokens(rng, 7, hkv, d, d, 20);  // e.g. rejected speculative tokens
   const tokens accepted = make_tokens(rng, 5, hkv, d, d, 20);
@@ -99,16 +99,16 @@ TEST_CASE("dense_cache can wrap engine-owned memory", "[cache]") {
   const std::int64_t hkv = 2, d = 8, cap = 6;
   std::vector<bf16> k(static_cast<std::size_t>(hkv * cap * d)), v(k.size());
   std::vector<std::int64_t> pos(cap);
-  dense_cache<bf16> c({.kv_heads = hkv, .qk_dim = d, .capacity = cap}, k.data(), v.data(), pos.data());
+  dense_cache<bf16> c({.kv_heads = hkv, .head_dim = d, .capacity = cap}, k.data(), v.data(), pos.data());
   const tokens a = make_tokens(rng, 2, hkv, d, d, 40);
   c.append(a.payload(hkv, d, d));
   CHECK(pos[1] == 41);
   CHECK(k[static_cast<std::size_t>(1 * cap * d + 1 * d + 3)] == static_cast<bf16>(a.k(1, d + 3)));  // head 1, token 1
   // Re-wrap the same memory with its size: the engine owns the state.
-  dense_cache<bf16> again({.kv_heads = hkv, .qk_dim = d, .capacity = cap}, k.data(), v.data(), pos.data(), 2);
+  dense_cache<bf16> again({.kv_heads = hkv, .head_dim = d, .capacity = cap}, k.data(), v.data(), pos.data(), 2);
   CHECK(again.size() == 2);
-  ATTNKIT_CHECK_INVALID((dense_cache<bf16>({.kv_heads = hkv, .qk_dim = d, .capacity = cap}, k.data(), v.data(), pos.data(), 7)),
+  ATTNKIT_CHECK_INVALID((dense_cache<bf16>({.kv_heads = hkv, .head_dim = d, .capacity = cap}, k.data(), v.data(), pos.data(), 7)),
                         "size=7 must be in [0, capacity=6]");
-  ATTNKIT_CHECK_INVALID((dense_cache<bf16>({.kv_heads = hkv, .qk_dim = d, .capacity = cap}, nullptr, v.data(), pos.data())),
+  ATTNKIT_CHECK_INVALID((dense_cache<bf16>({.kv_heads = hkv, .head_dim = d, .capacity = cap}, nullptr, v.data(), pos.data())),
                         "must be non-null");
 }

@@ -14,8 +14,8 @@ void check_against_reference(const gqa_case& c, std::mt19937_64& rng, Exec&& exe
   fmat lse;
   const fmat out = run_kernel<S>(c, x, exec, &lse);
   const auto ref = run_reference<S>(c, x);
-  const double v_max = x.v.cwiseAbs().maxCoeff(), a = x.a_max(c.qk_dim);
-  const double tol = float_tolerance(c.qk_dim, c.tk, a, v_max);
+  const double v_max = x.v.cwiseAbs().maxCoeff(), a = x.a_max(c.head_dim);
+  const double tol = float_tolerance(c.head_dim, c.tk, a, v_max);
   INFO("A=" << a << " tolerance=" << tol);
   CHECK(max_abs_diff(to_double(out), ref.out) <= tol);
   // LSE: natural log; -inf exactly where the reference row is fully masked.
@@ -23,9 +23,9 @@ void check_against_reference(const gqa_case& c, std::mt19937_64& rng, Exec&& exe
     for (std::int64_t h = 0; h < c.heads; ++h) {
       if (std::isinf(ref.lse(t, h))) {
         CHECK(lse(t, h) == -INFINITY);
-        for (std::int64_t i = 0; i < c.v_dim; ++i) CHECK(out(t, h * c.v_dim + i) == 0.f);
+        for (std::int64_t i = 0; i < c.v_head_dim; ++i) CHECK(out(t, h * c.v_head_dim + i) == 0.f);
       } else {
-        CHECK(std::abs(lse(t, h) - ref.lse(t, h)) <= 4 * 0x1p-24 * (std::abs(ref.lse(t, h)) + 2 * std::sqrt(double(c.qk_dim)) * a + std::sqrt(double(c.tk))));
+        CHECK(std::abs(lse(t, h) - ref.lse(t, h)) <= 4 * 0x1p-24 * (std::abs(ref.lse(t, h)) + 2 * std::sqrt(double(c.head_dim)) * a + std::sqrt(double(c.tk))));
       }
     }
   if constexpr (!std::same_as<S, float>) {
@@ -43,8 +43,8 @@ gqa_case random_case(std::mt19937_64& rng) {
   c.kv_heads = 1 + static_cast<std::int64_t>(rng() % 4);
   const std::int64_t g = 1 + static_cast<std::int64_t>(rng() % 8);
   c.heads = c.kv_heads * g;
-  c.qk_dim = dims[rng() % 5];
-  c.v_dim = rng() % 3 == 0 ? dims[rng() % 5] : c.qk_dim;
+  c.head_dim = dims[rng() % 5];
+  c.v_head_dim = rng() % 3 == 0 ? dims[rng() % 5] : c.head_dim;
   c.tq = tqs[rng() % 7];
   c.tk = 1 + static_cast<std::int64_t>(rng() % (c.tq > 8 ? 400 : 1500));
   c.causal = rng() % 5 != 0;
@@ -67,7 +67,7 @@ TEMPLATE_TEST_CASE("attend matches the double reference over randomized shapes",
 TEMPLATE_TEST_CASE("long-context decode (Tk = 4096) for every group size g dividing H = 32", "[gqa]", float, bf16) {
   const std::int64_t g = GENERATE(1, 2, 4, 8, 16, 32);
   std::mt19937_64 rng(static_cast<std::uint64_t>(g));
-  gqa_case c{.heads = 32, .kv_heads = 32 / g, .qk_dim = 128, .v_dim = 128, .tk = 4096, .tq = 1};
+  gqa_case c{.heads = 32, .kv_heads = 32 / g, .head_dim = 128, .v_head_dim = 128, .tk = 4096, .tq = 1};
   thread_pool pool(2);
   check_against_reference<TestType>(c, rng, pool);
 }
@@ -76,20 +76,20 @@ TEST_CASE("prefill tiles for every g dividing H = 24, both strategies, d_qk != d
   const std::int64_t g = GENERATE(1, 2, 3, 4, 6, 8, 12, 24);
   const tile_strategy st = GENERATE(tile_strategy::streaming, tile_strategy::gemm);
   std::mt19937_64 rng(static_cast<std::uint64_t>(100 + g));
-  gqa_case c{.heads = 24, .kv_heads = 24 / g, .qk_dim = 80, .v_dim = 48, .tk = 300, .tq = 300, .strategy = st};
+  gqa_case c{.heads = 24, .kv_heads = 24 / g, .head_dim = 80, .v_head_dim = 48, .tk = 300, .tq = 300, .strategy = st};
   check_against_reference<float>(c, rng);
 }
 
 TEST_CASE("full causal prefill with contiguous positions up to T = 1024", "[gqa]") {
   const std::int64_t t = GENERATE(129, 1024);
   std::mt19937_64 rng(static_cast<std::uint64_t>(t));
-  gqa_case c{.heads = 4, .kv_heads = 2, .qk_dim = 64, .v_dim = 64, .tk = t, .tq = t};
+  gqa_case c{.heads = 4, .kv_heads = 2, .head_dim = 64, .v_head_dim = 64, .tk = t, .tq = t};
   gqa_data x = make_gqa_data(rng, c);
   for (std::int64_t i = 0; i < t; ++i) x.q_pos[static_cast<std::size_t>(i)] = x.k_pos[static_cast<std::size_t>(i)] = 5000 + i;
   thread_pool pool(2);
   const fmat out = run_kernel<float>(c, x, pool);
   const auto ref = run_reference<float>(c, x);
-  CHECK(max_abs_diff(to_double(out), ref.out) <= float_tolerance(c.qk_dim, c.tk, x.a_max(c.qk_dim), x.v.cwiseAbs().maxCoeff()));
+  CHECK(max_abs_diff(to_double(out), ref.out) <= float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff()));
 }
 
 TEST_CASE("results with 1, 2 and 3 workers agree within tolerance", "[gqa][executor]") {
@@ -100,7 +100,7 @@ TEST_CASE("results with 1, 2 and 3 workers agree within tolerance", "[gqa][execu
   thread_pool pool(2);
   callable_executor three([&](std::int64_t n, const std::function<void(std::int64_t)>& fn) { pool.parallel_for(n, fn); }, 3);
   const fmat a = run_kernel<float>(c, x), b = run_kernel<float>(c, x, pool), d = run_kernel<float>(c, x, three);
-  const double tol = float_tolerance(c.qk_dim, c.tk, x.a_max(c.qk_dim), x.v.cwiseAbs().maxCoeff());
+  const double tol = float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff());
   INFO(describe(c));
   CHECK(max_abs_diff(to_double(a), to_double(b)) <= 2 * tol);
   CHECK(max_abs_diff(to_double(a), to_double(d)) <= 2 * tol);
@@ -110,7 +110,7 @@ TEST_CASE("fully masked rows and empty caches give zeros and LSE -inf, never NaN
   const tile_strategy st = GENERATE(tile_strategy::streaming, tile_strategy::gemm);
   std::mt19937_64 rng(41);
   for (std::int64_t tk : {0, 50}) {
-    gqa_case c{.heads = 4, .kv_heads = 1, .qk_dim = 32, .v_dim = 16, .tk = tk, .tq = 3, .strategy = st};
+    gqa_case c{.heads = 4, .kv_heads = 1, .head_dim = 32, .v_head_dim = 16, .tk = tk, .tq = 3, .strategy = st};
     gqa_data x = make_gqa_data(rng, c);
     x.q_pos = {-100, -1, -7};  // before every key
     fmat lse;
@@ -119,7 +119,7 @@ TEST_CASE("fully masked rows and empty caches give zeros and LSE -inf, never NaN
     CHECK((lse.array() == -INFINITY).all());
   }
   // A window that excludes every key of an otherwise visible past.
-  gqa_case c{.heads = 2, .kv_heads = 2, .qk_dim = 32, .v_dim = 32, .tk = 20, .tq = 1, .window = 3, .strategy = st};
+  gqa_case c{.heads = 2, .kv_heads = 2, .head_dim = 32, .v_head_dim = 32, .tk = 20, .tq = 1, .window = 3, .strategy = st};
   gqa_data x = make_gqa_data(rng, c);
   x.q_pos = {x.k_pos.back() + 10};
   CHECK(run_kernel<float>(c, x).cwiseAbs().maxCoeff() == 0.f);
@@ -127,31 +127,31 @@ TEST_CASE("fully masked rows and empty caches give zeros and LSE -inf, never NaN
 
 TEST_CASE("strided q and out views and the caller-owned K/V overload give the cache's result", "[gqa][view]") {
   std::mt19937_64 rng(51);
-  gqa_case c{.heads = 6, .kv_heads = 3, .qk_dim = 40, .v_dim = 24, .tk = 77, .tq = 5};
+  gqa_case c{.heads = 6, .kv_heads = 3, .head_dim = 40, .v_head_dim = 24, .tk = 77, .tq = 5};
   const gqa_data x = make_gqa_data(rng, c);
   const fmat base = run_kernel<float>(c, x);
   // q with padded head stride (a slice of a fused QKV buffer), out with padded token stride.
-  const std::int64_t qhs = c.qk_dim + 8, ots = c.heads * c.v_dim + 5;
+  const std::int64_t qhs = c.head_dim + 8, ots = c.heads * c.v_head_dim + 5;
   std::vector<float> qbuf(static_cast<std::size_t>(c.tq * c.heads * qhs), NAN), obuf(static_cast<std::size_t>(c.tq * ots), -1.f);
   for (std::int64_t t = 0; t < c.tq; ++t)
     for (std::int64_t h = 0; h < c.heads; ++h)
-      for (std::int64_t i = 0; i < c.qk_dim; ++i) qbuf[static_cast<std::size_t>((t * c.heads + h) * qhs + i)] = x.q(t, h * c.qk_dim + i);
+      for (std::int64_t i = 0; i < c.head_dim; ++i) qbuf[static_cast<std::size_t>((t * c.heads + h) * qhs + i)] = x.q(t, h * c.head_dim + i);
   // K/V token-major [Tk, H_kv, d] exactly as the caller has them.
-  attend<float>(tensor3_view<const float>(qbuf.data(), {c.tq, c.heads, c.qk_dim}, {c.heads * qhs, qhs, 1}), x.q_pos,
-                tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.qk_dim}),
-                tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_dim}), x.k_pos,
-                tensor3_view<float>(obuf.data(), {c.tq, c.heads, c.v_dim}, {ots, c.v_dim, 1}));
+  const kv_view<float> kv(tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.head_dim}),
+                          tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_head_dim}), x.k_pos);
+  attend(tensor3_view<const float>(qbuf.data(), {c.tq, c.heads, c.head_dim}, {c.heads * qhs, qhs, 1}), x.q_pos, kv,
+         tensor3_view<float>(obuf.data(), {c.tq, c.heads, c.v_head_dim}, {ots, c.v_head_dim, 1}));
   for (std::int64_t t = 0; t < c.tq; ++t) {
-    for (std::int64_t i = 0; i < c.heads * c.v_dim; ++i) CHECK(obuf[static_cast<std::size_t>(t * ots + i)] == Approx(base(t, i)).margin(1e-6));
-    for (std::int64_t i = c.heads * c.v_dim; i < ots; ++i) CHECK(obuf[static_cast<std::size_t>(t * ots + i)] == -1.f);  // padding untouched
+    for (std::int64_t i = 0; i < c.heads * c.v_head_dim; ++i) CHECK(obuf[static_cast<std::size_t>(t * ots + i)] == Approx(base(t, i)).margin(1e-6));
+    for (std::int64_t i = c.heads * c.v_head_dim; i < ots; ++i) CHECK(obuf[static_cast<std::size_t>(t * ots + i)] == -1.f);  // padding untouched
   }
 }
 
 TEST_CASE("a reused workspace gives the same result and stops growing", "[gqa]") {
   std::mt19937_64 rng(61);
-  gqa_case c{.heads = 8, .kv_heads = 1, .qk_dim = 64, .v_dim = 64, .tk = 2000, .tq = 1};
+  gqa_case c{.heads = 8, .kv_heads = 1, .head_dim = 64, .v_head_dim = 64, .tk = 2000, .tq = 1};
   const gqa_data x = make_gqa_data(rng, c);
-  dense_cache<float> cache({.kv_heads = 1, .qk_dim = 64, .capacity = c.tk});
+  dense_cache<float> cache({.kv_heads = 1, .head_dim = 64, .capacity = c.tk});
   cache.append(tensor3_view<const float>(x.k.data(), {c.tk, 1, 64}), tensor3_view<const float>(x.v.data(), {c.tk, 1, 64}), x.k_pos);
   thread_pool pool(2);
   attention_workspace ws;
@@ -165,13 +165,13 @@ TEST_CASE("a reused workspace gives the same result and stops growing", "[gqa]")
 }
 
 TEST_CASE("attend: invalid input throws attnkit::invalid_argument naming the parameter", "[gqa][errors]") {
-  dense_cache<float> cache({.kv_heads = 2, .qk_dim = 8, .capacity = 4});
+  dense_cache<float> cache({.kv_heads = 2, .head_dim = 8, .capacity = 4});
   std::vector<float> q(3 * 8), out(3 * 8), lse(3);
   std::vector<std::int64_t> pos{0};
   auto qv = [&](std::int64_t h, std::int64_t d) { return tensor3_view<const float>(q.data(), {1, h, d}); };
   auto ov = [&](std::int64_t h, std::int64_t d) { return tensor3_view<float>(out.data(), {1, h, d}); };
   ATTNKIT_CHECK_INVALID(attend(qv(3, 8), pos, cache, ov(3, 8)), "heads=3", "multiple of kv_heads=2");
-  ATTNKIT_CHECK_INVALID(attend(qv(2, 6), pos, cache, ov(2, 8)), "q.extent(2)=6", "qk_dim=8");
+  ATTNKIT_CHECK_INVALID(attend(qv(2, 6), pos, cache, ov(2, 8)), "q.extent(2)=6", "head_dim=8");
   ATTNKIT_CHECK_INVALID(attend(qv(2, 8), std::span<const std::int64_t>(), cache, ov(2, 8)), "q_positions has 0 entries", "Tq=1");
   ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, cache, ov(2, 7)), "attend: out has shape [1, 2, 7] but [1, 2, 8]");
   ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, cache, ov(2, 8), {.lse = matrix_view<float>(lse.data(), {1, 3})}),
@@ -181,11 +181,11 @@ TEST_CASE("attend: invalid input throws attnkit::invalid_argument naming the par
   ATTNKIT_CHECK_INVALID(attend_mha(qv(3, 8), pos, cache, ov(3, 8)), "attend_mha: heads=3 must equal kv_heads=2");
   ATTNKIT_CHECK_INVALID(attend_mqa(qv(2, 8), pos, cache, ov(2, 8)), "attend_mqa: kv_heads must be 1, got 2");
   std::vector<float> k(4 * 2 * 8);
-  ATTNKIT_CHECK_INVALID(attend<float>(qv(2, 8), pos, tensor3_view<const float>(k.data(), {4, 2, 8}),
-                                      tensor3_view<const float>(k.data(), {4, 2, 8}), pos, ov(2, 8)),
-                        "k_positions has 1 entries but k has Tk=4");
+  ATTNKIT_CHECK_INVALID(kv_view<float>(tensor3_view<const float>(k.data(), {4, 2, 8}),
+                                       tensor3_view<const float>(k.data(), {4, 2, 8}), pos),
+                        "kv_view: positions has 1 entries but k has Tk=4");
   std::vector<std::int64_t> kp{0, 1, 2, 3};
-  ATTNKIT_CHECK_INVALID(attend<float>(qv(2, 8), pos, tensor3_view<const float>(k.data(), {4, 2, 8}, {16, 8, 2}),
-                                      tensor3_view<const float>(k.data(), {4, 2, 8}), kp, ov(2, 8)),
+  ATTNKIT_CHECK_INVALID(kv_view<float>(tensor3_view<const float>(k.data(), {4, 2, 8}, {16, 8, 2}),
+                                       tensor3_view<const float>(k.data(), {4, 2, 8}), kp),
                         "contiguous last dimension", "strides 2 and 1");
 }

@@ -72,19 +72,19 @@ TEST_CASE("gqa_layer: invalid configurations and weights throw naming the tensor
                         "heads=3 must be a multiple of kv_heads=2");
   ATTNKIT_CHECK_INVALID(gqa_layer({.model_dim = 0, .heads = 4, .kv_heads = 2, .head_dim = 8}, w.weights()), "model_dim must be > 0");
   gqa_weights bad = w.weights();
-  bad.k = matrix_view<const float>(w.k.data(), {8, 32});
-  ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "weight k has shape [8, 32] but [16, 32]");
+  bad.k_proj = matrix_view<const float>(w.k.data(), {8, 32});
+  ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "weight k_proj has shape [8, 32] but [16, 32]");
   bad = w.weights();
-  bad.o = matrix_view<const float>(w.o.data(), {32, 16});
-  ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "weight o has shape [32, 16] but [32, 32]");
+  bad.o_proj = matrix_view<const float>(w.o.data(), {32, 16});
+  ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "weight o_proj has shape [32, 16] but [32, 32]");
   bad = w.weights();
-  bad.v_bias = std::span(w.vb).first(3);
-  ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "v_bias has 3 entries but 16");
+  bad.v_proj_bias = std::span(w.vb).first(3);
+  ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "v_proj_bias has 3 entries but 16");
   bad = w.weights();
   bad.k_norm = std::span(w.vb).first(5);
   ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "k_norm has 5 entries but 8");
   bad = w.weights();
-  bad.q = matrix_view<const float>(w.q.data(), {32, 32}, {64, 2});
+  bad.q_proj = matrix_view<const float>(w.q.data(), {32, 32}, {64, 2});
   ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "unit column stride");
   gqa_config badrope = cfg;
   badrope.rope.rotary_dim = 5;
@@ -100,6 +100,6 @@ TEST_CASE("gqa_layer: invalid configurations and weights throw naming the tensor
   ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), std::span(pos).first(2), cache2, view_of(y)), "positions has 2 entries but x has T=3");
   fmat y_bad(3, 31);
   ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), pos, cache2, view_of(y_bad)), "y has shape [3, 31] but [3, 32]");
-  dense_cache<float> wrong({.kv_heads = 1, .qk_dim = 8, .capacity = 8});
+  dense_cache<float> wrong({.kv_heads = 1, .head_dim = 8, .capacity = 8});
   ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), pos, wrong, view_of(y)), "cache has kv_heads=1", "the layer needs 2");
 }

@@ -60,7 +60,7 @@ TEMPLATE_TEST_CASE("mla_layer matches the double reference on both paths", "[mla
 
 TEST_CASE("mla_layer: DeepSeek-V2-Lite shapes (d_c 512, d_R 64, 576-element cache) match the reference", "[mla][layer]") {
   std::mt19937_64 rng(99);
-  mla_config cfg{.model_dim = 256, .heads = 4, .latent_dim = 512, .nope_dim = 128, .rope_dim = 64, .v_dim = 128};
+  mla_config cfg{.model_dim = 256, .heads = 4, .latent_dim = 512, .nope_dim = 128, .rope_dim = 64, .v_head_dim = 128};
   cfg.mscale = 1.f + 0.0707f * std::log(40.f);  // YaRN factor 40, mscale_all_dim 0.707
   const auto w = make_mla(rng, cfg, false, true);
   const std::int64_t t = 24;
@@ -98,7 +98,7 @@ TEST_CASE("mla_layer: W_UV folded into o_proj gives the same function", "[mla][l
 
 TEST_CASE("mla_layer: invalid configurations and tensors throw naming the tensor and both shapes", "[mla][errors]") {
   std::mt19937_64 rng(11);
-  mla_config cfg{.model_dim = 32, .heads = 2, .latent_dim = 16, .nope_dim = 8, .rope_dim = 4, .v_dim = 8};
+  mla_config cfg{.model_dim = 32, .heads = 2, .latent_dim = 16, .nope_dim = 8, .rope_dim = 4, .v_head_dim = 8};
   auto w = make_mla(rng, cfg, false, false);
   auto bad_cfg = [&](auto edit) {
     mla_config c = cfg;
@@ -137,11 +137,14 @@ TEST_CASE("mla_layer: invalid configurations and tensors throw naming the tensor
   latent_cache<float> wrong({.latent_dim = 16, .rope_dim = 8, .capacity = 4});
   fmat x = random_matrix(rng, 1, 32), y(1, 32);
   const std::int64_t p = 0;
-  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), std::span(&p, 1), wrong, view_of(y)), "cache has latent_dim=16, rope_dim=8",
-                        "the layer needs 16, 4");
+  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), std::span(&p, 1), wrong, view_of(y)), "latent width 16 and key width 24",
+                        "the layer needs 16 and 20");
   std::vector<float> ql(16), qr(4), o(16);
   auto cache = layer.make_cache<float>(2);
+  ATTNKIT_CHECK_INVALID(attend_latent(tensor3_view<const float>(ql.data(), {1, 1, 16}), tensor3_view<const float>(qr.data(), {1, 1, 3}),
+                                      std::span(&p, 1), cache, tensor3_view<float>(o.data(), {1, 1, 16})),
+                        "q_rope width 3 does not divide", "key width 20 - latent 16");
   ATTNKIT_CHECK_INVALID(attend_latent(tensor3_view<const float>(ql.data(), {1, 1, 16}), tensor3_view<const float>(qr.data(), {1, 1, 4}),
-                                      std::span(&p, 1), cache, tensor3_view<float>(o.data(), {1, 1, 16}), {}),
-                        "options.scale must be set");
+                                      std::span(&p, 1), cache, tensor3_view<float>(o.data(), {1, 1, 16}), {.scale = NAN}),
+                        "attend_latent: scale must be finite");
 }

@@ -49,7 +49,7 @@ TEMPLATE_TEST_CASE("decode with a reused workspace does not allocate", "[gqa][al
   const fmat k = random_matrix(rng, t, hkv * d), v = random_matrix(rng, t, hkv * d), q = random_matrix(rng, 1, h * d);
   std::vector<std::int64_t> pos(t);
   for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
-  dense_cache<TestType> cache({.kv_heads = hkv, .qk_dim = d, .capacity = t});
+  dense_cache<TestType> cache({.kv_heads = hkv, .head_dim = d, .capacity = t});
   cache.append(tensor3_view<const float>(k.data(), {t, hkv, d}), tensor3_view<const float>(v.data(), {t, hkv, d}), pos);
   fmat out(1, h * d);
   const std::int64_t qpos = t - 1;

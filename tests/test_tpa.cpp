@@ -12,17 +12,17 @@ static_assert(kv_cache<factorized_cache<half>>);
 
 TEMPLATE_TEST_CASE("factorized_cache: (R_K (H + d) + R_V (H + d_v)) elements per token", "[tpa][cache]", float, bf16, half) {
   using S = TestType;
-  factorized_cache<S> c({.heads = 32, .qk_dim = 128, .k_rank = 1, .v_rank = 1, .capacity = 4});
+  factorized_cache<S> c({.heads = 32, .head_dim = 128, .k_rank = 1, .v_rank = 1, .capacity = 4});
   CHECK(c.bytes_per_token() == 320 * static_cast<std::int64_t>(sizeof(S)));
-  factorized_cache<S> t6({.heads = 34, .qk_dim = 64, .k_rank = 2, .v_rank = 2, .capacity = 4});
+  factorized_cache<S> t6({.heads = 34, .head_dim = 64, .k_rank = 2, .v_rank = 2, .capacity = 4});
   CHECK(t6.bytes_per_token() == (2 * (34 + 64) * 2) * static_cast<std::int64_t>(sizeof(S)));
-  ATTNKIT_CHECK_INVALID(factorized_cache<S>({.heads = 4, .qk_dim = 8, .k_rank = 0, .v_rank = 1, .capacity = 4}),
+  ATTNKIT_CHECK_INVALID(factorized_cache<S>({.heads = 4, .head_dim = 8, .k_rank = 0, .v_rank = 1, .capacity = 4}),
                         "factorized_cache: k_rank must be > 0, got 0");
-  ATTNKIT_CHECK_INVALID(factorized_cache<S>({.heads = 4, .qk_dim = 8, .k_rank = 1, .v_rank = -1, .capacity = 4}),
+  ATTNKIT_CHECK_INVALID(factorized_cache<S>({.heads = 4, .head_dim = 8, .k_rank = 1, .v_rank = -1, .capacity = 4}),
                         "factorized_cache: v_rank must be > 0, got -1");
   std::vector<float> buf(64, 1.f);
   std::vector<std::int64_t> pos{0, 1};
-  factorized_cache<S> small({.heads = 2, .qk_dim = 4, .k_rank = 1, .v_rank = 1, .capacity = 1});
+  factorized_cache<S> small({.heads = 2, .head_dim = 4, .k_rank = 1, .v_rank = 1, .capacity = 1});
   ATTNKIT_CHECK_INVALID(small.append({tensor3_view<const float>(buf.data(), {2, 1, 2}), tensor3_view<const float>(buf.data(), {2, 1, 4}),
                                       tensor3_view<const float>(buf.data(), {2, 1, 2}), tensor3_view<const float>(buf.data(), {2, 1, 4}), pos}),
                         "appending 2 tokens to size=0 exceeds capacity=1");
@@ -43,7 +43,7 @@ TEMPLATE_TEST_CASE("attend_factorized matches attention on the materialised Q, K
   const auto kpos = gapped_positions(rng, tk, 0, 2);
   std::vector<std::int64_t> qpos;
   for (std::int64_t i = 0; i < tq; ++i) qpos.push_back(i == tq - 1 ? kpos.back() : kpos[rng() % kpos.size()]);
-  factorized_cache<S> cache({.heads = h, .qk_dim = d, .v_dim = dv, .k_rank = rk, .v_rank = rv, .capacity = tk});
+  factorized_cache<S> cache({.heads = h, .head_dim = d, .v_head_dim = dv, .k_rank = rk, .v_rank = rv, .capacity = tk});
   cache.append({tensor3_view<const float>(ak.data(), {tk, rk, h}), tensor3_view<const float>(bk.data(), {tk, rk, d}),
                 tensor3_view<const float>(av.data(), {tk, rv, h}), tensor3_view<const float>(bv.data(), {tk, rv, dv}), kpos});
   const tpa_scales sc{1.f / float(rq), 1.f / float(rk), 1.f / float(rv)};
@@ -51,8 +51,11 @@ TEMPLATE_TEST_CASE("attend_factorized matches attention on the materialised Q, K
   thread_pool pool(2);
   attention_options opt;
   opt.lse = matrix_view<float>(lse.data(), {tq, h});
-  attend_factorized(tensor3_view<const float>(aq.data(), {tq, rq, h}), tensor3_view<const float>(bq.data(), {tq, rq, d}), qpos,
-                    cache, tensor3_view<float>(out.data(), {tq, h, dv}), sc, opt, pool);
+  const fmat aq_scaled = aq * sc.q;  // the kernel's query is A_Q^T B_Q: T6's 1/R_Q goes into A_Q
+  factor_view<S> f = cache.view();
+  f.k_scale = sc.k, f.v_scale = sc.v;
+  attend_factorized(tensor3_view<const float>(aq_scaled.data(), {tq, rq, h}), tensor3_view<const float>(bq.data(), {tq, rq, d}),
+                    qpos, f, tensor3_view<float>(out.data(), {tq, h, dv}), opt, pool);
   // Reference on the cached (rounded) factors.
   const reference::matrix q = reference::tpa_materialise(to_double(aq), to_double(bq), rq, h, sc.q);
   const reference::matrix k = reference::tpa_materialise(to_double(round_trip<S>(ak)), to_double(round_trip<S>(bk)), rk, h, sc.k);
@@ -124,7 +127,7 @@ TEST_CASE("tpa_layer: invalid ranks and tensors throw naming them", "[tpa][error
   bad.q_proj = bad.w_b_q;
   ATTNKIT_CHECK_INVALID(tpa_layer(cfg, bad), "q_rank=2 factorizes the queries, but q_proj was also given");
   tpa_layer layer(cfg, w.weights());
-  factorized_cache<float> wrong({.heads = 4, .qk_dim = 16, .k_rank = 1, .v_rank = 1, .capacity = 2});
+  factorized_cache<float> wrong({.heads = 4, .head_dim = 16, .k_rank = 1, .v_rank = 1, .capacity = 2});
   fmat x = random_matrix(rng, 1, 32), y(1, 32);
   const std::int64_t p = 0;
   ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), std::span(&p, 1), wrong, view_of(y)), "cache has heads=4", "k_rank=1",

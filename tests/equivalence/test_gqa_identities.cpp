@@ -24,7 +24,7 @@ fmat replicate_heads(const fmat& m, std::int64_t kv_heads, std::int64_t g) {
 TEST_CASE("I: GQA(H, H_kv) equals MHA on KV heads replicated per group", "[identity][gqa]") {
   std::mt19937_64 rng(GENERATE(1, 2, 3, 4, 5, 6));
   const std::int64_t hkv = 1 + static_cast<std::int64_t>(rng() % 4), g = 2 + static_cast<std::int64_t>(rng() % 4);
-  gqa_case c{.heads = hkv * g, .kv_heads = hkv, .qk_dim = 64, .v_dim = rng() % 2 ? 64 : 32,
+  gqa_case c{.heads = hkv * g, .kv_heads = hkv, .head_dim = 64, .v_head_dim = rng() % 2 ? 64 : 32,
              .tk = 1 + static_cast<std::int64_t>(rng() % 700), .tq = rng() % 2 ? 1 : 20};
   const gqa_data x = make_gqa_data(rng, c);
   const fmat gqa = run_kernel<float>(c, x);
@@ -33,30 +33,30 @@ TEST_CASE("I: GQA(H, H_kv) equals MHA on KV heads replicated per group", "[ident
   gqa_data xm = x;
   xm.k = replicate_heads(x.k, hkv, g);
   xm.v = replicate_heads(x.v, hkv, g);
-  dense_cache<float> cache({.kv_heads = mha.kv_heads, .qk_dim = c.qk_dim, .v_dim = c.v_dim, .capacity = c.tk});
-  cache.append(tensor3_view<const float>(xm.k.data(), {c.tk, mha.kv_heads, c.qk_dim}),
-               tensor3_view<const float>(xm.v.data(), {c.tk, mha.kv_heads, c.v_dim}), x.k_pos);
-  fmat out(c.tq, c.heads * c.v_dim);
-  attend_mha(tensor3_view<const float>(x.q.data(), {c.tq, c.heads, c.qk_dim}), x.q_pos, cache,
-             tensor3_view<float>(out.data(), {c.tq, c.heads, c.v_dim}));
+  dense_cache<float> cache({.kv_heads = mha.kv_heads, .head_dim = c.head_dim, .v_head_dim = c.v_head_dim, .capacity = c.tk});
+  cache.append(tensor3_view<const float>(xm.k.data(), {c.tk, mha.kv_heads, c.head_dim}),
+               tensor3_view<const float>(xm.v.data(), {c.tk, mha.kv_heads, c.v_head_dim}), x.k_pos);
+  fmat out(c.tq, c.heads * c.v_head_dim);
+  attend_mha(tensor3_view<const float>(x.q.data(), {c.tq, c.heads, c.head_dim}), x.q_pos, cache,
+             tensor3_view<float>(out.data(), {c.tq, c.heads, c.v_head_dim}));
   INFO(describe(c));
   // Two float evaluations of the same function: twice the one-sided tolerance.
   CHECK(max_abs_diff(to_double(out), to_double(gqa)) <=
-        2 * float_tolerance(c.qk_dim, c.tk, x.a_max(c.qk_dim), x.v.cwiseAbs().maxCoeff()));
+        2 * float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff()));
 }
 
 TEST_CASE("I: MQA equals GQA whose KV heads are all the same head", "[identity][gqa]") {
   std::mt19937_64 rng(GENERATE(11, 12, 13, 14));
   const std::int64_t h = 4 * (1 + static_cast<std::int64_t>(rng() % 4)), hkv = 2 + static_cast<std::int64_t>(rng() % 2) * 2;
-  gqa_case mqa{.heads = h, .kv_heads = 1, .qk_dim = 32, .v_dim = 32, .tk = 1 + static_cast<std::int64_t>(rng() % 900),
+  gqa_case mqa{.heads = h, .kv_heads = 1, .head_dim = 32, .v_head_dim = 32, .tk = 1 + static_cast<std::int64_t>(rng() % 900),
                .tq = rng() % 2 ? 1 : 9};
   const gqa_data x = make_gqa_data(rng, mqa);
-  dense_cache<float> one({.kv_heads = 1, .qk_dim = 32, .capacity = mqa.tk});
+  dense_cache<float> one({.kv_heads = 1, .head_dim = 32, .capacity = mqa.tk});
   one.append(tensor3_view<const float>(x.k.data(), {mqa.tk, 1, 32}), tensor3_view<const float>(x.v.data(), {mqa.tk, 1, 32}), x.k_pos);
   fmat out_mqa(mqa.tq, h * 32), out_gqa(mqa.tq, h * 32);
   attend_mqa(tensor3_view<const float>(x.q.data(), {mqa.tq, h, 32}), x.q_pos, one, tensor3_view<float>(out_mqa.data(), {mqa.tq, h, 32}));
   const fmat k_rep = replicate_heads(x.k, 1, hkv), v_rep = replicate_heads(x.v, 1, hkv);
-  dense_cache<float> many({.kv_heads = hkv, .qk_dim = 32, .capacity = mqa.tk});
+  dense_cache<float> many({.kv_heads = hkv, .head_dim = 32, .capacity = mqa.tk});
   many.append(tensor3_view<const float>(k_rep.data(), {mqa.tk, hkv, 32}), tensor3_view<const float>(v_rep.data(), {mqa.tk, hkv, 32}), x.k_pos);
   attend(tensor3_view<const float>(x.q.data(), {mqa.tq, h, 32}), x.q_pos, many, tensor3_view<float>(out_gqa.data(), {mqa.tq, h, 32}));
   CHECK(max_abs_diff(to_double(out_mqa), to_double(out_gqa)) <=
@@ -99,13 +99,13 @@ TEST_CASE("I: prefill == token-by-token decode at the kernel level, bf16 cache, 
   const fmat q = random_matrix(rng, t, h * d), k = random_matrix(rng, t, hkv * d), v = random_matrix(rng, t, hkv * d);
   std::vector<std::int64_t> pos(t);
   std::iota(pos.begin(), pos.end(), 0);
-  dense_cache<bf16> cache({.kv_heads = hkv, .qk_dim = d, .capacity = t});
+  dense_cache<bf16> cache({.kv_heads = hkv, .head_dim = d, .capacity = t});
   cache.append(tensor3_view<const float>(k.data(), {t, hkv, d}), tensor3_view<const float>(v.data(), {t, hkv, d}), pos);
   thread_pool pool(2);
   fmat full(t, h * d);
   attend(tensor3_view<const float>(q.data(), {t, h, d}), pos, cache, tensor3_view<float>(full.data(), {t, h, d}), {}, pool);
   // Decode: the cache grows token by token; query i sees the first i + 1 keys.
-  dense_cache<bf16> growing({.kv_heads = hkv, .qk_dim = d, .capacity = t});
+  dense_cache<bf16> growing({.kv_heads = hkv, .head_dim = d, .capacity = t});
   double worst = 0;
   fmat row(1, h * d);
   for (std::int64_t i = 0; i < t; ++i) {

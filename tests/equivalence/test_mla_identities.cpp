@@ -43,7 +43,7 @@ TEST_CASE("I4: a key bias on kv_b_proj changes nothing; a value bias is added af
   const auto pos = gapped_positions(rng, t, 0, 2);
   const double tol = 2 * mla_rel_tolerance<float>(cfg, t, mla_a_max(w, x, pos));
   auto without_key_bias = w;
-  const std::int64_t dn = cfg.nope_dim, dv = cfg.v_dim;
+  const std::int64_t dn = cfg.nope_dim, dv = cfg.v_head_dim;
   for (std::int64_t i = 0; i < cfg.heads; ++i)
     for (std::int64_t c = 0; c < dn; ++c) without_key_bias.kv_b_bias[static_cast<std::size_t>(i * (dn + dv) + c)] = 0.f;
   // The naive path applies the key bias literally; dropping it gives the same function.

@@ -8,14 +8,16 @@
 // rope_heads * rope_dim), so the absorbed MLA kernel reads one contiguous row per token for both
 // its keys ([c ; k_rope]) and its values (a view of the same row's c: never a second copy).
 #include <cstdint>
+#include <limits>
 #include <span>
 
+#include "../core/aligned_buffer.hpp"
 #include "../core/error.hpp"
 #include "../core/simd.hpp"
 #include "../core/storage.hpp"
 #include "../core/view.hpp"
-#include "dense_cache.hpp"
 #include "kv_cache.hpp"
+#include "kv_view.hpp"
 
 namespace attnkit {
 
@@ -40,7 +42,8 @@ class latent_cache {
   using append_type = latent_append;
 
   explicit latent_cache(const latent_cache_config& cfg) : cfg_(validated(cfg)) {
-    owned_rows_ = detail::aligned_alloc_array<S>(cfg_.capacity * row_width());
+    owned_rows_ = detail::aligned_alloc_array<S>(
+        detail::checked_mul(cfg_.capacity, row_width(), "latent_cache: capacity x row width"));
     owned_pos_ = detail::aligned_alloc_array<std::int64_t>(cfg_.capacity);
     rows_ = owned_rows_.get();
     pos_ = owned_pos_.get();
@@ -66,12 +69,14 @@ class latent_cache {
   std::span<const std::int64_t> positions() const { return {pos_, static_cast<std::size_t>(size_)}; }
   /// Row t: rows() + t * row_width(); c first, then the rope keys.
   const S* rows() const { return rows_; }
+  /// What the kernels read: one KV head whose keys are the rows and whose values are their c.
+  kv_view<S> view() const { return kv_view<S>::latent(rows_, row_width(), cfg_.latent_dim, row_width(), positions()); }
 
   void append(const latent_append& a) {
     const std::int64_t t = static_cast<std::int64_t>(a.positions.size());
     detail::require_extents(a.c, {t, cfg_.latent_dim}, "latent_cache::append: c");
     detail::require_extents(a.k_rope, {t, cfg_.rope_heads, cfg_.rope_dim}, "latent_cache::append: k_rope");
-    detail::require(size_ + t <= cfg_.capacity, "latent_cache::append: appending ", t, " tokens to size=", size_,
+    detail::require(t <= cfg_.capacity - size_, "latent_cache::append: appending ", t, " tokens to size=", size_,
                     " exceeds capacity=", cfg_.capacity);
     const std::int64_t w = row_width();
     for (std::int64_t i = 0; i < t; ++i) {
@@ -99,6 +104,9 @@ class latent_cache {
     detail::require(c.rope_dim >= 0, "latent_cache: rope_dim must be >= 0, got ", c.rope_dim);
     detail::require(c.rope_heads >= 1, "latent_cache: rope_heads must be >= 1, got ", c.rope_heads);
     detail::require(c.capacity >= 0, "latent_cache: capacity must be >= 0, got ", c.capacity);
+    (void)detail::checked_mul(c.rope_heads, c.rope_dim, "latent_cache: rope_heads x rope_dim");
+    detail::require(c.rope_heads * c.rope_dim <= std::numeric_limits<std::int64_t>::max() - c.latent_dim,
+                    "latent_cache: row width overflows int64");
     return c;
   }
 

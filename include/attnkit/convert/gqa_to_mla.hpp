@@ -80,20 +80,20 @@ inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(const gqa_c
   m.config.heads = h;
   m.config.latent_dim = hkv * dv;
   m.config.nope_dim = 0;
-  m.config.v_dim = dv;
+  m.config.v_head_dim = dv;
   m.config.window = cfg.window;
   const float gqa_scale = cfg.scale.value_or(1.f / std::sqrt(static_cast<float>(d)));
   // kv_b_proj: per head i, rows [W_UK (none) ; W_UV_i = select KV head j(i) of the latent].
   m.kv_b_proj = row_matrix<float>::Zero(h * dv, hkv * dv);
   for (std::int64_t i = 0; i < h; ++i)
     for (std::int64_t c = 0; c < dv; ++c) m.kv_b_proj(i * dv + c, (i / g) * dv + c) = 1.f;
-  m.o_proj = as_eigen(w.o);
-  m.o_proj_bias = detail::to_vector(w.o_bias);
+  m.o_proj = as_eigen(w.o_proj);
+  m.o_proj_bias = detail::to_vector(w.o_proj_bias);
   const std::int64_t w_in = dm;
   auto kv_bias = [&](auto&& k_part) {
-    if (w.k_bias.empty() && w.v_bias.empty()) return;
+    if (w.k_proj_bias.empty() && w.v_proj_bias.empty()) return;
     m.kv_a_proj_bias.assign(static_cast<std::size_t>(hkv * dv + hkv * d), 0.f);
-    for (std::int64_t i = 0; i < static_cast<std::int64_t>(w.v_bias.size()); ++i) m.kv_a_proj_bias[static_cast<std::size_t>(i)] = w.v_bias[static_cast<std::size_t>(i)];
+    for (std::int64_t i = 0; i < static_cast<std::int64_t>(w.v_proj_bias.size()); ++i) m.kv_a_proj_bias[static_cast<std::size_t>(i)] = w.v_proj_bias[static_cast<std::size_t>(i)];
     k_part();
   };
 
@@ -105,21 +105,21 @@ inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(const gqa_c
                                "would mix heads; use mla_layout::grouped_rope (one rope key per KV head)");
     m.q_rope_norm = detail::to_vector(w.q_norm);
     m.k_rope_norm = detail::to_vector(w.k_norm);
-    m.config.rms_eps = cfg.qk_norm_eps;
+    m.config.rms_eps = cfg.rms_eps;
   }
   if (layout == mla_layout::grouped_rope) {
     m.config.rope_dim = d;
     m.config.rope_heads = hkv;
     m.config.rope = cfg.rope;
     m.config.scale = gqa_scale;  // 1/sqrt(d_nope + d_R) = 1/sqrt(d) unless the GQA overrides it
-    m.q_proj = as_eigen(w.q);
-    m.q_proj_bias = detail::to_vector(w.q_bias);
+    m.q_proj = as_eigen(w.q_proj);
+    m.q_proj_bias = detail::to_vector(w.q_proj_bias);
     m.kv_a_proj_with_mqa.resize(hkv * dv + hkv * d, w_in);
-    detail::copy_rows(w.v, 0, hkv * dv, m.kv_a_proj_with_mqa, 0);
-    detail::copy_rows(w.k, 0, hkv * d, m.kv_a_proj_with_mqa, hkv * dv);
+    detail::copy_rows(w.v_proj, 0, hkv * dv, m.kv_a_proj_with_mqa, 0);
+    detail::copy_rows(w.k_proj, 0, hkv * d, m.kv_a_proj_with_mqa, hkv * dv);
     kv_bias([&] {
-      for (std::int64_t i = 0; i < static_cast<std::int64_t>(w.k_bias.size()); ++i)
-        m.kv_a_proj_bias[static_cast<std::size_t>(hkv * dv + i)] = w.k_bias[static_cast<std::size_t>(i)];
+      for (std::int64_t i = 0; i < static_cast<std::int64_t>(w.k_proj_bias.size()); ++i)
+        m.kv_a_proj_bias[static_cast<std::size_t>(hkv * dv + i)] = w.k_proj_bias[static_cast<std::size_t>(i)];
     });
   } else {
     // One rope key of width H_kv d: head j's rotary coordinates (interleaved) at [j rot, (j+1) rot),
@@ -143,21 +143,21 @@ inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(const gqa_c
     m.config.scale.reset();  // 1/sqrt(d_R); the change of width is folded into W_Q below
     const float fold = gqa_scale * std::sqrt(static_cast<float>(dr));
     m.q_proj = row_matrix<float>::Zero(h * dr, w_in);
-    if (!w.q_bias.empty()) m.q_proj_bias.assign(static_cast<std::size_t>(h * dr), 0.f);
+    if (!w.q_proj_bias.empty()) m.q_proj_bias.assign(static_cast<std::size_t>(h * dr), 0.f);
     for (std::int64_t i = 0; i < h; ++i)
       for (std::int64_t c = 0; c < d; ++c) {
         const std::int64_t row = i * dr + slot(i / g, c);
-        for (std::int64_t e = 0; e < w_in; ++e) m.q_proj(row, e) = w.q(i * d + c, e) * fold;
-        if (!w.q_bias.empty()) m.q_proj_bias[static_cast<std::size_t>(row)] = w.q_bias[static_cast<std::size_t>(i * d + c)] * fold;
+        for (std::int64_t e = 0; e < w_in; ++e) m.q_proj(row, e) = w.q_proj(i * d + c, e) * fold;
+        if (!w.q_proj_bias.empty()) m.q_proj_bias[static_cast<std::size_t>(row)] = w.q_proj_bias[static_cast<std::size_t>(i * d + c)] * fold;
       }
     m.kv_a_proj_with_mqa.resize(hkv * dv + dr, w_in);
-    detail::copy_rows(w.v, 0, hkv * dv, m.kv_a_proj_with_mqa, 0);
+    detail::copy_rows(w.v_proj, 0, hkv * dv, m.kv_a_proj_with_mqa, 0);
     for (std::int64_t j = 0; j < hkv; ++j)
-      for (std::int64_t c = 0; c < d; ++c) detail::copy_rows(w.k, j * d + c, 1, m.kv_a_proj_with_mqa, hkv * dv + slot(j, c));
+      for (std::int64_t c = 0; c < d; ++c) detail::copy_rows(w.k_proj, j * d + c, 1, m.kv_a_proj_with_mqa, hkv * dv + slot(j, c));
     kv_bias([&] {
-      for (std::int64_t j = 0; j < hkv && !w.k_bias.empty(); ++j)
+      for (std::int64_t j = 0; j < hkv && !w.k_proj_bias.empty(); ++j)
         for (std::int64_t c = 0; c < d; ++c)
-          m.kv_a_proj_bias[static_cast<std::size_t>(hkv * dv + slot(j, c))] = w.k_bias[static_cast<std::size_t>(j * d + c)];
+          m.kv_a_proj_bias[static_cast<std::size_t>(hkv * dv + slot(j, c))] = w.k_proj_bias[static_cast<std::size_t>(j * d + c)];
     });
   }
   conversion_report rep{layout == mla_layout::grouped_rope ? "exact GQA -> MLA (grouped rope keys)"

@@ -85,12 +85,12 @@ std::vector<std::vector<std::int64_t>> select_rope_pairs(const gqa_config& cfg, 
   // Mean pair norms of the pre-RoPE q (every head) and k (every KV head) activations.
   const std::int64_t h = cfg.heads, g = h / hkv;
   row_matrix<float> wqk(h * d + hkv * d, cfg.model_dim);
-  wqk << as_eigen(w.q), as_eigen(w.k);
+  wqk << as_eigen(w.q_proj), as_eigen(w.k_proj);
   std::vector<float> bqk;
-  if (!w.q_bias.empty() || !w.k_bias.empty()) {
+  if (!w.q_proj_bias.empty() || !w.k_proj_bias.empty()) {
     bqk.assign(static_cast<std::size_t>(h * d + hkv * d), 0.f);
-    std::copy(w.q_bias.begin(), w.q_bias.end(), bqk.begin());
-    std::copy(w.k_bias.begin(), w.k_bias.end(), bqk.begin() + h * d);
+    std::copy(w.q_proj_bias.begin(), w.q_proj_bias.end(), bqk.begin());
+    std::copy(w.k_proj_bias.begin(), w.k_proj_bias.end(), bqk.begin() + h * d);
   }
   dmatrix norm_sum = dmatrix::Zero(h + hkv, pairs);  // rows: query heads, then KV heads
   const matrix_view<const float> used(calibration.data_handle(),

@@ -84,20 +84,20 @@ inline dmatrix to_double(const matrix_view<const float>& v) { return as_eigen(v)
 inline dvector to_double(std::span<const float> b, std::int64_t n) {
   return b.empty() ? dvector::Zero(n) : dvector(Eigen::Map<const Eigen::VectorXf>(b.data(), n).cast<double>());
 }
-inline std::vector<float> to_float(const dvector& v) {
+inline std::vector<float> to_float_vector(const dvector& v) {
   std::vector<float> out(static_cast<std::size_t>(v.size()));
   for (Eigen::Index i = 0; i < v.size(); ++i) out[static_cast<std::size_t>(i)] = static_cast<float>(v[i]);
   return out;
 }
 /// [k ; v] weights and biases stacked as the maps' input space.
 inline dmatrix kv_weights(const gqa_weights& w) {
-  dmatrix out(w.k.extent(0) + w.v.extent(0), w.k.extent(1));
-  out << to_double(w.k), to_double(w.v);
+  dmatrix out(w.k_proj.extent(0) + w.v_proj.extent(0), w.k_proj.extent(1));
+  out << to_double(w.k_proj), to_double(w.v_proj);
   return out;
 }
 inline dvector kv_bias(const gqa_weights& w) {
-  dvector out(w.k.extent(0) + w.v.extent(0));
-  out << to_double(w.k_bias, w.k.extent(0)), to_double(w.v_bias, w.v.extent(0));
+  dvector out(w.k_proj.extent(0) + w.v_proj.extent(0));
+  out << to_double(w.k_proj_bias, w.k_proj.extent(0)), to_double(w.v_proj_bias, w.v_proj.extent(0));
   return out;
 }
 }  // namespace detail
@@ -107,10 +107,10 @@ template <class Exec = serial_executor>
 mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, const mla_map& m, Exec&& exec = Exec{}) {
   const std::int64_t h = cfg.heads, hkv = cfg.kv_heads, d = cfg.head_dim, dv = cfg.v_head_dim ? cfg.v_head_dim : d;
   const std::int64_t g = h / hkv, dc = m.latent_dim(), dn = m.nope_dim, dr = m.rope_dim, dqk = dn + dr;
-  const bool biases = !w.k_bias.empty() || !w.v_bias.empty();
+  const bool biases = !w.k_proj_bias.empty() || !w.v_proj_bias.empty();
   mla_checkpoint out;
   out.config = mla_config{.model_dim = cfg.model_dim, .heads = h, .latent_dim = dc, .nope_dim = dn, .rope_dim = dr,
-                          .v_dim = dv, .rope_heads = m.rope_heads, .rope = m.rope, .scale = m.scale,
+                          .v_head_dim = dv, .rope_heads = m.rope_heads, .rope = m.rope, .scale = m.scale,
                           .window = cfg.window};
   const dmatrix kv = detail::kv_weights(w);
   dmatrix maps(dc + m.rope_heads * dr, kv.rows());  // [latent ; rope_key (on the k part)]
@@ -121,11 +121,11 @@ mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, const mla_m
     const dvector b = detail::kv_bias(w);
     dvector kv_a_b(kv_a.rows());
     kv_a_b << (m.bias_through_latent ? dvector(m.latent * b) : dvector::Zero(dc)), m.rope_key * b.head(hkv * d);
-    out.kv_a_proj_bias = detail::to_float(kv_a_b);
+    out.kv_a_proj_bias = detail::to_float_vector(kv_a_b);
   }
   // Query rows in float (W_Q is the largest tensor; the maps are small and cast once per head).
-  const auto wq = as_eigen(w.q);
-  const dvector bq = detail::to_double(w.q_bias, h * d);
+  const auto wq = as_eigen(w.q_proj);
+  const dvector bq = detail::to_double(w.q_proj_bias, h * d);
   out.q_proj.resize(h * dqk, wq.cols());
   dvector q_b(h * dqk);
   out.kv_b_proj.resize(h * (dn + dv), dc);
@@ -143,14 +143,14 @@ mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, const mla_m
     out.kv_b_proj.middleRows(i * (dn + dv), dn) = m.w_uk[j].cast<float>();
     out.kv_b_proj.middleRows(i * (dn + dv) + dn, dv) = m.w_uv[j].cast<float>();
     if (biases && !m.bias_through_latent) {
-      const auto b = detail::to_float(m.kv_b_bias[j]);
+      const auto b = detail::to_float_vector(m.kv_b_bias[j]);
       kv_b_b.insert(kv_b_b.end(), b.begin(), b.end());
     }
   }
-  if (!w.q_bias.empty()) out.q_proj_bias = detail::to_float(q_b);
+  if (!w.q_proj_bias.empty()) out.q_proj_bias = detail::to_float_vector(q_b);
   out.kv_b_proj_bias = std::move(kv_b_b);
-  out.o_proj = as_eigen(w.o);
-  out.o_proj_bias = ::attnkit::convert::detail::to_vector(w.o_bias);
+  out.o_proj = as_eigen(w.o_proj);
+  out.o_proj_bias = ::attnkit::convert::detail::to_vector(w.o_proj_bias);
   return out;
 }
 

@@ -152,9 +152,9 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
   const std::int64_t before = hkv * (d + dv);
   auto t0 = std::chrono::steady_clock::now();
   row_matrix<float> wkv(hkv * (d + dv), cfg.model_dim);
-  wkv << as_eigen(w.k), as_eigen(w.v);
-  const std::vector<float> bkv = w.k_bias.empty() && w.v_bias.empty() ? std::vector<float>{}
-                                                                       : detail::to_float(detail::kv_bias(w));
+  wkv << as_eigen(w.k_proj), as_eigen(w.v_proj);
+  const std::vector<float> bkv = w.k_proj_bias.empty() && w.v_proj_bias.empty() ? std::vector<float>{}
+                                                                       : detail::to_float_vector(detail::kv_bias(w));
   const dmatrix gram = detail::activation_gram(calibration, wkv, bkv, exec);
   std::vector<std::int64_t> freq;
   auto partial_map = [&](std::int64_t f, std::int64_t keep) {

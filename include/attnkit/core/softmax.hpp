@@ -1,8 +1,12 @@
 #pragma once
-// Online (streaming) softmax: the state (running max, running sum, accumulator) of one
-// attention row, updated one key block at a time and merged across key splits with
-// log-sum-exp rescaling. LSE is returned in natural log. A row that saw no unmasked key has
-// max = -inf and sum = 0; it finalises to output 0 and LSE -inf, never NaN.
+// Online (streaming) softmax. The state of a set of attention rows is one type, softmax_state:
+// per row the running max and the running sum of exp(s - max) (struct of arrays, so the column
+// form below vectorises across rows), next to each row's value accumulator. Scores come in one
+// key block at a time, in one of two layouts:
+//   row form     the block's scores of one row are contiguous (softmax_absorb_row);
+//   column form  the block's scores of one key are contiguous across rows (softmax_absorb_columns).
+// Key splits are merged with log-sum-exp rescaling; the LSE is natural log. A row that saw no
+// unmasked key has max = -inf and sum = 0; it finalises to output 0 and LSE -inf, never NaN.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -10,111 +14,196 @@
 
 #include "error.hpp"
 #include "simd.hpp"
+#include "view.hpp"
 
 namespace attnkit {
 
-struct softmax_row_state {
-  float max = -std::numeric_limits<float>::infinity();
-  float sum = 0.f;
+/// Running max and sum of `rows` softmax rows (non-owning).
+struct softmax_state {
+  float* max = nullptr;
+  float* sum = nullptr;
+  void reset(std::int64_t rows) const {
+    for (std::int64_t r = 0; r < rows; ++r) max[r] = -std::numeric_limits<float>::infinity(), sum[r] = 0.f;
+  }
 };
 
 namespace detail {
 constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
-/// Absorbs one block of scores: s[0, n) become the unnormalised probabilities exp(s - max').
-/// Returns the factor by which the caller must rescale the row's accumulator (1 if unchanged,
-/// 0 while the row is still fully masked).
-inline float softmax_absorb(softmax_row_state& st, float* s, std::int64_t n) {
+/// Row form: s[0, n) become the unnormalised probabilities exp(s - max'). Returns the factor by
+/// which the row's accumulator must be rescaled (1 if unchanged, 0 the first time a row that was
+/// fully masked sees a key).
+inline float softmax_absorb_row(float& max, float& sum, float* s, std::int64_t n) {
   const float block_max = row_max(s, n);
-  const float new_max = block_max > st.max ? block_max : st.max;
+  const float new_max = block_max > max ? block_max : max;
   if (new_max == neg_inf) {  // everything masked so far: probabilities are all zero
     for (std::int64_t i = 0; i < n; ++i) s[i] = 0.f;
     return 1.f;
   }
-  const float alpha = st.max == neg_inf ? 0.f : std::exp(st.max - new_max);
-  st.sum = st.sum * alpha + exp_shift_sum(s, n, new_max);
-  st.max = new_max;
+  const float alpha = max == neg_inf ? 0.f : std::exp(max - new_max);
+  sum = sum * alpha + exp_shift_sum(s, n, new_max);
+  max = new_max;
   return alpha;
 }
 
-/// a <- merge(a, b): a's accumulator (d floats) and state absorb b's.
-inline void softmax_merge(softmax_row_state& a, float* acc_a, const softmax_row_state& b, const float* acc_b,
+/// Column form: st[t * ld + r] for keys t < keys and rows r < rows become probabilities in
+/// place; alpha[r] receives the accumulator rescale factor of row r.
+inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
+                                   const softmax_state& state, float* alpha) {
+#if ATTNKIT_HAS_AVX512
+  const __m512 ninf = _mm512_set1_ps(neg_inf);
+  for (std::int64_t m0 = 0; m0 < rows; m0 += 16) {
+    const __mmask16 mm = lane_mask(rows - m0);
+    __m512 colmax = ninf;
+    for (std::int64_t t = 0; t < keys; ++t) colmax = _mm512_max_ps(colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
+    const __m512 old = _mm512_mask_loadu_ps(ninf, mm, state.max + m0);
+    const __m512 mx = _mm512_max_ps(old, colmax);
+    const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
+    const __m512 a = exp16(_mm512_sub_ps(old, shift));  // exp(-inf - finite) = 0
+    __m512 colsum = _mm512_setzero_ps();
+    for (std::int64_t t = 0; t < keys; ++t) {
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mm, st + t * ld + m0), shift));
+      _mm512_mask_storeu_ps(st + t * ld + m0, mm, p);
+      colsum = _mm512_add_ps(colsum, p);
+    }
+    _mm512_mask_storeu_ps(state.sum + m0, mm, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mm, state.sum + m0), a, colsum));
+    _mm512_mask_storeu_ps(state.max + m0, mm, mx);
+    _mm512_mask_storeu_ps(alpha + m0, mm, a);
+  }
+#else
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float colmax = neg_inf;
+    for (std::int64_t t = 0; t < keys; ++t) colmax = std::max(colmax, st[t * ld + r]);
+    const float mx = std::max(state.max[r], colmax), shift = mx == neg_inf ? 0.f : mx;
+    const float a = std::exp(state.max[r] - shift);
+    float colsum = 0.f;
+    for (std::int64_t t = 0; t < keys; ++t) colsum += (st[t * ld + r] = std::exp(st[t * ld + r] - shift));
+    state.sum[r] = state.sum[r] * a + colsum;
+    state.max[r] = mx;
+    alpha[r] = a;
+  }
+#endif
+}
+
+/// (max_a, sum_a, acc_a) <- merge with (max_b, sum_b, acc_b) over a disjoint key set (d floats).
+inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b, float sum_b, const float* acc_b,
                           std::int64_t d) {
-  if (b.max == neg_inf) return;
-  if (a.max == neg_inf) {
-    a = b;
+  if (max_b == neg_inf) return;
+  if (max_a == neg_inf) {
+    max_a = max_b, sum_a = sum_b;
     for (std::int64_t i = 0; i < d; ++i) acc_a[i] = acc_b[i];
     return;
   }
-  const float m = a.max > b.max ? a.max : b.max;
-  const float fa = std::exp(a.max - m), fb = std::exp(b.max - m);
+  const float m = max_a > max_b ? max_a : max_b;
+  const float fa = std::exp(max_a - m), fb = std::exp(max_b - m);
   for (std::int64_t i = 0; i < d; ++i) acc_a[i] = acc_a[i] * fa + acc_b[i] * fb;
-  a.sum = a.sum * fa + b.sum * fb;
-  a.max = m;
+  sum_a = sum_a * fa + sum_b * fb;
+  max_a = m;
 }
 
 /// out = acc / sum (0 for a fully masked row); returns the natural-log LSE (-inf if masked).
-inline float softmax_finalize(const softmax_row_state& st, const float* acc, float* out, std::int64_t out_stride,
-                              std::int64_t d) {
-  if (st.sum == 0.f) {
+/// A finite `sink` logit joins the denominator with no value (gpt-oss attention sinks).
+inline float softmax_finalize(float max, float sum, const float* acc, float* out, std::int64_t out_stride,
+                              std::int64_t d, float sink = neg_inf) {
+  float factor = 1.f;  // exp(max - max') where the sink raises the max
+  if (sink != neg_inf) {
+    const float m = max > sink ? max : sink;
+    factor = max == neg_inf ? 0.f : std::exp(max - m);
+    sum = sum * factor + std::exp(sink - m);
+    max = m;
+  }
+  if (sum == 0.f) {
     for (std::int64_t i = 0; i < d; ++i) out[i * out_stride] = 0.f;
     return neg_inf;
   }
-  const float inv = 1.f / st.sum;
+  const float inv = factor / sum;
   for (std::int64_t i = 0; i < d; ++i) out[i * out_stride] = acc[i] * inv;
-  return st.max + std::log(st.sum);
+  return max + std::log(sum);
 }
 }  // namespace detail
 
 /// Online softmax over `rows` independent rows, each with a `dim`-wide value accumulator:
 /// out_r = sum_t softmax(scores_r)_t * values_t, fed block by block. The kernels use the same
-/// row primitives; this class is the public, self-contained form (tests, custom kernels).
+/// state and row primitives; this class is the public, self-contained form (tests, custom kernels).
 class online_softmax {
  public:
-  online_softmax(std::int64_t rows, std::int64_t dim)
-      : rows_(rows), dim_(dim), state_(static_cast<std::size_t>(rows)), acc_(static_cast<std::size_t>(rows * dim)) {
+  online_softmax(std::int64_t rows, std::int64_t dim) : rows_(rows), dim_(dim) {
     detail::require(rows >= 0 && dim >= 0, "online_softmax: rows and dim must be >= 0, got rows=", rows,
                     ", dim=", dim);
+    max_.assign(static_cast<std::size_t>(rows), detail::neg_inf);
+    sum_.assign(static_cast<std::size_t>(rows), 0.f);
+    acc_.assign(static_cast<std::size_t>(rows * dim), 0.f);
   }
   std::int64_t rows() const { return rows_; }
   std::int64_t dim() const { return dim_; }
-  const softmax_row_state& state(std::int64_t r) const { return state_[static_cast<std::size_t>(r)]; }
+  /// Row r's running max and sum.
+  float max(std::int64_t r) const { return max_[static_cast<std::size_t>(r)]; }
+  float sum(std::int64_t r) const { return sum_[static_cast<std::size_t>(r)]; }
 
   /// Absorbs n keys for row r: scores[n] (use -inf to mask) and values[n][dim] (row stride
   /// `value_stride`). `scores` is used as scratch.
   void update(std::int64_t r, float* scores, const float* values, std::int64_t n, std::int64_t value_stride) {
+    const auto i = static_cast<std::size_t>(r);
     float* acc = acc_.data() + r * dim_;
-    const float alpha = detail::softmax_absorb(state_[static_cast<std::size_t>(r)], scores, n);
+    const float alpha = detail::softmax_absorb_row(max_[i], sum_[i], scores, n);
     if (alpha != 1.f) detail::scale_row(acc, dim_, alpha);
-    for (std::int64_t t = 0; t < n; ++t) {
-      if (scores[t] == 0.f) continue;
-      for (std::int64_t i = 0; i < dim_; ++i) acc[i] += scores[t] * values[t * value_stride + i];
-    }
+    for (std::int64_t t = 0; t < n; ++t)
+      for (std::int64_t c = 0; c < dim_; ++c) acc[c] += scores[t] * values[t * value_stride + c];
   }
 
   /// Absorbs another softmax over a disjoint key set (same rows and dim).
   void merge(const online_softmax& other) {
     detail::require(other.rows_ == rows_ && other.dim_ == dim_, "online_softmax::merge: shapes differ: [", rows_,
                     ", ", dim_, "] vs [", other.rows_, ", ", other.dim_, "]");
-    for (std::int64_t r = 0; r < rows_; ++r)
-      detail::softmax_merge(state_[static_cast<std::size_t>(r)], acc_.data() + r * dim_,
-                            other.state_[static_cast<std::size_t>(r)], other.acc_.data() + r * dim_, dim_);
+    for (std::size_t r = 0; r < max_.size(); ++r)
+      detail::softmax_merge(max_[r], sum_[r], acc_.data() + r * dim_, other.max_[r], other.sum_[r],
+                            other.acc_.data() + r * dim_, dim_);
   }
 
   /// Writes the normalised row outputs (out[rows][dim], row stride out_stride) and, if lse is
   /// non-null, the natural-log log-sum-exp of every row.
   void finalize(float* out, std::int64_t out_stride, float* lse = nullptr) const {
-    for (std::int64_t r = 0; r < rows_; ++r) {
-      const float l = detail::softmax_finalize(state_[static_cast<std::size_t>(r)], acc_.data() + r * dim_,
-                                               out + r * out_stride, 1, dim_);
+    for (std::size_t r = 0; r < max_.size(); ++r) {
+      const float l = detail::softmax_finalize(max_[r], sum_[r], acc_.data() + r * dim_,
+                                               out + static_cast<std::int64_t>(r) * out_stride, 1, dim_);
       if (lse) lse[r] = l;
     }
   }
 
  private:
   std::int64_t rows_, dim_;
-  std::vector<softmax_row_state> state_;
-  std::vector<float> acc_;
+  std::vector<float> max_, sum_, acc_;
 };
+
+/// Merges two attention results over disjoint key sets (cascade attention: a shared prefix and
+/// a per-sequence suffix; key splits computed elsewhere): o_a, o_b, out [T, H, d] with their
+/// natural-log LSEs lse_a, lse_b, lse_out [T, H]. out = (e^lse_a o_a + e^lse_b o_b) / e^lse_out,
+/// lse_out = log(e^lse_a + e^lse_b). A side that saw no key (LSE -inf) contributes nothing; both
+/// empty give 0 and -inf. out and lse_out may alias either input. lse_out may be empty.
+inline void merge_attention_states(tensor3_view<const float> o_a, matrix_view<const float> lse_a,
+                                   tensor3_view<const float> o_b, matrix_view<const float> lse_b,
+                                   tensor3_view<float> out, matrix_view<float> lse_out = {}) {
+  const std::int64_t t = o_a.extent(0), h = o_a.extent(1), d = o_a.extent(2);
+  detail::require_extents(lse_a, {t, h}, "merge_attention_states: lse_a");
+  detail::require_extents(o_b, {t, h, d}, "merge_attention_states: o_b");
+  detail::require_extents(lse_b, {t, h}, "merge_attention_states: lse_b");
+  detail::require_extents(out, {t, h, d}, "merge_attention_states: out");
+  if (!lse_out.empty()) detail::require_extents(lse_out, {t, h}, "merge_attention_states: lse_out");
+  for (std::int64_t i = 0; i < t; ++i)
+    for (std::int64_t j = 0; j < h; ++j) {
+      const float la = lse_a(i, j), lb = lse_b(i, j);
+      const float m = la > lb ? la : lb;
+      float wa = 0.f, wb = 0.f, l = detail::neg_inf;
+      if (m != detail::neg_inf) {
+        const float ea = std::exp(la - m), eb = std::exp(lb - m), s = ea + eb;
+        wa = ea / s, wb = eb / s, l = m + std::log(s);
+      }
+      for (std::int64_t c = 0; c < d; ++c) {
+        const float a = wa == 0.f ? 0.f : wa * o_a(i, j, c), b = wb == 0.f ? 0.f : wb * o_b(i, j, c);
+        out(i, j, c) = a + b;
+      }
+      if (!lse_out.empty()) lse_out(i, j) = l;
+    }
+}
 
 }  // namespace attnkit

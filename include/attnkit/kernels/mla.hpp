@@ -1,7 +1,9 @@
 #pragma once
-// Absorbed MLA attention over a latent cache: an MQA whose keys are the cached rows
-// [c ; k_rope] (width d_c + rope_heads * d_R) and whose values are a view of the same rows' c
-// (width d_c): the latent is read once per step for all H heads, never copied.
+// Absorbed MLA attention over latent rows: an MQA whose keys are the cached rows
+// [c ; k_rope] (width d_c + rope_heads * d_R) and whose values are the same rows' c (width d_c,
+// a kv_view whose values lie in its keys): the latent is read once per step for all H heads,
+// never copied. It runs on the GQA kernel's block products (kernels/gqa.hpp), so the paths are
+// the GQA family's: streaming micro-kernels for decode tiles, GEMM tiles for longer chunks.
 //
 // Query head i brings q_latent_i = W_UK_i^T q_nope_i (d_c) and its roped q_rope_i (d_R); its
 // score against token s is  scale * (q_latent_i . c_s + q_rope_i . k_rope_{r(i), s}),  with
@@ -9,31 +11,38 @@
 // [q_latent_i ; 0 ... q_rope_i (at slot r(i)) ... 0], which is exact. The output is the latent
 // o_i = sum_s p_s c_s; the caller applies W_UV_i (or W_O folded with W_UV).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <span>
 
-#include "../cache/latent_cache.hpp"
 #include "gqa.hpp"
 
 namespace attnkit {
 
-/// out [Tq, H, d_c] from q_latent [Tq, H, d_c] and roped q_rope [Tq, H, d_R]. opt.scale must be
-/// set: MLA's scale is 1/sqrt(d_nope + d_R) (times YaRN's mscale^2), not 1/sqrt(d_c + d_R).
-template <storage_type S, class Exec = serial_executor>
+/// out [Tq, H, d_c] from q_latent [Tq, H, d_c] and roped q_rope [Tq, H, d_R] against `kv`: a
+/// latent cache, or a kv_view with one KV head whose key rows are [c ; k_rope_0 ... ] and whose
+/// values are their first d_c columns (kv_view::latent). The number of rope groups is
+/// (key width - d_c) / d_R. opt.scale defaults to 1/sqrt(d_c + d_R); MLA's own scale is
+/// 1/sqrt(d_nope + d_R) (times YaRN's mscale^2), which mla_layer passes.
+template <kv_source KV, class Exec = serial_executor, mask_predicate Mask = no_mask>
 void attend_latent(tensor3_view<const float> q_latent, tensor3_view<const float> q_rope,
-                   std::span<const std::int64_t> q_positions, const latent_cache<S>& cache, tensor3_view<float> out,
-                   const attention_options& opt, Exec&& exec = Exec{}, attention_workspace* ws = nullptr) {
+                   std::span<const std::int64_t> q_positions, const KV& kv, tensor3_view<float> out,
+                   const attention_options& opt = {}, Exec&& exec = Exec{}, attention_workspace* ws = nullptr,
+                   const Mask& mask = {}) {
   using detail::require;
-  const std::int64_t tq = q_latent.extent(0), h = q_latent.extent(1), dc = cache.latent_dim(), dr = cache.rope_dim();
-  const std::int64_t nr = cache.rope_heads(), w = cache.row_width();
-  require(opt.scale.has_value(), "attend_latent: options.scale must be set (MLA uses 1/sqrt(d_nope + d_rope))");
+  const auto v = detail::kv_view_of(kv);
+  const std::int64_t tq = q_latent.extent(0), h = q_latent.extent(1), dc = v.v_head_dim(), w = v.head_dim();
+  const std::int64_t dr = q_rope.extent(2), nr = dr > 0 ? (w - dc) / dr : 1;
+  require(v.kv_heads() == 1, "attend_latent: the latent view must have one KV head, got ", v.kv_heads());
   detail::require_extents(q_latent, {tq, h, dc}, "attend_latent: q_latent");
+  require(dr > 0 ? (w - dc) % dr == 0 && nr >= 1 : w == dc, "attend_latent: q_rope width ", dr,
+          " does not divide the key rows' rope part (key width ", w, " - latent ", dc, ")");
   detail::require_extents(q_rope, {tq, h, dr}, "attend_latent: q_rope");
-  require(h % nr == 0, "attend_latent: heads=", h, " must be a multiple of the cache's rope_heads=", nr);
+  require(h % nr == 0, "attend_latent: heads=", h, " must be a multiple of rope_heads=", nr);
   attention_workspace local;
   attention_workspace& wsr = ws ? *ws : local;
   // The kernel's query rows [q_latent ; rope slots]: built once per call (H rows per token).
-  float* qx = wsr.query(static_cast<std::size_t>(tq * h * w));
+  float* qx = detail::workspace_access::query(wsr, static_cast<std::size_t>(tq * h * w));
   const std::int64_t per_group = h / nr;
   for (std::int64_t t = 0; t < tq; ++t)
     for (std::int64_t i = 0; i < h; ++i) {
@@ -43,8 +52,8 @@ void attend_latent(tensor3_view<const float> q_latent, tensor3_view<const float>
       float* slot = row + dc + (i / per_group) * dr;
       for (std::int64_t c = 0; c < dr; ++c) slot[c] = q_rope(t, i, c);
     }
-  const detail::kv_rows<S> kv{cache.rows(), 0, w, cache.rows(), 0, w, cache.positions().data(), cache.size(), 1, w, dc};
-  detail::run_gqa(tensor3_view<const float>(qx, {tq, h, w}), q_positions, kv, out, opt, exec, &wsr);
+  detail::run_gqa("attend_latent", tensor3_view<const float>(qx, {tq, h, w}), q_positions, v, out, opt, exec, &wsr,
+                  mask, 1.f / std::sqrt(static_cast<float>(dc + dr)));
 }
 
 }  // namespace attnkit

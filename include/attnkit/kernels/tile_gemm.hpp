@@ -1,9 +1,10 @@
 #pragma once
-// Register-blocked GEMM and column-wise online softmax for the prefill ("gemm") tiles on
-// AVX-512. The score tile is computed transposed, S^T[key][query] = K Q^T, so that:
+// Register-blocked GEMM for the prefill ("gemm") tiles on AVX-512 and TPA's value product.
+// The GQA score tile is computed transposed, S^T[key][query] = K Q^T, so that:
 //   * both products have a row-major "B" operand read as vectors with no packing: the query
 //     tile transposed once per item (Q^T [d, M]) and the cached V rows themselves;
-//   * the online softmax runs down the columns, vectorised across 16 queries at a time.
+//   * the online softmax runs down the columns (softmax_absorb_columns), vectorised across
+//     16 queries at a time.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -102,45 +103,6 @@ inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth,
   else gemm_bcast_tiles<Accumulate, 8, 2>(rows, cols, depth, a, a_rs, a_cs, b, b_rs, c, ldc, pf);
 }
 
-/// Online-softmax update for a transposed score block st[keys][ld] (queries along the row):
-/// per query m, max'_m = max(max_m, max_t st[t][m]) (block_max: that column max when the caller
-/// has it, else nullptr); sum is rescaled and increased; alpha[m] = exp(max_m - max'_m) is the
-/// factor for the accumulator (0 while a column has seen only masked keys, whose probabilities
-/// are exactly 0). on_p(t, m0, p, mask) receives the probabilities exp(st - max') of key t for
-/// queries m0..m0+15.
-template <class OnP>
-inline void softmax_columns(const float* st, std::int64_t ld, std::int64_t keys, std::int64_t queries, const float* block_max,
-                            float* max, float* sum, float* alpha, OnP&& on_p) {
-  const __m512 ninf = _mm512_set1_ps(neg_inf);
-  for (std::int64_t m0 = 0; m0 < queries; m0 += 16) {
-    const __mmask16 mm = lane_mask(queries - m0);
-    __m512 colmax = ninf;
-    if (block_max) colmax = _mm512_mask_loadu_ps(ninf, mm, block_max + m0);
-    else
-      for (std::int64_t t = 0; t < keys; ++t) colmax = _mm512_max_ps(colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
-    const __m512 old = _mm512_mask_loadu_ps(ninf, mm, max + m0);
-    const __m512 mx = _mm512_max_ps(old, colmax);
-    const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
-    const __m512 a = exp16(_mm512_sub_ps(old, shift));  // exp(-inf - finite) = 0
-    __m512 colsum = _mm512_setzero_ps();
-    for (std::int64_t t = 0; t < keys; ++t) {
-      const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mm, st + t * ld + m0), shift));
-      on_p(t, m0, p, mm);
-      colsum = _mm512_add_ps(colsum, p);
-    }
-    _mm512_mask_storeu_ps(sum + m0, mm, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mm, sum + m0), a, colsum));
-    _mm512_mask_storeu_ps(max + m0, mm, mx);
-    _mm512_mask_storeu_ps(alpha + m0, mm, a);
-  }
-}
-
-/// softmax_columns with the probabilities written back into st.
-inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t queries, float* max,
-                                   float* sum, float* alpha) {
-  softmax_columns(st, ld, keys, queries, nullptr, max, sum, alpha,
-                  [&](std::int64_t t, std::int64_t m0, __m512 p, __mmask16 mm) { _mm512_mask_storeu_ps(st + t * ld + m0, mm, p); });
-}
-
 #else  // portable versions: the same contracts in plain loops
 
 template <bool Accumulate, class Prefetch = no_prefetch>
@@ -157,34 +119,6 @@ inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth,
       for (std::int64_t j = 0; j < cols; ++j) cr[j] += av * bk[j];
     }
   }
-}
-
-template <class OnP>
-inline void softmax_columns(const float* st, std::int64_t ld, std::int64_t keys, std::int64_t queries, const float* block_max,
-                            float* max, float* sum, float* alpha, OnP&& on_p) {
-  for (std::int64_t m = 0; m < queries; ++m) {
-    float colmax = neg_inf;
-    if (block_max) colmax = block_max[m];
-    else
-      for (std::int64_t t = 0; t < keys; ++t) colmax = std::max(colmax, st[t * ld + m]);
-    const float mx = std::max(max[m], colmax), shift = mx == neg_inf ? 0.f : mx;
-    const float a = std::exp(max[m] - shift);
-    float colsum = 0.f;
-    for (std::int64_t t = 0; t < keys; ++t) {
-      const float p = std::exp(st[t * ld + m] - shift);
-      on_p(t, m, p);
-      colsum += p;
-    }
-    sum[m] = sum[m] * a + colsum;
-    max[m] = mx;
-    alpha[m] = a;
-  }
-}
-
-inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t queries, float* max,
-                                   float* sum, float* alpha) {
-  softmax_columns(st, ld, keys, queries, nullptr, max, sum, alpha,
-                  [&](std::int64_t t, std::int64_t m, float p) { st[t * ld + m] = p; });
 }
 
 #endif  // ATTNKIT_HAS_AVX512

@@ -27,14 +27,14 @@ struct gqa_config {
   rope_config rope{};
   std::optional<float> scale{};          ///< default 1/sqrt(head_dim)
   std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
-  float qk_norm_eps = 1e-6f;             ///< epsilon of the optional q/k RMSNorm (QK-norm)
+  float rms_eps = 1e-6f;                 ///< epsilon of the optional q/k RMSNorm (QK-norm)
 };
 
-/// nn.Linear-layout weights: q [H*d, D], k [H_kv*d, D], v [H_kv*d_v, D], o [D, H*d_v];
-/// biases optional (empty span = none).
+/// nn.Linear-layout weights with transformers' names: q_proj [H*d, D], k_proj [H_kv*d, D],
+/// v_proj [H_kv*d_v, D], o_proj [D, H*d_v]; biases optional (empty span = none).
 struct gqa_weights {
-  matrix_view<const float> q, k, v, o;
-  std::span<const float> q_bias{}, k_bias{}, v_bias{}, o_bias{};
+  matrix_view<const float> q_proj, k_proj, v_proj, o_proj;
+  std::span<const float> q_proj_bias{}, k_proj_bias{}, v_proj_bias{}, o_proj_bias{};
   /// QK-norm (Qwen3 style): per-head RMSNorm weights [head_dim] applied to every query / key
   /// head after the projection and before RoPE. Empty = none.
   std::span<const float> q_norm{}, k_norm{};
@@ -45,22 +45,21 @@ class gqa_layer {
   gqa_layer(const gqa_config& cfg, const gqa_weights& w) : cfg_(validated(cfg)), w_(w) {
     using detail::require;
     const std::int64_t d = cfg_.model_dim, h = cfg_.heads, hkv = cfg_.kv_heads, dq = cfg_.head_dim, dv = cfg_.v_head_dim;
-    detail::require_extents(w.q, {h * dq, d}, "gqa_layer: weight q");
-    detail::require_extents(w.k, {hkv * dq, d}, "gqa_layer: weight k");
-    detail::require_extents(w.v, {hkv * dv, d}, "gqa_layer: weight v");
-    detail::require_extents(w.o, {d, h * dv}, "gqa_layer: weight o");
+    detail::require_extents(w.q_proj, {h * dq, d}, "gqa_layer: weight q_proj");
+    detail::require_extents(w.k_proj, {hkv * dq, d}, "gqa_layer: weight k_proj");
+    detail::require_extents(w.v_proj, {hkv * dv, d}, "gqa_layer: weight v_proj");
+    detail::require_extents(w.o_proj, {d, h * dv}, "gqa_layer: weight o_proj");
     auto check_bias = [](std::span<const float> b, std::int64_t n, const char* name) {
       require(b.empty() || static_cast<std::int64_t>(b.size()) == n, "gqa_layer: ", name, " has ", b.size(),
               " entries but ", n, " were expected");
     };
-    check_bias(w.q_bias, h * dq, "q_bias");
-    check_bias(w.k_bias, hkv * dq, "k_bias");
-    check_bias(w.v_bias, hkv * dv, "v_bias");
-    check_bias(w.o_bias, d, "o_bias");
+    check_bias(w.q_proj_bias, h * dq, "q_proj_bias");
+    check_bias(w.k_proj_bias, hkv * dq, "k_proj_bias");
+    check_bias(w.v_proj_bias, hkv * dv, "v_proj_bias");
+    check_bias(w.o_proj_bias, d, "o_proj_bias");
     check_bias(w.q_norm, dq, "q_norm");
     check_bias(w.k_norm, dq, "k_norm");
-    require(cfg_.qk_norm_eps > 0, "gqa_config: qk_norm_eps must be > 0, got ", cfg_.qk_norm_eps);
-    for (auto [v, name] : {std::pair{w.q, "q"}, {w.k, "k"}, {w.v, "v"}, {w.o, "o"}})
+    for (auto [v, name] : {std::pair{w.q_proj, "q_proj"}, {w.k_proj, "k_proj"}, {w.v_proj, "v_proj"}, {w.o_proj, "o_proj"}})
       (void)detail::row_major_map(v, name);
     k_rope_ = rope(cfg_.rope, dq, hkv);
     q_rope_ = rope(query_tables(cfg_.rope, h / hkv), dq, h);
@@ -73,10 +72,19 @@ class gqa_layer {
   dense_cache<S> make_cache(std::int64_t capacity) const {
     return dense_cache<S>({cfg_.kv_heads, cfg_.head_dim, cfg_.v_head_dim, capacity});
   }
+  /// The attention options of this layer's kernel call.
+  attention_options options() const {
+    attention_options opt;
+    opt.scale = cfg_.scale;
+    opt.window = cfg_.window;
+    return opt;
+  }
 
-  /// x [T, D] at positions (one per token) -> y [T, D]. Appends T tokens to `cache`.
-  template <storage_type S, class Exec = serial_executor>
-  void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, dense_cache<S>& cache,
+  /// x [T, D] at positions (one per token) -> y [T, D]. Appends T tokens to `cache` (any cache
+  /// taking dense_append payloads whose view is a kv_view). A call that throws changes nothing.
+  template <class Cache, class Exec = serial_executor>
+    requires cache_for<Cache, dense_append> && kv_source<Cache>
+  void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, Cache& cache,
                matrix_view<float> y, Exec&& exec = Exec{}) {
     using detail::require;
     const std::int64_t t = x.extent(0), d = cfg_.model_dim, h = cfg_.heads, hkv = cfg_.kv_heads;
@@ -85,10 +93,11 @@ class gqa_layer {
     detail::require_extents(y, {t, d}, "gqa_layer::forward: y");
     require(static_cast<std::int64_t>(positions.size()) == t, "gqa_layer::forward: positions has ", positions.size(),
             " entries but x has T=", t, " tokens");
-    require(cache.kv_heads() == hkv && cache.qk_dim() == dq && cache.v_dim() == dv,
-            "gqa_layer::forward: cache has kv_heads=", cache.kv_heads(), ", qk_dim=", cache.qk_dim(), ", v_dim=",
-            cache.v_dim(), " but the layer needs ", hkv, ", ", dq, ", ", dv);
-    require(cache.size() + t <= cache.capacity(), "gqa_layer::forward: appending ", t, " tokens to size=",
+    const auto kv = cache.view();
+    require(kv.kv_heads() == hkv && kv.head_dim() == dq && kv.v_head_dim() == dv,
+            "gqa_layer::forward: cache has kv_heads=", kv.kv_heads(), ", head_dim=", kv.head_dim(), ", v_head_dim=",
+            kv.v_head_dim(), " but the layer needs ", hkv, ", ", dq, ", ", dv);
+    require(t <= cache.capacity() - cache.size(), "gqa_layer::forward: appending ", t, " tokens to size=",
             cache.size(), " exceeds capacity=", cache.capacity());
 
     q_.resize(t, h * dq);
@@ -98,29 +107,26 @@ class gqa_layer {
     const auto xm = detail::row_major_map(x, "gqa_layer::forward: x");
     auto ym = detail::row_major_map(y, "gqa_layer::forward: y");
     auto map = [](row_matrix<float>& m) { return detail::row_map<float>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())); };
-    detail::linear(xm, detail::row_major_map(w_.q, "q"), w_.q_bias, map(q_), exec);
-    detail::linear(xm, detail::row_major_map(w_.k, "k"), w_.k_bias, map(k_), exec);
-    detail::linear(xm, detail::row_major_map(w_.v, "v"), w_.v_bias, map(v_), exec);
+    detail::linear(xm, detail::row_major_map(w_.q_proj, "q_proj"), w_.q_proj_bias, map(q_), exec);
+    detail::linear(xm, detail::row_major_map(w_.k_proj, "k_proj"), w_.k_proj_bias, map(k_), exec);
+    detail::linear(xm, detail::row_major_map(w_.v_proj, "v_proj"), w_.v_proj_bias, map(v_), exec);
     for (std::int64_t i = 0; i < t; ++i) {
       const std::int64_t pos = positions[static_cast<std::size_t>(i)];
       for (std::int64_t hh = 0; hh < h; ++hh) {
-        if (!w_.q_norm.empty()) rms_norm(q_.row(i).data() + hh * dq, dq, w_.q_norm, cfg_.qk_norm_eps);
+        if (!w_.q_norm.empty()) rms_norm(q_.row(i).data() + hh * dq, dq, w_.q_norm, cfg_.rms_eps);
         q_rope_.apply(q_.row(i).data() + hh * dq, pos, hh);
       }
       for (std::int64_t j = 0; j < hkv; ++j) {
-        if (!w_.k_norm.empty()) rms_norm(k_.row(i).data() + j * dq, dq, w_.k_norm, cfg_.qk_norm_eps);
+        if (!w_.k_norm.empty()) rms_norm(k_.row(i).data() + j * dq, dq, w_.k_norm, cfg_.rms_eps);
         k_rope_.apply(k_.row(i).data() + j * dq, pos, j);
       }
     }
     cache.append(tensor3_view<const float>(k_.data(), {t, hkv, dq}), tensor3_view<const float>(v_.data(), {t, hkv, dv}),
                  positions);
-    attention_options opt;
-    opt.scale = cfg_.scale;
-    opt.window = cfg_.window;
-    attend(tensor3_view<const float>(q_.data(), {t, h, dq}), positions, cache, tensor3_view<float>(o_.data(), {t, h, dv}),
-           opt, exec, &ws_);
+    attend(tensor3_view<const float>(q_.data(), {t, h, dq}), positions, cache.view(),
+           tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
     const auto om = detail::row_map<const float>(o_.data(), t, h * dv, Eigen::OuterStride<>(h * dv));
-    detail::linear(om, detail::row_major_map(w_.o, "o"), w_.o_bias, ym, exec);
+    detail::linear(om, detail::row_major_map(w_.o_proj, "o_proj"), w_.o_proj_bias, ym, exec);
   }
 
  private:
@@ -134,6 +140,8 @@ class gqa_layer {
     require(c.head_dim > 0 && c.v_head_dim > 0, "gqa_config: head_dim and v_head_dim must be > 0, got ", c.head_dim,
             ", ", c.v_head_dim);
     if (c.window) require(*c.window >= 1, "gqa_config: window must be >= 1, got ", *c.window);
+    if (c.scale) require(std::isfinite(*c.scale), "gqa_config: scale must be finite, got ", *c.scale);
+    require(c.rms_eps > 0, "gqa_config: rms_eps must be > 0, got ", c.rms_eps);
     return c;
   }
   /// With one frequency table per KV head (MHA2MLA), query head h uses its KV head's table.

@@ -40,7 +40,7 @@ struct mla_config {
   std::int64_t latent_dim = 0;   ///< d_c (kv_lora_rank)
   std::int64_t nope_dim = 0;     ///< d_nope (qk_nope_head_dim)
   std::int64_t rope_dim = 0;     ///< d_R (qk_rope_head_dim), even
-  std::int64_t v_dim = 0;        ///< d_v (v_head_dim)
+  std::int64_t v_head_dim = 0;        ///< d_v (v_head_dim)
   std::int64_t rope_heads = 1;   ///< decoupled rope keys: 1 (DeepSeek) or one per head group
   /// RoPE of the rope parts; DeepSeek checkpoints store them as interleaved pairs. rotary_dim:
   /// 0 (= rope_dim) or less (a converted partial-RoPE model); tables may be one per rope head.
@@ -97,8 +97,15 @@ class mla_layer {
   /// Largest Tq for which the automatic rule takes the absorbed path.
   std::int64_t absorbed_max_tokens() const {
     const std::int64_t dc = cfg_.latent_dim, extra = 2 * dc + cfg_.rope_heads * cfg_.rope_dim -
-                                                        (cfg_.nope_dim + cfg_.rope_dim) - cfg_.v_dim;
-    return extra <= 0 ? std::numeric_limits<std::int64_t>::max() : dc * (cfg_.nope_dim + cfg_.v_dim) / extra;
+                                                        (cfg_.nope_dim + cfg_.rope_dim) - cfg_.v_head_dim;
+    return extra <= 0 ? std::numeric_limits<std::int64_t>::max() : dc * (cfg_.nope_dim + cfg_.v_head_dim) / extra;
+  }
+  /// The attention options of this layer's kernel calls (scale and window).
+  attention_options options() const {
+    attention_options opt;
+    opt.scale = scale();
+    opt.window = cfg_.window;
+    return opt;
   }
   template <storage_type S>
   latent_cache<S> make_cache(std::int64_t capacity) const {
@@ -106,8 +113,11 @@ class mla_layer {
   }
 
   /// x [T, D] at positions -> y [T, D]; appends T tokens to the latent cache.
-  template <storage_type S, class Exec = serial_executor>
-  void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, latent_cache<S>& cache,
+  /// Any cache taking latent_append payloads whose view is a latent kv_view. A call that throws
+  /// changes nothing.
+  template <class Cache, class Exec = serial_executor>
+    requires cache_for<Cache, latent_append> && kv_source<Cache>
+  void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, Cache& cache,
                matrix_view<float> y, Exec&& exec = Exec{}, mla_path path = mla_path::automatic) {
     using detail::require;
     const std::int64_t t = x.extent(0), d = cfg_.model_dim, h = cfg_.heads, dc = cfg_.latent_dim;
@@ -116,10 +126,13 @@ class mla_layer {
     detail::require_extents(y, {t, d}, "mla_layer::forward: y");
     require(static_cast<std::int64_t>(positions.size()) == t, "mla_layer::forward: positions has ", positions.size(),
             " entries but x has T=", t, " tokens");
-    require(cache.latent_dim() == dc && cache.rope_dim() == dr && cache.rope_heads() == nr,
-            "mla_layer::forward: cache has latent_dim=", cache.latent_dim(), ", rope_dim=", cache.rope_dim(),
-            ", rope_heads=", cache.rope_heads(), " but the layer needs ", dc, ", ", dr, ", ", nr);
-    require(cache.size() + t <= cache.capacity(), "mla_layer::forward: appending ", t, " tokens to size=", cache.size(),
+    {
+      const auto kv = cache.view();
+      require(kv.kv_heads() == 1 && kv.v_head_dim() == dc && kv.head_dim() == dc + nr * dr,
+              "mla_layer::forward: cache rows have latent width ", kv.v_head_dim(), " and key width ", kv.head_dim(),
+              " but the layer needs ", dc, " and ", dc + nr * dr, " (latent_dim + rope_heads * rope_dim)");
+    }
+    require(t <= cache.capacity() - cache.size(), "mla_layer::forward: appending ", t, " tokens to size=", cache.size(),
             " exceeds capacity=", cache.capacity());
     const auto xm = detail::row_major_map(x, "mla_layer::forward: x");
 
@@ -155,8 +168,8 @@ class mla_layer {
                  tensor3_view<const float>(kva_.data() + dc, {t, nr, dr}, {dc + nr * dr, dr, 1}), positions);
 
     if (path == mla_path::automatic) path = t <= absorbed_max_tokens() ? mla_path::absorbed : mla_path::naive;
-    if (path == mla_path::absorbed) forward_absorbed(t, positions, cache, exec);
-    else forward_naive(t, positions, cache, exec);
+    if (path == mla_path::absorbed) forward_absorbed(t, positions, cache.view(), exec);
+    else forward_naive(t, positions, cache.view(), exec);
   
     // y = O W_O^T + b_o, O = o_ [T, H d_v] (or the latent [T, H d_c] with W_O W_UV folded).
     auto ym = detail::row_major_map(y, "mla_layer::forward: y");
@@ -177,37 +190,34 @@ class mla_layer {
   /// W_UK_i [d_nope, d_c] and W_UV_i [d_v, d_c]: row blocks of kv_b_proj.
   cmap w_uk(std::int64_t i) const {
     const std::int64_t stride = w_.kv_b_proj.stride(0);
-    return {w_.kv_b_proj.data_handle() + i * (cfg_.nope_dim + cfg_.v_dim) * stride, cfg_.nope_dim, cfg_.latent_dim,
+    return {w_.kv_b_proj.data_handle() + i * (cfg_.nope_dim + cfg_.v_head_dim) * stride, cfg_.nope_dim, cfg_.latent_dim,
             Eigen::OuterStride<>(stride)};
   }
   cmap w_uv(std::int64_t i) const {
     const std::int64_t stride = w_.kv_b_proj.stride(0);
-    return {w_.kv_b_proj.data_handle() + (i * (cfg_.nope_dim + cfg_.v_dim) + cfg_.nope_dim) * stride, cfg_.v_dim,
+    return {w_.kv_b_proj.data_handle() + (i * (cfg_.nope_dim + cfg_.v_head_dim) + cfg_.nope_dim) * stride, cfg_.v_head_dim,
             cfg_.latent_dim, Eigen::OuterStride<>(stride)};
   }
   /// The value bias of head i (d_v entries), or empty.
   std::span<const float> value_bias(std::int64_t i) const {
     if (w_.kv_b_proj_bias.empty()) return {};
-    return w_.kv_b_proj_bias.subspan(static_cast<std::size_t>(i * (cfg_.nope_dim + cfg_.v_dim) + cfg_.nope_dim),
-                                     static_cast<std::size_t>(cfg_.v_dim));
+    return w_.kv_b_proj_bias.subspan(static_cast<std::size_t>(i * (cfg_.nope_dim + cfg_.v_head_dim) + cfg_.nope_dim),
+                                     static_cast<std::size_t>(cfg_.v_head_dim));
   }
 
   template <storage_type S, class Exec>
-  void forward_absorbed(std::int64_t t, std::span<const std::int64_t> positions, const latent_cache<S>& cache, Exec& exec) {
+  void forward_absorbed(std::int64_t t, std::span<const std::int64_t> positions, const kv_view<S>& cache, Exec& exec) {
     const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr;
-    const std::int64_t dv = cfg_.v_dim;
+    const std::int64_t dv = cfg_.v_head_dim;
     qlat_.resize(t, h * dc);
     exec.parallel_for(h, [&](std::int64_t i) {  // q_latent_i = W_UK_i^T q_nope_i
       const cmap qn(q_.data() + i * dqk, t, dn, Eigen::OuterStride<>(h * dqk));
       detail::row_map<float>(qlat_.data() + i * dc, t, dc, Eigen::OuterStride<>(h * dc)).noalias() = qn * w_uk(i);
     });
     olat_.resize(t, h * dc);
-    attention_options opt;
-    opt.scale = scale();
-    opt.window = cfg_.window;
     attend_latent(tensor3_view<const float>(qlat_.data(), {t, h, dc}),
                   tensor3_view<const float>(q_.data() + dn, {t, h, dr}, {h * dqk, dqk, 1}), positions, cache,
-                  tensor3_view<float>(olat_.data(), {t, h, dc}), opt, exec, &ws_);
+                  tensor3_view<float>(olat_.data(), {t, h, dc}), options(), exec, &ws_);
     if (cfg_.fold_uv_into_o) return;
     o_.resize(t, h * dv);
     exec.parallel_for(h, [&](std::int64_t i) {  // o_i = W_UV_i o_latent_i + b_v_i
@@ -219,12 +229,12 @@ class mla_layer {
   }
 
   template <storage_type S, class Exec>
-  void forward_naive(std::int64_t t, std::span<const std::int64_t> positions, const latent_cache<S>& cache, Exec& exec) {
+  void forward_naive(std::int64_t t, std::span<const std::int64_t> positions, const kv_view<S>& cache, Exec& exec) {
     const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr;
-    const std::int64_t dv = cfg_.v_dim, tk = cache.size(), w = cache.row_width();
+    const std::int64_t dv = cfg_.v_head_dim, tk = cache.size(), w = cache.head_dim();
     // Widen the cached rows, then K_i = [W_UK_i c + b_k ; k_rope_r(i)], V_i = W_UV_i c + b_v.
     lat_.resize(tk, w);
-    for (std::int64_t s = 0; s < tk; ++s) detail::to_float_row(cache.rows() + s * w, lat_.row(s).data(), w);
+    for (std::int64_t s = 0; s < tk; ++s) detail::to_float_row(cache.keys().row(0, s), lat_.row(s).data(), w);
     k_.resize(tk, h * dqk);
     v_.resize(tk, h * dv);
     exec.parallel_for(h, [&](std::int64_t i) {
@@ -243,17 +253,15 @@ class mla_layer {
         std::copy(lat_.row(s).data() + dc + g * dr, lat_.row(s).data() + dc + (g + 1) * dr, k_.row(s).data() + i * dqk + dn);
     });
     o_.resize(t, h * dv);
-    attention_options opt;
-    opt.scale = scale();
-    opt.window = cfg_.window;
-    attend<float>(tensor3_view<const float>(q_.data(), {t, h, dqk}), positions,
-                  tensor3_view<const float>(k_.data(), {tk, h, dqk}), tensor3_view<const float>(v_.data(), {tk, h, dv}),
-                  cache.positions(), tensor3_view<float>(o_.data(), {t, h, dv}), opt, exec, &ws_);
+    const kv_view<float> kv(tensor3_view<const float>(k_.data(), {tk, h, dqk}),
+                            tensor3_view<const float>(v_.data(), {tk, h, dv}), cache.positions());
+    attend(tensor3_view<const float>(q_.data(), {t, h, dqk}), positions, kv, tensor3_view<float>(o_.data(), {t, h, dv}),
+           options(), exec, &ws_);
   }
 
   /// W_OUV [D, H d_c] = [W_O,i W_UV_i]_i and the folded value bias b = b_o + sum_i W_O,i b_v,i.
   void fold_uv() {
-    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, dc = cfg_.latent_dim, dv = cfg_.v_dim;
+    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, dc = cfg_.latent_dim, dv = cfg_.v_head_dim;
     const cmap wo = map(w_.o_proj);
     w_ouv_.resize(d, h * dc);
     Eigen::VectorXf b = Eigen::VectorXf::Zero(d);
@@ -272,7 +280,7 @@ class mla_layer {
     require(c.heads > 0, "mla_config: heads must be > 0, got ", c.heads);
     require(c.q_lora_rank >= 0, "mla_config: q_lora_rank must be >= 0, got ", c.q_lora_rank);
     require(c.latent_dim > 0, "mla_config: latent_dim must be > 0, got ", c.latent_dim);
-    require(c.nope_dim >= 0 && c.v_dim > 0, "mla_config: nope_dim must be >= 0 and v_dim > 0, got ", c.nope_dim, ", ", c.v_dim);
+    require(c.nope_dim >= 0 && c.v_head_dim > 0, "mla_config: nope_dim must be >= 0 and v_head_dim > 0, got ", c.nope_dim, ", ", c.v_head_dim);
     require(c.rope_dim >= 0 && c.rope_dim % 2 == 0, "mla_config: rope_dim must be even and >= 0, got ", c.rope_dim);
     require(c.nope_dim + c.rope_dim > 0, "mla_config: nope_dim + rope_dim must be > 0");
     require(c.rope_heads >= 1 && c.heads % c.rope_heads == 0, "mla_config: heads=", c.heads,
@@ -282,13 +290,15 @@ class mla_layer {
     require(c.rms_eps > 0, "mla_config: rms_eps must be > 0, got ", c.rms_eps);
     require(c.mscale > 0, "mla_config: mscale must be > 0, got ", c.mscale);
     if (c.window) require(*c.window >= 1, "mla_config: window must be >= 1, got ", *c.window);
+    if (c.scale) require(std::isfinite(*c.scale), "mla_config: scale must be finite, got ", *c.scale);
+    require(std::isfinite(c.mscale), "mla_config: mscale must be finite, got ", c.mscale);
     return c;
   }
 
   void validate_weights() const {
     using detail::require;
     const std::int64_t d = cfg_.model_dim, h = cfg_.heads, dqk = cfg_.nope_dim + cfg_.rope_dim, dc = cfg_.latent_dim;
-    const std::int64_t ql = cfg_.q_lora_rank, dv = cfg_.v_dim, nr = cfg_.rope_heads, dr = cfg_.rope_dim;
+    const std::int64_t ql = cfg_.q_lora_rank, dv = cfg_.v_head_dim, nr = cfg_.rope_heads, dr = cfg_.rope_dim;
     auto present = [](const matrix_view<const float>& m) { return m.data_handle() != nullptr; };
     auto need = [&](const matrix_view<const float>& m, std::int64_t rows, std::int64_t cols, const char* name) {
       require(present(m), "mla_layer: tensor ", name, " is missing (expected shape [", rows, ", ", cols, "])");

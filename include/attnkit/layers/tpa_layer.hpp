@@ -7,10 +7,9 @@
 // of W_A) -- with those, MHA, MQA and GQA are special cases (tests/equivalence).
 // Paths: factorized (FlashTPA order, K/V never materialised) and materialized (Q/K/V formed,
 // then the GQA kernel as MHA). The automatic rule is factorized for every call: measured
-// through this layer (Llama shape, R 2, 2 threads), causal prefill of 512 / 2048 tokens took
-// 223-229 / 1086-1122 ms factorized and 209-238 / 1037-1064 ms materialised -- within 10%, the
-// lead changing between runs -- while a materialised decode step re-forms K and V of every
-// cached token (docs/benchmarks.md).
+// through this layer, causal prefill runs within noise of the materialised path, while a
+// materialised decode step re-forms K and V of every cached token (docs/benchmarks.md, TPA).
+// The layer's scales (T6: 1/R) override the cache view's k_scale and v_scale.
 #include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
@@ -28,6 +27,11 @@
 #include "../kernels/tpa.hpp"
 
 namespace attnkit {
+
+/// The explicit 1/R factors of TPA (T6 uses 1/R_Q, 1/R_K, 1/R_V); any values may be given.
+struct tpa_scales {
+  float q = 1.f, k = 1.f, v = 1.f;
+};
 
 struct tpa_config {
   std::int64_t model_dim = 0;
@@ -69,11 +73,22 @@ class tpa_layer {
   }
   template <storage_type S>
   factorized_cache<S> make_cache(std::int64_t capacity) const {
-    return factorized_cache<S>({cfg_.heads, cfg_.head_dim, cfg_.v_head_dim, cfg_.k_rank, cfg_.v_rank, capacity});
+    const tpa_scales sc = scales();
+    return factorized_cache<S>({cfg_.heads, cfg_.head_dim, cfg_.v_head_dim, cfg_.k_rank, cfg_.v_rank, capacity, sc.k, sc.v});
+  }
+  /// The attention options of this layer's kernel calls (scale and window).
+  attention_options options() const {
+    attention_options opt;
+    opt.scale = cfg_.scale;
+    opt.window = cfg_.window;
+    return opt;
   }
 
-  template <storage_type S, class Exec = serial_executor>
-  void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, factorized_cache<S>& cache,
+  /// Any cache taking factorized_append payloads whose view is a factor_view. A call that throws
+  /// changes nothing.
+  template <class Cache, class Exec = serial_executor>
+    requires cache_for<Cache, factorized_append> && factor_source<Cache>
+  void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, Cache& cache,
                matrix_view<float> y, Exec&& exec = Exec{}, tpa_path path = tpa_path::automatic) {
     using detail::require;
     const std::int64_t t = x.extent(0), dm = cfg_.model_dim, h = cfg_.heads, d = cfg_.head_dim, dv = cfg_.v_head_dim;
@@ -82,11 +97,15 @@ class tpa_layer {
     detail::require_extents(y, {t, dm}, "tpa_layer::forward: y");
     require(static_cast<std::int64_t>(positions.size()) == t, "tpa_layer::forward: positions has ", positions.size(),
             " entries but x has T=", t, " tokens");
-    require(cache.heads() == h && cache.qk_dim() == d && cache.v_dim() == dv && cache.k_rank() == rk && cache.v_rank() == rv,
-            "tpa_layer::forward: cache has heads=", cache.heads(), ", qk_dim=", cache.qk_dim(), ", v_dim=", cache.v_dim(),
-            ", k_rank=", cache.k_rank(), ", v_rank=", cache.v_rank(), " but the layer needs ", h, ", ", d, ", ", dv, ", ",
-            rk, ", ", rv);
-    require(cache.size() + t <= cache.capacity(), "tpa_layer::forward: appending ", t, " tokens to size=", cache.size(),
+    const tpa_scales sc = scales();
+    {
+      const auto f = cache.view();
+      require(f.heads == h && f.head_dim == d && f.v_head_dim == dv && f.k_rank == rk && f.v_rank == rv,
+              "tpa_layer::forward: cache has heads=", f.heads, ", head_dim=", f.head_dim, ", v_head_dim=",
+              f.v_head_dim, ", k_rank=", f.k_rank, ", v_rank=", f.v_rank, " but the layer needs ", h, ", ", d, ", ",
+              dv, ", ", rk, ", ", rv);
+    }
+    require(t <= cache.capacity() - cache.size(), "tpa_layer::forward: appending ", t, " tokens to size=", cache.size(),
             " exceeds capacity=", cache.capacity());
     const auto xm = detail::row_major_map(x, "tpa_layer::forward: x");
 
@@ -95,6 +114,7 @@ class tpa_layer {
     bq_.resize(t, rq * d);
     if (cfg_.q_rank) {
       factor_a(xm, w_.w_a_q, w_.a_q, rq, aq_, exec);
+      aq_ *= sc.q;  // Q = q_scale A_Q^T B_Q: the kernel takes the scale in A_Q
       detail::linear(xm, map(w_.w_b_q), {}, as_map(bq_), exec);
     } else {
       aq_.setZero();
@@ -118,15 +138,14 @@ class tpa_layer {
     cache.append({tensor3_view<const float>(ak_.data(), {t, rk, h}), tensor3_view<const float>(bk_.data(), {t, rk, d}),
                   tensor3_view<const float>(av_.data(), {t, rv, h}), tensor3_view<const float>(bv_.data(), {t, rv, dv}),
                   positions});
-    attention_options opt;
-    opt.scale = cfg_.scale;
-    opt.window = cfg_.window;
     o_.resize(t, h * dv);
+    auto f = cache.view();
+    f.k_scale = sc.k, f.v_scale = sc.v;
     if (path == tpa_path::materialized) {
-      materialized(t, positions, cache, opt, exec);
+      materialized(t, positions, f, exec);
     } else {
       attend_factorized(tensor3_view<const float>(aq_.data(), {t, rq, h}), tensor3_view<const float>(bq_.data(), {t, rq, d}),
-                        positions, cache, tensor3_view<float>(o_.data(), {t, h, dv}), scales(), opt, exec, &ws_);
+                        positions, f, tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
     }
     detail::linear(const_map(o_), map(w_.o_proj), {}, detail::row_major_map(y, "tpa_layer::forward: y"), exec);
   }
@@ -159,14 +178,11 @@ class tpa_layer {
 
   /// Q, K, V materialised (K and V for every cached token), then the GQA kernel as MHA.
   template <storage_type S, class Exec>
-  void materialized(std::int64_t t, std::span<const std::int64_t> positions, const factorized_cache<S>& cache,
-                    attention_options opt, Exec& exec) {
+  void materialized(std::int64_t t, std::span<const std::int64_t> positions, const factor_view<S>& cache, Exec& exec) {
     const std::int64_t h = cfg_.heads, d = cfg_.head_dim, dv = cfg_.v_head_dim, tk = cache.size();
     const std::int64_t rq = cfg_.q_rank ? cfg_.q_rank : h, rk = cfg_.k_rank, rv = cfg_.v_rank;
-    const tpa_scales sc = scales();
     auto form = [&](std::int64_t n, std::int64_t rank, std::int64_t width, float scale, auto a_at, auto b_row, rmat& out) {
       out.setZero(n, h * width);
-      std::vector<float> brow(static_cast<std::size_t>(width));
       exec.parallel_for(n, [&](std::int64_t i) {
         std::vector<float> b(static_cast<std::size_t>(width));
         for (std::int64_t r = 0; r < rank; ++r) {
@@ -179,15 +195,18 @@ class tpa_layer {
         }
       });
     };
-    form(t, rq, d, cfg_.q_rank ? sc.q : 1.f, [&](std::int64_t i, std::int64_t r, std::int64_t hh) { return aq_(i, r * h + hh); },
+    form(t, rq, d, 1.f, [&](std::int64_t i, std::int64_t r, std::int64_t hh) { return aq_(i, r * h + hh); },
          [&](std::int64_t i, std::int64_t r, float* b) { std::copy_n(bq_.row(i).data() + r * d, d, b); }, qm_);
-    form(tk, rk, d, sc.k, [&](std::int64_t i, std::int64_t r, std::int64_t hh) { return to_float(cache.a_k()[(i * rk + r) * h + hh]); },
-         [&](std::int64_t i, std::int64_t r, float* b) { detail::to_float_row(cache.b_k() + (i * rk + r) * d, b, d); }, km_);
-    form(tk, rv, dv, sc.v, [&](std::int64_t i, std::int64_t r, std::int64_t hh) { return to_float(cache.a_v()[(i * rv + r) * h + hh]); },
-         [&](std::int64_t i, std::int64_t r, float* b) { detail::to_float_row(cache.b_v() + (i * rv + r) * dv, b, dv); }, vm_);
-    attend<float>(tensor3_view<const float>(qm_.data(), {t, h, d}), positions, tensor3_view<const float>(km_.data(), {tk, h, d}),
-                  tensor3_view<const float>(vm_.data(), {tk, h, dv}), cache.positions(),
-                  tensor3_view<float>(o_.data(), {t, h, dv}), opt, exec, &ws_);
+    form(tk, rk, d, cache.k_scale, [&](std::int64_t i, std::int64_t r, std::int64_t hh) {
+           return static_cast<float>(cache.a_k_row(i)[r * h + hh]); },
+         [&](std::int64_t i, std::int64_t r, float* b) { detail::to_float_row(cache.b_k_row(i) + r * d, b, d); }, km_);
+    form(tk, rv, dv, cache.v_scale, [&](std::int64_t i, std::int64_t r, std::int64_t hh) {
+           return static_cast<float>(cache.a_v_row(i)[r * h + hh]); },
+         [&](std::int64_t i, std::int64_t r, float* b) { detail::to_float_row(cache.b_v_row(i) + r * dv, b, dv); }, vm_);
+    const kv_view<float> kv(tensor3_view<const float>(km_.data(), {tk, h, d}),
+                            tensor3_view<const float>(vm_.data(), {tk, h, dv}), cache.positions);
+    attend(tensor3_view<const float>(qm_.data(), {t, h, d}), positions, kv, tensor3_view<float>(o_.data(), {t, h, dv}),
+           options(), exec, &ws_);
   }
 
   static tpa_config validated(tpa_config c) {
@@ -202,6 +221,10 @@ class tpa_layer {
     require(c.rope.frequency_index.size() <= 1, "tpa_config: rope.frequency_index must hold 0 or 1 tables (B rows are "
             "shared by all heads), got ", c.rope.frequency_index.size());
     if (c.window) require(*c.window >= 1, "tpa_config: window must be >= 1, got ", *c.window);
+    if (c.scale) require(std::isfinite(*c.scale), "tpa_config: scale must be finite, got ", *c.scale);
+    if (c.scales)
+      require(std::isfinite(c.scales->q) && std::isfinite(c.scales->k) && std::isfinite(c.scales->v),
+              "tpa_config: scales must be finite, got q=", c.scales->q, ", k=", c.scales->k, ", v=", c.scales->v);
     return c;
   }
 

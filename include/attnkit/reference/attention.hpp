@@ -5,6 +5,7 @@
 // weights in nn.Linear layout [out, in]; a [T, H, d] tensor is a [T, H*d] row-major matrix.
 #include <Eigen/Core>
 #include <cmath>
+#include <functional>
 #include <complex>
 #include <cstdint>
 #include <limits>
@@ -55,34 +56,58 @@ struct attention_result {
   matrix lse;  ///< [Tq, H], natural log; -inf for fully masked rows
 };
 
-/// softmax(q k^T * scale) v per query head, query head h using KV head h / (H / H_kv), keys
-/// masked unless (not causal or k_pos <= q_pos) and (no window or q_pos - k_pos < window).
-/// q [Tq, H*d_qk], k [Tk, H_kv*d_qk], v [Tk, H_kv*d_v]. Fully masked rows give 0.
+/// The reference's mask and logit rules, written independently of the kernels' policy code.
+struct attention_rules {
+  bool causal = true;
+  std::optional<std::int64_t> window{};
+  std::optional<double> softcap{};      ///< s <- cap tanh(s / cap)
+  std::vector<double> alibi_slopes{};   ///< s <- s - slope_h (q_pos - k_pos)
+  std::vector<double> sinks{};          ///< per-head logit in the denominator
+  /// Extra mask (q_index, q_pos, k_index, k_pos, head) -> visible; empty = none.
+  std::function<bool(std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t)> mask{};
+
+  bool visible(std::int64_t qi, std::int64_t qp, std::int64_t ki, std::int64_t kp, std::int64_t h) const {
+    if (causal && kp > qp) return false;
+    // q - k for k <= q, exact in uint64 for any int64 pair.
+    if (window && kp <= qp && static_cast<std::uint64_t>(qp) - static_cast<std::uint64_t>(kp) >=
+                                  static_cast<std::uint64_t>(*window))
+      return false;
+    return !mask || mask(qi, qp, ki, kp, h);
+  }
+  double logit(double s, std::int64_t qp, std::int64_t kp, std::int64_t h) const {
+    if (!alibi_slopes.empty()) s -= alibi_slopes[static_cast<std::size_t>(h)] * (double(qp) - double(kp));
+    if (softcap) s = *softcap * std::tanh(s / *softcap);
+    return s;
+  }
+};
+
+/// softmax(rules(q k^T * scale)) v per query head, query head h using KV head h / (H / H_kv).
+/// q [Tq, H*d_qk], k [Tk, H_kv*d_qk], v [Tk, H_kv*d_v]. Fully masked rows give 0 (LSE -inf, or
+/// the sink's logit when there is one).
 inline attention_result attention(const matrix& q, std::span<const std::int64_t> q_pos, const matrix& k,
                                   const matrix& v, std::span<const std::int64_t> k_pos, std::int64_t heads,
-                                  std::int64_t kv_heads, double scale, bool causal = true,
-                                  std::optional<std::int64_t> window = std::nullopt) {
+                                  std::int64_t kv_heads, double scale, const attention_rules& rules) {
   const std::int64_t tq = q.rows(), tk = k.rows(), dqk = q.cols() / heads, dv = v.cols() / kv_heads;
   const std::int64_t g = heads / kv_heads;
+  constexpr double ninf = -std::numeric_limits<double>::infinity();
   attention_result r{matrix::Zero(tq, heads * dv), matrix::Zero(tq, heads)};
   std::vector<double> s(static_cast<std::size_t>(tk));
   for (std::int64_t t = 0; t < tq; ++t) {
     for (std::int64_t h = 0; h < heads; ++h) {
-      const std::int64_t j = h / g;
-      double mx = -std::numeric_limits<double>::infinity();
+      const std::int64_t j = h / g, qp = q_pos[static_cast<std::size_t>(t)];
+      double mx = rules.sinks.empty() ? ninf : rules.sinks[static_cast<std::size_t>(h)];
       for (std::int64_t u = 0; u < tk; ++u) {
-        const std::int64_t qp = q_pos[static_cast<std::size_t>(t)], kp = k_pos[static_cast<std::size_t>(u)];
-        const bool visible = (!causal || kp <= qp) && (!window || qp - kp < *window);
+        const std::int64_t kp = k_pos[static_cast<std::size_t>(u)];
         double dot = 0;
         for (std::int64_t c = 0; c < dqk; ++c) dot += q(t, h * dqk + c) * k(u, j * dqk + c);
-        s[static_cast<std::size_t>(u)] = visible ? dot * scale : -std::numeric_limits<double>::infinity();
+        s[static_cast<std::size_t>(u)] = rules.visible(t, qp, u, kp, h) ? rules.logit(dot * scale, qp, kp, h) : ninf;
         mx = std::max(mx, s[static_cast<std::size_t>(u)]);
       }
-      if (mx == -std::numeric_limits<double>::infinity()) {
+      if (mx == ninf) {
         r.lse(t, h) = mx;
         continue;
       }
-      double sum = 0;
+      double sum = rules.sinks.empty() ? 0.0 : std::exp(rules.sinks[static_cast<std::size_t>(h)] - mx);
       for (auto& x : s) sum += (x = std::exp(x - mx));
       for (std::int64_t u = 0; u < tk; ++u)
         for (std::int64_t c = 0; c < dv; ++c)
@@ -93,12 +118,22 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
   return r;
 }
 
+/// attention with the causal rule and an optional window only.
+inline attention_result attention(const matrix& q, std::span<const std::int64_t> q_pos, const matrix& k,
+                                  const matrix& v, std::span<const std::int64_t> k_pos, std::int64_t heads,
+                                  std::int64_t kv_heads, double scale, bool causal = true,
+                                  std::optional<std::int64_t> window = std::nullopt) {
+  attention_rules rules;
+  rules.causal = causal, rules.window = window;
+  return attention(q, q_pos, k, v, k_pos, heads, kv_heads, scale, rules);
+}
+
 /// A GQA layer's weights in double, nn.Linear layout. Empty bias vectors mean no bias.
 struct gqa_weights {
   matrix q, k, v, o;
   vector q_bias, k_bias, v_bias, o_bias;
   vector q_norm, k_norm;  ///< QK-norm weights [head_dim], RMSNorm per head before RoPE; empty = none
-  double qk_norm_eps = 1e-6;
+  double rms_eps = 1e-6;
 };
 
 /// RMSNorm of every head_dim-wide head of every row of x, with weight w.
@@ -122,8 +157,8 @@ inline matrix gqa_layer_forward(const matrix& x, std::span<const std::int64_t> p
     return y;
   };
   matrix q = project(w.q, w.q_bias), k = project(w.k, w.k_bias), v = project(w.v, w.v_bias);
-  rms_norm_heads(q, head_dim, w.q_norm, w.qk_norm_eps);
-  rms_norm_heads(k, head_dim, w.k_norm, w.qk_norm_eps);
+  rms_norm_heads(q, head_dim, w.q_norm, w.rms_eps);
+  rms_norm_heads(k, head_dim, w.k_norm, w.rms_eps);
   rope_rows(q, heads, head_dim, positions, rope);
   rope_rows(k, kv_heads, head_dim, positions, rope);
   const auto a = attention(q, positions, k, v, positions, heads, kv_heads, scale, true, window);

@@ -17,7 +17,7 @@ struct mla_weights {
 };
 
 struct mla_shape {
-  std::int64_t heads, latent_dim, nope_dim, rope_dim, v_dim, rope_heads = 1;
+  std::int64_t heads, latent_dim, nope_dim, rope_dim, v_head_dim, rope_heads = 1;
   double rms_eps = 1e-6;
 };
 
@@ -43,7 +43,7 @@ inline mla_heads mla_materialise(const matrix& x, std::span<const std::int64_t> 
     if (b.size()) y.rowwise() += b.transpose();
     return y;
   };
-  const std::int64_t t = x.rows(), h = s.heads, dc = s.latent_dim, dn = s.nope_dim, dr = s.rope_dim, dv = s.v_dim;
+  const std::int64_t t = x.rows(), h = s.heads, dc = s.latent_dim, dn = s.nope_dim, dr = s.rope_dim, dv = s.v_head_dim;
   const std::int64_t dqk = dn + dr, g = h / s.rope_heads;
   // Queries: q_proj, or q_b_proj(RMSNorm(q_a_proj x)).
   const matrix q = w.q_a_proj.size() ? linear(rms_norm_rows(linear(x, w.q_a_proj, w.q_a_proj_bias), w.q_a_layernorm, s.rms_eps),

@@ -27,7 +27,7 @@ struct tpa_weights {
 };
 
 struct tpa_shape {
-  std::int64_t heads, head_dim, v_dim, q_rank, k_rank, v_rank;
+  std::int64_t heads, head_dim, v_head_dim, q_rank, k_rank, v_rank;
   double q_scale, k_scale, v_scale;
 };
 

@@ -9,7 +9,7 @@
 int main() {
   namespace ak = attnkit;
   const std::int64_t h = 4, hkv = 2, d = 16, t = 10;
-  ak::dense_cache<float> cache({.kv_heads = hkv, .qk_dim = d, .v_dim = d, .capacity = t});
+  ak::dense_cache<float> cache({.kv_heads = hkv, .head_dim = d, .v_head_dim = d, .capacity = t});
   std::vector<float> k(t * hkv * d), v(t * hkv * d), q(h * d), out(h * d);
   std::vector<std::int64_t> pos(t);
   for (std::size_t i = 0; i < k.size(); ++i) k[i] = std::sin(0.1 * i), v[i] = std::cos(0.07 * i);

@@ -1,0 +1,37 @@
+#pragma once
+// attention_options: what every attention entry point (attend, attend_latent,
+// attend_factorized) accepts besides its operands. The mask and logit fields are the runtime
+// half of the attention policy (kernels/policy.hpp); a custom mask predicate is a template
+// argument of the entry points.
+#include <cstdint>
+#include <optional>
+#include <span>
+
+#include "view.hpp"
+
+namespace attnkit {
+
+/// How the GQA-family kernel computes its block products: register-blocked streaming
+/// micro-kernels (decode, short chunks) or GEMM tiles (prefill). automatic picks by tile size.
+/// The TPA kernel has one path and accepts automatic and streaming.
+enum class tile_strategy { automatic, streaming, gemm };
+
+struct attention_options {
+  /// Softmax scale applied to q . k; default 1/sqrt(width of the q . k dot product the kernel
+  /// sees): d_qk for attend, d_c + d_R for attend_latent, d for attend_factorized. MLA layers
+  /// pass 1/sqrt(d_nope + d_R).
+  std::optional<float> scale{};
+  bool causal = true;                    ///< key position <= query position
+  std::optional<std::int64_t> window{};  ///< sliding window: keep keys with q_pos - k_pos < window
+  /// Logit soft-capping (Gemma 2): s <- cap * tanh(s / cap) on the scaled score.
+  std::optional<float> logit_softcap{};
+  /// ALiBi: s <- s - slope[h] * (q_pos - k_pos); one slope per query head, empty = none.
+  std::span<const float> alibi_slopes{};
+  /// Attention sinks (gpt-oss): a learned logit per query head that joins the softmax
+  /// denominator and carries no value; empty = none. The returned LSE includes it.
+  std::span<const float> sinks{};
+  matrix_view<float> lse{};  ///< optional [Tq, H] output: natural-log log-sum-exp of each row
+  tile_strategy strategy = tile_strategy::automatic;
+};
+
+}  // namespace attnkit

@@ -1,0 +1,61 @@
+#pragma once
+// attention_workspace: scratch memory reused across attention calls, so a steady-state decode
+// step does not allocate. One call at a time per workspace; without one, a call allocates its own.
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace attnkit {
+
+namespace detail {
+struct workspace_access;
+}  // namespace detail
+
+class attention_workspace {
+ public:
+  attention_workspace() = default;
+  /// Bytes currently held (grows to the largest call's need, never shrinks).
+  std::size_t bytes() const {
+    std::size_t n = (partial_.size() + query_.size()) * sizeof(float);
+    for (const auto& w : workers_) n += w.floats.size() * sizeof(float) + w.ints.size() * sizeof(std::int64_t);
+    return n;
+  }
+
+ private:
+  friend struct detail::workspace_access;
+  struct worker {
+    std::vector<float> floats;
+    std::vector<std::int64_t> ints;
+  };
+  std::vector<worker> workers_;
+  std::vector<float> partial_, query_;
+};
+
+namespace detail {
+/// The kernels' view of a workspace: sized buffers, grown before the parallel region so that
+/// workers never allocate.
+struct workspace_access {
+  static void reserve_workers(attention_workspace& ws, std::size_t n, std::size_t floats, std::size_t ints) {
+    if (ws.workers_.size() < n) ws.workers_.resize(n);
+    for (std::size_t w = 0; w < n; ++w) {
+      auto& wk = ws.workers_[w];
+      if (wk.floats.size() < floats) wk.floats.resize(floats);
+      if (wk.ints.size() < ints) wk.ints.resize(ints);
+    }
+  }
+  static float* worker_floats(attention_workspace& ws, std::size_t w) { return ws.workers_[w].floats.data(); }
+  static std::int64_t* worker_ints(attention_workspace& ws, std::size_t w) { return ws.workers_[w].ints.data(); }
+  /// Per-call partial states of the key splits.
+  static float* partial(attention_workspace& ws, std::size_t floats) {
+    if (ws.partial_.size() < floats) ws.partial_.resize(floats);
+    return ws.partial_.data();
+  }
+  /// Per-call query staging (e.g. MLA's [q_latent ; q_rope] rows).
+  static float* query(attention_workspace& ws, std::size_t floats) {
+    if (ws.query_.size() < floats) ws.query_.resize(floats);
+    return ws.query_.data();
+  }
+};
+}  // namespace detail
+
+}  // namespace attnkit

@@ -1,0 +1,272 @@
+#pragma once
+// The attention driver: the one implementation of planning, the work loop, masking and block
+// skipping, the online softmax, key-split states, their merge, and finalisation with LSE output,
+// shared by every attention variant. A variant supplies only its block products:
+//
+//   load_queries(t0, tn, j)       stage query tokens [t0, t0 + tn) of head group j;
+//   scores(j, b0, nb, k_end)      scaled scores of the staged rows against keys [b0, b0 + nb),
+//                                 returned as a score_tile (row or column layout);
+//   accumulate(j, b0, nb, p, acc) acc[rows][v_head_dim] += P V for the block's probabilities p;
+//   finish(acc, rows)             any last transform of the accumulators (layout, scale);
+//   positions(), run_end(t)       the key positions and run ends of its KV view.
+//
+// A work item is (query tile, head group j, key split). Its rows are the tile's tokens times the
+// group's query heads: row r is token t0 + r / g and query head j * g + r % g. Head groups are the
+// KV heads (GQA family, MLA: one group) or all heads at once (TPA). Blocks of keys stream through
+// the policy (kernels/policy.hpp) and the online softmax (core/softmax.hpp); with one key split
+// the item finalises its rows into out/lse, otherwise its (max, sum, acc) rows go to a partial
+// buffer merged after the parallel loop. Per row of a partial: max, sum, acc[v_head_dim].
+#include <algorithm>
+#include <atomic>
+#include <concepts>
+#include <cstdint>
+#include <limits>
+#include <span>
+
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/options.hpp"
+#include "../core/softmax.hpp"
+#include "../core/view.hpp"
+#include "../core/workspace.hpp"
+#include "policy.hpp"
+
+namespace attnkit::detail {
+
+/// One key block's scores: element (row r, key t) at data[r * row_stride + t * key_stride].
+/// Row layout has key_stride == 1, column layout row_stride == 1.
+struct score_tile {
+  float* data;
+  std::int64_t row_stride, key_stride;
+};
+
+/// What a variant tells the planner about one call.
+struct attention_shape {
+  std::int64_t q_tokens;     ///< Tq
+  std::int64_t groups;       ///< head groups that each read the keys once per item
+  std::int64_t group_heads;  ///< query heads per group (g)
+  std::int64_t keys;         ///< Tk
+  std::int64_t v_head_dim;        ///< accumulator width of a row
+  std::int64_t tile_rows;    ///< target rows (tokens x g) per query tile
+  std::int64_t block;        ///< keys per block
+};
+
+struct attention_plan {
+  std::int64_t q_tokens, groups, g, keys, v_head_dim, block;
+  std::int64_t tq, rows, qtiles, splits, items;
+  std::int64_t partial_stride() const { return rows * (v_head_dim + 2); }
+  /// Item i: later query tiles first (under a causal mask they carry more keys).
+  void item(std::int64_t i, std::int64_t& qt, std::int64_t& j, std::int64_t& ks) const {
+    const std::int64_t per_tile = groups * splits;
+    qt = qtiles - 1 - i / per_tile, j = (i % per_tile) / splits, ks = i % splits;
+  }
+  float* partial_of(float* partial, std::int64_t qt, std::int64_t j, std::int64_t ks) const {
+    return partial + ((qt * groups + j) * splits + ks) * partial_stride();
+  }
+};
+
+/// Key splits only when the items without them would leave workers idle: about four items per
+/// worker, each split at least 256 keys.
+inline attention_plan plan_attention(const attention_shape& s, int workers) {
+  attention_plan p{s.q_tokens, s.groups, s.group_heads, s.keys, s.v_head_dim, s.block, 0, 0, 0, 1, 0};
+  p.tq = std::clamp<std::int64_t>(s.tile_rows / s.group_heads, 1, std::max<std::int64_t>(s.q_tokens, 1));
+  p.rows = p.g * p.tq;
+  p.qtiles = (s.q_tokens + p.tq - 1) / p.tq;
+  const std::int64_t base = p.groups * p.qtiles;
+  if (base < 2 * workers || base % workers != 0)
+    p.splits = std::clamp<std::int64_t>((4 * workers + base - 1) / base, 1, std::max<std::int64_t>(1, s.keys / 256));
+  p.items = base * p.splits;
+  return p;
+}
+
+/// A variant's block products (see the header comment).
+template <class V>
+concept block_products = requires(V& v, const V& cv, std::int64_t i, float* acc, const score_tile& tile) {
+  typename V::problem;
+  { cv.positions() } -> std::convertible_to<std::span<const std::int64_t>>;
+  { cv.run_end(i) } -> std::convertible_to<std::int64_t>;
+  v.load_queries(i, i, i);
+  { v.scores(i, i, i, i) } -> std::same_as<score_tile>;
+  v.accumulate(i, i, i, tile, acc);
+  v.finish(acc, i);
+};
+
+/// Everything of one call that is not the variant's.
+template <class Mask>
+struct attention_call {
+  std::span<const std::int64_t> q_pos;
+  attention_policy policy;
+  Mask mask;
+  tensor3_view<float> out;  // [Tq, H, v_head_dim]
+  matrix_view<float> lse;   // [Tq, H] or empty
+  float sink(std::int64_t head) const { return policy.sinks.empty() ? neg_inf : policy.sinks[static_cast<std::size_t>(head)]; }
+  /// Writes row (t, head) of the output from its final state.
+  void finalize(std::int64_t t, std::int64_t head, float max, float sum, const float* acc, std::int64_t dv) const {
+    const float l = softmax_finalize(max, sum, acc, &out(t, head, 0), out.stride(2), dv, sink(head));
+    if (!lse.empty()) lse(t, head) = l;
+  }
+};
+
+/// One worker: its variant instance and the per-row state of the item it runs.
+template <block_products Variant, class Mask>
+class attention_worker {
+ public:
+  static std::size_t floats(const typename Variant::problem& pb, const attention_plan& pl) {
+    return Variant::scratch_floats(pb, pl) + static_cast<std::size_t>(pl.rows * (3 + pl.v_head_dim));
+  }
+  attention_worker(const typename Variant::problem& pb, const attention_plan& pl, const attention_call<Mask>& call,
+                   float* f, std::int64_t* ints)
+      : pl_(pl), call_(call), var_(pb, pl, f), row_pos_(ints) {
+    f += Variant::scratch_floats(pb, pl);
+    state_ = {f, f + pl.rows};
+    alpha_ = f + 2 * pl.rows;
+    acc_ = f + 3 * pl.rows;
+  }
+
+  void run(std::int64_t qt, std::int64_t j, std::int64_t ks, float* partial) {
+    const std::int64_t g = pl_.g, dv = pl_.v_head_dim;
+    const std::int64_t t0 = qt * pl_.tq, tn = std::min(pl_.tq, pl_.q_tokens - t0), m = tn * g;
+    std::int64_t qmin = std::numeric_limits<std::int64_t>::max(), qmax = std::numeric_limits<std::int64_t>::min();
+    for (std::int64_t ti = 0; ti < tn; ++ti) {
+      const std::int64_t pos = call_.q_pos[static_cast<std::size_t>(t0 + ti)];
+      qmin = std::min(qmin, pos), qmax = std::max(qmax, pos);
+      std::fill(row_pos_ + ti * g, row_pos_ + (ti + 1) * g, pos);
+    }
+    var_.load_queries(t0, tn, j);
+    state_.reset(m);
+    std::fill(acc_, acc_ + m * dv, 0.f);
+
+    const std::int64_t* kp = var_.positions().data();
+    const std::int64_t k_begin = pl_.keys * ks / pl_.splits, k_end = pl_.keys * (ks + 1) / pl_.splits;
+    for (std::int64_t b0 = k_begin, nb; b0 < k_end; b0 += nb) {
+      nb = std::min({pl_.block, k_end - b0, var_.run_end(b0) - b0});
+      const auto [lo, hi] = std::minmax_element(kp + b0, kp + b0 + nb);
+      const block_visibility vis = call_.policy.positions.block(qmin, qmax, *lo, *hi);
+      if (vis == block_visibility::none) continue;
+      const score_tile s = var_.scores(j, b0, nb, k_end);
+      if (call_.policy.logits.active()) transform_logits(s, t0, j, b0, nb, m);
+      if (vis == block_visibility::partial || !std::same_as<Mask, no_mask>) apply_mask(s, t0, j, b0, nb, m);
+      if (s.key_stride == 1) {
+        for (std::int64_t r = 0; r < m; ++r) {
+          const float a = softmax_absorb_row(state_.max[r], state_.sum[r], s.data + r * s.row_stride, nb);
+          if (a != 1.f) scale_row(acc_ + r * dv, dv, a);
+        }
+      } else {
+        softmax_absorb_columns(s.data, s.key_stride, nb, m, state_, alpha_);
+        for (std::int64_t r = 0; r < m; ++r)
+          if (alpha_[r] != 1.f) scale_row(acc_ + r * dv, dv, alpha_[r]);
+      }
+      var_.accumulate(j, b0, nb, s, acc_);
+    }
+    var_.finish(acc_, m);
+
+    for (std::int64_t r = 0; r < m; ++r) {
+      if (pl_.splits == 1) {
+        call_.finalize(t0 + r / g, j * g + r % g, state_.max[r], state_.sum[r], acc_ + r * dv, dv);
+      } else {
+        float* dst = partial + r * (dv + 2);
+        dst[0] = state_.max[r], dst[1] = state_.sum[r];
+        std::copy(acc_ + r * dv, acc_ + (r + 1) * dv, dst + 2);
+      }
+    }
+  }
+
+ private:
+  template <class F>
+  void for_each_score(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0, std::int64_t nb,
+                      std::int64_t m, F&& f) const {
+    const std::int64_t* kp = var_.positions().data() + b0;
+    for (std::int64_t r = 0; r < m; ++r) {
+      const mask_args base{t0 + r / pl_.g, row_pos_[r], 0, 0, j * pl_.g + r % pl_.g};
+      float* row = s.data + r * s.row_stride;
+      for (std::int64_t t = 0; t < nb; ++t) {
+        mask_args a = base;
+        a.k_index = b0 + t, a.k_pos = kp[t];
+        f(row[t * s.key_stride], a);
+      }
+    }
+  }
+  void transform_logits(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0, std::int64_t nb,
+                        std::int64_t m) const {
+    const logit_transform& lt = call_.policy.logits;
+    for_each_score(s, t0, j, b0, nb, m, [&](float& x, const mask_args& a) { x = lt(x, a.q_pos, a.k_pos, a.head); });
+  }
+  void apply_mask(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0, std::int64_t nb,
+                  std::int64_t m) const {
+    const position_mask& pm = call_.policy.positions;
+    for_each_score(s, t0, j, b0, nb, m, [&](float& x, const mask_args& a) {
+      if (!pm.visible(a.q_pos, a.k_pos) || !call_.mask(a)) x = neg_inf;
+    });
+  }
+
+  const attention_plan& pl_;
+  const attention_call<Mask>& call_;
+  Variant var_;
+  std::int64_t* row_pos_;  // [rows]
+  softmax_state state_;    // [rows] each
+  float* alpha_;           // [rows]
+  float* acc_;             // [rows][v_head_dim]
+};
+
+/// Plans and runs one attention call of a variant over the executor; the caller has validated
+/// the arguments.
+template <block_products Variant, class Mask, class Exec>
+void run_attention(const typename Variant::problem& pb, const attention_call<Mask>& call, Exec& exec,
+                   attention_workspace* ws_in) {
+  const attention_shape shape = Variant::shape(pb);
+  if (shape.q_tokens == 0) return;
+  attention_workspace local;
+  attention_workspace& ws = ws_in ? *ws_in : local;
+  const int want = concurrency_of(exec);
+  const attention_plan pl = plan_attention(shape, want);
+  const std::int64_t workers = std::min<std::int64_t>(want, pl.items);
+  using worker_t = attention_worker<Variant, Mask>;
+  const std::size_t floats = worker_t::floats(pb, pl);
+  float* partial =
+      pl.splits > 1 ? workspace_access::partial(ws, static_cast<std::size_t>(pl.items * pl.partial_stride())) : nullptr;
+  workspace_access::reserve_workers(ws, static_cast<std::size_t>(workers), floats, static_cast<std::size_t>(pl.rows));
+
+  std::atomic<std::int64_t> next{0};
+  exec.parallel_for(workers, [&](std::int64_t w) {
+    const auto wi = static_cast<std::size_t>(w);
+    worker_t worker(pb, pl, call, workspace_access::worker_floats(ws, wi), workspace_access::worker_ints(ws, wi));
+    for (std::int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < pl.items;) {
+      std::int64_t qt, j, ks;
+      pl.item(i, qt, j, ks);
+      worker.run(qt, j, ks, partial ? pl.partial_of(partial, qt, j, ks) : nullptr);
+    }
+  });
+  if (pl.splits == 1) return;
+
+  // Merge the key splits of every (query tile, head group) and finalise.
+  const std::int64_t dv = pl.v_head_dim, stride = pl.partial_stride();
+  for (std::int64_t qt = 0; qt < pl.qtiles; ++qt) {
+    const std::int64_t t0 = qt * pl.tq, tn = std::min(pl.tq, pl.q_tokens - t0);
+    for (std::int64_t j = 0; j < pl.groups; ++j) {
+      float* base = pl.partial_of(partial, qt, j, 0);
+      for (std::int64_t r = 0; r < tn * pl.g; ++r) {
+        float* a = base + r * (dv + 2);
+        for (std::int64_t ks = 1; ks < pl.splits; ++ks) {
+          const float* b = base + ks * stride + r * (dv + 2);
+          softmax_merge(a[0], a[1], a + 2, b[0], b[1], b + 2, dv);
+        }
+        call.finalize(t0 + r / pl.g, j * pl.g + r % pl.g, a[0], a[1], a + 2, dv);
+      }
+    }
+  }
+}
+
+/// Checks the arguments every entry point shares: q_positions and out for Tq tokens and
+/// `heads` query heads of v_head_dim, the LSE output, the scale and the policy.
+inline attention_policy validate_call(const char* who, std::int64_t tq, std::int64_t heads, std::int64_t v_head_dim,
+                                      std::span<const std::int64_t> q_pos, const tensor3_view<float>& out,
+                                      const attention_options& opt) {
+  require(static_cast<std::int64_t>(q_pos.size()) == tq, who, ": q_positions has ", q_pos.size(),
+          " entries but the queries have Tq=", tq, " tokens");
+  require_extents(out, {tq, heads, v_head_dim}, (std::string(who) + ": out").c_str());
+  if (!opt.lse.empty()) require_extents(opt.lse, {tq, heads}, (std::string(who) + ": lse").c_str());
+  if (opt.scale) require(std::isfinite(*opt.scale), who, ": scale must be finite, got ", *opt.scale);
+  return make_policy(opt, heads, who);
+}
+
+}  // namespace attnkit::detail
