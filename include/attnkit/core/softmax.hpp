@@ -46,16 +46,21 @@ inline float softmax_absorb_row(float& max, float& sum, float* s, std::int64_t n
   return alpha;
 }
 
-/// Column form: st[t * ld + r] for keys t < keys and rows r < rows become probabilities in
-/// place; alpha[r] receives the accumulator rescale factor of row r.
-inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
-                                   const softmax_state& state, float* alpha) {
+/// Column form: for keys t < keys and rows r < rows, the probabilities exp(st[t * ld + r] - max')
+/// go to on_p (AVX-512: on_p(t, r0, p, lanes) with 16 rows' probabilities; portable:
+/// on_p(t, r, p)); alpha[r] receives the accumulator rescale factor of row r. block_max, when
+/// given, is each row's max over the block (computed by the caller's score pass).
+template <class OnP>
+inline void softmax_columns(const float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
+                            const softmax_state& state, float* alpha, const float* block_max, OnP&& on_p) {
 #if ATTNKIT_HAS_AVX512
   const __m512 ninf = _mm512_set1_ps(neg_inf);
   for (std::int64_t m0 = 0; m0 < rows; m0 += 16) {
     const __mmask16 mm = lane_mask(rows - m0);
     __m512 colmax = ninf;
-    for (std::int64_t t = 0; t < keys; ++t) colmax = _mm512_max_ps(colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
+    if (block_max) colmax = _mm512_mask_loadu_ps(ninf, mm, block_max + m0);
+    else
+      for (std::int64_t t = 0; t < keys; ++t) colmax = _mm512_max_ps(colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
     const __m512 old = _mm512_mask_loadu_ps(ninf, mm, state.max + m0);
     const __m512 mx = _mm512_max_ps(old, colmax);
     const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
@@ -63,7 +68,7 @@ inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys
     __m512 colsum = _mm512_setzero_ps();
     for (std::int64_t t = 0; t < keys; ++t) {
       const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mm, st + t * ld + m0), shift));
-      _mm512_mask_storeu_ps(st + t * ld + m0, mm, p);
+      on_p(t, m0, p, mm);
       colsum = _mm512_add_ps(colsum, p);
     }
     _mm512_mask_storeu_ps(state.sum + m0, mm, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mm, state.sum + m0), a, colsum));
@@ -73,15 +78,32 @@ inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys
 #else
   for (std::int64_t r = 0; r < rows; ++r) {
     float colmax = neg_inf;
-    for (std::int64_t t = 0; t < keys; ++t) colmax = std::max(colmax, st[t * ld + r]);
+    if (block_max) colmax = block_max[r];
+    else
+      for (std::int64_t t = 0; t < keys; ++t) colmax = std::max(colmax, st[t * ld + r]);
     const float mx = std::max(state.max[r], colmax), shift = mx == neg_inf ? 0.f : mx;
     const float a = std::exp(state.max[r] - shift);
     float colsum = 0.f;
-    for (std::int64_t t = 0; t < keys; ++t) colsum += (st[t * ld + r] = std::exp(st[t * ld + r] - shift));
+    for (std::int64_t t = 0; t < keys; ++t) {
+      const float p = std::exp(st[t * ld + r] - shift);
+      on_p(t, r, p);
+      colsum += p;
+    }
     state.sum[r] = state.sum[r] * a + colsum;
     state.max[r] = mx;
     alpha[r] = a;
   }
+#endif
+}
+
+/// softmax_columns with the probabilities written back into st.
+inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
+                                   const softmax_state& state, float* alpha) {
+#if ATTNKIT_HAS_AVX512
+  softmax_columns(st, ld, keys, rows, state, alpha, nullptr,
+                  [&](std::int64_t t, std::int64_t r0, __m512 p, __mmask16 m) { _mm512_mask_storeu_ps(st + t * ld + r0, m, p); });
+#else
+  softmax_columns(st, ld, keys, rows, state, alpha, nullptr, [&](std::int64_t t, std::int64_t r, float p) { st[t * ld + r] = p; });
 #endif
 }
 

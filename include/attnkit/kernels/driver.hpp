@@ -8,6 +8,10 @@
 //                                 returned as a score_tile (row or column layout);
 //   accumulate(j, b0, nb, p, acc) acc[rows][v_head_dim] += P V for the block's probabilities p;
 //   finish(acc, rows)             any last transform of the accumulators (layout, scale);
+//   probability_sink()            optional, column layout: a callback that receives the
+//                                 probabilities as the softmax produces them (instead of their
+//                                 being stored back into the tile), to fuse them into the
+//                                 variant's value weights;
 //   positions(), run_end(t)       the key positions and run ends of its KV view.
 //
 // A work item is (query tile, head group j, key split). Its rows are the tile's tokens times the
@@ -34,10 +38,12 @@
 namespace attnkit::detail {
 
 /// One key block's scores: element (row r, key t) at data[r * row_stride + t * key_stride].
-/// Row layout has key_stride == 1, column layout row_stride == 1.
+/// Row layout has key_stride == 1, column layout row_stride == 1. block_max (optional, column
+/// layout): each row's max over the block, when the variant's score pass has it for free.
 struct score_tile {
   float* data;
   std::int64_t row_stride, key_stride;
+  const float* block_max = nullptr;
 };
 
 /// What a variant tells the planner about one call.
@@ -152,7 +158,14 @@ class attention_worker {
           if (a != 1.f) scale_row(acc_ + r * dv, dv, a);
         }
       } else {
-        softmax_absorb_columns(s.data, s.key_stride, nb, m, state_, alpha_);
+        // The variant's block max holds when the scores reach the softmax unchanged.
+        const bool unchanged = vis == block_visibility::full && !call_.policy.logits.active() &&
+                               std::same_as<Mask, no_mask>;
+        if constexpr (requires { var_.probability_sink(); })
+          softmax_columns(s.data, s.key_stride, nb, m, state_, alpha_, unchanged ? s.block_max : nullptr,
+                          var_.probability_sink());
+        else
+          softmax_absorb_columns(s.data, s.key_stride, nb, m, state_, alpha_);
         for (std::int64_t r = 0; r < m; ++r)
           if (alpha_[r] != 1.f) scale_row(acc_ + r * dv, dv, alpha_[r]);
       }

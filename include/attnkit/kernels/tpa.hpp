@@ -7,9 +7,10 @@
 // This file holds the variant's block products; the driver (kernels/driver.hpp) plans, masks,
 // runs the softmax (column form: the block's scores are stored [key][head]) and merges. A work
 // item is one query token with all H heads as its rows (one head group), and a key split.
-// Per key block: D by the streaming score micro-kernel; one pass per key for the head
-// combination, vectorised over heads; after the driver's softmax, the value weights
-// W[h, (s, v)] = p[h, s] A_V(s)[v, h] and the values as one GEMM
+// Per key block, three passes: D by the streaming score micro-kernel; one pass per key for the
+// head combination, vectorised over heads, with the block's column max; the driver's softmax
+// down the heads, whose probabilities go straight into the value weights
+// W[h, (s, v)] = p[h, s] A_V(s)[v, h] (probability_sink); then the values as one GEMM
 // O[H, d_v] += W[H, keys * R_V] B_V[keys * R_V, d_v]. The next block's factor rows are
 // prefetched a line per inner-loop step. One path runs everywhere (AVX-512 micro-kernels when
 // the compiler targets AVX-512, plain loops otherwise).
@@ -113,7 +114,7 @@ class tpa_products {
   static std::size_t scratch_floats(const problem& p, const attention_plan& pl) {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, dv = p.kv.v_head_dim, nb = pl.block;
     const std::int64_t rk = p.kv.k_rank, rv = p.kv.v_rank, hp = p.hp;
-    return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * hp + nb * rv * hp + nb * rv * dv);
+    return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * hp + hp + nb * rv * hp + nb * rv * dv);
   }
   tpa_products(const problem& p, const attention_plan& pl, float* f) : p_(p), pl_(pl), pf_(p_.kv) {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, nb = pl.block, rk = p.kv.k_rank, rv = p.kv.v_rank;
@@ -121,7 +122,8 @@ class tpa_products {
     aq_ = f, f += rq * hp;         // [R_Q][hp], scaled
     bq_ = f, f += rq * d;          // [R_Q][d]
     dots_ = f, f += rq * nb * rk;  // D [R_Q][(s, u)]
-    st_ = f, f += nb * hp;         // scores, then probabilities [s][hp]
+    st_ = f, f += nb * hp;         // scores [s][hp]
+    bmax_ = f, f += hp;            // the block's max per head
     wt_ = f, f += nb * rv * hp;    // value weights [(s, v)][hp]
     bv_ = f;                       // a block of B_V widened to float [(s, v)][d_v]
   }
@@ -146,12 +148,27 @@ class tpa_products {
     // D[r][(s, u)] = B_Q[r] . B_K(s)[u]
     detail::scores(bq_, d, rq, p_.kv.b_k_row(b0), d, nb * rk, d, dots_, dots_stride(), false, pf_);
     score_rows(p_.kv.a_k_row(b0), nb);
-    return {st_, 1, p_.hp};
+    av_ = p_.kv.a_v_row(b0);
+    return {st_, 1, p_.hp, bmax_};
+  }
+
+  /// The softmax's probabilities become the value weights wt_[(s, v)][h] = p[s][h] A_V(s)[v, h].
+  auto probability_sink() {
+    const std::int64_t hp = p_.hp, h = p_.kv.heads, rv = p_.kv.v_rank;
+#if ATTNKIT_HAS_AVX512
+    return [this, hp, h, rv](std::int64_t s, std::int64_t i0, __m512 p, __mmask16 m) {
+      for (std::int64_t v = 0; v < rv; ++v)
+        _mm512_mask_storeu_ps(wt_ + (s * rv + v) * hp + i0, m, _mm512_mul_ps(p, load16(av_ + (s * rv + v) * h + i0, m)));
+    };
+#else
+    return [this, hp, h, rv](std::int64_t s, std::int64_t i, float p) {
+      for (std::int64_t v = 0; v < rv; ++v) wt_[(s * rv + v) * hp + i] = p * static_cast<float>(av_[(s * rv + v) * h + i]);
+    };
+#endif
   }
 
   void accumulate(std::int64_t /*j*/, std::int64_t b0, std::int64_t nb, const score_tile& /*p*/, float* acc) {
     const std::int64_t h = p_.kv.heads, dv = p_.kv.v_head_dim, rv = p_.kv.v_rank;
-    value_weights(p_.kv.a_v_row(b0), nb);
     // O += W B_V with W^T[(s, v)][h] = p[s][h] A_V(s)[v, h].
     const S* bv = p_.kv.b_v_row(b0);
     const float* bvf = reinterpret_cast<const float*>(bv);
@@ -167,14 +184,16 @@ class tpa_products {
  private:
   std::int64_t dots_stride() const { return pl_.block * p_.kv.k_rank; }
 
-  /// st_[s][h] = score of the block's key s for head h, vectorised over heads, in one pass over
-  /// the D products: score[h] = sum_u A_K(s)[u, h] * sum_r aq[r, h] D[r][(s, u)].
+  /// st_[s][h] = score of the block's key s for head h, vectorised over heads, and bmax_[h] = the
+  /// block's max, in one pass over the D products:
+  /// score[h] = sum_u A_K(s)[u, h] * sum_r aq[r, h] D[r][(s, u)].
   /// G keys at a time, so the sums over r are G independent FMA chains (one key's chain alone
   /// waits on the FMA latency at every step).
   static constexpr int G = 8;
   void score_rows(const S* ak, std::int64_t nb) {
     const std::int64_t hp = p_.hp, h = p_.kv.heads, rk = p_.kv.k_rank, rq = p_.a_q.extent(1);
     const std::int64_t ds = dots_stride();
+    std::fill(bmax_, bmax_ + hp, neg_inf);
     for (std::int64_t s0 = 0; s0 < nb; s0 += G) {
       std::int64_t sk[G];  // keys past the block repeat the last one (computed, never stored)
       for (int j = 0; j < G; ++j) {
@@ -200,9 +219,14 @@ class tpa_products {
           ATTNKIT_UNROLL
           for (int j = 0; j < G; ++j) acc[j] = _mm512_fmadd_ps(load16(ak + (sk[j] * rk + u) * h + i0, m), t[j], acc[j]);
         }
+        __m512 mx = _mm512_loadu_ps(bmax_ + i0);
         ATTNKIT_UNROLL
         for (int j = 0; j < G; ++j)
-          if (s0 + j < nb) _mm512_storeu_ps(st_ + (s0 + j) * hp + i0, acc[j]);
+          if (s0 + j < nb) {
+            _mm512_storeu_ps(st_ + (s0 + j) * hp + i0, acc[j]);
+            mx = _mm512_max_ps(mx, acc[j]);
+          }
+        _mm512_storeu_ps(bmax_ + i0, mx);
       }
 #else
       for (int j = 0; j < G && s0 + j < nb; ++j) {
@@ -215,35 +239,18 @@ class tpa_products {
             acc += static_cast<float>(ak[(sk[j] * rk + u) * h + i]) * t;
           }
           row[i] = acc;
+          bmax_[i] = std::max(bmax_[i], acc);
         }
       }
 #endif
     }
   }
 
-  /// wt_[(s, v)][h] = p[s][h] A_V(s)[v, h] from the probabilities the driver left in st_.
-  void value_weights(const S* av, std::int64_t nb) {
-    const std::int64_t hp = p_.hp, h = p_.kv.heads, rv = p_.kv.v_rank;
-    for (std::int64_t s = 0; s < nb; ++s)
-      for (std::int64_t v = 0; v < rv; ++v) {
-        const S* a = av + (s * rv + v) * h;
-        const float* p = st_ + s * hp;
-        float* w = wt_ + (s * rv + v) * hp;
-#if ATTNKIT_HAS_AVX512
-        for (std::int64_t i0 = 0; i0 < h; i0 += 16) {
-          const __mmask16 m = lane_mask(h - i0);
-          _mm512_mask_storeu_ps(w + i0, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + i0), load16(a + i0, m)));
-        }
-#else
-        for (std::int64_t i = 0; i < h; ++i) w[i] = p[i] * static_cast<float>(a[i]);
-#endif
-      }
-  }
-
   const problem& p_;
   const attention_plan& pl_;
   factor_prefetcher<S> pf_;
-  float *aq_, *bq_, *dots_, *st_, *wt_, *bv_;
+  float *aq_, *bq_, *dots_, *st_, *bmax_, *wt_, *bv_;
+  const S* av_ = nullptr;  // the current block's A_V rows
 };
 
 }  // namespace detail
