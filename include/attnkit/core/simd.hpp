@@ -44,10 +44,10 @@ inline float hsum16(__m512 x) {
   return _mm512_cvtss_f32(x);
 }
 inline float hmax16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
-  x = _mm512_max_ps(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
-  x = _mm512_max_ps(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
-  x = _mm512_max_ps(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  x = _mm512_maskz_max_ps(0xFFFF, x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm512_maskz_max_ps(0xFFFF, x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  x = _mm512_maskz_max_ps(0xFFFF, x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm512_maskz_max_ps(0xFFFF, x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm512_cvtss_f32(x);
 }
 
@@ -81,8 +81,8 @@ inline __m512 exp16(__m512 x) {
   // x = n ln2 + r with |r| <= ln2/2 (Cody-Waite: ln2 split in a high part exact in float and
   // a low part, so r carries no error from n ln2), e^r by its degree-7 Taylor series
   // (truncation < 6e-9 relative) and the 2^n scaling by vscalefps, which underflows to 0.
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+  x = _mm512_maskz_max_ps(0xFFFF, x, _mm512_set1_ps(-150.f));
+  x = _mm512_maskz_min_ps(0xFFFF, x, _mm512_set1_ps(88.7f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);

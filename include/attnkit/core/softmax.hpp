@@ -60,9 +60,9 @@ inline void softmax_columns(const float* st, std::int64_t ld, std::int64_t keys,
     __m512 colmax = ninf;
     if (block_max) colmax = _mm512_mask_loadu_ps(ninf, mm, block_max + m0);
     else
-      for (std::int64_t t = 0; t < keys; ++t) colmax = _mm512_max_ps(colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
+      for (std::int64_t t = 0; t < keys; ++t) colmax = _mm512_maskz_max_ps(0xFFFF, colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
     const __m512 old = _mm512_mask_loadu_ps(ninf, mm, state.max + m0);
-    const __m512 mx = _mm512_max_ps(old, colmax);
+    const __m512 mx = _mm512_maskz_max_ps(0xFFFF, old, colmax);
     const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
     const __m512 a = exp16(_mm512_sub_ps(old, shift));  // exp(-inf - finite) = 0
     __m512 colsum = _mm512_setzero_ps();

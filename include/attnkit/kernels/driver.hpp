@@ -24,6 +24,7 @@
 #include <atomic>
 #include <concepts>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <span>
 
@@ -36,6 +37,21 @@
 #include "policy.hpp"
 
 namespace attnkit::detail {
+
+#ifdef ATTNKIT_TEST_PRECISION_LOSS
+/// Test-only fault injection (tests/test_precision.cpp proves the tolerances catch it): with
+/// ATTNKIT_TEST_PRECISION_LOSS 1 every score loses its low 5 mantissa bits; with 2 every
+/// probability is off by 2^-20 relative, its sign taken from its lowest bit. Each is about ten
+/// times the error of the float dot product or exp it stands for.
+inline float test_degrade(float x) {
+  std::uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  if (ATTNKIT_TEST_PRECISION_LOSS == 2) return x * (b & 1u ? 1.f + 0x1p-20f : 1.f - 0x1p-20f);
+  b &= ~std::uint32_t{0x1F};
+  std::memcpy(&x, &b, sizeof b);
+  return x;
+}
+#endif
 
 /// One key block's scores: element (row r, key t) at data[r * row_stride + t * key_stride].
 /// Row layout has key_stride == 1, column layout row_stride == 1. block_max (optional, column
@@ -150,6 +166,9 @@ class attention_worker {
       const block_visibility vis = call_.policy.positions.block(qmin, qmax, *lo, *hi);
       if (vis == block_visibility::none) continue;
       const score_tile s = var_.scores(j, b0, nb, k_end);
+#if ATTNKIT_TEST_PRECISION_LOSS == 1
+      for_each_score(s, t0, j, b0, nb, m, [](float& x, const mask_args&) { x = test_degrade(x); });
+#endif
       if (call_.policy.logits.active()) transform_logits(s, t0, j, b0, nb, m);
       if (vis == block_visibility::partial || !std::same_as<Mask, no_mask>) apply_mask(s, t0, j, b0, nb, m);
       if (s.key_stride == 1) {
@@ -169,6 +188,9 @@ class attention_worker {
         for (std::int64_t r = 0; r < m; ++r)
           if (alpha_[r] != 1.f) scale_row(acc_ + r * dv, dv, alpha_[r]);
       }
+#if ATTNKIT_TEST_PRECISION_LOSS == 2
+      for_each_score(s, t0, j, b0, nb, m, [](float& x, const mask_args&) { x = test_degrade(x); });
+#endif
       var_.accumulate(j, b0, nb, s, acc_);
     }
     var_.finish(acc_, m);

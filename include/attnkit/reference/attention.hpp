@@ -91,27 +91,25 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
   const std::int64_t g = heads / kv_heads;
   constexpr double ninf = -std::numeric_limits<double>::infinity();
   attention_result r{matrix::Zero(tq, heads * dv), matrix::Zero(tq, heads)};
-  std::vector<double> s(static_cast<std::size_t>(tk));
+  Eigen::VectorXd s(tk);
   for (std::int64_t t = 0; t < tq; ++t) {
     for (std::int64_t h = 0; h < heads; ++h) {
       const std::int64_t j = h / g, qp = q_pos[static_cast<std::size_t>(t)];
+      // Plain dot products of every key with the query, then the rules key by key.
+      s.noalias() = k.middleCols(j * dqk, dqk) * q.row(t).segment(h * dqk, dqk).transpose();
       double mx = rules.sinks.empty() ? ninf : rules.sinks[static_cast<std::size_t>(h)];
       for (std::int64_t u = 0; u < tk; ++u) {
         const std::int64_t kp = k_pos[static_cast<std::size_t>(u)];
-        double dot = 0;
-        for (std::int64_t c = 0; c < dqk; ++c) dot += q(t, h * dqk + c) * k(u, j * dqk + c);
-        s[static_cast<std::size_t>(u)] = rules.visible(t, qp, u, kp, h) ? rules.logit(dot * scale, qp, kp, h) : ninf;
-        mx = std::max(mx, s[static_cast<std::size_t>(u)]);
+        s[u] = rules.visible(t, qp, u, kp, h) ? rules.logit(s[u] * scale, qp, kp, h) : ninf;
+        mx = std::max(mx, s[u]);
       }
       if (mx == ninf) {
         r.lse(t, h) = mx;
         continue;
       }
       double sum = rules.sinks.empty() ? 0.0 : std::exp(rules.sinks[static_cast<std::size_t>(h)] - mx);
-      for (auto& x : s) sum += (x = std::exp(x - mx));
-      for (std::int64_t u = 0; u < tk; ++u)
-        for (std::int64_t c = 0; c < dv; ++c)
-          r.out(t, h * dv + c) += s[static_cast<std::size_t>(u)] / sum * v(u, j * dv + c);
+      for (std::int64_t u = 0; u < tk; ++u) sum += (s[u] = std::exp(s[u] - mx));
+      r.out.row(t).segment(h * dv, dv).noalias() = (s / sum).transpose() * v.middleCols(j * dv, dv);
       r.lse(t, h) = mx + std::log(sum);
     }
   }
