@@ -112,13 +112,15 @@ auto view_of(const Eigen::MapBase<Derived, Eigen::ReadOnlyAccessors>& m) {
 
 namespace detail {
 /// Checks a view's extents at an API boundary; `name` is the parameter's name.
+/// `name` may come in two parts (who, parameter), joined by ": " only when the check fails.
 template <class T, std::size_t Rank>
-void require_extents(const strided_view<T, Rank>& v, const std::array<index_t, Rank>& expected, const char* name) {
+void require_extents(const strided_view<T, Rank>& v, const std::array<index_t, Rank>& expected, const char* name,
+                     const char* param = nullptr) {
   bool ok = v.data_handle() != nullptr || v.size() == 0;
   for (std::size_t r = 0; r < Rank; ++r) ok = ok && v.extent(r) == expected[r];
   if (!ok) {
     std::ostringstream os;
-    os << name << " has shape [";
+    os << name << (param ? ": " : "") << (param ? param : "") << " has shape [";
     for (std::size_t r = 0; r < Rank; ++r) os << (r ? ", " : "") << v.extent(r);
     os << "] but [";
     for (std::size_t r = 0; r < Rank; ++r) os << (r ? ", " : "") << expected[r];

@@ -298,8 +298,8 @@ inline attention_policy validate_call(const char* who, std::int64_t tq, std::int
                                       const attention_options& opt) {
   require(static_cast<std::int64_t>(q_pos.size()) == tq, who, ": q_positions has ", q_pos.size(),
           " entries but the queries have Tq=", tq, " tokens");
-  require_extents(out, {tq, heads, v_head_dim}, (std::string(who) + ": out").c_str());
-  if (!opt.lse.empty()) require_extents(opt.lse, {tq, heads}, (std::string(who) + ": lse").c_str());
+  require_extents(out, {tq, heads, v_head_dim}, who, "out");
+  if (!opt.lse.empty()) require_extents(opt.lse, {tq, heads}, who, "lse");
   if (opt.scale) require(std::isfinite(*opt.scale), who, ": scale must be finite, got ", *opt.scale);
   return make_policy(opt, heads, who);
 }

@@ -190,7 +190,7 @@ void run_gqa(const char* who, tensor3_view<const float> q, std::span<const std::
   const std::int64_t tq = q.extent(0), h = q.extent(1), hkv = kv.kv_heads(), dqk = kv.head_dim();
   require(h > 0 && h % hkv == 0, who, ": heads=", h, " (q.extent(1)) must be a positive multiple of kv_heads=", hkv);
   require(q.extent(2) == dqk, who, ": q head dim q.extent(2)=", q.extent(2), " differs from the keys' head_dim=", dqk);
-  require_extents(q, {tq, h, dqk}, (std::string(who) + ": q").c_str());
+  require_extents(q, {tq, h, dqk}, who, "q");
   const attention_policy policy = validate_call(who, tq, h, kv.v_head_dim(), q_pos, out, opt);
   // Streaming micro-kernels for tiles of fewer than 16 query rows. Without AVX-512 the portable
   // streaming loops are slow and Eigen's vectorised GEMM tiles are the fast path for every size.

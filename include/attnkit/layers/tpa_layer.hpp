@@ -11,6 +11,7 @@
 // materialised decode step re-forms K and V of every cached token (docs/benchmarks.md, TPA).
 // The layer's scales (T6: 1/R) override the cache view's k_scale and v_scale.
 #include <Eigen/Core>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -164,8 +165,11 @@ class tpa_layer {
                 const matrix_view<const float>& fixed, std::int64_t rank, rmat& out, Exec& exec) {
     const std::int64_t t = xm.rows(), h = cfg_.heads;
     if (w_a.data_handle()) {
-      raw_.resize(t, h * rank);
-      detail::linear(xm, map(w_a), {}, as_map(raw_), exec);
+      // W_A x [T, H R] in the leading columns of one buffer shared by the three factors (sized
+      // for the largest rank, so that steady-state steps do not reallocate it).
+      const std::int64_t width = h * std::max({cfg_.q_rank, cfg_.k_rank, cfg_.v_rank});
+      if (raw_.rows() != t || raw_.cols() != width) raw_.resize(t, width);
+      detail::linear(xm, map(w_a), {}, detail::row_map<float>(raw_.data(), t, h * rank, Eigen::OuterStride<>(width)), exec);
       for (std::int64_t i = 0; i < t; ++i)
         for (std::int64_t r = 0; r < rank; ++r)
           for (std::int64_t hh = 0; hh < h; ++hh) out(i, r * h + hh) = raw_(i, hh * rank + r);
