@@ -40,7 +40,7 @@ template <class Exec, class Visit>
 void for_each_activation_chunk(matrix_view<const float> x, const row_matrix<float>& w, std::span<const float> bias,
                                Exec& exec, Visit&& visit, std::int64_t chunk = 2048) {
   const std::int64_t n = w.rows(), tokens = x.extent(0);
-  const auto xm = ::attnkit::detail::row_major_map(x, "calibration x");
+  const auto xm = ::attnkit::as_eigen(x, "calibration x");
   const ::attnkit::detail::row_map<const float> wm(w.data(), w.rows(), w.cols(), Eigen::OuterStride<>(w.cols()));
   row_matrix<float> a(std::min(chunk, tokens), n);
   for (std::int64_t t0 = 0; t0 < tokens; t0 += chunk) {
@@ -61,7 +61,7 @@ dmatrix activation_gram(matrix_view<const float> x, const row_matrix<float>& w, 
                         Exec& exec, std::int64_t chunk = 4096) {
   const std::int64_t n = w.rows(), tokens = x.extent(0);
   const int workers = concurrency_of(exec);
-  const auto xm = ::attnkit::detail::row_major_map(x, "calibration x");
+  const auto xm = ::attnkit::as_eigen(x, "calibration x");
   dmatrix gram = dmatrix::Zero(n, n);
   std::vector<Eigen::MatrixXf> partial(static_cast<std::size_t>(workers), Eigen::MatrixXf(n, n));
   std::vector<row_matrix<float>> act(static_cast<std::size_t>(workers));

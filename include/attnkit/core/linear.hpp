@@ -11,18 +11,12 @@
 #include "view.hpp"
 
 namespace attnkit {
+
 namespace detail {
 
 template <class T>
 using row_map = Eigen::Map<std::conditional_t<std::is_const_v<T>, const row_matrix<T>, row_matrix<T>>, Eigen::Unaligned,
                            Eigen::OuterStride<>>;
-
-/// A 2-D view with unit inner stride as an Eigen Map that GEMMs use without copying.
-template <class T>
-row_map<T> row_major_map(const matrix_view<T>& v, const char* name) {
-  require(v.stride(1) == 1 || v.extent(1) <= 1, name, " must have unit column stride, got stride(1)=", v.stride(1));
-  return row_map<T>(v.data_handle(), v.extent(0), v.extent(1), Eigen::OuterStride<>(std::max<index_t>(v.stride(0), 1)));
-}
 
 /// y[T, N] = x[T, K] w[N, K]^T + b[N]; w rows are split across workers in blocks of 64.
 template <class Exec>

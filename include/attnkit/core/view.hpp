@@ -87,6 +87,17 @@ eigen_map<T> as_eigen(const matrix_view<T>& v) {
                       Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(v.stride(0), v.stride(1)));
 }
 
+/// A 2-D view with unit column stride as the row-major Eigen Map that GEMMs use without copying
+/// (an outer stride only); attnkit::invalid_argument naming `name` otherwise.
+template <class T>
+auto as_eigen(const matrix_view<T>& v, const char* name) {
+  using map = Eigen::Map<std::conditional_t<std::is_const_v<T>, const row_matrix<T>, row_matrix<T>>, Eigen::Unaligned,
+                         Eigen::OuterStride<>>;
+  detail::require(v.stride(1) == 1 || v.extent(1) <= 1, name, " must have unit column stride, got stride(1)=",
+                  v.stride(1));
+  return map(v.data_handle(), v.extent(0), v.extent(1), Eigen::OuterStride<>(v.stride(0) > 1 ? v.stride(0) : 1));
+}
+
 /// A 2-D view of any direct-access Eigen matrix, Map or Block (no copy).
 template <class Derived>
 auto view_of(Eigen::PlainObjectBase<Derived>& m) {

@@ -13,7 +13,7 @@
 
 // Full unrolling of the register-block loops must happen before GCC decides where the
 // accumulator arrays live: otherwise it keeps acc[][] in memory and stores it on every
-// iteration of the hot loop (seen with a prefetch in the loop body: 2.6x slower).
+// iteration of the hot loop (seen with a prefetch in the loop body; docs/benchmarks.md).
 #if defined(__clang__)
 #define ATTNKIT_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__)
@@ -44,9 +44,8 @@ inline void prefetch_line(const void* p) {
 #if ATTNKIT_HAS_AVX512
 
 /// Software prefetch into L2, this many bytes of rows ahead. One core streaming K/V rows from
-/// DRAM while it computes needs more misses in flight than its hardware prefetchers issue:
-/// measured on a Zen 4 core (d 128, 4 heads per row), K+V streaming went from 13 GB/s without
-/// prefetch to 22-24 GB/s with 64 KiB ahead (a plain read reaches 26 GB/s).
+/// DRAM while it computes needs more misses in flight than its hardware prefetchers issue; 64 KiB
+/// ahead brought K+V streaming close to a plain read (docs/benchmarks.md, GQA decode).
 #ifndef ATTNKIT_PREFETCH_BYTES
 #define ATTNKIT_PREFETCH_BYTES 65536
 #endif

@@ -20,7 +20,7 @@ namespace attnkit::detail {
 /// clamped rows are computed, then discarded) and columns [j0, j0 + 16 NV) under masks mk.
 /// UnitRows: A's rows are adjacent (a_rs == 1) and the tile is full, so the MR broadcasts of a
 /// step read one pointer at constant offsets instead of MR pointers (which spill when inlined:
-/// the TPA value GEMM ran ~15% slower that way).
+/// the TPA value GEMM ran measurably slower that way; docs/benchmarks.md, TPA).
 template <bool Accumulate, int MR, int NV, bool UnitRows, class Prefetch>
 inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const __mmask16* mk, std::int64_t rows, std::int64_t depth,
                             const float* a, std::int64_t a_rs, std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c,

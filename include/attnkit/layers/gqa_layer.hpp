@@ -60,7 +60,7 @@ class gqa_layer {
     check_bias(w.q_norm, dq, "q_norm");
     check_bias(w.k_norm, dq, "k_norm");
     for (auto [v, name] : {std::pair{w.q_proj, "q_proj"}, {w.k_proj, "k_proj"}, {w.v_proj, "v_proj"}, {w.o_proj, "o_proj"}})
-      (void)detail::row_major_map(v, name);
+      (void)as_eigen(v, name);
     k_rope_ = rope(cfg_.rope, dq, hkv);
     q_rope_ = rope(query_tables(cfg_.rope, h / hkv), dq, h);
   }
@@ -104,12 +104,12 @@ class gqa_layer {
     k_.resize(t, hkv * dq);
     v_.resize(t, hkv * dv);
     o_.resize(t, h * dv);
-    const auto xm = detail::row_major_map(x, "gqa_layer::forward: x");
-    auto ym = detail::row_major_map(y, "gqa_layer::forward: y");
+    const auto xm = as_eigen(x, "gqa_layer::forward: x");
+    auto ym = as_eigen(y, "gqa_layer::forward: y");
     auto map = [](row_matrix<float>& m) { return detail::row_map<float>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())); };
-    detail::linear(xm, detail::row_major_map(w_.q_proj, "q_proj"), w_.q_proj_bias, map(q_), exec);
-    detail::linear(xm, detail::row_major_map(w_.k_proj, "k_proj"), w_.k_proj_bias, map(k_), exec);
-    detail::linear(xm, detail::row_major_map(w_.v_proj, "v_proj"), w_.v_proj_bias, map(v_), exec);
+    detail::linear(xm, as_eigen(w_.q_proj, "q_proj"), w_.q_proj_bias, map(q_), exec);
+    detail::linear(xm, as_eigen(w_.k_proj, "k_proj"), w_.k_proj_bias, map(k_), exec);
+    detail::linear(xm, as_eigen(w_.v_proj, "v_proj"), w_.v_proj_bias, map(v_), exec);
     for (std::int64_t i = 0; i < t; ++i) {
       const std::int64_t pos = positions[static_cast<std::size_t>(i)];
       for (std::int64_t hh = 0; hh < h; ++hh) {
@@ -126,7 +126,7 @@ class gqa_layer {
     attend(tensor3_view<const float>(q_.data(), {t, h, dq}), positions, cache.view(),
            tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
     const auto om = detail::row_map<const float>(o_.data(), t, h * dv, Eigen::OuterStride<>(h * dv));
-    detail::linear(om, detail::row_major_map(w_.o_proj, "o_proj"), w_.o_proj_bias, ym, exec);
+    detail::linear(om, as_eigen(w_.o_proj, "o_proj"), w_.o_proj_bias, ym, exec);
   }
 
  private:

@@ -134,7 +134,7 @@ class mla_layer {
     }
     require(t <= cache.capacity() - cache.size(), "mla_layer::forward: appending ", t, " tokens to size=", cache.size(),
             " exceeds capacity=", cache.capacity());
-    const auto xm = detail::row_major_map(x, "mla_layer::forward: x");
+    const auto xm = as_eigen(x, "mla_layer::forward: x");
 
     // Queries [T, H, d_nope + d_R], rope part roped.
     q_.resize(t, h * dqk);
@@ -172,7 +172,7 @@ class mla_layer {
     else forward_naive(t, positions, cache.view(), exec);
   
     // y = O W_O^T + b_o, O = o_ [T, H d_v] (or the latent [T, H d_c] with W_O W_UV folded).
-    auto ym = detail::row_major_map(y, "mla_layer::forward: y");
+    auto ym = as_eigen(y, "mla_layer::forward: y");
     if (path == mla_path::absorbed && cfg_.fold_uv_into_o) {
       detail::linear(const_map(olat_), const_map(w_ouv_), std::span<const float>(b_ouv_), ym, exec);
     } else {
@@ -186,7 +186,7 @@ class mla_layer {
   std::int64_t group() const { return cfg_.heads / cfg_.rope_heads; }
   static detail::row_map<float> as_map(rmat& m) { return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())}; }
   static cmap const_map(const rmat& m) { return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())}; }
-  static cmap map(const matrix_view<const float>& v) { return detail::row_major_map(v, "mla weight"); }
+  static cmap map(const matrix_view<const float>& v) { return as_eigen(v, "mla weight"); }
   /// W_UK_i [d_nope, d_c] and W_UV_i [d_v, d_c]: row blocks of kv_b_proj.
   cmap w_uk(std::int64_t i) const {
     const std::int64_t stride = w_.kv_b_proj.stride(0);
@@ -303,7 +303,7 @@ class mla_layer {
     auto need = [&](const matrix_view<const float>& m, std::int64_t rows, std::int64_t cols, const char* name) {
       require(present(m), "mla_layer: tensor ", name, " is missing (expected shape [", rows, ", ", cols, "])");
       detail::require_extents(m, {rows, cols}, (std::string("mla_layer: tensor ") + name).c_str());
-      (void)detail::row_major_map(m, name);
+      (void)as_eigen(m, name);
     };
     auto bias = [&](std::span<const float> b, std::int64_t n, const char* name) {
       require(b.empty() || static_cast<std::int64_t>(b.size()) == n, "mla_layer: ", name, " has ", b.size(),

@@ -108,7 +108,7 @@ class tpa_layer {
     }
     require(t <= cache.capacity() - cache.size(), "tpa_layer::forward: appending ", t, " tokens to size=", cache.size(),
             " exceeds capacity=", cache.capacity());
-    const auto xm = detail::row_major_map(x, "tpa_layer::forward: x");
+    const auto xm = as_eigen(x, "tpa_layer::forward: x");
 
     // Query factors [T, R_Q, H] and [T, R_Q, d]; KV-only: A_Q = I (R_Q = H), B_Q = the roped q heads.
     aq_.resize(t, rq * h);
@@ -148,7 +148,7 @@ class tpa_layer {
       attend_factorized(tensor3_view<const float>(aq_.data(), {t, rq, h}), tensor3_view<const float>(bq_.data(), {t, rq, d}),
                         positions, f, tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
     }
-    detail::linear(const_map(o_), map(w_.o_proj), {}, detail::row_major_map(y, "tpa_layer::forward: y"), exec);
+    detail::linear(const_map(o_), map(w_.o_proj), {}, as_eigen(y, "tpa_layer::forward: y"), exec);
   }
 
  private:
@@ -157,7 +157,7 @@ class tpa_layer {
   static detail::row_map<const float> const_map(const rmat& m) {
     return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())};
   }
-  static detail::row_map<const float> map(const matrix_view<const float>& v) { return detail::row_major_map(v, "tpa weight"); }
+  static detail::row_map<const float> map(const matrix_view<const float>& v) { return as_eigen(v, "tpa weight"); }
 
   /// A [T, R, H] (rank-major, as cached) from W_A x (output index h R + r) or the fixed [R, H].
   template <class Exec>
@@ -238,7 +238,7 @@ class tpa_layer {
     auto need = [&](const matrix_view<const float>& m, std::int64_t rows, std::int64_t cols, const char* name) {
       require(m.data_handle() != nullptr, "tpa_layer: tensor ", name, " is missing (expected shape [", rows, ", ", cols, "])");
       detail::require_extents(m, {rows, cols}, (std::string("tpa_layer: tensor ") + name).c_str());
-      (void)detail::row_major_map(m, name);
+      (void)as_eigen(m, name);
     };
     auto factor = [&](const matrix_view<const float>& w_a, const matrix_view<const float>& fixed, std::int64_t rank,
                       const char* wname, const char* fname) {
