@@ -29,23 +29,36 @@ void BM_gqa_prefill_causal(benchmark::State& state) {
   ak::thread_pool pool(threads);
   ak::attention_workspace ws;
   for (auto _ : state) {
-    ak::attend(ak::tensor3_view<const float>(q.data(), {t, H, D}), pos, cache, ak::tensor3_view<float>(out.data(), {t, H, D}),
-               {}, pool, &ws);
+    ak::attend(ak::tensor3_view<const float>(q.data(), {t, H, D}), pos, cache,
+               ak::tensor3_view<float>(out.data(), {t, H, D}), {}, pool, &ws);
     benchmark::DoNotOptimize(out.data());
   }
-  state.counters["FLOPS"] = benchmark::Counter(2.0 * H * t * (D + D) * t / 2, benchmark::Counter::kIsIterationInvariantRate,
+  state.counters["FLOPS"] = benchmark::Counter(2.0 * H * t * (D + D) * t / 2,
+                                               benchmark::Counter::kIsIterationInvariantRate,
                                                benchmark::Counter::OneK::kIs1000);
   state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>());
 }
 }  // namespace
 
-BENCHMARK_TEMPLATE(BM_gqa_decode, float)->ArgsProduct({{1024, 4096, 16384}, {1, 2}})->ArgNames({"T", "threads"})
-    ->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16)->ArgsProduct({{1024, 4096, 16384}, {1, 2}})->ArgNames({"T", "threads"})
-    ->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, float)->ArgsProduct({{512, 2048}, {1, 2}})->ArgNames({"T", "threads"})
-    ->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, ak::bf16)->ArgsProduct({{512, 2048}, {1, 2}})->ArgNames({"T", "threads"})
-    ->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_gqa_decode, float)
+    ->ArgsProduct({{1024, 4096, 16384}, {1, 2}})
+    ->ArgNames({"T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16)
+    ->ArgsProduct({{1024, 4096, 16384}, {1, 2}})
+    ->ArgNames({"T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, float)
+    ->ArgsProduct({{512, 2048}, {1, 2}})
+    ->ArgNames({"T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, ak::bf16)
+    ->ArgsProduct({{512, 2048}, {1, 2}})
+    ->ArgNames({"T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 BENCHMARK_MAIN();

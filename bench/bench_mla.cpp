@@ -27,7 +27,8 @@ void BM_mla_naive_decode(benchmark::State& state) {
   ak::row_matrix<float> kvb(h * (DN + DV), DC);
   for (std::int64_t i = 0; i < kvb.size(); ++i) kvb.data()[i] = nd(rng);
   ak::row_matrix<float> k(t, h * (DN + DR)), v(t, h * DV);
-  std::vector<float> q(static_cast<std::size_t>(h * (DN + DR)), 0.01f), out(static_cast<std::size_t>(h * DV));
+  std::vector<float> q(static_cast<std::size_t>(h * (DN + DR)), 0.01f),
+      out(static_cast<std::size_t>(h * DV));
   const std::int64_t qpos = t - 1, w = DC + DR;
   ak::thread_pool pool(threads);
   ak::attention_workspace ws;
@@ -39,35 +40,56 @@ void BM_mla_naive_decode(benchmark::State& state) {
       mmap(k.data() + i * (DN + DR), t, DN, Eigen::OuterStride<>(h * (DN + DR))).noalias() =
           c * cmap(kvb.data() + i * (DN + DV) * DC, DN, DC, Eigen::OuterStride<>(DC)).transpose();
       mmap(v.data() + i * DV, t, DV, Eigen::OuterStride<>(h * DV)).noalias() =
-          c * cmap(kvb.data() + (i * (DN + DV) + DN) * DC, DV, DC, Eigen::OuterStride<>(DC)).transpose();
+          c * cmap(kvb.data() + (i * (DN + DV) + DN) * DC, DV, DC, Eigen::OuterStride<>(DC))
+                  .transpose();
       for (std::int64_t s = 0; s < t; ++s)
-        std::copy(cache.rows() + s * w + DC, cache.rows() + s * w + w, k.data() + s * h * (DN + DR) + i * (DN + DR) + DN);
+        std::copy(cache.rows() + s * w + DC, cache.rows() + s * w + w,
+                  k.data() + s * h * (DN + DR) + i * (DN + DR) + DN);
     });
     ak::attention_options opt;
     opt.scale = 1.f / std::sqrt(float(DN + DR));
     const ak::kv_view<float> kv(ak::tensor3_view<const float>(k.data(), {t, h, DN + DR}),
-                                ak::tensor3_view<const float>(v.data(), {t, h, DV}), cache.positions());
+                                ak::tensor3_view<const float>(v.data(), {t, h, DV}),
+                                cache.positions());
     ak::attend(ak::tensor3_view<const float>(q.data(), {1, h, DN + DR}), std::span(&qpos, 1), kv,
                ak::tensor3_view<float>(out.data(), {1, h, DV}), opt, pool, &ws);
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());
-  state.counters["FLOPS"] = benchmark::Counter(2.0 * t * h * DC * (DN + DV) + 2.0 * h * (DN + DR + DV) * t,
-                                               benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
+  state.counters["FLOPS"] = benchmark::Counter(
+      2.0 * t * h * DC * (DN + DV) + 2.0 * h * (DN + DR + DV) * t,
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
   state.SetLabel("compute-bound (K/V materialised), f32");
 }
 
 }  // namespace
 
-BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, float)->ArgsProduct({{16, 128}, {1024, 4096, 16384}, {2}})
-    ->ArgNames({"H", "T", "threads"})->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, ak::bf16)->ArgsProduct({{16, 128}, {1024, 4096, 16384}, {2}})
-    ->ArgNames({"H", "T", "threads"})->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_mla_naive_decode)->ArgsProduct({{16}, {1024, 4096, 16384}, {2}})->Args({128, 1024, 2})->Args({128, 4096, 2})
-    ->ArgNames({"H", "T", "threads"})->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_TEMPLATE(BM_gqa_decode, float)->ArgsProduct({{1024, 4096, 16384}, {2}})->ArgNames({"T", "threads"})
-    ->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16)->ArgsProduct({{1024, 4096, 16384}, {2}})->ArgNames({"T", "threads"})
-    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, float)
+    ->ArgsProduct({{16, 128}, {1024, 4096, 16384}, {2}})
+    ->ArgNames({"H", "T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, ak::bf16)
+    ->ArgsProduct({{16, 128}, {1024, 4096, 16384}, {2}})
+    ->ArgNames({"H", "T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_mla_naive_decode)
+    ->ArgsProduct({{16}, {1024, 4096, 16384}, {2}})
+    ->Args({128, 1024, 2})
+    ->Args({128, 4096, 2})
+    ->ArgNames({"H", "T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_gqa_decode, float)
+    ->ArgsProduct({{1024, 4096, 16384}, {2}})
+    ->ArgNames({"T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16)
+    ->ArgsProduct({{1024, 4096, 16384}, {2}})
+    ->ArgNames({"T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

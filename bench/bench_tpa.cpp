@@ -19,11 +19,16 @@ struct shape {
   std::int64_t h, d, rq, rk, rv;
 };
 constexpr shape llama_r2{32, 128, 6, 2, 2}, llama_r1{32, 128, 6, 1, 1}, t6_small{34, 64, 6, 2, 2};
-const shape& shape_of(std::int64_t id) { return id == 0 ? llama_r2 : id == 1 ? llama_r1 : t6_small; }
-const char* name_of(std::int64_t id) { return id == 0 ? "llama R2" : id == 1 ? "llama R1" : "T6-small"; }
+const shape& shape_of(std::int64_t id) {
+  return id == 0 ? llama_r2 : id == 1 ? llama_r1 : t6_small;
+}
+const char* name_of(std::int64_t id) {
+  return id == 0 ? "llama R2" : id == 1 ? "llama R1" : "T6-small";
+}
 
 double decode_flops(const shape& s, std::int64_t t) {
-  return double(t) * (2.0 * s.rq * s.rk * s.d + 2.0 * s.h * s.rk * (s.rq + 1) + double(s.h * s.rv) + 2.0 * s.h * s.rv * s.d);
+  return double(t) * (2.0 * s.rq * s.rk * s.d + 2.0 * s.h * s.rk * (s.rq + 1) + double(s.h * s.rv) +
+                      2.0 * s.h * s.rv * s.d);
 }
 
 template <ak::storage_type S>
@@ -31,48 +36,56 @@ void BM_tpa_decode(benchmark::State& state) {
   const shape s = shape_of(state.range(0));
   const std::int64_t t = state.range(1);
   const int threads = static_cast<int>(state.range(2));
-  ak::factorized_cache<S> cache({.heads = s.h, .head_dim = s.d, .k_rank = s.rk, .v_rank = s.rv, .capacity = t});
+  ak::factorized_cache<S> cache(
+      {.heads = s.h, .head_dim = s.d, .k_rank = s.rk, .v_rank = s.rv, .capacity = t});
   {
     std::mt19937 rng(1);
     std::normal_distribution<float> nd;
     const std::int64_t chunk = 1024;
-    std::vector<float> ak(static_cast<std::size_t>(chunk * s.rk * s.h)), bk(static_cast<std::size_t>(chunk * s.rk * s.d)),
-        av(static_cast<std::size_t>(chunk * s.rv * s.h)), bv(static_cast<std::size_t>(chunk * s.rv * s.d));
+    std::vector<float> ak(static_cast<std::size_t>(chunk * s.rk * s.h)),
+        bk(static_cast<std::size_t>(chunk * s.rk * s.d)),
+        av(static_cast<std::size_t>(chunk * s.rv * s.h)),
+        bv(static_cast<std::size_t>(chunk * s.rv * s.d));
     std::vector<std::int64_t> pos(chunk);
     for (std::int64_t b = 0; b < t; b += chunk) {
       const std::int64_t n = std::min(chunk, t - b);
       for (auto* v : {&ak, &bk, &av, &bv})
         for (auto& x : *v) x = nd(rng);
       for (std::int64_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = b + i;
-      cache.append({ak::tensor3_view<const float>(ak.data(), {n, s.rk, s.h}), ak::tensor3_view<const float>(bk.data(), {n, s.rk, s.d}),
-                    ak::tensor3_view<const float>(av.data(), {n, s.rv, s.h}), ak::tensor3_view<const float>(bv.data(), {n, s.rv, s.d}),
+      cache.append({ak::tensor3_view<const float>(ak.data(), {n, s.rk, s.h}),
+                    ak::tensor3_view<const float>(bk.data(), {n, s.rk, s.d}),
+                    ak::tensor3_view<const float>(av.data(), {n, s.rv, s.h}),
+                    ak::tensor3_view<const float>(bv.data(), {n, s.rv, s.d}),
                     std::span(pos).first(static_cast<std::size_t>(n))});
     }
   }
-  std::vector<float> aq(static_cast<std::size_t>(s.rq * s.h), 0.1f), bq(static_cast<std::size_t>(s.rq * s.d), 0.01f),
-      out(static_cast<std::size_t>(s.h * s.d));
+  std::vector<float> aq(static_cast<std::size_t>(s.rq * s.h), 0.1f),
+      bq(static_cast<std::size_t>(s.rq * s.d), 0.01f), out(static_cast<std::size_t>(s.h * s.d));
   const std::int64_t qpos = t - 1;
   ak::thread_pool pool(threads);
   ak::attention_workspace ws;
   for (auto _ : state) {
-    ak::attend_factorized(ak::tensor3_view<const float>(aq.data(), {1, s.rq, s.h}), ak::tensor3_view<const float>(bq.data(), {1, s.rq, s.d}),
-                          std::span(&qpos, 1), cache, ak::tensor3_view<float>(out.data(), {1, s.h, s.d}), {}, pool, &ws);
+    ak::attend_factorized(ak::tensor3_view<const float>(aq.data(), {1, s.rq, s.h}),
+                          ak::tensor3_view<const float>(bq.data(), {1, s.rq, s.d}),
+                          std::span(&qpos, 1), cache,
+                          ak::tensor3_view<float>(out.data(), {1, s.h, s.d}), {}, pool, &ws);
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());
-  state.counters["FLOPS"] = benchmark::Counter(decode_flops(s, t), benchmark::Counter::kIsIterationInvariantRate,
-                                               benchmark::Counter::OneK::kIs1000);
+  state.counters["FLOPS"] =
+      benchmark::Counter(decode_flops(s, t), benchmark::Counter::kIsIterationInvariantRate,
+                         benchmark::Counter::OneK::kIs1000);
   // Regime: FLOP per byte against this machine's balance (~7 FLOP/byte at 2 threads).
   const double intensity = decode_flops(s, t) / double(t * cache.bytes_per_token());
-  state.SetLabel(std::string(name_of(state.range(0))) + ", " + ak::storage_name<S>() + ", " + std::to_string(intensity).substr(0, 4) +
-                 " FLOP/B");
+  state.SetLabel(std::string(name_of(state.range(0))) + ", " + ak::storage_name<S>() + ", " +
+                 std::to_string(intensity).substr(0, 4) + " FLOP/B");
 }
-
 
 /// Causal prefill through tpa_layer (Llama-shaped, R 2, D 4096) on one path: arg 0 = factorized
 /// (FlashTPA order), 1 = materialised (Q/K/V formed, then the GQA kernel as MHA).
 void BM_tpa_layer_prefill(benchmark::State& state) {
-  const ak::tpa_path path = state.range(0) == 0 ? ak::tpa_path::factorized : ak::tpa_path::materialized;
+  const ak::tpa_path path =
+      state.range(0) == 0 ? ak::tpa_path::factorized : ak::tpa_path::materialized;
   const std::int64_t t = state.range(1), dm = 4096, h = 32, d = 128, rq = 6, r = 2;
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0.f, 1.f / 64.f);
@@ -81,12 +94,23 @@ void BM_tpa_layer_prefill(benchmark::State& state) {
     for (std::int64_t i = 0; i < m.size(); ++i) m.data()[i] = nd(rng);
     return m;
   };
-  const auto waq = mat(h * rq, dm), wbq = mat(rq * d, dm), wak = mat(h * r, dm), wbk = mat(r * d, dm), wav = mat(h * r, dm),
-             wbv = mat(r * d, dm), wo = mat(dm, h * d), x = mat(t, dm);
-  ak::tpa_layer layer({.model_dim = dm, .heads = h, .head_dim = d, .q_rank = rq, .k_rank = r, .v_rank = r,
+  const auto waq = mat(h * rq, dm), wbq = mat(rq * d, dm), wak = mat(h * r, dm),
+             wbk = mat(r * d, dm), wav = mat(h * r, dm), wbv = mat(r * d, dm), wo = mat(dm, h * d),
+             x = mat(t, dm);
+  ak::tpa_layer layer({.model_dim = dm,
+                       .heads = h,
+                       .head_dim = d,
+                       .q_rank = rq,
+                       .k_rank = r,
+                       .v_rank = r,
                        .rope = {.theta = 500000.0}},
-                      {.w_a_q = ak::view_of(waq), .w_b_q = ak::view_of(wbq), .w_a_k = ak::view_of(wak), .w_b_k = ak::view_of(wbk),
-                       .w_a_v = ak::view_of(wav), .w_b_v = ak::view_of(wbv), .o_proj = ak::view_of(wo)});
+                      {.w_a_q = ak::view_of(waq),
+                       .w_b_q = ak::view_of(wbq),
+                       .w_a_k = ak::view_of(wak),
+                       .w_b_k = ak::view_of(wbk),
+                       .w_a_v = ak::view_of(wav),
+                       .w_b_v = ak::view_of(wbv),
+                       .o_proj = ak::view_of(wo)});
   auto cache = layer.make_cache<float>(t);
   ak::row_matrix<float> y(t, dm);
   std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
@@ -101,13 +125,25 @@ void BM_tpa_layer_prefill(benchmark::State& state) {
 }
 }  // namespace
 
-BENCHMARK_TEMPLATE(BM_tpa_decode, float)->ArgsProduct({{0, 1, 2}, {1024, 4096, 16384}, {2}})
-    ->ArgNames({"shape", "T", "threads"})->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_TEMPLATE(BM_tpa_decode, ak::bf16)->ArgsProduct({{0, 1, 2}, {1024, 4096, 16384}, {2}})
-    ->ArgNames({"shape", "T", "threads"})->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_TEMPLATE(BM_gqa_decode, float)->ArgsProduct({{1024, 4096, 16384}, {2}})->ArgNames({"T", "threads"})
-    ->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_tpa_layer_prefill)->ArgsProduct({{0, 1}, {512, 2048}, {2}})->ArgNames({"path", "T", "threads"})
-    ->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_tpa_decode, float)
+    ->ArgsProduct({{0, 1, 2}, {1024, 4096, 16384}, {2}})
+    ->ArgNames({"shape", "T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_tpa_decode, ak::bf16)
+    ->ArgsProduct({{0, 1, 2}, {1024, 4096, 16384}, {2}})
+    ->ArgNames({"shape", "T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gqa_decode, float)
+    ->ArgsProduct({{1024, 4096, 16384}, {2}})
+    ->ArgNames({"T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_tpa_layer_prefill)
+    ->ArgsProduct({{0, 1}, {512, 2048}, {2}})
+    ->ArgNames({"path", "T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 BENCHMARK_MAIN();

@@ -26,7 +26,8 @@ ak::dense_cache<S> filled_cache(std::int64_t t) {
     for (auto& x : k) x = nd(rng);
     for (auto& x : v) x = nd(rng);
     for (std::int64_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = s + i;
-    cache.append(ak::tensor3_view<const float>(k.data(), {n, HKV, D}), ak::tensor3_view<const float>(v.data(), {n, HKV, D}),
+    cache.append(ak::tensor3_view<const float>(k.data(), {n, HKV, D}),
+                 ak::tensor3_view<const float>(v.data(), {n, HKV, D}),
                  std::span(pos).first(static_cast<std::size_t>(n)));
   }
   return cache;
@@ -47,8 +48,9 @@ void BM_gqa_decode(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());
-  state.counters["FLOPS"] = benchmark::Counter(2.0 * H * (D + D) * t, benchmark::Counter::kIsIterationInvariantRate,
-                                               benchmark::Counter::OneK::kIs1000);
+  state.counters["FLOPS"] =
+      benchmark::Counter(2.0 * H * (D + D) * t, benchmark::Counter::kIsIterationInvariantRate,
+                         benchmark::Counter::OneK::kIs1000);
   state.SetLabel(std::string("memory-bound, ") + ak::storage_name<S>());
 }
 

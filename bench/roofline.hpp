@@ -90,14 +90,26 @@ inline void BM_fma_peak(benchmark::State& state) {
   thread_pool pool(threads);
   std::vector<float> out(static_cast<std::size_t>(threads));
   for (auto _ : state) {
-    pool.parallel_for(threads, [&](std::int64_t t) { out[static_cast<std::size_t>(t)] = fma_chains(iters); });
+    pool.parallel_for(
+        threads, [&](std::int64_t t) { out[static_cast<std::size_t>(t)] = fma_chains(iters); });
     benchmark::DoNotOptimize(out.data());
   }
-  state.counters["FLOPS"] = benchmark::Counter(static_cast<double>(iters * fma_flops_per_iter * threads),
-                                               benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
+  state.counters["FLOPS"] = benchmark::Counter(
+      static_cast<double>(iters * fma_flops_per_iter * threads),
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
 }
 
 }  // namespace attnkit::bench
 
-BENCHMARK(attnkit::bench::BM_read_bandwidth)->Arg(1)->Arg(2)->ArgName("threads")->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(attnkit::bench::BM_fma_peak)->Arg(1)->Arg(2)->ArgName("threads")->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(attnkit::bench::BM_read_bandwidth)
+    ->Arg(1)
+    ->Arg(2)
+    ->ArgName("threads")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(attnkit::bench::BM_fma_peak)
+    ->Arg(1)
+    ->Arg(2)
+    ->ArgName("threads")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);

@@ -33,15 +33,20 @@ struct options {
   std::string storage = "f32";
   bool json = false;
   std::int64_t calibration = 4096;
-  std::vector<std::string> rows{"MHA",    "GQA",    "MQA",          "MLA-V2-Lite",   "MLA-V3",           "TPA-R2",
-                                "TPA-R1", "TPA-T6-small", "GQA->MLA-exact", "GQA->TransMLA", "GQA->MHA2MLA"};
-  bool wants(const std::string& name) const { return std::find(rows.begin(), rows.end(), name) != rows.end(); }
+  std::vector<std::string> rows{"MHA",           "GQA",          "MQA",
+                                "MLA-V2-Lite",   "MLA-V3",       "TPA-R2",
+                                "TPA-R1",        "TPA-T6-small", "GQA->MLA-exact",
+                                "GQA->TransMLA", "GQA->MHA2MLA"};
+  bool wants(const std::string& name) const {
+    return std::find(rows.begin(), rows.end(), name) != rows.end();
+  }
 };
 
 struct row {
   std::string variant, detail;
   std::int64_t kv_bytes_per_token = 0;
-  double kv_gib = 0, decode_us = 0, layer_decode_us = 0, prefill_ms = 0, max_rel_err = 0, layer_rel_err = 0;
+  double kv_gib = 0, decode_us = 0, layer_decode_us = 0, prefill_ms = 0, max_rel_err = 0,
+         layer_rel_err = 0;
 };
 
 const char* usage =
@@ -53,9 +58,12 @@ const char* usage =
     "  --tokens N      tokens for the GiB column (32768)\n"
     "  --threads N     worker threads (2)          --storage S    f32 | bf16 | f16 (f32)\n"
     "  --rows LIST     comma-separated rows: MHA,GQA,MQA (at the geometry above), MLA-V2-Lite,\n"
-    "                  MLA-V3 (DeepSeek shapes, each naive and absorbed), TPA-R2, TPA-R1 (T6 factors\n"
-    "                  at the geometry above, R_Q 6), TPA-T6-small (D 768, H 34, d 64); default: all\n"
-    "                  GQA->MLA-exact, GQA->TransMLA, GQA->MHA2MLA (a synthetic GQA layer at the geometry\n"
+    "                  MLA-V3 (DeepSeek shapes, each naive and absorbed), TPA-R2, TPA-R1 (T6 "
+    "factors\n"
+    "                  at the geometry above, R_Q 6), TPA-T6-small (D 768, H 34, d 64); default: "
+    "all\n"
+    "                  GQA->MLA-exact, GQA->TransMLA, GQA->MHA2MLA (a synthetic GQA layer at the "
+    "geometry\n"
     "                  above converted exactly, and compressed to 512 + 64 elements per token)\n"
     "  --calibration N calibration tokens for the conversions (4096)\n"
     "  --json          machine-readable output\n";
@@ -63,31 +71,47 @@ const char* usage =
 options parse(int argc, char** argv) {
   options o;
   auto need = [&](int& i) -> std::string {
-    if (i + 1 >= argc) throw ak::invalid_argument(std::string("attnkit-compare: ") + argv[i] + " needs a value");
+    if (i + 1 >= argc)
+      throw ak::invalid_argument(std::string("attnkit-compare: ") + argv[i] + " needs a value");
     return argv[++i];
   };
   auto integer = [&](int& i) {
     const std::string flag = argv[i], v = need(i);
     char* end = nullptr;
     const long long x = std::strtoll(v.c_str(), &end, 10);
-    if (*end || x <= 0) throw ak::invalid_argument("attnkit-compare: " + flag + " must be a positive integer, got '" + v + "'");
+    if (*end || x <= 0)
+      throw ak::invalid_argument("attnkit-compare: " + flag + " must be a positive integer, got '" +
+                                 v + "'");
     return static_cast<std::int64_t>(x);
   };
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--model-dim") o.model_dim = integer(i);
-    else if (a == "--heads") o.heads = integer(i);
-    else if (a == "--kv-heads") o.kv_heads = integer(i);
-    else if (a == "--head-dim") o.head_dim = integer(i);
-    else if (a == "--theta") o.theta = std::stod(need(i));
-    else if (a == "--context") o.context = integer(i);
-    else if (a == "--prefill") o.prefill = integer(i);
-    else if (a == "--layers") o.layers = integer(i);
-    else if (a == "--tokens") o.model_tokens = integer(i);
-    else if (a == "--calibration") o.calibration = integer(i);
-    else if (a == "--threads") o.threads = static_cast<int>(integer(i));
-    else if (a == "--storage") o.storage = need(i);
-    else if (a == "--json") o.json = true;
+    if (a == "--model-dim")
+      o.model_dim = integer(i);
+    else if (a == "--heads")
+      o.heads = integer(i);
+    else if (a == "--kv-heads")
+      o.kv_heads = integer(i);
+    else if (a == "--head-dim")
+      o.head_dim = integer(i);
+    else if (a == "--theta")
+      o.theta = std::stod(need(i));
+    else if (a == "--context")
+      o.context = integer(i);
+    else if (a == "--prefill")
+      o.prefill = integer(i);
+    else if (a == "--layers")
+      o.layers = integer(i);
+    else if (a == "--tokens")
+      o.model_tokens = integer(i);
+    else if (a == "--calibration")
+      o.calibration = integer(i);
+    else if (a == "--threads")
+      o.threads = static_cast<int>(integer(i));
+    else if (a == "--storage")
+      o.storage = need(i);
+    else if (a == "--json")
+      o.json = true;
     else if (a == "--rows") {
       o.rows.clear();
       std::string list = need(i);
@@ -97,13 +121,13 @@ options parse(int argc, char** argv) {
         const options all;
         if (!all.wants(r))
           throw ak::invalid_argument("attnkit-compare: --rows: unknown row '" + r +
-                                     "' (MHA, GQA, MQA, MLA-V2-Lite, MLA-V3, TPA-R2, TPA-R1, TPA-T6-small, GQA->MLA-exact, "
+                                     "' (MHA, GQA, MQA, MLA-V2-Lite, MLA-V3, TPA-R2, TPA-R1, "
+                                     "TPA-T6-small, GQA->MLA-exact, "
                                      "GQA->TransMLA, GQA->MHA2MLA)");
         o.rows.push_back(r);
         p = q + 1;
       }
-    }
-    else if (a == "--help" || a == "-h") {
+    } else if (a == "--help" || a == "-h") {
       std::cout << usage;
       std::exit(0);
     } else {
@@ -111,10 +135,11 @@ options parse(int argc, char** argv) {
     }
   }
   if (o.heads % o.kv_heads != 0)
-    throw ak::invalid_argument("attnkit-compare: --heads=" + std::to_string(o.heads) + " must be a multiple of --kv-heads=" +
-                               std::to_string(o.kv_heads));
+    throw ak::invalid_argument("attnkit-compare: --heads=" + std::to_string(o.heads) +
+                               " must be a multiple of --kv-heads=" + std::to_string(o.kv_heads));
   if (o.storage != "f32" && o.storage != "bf16" && o.storage != "f16")
-    throw ak::invalid_argument("attnkit-compare: --storage must be f32, bf16 or f16, got '" + o.storage + "'");
+    throw ak::invalid_argument("attnkit-compare: --storage must be f32, bf16 or f16, got '" +
+                               o.storage + "'");
   return o;
 }
 
@@ -125,7 +150,8 @@ double median_us(int reps, const std::function<void()>& fn) {
   for (int r = 0; r < reps; ++r) {
     const auto a = std::chrono::steady_clock::now();
     fn();
-    t.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count());
+    t.push_back(
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count());
   }
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
@@ -144,17 +170,23 @@ fmat random_matrix(std::mt19937_64& rng, std::int64_t r, std::int64_t c, float s
 /// is rolled back after each step), and the relative error (max |y - y_ref| / max |y_ref|) of
 /// a 16-token forward against the double reference layer.
 template <ak::storage_type S>
-void layer_columns(const options& o, std::int64_t kv_heads, ak::dense_cache<S>& cache, ak::thread_pool& pool, row& r) {
+void layer_columns(const options& o, std::int64_t kv_heads, ak::dense_cache<S>& cache,
+                   ak::thread_pool& pool, row& r) {
   const std::int64_t dm = o.model_dim, h = o.heads, d = o.head_dim;
   std::mt19937_64 rng(42);
   const float s = 1.f / std::sqrt(float(dm));
   const fmat wq = random_matrix(rng, h * d, dm, s), wk = random_matrix(rng, kv_heads * d, dm, s),
-             wv = random_matrix(rng, kv_heads * d, dm, s), wo = random_matrix(rng, dm, h * d, 1.f / std::sqrt(float(h * d)));
-  const ak::gqa_config cfg{.model_dim = dm, .heads = h, .kv_heads = kv_heads, .head_dim = d,
+             wv = random_matrix(rng, kv_heads * d, dm, s),
+             wo = random_matrix(rng, dm, h * d, 1.f / std::sqrt(float(h * d)));
+  const ak::gqa_config cfg{.model_dim = dm,
+                           .heads = h,
+                           .kv_heads = kv_heads,
+                           .head_dim = d,
                            .rope = {.theta = o.theta, .layout = ak::rope_layout::half_split}};
   ak::gqa_layer layer(cfg, {ak::view_of(wq), ak::view_of(wk), ak::view_of(wv), ak::view_of(wo)});
 
-  ak::dense_cache<S> big({.kv_heads = kv_heads, .head_dim = d, .v_head_dim = d, .capacity = cache.size() + 1});
+  ak::dense_cache<S> big(
+      {.kv_heads = kv_heads, .head_dim = d, .v_head_dim = d, .capacity = cache.size() + 1});
   {  // the same context, one slot to spare
     std::vector<float> k(static_cast<std::size_t>(cache.size() * kv_heads * d), 0.1f);
     std::vector<std::int64_t> pos(cache.positions().begin(), cache.positions().end());
@@ -175,8 +207,10 @@ void layer_columns(const options& o, std::int64_t kv_heads, ak::dense_cache<S>& 
   auto fresh = layer.make_cache<S>(16);
   layer.forward(ak::view_of(x), pos, fresh, ak::view_of(y), pool);
   ak::reference::gqa_weights rw;
-  rw.q = wq.cast<double>(), rw.k = wk.cast<double>(), rw.v = wv.cast<double>(), rw.o = wo.cast<double>();
-  const auto ref = ak::reference::gqa_layer_forward(x.cast<double>(), pos, rw, h, kv_heads, d, cfg.rope, 1.0 / std::sqrt(double(d)));
+  rw.q = wq.cast<double>(), rw.k = wk.cast<double>(), rw.v = wv.cast<double>(),
+  rw.o = wo.cast<double>();
+  const auto ref = ak::reference::gqa_layer_forward(x.cast<double>(), pos, rw, h, kv_heads, d,
+                                                    cfg.rope, 1.0 / std::sqrt(double(d)));
   r.layer_rel_err = (y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
 }
 
@@ -184,14 +218,17 @@ void layer_columns(const options& o, std::int64_t kv_heads, ak::dense_cache<S>& 
 /// at contiguous positions; decode = one query at the last position; prefill = causal, all
 /// queries of a fresh `prefill`-token cache.
 template <ak::storage_type S>
-row gqa_family_row(const options& o, const std::string& name, std::int64_t kv_heads, ak::thread_pool& pool) {
+row gqa_family_row(const options& o, const std::string& name, std::int64_t kv_heads,
+                   ak::thread_pool& pool) {
   const std::int64_t h = o.heads, d = o.head_dim, t = o.context;
   std::mt19937_64 rng(static_cast<std::uint64_t>(kv_heads));
-  const fmat k = random_matrix(rng, t, kv_heads * d), v = random_matrix(rng, t, kv_heads * d), q = random_matrix(rng, 1, h * d);
+  const fmat k = random_matrix(rng, t, kv_heads * d), v = random_matrix(rng, t, kv_heads * d),
+             q = random_matrix(rng, 1, h * d);
   std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
   for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
   ak::dense_cache<S> cache({.kv_heads = kv_heads, .head_dim = d, .v_head_dim = d, .capacity = t});
-  cache.append(ak::tensor3_view<const float>(k.data(), {t, kv_heads, d}), ak::tensor3_view<const float>(v.data(), {t, kv_heads, d}), pos);
+  cache.append(ak::tensor3_view<const float>(k.data(), {t, kv_heads, d}),
+               ak::tensor3_view<const float>(v.data(), {t, kv_heads, d}), pos);
   fmat out(1, h * d);
   ak::attention_workspace ws;
   const std::int64_t qpos = t - 1;
@@ -199,27 +236,35 @@ row gqa_family_row(const options& o, const std::string& name, std::int64_t kv_he
     ak::attend(ak::tensor3_view<const float>(q.data(), {1, h, d}), std::span(&qpos, 1), cache,
                ak::tensor3_view<float>(out.data(), {1, h, d}), {}, pool, &ws);
   };
-  row r{name, "H=" + std::to_string(h) + " H_kv=" + std::to_string(kv_heads) + " d=" + std::to_string(d),
+  row r{name,
+        "H=" + std::to_string(h) + " H_kv=" + std::to_string(kv_heads) + " d=" + std::to_string(d),
         cache.bytes_per_token()};
-  r.kv_gib = double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
+  r.kv_gib =
+      double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
   r.decode_us = median_us(15, decode);
   // Error of the decode output against the double reference on the exact (unrounded) K/V.
-  const auto ref = ak::reference::attention(q.cast<double>(), std::span(&qpos, 1), k.cast<double>(), v.cast<double>(), pos, h,
-                                            kv_heads, 1.0 / std::sqrt(double(d)));
-  r.max_rel_err = (out.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
+  const auto ref =
+      ak::reference::attention(q.cast<double>(), std::span(&qpos, 1), k.cast<double>(),
+                               v.cast<double>(), pos, h, kv_heads, 1.0 / std::sqrt(double(d)));
+  r.max_rel_err =
+      (out.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
 
   const std::int64_t tp = o.prefill;
   const fmat qp = random_matrix(rng, tp, h * d);
   ak::dense_cache<S> pc({.kv_heads = kv_heads, .head_dim = d, .v_head_dim = d, .capacity = tp});
   const std::int64_t n = std::min(tp, t);
-  pc.append(ak::tensor3_view<const float>(k.data(), {n, kv_heads, d}), ak::tensor3_view<const float>(v.data(), {n, kv_heads, d}),
+  pc.append(ak::tensor3_view<const float>(k.data(), {n, kv_heads, d}),
+            ak::tensor3_view<const float>(v.data(), {n, kv_heads, d}),
             std::span(pos).first(static_cast<std::size_t>(n)));
   std::vector<std::int64_t> ppos(pos.begin(), pos.begin() + n);
   fmat pout(n, h * d);
-  r.prefill_ms = median_us(3, [&] {
-                   ak::attend(ak::tensor3_view<const float>(qp.data(), {n, h, d}), ppos, pc,
-                              ak::tensor3_view<float>(pout.data(), {n, h, d}), {}, pool, &ws);
-                 }) / 1000.0;
+  r.prefill_ms =
+      median_us(3,
+                [&] {
+                  ak::attend(ak::tensor3_view<const float>(qp.data(), {n, h, d}), ppos, pc,
+                             ak::tensor3_view<float>(pout.data(), {n, h, d}), {}, pool, &ws);
+                }) /
+      1000.0;
   layer_columns<S>(o, kv_heads, cache, pool, r);
   return r;
 }
@@ -228,7 +273,8 @@ row gqa_family_row(const options& o, const std::string& name, std::int64_t kv_he
 double adaptive_median_us(const std::function<void()>& fn) {
   const auto a = std::chrono::steady_clock::now();
   fn();
-  const double once = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
+  const double once =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
   return median_us(once > 2e5 ? 2 : once > 2e4 ? 5 : 15, fn);
 }
 
@@ -237,20 +283,28 @@ double adaptive_median_us(const std::function<void()>& fn) {
 /// absorbed: attend_latent); attn prefill: the same for `prefill` causal queries; layer decode
 /// and layer err: mla_layer with the path forced; attn err: decode output vs the double reference.
 template <ak::storage_type S>
-std::vector<row> mla_rows(const options& o, const std::string& name, const ak::mla_config& cfg, ak::thread_pool& pool) {
-  const std::int64_t dm = cfg.model_dim, h = cfg.heads, dc = cfg.latent_dim, dn = cfg.nope_dim, dr = cfg.rope_dim;
+std::vector<row> mla_rows(const options& o, const std::string& name, const ak::mla_config& cfg,
+                          ak::thread_pool& pool) {
+  const std::int64_t dm = cfg.model_dim, h = cfg.heads, dc = cfg.latent_dim, dn = cfg.nope_dim,
+                     dr = cfg.rope_dim;
   const std::int64_t dv = cfg.v_head_dim, dqk = dn + dr, t = o.context, w = dc + dr;
   std::mt19937_64 rng(7);
   auto rnd = [&](std::int64_t r, std::int64_t c, float s) { return random_matrix(rng, r, c, s); };
   const float sd = 1.f / std::sqrt(float(dm));
   const fmat q_proj = cfg.q_lora_rank ? fmat() : rnd(h * dqk, dm, sd);
   const fmat q_a = cfg.q_lora_rank ? rnd(cfg.q_lora_rank, dm, sd) : fmat();
-  const fmat q_b = cfg.q_lora_rank ? rnd(h * dqk, cfg.q_lora_rank, 1.f / std::sqrt(float(cfg.q_lora_rank))) : fmat();
-  const std::vector<float> q_norm(static_cast<std::size_t>(cfg.q_lora_rank), 1.f), kv_norm(static_cast<std::size_t>(dc), 1.f);
+  const fmat q_b = cfg.q_lora_rank
+                       ? rnd(h * dqk, cfg.q_lora_rank, 1.f / std::sqrt(float(cfg.q_lora_rank)))
+                       : fmat();
+  const std::vector<float> q_norm(static_cast<std::size_t>(cfg.q_lora_rank), 1.f),
+      kv_norm(static_cast<std::size_t>(dc), 1.f);
   const fmat kv_a = rnd(w, dm, sd), kv_b = rnd(h * (dn + dv), dc, 1.f / std::sqrt(float(dc))),
              o_proj = rnd(dm, h * dv, 1.f / std::sqrt(float(h * dv)));
-  auto view = [](const fmat& m) { return m.size() ? ak::view_of(m) : ak::matrix_view<const float>{}; };
-  const ak::mla_weights weights{view(q_proj), view(q_a), q_norm, view(q_b), view(kv_a), kv_norm, view(kv_b), view(o_proj)};
+  auto view = [](const fmat& m) {
+    return m.size() ? ak::view_of(m) : ak::matrix_view<const float>{};
+  };
+  const ak::mla_weights weights{view(q_proj), view(q_a), q_norm,     view(q_b),
+                                view(kv_a),   kv_norm,   view(kv_b), view(o_proj)};
   ak::mla_layer layer(cfg, weights);
 
   // The latent cache at the context: random normalised latents and rope keys.
@@ -267,31 +321,39 @@ std::vector<row> mla_rows(const options& o, const std::string& name, const ak::m
   // Absorbed core: q_latent [1, H, d_c], q_rope [1, H, d_R] -> out [1, H, d_c].
   const fmat ql = random_matrix(rng, 1, h * dc, 0.05f), qr = random_matrix(rng, 1, h * dr);
   fmat olat(1, h * dc);
-  auto absorbed = [&](std::int64_t n, const float* qlp, const float* qrp, const std::int64_t* qp, float* out,
-                      const ak::latent_cache<S>& c) {
-    ak::attend_latent(ak::tensor3_view<const float>(qlp, {n, h, dc}), ak::tensor3_view<const float>(qrp, {n, h, dr}),
-                      std::span(qp, static_cast<std::size_t>(n)), c, ak::tensor3_view<float>(out, {n, h, dc}), opt, pool, &ws);
+  auto absorbed = [&](std::int64_t n, const float* qlp, const float* qrp, const std::int64_t* qp,
+                      float* out, const ak::latent_cache<S>& c) {
+    ak::attend_latent(ak::tensor3_view<const float>(qlp, {n, h, dc}),
+                      ak::tensor3_view<const float>(qrp, {n, h, dr}),
+                      std::span(qp, static_cast<std::size_t>(n)), c,
+                      ak::tensor3_view<float>(out, {n, h, dc}), opt, pool, &ws);
   };
   // Naive core: K_i = [W_UK_i c ; k_rope], V_i = W_UV_i c for the cached tokens, then MHA.
   fmat kf, vf, cf;
-  auto naive = [&](std::int64_t n, const float* q, const std::int64_t* qp, float* out, const ak::latent_cache<S>& c) {
+  auto naive = [&](std::int64_t n, const float* q, const std::int64_t* qp, float* out,
+                   const ak::latent_cache<S>& c) {
     const std::int64_t tk = c.size();
     cf.resize(tk, w);
     kf.resize(tk, h * dqk);
     vf.resize(tk, h * dv);
-    for (std::int64_t s = 0; s < tk; ++s) ak::detail::to_float_row(c.rows() + s * w, cf.row(s).data(), w);
+    for (std::int64_t s = 0; s < tk; ++s)
+      ak::detail::to_float_row(c.rows() + s * w, cf.row(s).data(), w);
     pool.parallel_for(h, [&](std::int64_t i) {
       using cmap = Eigen::Map<const fmat, Eigen::Unaligned, Eigen::OuterStride<>>;
       using mmap = Eigen::Map<fmat, Eigen::Unaligned, Eigen::OuterStride<>>;
       const cmap cl(cf.data(), tk, dc, Eigen::OuterStride<>(w));
-      mmap(kf.data() + i * dqk, tk, dn, Eigen::OuterStride<>(h * dqk)).noalias() = cl * kv_b.middleRows(i * (dn + dv), dn).transpose();
-      mmap(vf.data() + i * dv, tk, dv, Eigen::OuterStride<>(h * dv)).noalias() = cl * kv_b.middleRows(i * (dn + dv) + dn, dv).transpose();
+      mmap(kf.data() + i * dqk, tk, dn, Eigen::OuterStride<>(h * dqk)).noalias() =
+          cl * kv_b.middleRows(i * (dn + dv), dn).transpose();
+      mmap(vf.data() + i * dv, tk, dv, Eigen::OuterStride<>(h * dv)).noalias() =
+          cl * kv_b.middleRows(i * (dn + dv) + dn, dv).transpose();
       for (std::int64_t s = 0; s < tk; ++s)
         std::copy(cf.row(s).data() + dc, cf.row(s).data() + w, kf.row(s).data() + i * dqk + dn);
     });
     const ak::kv_view<float> kv(ak::tensor3_view<const float>(kf.data(), {tk, h, dqk}),
-                                ak::tensor3_view<const float>(vf.data(), {tk, h, dv}), c.positions());
-    ak::attend(ak::tensor3_view<const float>(q, {n, h, dqk}), std::span(qp, static_cast<std::size_t>(n)), kv,
+                                ak::tensor3_view<const float>(vf.data(), {tk, h, dv}),
+                                c.positions());
+    ak::attend(ak::tensor3_view<const float>(q, {n, h, dqk}),
+               std::span(qp, static_cast<std::size_t>(n)), kv,
                ak::tensor3_view<float>(out, {n, h, dv}), opt, pool, &ws);
   };
   const fmat qn = random_matrix(rng, 1, h * dqk, 0.05f);
@@ -303,10 +365,12 @@ std::vector<row> mla_rows(const options& o, const std::string& name, const ak::m
           "H=" + std::to_string(h) + " d_c=" + std::to_string(dc) + " d_R=" + std::to_string(dr) +
               (cfg.q_lora_rank ? " qLoRA" : ""),
           cache.bytes_per_token()};
-    r.kv_gib = double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
+    r.kv_gib =
+        double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
     using rmat = ak::reference::matrix;
     if (is_absorbed) {
-      r.decode_us = adaptive_median_us([&] { absorbed(1, ql.data(), qr.data(), &qpos, olat.data(), cache); });
+      r.decode_us =
+          adaptive_median_us([&] { absorbed(1, ql.data(), qr.data(), &qpos, olat.data(), cache); });
       // Reference: an MQA of [q_latent ; q_rope] against rows [c ; k_rope] with values c.
       rmat q(1, h * w);
       for (std::int64_t i = 0; i < h; ++i) {
@@ -314,27 +378,36 @@ std::vector<row> mla_rows(const options& o, const std::string& name, const ak::m
         q.block(0, i * w + dc, 1, dr) = qr.block(0, i * dr, 1, dr).cast<double>();
       }
       const rmat exact_k = (rmat(t, w) << lat.cast<double>(), kr.cast<double>()).finished();
-      const auto ref = ak::reference::attention(q, std::span(&qpos, 1), exact_k, exact_k.leftCols(dc), pos, h, 1, opt.scale.value());
-      r.max_rel_err = (olat.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
+      const auto ref = ak::reference::attention(q, std::span(&qpos, 1), exact_k,
+                                                exact_k.leftCols(dc), pos, h, 1, opt.scale.value());
+      r.max_rel_err =
+          (olat.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
     } else {
       r.decode_us = adaptive_median_us([&] { naive(1, qn.data(), &qpos, on.data(), cache); });
       // Reference on the materialised K/V (the naive path's own intermediate).
-      const auto ref = ak::reference::attention(qn.cast<double>(), std::span(&qpos, 1), kf.cast<double>(), vf.cast<double>(), pos,
-                                                h, h, opt.scale.value());
-      r.max_rel_err = (on.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
+      const auto ref =
+          ak::reference::attention(qn.cast<double>(), std::span(&qpos, 1), kf.cast<double>(),
+                                   vf.cast<double>(), pos, h, h, opt.scale.value());
+      r.max_rel_err =
+          (on.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
     }
     // Causal prefill of `prefill` tokens through the same core.
     {
       const std::int64_t n = std::min(o.prefill, t);
       ak::latent_cache<S> pc({.latent_dim = dc, .rope_dim = dr, .rope_heads = 1, .capacity = n});
-      pc.append(ak::matrix_view<const float>(lat.data(), {n, dc}), ak::tensor3_view<const float>(kr.data(), {n, 1, dr}),
+      pc.append(ak::matrix_view<const float>(lat.data(), {n, dc}),
+                ak::tensor3_view<const float>(kr.data(), {n, 1, dr}),
                 std::span(pos).first(static_cast<std::size_t>(n)));
-      const fmat pq = random_matrix(rng, n, h * (is_absorbed ? dc : dqk), 0.05f), pr = random_matrix(rng, n, h * dr);
+      const fmat pq = random_matrix(rng, n, h * (is_absorbed ? dc : dqk), 0.05f),
+                 pr = random_matrix(rng, n, h * dr);
       fmat po(n, h * (is_absorbed ? dc : dv));
       r.prefill_ms = adaptive_median_us([&] {
-                       if (is_absorbed) absorbed(n, pq.data(), pr.data(), pos.data(), po.data(), pc);
-                       else naive(n, pq.data(), pos.data(), po.data(), pc);
-                     }) / 1000.0;
+                       if (is_absorbed)
+                         absorbed(n, pq.data(), pr.data(), pos.data(), po.data(), pc);
+                       else
+                         naive(n, pq.data(), pos.data(), po.data(), pc);
+                     }) /
+                     1000.0;
     }
     // Layer: decode at the context (token appended, then rolled back), and error vs reference.
     const ak::mla_path path = is_absorbed ? ak::mla_path::absorbed : ak::mla_path::naive;
@@ -352,13 +425,16 @@ std::vector<row> mla_rows(const options& o, const std::string& name, const ak::m
     layer.forward(ak::view_of(x), lpos, fresh, ak::view_of(y), pool, path);
     auto d = [](const fmat& m) { return m.size() ? rmat(m.cast<double>()) : rmat(); };
     auto dvec = [](const std::vector<float>& v) {
-      return Eigen::Map<const Eigen::VectorXf>(v.data(), static_cast<Eigen::Index>(v.size())).cast<double>().eval();
+      return Eigen::Map<const Eigen::VectorXf>(v.data(), static_cast<Eigen::Index>(v.size()))
+          .cast<double>()
+          .eval();
     };
     ak::reference::mla_weights rw;
-    rw.q_proj = d(q_proj), rw.q_a_proj = d(q_a), rw.q_b_proj = d(q_b), rw.kv_a_proj_with_mqa = d(kv_a), rw.kv_b_proj = d(kv_b);
+    rw.q_proj = d(q_proj), rw.q_a_proj = d(q_a), rw.q_b_proj = d(q_b),
+    rw.kv_a_proj_with_mqa = d(kv_a), rw.kv_b_proj = d(kv_b);
     rw.o_proj = d(o_proj), rw.q_a_layernorm = dvec(q_norm), rw.kv_a_layernorm = dvec(kv_norm);
-    const auto ref = ak::reference::mla_forward(x.cast<double>(), lpos, rw, {h, dc, dn, dr, dv, 1, cfg.rms_eps}, cfg.rope,
-                                                layer.scale());
+    const auto ref = ak::reference::mla_forward(
+        x.cast<double>(), lpos, rw, {h, dc, dn, dr, dv, 1, cfg.rms_eps}, cfg.rope, layer.scale());
     r.layer_rel_err = (y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
     rows.push_back(r);
   }
@@ -369,8 +445,10 @@ std::vector<row> mla_rows(const options& o, const std::string& name, const ak::m
 /// on random factors at the context; layer = tpa_layer; errors vs the double reference
 /// (materialised Q/K/V for the kernel; reference::tpa_forward for the layer).
 template <ak::storage_type S>
-row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg, ak::thread_pool& pool) {
-  const std::int64_t dm = cfg.model_dim, h = cfg.heads, d = cfg.head_dim, rq = cfg.q_rank, rk = cfg.k_rank, rv = cfg.v_rank;
+row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg,
+            ak::thread_pool& pool) {
+  const std::int64_t dm = cfg.model_dim, h = cfg.heads, d = cfg.head_dim, rq = cfg.q_rank,
+                     rk = cfg.k_rank, rv = cfg.v_rank;
   const std::int64_t t = o.context;
   std::mt19937_64 rng(11);
   const float sd = 1.f / std::sqrt(float(dm));
@@ -378,61 +456,79 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
              wak = random_matrix(rng, h * rk, dm, sd), wbk = random_matrix(rng, rk * d, dm, sd),
              wav = random_matrix(rng, h * rv, dm, sd), wbv = random_matrix(rng, rv * d, dm, sd),
              wo = random_matrix(rng, dm, h * d, 1.f / std::sqrt(float(h * d)));
-  ak::tpa_layer layer(cfg, {.w_a_q = ak::view_of(waq), .w_b_q = ak::view_of(wbq), .w_a_k = ak::view_of(wak),
-                            .w_b_k = ak::view_of(wbk), .w_a_v = ak::view_of(wav), .w_b_v = ak::view_of(wbv),
+  ak::tpa_layer layer(cfg, {.w_a_q = ak::view_of(waq),
+                            .w_b_q = ak::view_of(wbq),
+                            .w_a_k = ak::view_of(wak),
+                            .w_b_k = ak::view_of(wbk),
+                            .w_a_v = ak::view_of(wav),
+                            .w_b_v = ak::view_of(wbv),
                             .o_proj = ak::view_of(wo)});
   const ak::tpa_scales sc = layer.scales();
   // Cache of random factors at the context.
-  const fmat ak_ = random_matrix(rng, t, rk * h), bk = random_matrix(rng, t, rk * d, 0.3f), av = random_matrix(rng, t, rv * h),
-             bv = random_matrix(rng, t, rv * d);
+  const fmat ak_ = random_matrix(rng, t, rk * h), bk = random_matrix(rng, t, rk * d, 0.3f),
+             av = random_matrix(rng, t, rv * h), bv = random_matrix(rng, t, rv * d);
   std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
   for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
   auto cache = layer.make_cache<S>(t + 1);
-  cache.append({ak::tensor3_view<const float>(ak_.data(), {t, rk, h}), ak::tensor3_view<const float>(bk.data(), {t, rk, d}),
-                ak::tensor3_view<const float>(av.data(), {t, rv, h}), ak::tensor3_view<const float>(bv.data(), {t, rv, d}), pos});
+  cache.append({ak::tensor3_view<const float>(ak_.data(), {t, rk, h}),
+                ak::tensor3_view<const float>(bk.data(), {t, rk, d}),
+                ak::tensor3_view<const float>(av.data(), {t, rv, h}),
+                ak::tensor3_view<const float>(bv.data(), {t, rv, d}), pos});
   const fmat aq = random_matrix(rng, 1, rq * h), bq = random_matrix(rng, 1, rq * d, 0.3f);
   const fmat aq_scaled = aq * sc.q;  // the kernel's query is A_Q^T B_Q: T6's 1/R_Q goes into A_Q
   fmat out(1, h * d);
   const std::int64_t qpos = t - 1;
   ak::attention_workspace ws;
-  row r{name, "H=" + std::to_string(h) + " d=" + std::to_string(d) + " R=" + std::to_string(rq) + "/" + std::to_string(rk) +
-                  "/" + std::to_string(rv),
+  row r{name,
+        "H=" + std::to_string(h) + " d=" + std::to_string(d) + " R=" + std::to_string(rq) + "/" +
+            std::to_string(rk) + "/" + std::to_string(rv),
         cache.bytes_per_token()};
-  r.kv_gib = double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
+  r.kv_gib =
+      double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
   r.decode_us = median_us(15, [&] {
     ak::attend_factorized(ak::tensor3_view<const float>(aq_scaled.data(), {1, rq, h}),
-                          ak::tensor3_view<const float>(bq.data(), {1, rq, d}), std::span(&qpos, 1), cache,
-                          ak::tensor3_view<float>(out.data(), {1, h, d}), {}, pool, &ws);
+                          ak::tensor3_view<const float>(bq.data(), {1, rq, d}), std::span(&qpos, 1),
+                          cache, ak::tensor3_view<float>(out.data(), {1, h, d}), {}, pool, &ws);
   });
   {
     using rmat = ak::reference::matrix;
-    const rmat q = ak::reference::tpa_materialise(aq.cast<double>(), bq.cast<double>(), rq, h, sc.q);
-    const rmat k = ak::reference::tpa_materialise(ak_.cast<double>(), bk.cast<double>(), rk, h, sc.k);
-    const rmat v = ak::reference::tpa_materialise(av.cast<double>(), bv.cast<double>(), rv, h, sc.v);
-    const auto ref = ak::reference::attention(q, std::span(&qpos, 1), k, v, pos, h, h, 1.0 / std::sqrt(double(d)));
-    r.max_rel_err = (out.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
+    const rmat q =
+        ak::reference::tpa_materialise(aq.cast<double>(), bq.cast<double>(), rq, h, sc.q);
+    const rmat k =
+        ak::reference::tpa_materialise(ak_.cast<double>(), bk.cast<double>(), rk, h, sc.k);
+    const rmat v =
+        ak::reference::tpa_materialise(av.cast<double>(), bv.cast<double>(), rv, h, sc.v);
+    const auto ref = ak::reference::attention(q, std::span(&qpos, 1), k, v, pos, h, h,
+                                              1.0 / std::sqrt(double(d)));
+    r.max_rel_err =
+        (out.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
   }
   {  // causal prefill of `prefill` query tokens against as many cached tokens
     const std::int64_t n = std::min(o.prefill, t);
     auto pc = layer.make_cache<S>(n);
-    pc.append({ak::tensor3_view<const float>(ak_.data(), {n, rk, h}), ak::tensor3_view<const float>(bk.data(), {n, rk, d}),
-               ak::tensor3_view<const float>(av.data(), {n, rv, h}), ak::tensor3_view<const float>(bv.data(), {n, rv, d}),
+    pc.append({ak::tensor3_view<const float>(ak_.data(), {n, rk, h}),
+               ak::tensor3_view<const float>(bk.data(), {n, rk, d}),
+               ak::tensor3_view<const float>(av.data(), {n, rv, h}),
+               ak::tensor3_view<const float>(bv.data(), {n, rv, d}),
                std::span(pos).first(static_cast<std::size_t>(n))});
     const fmat paq = random_matrix(rng, n, rq * h), pbq = random_matrix(rng, n, rq * d, 0.3f);
     fmat po(n, h * d);
-    r.prefill_ms = median_us(3, [&] {
-                     ak::attend_factorized(ak::tensor3_view<const float>(paq.data(), {n, rq, h}),
-                                           ak::tensor3_view<const float>(pbq.data(), {n, rq, d}),
-                                           std::span(pos).first(static_cast<std::size_t>(n)), pc,
-                                           ak::tensor3_view<float>(po.data(), {n, h, d}), {}, pool, &ws);
-                   }) / 1000.0;
+    r.prefill_ms = median_us(3,
+                             [&] {
+                               ak::attend_factorized(
+                                   ak::tensor3_view<const float>(paq.data(), {n, rq, h}),
+                                   ak::tensor3_view<const float>(pbq.data(), {n, rq, d}),
+                                   std::span(pos).first(static_cast<std::size_t>(n)), pc,
+                                   ak::tensor3_view<float>(po.data(), {n, h, d}), {}, pool, &ws);
+                             }) /
+                   1000.0;
   }
   const fmat x = random_matrix(rng, 8, dm);
   fmat y(8, dm);
   const std::int64_t next = cache.size();
   r.layer_decode_us = median_us(15, [&] {
-    layer.forward(ak::matrix_view<const float>(x.data(), {1, dm}), std::span(&next, 1), cache, ak::matrix_view<float>(y.data(), {1, dm}),
-                  pool);
+    layer.forward(ak::matrix_view<const float>(x.data(), {1, dm}), std::span(&next, 1), cache,
+                  ak::matrix_view<float>(y.data(), {1, dm}), pool);
     cache.truncate(next);
   });
   std::vector<std::int64_t> lpos(8);
@@ -440,8 +536,10 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
   auto fresh = layer.make_cache<S>(8);
   layer.forward(ak::view_of(x), lpos, fresh, ak::view_of(y), pool);
   auto dd = [](const fmat& m) { return ak::reference::matrix(m.cast<double>()); };
-  const ak::reference::tpa_weights rw{dd(waq), dd(wbq), {}, dd(wak), dd(wbk), dd(wav), dd(wbv), dd(wo), {}, {}, {}};
-  const auto ref = ak::reference::tpa_forward(x.cast<double>(), lpos, rw, {h, d, d, rq, rk, rv, sc.q, sc.k, sc.v}, cfg.rope,
+  const ak::reference::tpa_weights rw{dd(waq), dd(wbq), {}, dd(wak), dd(wbk), dd(wav),
+                                      dd(wbv), dd(wo),  {}, {},      {}};
+  const auto ref = ak::reference::tpa_forward(x.cast<double>(), lpos, rw,
+                                              {h, d, d, rq, rk, rv, sc.q, sc.k, sc.v}, cfg.rope,
                                               1.0 / std::sqrt(double(d)));
   r.layer_rel_err = (y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
   return r;
@@ -457,7 +555,10 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
 template <ak::storage_type S>
 std::vector<row> conversion_rows(const options& o, ak::thread_pool& pool) {
   namespace cv = ak::convert;
-  const ak::gqa_config cfg{.model_dim = o.model_dim, .heads = o.heads, .kv_heads = o.kv_heads, .head_dim = o.head_dim,
+  const ak::gqa_config cfg{.model_dim = o.model_dim,
+                           .heads = o.heads,
+                           .kv_heads = o.kv_heads,
+                           .head_dim = o.head_dim,
                            .rope = {.theta = o.theta}};
   const auto layer = cv::synthetic::make_layer(cfg, 1, o.model_dim / 16.0);
   std::mt19937_64 rng(2);
@@ -466,28 +567,36 @@ std::vector<row> conversion_rows(const options& o, ak::thread_pool& pool) {
   const auto heldout = cv::synthetic::activations(rng, 256, o.model_dim, sub, sub / 8.0);
   const std::int64_t d = o.head_dim, qk = std::min<std::int64_t>(64, d / 2), collapse = d / qk;
   const std::int64_t rank = std::min<std::int64_t>(512, o.kv_heads * 2 * d / 4);  // Llama-3-8B: 512
-  const std::int64_t fold = (d / 2) % (2 * collapse) == 0 ? 2 * collapse : collapse;  // Llama-3-8B: F = 4
+  const std::int64_t fold =
+      (d / 2) % (2 * collapse) == 0 ? 2 * collapse : collapse;  // Llama-3-8B: F = 4
   const std::int64_t m2m_rope = std::max<std::int64_t>(2, qk / o.kv_heads / 2 * 2);
   std::vector<row> rows;
-  auto add = [&](const std::string& name, const std::string& detail, const cv::mla_checkpoint& c, double err) {
+  auto add = [&](const std::string& name, const std::string& detail, const cv::mla_checkpoint& c,
+                 double err) {
     ak::mla_layer mla(c.config, c.weights());
     auto cache = mla.make_cache<S>(o.context + 1);
     const std::int64_t w = c.config.latent_dim, nr = c.config.rope_heads * c.config.rope_dim;
-    for (std::int64_t s = 0; s < o.context; s += 256) {  // random latent rows at positions 0..context-1
+    for (std::int64_t s = 0; s < o.context;
+         s += 256) {  // random latent rows at positions 0..context-1
       const std::int64_t n = std::min<std::int64_t>(256, o.context - s);
       const fmat lat = random_matrix(rng, n, w), kr = random_matrix(rng, n, nr);
       std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
       std::iota(pos.begin(), pos.end(), s);
-      cache.append(ak::view_of(lat), ak::tensor3_view<const float>(kr.data(), {n, c.config.rope_heads, c.config.rope_dim}), pos);
+      cache.append(
+          ak::view_of(lat),
+          ak::tensor3_view<const float>(kr.data(), {n, c.config.rope_heads, c.config.rope_dim}),
+          pos);
     }
     const fmat x = random_matrix(rng, 1, o.model_dim);
     fmat y(1, o.model_dim);
     const std::int64_t next = o.context;
     row r{name, detail, cache.bytes_per_token()};
-    r.kv_gib = double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
+    r.kv_gib =
+        double(r.kv_bytes_per_token) * double(o.layers) * double(o.model_tokens) / double(1 << 30);
     r.decode_us = r.prefill_ms = r.max_rel_err = std::numeric_limits<double>::quiet_NaN();
     r.layer_decode_us = median_us(15, [&] {
-      mla.forward(ak::view_of(x), std::span(&next, 1), cache, ak::view_of(y), pool, ak::mla_path::absorbed);
+      mla.forward(ak::view_of(x), std::span(&next, 1), cache, ak::view_of(y), pool,
+                  ak::mla_path::absorbed);
       cache.truncate(next);
     });
     r.layer_rel_err = err;
@@ -499,20 +608,26 @@ std::vector<row> conversion_rows(const options& o, ak::thread_pool& pool) {
     ak::mla_layer mla(c.config, c.weights());
     std::vector<std::int64_t> pos(static_cast<std::size_t>(heldout.rows()));
     std::iota(pos.begin(), pos.end(), std::int64_t{0});
-    add("GQA->MLA-exact", "d_c=" + std::to_string(c.config.latent_dim) + " " + std::to_string(o.kv_heads) + " rope keys", c,
-        cv::output_rel_error(gqa, mla, ak::view_of(heldout), pos));
+    add("GQA->MLA-exact",
+        "d_c=" + std::to_string(c.config.latent_dim) + " " + std::to_string(o.kv_heads) +
+            " rope keys",
+        c, cv::output_rel_error(gqa, mla, ak::view_of(heldout), pos));
   }
   if (o.wants("GQA->TransMLA")) {
-    const auto res = cv::gqa_to_mla_transmla(cfg, layer.weights(), ak::view_of(calib), ak::view_of(heldout),
-                                             {.qk_mqa_dim = qk, .kv_lora_rank = rank, .freqfold = fold}, pool);
-    add("GQA->TransMLA", "d_c=" + std::to_string(rank) + " d_R=" + std::to_string(qk) + " F=" + std::to_string(fold),
+    const auto res =
+        cv::gqa_to_mla_transmla(cfg, layer.weights(), ak::view_of(calib), ak::view_of(heldout),
+                                {.qk_mqa_dim = qk, .kv_lora_rank = rank, .freqfold = fold}, pool);
+    add("GQA->TransMLA",
+        "d_c=" + std::to_string(rank) + " d_R=" + std::to_string(qk) + " F=" + std::to_string(fold),
         res.checkpoint, res.steps.back().rel_error);
   }
   if (o.wants("GQA->MHA2MLA")) {
-    const auto res = cv::gqa_to_mla_mha2mla(cfg, layer.weights(), ak::view_of(calib), ak::view_of(heldout),
-                                            {.rope_dim = m2m_rope, .latent_dim = rank}, pool);
-    add("GQA->MHA2MLA", "d_c=" + std::to_string(rank) + " 2-norm r=" + std::to_string(m2m_rope) + "/KV head", res.checkpoint,
-        res.steps.back().rel_error);
+    const auto res =
+        cv::gqa_to_mla_mha2mla(cfg, layer.weights(), ak::view_of(calib), ak::view_of(heldout),
+                               {.rope_dim = m2m_rope, .latent_dim = rank}, pool);
+    add("GQA->MHA2MLA",
+        "d_c=" + std::to_string(rank) + " 2-norm r=" + std::to_string(m2m_rope) + "/KV head",
+        res.checkpoint, res.steps.back().rel_error);
   }
   return rows;
 }
@@ -524,7 +639,12 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
   if (o.wants("GQA")) rows.push_back(gqa_family_row<S>(o, "GQA", o.kv_heads, pool));
   if (o.wants("MQA")) rows.push_back(gqa_family_row<S>(o, "MQA", 1, pool));
   // DeepSeek-V2-Lite: D 2048, H 16, no q-LoRA; DeepSeek-V3-shaped: D 7168, H 128, q-LoRA 1536.
-  const ak::mla_config v2{.model_dim = 2048, .heads = 16, .latent_dim = 512, .nope_dim = 128, .rope_dim = 64, .v_head_dim = 128};
+  const ak::mla_config v2{.model_dim = 2048,
+                          .heads = 16,
+                          .latent_dim = 512,
+                          .nope_dim = 128,
+                          .rope_dim = 64,
+                          .v_head_dim = 128};
   ak::mla_config v3 = v2;
   v3.model_dim = 7168;
   v3.heads = 128;
@@ -534,8 +654,13 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
   if (o.wants("MLA-V3"))
     for (auto r : mla_rows<S>(o, "MLA-V3", v3, pool)) rows.push_back(r);
   // TPA (T6): R_Q 6 with R_K = R_V = 2 or 1 at the geometry of the GQA rows, and T6-small.
-  const ak::tpa_config llama_tpa{.model_dim = o.model_dim, .heads = o.heads, .head_dim = o.head_dim, .q_rank = 6,
-                                 .k_rank = 2, .v_rank = 2, .rope = {.theta = o.theta}};
+  const ak::tpa_config llama_tpa{.model_dim = o.model_dim,
+                                 .heads = o.heads,
+                                 .head_dim = o.head_dim,
+                                 .q_rank = 6,
+                                 .k_rank = 2,
+                                 .v_rank = 2,
+                                 .rope = {.theta = o.theta}};
   if (o.wants("TPA-R2")) rows.push_back(tpa_row<S>(o, "TPA-R2", llama_tpa, pool));
   if (o.wants("TPA-R1")) {
     ak::tpa_config c = llama_tpa;
@@ -544,7 +669,12 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
   }
   if (o.wants("TPA-T6-small"))
     rows.push_back(tpa_row<S>(o, "TPA-T6-small",
-                              {.model_dim = 768, .heads = 34, .head_dim = 64, .q_rank = 6, .k_rank = 2, .v_rank = 2,
+                              {.model_dim = 768,
+                               .heads = 34,
+                               .head_dim = 64,
+                               .q_rank = 6,
+                               .k_rank = 2,
+                               .v_rank = 2,
                                .rope = {.theta = 10000.0}},
                               pool));
   for (auto r : conversion_rows<S>(o, pool)) rows.push_back(r);
@@ -552,18 +682,23 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
 }
 
 void print_table(const options& o, const std::vector<row>& rows) {
-  std::printf("attnkit %s  geometry D=%lld H=%lld d=%lld theta=%g  storage=%s  threads=%d\n", ATTNKIT_VERSION_STRING,
-              (long long)o.model_dim, (long long)o.heads, (long long)o.head_dim, o.theta, o.storage.c_str(), o.threads);
-  std::printf("medians. attn = attention core (one query token vs the cache / causal prefill); layer = projections +\n"
-              "RoPE + append + attention + output projection. errors: max |out - ref| / max |ref| vs the double reference\n\n");
-  std::printf("%-20s %-26s %12s %14s %14s %14s %14s %12s %12s\n", "variant", "shape", "KV B/token", "KV GiB", "attn decode",
-              "layer decode", "attn prefill", "attn err", "layer err");
+  std::printf("attnkit %s  geometry D=%lld H=%lld d=%lld theta=%g  storage=%s  threads=%d\n",
+              ATTNKIT_VERSION_STRING, (long long)o.model_dim, (long long)o.heads,
+              (long long)o.head_dim, o.theta, o.storage.c_str(), o.threads);
+  std::printf(
+      "medians. attn = attention core (one query token vs the cache / causal prefill); layer = "
+      "projections +\n"
+      "RoPE + append + attention + output projection. errors: max |out - ref| / max |ref| vs the "
+      "double reference\n\n");
+  std::printf("%-20s %-26s %12s %14s %14s %14s %14s %12s %12s\n", "variant", "shape", "KV B/token",
+              "KV GiB", "attn decode", "layer decode", "attn prefill", "attn err", "layer err");
   char gib_head[64], dec_head[64], pre_head[64];
-  std::snprintf(gib_head, sizeof gib_head, "(%lldL x %lldk)", (long long)o.layers, (long long)(o.model_tokens / 1024));
+  std::snprintf(gib_head, sizeof gib_head, "(%lldL x %lldk)", (long long)o.layers,
+                (long long)(o.model_tokens / 1024));
   std::snprintf(dec_head, sizeof dec_head, "(us @ %lldk)", (long long)(o.context / 1024));
   std::snprintf(pre_head, sizeof pre_head, "(ms, %lld tok)", (long long)o.prefill);
-  std::printf("%-20s %-26s %12s %14s %14s %14s %14s %12s %12s\n", "", "", "(per layer)", gib_head, dec_head, "(us/token)",
-              pre_head, "", "");
+  std::printf("%-20s %-26s %12s %14s %14s %14s %14s %12s %12s\n", "", "", "(per layer)", gib_head,
+              dec_head, "(us/token)", pre_head, "", "");
   auto cell = [](double v, const char* fmt) {  // "-" for a column a row does not measure
     char b[32];
     if (std::isnan(v)) return std::string("-");
@@ -571,22 +706,31 @@ void print_table(const options& o, const std::vector<row>& rows) {
     return std::string(b);
   };
   for (const auto& r : rows)
-    std::printf("%-20s %-26s %12lld %14.2f %14s %14.1f %14s %12s %12.2e\n", r.variant.c_str(), r.detail.c_str(),
-                (long long)r.kv_bytes_per_token, r.kv_gib, cell(r.decode_us, "%.1f").c_str(), r.layer_decode_us,
-                cell(r.prefill_ms, "%.2f").c_str(), cell(r.max_rel_err, "%.2e").c_str(), r.layer_rel_err);
-  if (std::any_of(rows.begin(), rows.end(), [](const row& r) { return r.variant.rfind("GQA->", 0) == 0; }))
-    std::printf("\nGQA-> rows: a synthetic GQA layer at the geometry, converted (exact) or compressed; layer decode = the\n"
-                "converted MLA layer (absorbed path); layer err = relative Frobenius error of its output vs the GQA layer\n"
-                "on 256 held-out tokens (the conversion report's figure).\n");
+    std::printf("%-20s %-26s %12lld %14.2f %14s %14.1f %14s %12s %12.2e\n", r.variant.c_str(),
+                r.detail.c_str(), (long long)r.kv_bytes_per_token, r.kv_gib,
+                cell(r.decode_us, "%.1f").c_str(), r.layer_decode_us,
+                cell(r.prefill_ms, "%.2f").c_str(), cell(r.max_rel_err, "%.2e").c_str(),
+                r.layer_rel_err);
+  if (std::any_of(rows.begin(), rows.end(),
+                  [](const row& r) { return r.variant.rfind("GQA->", 0) == 0; }))
+    std::printf(
+        "\nGQA-> rows: a synthetic GQA layer at the geometry, converted (exact) or compressed; "
+        "layer decode = the\n"
+        "converted MLA layer (absorbed path); layer err = relative Frobenius error of its output "
+        "vs the GQA layer\n"
+        "on 256 held-out tokens (the conversion report's figure).\n");
 }
 
 void print_json(const options& o, const std::vector<row>& rows) {
   std::printf("{\n  \"attnkit_version\": \"%s\",\n", ATTNKIT_VERSION_STRING);
-  std::printf("  \"config\": {\"model_dim\": %lld, \"heads\": %lld, \"kv_heads\": %lld, \"head_dim\": %lld, \"theta\": %g, "
-              "\"context\": %lld, \"prefill\": %lld, \"layers\": %lld, \"tokens\": %lld, \"threads\": %d, \"storage\": \"%s\"},\n",
-              (long long)o.model_dim, (long long)o.heads, (long long)o.kv_heads, (long long)o.head_dim, o.theta,
-              (long long)o.context, (long long)o.prefill, (long long)o.layers, (long long)o.model_tokens, o.threads,
-              o.storage.c_str());
+  std::printf(
+      "  \"config\": {\"model_dim\": %lld, \"heads\": %lld, \"kv_heads\": %lld, \"head_dim\": "
+      "%lld, \"theta\": %g, "
+      "\"context\": %lld, \"prefill\": %lld, \"layers\": %lld, \"tokens\": %lld, \"threads\": %d, "
+      "\"storage\": \"%s\"},\n",
+      (long long)o.model_dim, (long long)o.heads, (long long)o.kv_heads, (long long)o.head_dim,
+      o.theta, (long long)o.context, (long long)o.prefill, (long long)o.layers,
+      (long long)o.model_tokens, o.threads, o.storage.c_str());
   std::printf("  \"rows\": [\n");
   for (std::size_t i = 0; i < rows.size(); ++i) {
     const auto& r = rows[i];
@@ -596,12 +740,14 @@ void print_json(const options& o, const std::vector<row>& rows) {
       std::snprintf(b, sizeof b, fmt, v);
       return std::string(b);
     };
-    std::printf("    {\"variant\": \"%s\", \"shape\": \"%s\", \"kv_bytes_per_token\": %lld, \"kv_gib\": %.4f, "
-                "\"decode_us\": %s, \"layer_decode_us\": %.2f, \"prefill_ms\": %s, \"max_rel_err\": %s, "
-                "\"layer_rel_err\": %.3e}%s\n",
-                r.variant.c_str(), r.detail.c_str(), (long long)r.kv_bytes_per_token, r.kv_gib, num(r.decode_us, "%.2f").c_str(),
-                r.layer_decode_us, num(r.prefill_ms, "%.3f").c_str(), num(r.max_rel_err, "%.3e").c_str(), r.layer_rel_err,
-                i + 1 < rows.size() ? "," : "");
+    std::printf(
+        "    {\"variant\": \"%s\", \"shape\": \"%s\", \"kv_bytes_per_token\": %lld, \"kv_gib\": "
+        "%.4f, "
+        "\"decode_us\": %s, \"layer_decode_us\": %.2f, \"prefill_ms\": %s, \"max_rel_err\": %s, "
+        "\"layer_rel_err\": %.3e}%s\n",
+        r.variant.c_str(), r.detail.c_str(), (long long)r.kv_bytes_per_token, r.kv_gib,
+        num(r.decode_us, "%.2f").c_str(), r.layer_decode_us, num(r.prefill_ms, "%.3f").c_str(),
+        num(r.max_rel_err, "%.3e").c_str(), r.layer_rel_err, i + 1 < rows.size() ? "," : "");
   }
   std::printf("  ]\n}\n");
 }
@@ -612,11 +758,13 @@ int main(int argc, char** argv) {
   try {
     const options o = parse(argc, argv);
     ak::thread_pool pool(o.threads);
-    std::vector<row> rows = o.storage == "bf16" ? all_rows<ak::bf16>(o, pool)
+    std::vector<row> rows = o.storage == "bf16"  ? all_rows<ak::bf16>(o, pool)
                             : o.storage == "f16" ? all_rows<ak::half>(o, pool)
                                                  : all_rows<float>(o, pool);
-    if (o.json) print_json(o, rows);
-    else print_table(o, rows);
+    if (o.json)
+      print_json(o, rows);
+    else
+      print_table(o, rows);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 2;

@@ -20,7 +20,8 @@ struct gqa_case {
 /// randomized shapes (tests/test_precision.cpp, which also proves that a 10x worse dot product or
 /// exp fails it) the error stays below about half of u max|v| (2 + 1.5 A); head_dim and Tk enter
 /// through A and the blocked sums, not as sqrt factors.
-inline double float_tolerance(std::int64_t /*head_dim*/, std::int64_t /*tk*/, double a_max, double v_max) {
+inline double float_tolerance(std::int64_t /*head_dim*/, std::int64_t /*tk*/, double a_max,
+                              double v_max) {
   const double u = 0x1p-24;
   return u * v_max * (2 + 1.5 * a_max);
 }
@@ -68,7 +69,10 @@ inline gqa_data make_gqa_data(std::mt19937_64& rng, const gqa_case& c) {
 /// The kernel's output over a dense cache of S.
 template <storage_type S, class Exec = serial_executor>
 fmat run_kernel(const gqa_case& c, const gqa_data& x, Exec&& exec = Exec{}, fmat* lse = nullptr) {
-  dense_cache<S> cache({.kv_heads = c.kv_heads, .head_dim = c.head_dim, .v_head_dim = c.v_head_dim, .capacity = c.tk});
+  dense_cache<S> cache({.kv_heads = c.kv_heads,
+                        .head_dim = c.head_dim,
+                        .v_head_dim = c.v_head_dim,
+                        .capacity = c.tk});
   cache.append(tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.head_dim}),
                tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_head_dim}), x.k_pos);
   fmat out(c.tq, c.heads * c.v_head_dim);
@@ -85,15 +89,16 @@ fmat run_kernel(const gqa_case& c, const gqa_data& x, Exec&& exec = Exec{}, fmat
 /// The double reference on K/V rounded through S (what the cache holds).
 template <storage_type S>
 reference::attention_result run_reference(const gqa_case& c, const gqa_data& x) {
-  return reference::attention(to_double(x.q), x.q_pos, to_double(round_trip<S>(x.k)), to_double(round_trip<S>(x.v)),
-                              x.k_pos, c.heads, c.kv_heads, x.scale, c.causal, c.window);
+  return reference::attention(to_double(x.q), x.q_pos, to_double(round_trip<S>(x.k)),
+                              to_double(round_trip<S>(x.v)), x.k_pos, c.heads, c.kv_heads, x.scale,
+                              c.causal, c.window);
 }
 
 inline std::string describe(const gqa_case& c) {
   std::ostringstream os;
-  os << "H=" << c.heads << " H_kv=" << c.kv_heads << " d_qk=" << c.head_dim << " d_v=" << c.v_head_dim << " Tk=" << c.tk
-     << " Tq=" << c.tq << " causal=" << c.causal << " window=" << (c.window ? *c.window : 0)
-     << " strategy=" << static_cast<int>(c.strategy);
+  os << "H=" << c.heads << " H_kv=" << c.kv_heads << " d_qk=" << c.head_dim
+     << " d_v=" << c.v_head_dim << " Tk=" << c.tk << " Tq=" << c.tq << " causal=" << c.causal
+     << " window=" << (c.window ? *c.window : 0) << " strategy=" << static_cast<int>(c.strategy);
   return os.str();
 }
 

@@ -15,10 +15,12 @@ struct gqa_layer_data {
   }
   reference::gqa_weights reference_weights() const {
     auto vec = [](const std::vector<float>& b) {
-      return Eigen::Map<const Eigen::VectorXf>(b.data(), static_cast<Eigen::Index>(b.size())).cast<double>().eval();
+      return Eigen::Map<const Eigen::VectorXf>(b.data(), static_cast<Eigen::Index>(b.size()))
+          .cast<double>()
+          .eval();
     };
-    return {to_double(q), to_double(k), to_double(v), to_double(o), vec(qb), vec(kb), vec(vb), vec(ob), vec(qn), vec(kn),
-            double(cfg.rms_eps)};
+    return {to_double(q), to_double(k), to_double(v), to_double(o),       vec(qb), vec(kb), vec(vb),
+            vec(ob),      vec(qn),      vec(kn),      double(cfg.rms_eps)};
   }
 };
 
@@ -35,10 +37,12 @@ inline void add_random_kv_head_tables(std::mt19937_64& rng, gqa_config& cfg) {
   }
 }
 
-inline gqa_layer_data make_layer_data(std::mt19937_64& rng, const gqa_config& cfg, bool biases, bool qk_norm = false) {
+inline gqa_layer_data make_layer_data(std::mt19937_64& rng, const gqa_config& cfg, bool biases,
+                                      bool qk_norm = false) {
   gqa_layer_data w{cfg, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   const std::int64_t dv = cfg.v_head_dim ? cfg.v_head_dim : cfg.head_dim;
-  const float s_in = 1.f / std::sqrt(float(cfg.model_dim)), s_out = 1.f / std::sqrt(float(cfg.heads * dv));
+  const float s_in = 1.f / std::sqrt(float(cfg.model_dim)),
+              s_out = 1.f / std::sqrt(float(cfg.heads * dv));
   w.q = random_matrix(rng, cfg.heads * cfg.head_dim, cfg.model_dim, s_in);
   w.k = random_matrix(rng, cfg.kv_heads * cfg.head_dim, cfg.model_dim, s_in);
   w.v = random_matrix(rng, cfg.kv_heads * dv, cfg.model_dim, s_in);
@@ -88,10 +92,13 @@ inline double layer_a_max(const gqa_layer_data& w, const fmat& x) {
   reference::rms_norm_heads(k, d, w.reference_weights().k_norm, w.cfg.rms_eps);
   double qn = 0, kn = 0;
   for (std::int64_t i = 0; i < x.rows(); ++i) {
-    for (std::int64_t h = 0; h < w.cfg.heads; ++h) qn = std::max(qn, q.row(i).segment(h * d, d).norm());
-    for (std::int64_t h = 0; h < w.cfg.kv_heads; ++h) kn = std::max(kn, k.row(i).segment(h * d, d).norm());
+    for (std::int64_t h = 0; h < w.cfg.heads; ++h)
+      qn = std::max(qn, q.row(i).segment(h * d, d).norm());
+    for (std::int64_t h = 0; h < w.cfg.kv_heads; ++h)
+      kn = std::max(kn, k.row(i).segment(h * d, d).norm());
   }
-  return qn * kn * static_cast<double>(w.cfg.scale.value_or(static_cast<float>(1.0 / std::sqrt(double(d)))));
+  return qn * kn *
+         static_cast<double>(w.cfg.scale.value_or(static_cast<float>(1.0 / std::sqrt(double(d)))));
 }
 
 inline double rel_error(const reference::matrix& got, const reference::matrix& want) {

@@ -6,7 +6,8 @@ using namespace attnkit::test;
 
 TEST_CASE("version macros match project(VERSION)", "[core]") {
   CHECK(std::string(ATTNKIT_VERSION_STRING) == ATTNKIT_CMAKE_PROJECT_VERSION);
-  CHECK(ATTNKIT_VERSION == ATTNKIT_VERSION_MAJOR * 10000 + ATTNKIT_VERSION_MINOR * 100 + ATTNKIT_VERSION_PATCH);
+  CHECK(ATTNKIT_VERSION ==
+        ATTNKIT_VERSION_MAJOR * 10000 + ATTNKIT_VERSION_MINOR * 100 + ATTNKIT_VERSION_PATCH);
   CHECK(ATTNKIT_VERSION_AT_LEAST(0, 1, 0));
   CHECK_FALSE(ATTNKIT_VERSION_AT_LEAST(99, 0, 0));
 }
@@ -31,7 +32,8 @@ TEST_CASE("strided_view: 64-bit offsets do not overflow", "[core][view]") {
   // A view whose offsets pass 2^31 elements; only the arithmetic is exercised.
   float* base = nullptr;
   matrix_view<float> v(base, {std::int64_t{1} << 20, std::int64_t{1} << 13});
-  CHECK(&v((std::int64_t{1} << 20) - 1, 0) - base == ((std::int64_t{1} << 20) - 1) * (std::int64_t{1} << 13));
+  CHECK(&v((std::int64_t{1} << 20) - 1, 0) - base ==
+        ((std::int64_t{1} << 20) - 1) * (std::int64_t{1} << 13));
 }
 
 TEST_CASE("strided_view <-> Eigen Map round trip with strides", "[core][view]") {
@@ -66,5 +68,6 @@ TEST_CASE("invalid_argument derives from std::invalid_argument and names the val
     CHECK(std::string(e.what()) == "attnkit: param=3 must be < 2");
   }
   tensor3_view<const float> v(nullptr, {0, 2, 3});
-  ATTNKIT_CHECK_INVALID(detail::require_extents(v, {1, 2, 3}, "q"), "q has shape [0, 2, 3] but [1, 2, 3]");
+  ATTNKIT_CHECK_INVALID(detail::require_extents(v, {1, 2, 3}, "q"),
+                        "q has shape [0, 2, 3] but [1, 2, 3]");
 }

@@ -14,18 +14,20 @@ struct tokens {
   std::vector<std::int64_t> pos;
   dense_append payload(std::int64_t hkv, std::int64_t dqk, std::int64_t dv) const {
     const std::int64_t t = k.rows();
-    return {tensor3_view<const float>(k.data(), {t, hkv, dqk}), tensor3_view<const float>(v.data(), {t, hkv, dv}), pos};
+    return {tensor3_view<const float>(k.data(), {t, hkv, dqk}),
+            tensor3_view<const float>(v.data(), {t, hkv, dv}), pos};
   }
 };
-tokens make_tokens(std::mt19937_64& rng, std::int64_t t, std::int64_t hkv, std::int64_t dqk, std::int64_t dv,
-                   std::int64_t first_pos) {
+tokens make_tokens(std::mt19937_64& rng, std::int64_t t, std::int64_t hkv, std::int64_t dqk,
+                   std::int64_t dv, std::int64_t first_pos) {
   tokens x{random_matrix(rng, t, hkv * dqk), random_matrix(rng, t, hkv * dv), {}};
   for (std::int64_t i = 0; i < t; ++i) x.pos.push_back(first_pos + i);
   return x;
 }
 }  // namespace
 
-TEMPLATE_TEST_CASE("dense_cache stores rounded K/V head-major with positions", "[cache]", float, bf16, half) {
+TEMPLATE_TEST_CASE("dense_cache stores rounded K/V head-major with positions", "[cache]", float,
+                   bf16, half) {
   using S = TestType;
   std::mt19937_64 rng(7);
   const std::int64_t hkv = 3, dqk = 20, dv = 12;
@@ -39,18 +41,22 @@ TEMPLATE_TEST_CASE("dense_cache stores rounded K/V head-major with positions", "
   CHECK(std::vector<std::int64_t>(c.positions().begin(), c.positions().end()) == a.pos);
   for (std::int64_t t = 0; t < 4; ++t)
     for (std::int64_t j = 0; j < hkv; ++j) {
-      for (std::int64_t i = 0; i < dqk; ++i) CHECK(c.view().keys().row(j, t)[i] == static_cast<S>(a.k(t, j * dqk + i)));
-      for (std::int64_t i = 0; i < dv; ++i) CHECK(c.view().values().row(j, t)[i] == static_cast<S>(a.v(t, j * dv + i)));
+      for (std::int64_t i = 0; i < dqk; ++i)
+        CHECK(c.view().keys().row(j, t)[i] == static_cast<S>(a.k(t, j * dqk + i)));
+      for (std::int64_t i = 0; i < dv; ++i)
+        CHECK(c.view().values().row(j, t)[i] == static_cast<S>(a.v(t, j * dv + i)));
     }
 }
 
-TEST_CASE("dense_cache: appending past capacity throws and leaves the cache unchanged", "[cache][errors]") {
+TEST_CASE("dense_cache: appending past capacity throws and leaves the cache unchanged",
+          "[cache][errors]") {
   std::mt19937_64 rng(8);
   dense_cache<float> c({.kv_heads = 2, .head_dim = 4, .capacity = 5});
   CHECK(c.v_head_dim() == 4);  // v_head_dim defaults to head_dim
   c.append(make_tokens(rng, 3, 2, 4, 4, 0).payload(2, 4, 4));
   const tokens more = make_tokens(rng, 3, 2, 4, 4, 3);
-  ATTNKIT_CHECK_INVALID(c.append(more.payload(2, 4, 4)), "appending 3 tokens to size=3 exceeds capacity=5");
+  ATTNKIT_CHECK_INVALID(c.append(more.payload(2, 4, 4)),
+                        "appending 3 tokens to size=3 exceeds capacity=5");
   CHECK(c.size() == 3);
   ATTNKIT_CHECK_INVALID(c.truncate(4), "truncate: n=4 must be in [0, size=3]");
   ATTNKIT_CHECK_INVALID(c.truncate(-1), "n=-1");
@@ -62,9 +68,12 @@ TEST_CASE("dense_cache: appending past capacity throws and leaves the cache unch
   p = bad.payload(2, 4, 4);
   p.positions = std::span(bad.pos).first(1);
   ATTNKIT_CHECK_INVALID(c.append(p), "k has shape [2, 2, 4] but [1, 2, 4]");
-  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 0, .head_dim = 4, .capacity = 1}), "kv_heads must be > 0", "got 0");
-  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 1, .head_dim = -2, .capacity = 1}), "head_dim must be > 0");
-  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 1, .head_dim = 2, .capacity = -1}), "capacity must be >= 0");
+  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 0, .head_dim = 4, .capacity = 1}),
+                        "kv_heads must be > 0", "got 0");
+  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 1, .head_dim = -2, .capacity = 1}),
+                        "head_dim must be > 0");
+  ATTNKIT_CHECK_INVALID(dense_cache<float>({.kv_heads = 1, .head_dim = 2, .capacity = -1}),
+                        "capacity must be >= 0");
 }
 
 TEST_CASE("dense_cache: truncate-then-append equals never having appended", "[cache]") {
@@ -82,12 +91,15 @@ TEST_CASE("dense_cache: truncate-then-append equals never having appended", "[ca
   clean.append(prefix.payload(hkv, d, d));
   clean.append(accepted.payload(hkv, d, d));
   REQUIRE(rolled.size() == clean.size());
-  CHECK(std::equal(rolled.positions().begin(), rolled.positions().end(), clean.positions().begin()));
+  CHECK(
+      std::equal(rolled.positions().begin(), rolled.positions().end(), clean.positions().begin()));
   const fmat q = random_matrix(rng, 1, h * d);
   fmat o1(1, h * d), o2(1, h * d);
   const std::int64_t qpos = 24;
-  attend(tensor3_view<const float>(q.data(), {1, h, d}), std::span(&qpos, 1), rolled, tensor3_view<float>(o1.data(), {1, h, d}));
-  attend(tensor3_view<const float>(q.data(), {1, h, d}), std::span(&qpos, 1), clean, tensor3_view<float>(o2.data(), {1, h, d}));
+  attend(tensor3_view<const float>(q.data(), {1, h, d}), std::span(&qpos, 1), rolled,
+         tensor3_view<float>(o1.data(), {1, h, d}));
+  attend(tensor3_view<const float>(q.data(), {1, h, d}), std::span(&qpos, 1), clean,
+         tensor3_view<float>(o2.data(), {1, h, d}));
   CHECK(o1 == o2);  // identical bits: same rows, same order, same arithmetic
   rolled.clear();
   CHECK(rolled.size() == 0);
@@ -99,16 +111,21 @@ TEST_CASE("dense_cache can wrap engine-owned memory", "[cache]") {
   const std::int64_t hkv = 2, d = 8, cap = 6;
   std::vector<bf16> k(static_cast<std::size_t>(hkv * cap * d)), v(k.size());
   std::vector<std::int64_t> pos(cap);
-  dense_cache<bf16> c({.kv_heads = hkv, .head_dim = d, .capacity = cap}, k.data(), v.data(), pos.data());
+  dense_cache<bf16> c({.kv_heads = hkv, .head_dim = d, .capacity = cap}, k.data(), v.data(),
+                      pos.data());
   const tokens a = make_tokens(rng, 2, hkv, d, d, 40);
   c.append(a.payload(hkv, d, d));
   CHECK(pos[1] == 41);
-  CHECK(k[static_cast<std::size_t>(1 * cap * d + 1 * d + 3)] == static_cast<bf16>(a.k(1, d + 3)));  // head 1, token 1
+  CHECK(k[static_cast<std::size_t>(1 * cap * d + 1 * d + 3)] ==
+        static_cast<bf16>(a.k(1, d + 3)));  // head 1, token 1
   // Re-wrap the same memory with its size: the engine owns the state.
-  dense_cache<bf16> again({.kv_heads = hkv, .head_dim = d, .capacity = cap}, k.data(), v.data(), pos.data(), 2);
+  dense_cache<bf16> again({.kv_heads = hkv, .head_dim = d, .capacity = cap}, k.data(), v.data(),
+                          pos.data(), 2);
   CHECK(again.size() == 2);
-  ATTNKIT_CHECK_INVALID((dense_cache<bf16>({.kv_heads = hkv, .head_dim = d, .capacity = cap}, k.data(), v.data(), pos.data(), 7)),
+  ATTNKIT_CHECK_INVALID((dense_cache<bf16>({.kv_heads = hkv, .head_dim = d, .capacity = cap},
+                                           k.data(), v.data(), pos.data(), 7)),
                         "size=7 must be in [0, capacity=6]");
-  ATTNKIT_CHECK_INVALID((dense_cache<bf16>({.kv_heads = hkv, .head_dim = d, .capacity = cap}, nullptr, v.data(), pos.data())),
+  ATTNKIT_CHECK_INVALID((dense_cache<bf16>({.kv_heads = hkv, .head_dim = d, .capacity = cap},
+                                           nullptr, v.data(), pos.data())),
                         "must be non-null");
 }

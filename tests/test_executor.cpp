@@ -41,7 +41,8 @@ TEST_CASE("thread_pool runs every index exactly once, on several threads", "[exe
 TEST_CASE("thread_pool: nested parallel_for runs inline instead of deadlocking", "[executor]") {
   thread_pool pool(2);
   std::atomic<int> count{0};
-  pool.parallel_for(4, [&](std::int64_t) { pool.parallel_for(3, [&](std::int64_t) { count.fetch_add(1); }); });
+  pool.parallel_for(
+      4, [&](std::int64_t) { pool.parallel_for(3, [&](std::int64_t) { count.fetch_add(1); }); });
   CHECK(count.load() == 12);
 }
 
@@ -63,15 +64,18 @@ TEST_CASE("callable_executor adapts an engine's parallel_for", "[executor]") {
   ex.parallel_for(10, [&](std::int64_t i) { sum += i; });
   CHECK(sum == 45);
   CHECK(calls == 1);
-  ATTNKIT_CHECK_INVALID(callable_executor([](std::int64_t, auto) {}, 0), "concurrency must be >= 1");
+  ATTNKIT_CHECK_INVALID(callable_executor([](std::int64_t, auto) {}, 0),
+                        "concurrency must be >= 1");
 }
 
-TEST_CASE("an executor without concurrency() is planned with the hardware thread count", "[executor]") {
+TEST_CASE("an executor without concurrency() is planned with the hardware thread count",
+          "[executor]") {
   struct bare {
     void parallel_for(std::int64_t n, const std::function<void(std::int64_t)>& fn) {
       for (std::int64_t i = 0; i < n; ++i) fn(i);
     }
   };
   static_assert(executor<bare>);
-  CHECK(concurrency_of(bare{}) == static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  CHECK(concurrency_of(bare{}) ==
+        static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
 }

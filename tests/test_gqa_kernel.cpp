@@ -25,14 +25,17 @@ void check_against_reference(const gqa_case& c, std::mt19937_64& rng, Exec&& exe
         CHECK(lse(t, h) == -INFINITY);
         for (std::int64_t i = 0; i < c.v_head_dim; ++i) CHECK(out(t, h * c.v_head_dim + i) == 0.f);
       } else {
-        // LSE = max + log(sum): the score error (about u A, see float_tolerance) plus log's u |LSE|.
-        CHECK(std::abs(lse(t, h) - ref.lse(t, h)) <= 2 * 0x1p-24 * (std::abs(ref.lse(t, h)) + 2 + a));
+        // LSE = max + log(sum): the score error (about u A, see float_tolerance) plus log's u
+        // |LSE|.
+        CHECK(std::abs(lse(t, h) - ref.lse(t, h)) <=
+              2 * 0x1p-24 * (std::abs(ref.lse(t, h)) + 2 + a));
       }
     }
   if constexpr (!std::same_as<S, float>) {
     // Against the unrounded data: the storage type's own error bound on top.
-    const auto exact = reference::attention(to_double(x.q), x.q_pos, to_double(x.k), to_double(x.v), x.k_pos, c.heads,
-                                            c.kv_heads, x.scale, c.causal, c.window);
+    const auto exact =
+        reference::attention(to_double(x.q), x.q_pos, to_double(x.k), to_double(x.v), x.k_pos,
+                             c.heads, c.kv_heads, x.scale, c.causal, c.window);
     CHECK(max_abs_diff(to_double(out), exact.out) <= tol + storage_tolerance<S>(a, v_max));
   }
 }
@@ -56,19 +59,24 @@ gqa_case random_case(std::mt19937_64& rng) {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("attend matches the double reference over randomized shapes", "[gqa]", float, bf16, half) {
+TEMPLATE_TEST_CASE("attend matches the double reference over randomized shapes", "[gqa]", float,
+                   bf16, half) {
   const std::uint64_t seed = GENERATE(range(1, 17));
   std::mt19937_64 rng(seed * 7919);
   const gqa_case c = random_case(rng);
   thread_pool pool(2);
-  if (seed % 2) check_against_reference<TestType>(c, rng);
-  else check_against_reference<TestType>(c, rng, pool);
+  if (seed % 2)
+    check_against_reference<TestType>(c, rng);
+  else
+    check_against_reference<TestType>(c, rng, pool);
 }
 
-TEMPLATE_TEST_CASE("long-context decode (Tk = 4096) for every group size g dividing H = 32", "[gqa]", float, bf16) {
+TEMPLATE_TEST_CASE("long-context decode (Tk = 4096) for every group size g dividing H = 32",
+                   "[gqa]", float, bf16) {
   const std::int64_t g = GENERATE(1, 2, 4, 8, 16, 32);
   std::mt19937_64 rng(static_cast<std::uint64_t>(g));
-  gqa_case c{.heads = 32, .kv_heads = 32 / g, .head_dim = 128, .v_head_dim = 128, .tk = 4096, .tq = 1};
+  gqa_case c{
+      .heads = 32, .kv_heads = 32 / g, .head_dim = 128, .v_head_dim = 128, .tk = 4096, .tq = 1};
   thread_pool pool(2);
   check_against_reference<TestType>(c, rng, pool);
 }
@@ -77,7 +85,13 @@ TEST_CASE("prefill tiles for every g dividing H = 24, both strategies, d_qk != d
   const std::int64_t g = GENERATE(1, 2, 3, 4, 6, 8, 12, 24);
   const tile_strategy st = GENERATE(tile_strategy::streaming, tile_strategy::gemm);
   std::mt19937_64 rng(static_cast<std::uint64_t>(100 + g));
-  gqa_case c{.heads = 24, .kv_heads = 24 / g, .head_dim = 80, .v_head_dim = 48, .tk = 300, .tq = 300, .strategy = st};
+  gqa_case c{.heads = 24,
+             .kv_heads = 24 / g,
+             .head_dim = 80,
+             .v_head_dim = 48,
+             .tk = 300,
+             .tq = 300,
+             .strategy = st};
   check_against_reference<float>(c, rng);
 }
 
@@ -86,11 +100,13 @@ TEST_CASE("full causal prefill with contiguous positions up to T = 1024", "[gqa]
   std::mt19937_64 rng(static_cast<std::uint64_t>(t));
   gqa_case c{.heads = 4, .kv_heads = 2, .head_dim = 64, .v_head_dim = 64, .tk = t, .tq = t};
   gqa_data x = make_gqa_data(rng, c);
-  for (std::int64_t i = 0; i < t; ++i) x.q_pos[static_cast<std::size_t>(i)] = x.k_pos[static_cast<std::size_t>(i)] = 5000 + i;
+  for (std::int64_t i = 0; i < t; ++i)
+    x.q_pos[static_cast<std::size_t>(i)] = x.k_pos[static_cast<std::size_t>(i)] = 5000 + i;
   thread_pool pool(2);
   const fmat out = run_kernel<float>(c, x, pool);
   const auto ref = run_reference<float>(c, x);
-  CHECK(max_abs_diff(to_double(out), ref.out) <= float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff()));
+  CHECK(max_abs_diff(to_double(out), ref.out) <=
+        float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff()));
 }
 
 TEST_CASE("results with 1, 2 and 3 workers agree within tolerance", "[gqa][executor]") {
@@ -99,9 +115,15 @@ TEST_CASE("results with 1, 2 and 3 workers agree within tolerance", "[gqa][execu
   c.tq = rng() % 2 ? 1 : 40;
   const gqa_data x = make_gqa_data(rng, c);
   thread_pool pool(2);
-  callable_executor three([&](std::int64_t n, const std::function<void(std::int64_t)>& fn) { pool.parallel_for(n, fn); }, 3);
-  const fmat a = run_kernel<float>(c, x), b = run_kernel<float>(c, x, pool), d = run_kernel<float>(c, x, three);
-  const double tol = float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff());
+  callable_executor three(
+      [&](std::int64_t n, const std::function<void(std::int64_t)>& fn) {
+        pool.parallel_for(n, fn);
+      },
+      3);
+  const fmat a = run_kernel<float>(c, x), b = run_kernel<float>(c, x, pool),
+             d = run_kernel<float>(c, x, three);
+  const double tol =
+      float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff());
   INFO(describe(c));
   CHECK(max_abs_diff(to_double(a), to_double(b)) <= 2 * tol);
   CHECK(max_abs_diff(to_double(a), to_double(d)) <= 2 * tol);
@@ -111,7 +133,13 @@ TEST_CASE("fully masked rows and empty caches give zeros and LSE -inf, never NaN
   const tile_strategy st = GENERATE(tile_strategy::streaming, tile_strategy::gemm);
   std::mt19937_64 rng(41);
   for (std::int64_t tk : {0, 50}) {
-    gqa_case c{.heads = 4, .kv_heads = 1, .head_dim = 32, .v_head_dim = 16, .tk = tk, .tq = 3, .strategy = st};
+    gqa_case c{.heads = 4,
+               .kv_heads = 1,
+               .head_dim = 32,
+               .v_head_dim = 16,
+               .tk = tk,
+               .tq = 3,
+               .strategy = st};
     gqa_data x = make_gqa_data(rng, c);
     x.q_pos = {-100, -1, -7};  // before every key
     fmat lse;
@@ -120,31 +148,46 @@ TEST_CASE("fully masked rows and empty caches give zeros and LSE -inf, never NaN
     CHECK((lse.array() == -INFINITY).all());
   }
   // A window that excludes every key of an otherwise visible past.
-  gqa_case c{.heads = 2, .kv_heads = 2, .head_dim = 32, .v_head_dim = 32, .tk = 20, .tq = 1, .window = 3, .strategy = st};
+  gqa_case c{.heads = 2,
+             .kv_heads = 2,
+             .head_dim = 32,
+             .v_head_dim = 32,
+             .tk = 20,
+             .tq = 1,
+             .window = 3,
+             .strategy = st};
   gqa_data x = make_gqa_data(rng, c);
   x.q_pos = {x.k_pos.back() + 10};
   CHECK(run_kernel<float>(c, x).cwiseAbs().maxCoeff() == 0.f);
 }
 
-TEST_CASE("strided q and out views and the caller-owned K/V overload give the cache's result", "[gqa][view]") {
+TEST_CASE("strided q and out views and the caller-owned K/V overload give the cache's result",
+          "[gqa][view]") {
   std::mt19937_64 rng(51);
   gqa_case c{.heads = 6, .kv_heads = 3, .head_dim = 40, .v_head_dim = 24, .tk = 77, .tq = 5};
   const gqa_data x = make_gqa_data(rng, c);
   const fmat base = run_kernel<float>(c, x);
   // q with padded head stride (a slice of a fused QKV buffer), out with padded token stride.
   const std::int64_t qhs = c.head_dim + 8, ots = c.heads * c.v_head_dim + 5;
-  std::vector<float> qbuf(static_cast<std::size_t>(c.tq * c.heads * qhs), NAN), obuf(static_cast<std::size_t>(c.tq * ots), -1.f);
+  std::vector<float> qbuf(static_cast<std::size_t>(c.tq * c.heads * qhs), NAN),
+      obuf(static_cast<std::size_t>(c.tq * ots), -1.f);
   for (std::int64_t t = 0; t < c.tq; ++t)
     for (std::int64_t h = 0; h < c.heads; ++h)
-      for (std::int64_t i = 0; i < c.head_dim; ++i) qbuf[static_cast<std::size_t>((t * c.heads + h) * qhs + i)] = x.q(t, h * c.head_dim + i);
+      for (std::int64_t i = 0; i < c.head_dim; ++i)
+        qbuf[static_cast<std::size_t>((t * c.heads + h) * qhs + i)] = x.q(t, h * c.head_dim + i);
   // K/V token-major [Tk, H_kv, d] exactly as the caller has them.
   const kv_view<float> kv(tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.head_dim}),
-                          tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_head_dim}), x.k_pos);
-  attend(tensor3_view<const float>(qbuf.data(), {c.tq, c.heads, c.head_dim}, {c.heads * qhs, qhs, 1}), x.q_pos, kv,
-         tensor3_view<float>(obuf.data(), {c.tq, c.heads, c.v_head_dim}, {ots, c.v_head_dim, 1}));
+                          tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_head_dim}),
+                          x.k_pos);
+  attend(
+      tensor3_view<const float>(qbuf.data(), {c.tq, c.heads, c.head_dim}, {c.heads * qhs, qhs, 1}),
+      x.q_pos, kv,
+      tensor3_view<float>(obuf.data(), {c.tq, c.heads, c.v_head_dim}, {ots, c.v_head_dim, 1}));
   for (std::int64_t t = 0; t < c.tq; ++t) {
-    for (std::int64_t i = 0; i < c.heads * c.v_head_dim; ++i) CHECK(obuf[static_cast<std::size_t>(t * ots + i)] == Approx(base(t, i)).margin(1e-6));
-    for (std::int64_t i = c.heads * c.v_head_dim; i < ots; ++i) CHECK(obuf[static_cast<std::size_t>(t * ots + i)] == -1.f);  // padding untouched
+    for (std::int64_t i = 0; i < c.heads * c.v_head_dim; ++i)
+      CHECK(obuf[static_cast<std::size_t>(t * ots + i)] == Approx(base(t, i)).margin(1e-6));
+    for (std::int64_t i = c.heads * c.v_head_dim; i < ots; ++i)
+      CHECK(obuf[static_cast<std::size_t>(t * ots + i)] == -1.f);  // padding untouched
   }
 }
 
@@ -153,34 +196,50 @@ TEST_CASE("a reused workspace gives the same result and stops growing", "[gqa]")
   gqa_case c{.heads = 8, .kv_heads = 1, .head_dim = 64, .v_head_dim = 64, .tk = 2000, .tq = 1};
   const gqa_data x = make_gqa_data(rng, c);
   dense_cache<float> cache({.kv_heads = 1, .head_dim = 64, .capacity = c.tk});
-  cache.append(tensor3_view<const float>(x.k.data(), {c.tk, 1, 64}), tensor3_view<const float>(x.v.data(), {c.tk, 1, 64}), x.k_pos);
+  cache.append(tensor3_view<const float>(x.k.data(), {c.tk, 1, 64}),
+               tensor3_view<const float>(x.v.data(), {c.tk, 1, 64}), x.k_pos);
   thread_pool pool(2);
   attention_workspace ws;
   fmat o1(1, 8 * 64), o2(1, 8 * 64);
-  attend(tensor3_view<const float>(x.q.data(), {1, 8, 64}), x.q_pos, cache, tensor3_view<float>(o1.data(), {1, 8, 64}), {}, pool, &ws);
+  attend(tensor3_view<const float>(x.q.data(), {1, 8, 64}), x.q_pos, cache,
+         tensor3_view<float>(o1.data(), {1, 8, 64}), {}, pool, &ws);
   const std::size_t bytes = ws.bytes();
   CHECK(bytes > 0);
-  attend(tensor3_view<const float>(x.q.data(), {1, 8, 64}), x.q_pos, cache, tensor3_view<float>(o2.data(), {1, 8, 64}), {}, pool, &ws);
+  attend(tensor3_view<const float>(x.q.data(), {1, 8, 64}), x.q_pos, cache,
+         tensor3_view<float>(o2.data(), {1, 8, 64}), {}, pool, &ws);
   CHECK(ws.bytes() == bytes);
   CHECK(max_abs_diff(to_double(o1), to_double(o2)) <= 1e-6);
 }
 
-TEST_CASE("attend: invalid input throws attnkit::invalid_argument naming the parameter", "[gqa][errors]") {
+TEST_CASE("attend: invalid input throws attnkit::invalid_argument naming the parameter",
+          "[gqa][errors]") {
   dense_cache<float> cache({.kv_heads = 2, .head_dim = 8, .capacity = 4});
   std::vector<float> q(3 * 8), out(3 * 8), lse(3);
   std::vector<std::int64_t> pos{0};
-  auto qv = [&](std::int64_t h, std::int64_t d) { return tensor3_view<const float>(q.data(), {1, h, d}); };
-  auto ov = [&](std::int64_t h, std::int64_t d) { return tensor3_view<float>(out.data(), {1, h, d}); };
-  ATTNKIT_CHECK_INVALID(attend(qv(3, 8), pos, cache, ov(3, 8)), "heads=3", "multiple of kv_heads=2");
+  auto qv = [&](std::int64_t h, std::int64_t d) {
+    return tensor3_view<const float>(q.data(), {1, h, d});
+  };
+  auto ov = [&](std::int64_t h, std::int64_t d) {
+    return tensor3_view<float>(out.data(), {1, h, d});
+  };
+  ATTNKIT_CHECK_INVALID(attend(qv(3, 8), pos, cache, ov(3, 8)), "heads=3",
+                        "multiple of kv_heads=2");
   ATTNKIT_CHECK_INVALID(attend(qv(2, 6), pos, cache, ov(2, 8)), "q.extent(2)=6", "head_dim=8");
-  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), std::span<const std::int64_t>(), cache, ov(2, 8)), "q_positions has 0 entries", "Tq=1");
-  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, cache, ov(2, 7)), "attend: out has shape [1, 2, 7] but [1, 2, 8]");
-  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, cache, ov(2, 8), {.lse = matrix_view<float>(lse.data(), {1, 3})}),
-                        "attend: lse has shape [1, 3] but [1, 2]");
-  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, cache, ov(2, 8), {.window = 0}), "window must be >= 1", "got 0");
-  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, cache, ov(2, 8), {.scale = NAN}), "scale must be finite");
-  ATTNKIT_CHECK_INVALID(attend_mha(qv(3, 8), pos, cache, ov(3, 8)), "attend_mha: heads=3 must equal kv_heads=2");
-  ATTNKIT_CHECK_INVALID(attend_mqa(qv(2, 8), pos, cache, ov(2, 8)), "attend_mqa: kv_heads must be 1, got 2");
+  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), std::span<const std::int64_t>(), cache, ov(2, 8)),
+                        "q_positions has 0 entries", "Tq=1");
+  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, cache, ov(2, 7)),
+                        "attend: out has shape [1, 2, 7] but [1, 2, 8]");
+  ATTNKIT_CHECK_INVALID(
+      attend(qv(2, 8), pos, cache, ov(2, 8), {.lse = matrix_view<float>(lse.data(), {1, 3})}),
+      "attend: lse has shape [1, 3] but [1, 2]");
+  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, cache, ov(2, 8), {.window = 0}),
+                        "window must be >= 1", "got 0");
+  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, cache, ov(2, 8), {.scale = NAN}),
+                        "scale must be finite");
+  ATTNKIT_CHECK_INVALID(attend_mha(qv(3, 8), pos, cache, ov(3, 8)),
+                        "attend_mha: heads=3 must equal kv_heads=2");
+  ATTNKIT_CHECK_INVALID(attend_mqa(qv(2, 8), pos, cache, ov(2, 8)),
+                        "attend_mqa: kv_heads must be 1, got 2");
   std::vector<float> k(4 * 2 * 8);
   ATTNKIT_CHECK_INVALID(kv_view<float>(tensor3_view<const float>(k.data(), {4, 2, 8}),
                                        tensor3_view<const float>(k.data(), {4, 2, 8}), pos),

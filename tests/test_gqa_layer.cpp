@@ -9,10 +9,16 @@ using namespace attnkit::test;
 TEMPLATE_TEST_CASE("gqa_layer matches the double reference layer", "[layer]", float, bf16, half) {
   using S = TestType;
   std::mt19937_64 rng(GENERATE(1, 2, 3, 4, 5));
-  const std::int64_t hkv = 1 + static_cast<std::int64_t>(rng() % 3), g = 1 + static_cast<std::int64_t>(rng() % 4);
-  gqa_config cfg{.model_dim = 48 + static_cast<std::int64_t>(rng() % 3) * 16, .heads = hkv * g, .kv_heads = hkv,
-                 .head_dim = rng() % 2 ? 32 : 16, .v_head_dim = rng() % 2 ? 0 : 24,
-                 .rope = {.theta = 10000.0, .layout = rng() % 2 ? rope_layout::half_split : rope_layout::interleaved}};
+  const std::int64_t hkv = 1 + static_cast<std::int64_t>(rng() % 3),
+                     g = 1 + static_cast<std::int64_t>(rng() % 4);
+  gqa_config cfg{
+      .model_dim = 48 + static_cast<std::int64_t>(rng() % 3) * 16,
+      .heads = hkv * g,
+      .kv_heads = hkv,
+      .head_dim = rng() % 2 ? 32 : 16,
+      .v_head_dim = rng() % 2 ? 0 : 24,
+      .rope = {.theta = 10000.0,
+               .layout = rng() % 2 ? rope_layout::half_split : rope_layout::interleaved}};
   if (rng() % 2) cfg.rope.rotary_dim = cfg.head_dim / 2;
   if (rng() % 3 == 0) cfg.window = 5 + static_cast<std::int64_t>(rng() % 20);
   const bool biases = rng() % 2, qk_norm = rng() % 3 == 0;
@@ -30,18 +36,25 @@ TEMPLATE_TEST_CASE("gqa_layer matches the double reference layer", "[layer]", fl
 
   const std::int64_t dv = cfg.v_head_dim ? cfg.v_head_dim : cfg.head_dim;
   (void)dv;
-  const auto ref = reference::gqa_layer_forward(to_double(x), pos, w.reference_weights(), cfg.heads, cfg.kv_heads,
-                                                cfg.head_dim, cfg.rope, 1.0 / std::sqrt(double(cfg.head_dim)), cfg.window);
+  const auto ref = reference::gqa_layer_forward(to_double(x), pos, w.reference_weights(), cfg.heads,
+                                                cfg.kv_heads, cfg.head_dim, cfg.rope,
+                                                1.0 / std::sqrt(double(cfg.head_dim)), cfg.window);
   const double tol = layer_rel_tolerance<S>(cfg, t, layer_a_max(w, x));
-  INFO("storage=" << storage_name<S>() << " H=" << cfg.heads << " H_kv=" << hkv << " biases=" << biases << " qk_norm=" << qk_norm
-                    << " tol=" << tol);
+  INFO("storage=" << storage_name<S>() << " H=" << cfg.heads << " H_kv=" << hkv
+                  << " biases=" << biases << " qk_norm=" << qk_norm << " tol=" << tol);
   CHECK(rel_error(to_double(y), ref) <= tol);
 }
 
-TEST_CASE("gqa_layer with per-KV-head RoPE frequency tables matches the reference", "[layer][rope]") {
+TEST_CASE("gqa_layer with per-KV-head RoPE frequency tables matches the reference",
+          "[layer][rope]") {
   std::mt19937_64 rng(77);
-  gqa_config cfg{.model_dim = 64, .heads = 4, .kv_heads = 2, .head_dim = 16,
-                 .rope = {.theta = 10000.0, .rotary_dim = 8, .frequency_dim = 16,
+  gqa_config cfg{.model_dim = 64,
+                 .heads = 4,
+                 .kv_heads = 2,
+                 .head_dim = 16,
+                 .rope = {.theta = 10000.0,
+                          .rotary_dim = 8,
+                          .frequency_dim = 16,
                           .frequency_index = {{0, 2, 4, 6}, {1, 3, 5, 7}}}};
   const auto w = make_layer_data(rng, cfg, false);
   const fmat x = random_matrix(rng, 12, 64);
@@ -53,10 +66,11 @@ TEST_CASE("gqa_layer with per-KV-head RoPE frequency tables matches the referenc
   layer.forward(view_of(x), pos, cache, view_of(y));
   // The reference ropes query head h with KV head h/g's table.
   rope_config qrope = cfg.rope;
-  qrope.frequency_index = {cfg.rope.frequency_index[0], cfg.rope.frequency_index[0], cfg.rope.frequency_index[1],
-                           cfg.rope.frequency_index[1]};
+  qrope.frequency_index = {cfg.rope.frequency_index[0], cfg.rope.frequency_index[0],
+                           cfg.rope.frequency_index[1], cfg.rope.frequency_index[1]};
   const reference::matrix xd = to_double(x);
-  reference::matrix q = xd * to_double(w.q).transpose(), k = xd * to_double(w.k).transpose(), v = xd * to_double(w.v).transpose();
+  reference::matrix q = xd * to_double(w.q).transpose(), k = xd * to_double(w.k).transpose(),
+                    v = xd * to_double(w.v).transpose();
   reference::rope_rows(q, 4, 16, pos, qrope);
   reference::rope_rows(k, 2, 16, pos, cfg.rope);
   const auto a = reference::attention(q, pos, k, v, pos, 4, 2, 0.25);
@@ -64,13 +78,17 @@ TEST_CASE("gqa_layer with per-KV-head RoPE frequency tables matches the referenc
   CHECK(rel_error(to_double(y), ref) <= layer_rel_tolerance<float>(cfg, 12, layer_a_max(w, x)));
 }
 
-TEST_CASE("gqa_layer: invalid configurations and weights throw naming the tensor and shapes", "[layer][errors]") {
+TEST_CASE("gqa_layer: invalid configurations and weights throw naming the tensor and shapes",
+          "[layer][errors]") {
   std::mt19937_64 rng(5);
   gqa_config cfg{.model_dim = 32, .heads = 4, .kv_heads = 2, .head_dim = 8};
   auto w = make_layer_data(rng, cfg, true);
-  ATTNKIT_CHECK_INVALID(gqa_layer({.model_dim = 32, .heads = 3, .kv_heads = 2, .head_dim = 8}, w.weights()),
-                        "heads=3 must be a multiple of kv_heads=2");
-  ATTNKIT_CHECK_INVALID(gqa_layer({.model_dim = 0, .heads = 4, .kv_heads = 2, .head_dim = 8}, w.weights()), "model_dim must be > 0");
+  ATTNKIT_CHECK_INVALID(
+      gqa_layer({.model_dim = 32, .heads = 3, .kv_heads = 2, .head_dim = 8}, w.weights()),
+      "heads=3 must be a multiple of kv_heads=2");
+  ATTNKIT_CHECK_INVALID(
+      gqa_layer({.model_dim = 0, .heads = 4, .kv_heads = 2, .head_dim = 8}, w.weights()),
+      "model_dim must be > 0");
   gqa_weights bad = w.weights();
   bad.k_proj = matrix_view<const float>(w.k.data(), {8, 32});
   ATTNKIT_CHECK_INVALID(gqa_layer(cfg, bad), "weight k_proj has shape [8, 32] but [16, 32]");
@@ -94,12 +112,16 @@ TEST_CASE("gqa_layer: invalid configurations and weights throw naming the tensor
   auto cache = layer.make_cache<float>(2);
   fmat x = random_matrix(rng, 3, 32), y(3, 32);
   std::vector<std::int64_t> pos{0, 1, 2};
-  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), pos, cache, view_of(y)), "appending 3 tokens to size=0 exceeds capacity=2");
+  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), pos, cache, view_of(y)),
+                        "appending 3 tokens to size=0 exceeds capacity=2");
   CHECK(cache.size() == 0);
   auto cache2 = layer.make_cache<float>(8);
-  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), std::span(pos).first(2), cache2, view_of(y)), "positions has 2 entries but x has T=3");
+  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), std::span(pos).first(2), cache2, view_of(y)),
+                        "positions has 2 entries but x has T=3");
   fmat y_bad(3, 31);
-  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), pos, cache2, view_of(y_bad)), "y has shape [3, 31] but [3, 32]");
+  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), pos, cache2, view_of(y_bad)),
+                        "y has shape [3, 31] but [3, 32]");
   dense_cache<float> wrong({.kv_heads = 1, .head_dim = 8, .capacity = 8});
-  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), pos, wrong, view_of(y)), "cache has kv_heads=1", "the layer needs 2");
+  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), pos, wrong, view_of(y)), "cache has kv_heads=1",
+                        "the layer needs 2");
 }

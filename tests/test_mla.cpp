@@ -9,7 +9,8 @@ static_assert(kv_cache<latent_cache<float>>);
 static_assert(kv_cache<latent_cache<bf16>>);
 static_assert(kv_cache<latent_cache<half>>);
 
-TEMPLATE_TEST_CASE("latent_cache: bytes per token, one row [c | k_rope...] per token, rollback", "[mla][cache]", float, bf16, half) {
+TEMPLATE_TEST_CASE("latent_cache: bytes per token, one row [c | k_rope...] per token, rollback",
+                   "[mla][cache]", float, bf16, half) {
   using S = TestType;
   latent_cache<S> c({.latent_dim = 512, .rope_dim = 64, .rope_heads = 1, .capacity = 8});
   CHECK(c.bytes_per_token() == (512 + 64) * static_cast<std::int64_t>(sizeof(S)));
@@ -25,15 +26,19 @@ TEMPLATE_TEST_CASE("latent_cache: bytes per token, one row [c | k_rope...] per t
   CHECK(g.positions()[2] == 15);
   g.truncate(1);
   CHECK(g.size() == 1);
-  ATTNKIT_CHECK_INVALID(g.append(view_of(cl), tensor3_view<const float>(kr.data(), {3, 4, 8}), std::span(pos).first(2)),
+  ATTNKIT_CHECK_INVALID(g.append(view_of(cl), tensor3_view<const float>(kr.data(), {3, 4, 8}),
+                                 std::span(pos).first(2)),
                         "latent_cache::append: c has shape [3, 32] but [2, 32]");
   latent_cache<S> small({.latent_dim = 32, .rope_dim = 8, .rope_heads = 4, .capacity = 2});
-  ATTNKIT_CHECK_INVALID(small.append(view_of(cl), tensor3_view<const float>(kr.data(), {3, 4, 8}), pos),
-                        "appending 3 tokens to size=0 exceeds capacity=2");
-  ATTNKIT_CHECK_INVALID(latent_cache<S>({.latent_dim = 0, .rope_dim = 8, .capacity = 2}), "latent_dim must be > 0");
+  ATTNKIT_CHECK_INVALID(
+      small.append(view_of(cl), tensor3_view<const float>(kr.data(), {3, 4, 8}), pos),
+      "appending 3 tokens to size=0 exceeds capacity=2");
+  ATTNKIT_CHECK_INVALID(latent_cache<S>({.latent_dim = 0, .rope_dim = 8, .capacity = 2}),
+                        "latent_dim must be > 0");
 }
 
-TEMPLATE_TEST_CASE("mla_layer matches the double reference on both paths", "[mla][layer]", float, bf16) {
+TEMPLATE_TEST_CASE("mla_layer matches the double reference on both paths", "[mla][layer]", float,
+                   bf16) {
   using S = TestType;
   const std::uint64_t seed = GENERATE(range(1, 9));
   std::mt19937_64 rng(seed * 31);
@@ -43,7 +48,8 @@ TEMPLATE_TEST_CASE("mla_layer matches the double reference on both paths", "[mla
   const std::int64_t t = 1 + static_cast<std::int64_t>(rng() % 40);
   const fmat x = random_matrix(rng, t, cfg.model_dim);
   const auto pos = gapped_positions(rng, t, static_cast<std::int64_t>(rng() % 50), 3);
-  const auto ref = reference::mla_forward(to_double(x), pos, w.reference_weights(), w.shape(), cfg.rope, w.scale());
+  const auto ref = reference::mla_forward(to_double(x), pos, w.reference_weights(), w.shape(),
+                                          cfg.rope, w.scale());
   const double tol = mla_rel_tolerance<S>(cfg, t, mla_a_max(w, x, pos));
   thread_pool pool(2);
   for (mla_path path : {mla_path::naive, mla_path::absorbed}) {
@@ -51,16 +57,24 @@ TEMPLATE_TEST_CASE("mla_layer matches the double reference on both paths", "[mla
     auto cache = layer.make_cache<S>(t);
     fmat y(t, cfg.model_dim);
     layer.forward(view_of(x), pos, cache, view_of(y), pool, path);
-    INFO("path=" << (path == mla_path::naive ? "naive" : "absorbed") << " H=" << cfg.heads << " rope_heads="
-                 << cfg.rope_heads << " q_lora=" << cfg.q_lora_rank << " biases=" << biases << " norm=" << norm
+    INFO("path=" << (path == mla_path::naive ? "naive" : "absorbed") << " H=" << cfg.heads
+                 << " rope_heads=" << cfg.rope_heads << " q_lora=" << cfg.q_lora_rank
+                 << " biases=" << biases << " norm=" << norm
                  << " layout=" << to_string(cfg.rope.layout) << " tol=" << tol);
     CHECK(rel_error(to_double(y), ref) <= tol);
   }
 }
 
-TEST_CASE("mla_layer: DeepSeek-V2-Lite shapes (d_c 512, d_R 64, 576-element cache) match the reference", "[mla][layer]") {
+TEST_CASE(
+    "mla_layer: DeepSeek-V2-Lite shapes (d_c 512, d_R 64, 576-element cache) match the reference",
+    "[mla][layer]") {
   std::mt19937_64 rng(99);
-  mla_config cfg{.model_dim = 256, .heads = 4, .latent_dim = 512, .nope_dim = 128, .rope_dim = 64, .v_head_dim = 128};
+  mla_config cfg{.model_dim = 256,
+                 .heads = 4,
+                 .latent_dim = 512,
+                 .nope_dim = 128,
+                 .rope_dim = 64,
+                 .v_head_dim = 128};
   cfg.mscale = 1.f + 0.0707f * std::log(40.f);  // YaRN factor 40, mscale_all_dim 0.707
   const auto w = make_mla(rng, cfg, false, true);
   const std::int64_t t = 24;
@@ -72,7 +86,8 @@ TEST_CASE("mla_layer: DeepSeek-V2-Lite shapes (d_c 512, d_R 64, 576-element cach
   CHECK(cache.bytes_per_token() == 576 * 4);
   fmat y(t, cfg.model_dim);
   layer.forward(view_of(x), pos, cache, view_of(y), serial_executor{}, mla_path::absorbed);
-  const auto ref = reference::mla_forward(to_double(x), pos, w.reference_weights(), w.shape(), cfg.rope, w.scale());
+  const auto ref = reference::mla_forward(to_double(x), pos, w.reference_weights(), w.shape(),
+                                          cfg.rope, w.scale());
   CHECK(rel_error(to_double(y), ref) <= mla_rel_tolerance<float>(cfg, t, mla_a_max(w, x, pos)));
   CHECK(layer.scale() == Approx(0.1147).epsilon(1e-3));  // 192^-1/2 (1 + 0.0707 ln 40)^2
   CHECK(layer.absorbed_max_tokens() == 170);
@@ -93,29 +108,36 @@ TEST_CASE("mla_layer: W_UV folded into o_proj gives the same function", "[mla][l
   mla_layer folded(cfg, w.weights());
   auto c2 = folded.make_cache<float>(t);
   folded.forward(view_of(x), pos, c2, view_of(y2), serial_executor{}, mla_path::absorbed);
-  CHECK(rel_error(to_double(y2), to_double(y1)) <= 2 * mla_rel_tolerance<float>(cfg, t, mla_a_max(w, x, pos)));
+  CHECK(rel_error(to_double(y2), to_double(y1)) <=
+        2 * mla_rel_tolerance<float>(cfg, t, mla_a_max(w, x, pos)));
 }
 
-TEST_CASE("mla_layer: invalid configurations and tensors throw naming the tensor and both shapes", "[mla][errors]") {
+TEST_CASE("mla_layer: invalid configurations and tensors throw naming the tensor and both shapes",
+          "[mla][errors]") {
   std::mt19937_64 rng(11);
-  mla_config cfg{.model_dim = 32, .heads = 2, .latent_dim = 16, .nope_dim = 8, .rope_dim = 4, .v_head_dim = 8};
+  mla_config cfg{
+      .model_dim = 32, .heads = 2, .latent_dim = 16, .nope_dim = 8, .rope_dim = 4, .v_head_dim = 8};
   auto w = make_mla(rng, cfg, false, false);
   auto bad_cfg = [&](auto edit) {
     mla_config c = cfg;
     edit(c);
     return c;
   };
-  ATTNKIT_CHECK_INVALID(mla_layer(bad_cfg([](mla_config& c) { c.rope_dim = 5; }), w.weights()), "rope_dim must be even", "got 5");
-  ATTNKIT_CHECK_INVALID(mla_layer(bad_cfg([](mla_config& c) { c.rope.rotary_dim = 8; }), w.weights()),
-                        "rope.rotary_dim=8 must be in [0, rope_dim=4]");
+  ATTNKIT_CHECK_INVALID(mla_layer(bad_cfg([](mla_config& c) { c.rope_dim = 5; }), w.weights()),
+                        "rope_dim must be even", "got 5");
+  ATTNKIT_CHECK_INVALID(
+      mla_layer(bad_cfg([](mla_config& c) { c.rope.rotary_dim = 8; }), w.weights()),
+      "rope.rotary_dim=8 must be in [0, rope_dim=4]");
   ATTNKIT_CHECK_INVALID(mla_layer(bad_cfg([](mla_config& c) { c.rope_heads = 3; }), w.weights()),
                         "heads=2 must be a multiple of rope_heads=3");
   mla_weights bad = w.weights();
   bad.kv_b_proj = matrix_view<const float>(w.kv_b.data(), {16, 16});
-  ATTNKIT_CHECK_INVALID(mla_layer(cfg, bad), "tensor kv_b_proj has shape [16, 16] but [32, 16] was expected");
+  ATTNKIT_CHECK_INVALID(mla_layer(cfg, bad),
+                        "tensor kv_b_proj has shape [16, 16] but [32, 16] was expected");
   bad = w.weights();
   bad.kv_a_proj_with_mqa = matrix_view<const float>(w.kv_a.data(), {16, 32});
-  ATTNKIT_CHECK_INVALID(mla_layer(cfg, bad), "tensor kv_a_proj_with_mqa has shape [16, 32] but [20, 32]");
+  ATTNKIT_CHECK_INVALID(mla_layer(cfg, bad),
+                        "tensor kv_a_proj_with_mqa has shape [16, 32] but [20, 32]");
   bad = w.weights();
   bad.o_proj = {};
   ATTNKIT_CHECK_INVALID(mla_layer(cfg, bad), "tensor o_proj is missing", "[32, 16]");
@@ -128,7 +150,8 @@ TEST_CASE("mla_layer: invalid configurations and tensors throw naming the tensor
   bad.kv_a_layernorm = std::span(w.q_bias.data(), 0);
   std::vector<float> short_norm(5, 1.f);
   bad.kv_a_layernorm = short_norm;
-  ATTNKIT_CHECK_INVALID(mla_layer(cfg, bad), "tensor kv_a_layernorm has 5 entries but latent_dim=16");
+  ATTNKIT_CHECK_INVALID(mla_layer(cfg, bad),
+                        "tensor kv_a_layernorm has 5 entries but latent_dim=16");
   bad = w.weights();
   std::vector<float> kb(7);
   bad.kv_b_proj_bias = kb;
@@ -137,14 +160,18 @@ TEST_CASE("mla_layer: invalid configurations and tensors throw naming the tensor
   latent_cache<float> wrong({.latent_dim = 16, .rope_dim = 8, .capacity = 4});
   fmat x = random_matrix(rng, 1, 32), y(1, 32);
   const std::int64_t p = 0;
-  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), std::span(&p, 1), wrong, view_of(y)), "latent width 16 and key width 24",
-                        "the layer needs 16 and 20");
+  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), std::span(&p, 1), wrong, view_of(y)),
+                        "latent width 16 and key width 24", "the layer needs 16 and 20");
   std::vector<float> ql(16), qr(4), o(16);
   auto cache = layer.make_cache<float>(2);
-  ATTNKIT_CHECK_INVALID(attend_latent(tensor3_view<const float>(ql.data(), {1, 1, 16}), tensor3_view<const float>(qr.data(), {1, 1, 3}),
-                                      std::span(&p, 1), cache, tensor3_view<float>(o.data(), {1, 1, 16})),
-                        "q_rope width 3 does not divide", "key width 20 - latent 16");
-  ATTNKIT_CHECK_INVALID(attend_latent(tensor3_view<const float>(ql.data(), {1, 1, 16}), tensor3_view<const float>(qr.data(), {1, 1, 4}),
-                                      std::span(&p, 1), cache, tensor3_view<float>(o.data(), {1, 1, 16}), {.scale = NAN}),
-                        "attend_latent: scale must be finite");
+  ATTNKIT_CHECK_INVALID(
+      attend_latent(tensor3_view<const float>(ql.data(), {1, 1, 16}),
+                    tensor3_view<const float>(qr.data(), {1, 1, 3}), std::span(&p, 1), cache,
+                    tensor3_view<float>(o.data(), {1, 1, 16})),
+      "q_rope width 3 does not divide", "key width 20 - latent 16");
+  ATTNKIT_CHECK_INVALID(
+      attend_latent(tensor3_view<const float>(ql.data(), {1, 1, 16}),
+                    tensor3_view<const float>(qr.data(), {1, 1, 4}), std::span(&p, 1), cache,
+                    tensor3_view<float>(o.data(), {1, 1, 16}), {.scale = NAN}),
+      "attend_latent: scale must be finite");
 }

@@ -10,8 +10,8 @@ namespace attnkit_test {
 inline std::atomic<long> eigen_assert_failures{0};
 }
 #define EIGEN_RUNTIME_NO_MALLOC
-#define eigen_assert(x)                                                                   \
-  do {                                                                                    \
+#define eigen_assert(x)                                                                    \
+  do {                                                                                     \
     if (!(x)) attnkit_test::eigen_assert_failures.fetch_add(1, std::memory_order_relaxed); \
   } while (false)
 #include <cstdlib>
@@ -36,7 +36,9 @@ void* counted(std::size_t n) {
 void* operator new(std::size_t n) { return counted(n); }
 void* operator new[](std::size_t n) { return counted(n); }
 void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return std::malloc(n ? n : 1); }
-void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return std::malloc(n ? n : 1); }
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
+  return std::malloc(n ? n : 1);
+}
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
@@ -66,7 +68,11 @@ template <class Step>
 void check_steady_state(Step&& step) {
   thread_pool pool(2);
   serial_executor serial;
-  callable_executor engine([&](std::int64_t n, const std::function<void(std::int64_t)>& fn) { pool.parallel_for(n, fn); }, 2);
+  callable_executor engine(
+      [&](std::int64_t n, const std::function<void(std::int64_t)>& fn) {
+        pool.parallel_for(n, fn);
+      },
+      2);
   step(serial);  // warm-up: workspaces and layer buffers grow here
   step(pool);
   step(engine);
@@ -94,25 +100,30 @@ TEST_CASE("the allocation counters see operator new and Eigen's malloc", "[alloc
   CHECK(m.size() == 64 * 64);
 }
 
-TEMPLATE_TEST_CASE("GQA decode with a reused workspace does not allocate", "[gqa][alloc]", float, bf16) {
+TEMPLATE_TEST_CASE("GQA decode with a reused workspace does not allocate", "[gqa][alloc]", float,
+                   bf16) {
   std::mt19937_64 rng(5);
   const std::int64_t h = 8, hkv = GENERATE(1, 2), d = 64, t = 3000;
-  const fmat k = random_matrix(rng, t, hkv * d), v = random_matrix(rng, t, hkv * d), q = random_matrix(rng, 1, h * d);
+  const fmat k = random_matrix(rng, t, hkv * d), v = random_matrix(rng, t, hkv * d),
+             q = random_matrix(rng, 1, h * d);
   std::vector<std::int64_t> pos(t);
   for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
   dense_cache<TestType> cache({.kv_heads = hkv, .head_dim = d, .capacity = t});
-  cache.append(tensor3_view<const float>(k.data(), {t, hkv, d}), tensor3_view<const float>(v.data(), {t, hkv, d}), pos);
+  cache.append(tensor3_view<const float>(k.data(), {t, hkv, d}),
+               tensor3_view<const float>(v.data(), {t, hkv, d}), pos);
   fmat out(1, h * d), lse(1, h);
   const std::int64_t qpos = t - 1;
   attention_workspace ws;
   const std::vector<float> sinks(static_cast<std::size_t>(h), 0.5f);
   check_steady_state([&](auto& exec) {
     attend(tensor3_view<const float>(q.data(), {1, h, d}), std::span(&qpos, 1), cache,
-           tensor3_view<float>(out.data(), {1, h, d}), {.logit_softcap = 30.f, .sinks = sinks, .lse = view_of(lse)}, exec, &ws);
+           tensor3_view<float>(out.data(), {1, h, d}),
+           {.logit_softcap = 30.f, .sinks = sinks, .lse = view_of(lse)}, exec, &ws);
   });
 }
 
-TEMPLATE_TEST_CASE("MLA and TPA decode kernels with a reused workspace do not allocate", "[mla][tpa][alloc]", float, bf16) {
+TEMPLATE_TEST_CASE("MLA and TPA decode kernels with a reused workspace do not allocate",
+                   "[mla][tpa][alloc]", float, bf16) {
   std::mt19937_64 rng(6);
   const std::int64_t t = 2000, h = 16, dc = 64, dr = 16, d = 32, rk = 2, rv = 2, rq = 4;
   std::vector<std::int64_t> pos(t);
@@ -121,20 +132,25 @@ TEMPLATE_TEST_CASE("MLA and TPA decode kernels with a reused workspace do not al
   latent_cache<TestType> lc({.latent_dim = dc, .rope_dim = dr, .capacity = t});
   const fmat c = random_matrix(rng, t, dc), kr = random_matrix(rng, t, dr);
   lc.append(view_of(c), tensor3_view<const float>(kr.data(), {t, 1, dr}), pos);
-  factorized_cache<TestType> fc({.heads = h, .head_dim = d, .k_rank = rk, .v_rank = rv, .capacity = t});
-  const fmat ak = random_matrix(rng, t, rk * h), bk = random_matrix(rng, t, rk * d), av = random_matrix(rng, t, rv * h),
-             bv = random_matrix(rng, t, rv * d);
-  fc.append({tensor3_view<const float>(ak.data(), {t, rk, h}), tensor3_view<const float>(bk.data(), {t, rk, d}),
-             tensor3_view<const float>(av.data(), {t, rv, h}), tensor3_view<const float>(bv.data(), {t, rv, d}), pos});
-  const fmat ql = random_matrix(rng, 1, h * dc), qr = random_matrix(rng, 1, h * dr), aq = random_matrix(rng, 1, rq * h),
-             bq = random_matrix(rng, 1, rq * d);
+  factorized_cache<TestType> fc(
+      {.heads = h, .head_dim = d, .k_rank = rk, .v_rank = rv, .capacity = t});
+  const fmat ak = random_matrix(rng, t, rk * h), bk = random_matrix(rng, t, rk * d),
+             av = random_matrix(rng, t, rv * h), bv = random_matrix(rng, t, rv * d);
+  fc.append({tensor3_view<const float>(ak.data(), {t, rk, h}),
+             tensor3_view<const float>(bk.data(), {t, rk, d}),
+             tensor3_view<const float>(av.data(), {t, rv, h}),
+             tensor3_view<const float>(bv.data(), {t, rv, d}), pos});
+  const fmat ql = random_matrix(rng, 1, h * dc), qr = random_matrix(rng, 1, h * dr),
+             aq = random_matrix(rng, 1, rq * h), bq = random_matrix(rng, 1, rq * d);
   fmat ol(1, h * dc), ot(1, h * d);
   attention_workspace ws_mla, ws_tpa;
   check_steady_state([&](auto& exec) {
-    attend_latent(tensor3_view<const float>(ql.data(), {1, h, dc}), tensor3_view<const float>(qr.data(), {1, h, dr}),
-                  std::span(&qpos, 1), lc, tensor3_view<float>(ol.data(), {1, h, dc}), {}, exec, &ws_mla);
-    attend_factorized(tensor3_view<const float>(aq.data(), {1, rq, h}), tensor3_view<const float>(bq.data(), {1, rq, d}),
-                      std::span(&qpos, 1), fc, tensor3_view<float>(ot.data(), {1, h, d}), {}, exec, &ws_tpa);
+    attend_latent(tensor3_view<const float>(ql.data(), {1, h, dc}),
+                  tensor3_view<const float>(qr.data(), {1, h, dr}), std::span(&qpos, 1), lc,
+                  tensor3_view<float>(ol.data(), {1, h, dc}), {}, exec, &ws_mla);
+    attend_factorized(tensor3_view<const float>(aq.data(), {1, rq, h}),
+                      tensor3_view<const float>(bq.data(), {1, rq, d}), std::span(&qpos, 1), fc,
+                      tensor3_view<float>(ot.data(), {1, h, d}), {}, exec, &ws_tpa);
   });
 }
 
@@ -149,13 +165,19 @@ TEST_CASE("layer decode steps (GQA, MLA absorbed, TPA) do not allocate", "[layer
   gqa_layer gl(gc, gw.weights());
   auto gcache = gl.make_cache<bf16>(steps + prompt);
 
-  const mla_config mc{.model_dim = 64, .heads = 4, .q_lora_rank = 24, .latent_dim = 32, .nope_dim = 16, .rope_dim = 8,
+  const mla_config mc{.model_dim = 64,
+                      .heads = 4,
+                      .q_lora_rank = 24,
+                      .latent_dim = 32,
+                      .nope_dim = 16,
+                      .rope_dim = 8,
                       .v_head_dim = 16};
   const auto mw = make_mla(rng, mc, true, true);
   mla_layer ml(mc, mw.weights());
   auto mcache = ml.make_cache<float>(steps + prompt);
 
-  const tpa_config tc{.model_dim = 64, .heads = 4, .head_dim = 16, .q_rank = 3, .k_rank = 2, .v_rank = 2};
+  const tpa_config tc{
+      .model_dim = 64, .heads = 4, .head_dim = 16, .q_rank = 3, .k_rank = 2, .v_rank = 2};
   const auto tw = make_tpa(rng, tc, false);
   tpa_layer tl(tc, tw.weights());
   auto tcache = tl.make_cache<float>(steps + prompt);

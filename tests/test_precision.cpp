@@ -30,7 +30,8 @@ double error_ratio(std::uint64_t seed, double q_scale, std::int64_t tk_max) {
   x.q *= static_cast<float>(q_scale);
   const fmat out = run_kernel<float>(c, x);
   const auto ref = run_reference<float>(c, x);
-  const double tol = float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff());
+  const double tol =
+      float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff());
   return max_abs_diff(to_double(out), ref.out) / tol;
 }
 
@@ -47,8 +48,8 @@ double failing_fraction(double q_scale, std::int64_t tk_max) {
       CHECK(r <= 1);
     }
   }
-  WARN("q_scale " << q_scale << ", Tk <= " << tk_max << ": worst error / tolerance " << worst << ", failing "
-                  << failing << " of 60");
+  WARN("q_scale " << q_scale << ", Tk <= " << tk_max << ": worst error / tolerance " << worst
+                  << ", failing " << failing << " of 60");
   return failing / 60.0;
 }
 
@@ -66,5 +67,6 @@ TEST_CASE("exp-dominated errors (small scores, few keys)", "[precision]") {
 
 TEST_CASE("typical scores (unit-variance q and k)", "[precision]") {
   const double f = failing_fraction(1.0, 1500);
-  if (ATTNKIT_TEST_PRECISION_LOSS != 0) CHECK(f >= 0.0);  // informative only: the WARN shows the ratios
+  if (ATTNKIT_TEST_PRECISION_LOSS != 0)
+    CHECK(f >= 0.0);  // informative only: the WARN shows the ratios
 }

@@ -7,7 +7,8 @@
 using namespace attnkit;
 using namespace attnkit::test;
 
-TEST_CASE("rope matches the complex-rotation definition (both layouts, partial dims, tables)", "[rope]") {
+TEST_CASE("rope matches the complex-rotation definition (both layouts, partial dims, tables)",
+          "[rope]") {
   std::mt19937_64 rng(GENERATE(11, 12, 13, 14, 15, 16));
   const rope_layout layout = rng() % 2 ? rope_layout::half_split : rope_layout::interleaved;
   const std::int64_t d = 2 * (1 + static_cast<std::int64_t>(rng() % 64));
@@ -26,7 +27,8 @@ TEST_CASE("rope matches the complex-rotation definition (both layouts, partial d
   INFO("d=" << d << " rot=" << rot << " layout=" << to_string(layout) << " tables=" << table_mode);
   const rope r(cfg, d, heads);
   const fmat x = random_matrix(rng, heads, d);
-  for (std::int64_t pos : {std::int64_t{0}, std::int64_t{1}, std::int64_t{17}, std::int64_t{4095}, std::int64_t{131071}}) {
+  for (std::int64_t pos : {std::int64_t{0}, std::int64_t{1}, std::int64_t{17}, std::int64_t{4095},
+                           std::int64_t{131071}}) {
     for (std::int64_t h = 0; h < heads; ++h) {
       std::vector<float> got(x.row(h).data(), x.row(h).data() + d);
       std::vector<double> want(got.begin(), got.end());
@@ -41,7 +43,8 @@ TEST_CASE("rope matches the complex-rotation definition (both layouts, partial d
   }
 }
 
-TEST_CASE("rope: half_split and interleaved are the same rotation up to a coordinate permutation", "[rope]") {
+TEST_CASE("rope: half_split and interleaved are the same rotation up to a coordinate permutation",
+          "[rope]") {
   const std::int64_t d = 8;
   rope hs({.theta = 100.0, .layout = rope_layout::half_split}, d);
   rope il({.theta = 100.0, .layout = rope_layout::interleaved}, d);
@@ -62,7 +65,8 @@ TEST_CASE("rope: scores depend only on the position difference", "[rope]") {
   const rope r({.theta = 10000.0, .layout = layout}, d);
   const fmat qk = random_matrix(rng, 2, d);
   auto score = [&](std::int64_t m, std::int64_t n) {
-    std::vector<double> q(qk.row(0).data(), qk.row(0).data() + d), k(qk.row(1).data(), qk.row(1).data() + d);
+    std::vector<double> q(qk.row(0).data(), qk.row(0).data() + d),
+        k(qk.row(1).data(), qk.row(1).data() + d);
     r.apply(q.data(), m);
     r.apply(k.data(), n);
     double s = 0;
@@ -71,7 +75,8 @@ TEST_CASE("rope: scores depend only on the position difference", "[rope]") {
   };
   for (std::int64_t delta : {0, 1, 5, 100}) {
     const double base = score(delta, 0);
-    for (std::int64_t shift : {1, 37, 1000, 65536}) CHECK(score(delta + shift, shift) == Approx(base).margin(1e-9 * d));
+    for (std::int64_t shift : {1, 37, 1000, 65536})
+      CHECK(score(delta + shift, shift) == Approx(base).margin(1e-9 * d));
   }
   // Rotation preserves norms.
   std::vector<double> q(qk.row(0).data(), qk.row(0).data() + d);
@@ -82,11 +87,13 @@ TEST_CASE("rope: scores depend only on the position difference", "[rope]") {
 
 TEST_CASE("rope: invalid configurations throw naming the parameter", "[rope][errors]") {
   ATTNKIT_CHECK_INVALID(rope({.rotary_dim = 3}, 8), "rotary_dim must be even", "got 3");
-  ATTNKIT_CHECK_INVALID(rope({.rotary_dim = 10}, 8), "rotary_dim must be in [1, head_dim=8]", "got 10");
+  ATTNKIT_CHECK_INVALID(rope({.rotary_dim = 10}, 8), "rotary_dim must be in [1, head_dim=8]",
+                        "got 10");
   ATTNKIT_CHECK_INVALID(rope({.theta = -1.0}, 8), "theta must be finite and > 0", "got -1");
   ATTNKIT_CHECK_INVALID(rope({}, 0), "head_dim must be > 0");
-  ATTNKIT_CHECK_INVALID(rope({.frequency_index = {{0, 1}}}, 8), "frequency_index[0] has 2 entries", "rotary_dim/2=4");
+  ATTNKIT_CHECK_INVALID(rope({.frequency_index = {{0, 1}}}, 8), "frequency_index[0] has 2 entries",
+                        "rotary_dim/2=4");
   ATTNKIT_CHECK_INVALID(rope({.frequency_index = {{0, 1, 2, 9}}}, 8), "frequency_index[0][3]=9");
-  ATTNKIT_CHECK_INVALID(rope({.frequency_index = {{0, 1, 2, 3}, {0, 1, 2, 3}}}, 8, 3), "0, 1 or heads=3 tables",
-                        "got 2");
+  ATTNKIT_CHECK_INVALID(rope({.frequency_index = {{0, 1, 2, 3}, {0, 1, 2, 3}}}, 8, 3),
+                        "0, 1 or heads=3 tables", "got 2");
 }

@@ -18,14 +18,16 @@ void direct(const std::vector<float>& s, const fmat& v, std::vector<double>& out
   for (float x : s) sum += std::exp(double(x) - mx);
   for (std::size_t t = 0; t < s.size(); ++t)
     for (std::int64_t c = 0; c < v.cols(); ++c)
-      out[static_cast<std::size_t>(c)] += std::exp(double(s[t]) - mx) / sum * v(static_cast<std::int64_t>(t), c);
+      out[static_cast<std::size_t>(c)] +=
+          std::exp(double(s[t]) - mx) / sum * v(static_cast<std::int64_t>(t), c);
   lse = mx + std::log(sum);
 }
 }  // namespace
 
 TEST_CASE("online_softmax: blockwise updates and merges equal the direct softmax", "[softmax]") {
   std::mt19937_64 rng(GENERATE(1, 2, 3, 4));
-  const std::int64_t n = 1 + static_cast<std::int64_t>(rng() % 300), dim = 1 + static_cast<std::int64_t>(rng() % 40);
+  const std::int64_t n = 1 + static_cast<std::int64_t>(rng() % 300),
+                     dim = 1 + static_cast<std::int64_t>(rng() % 40);
   const fmat v = random_matrix(rng, n, dim);
   std::vector<float> s(static_cast<std::size_t>(n));
   std::normal_distribution<float> nd(0.f, 4.f);
@@ -52,12 +54,16 @@ TEST_CASE("online_softmax: blockwise updates and merges equal the direct softmax
   a.finalize(out.data(), dim, &lse);
   // Tolerance: float exp/sum of n terms, ~(8 + n) unit roundoffs of the largest |v|.
   const double tol = (8.0 + double(n)) * 0x1p-24 * v.cwiseAbs().maxCoeff();
-  for (std::int64_t c = 0; c < dim; ++c) CHECK(std::abs(out[static_cast<std::size_t>(c)] - ref[static_cast<std::size_t>(c)]) <= tol);
-  if (std::isinf(ref_lse)) CHECK(std::isinf(lse));
-  else CHECK(std::abs(lse - ref_lse) <= 1e-5 * (1 + std::abs(ref_lse)));
+  for (std::int64_t c = 0; c < dim; ++c)
+    CHECK(std::abs(out[static_cast<std::size_t>(c)] - ref[static_cast<std::size_t>(c)]) <= tol);
+  if (std::isinf(ref_lse))
+    CHECK(std::isinf(lse));
+  else
+    CHECK(std::abs(lse - ref_lse) <= 1e-5 * (1 + std::abs(ref_lse)));
 }
 
-TEST_CASE("online_softmax: a fully masked row gives output 0 and LSE -inf, never NaN", "[softmax]") {
+TEST_CASE("online_softmax: a fully masked row gives output 0 and LSE -inf, never NaN",
+          "[softmax]") {
   online_softmax sm(2, 3);
   std::vector<float> s{-INFINITY, -INFINITY};
   const float v[6] = {1, 2, 3, 4, 5, 6};

@@ -10,42 +10,58 @@ static_assert(kv_cache<factorized_cache<float>>);
 static_assert(kv_cache<factorized_cache<bf16>>);
 static_assert(kv_cache<factorized_cache<half>>);
 
-TEMPLATE_TEST_CASE("factorized_cache: (R_K (H + d) + R_V (H + d_v)) elements per token", "[tpa][cache]", float, bf16, half) {
+TEMPLATE_TEST_CASE("factorized_cache: (R_K (H + d) + R_V (H + d_v)) elements per token",
+                   "[tpa][cache]", float, bf16, half) {
   using S = TestType;
   factorized_cache<S> c({.heads = 32, .head_dim = 128, .k_rank = 1, .v_rank = 1, .capacity = 4});
   CHECK(c.bytes_per_token() == 320 * static_cast<std::int64_t>(sizeof(S)));
   factorized_cache<S> t6({.heads = 34, .head_dim = 64, .k_rank = 2, .v_rank = 2, .capacity = 4});
   CHECK(t6.bytes_per_token() == (2 * (34 + 64) * 2) * static_cast<std::int64_t>(sizeof(S)));
-  ATTNKIT_CHECK_INVALID(factorized_cache<S>({.heads = 4, .head_dim = 8, .k_rank = 0, .v_rank = 1, .capacity = 4}),
-                        "factorized_cache: k_rank must be > 0, got 0");
-  ATTNKIT_CHECK_INVALID(factorized_cache<S>({.heads = 4, .head_dim = 8, .k_rank = 1, .v_rank = -1, .capacity = 4}),
-                        "factorized_cache: v_rank must be > 0, got -1");
+  ATTNKIT_CHECK_INVALID(
+      factorized_cache<S>({.heads = 4, .head_dim = 8, .k_rank = 0, .v_rank = 1, .capacity = 4}),
+      "factorized_cache: k_rank must be > 0, got 0");
+  ATTNKIT_CHECK_INVALID(
+      factorized_cache<S>({.heads = 4, .head_dim = 8, .k_rank = 1, .v_rank = -1, .capacity = 4}),
+      "factorized_cache: v_rank must be > 0, got -1");
   std::vector<float> buf(64, 1.f);
   std::vector<std::int64_t> pos{0, 1};
   factorized_cache<S> small({.heads = 2, .head_dim = 4, .k_rank = 1, .v_rank = 1, .capacity = 1});
-  ATTNKIT_CHECK_INVALID(small.append({tensor3_view<const float>(buf.data(), {2, 1, 2}), tensor3_view<const float>(buf.data(), {2, 1, 4}),
-                                      tensor3_view<const float>(buf.data(), {2, 1, 2}), tensor3_view<const float>(buf.data(), {2, 1, 4}), pos}),
+  ATTNKIT_CHECK_INVALID(small.append({tensor3_view<const float>(buf.data(), {2, 1, 2}),
+                                      tensor3_view<const float>(buf.data(), {2, 1, 4}),
+                                      tensor3_view<const float>(buf.data(), {2, 1, 2}),
+                                      tensor3_view<const float>(buf.data(), {2, 1, 4}), pos}),
                         "appending 2 tokens to size=0 exceeds capacity=1");
-  ATTNKIT_CHECK_INVALID(small.append({tensor3_view<const float>(buf.data(), {2, 2, 2}), tensor3_view<const float>(buf.data(), {2, 1, 4}),
-                                      tensor3_view<const float>(buf.data(), {2, 1, 2}), tensor3_view<const float>(buf.data(), {2, 1, 4}), pos}),
+  ATTNKIT_CHECK_INVALID(small.append({tensor3_view<const float>(buf.data(), {2, 2, 2}),
+                                      tensor3_view<const float>(buf.data(), {2, 1, 4}),
+                                      tensor3_view<const float>(buf.data(), {2, 1, 2}),
+                                      tensor3_view<const float>(buf.data(), {2, 1, 4}), pos}),
                         "a_k has shape [2, 2, 2] but [2, 1, 2]");
 }
 
-TEMPLATE_TEST_CASE("attend_factorized matches attention on the materialised Q, K, V", "[tpa][kernel]", float, bf16) {
+TEMPLATE_TEST_CASE("attend_factorized matches attention on the materialised Q, K, V",
+                   "[tpa][kernel]", float, bf16) {
   using S = TestType;
   std::mt19937_64 rng(GENERATE(1, 2, 3, 4, 5, 6, 7, 8));
-  const std::int64_t h = 1 + static_cast<std::int64_t>(rng() % 40), d = rng() % 2 ? 64 : 40, dv = rng() % 2 ? d : 24;
-  const std::int64_t rq = 1 + static_cast<std::int64_t>(rng() % 6), rk = 1 + static_cast<std::int64_t>(rng() % 3),
+  const std::int64_t h = 1 + static_cast<std::int64_t>(rng() % 40), d = rng() % 2 ? 64 : 40,
+                     dv = rng() % 2 ? d : 24;
+  const std::int64_t rq = 1 + static_cast<std::int64_t>(rng() % 6),
+                     rk = 1 + static_cast<std::int64_t>(rng() % 3),
                      rv = 1 + static_cast<std::int64_t>(rng() % 3);
-  const std::int64_t tk = 1 + static_cast<std::int64_t>(rng() % 900), tq = rng() % 2 ? 1 : 1 + static_cast<std::int64_t>(rng() % 20);
-  const fmat aq = random_matrix(rng, tq, rq * h), bq = random_matrix(rng, tq, rq * d, 0.5f), ak = random_matrix(rng, tk, rk * h),
-             bk = random_matrix(rng, tk, rk * d, 0.5f), av = random_matrix(rng, tk, rv * h), bv = random_matrix(rng, tk, rv * dv);
+  const std::int64_t tk = 1 + static_cast<std::int64_t>(rng() % 900),
+                     tq = rng() % 2 ? 1 : 1 + static_cast<std::int64_t>(rng() % 20);
+  const fmat aq = random_matrix(rng, tq, rq * h), bq = random_matrix(rng, tq, rq * d, 0.5f),
+             ak = random_matrix(rng, tk, rk * h), bk = random_matrix(rng, tk, rk * d, 0.5f),
+             av = random_matrix(rng, tk, rv * h), bv = random_matrix(rng, tk, rv * dv);
   const auto kpos = gapped_positions(rng, tk, 0, 2);
   std::vector<std::int64_t> qpos;
-  for (std::int64_t i = 0; i < tq; ++i) qpos.push_back(i == tq - 1 ? kpos.back() : kpos[rng() % kpos.size()]);
-  factorized_cache<S> cache({.heads = h, .head_dim = d, .v_head_dim = dv, .k_rank = rk, .v_rank = rv, .capacity = tk});
-  cache.append({tensor3_view<const float>(ak.data(), {tk, rk, h}), tensor3_view<const float>(bk.data(), {tk, rk, d}),
-                tensor3_view<const float>(av.data(), {tk, rv, h}), tensor3_view<const float>(bv.data(), {tk, rv, dv}), kpos});
+  for (std::int64_t i = 0; i < tq; ++i)
+    qpos.push_back(i == tq - 1 ? kpos.back() : kpos[rng() % kpos.size()]);
+  factorized_cache<S> cache(
+      {.heads = h, .head_dim = d, .v_head_dim = dv, .k_rank = rk, .v_rank = rv, .capacity = tk});
+  cache.append({tensor3_view<const float>(ak.data(), {tk, rk, h}),
+                tensor3_view<const float>(bk.data(), {tk, rk, d}),
+                tensor3_view<const float>(av.data(), {tk, rv, h}),
+                tensor3_view<const float>(bv.data(), {tk, rv, dv}), kpos});
   const tpa_scales sc{1.f / float(rq), 1.f / float(rk), 1.f / float(rv)};
   fmat out(tq, h * dv), lse(tq, h);
   thread_pool pool(2);
@@ -54,12 +70,15 @@ TEMPLATE_TEST_CASE("attend_factorized matches attention on the materialised Q, K
   const fmat aq_scaled = aq * sc.q;  // the kernel's query is A_Q^T B_Q: T6's 1/R_Q goes into A_Q
   factor_view<S> f = cache.view();
   f.k_scale = sc.k, f.v_scale = sc.v;
-  attend_factorized(tensor3_view<const float>(aq_scaled.data(), {tq, rq, h}), tensor3_view<const float>(bq.data(), {tq, rq, d}),
-                    qpos, f, tensor3_view<float>(out.data(), {tq, h, dv}), opt, pool);
+  attend_factorized(tensor3_view<const float>(aq_scaled.data(), {tq, rq, h}),
+                    tensor3_view<const float>(bq.data(), {tq, rq, d}), qpos, f,
+                    tensor3_view<float>(out.data(), {tq, h, dv}), opt, pool);
   // Reference on the cached (rounded) factors.
   const reference::matrix q = reference::tpa_materialise(to_double(aq), to_double(bq), rq, h, sc.q);
-  const reference::matrix k = reference::tpa_materialise(to_double(round_trip<S>(ak)), to_double(round_trip<S>(bk)), rk, h, sc.k);
-  const reference::matrix v = reference::tpa_materialise(to_double(round_trip<S>(av)), to_double(round_trip<S>(bv)), rv, h, sc.v);
+  const reference::matrix k = reference::tpa_materialise(to_double(round_trip<S>(ak)),
+                                                         to_double(round_trip<S>(bk)), rk, h, sc.k);
+  const reference::matrix v = reference::tpa_materialise(to_double(round_trip<S>(av)),
+                                                         to_double(round_trip<S>(bv)), rv, h, sc.v);
   const double scale = 1 / std::sqrt(double(d));
   const auto ref = reference::attention(q, qpos, k, v, kpos, h, h, scale);
   double qn = 0, kn = 0;
@@ -70,15 +89,19 @@ TEMPLATE_TEST_CASE("attend_factorized matches attention on the materialised Q, K
   const double a = scale * qn * kn;
   // The kernel forms scores as sums over R_Q R_K rank pairs of length-d dots: the float
   // tolerance of gqa_fixture.hpp with d replaced by R_Q R_K d, plus R_V for the value sums.
-  const double tol = 4 * 0x1p-24 * v.cwiseAbs().maxCoeff() *
-                     (std::sqrt(double(tk)) + 2 * std::sqrt(double(rq * rk * d)) * a + double(rv) + 8);
-  INFO("H=" << h << " d=" << d << " dv=" << dv << " R=" << rq << "/" << rk << "/" << rv << " Tk=" << tk << " Tq=" << tq << " tol=" << tol);
+  const double tol =
+      4 * 0x1p-24 * v.cwiseAbs().maxCoeff() *
+      (std::sqrt(double(tk)) + 2 * std::sqrt(double(rq * rk * d)) * a + double(rv) + 8);
+  INFO("H=" << h << " d=" << d << " dv=" << dv << " R=" << rq << "/" << rk << "/" << rv
+            << " Tk=" << tk << " Tq=" << tq << " tol=" << tol);
   CHECK(max_abs_diff(to_double(out), ref.out) <= tol);
   for (std::int64_t i = 0; i < tq; ++i)
-    for (std::int64_t j = 0; j < h; ++j) CHECK(std::abs(lse(i, j) - ref.lse(i, j)) <= 1e-4 * (1 + std::abs(ref.lse(i, j)) + a));
+    for (std::int64_t j = 0; j < h; ++j)
+      CHECK(std::abs(lse(i, j) - ref.lse(i, j)) <= 1e-4 * (1 + std::abs(ref.lse(i, j)) + a));
 }
 
-TEMPLATE_TEST_CASE("tpa_layer matches the double reference (full, KV-only, fixed head factors)", "[tpa][layer]", float, bf16) {
+TEMPLATE_TEST_CASE("tpa_layer matches the double reference (full, KV-only, fixed head factors)",
+                   "[tpa][layer]", float, bf16) {
   using S = TestType;
   std::mt19937_64 rng(GENERATE(range(11, 19)));
   const tpa_config cfg = random_tpa_config(rng);
@@ -88,32 +111,38 @@ TEMPLATE_TEST_CASE("tpa_layer matches the double reference (full, KV-only, fixed
   const fmat x = random_matrix(rng, t, cfg.model_dim);
   const auto pos = gapped_positions(rng, t, 50, 3);
   tpa_layer layer(cfg, w.weights());
-  const auto ref = reference::tpa_forward(to_double(x), pos, w.reference_weights(), w.shape(layer.scales()), cfg.rope,
-                                          1 / std::sqrt(double(cfg.head_dim)));
+  const auto ref =
+      reference::tpa_forward(to_double(x), pos, w.reference_weights(), w.shape(layer.scales()),
+                             cfg.rope, 1 / std::sqrt(double(cfg.head_dim)));
   const double tol = tpa_rel_tolerance<S>(cfg, t, tpa_a_max(w, layer, x));
   thread_pool pool(2);
   for (tpa_path path : {tpa_path::factorized, tpa_path::materialized}) {
     auto cache = layer.make_cache<S>(t);
     fmat y(t, cfg.model_dim);
     layer.forward(view_of(x), pos, cache, view_of(y), pool, path);
-    INFO("path=" << (path == tpa_path::factorized ? "factorized" : "materialized") << " H=" << cfg.heads << " R="
-                 << cfg.q_rank << "/" << cfg.k_rank << "/" << cfg.v_rank << " fixed=" << fixed << " tol=" << tol);
+    INFO("path=" << (path == tpa_path::factorized ? "factorized" : "materialized")
+                 << " H=" << cfg.heads << " R=" << cfg.q_rank << "/" << cfg.k_rank << "/"
+                 << cfg.v_rank << " fixed=" << fixed << " tol=" << tol);
     CHECK(rel_error(to_double(y), ref) <= tol);
   }
 }
 
 TEST_CASE("tpa_layer: invalid ranks and tensors throw naming them", "[tpa][errors]") {
   std::mt19937_64 rng(3);
-  tpa_config cfg{.model_dim = 32, .heads = 4, .head_dim = 16, .q_rank = 2, .k_rank = 2, .v_rank = 1};
+  tpa_config cfg{
+      .model_dim = 32, .heads = 4, .head_dim = 16, .q_rank = 2, .k_rank = 2, .v_rank = 1};
   const auto w = make_tpa(rng, cfg, false);
   auto edit = [&](auto f) {
     tpa_config c = cfg;
     f(c);
     return c;
   };
-  ATTNKIT_CHECK_INVALID(tpa_layer(edit([](tpa_config& c) { c.k_rank = 0; }), w.weights()), "k_rank must be >= 1, got 0");
-  ATTNKIT_CHECK_INVALID(tpa_layer(edit([](tpa_config& c) { c.v_rank = -2; }), w.weights()), "v_rank must be >= 1, got -2");
-  ATTNKIT_CHECK_INVALID(tpa_layer(edit([](tpa_config& c) { c.q_rank = -1; }), w.weights()), "q_rank must be >= 0");
+  ATTNKIT_CHECK_INVALID(tpa_layer(edit([](tpa_config& c) { c.k_rank = 0; }), w.weights()),
+                        "k_rank must be >= 1, got 0");
+  ATTNKIT_CHECK_INVALID(tpa_layer(edit([](tpa_config& c) { c.v_rank = -2; }), w.weights()),
+                        "v_rank must be >= 1, got -2");
+  ATTNKIT_CHECK_INVALID(tpa_layer(edit([](tpa_config& c) { c.q_rank = -1; }), w.weights()),
+                        "q_rank must be >= 0");
   ATTNKIT_CHECK_INVALID(tpa_layer(edit([](tpa_config& c) { c.k_rank = 3; }), w.weights()),
                         "tensor w_a_k has shape [8, 32] but [12, 32] was expected");
   tpa_weights bad = w.weights();
@@ -125,11 +154,13 @@ TEST_CASE("tpa_layer: invalid ranks and tensors throw naming them", "[tpa][error
   ATTNKIT_CHECK_INVALID(tpa_layer(cfg, bad), "exactly one of w_a_k (contextual) and a_k");
   bad = w.weights();
   bad.q_proj = bad.w_b_q;
-  ATTNKIT_CHECK_INVALID(tpa_layer(cfg, bad), "q_rank=2 factorizes the queries, but q_proj was also given");
+  ATTNKIT_CHECK_INVALID(tpa_layer(cfg, bad),
+                        "q_rank=2 factorizes the queries, but q_proj was also given");
   tpa_layer layer(cfg, w.weights());
-  factorized_cache<float> wrong({.heads = 4, .head_dim = 16, .k_rank = 1, .v_rank = 1, .capacity = 2});
+  factorized_cache<float> wrong(
+      {.heads = 4, .head_dim = 16, .k_rank = 1, .v_rank = 1, .capacity = 2});
   fmat x = random_matrix(rng, 1, 32), y(1, 32);
   const std::int64_t p = 0;
-  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), std::span(&p, 1), wrong, view_of(y)), "cache has heads=4", "k_rank=1",
-                        "the layer needs 4, 16, 16, 2, 1");
+  ATTNKIT_CHECK_INVALID(layer.forward(view_of(x), std::span(&p, 1), wrong, view_of(y)),
+                        "cache has heads=4", "k_rank=1", "the layer needs 4, 16, 16, 2, 1");
 }

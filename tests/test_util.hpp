@@ -19,13 +19,16 @@ using fmat = row_matrix<float>;
 /// Entries with mean 0 and standard deviation sigma: the sum of the four 16-bit uniforms of one
 /// 64-bit draw (Irwin-Hall, close to normal and bounded by 3.46 sigma), several times cheaper than
 /// std::normal_distribution, which dominated the long-context tests' time.
-inline fmat random_matrix(std::mt19937_64& rng, std::int64_t rows, std::int64_t cols, float sigma = 1.f) {
-  // Each uniform has mean 32767.5 and variance (2^32 - 1) / 12; four of them sum to variance (2^32 - 1) / 3.
+inline fmat random_matrix(std::mt19937_64& rng, std::int64_t rows, std::int64_t cols,
+                          float sigma = 1.f) {
+  // Each uniform has mean 32767.5 and variance (2^32 - 1) / 12; four of them sum to variance (2^32
+  // - 1) / 3.
   const float a = sigma / std::sqrt(static_cast<float>((4294967296.0 - 1.0) / 3.0));
   fmat m(rows, cols);
   for (std::int64_t i = 0; i < m.size(); ++i) {
     const std::uint64_t r = rng();
-    const auto sum = static_cast<float>((r & 0xFFFF) + (r >> 16 & 0xFFFF) + (r >> 32 & 0xFFFF) + (r >> 48));
+    const auto sum =
+        static_cast<float>((r & 0xFFFF) + (r >> 16 & 0xFFFF) + (r >> 32 & 0xFFFF) + (r >> 48));
     m.data()[i] = (sum - 131070.f) * a;
   }
   return m;
@@ -36,13 +39,14 @@ inline dmat to_double(const fmat& m) { return m.cast<double>(); }
 template <storage_type S>
 fmat round_trip(const fmat& m) {
   fmat r(m.rows(), m.cols());
-  for (std::int64_t i = 0; i < m.size(); ++i) r.data()[i] = static_cast<float>(static_cast<S>(m.data()[i]));
+  for (std::int64_t i = 0; i < m.size(); ++i)
+    r.data()[i] = static_cast<float>(static_cast<S>(m.data()[i]));
   return r;
 }
 
 /// Increasing positions starting at `offset` with random gaps in [1, max_gap].
-inline std::vector<std::int64_t> gapped_positions(std::mt19937_64& rng, std::int64_t n, std::int64_t offset,
-                                                  std::int64_t max_gap) {
+inline std::vector<std::int64_t> gapped_positions(std::mt19937_64& rng, std::int64_t n,
+                                                  std::int64_t offset, std::int64_t max_gap) {
   std::uniform_int_distribution<std::int64_t> gap(1, max_gap);
   std::vector<std::int64_t> p(static_cast<std::size_t>(n));
   std::int64_t cur = offset;
@@ -67,7 +71,7 @@ std::string message_of(F&& f) {
   do {                                                                           \
     const std::string msg_ = ::attnkit::test::message_of([&] { (void)(expr); }); \
     for (const char* frag_ : {__VA_ARGS__}) {                                    \
-      INFO("message: " << msg_ << "\nexpected fragment: " << frag_);            \
+      INFO("message: " << msg_ << "\nexpected fragment: " << frag_);             \
       CHECK(msg_.find(frag_) != std::string::npos);                              \
     }                                                                            \
   } while (0)

@@ -9,28 +9,44 @@ namespace attnkit::test {
 struct tpa_data {
   tpa_config cfg;
   fmat w_a_q, w_b_q, q_proj, w_a_k, w_b_k, w_a_v, w_b_v, o_proj, a_q, a_k, a_v;
-  static matrix_view<const float> v(const fmat& m) { return m.size() ? view_of(m) : matrix_view<const float>{}; }
+  static matrix_view<const float> v(const fmat& m) {
+    return m.size() ? view_of(m) : matrix_view<const float>{};
+  }
   tpa_weights weights() const {
-    return {v(w_a_q), v(w_b_q), v(q_proj), v(w_a_k), v(w_b_k), v(w_a_v), v(w_b_v), v(o_proj), v(a_q), v(a_k), v(a_v)};
+    return {v(w_a_q), v(w_b_q),  v(q_proj), v(w_a_k), v(w_b_k), v(w_a_v),
+            v(w_b_v), v(o_proj), v(a_q),    v(a_k),   v(a_v)};
   }
   reference::tpa_weights reference_weights() const {
-    auto d = [](const fmat& m) { return m.size() ? reference::matrix(to_double(m)) : reference::matrix(); };
-    return {d(w_a_q), d(w_b_q), d(q_proj), d(w_a_k), d(w_b_k), d(w_a_v), d(w_b_v), d(o_proj), d(a_q), d(a_k), d(a_v)};
+    auto d = [](const fmat& m) {
+      return m.size() ? reference::matrix(to_double(m)) : reference::matrix();
+    };
+    return {d(w_a_q), d(w_b_q),  d(q_proj), d(w_a_k), d(w_b_k), d(w_a_v),
+            d(w_b_v), d(o_proj), d(a_q),    d(a_k),   d(a_v)};
   }
   reference::tpa_shape shape(const tpa_scales& s) const {
-    return {cfg.heads, cfg.head_dim, cfg.v_head_dim ? cfg.v_head_dim : cfg.head_dim, cfg.q_rank ? cfg.q_rank : cfg.heads,
-            cfg.k_rank, cfg.v_rank, s.q, s.k, s.v};
+    return {cfg.heads,
+            cfg.head_dim,
+            cfg.v_head_dim ? cfg.v_head_dim : cfg.head_dim,
+            cfg.q_rank ? cfg.q_rank : cfg.heads,
+            cfg.k_rank,
+            cfg.v_rank,
+            s.q,
+            s.k,
+            s.v};
   }
 };
 
 /// fixed: non-contextual head factors a_* [R, H] instead of W_A_*.
 inline tpa_data make_tpa(std::mt19937_64& rng, const tpa_config& cfg, bool fixed) {
   tpa_data w{cfg, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
-  const std::int64_t dm = cfg.model_dim, h = cfg.heads, d = cfg.head_dim, dv = cfg.v_head_dim ? cfg.v_head_dim : d;
+  const std::int64_t dm = cfg.model_dim, h = cfg.heads, d = cfg.head_dim,
+                     dv = cfg.v_head_dim ? cfg.v_head_dim : d;
   const float s = 1.f / std::sqrt(float(dm));
   auto factor = [&](std::int64_t rank, fmat& wa, fmat& a) {
-    if (fixed) a = random_matrix(rng, rank, h, 1.f);
-    else wa = random_matrix(rng, h * rank, dm, s);
+    if (fixed)
+      a = random_matrix(rng, rank, h, 1.f);
+    else
+      wa = random_matrix(rng, h * rank, dm, s);
   };
   if (cfg.q_rank) {
     factor(cfg.q_rank, w.w_a_q, w.a_q);
@@ -55,7 +71,8 @@ inline tpa_config random_tpa_config(std::mt19937_64& rng) {
   c.q_rank = rng() % 4 == 0 ? 0 : 1 + static_cast<std::int64_t>(rng() % 6);
   c.k_rank = 1 + static_cast<std::int64_t>(rng() % 3);
   c.v_rank = 1 + static_cast<std::int64_t>(rng() % 3);
-  c.rope = {.theta = 10000.0, .layout = rng() % 2 ? rope_layout::half_split : rope_layout::interleaved};
+  c.rope = {.theta = 10000.0,
+            .layout = rng() % 2 ? rope_layout::half_split : rope_layout::interleaved};
   if (rng() % 3 == 0) c.rope.rotary_dim = c.head_dim / 2;
   return c;
 }
@@ -65,11 +82,14 @@ inline double tpa_a_max(const tpa_data& w, const tpa_layer& layer, const fmat& x
   const auto rw = w.reference_weights();
   const auto sh = w.shape(layer.scales());
   const reference::matrix xd = to_double(x);
-  const reference::matrix q = rw.q_proj.size() ? reference::matrix(xd * rw.q_proj.transpose())
-                                               : reference::tpa_materialise(reference::tpa_factor_a(xd, rw.w_a_q, rw.a_q, sh.q_rank, sh.heads),
-                                                                            xd * rw.w_b_q.transpose(), sh.q_rank, sh.heads, sh.q_scale);
-  const reference::matrix k = reference::tpa_materialise(reference::tpa_factor_a(xd, rw.w_a_k, rw.a_k, sh.k_rank, sh.heads),
-                                                         xd * rw.w_b_k.transpose(), sh.k_rank, sh.heads, sh.k_scale);
+  const reference::matrix q =
+      rw.q_proj.size() ? reference::matrix(xd * rw.q_proj.transpose())
+                       : reference::tpa_materialise(
+                             reference::tpa_factor_a(xd, rw.w_a_q, rw.a_q, sh.q_rank, sh.heads),
+                             xd * rw.w_b_q.transpose(), sh.q_rank, sh.heads, sh.q_scale);
+  const reference::matrix k =
+      reference::tpa_materialise(reference::tpa_factor_a(xd, rw.w_a_k, rw.a_k, sh.k_rank, sh.heads),
+                                 xd * rw.w_b_k.transpose(), sh.k_rank, sh.heads, sh.k_scale);
   double qn = 0, kn = 0;
   for (std::int64_t i = 0; i < x.rows(); ++i)
     for (std::int64_t h = 0; h < sh.heads; ++h) {
@@ -83,10 +103,12 @@ inline double tpa_a_max(const tpa_data& w, const tpa_layer& layer, const fmat& x
 template <storage_type S>
 double tpa_rel_tolerance(const tpa_config& c, std::int64_t t, double a_max) {
   const double u = 0x1p-24;
-  const std::int64_t dv = c.v_head_dim ? c.v_head_dim : c.head_dim, rq = c.q_rank ? c.q_rank : c.heads;
+  const std::int64_t dv = c.v_head_dim ? c.v_head_dim : c.head_dim,
+                     rq = c.q_rank ? c.q_rank : c.heads;
   const double f = 4 * u *
-                   (std::sqrt(double(c.model_dim)) + std::sqrt(double(c.heads * dv)) + 2 * std::sqrt(double(c.head_dim)) * a_max +
-                    std::sqrt(double(t)) + double(rq + c.k_rank + c.v_rank) + 8);
+                   (std::sqrt(double(c.model_dim)) + std::sqrt(double(c.heads * dv)) +
+                    2 * std::sqrt(double(c.head_dim)) * a_max + std::sqrt(double(t)) +
+                    double(rq + c.k_rank + c.v_rank) + 8);
   return f + (std::same_as<S, float> ? 0.0 : unit_roundoff<S>() * (1 + 2 * a_max) * 2);
 }
 

@@ -23,9 +23,14 @@ fmat replicate_heads(const fmat& m, std::int64_t kv_heads, std::int64_t g) {
 
 TEST_CASE("I: GQA(H, H_kv) equals MHA on KV heads replicated per group", "[identity][gqa]") {
   std::mt19937_64 rng(GENERATE(1, 2, 3, 4, 5, 6));
-  const std::int64_t hkv = 1 + static_cast<std::int64_t>(rng() % 4), g = 2 + static_cast<std::int64_t>(rng() % 4);
-  gqa_case c{.heads = hkv * g, .kv_heads = hkv, .head_dim = 64, .v_head_dim = rng() % 2 ? 64 : 32,
-             .tk = 1 + static_cast<std::int64_t>(rng() % 700), .tq = rng() % 2 ? 1 : 20};
+  const std::int64_t hkv = 1 + static_cast<std::int64_t>(rng() % 4),
+                     g = 2 + static_cast<std::int64_t>(rng() % 4);
+  gqa_case c{.heads = hkv * g,
+             .kv_heads = hkv,
+             .head_dim = 64,
+             .v_head_dim = rng() % 2 ? 64 : 32,
+             .tk = 1 + static_cast<std::int64_t>(rng() % 700),
+             .tq = rng() % 2 ? 1 : 20};
   const gqa_data x = make_gqa_data(rng, c);
   const fmat gqa = run_kernel<float>(c, x);
   gqa_case mha = c;
@@ -33,7 +38,10 @@ TEST_CASE("I: GQA(H, H_kv) equals MHA on KV heads replicated per group", "[ident
   gqa_data xm = x;
   xm.k = replicate_heads(x.k, hkv, g);
   xm.v = replicate_heads(x.v, hkv, g);
-  dense_cache<float> cache({.kv_heads = mha.kv_heads, .head_dim = c.head_dim, .v_head_dim = c.v_head_dim, .capacity = c.tk});
+  dense_cache<float> cache({.kv_heads = mha.kv_heads,
+                            .head_dim = c.head_dim,
+                            .v_head_dim = c.v_head_dim,
+                            .capacity = c.tk});
   cache.append(tensor3_view<const float>(xm.k.data(), {c.tk, mha.kv_heads, c.head_dim}),
                tensor3_view<const float>(xm.v.data(), {c.tk, mha.kv_heads, c.v_head_dim}), x.k_pos);
   fmat out(c.tq, c.heads * c.v_head_dim);
@@ -47,27 +55,41 @@ TEST_CASE("I: GQA(H, H_kv) equals MHA on KV heads replicated per group", "[ident
 
 TEST_CASE("I: MQA equals GQA whose KV heads are all the same head", "[identity][gqa]") {
   std::mt19937_64 rng(GENERATE(11, 12, 13, 14));
-  const std::int64_t h = 4 * (1 + static_cast<std::int64_t>(rng() % 4)), hkv = 2 + static_cast<std::int64_t>(rng() % 2) * 2;
-  gqa_case mqa{.heads = h, .kv_heads = 1, .head_dim = 32, .v_head_dim = 32, .tk = 1 + static_cast<std::int64_t>(rng() % 900),
+  const std::int64_t h = 4 * (1 + static_cast<std::int64_t>(rng() % 4)),
+                     hkv = 2 + static_cast<std::int64_t>(rng() % 2) * 2;
+  gqa_case mqa{.heads = h,
+               .kv_heads = 1,
+               .head_dim = 32,
+               .v_head_dim = 32,
+               .tk = 1 + static_cast<std::int64_t>(rng() % 900),
                .tq = rng() % 2 ? 1 : 9};
   const gqa_data x = make_gqa_data(rng, mqa);
   dense_cache<float> one({.kv_heads = 1, .head_dim = 32, .capacity = mqa.tk});
-  one.append(tensor3_view<const float>(x.k.data(), {mqa.tk, 1, 32}), tensor3_view<const float>(x.v.data(), {mqa.tk, 1, 32}), x.k_pos);
+  one.append(tensor3_view<const float>(x.k.data(), {mqa.tk, 1, 32}),
+             tensor3_view<const float>(x.v.data(), {mqa.tk, 1, 32}), x.k_pos);
   fmat out_mqa(mqa.tq, h * 32), out_gqa(mqa.tq, h * 32);
-  attend_mqa(tensor3_view<const float>(x.q.data(), {mqa.tq, h, 32}), x.q_pos, one, tensor3_view<float>(out_mqa.data(), {mqa.tq, h, 32}));
+  attend_mqa(tensor3_view<const float>(x.q.data(), {mqa.tq, h, 32}), x.q_pos, one,
+             tensor3_view<float>(out_mqa.data(), {mqa.tq, h, 32}));
   const fmat k_rep = replicate_heads(x.k, 1, hkv), v_rep = replicate_heads(x.v, 1, hkv);
   dense_cache<float> many({.kv_heads = hkv, .head_dim = 32, .capacity = mqa.tk});
-  many.append(tensor3_view<const float>(k_rep.data(), {mqa.tk, hkv, 32}), tensor3_view<const float>(v_rep.data(), {mqa.tk, hkv, 32}), x.k_pos);
-  attend(tensor3_view<const float>(x.q.data(), {mqa.tq, h, 32}), x.q_pos, many, tensor3_view<float>(out_gqa.data(), {mqa.tq, h, 32}));
+  many.append(tensor3_view<const float>(k_rep.data(), {mqa.tk, hkv, 32}),
+              tensor3_view<const float>(v_rep.data(), {mqa.tk, hkv, 32}), x.k_pos);
+  attend(tensor3_view<const float>(x.q.data(), {mqa.tq, h, 32}), x.q_pos, many,
+         tensor3_view<float>(out_gqa.data(), {mqa.tq, h, 32}));
   CHECK(max_abs_diff(to_double(out_mqa), to_double(out_gqa)) <=
         2 * float_tolerance(32, mqa.tk, x.a_max(32), x.v.cwiseAbs().maxCoeff()));
 }
 
-TEMPLATE_TEST_CASE("I: full prefill == chunked prefill == token-by-token decode (layer)", "[identity][layer]", float, bf16) {
+TEMPLATE_TEST_CASE("I: full prefill == chunked prefill == token-by-token decode (layer)",
+                   "[identity][layer]", float, bf16) {
   using S = TestType;
   std::mt19937_64 rng(GENERATE(21, 22, 23));
-  const std::int64_t hkv = 1 + static_cast<std::int64_t>(rng() % 3), g = 1 + static_cast<std::int64_t>(rng() % 3);
-  gqa_config cfg{.model_dim = 64, .heads = hkv * g, .kv_heads = hkv, .head_dim = 32,
+  const std::int64_t hkv = 1 + static_cast<std::int64_t>(rng() % 3),
+                     g = 1 + static_cast<std::int64_t>(rng() % 3);
+  gqa_config cfg{.model_dim = 64,
+                 .heads = hkv * g,
+                 .kv_heads = hkv,
+                 .head_dim = 32,
                  .rope = {.theta = 500000.0, .layout = rope_layout::half_split}};
   if (rng() % 2) cfg.window = 17;
   const auto w = make_layer_data(rng, cfg, rng() % 2);
@@ -81,7 +103,8 @@ TEMPLATE_TEST_CASE("I: full prefill == chunked prefill == token-by-token decode 
     fmat y(t, cfg.model_dim);
     for (std::int64_t s = 0; s < t; s += chunk) {
       const std::int64_t n = std::min(chunk, t - s);
-      layer.forward(matrix_view<const float>(x.row(s).data(), {n, cfg.model_dim}), std::span(pos).subspan(s, n), cache,
+      layer.forward(matrix_view<const float>(x.row(s).data(), {n, cfg.model_dim}),
+                    std::span(pos).subspan(s, n), cache,
                     matrix_view<float>(y.row(s).data(), {n, cfg.model_dim}), pool);
     }
     return to_double(y);
@@ -93,27 +116,32 @@ TEMPLATE_TEST_CASE("I: full prefill == chunked prefill == token-by-token decode 
   CHECK(rel_error(decode, full) <= tol);
 }
 
-TEST_CASE("I: prefill == token-by-token decode at the kernel level, bf16 cache, Tk up to 2048", "[identity][gqa]") {
+TEST_CASE("I: prefill == token-by-token decode at the kernel level, bf16 cache, Tk up to 2048",
+          "[identity][gqa]") {
   std::mt19937_64 rng(31);
   const std::int64_t h = 8, hkv = 2, d = 128, t = 2048;
-  const fmat q = random_matrix(rng, t, h * d), k = random_matrix(rng, t, hkv * d), v = random_matrix(rng, t, hkv * d);
+  const fmat q = random_matrix(rng, t, h * d), k = random_matrix(rng, t, hkv * d),
+             v = random_matrix(rng, t, hkv * d);
   std::vector<std::int64_t> pos(t);
   std::iota(pos.begin(), pos.end(), 0);
   dense_cache<bf16> cache({.kv_heads = hkv, .head_dim = d, .capacity = t});
-  cache.append(tensor3_view<const float>(k.data(), {t, hkv, d}), tensor3_view<const float>(v.data(), {t, hkv, d}), pos);
+  cache.append(tensor3_view<const float>(k.data(), {t, hkv, d}),
+               tensor3_view<const float>(v.data(), {t, hkv, d}), pos);
   thread_pool pool(2);
   fmat full(t, h * d);
-  attend(tensor3_view<const float>(q.data(), {t, h, d}), pos, cache, tensor3_view<float>(full.data(), {t, h, d}), {}, pool);
+  attend(tensor3_view<const float>(q.data(), {t, h, d}), pos, cache,
+         tensor3_view<float>(full.data(), {t, h, d}), {}, pool);
   // Decode: the cache grows token by token; query i sees the first i + 1 keys.
   dense_cache<bf16> growing({.kv_heads = hkv, .head_dim = d, .capacity = t});
   double worst = 0;
   fmat row(1, h * d);
   for (std::int64_t i = 0; i < t; ++i) {
-    growing.append(tensor3_view<const float>(k.row(i).data(), {1, hkv, d}), tensor3_view<const float>(v.row(i).data(), {1, hkv, d}),
+    growing.append(tensor3_view<const float>(k.row(i).data(), {1, hkv, d}),
+                   tensor3_view<const float>(v.row(i).data(), {1, hkv, d}),
                    std::span(pos).subspan(i, 1));
     if (i % 97 != 0 && i != t - 1) continue;  // check a spread of steps, the last included
-    attend(tensor3_view<const float>(q.row(i).data(), {1, h, d}), std::span(pos).subspan(i, 1), growing,
-           tensor3_view<float>(row.data(), {1, h, d}), {}, pool);
+    attend(tensor3_view<const float>(q.row(i).data(), {1, h, d}), std::span(pos).subspan(i, 1),
+           growing, tensor3_view<float>(row.data(), {1, h, d}), {}, pool);
     worst = std::max(worst, (row - full.row(i)).cwiseAbs().maxCoeff() * 1.0);
   }
   gqa_data x{q, k, v, pos, pos, 1 / std::sqrt(double(d))};

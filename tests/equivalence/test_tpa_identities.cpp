@@ -9,12 +9,14 @@ using namespace attnkit::test;
 
 namespace {
 template <class Cache, class Layer>
-fmat run_chunks(Layer& layer, Cache& cache, const fmat& x, const std::vector<std::int64_t>& pos, std::int64_t chunk, auto... extra) {
+fmat run_chunks(Layer& layer, Cache& cache, const fmat& x, const std::vector<std::int64_t>& pos,
+                std::int64_t chunk, auto... extra) {
   fmat y(x.rows(), x.cols());
   thread_pool pool(2);
   for (std::int64_t s = 0; s < x.rows(); s += chunk) {
     const std::int64_t n = std::min(chunk, x.rows() - s);
-    layer.forward(matrix_view<const float>(x.row(s).data(), {n, x.cols()}), std::span(pos).subspan(s, n), cache,
+    layer.forward(matrix_view<const float>(x.row(s).data(), {n, x.cols()}),
+                  std::span(pos).subspan(s, n), cache,
                   matrix_view<float>(y.row(s).data(), {n, x.cols()}), pool, extra...);
   }
   return y;
@@ -27,16 +29,29 @@ TEST_CASE("I5: MHA, MQA and GQA equal TPA with fixed head factors", "[identity][
   std::mt19937_64 rng(GENERATE(1, 2, 3));
   const std::int64_t h = 8, d = 16, dm = 48;
   for (std::int64_t g : {h, std::int64_t{1}, std::int64_t{2}, std::int64_t{4}}) {
-    gqa_config gc{.model_dim = dm, .heads = h, .kv_heads = g, .head_dim = d,
+    gqa_config gc{.model_dim = dm,
+                  .heads = h,
+                  .kv_heads = g,
+                  .head_dim = d,
                   .rope = {.theta = 10000.0, .layout = rope_layout::half_split}};
     const auto gw = make_layer_data(rng, gc, false);
     gqa_layer gqa(gc, gw.weights());
     fmat a(g, h);  // [R, H]
     a.setZero();
     for (std::int64_t hh = 0; hh < h; ++hh) a(hh / (h / g), hh) = float(g);
-    tpa_layer tpa({.model_dim = dm, .heads = h, .head_dim = d, .q_rank = 0, .k_rank = g, .v_rank = g, .rope = gc.rope},
-                  {.q_proj = view_of(gw.q), .w_b_k = view_of(gw.k), .w_b_v = view_of(gw.v), .o_proj = view_of(gw.o),
-                   .a_k = view_of(a), .a_v = view_of(a)});
+    tpa_layer tpa({.model_dim = dm,
+                   .heads = h,
+                   .head_dim = d,
+                   .q_rank = 0,
+                   .k_rank = g,
+                   .v_rank = g,
+                   .rope = gc.rope},
+                  {.q_proj = view_of(gw.q),
+                   .w_b_k = view_of(gw.k),
+                   .w_b_v = view_of(gw.v),
+                   .o_proj = view_of(gw.o),
+                   .a_k = view_of(a),
+                   .a_v = view_of(a)});
     const std::int64_t t = 30;
     const fmat x = random_matrix(rng, t, dm);
     const auto pos = gapped_positions(rng, t, 0, 2);
@@ -44,13 +59,15 @@ TEST_CASE("I5: MHA, MQA and GQA equal TPA with fixed head factors", "[identity][
     auto tcache = tpa.make_cache<float>(t);
     const fmat yg = run_chunks(gqa, gcache, x, pos, t), yt = run_chunks(tpa, tcache, x, pos, t);
     INFO("G=" << g);
-    CHECK(rel_error(to_double(yt), to_double(yg)) <= 2 * layer_rel_tolerance<float>(gc, t, layer_a_max(gw, x)) + 2 * 4 * 0x1p-24 * double(g));
+    CHECK(rel_error(to_double(yt), to_double(yg)) <=
+          2 * layer_rel_tolerance<float>(gc, t, layer_a_max(gw, x)) + 2 * 4 * 0x1p-24 * double(g));
     // TPA's cache holds R (H + 2d) elements per token instead of 2 G d.
     CHECK(tcache.bytes_per_token() == g * (h + d) * 2 * 4);
   }
 }
 
-TEST_CASE("I6: RoPE on the B factors equals RoPE on the materialised Q and K", "[identity][tpa][rope]") {
+TEST_CASE("I6: RoPE on the B factors equals RoPE on the materialised Q and K",
+          "[identity][tpa][rope]") {
   std::mt19937_64 rng(GENERATE(21, 22, 23));
   tpa_config cfg = random_tpa_config(rng);
   if (cfg.q_rank == 0) cfg.q_rank = 3;
@@ -60,13 +77,16 @@ TEST_CASE("I6: RoPE on the B factors equals RoPE on the materialised Q and K", "
   const reference::matrix x = to_double(random_matrix(rng, t, cfg.model_dim));
   const auto pos = gapped_positions(rng, t, 1000, 5);
   const double s = 1 / std::sqrt(double(cfg.head_dim));
-  const auto on_b = reference::tpa_forward(x, pos, w.reference_weights(), w.shape(layer.scales()), cfg.rope, s, true);
-  const auto on_q = reference::tpa_forward(x, pos, w.reference_weights(), w.shape(layer.scales()), cfg.rope, s, false);
+  const auto on_b = reference::tpa_forward(x, pos, w.reference_weights(), w.shape(layer.scales()),
+                                           cfg.rope, s, true);
+  const auto on_q = reference::tpa_forward(x, pos, w.reference_weights(), w.shape(layer.scales()),
+                                           cfg.rope, s, false);
   CHECK(rel_error(on_b, on_q) <= 1e-12);  // double round-off only
 }
 
-TEMPLATE_TEST_CASE("I7: the FlashTPA order equals the materialised computation; prefill == chunked == decode",
-                   "[identity][tpa]", float, bf16) {
+TEMPLATE_TEST_CASE(
+    "I7: the FlashTPA order equals the materialised computation; prefill == chunked == decode",
+    "[identity][tpa]", float, bf16) {
   std::mt19937_64 rng(GENERATE(31, 32, 33, 34));
   tpa_config cfg = random_tpa_config(rng);
   if (rng() % 2) cfg.window = 11;
@@ -75,8 +95,8 @@ TEMPLATE_TEST_CASE("I7: the FlashTPA order equals the materialised computation; 
   const std::int64_t t = 45;
   const fmat x = random_matrix(rng, t, cfg.model_dim);
   const auto pos = gapped_positions(rng, t, 0, 3);
-  auto c1 = layer.make_cache<TestType>(t), c2 = layer.make_cache<TestType>(t), c3 = layer.make_cache<TestType>(t),
-       c4 = layer.make_cache<TestType>(t);
+  auto c1 = layer.make_cache<TestType>(t), c2 = layer.make_cache<TestType>(t),
+       c3 = layer.make_cache<TestType>(t), c4 = layer.make_cache<TestType>(t);
   const fmat flash = run_chunks(layer, c1, x, pos, t, tpa_path::factorized);
   const fmat mat = run_chunks(layer, c2, x, pos, t, tpa_path::materialized);
   const fmat chunked = run_chunks(layer, c3, x, pos, 8, tpa_path::factorized);

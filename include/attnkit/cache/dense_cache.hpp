@@ -2,9 +2,10 @@
 // dense_cache<S>: the KV cache of MHA, GQA and MQA. Per token: roped K [kv_heads, head_dim]
 // and V [kv_heads, v_head_dim] in storage type S, plus the token's position.
 //
-// Layout: head-major, K as [kv_heads][capacity][head_dim] and V as [kv_heads][capacity][v_head_dim],
-// so a decode step streams each KV head's rows contiguously. The cache either owns its memory
-// (allocated once, 64-byte aligned, at construction) or wraps buffers the engine owns.
+// Layout: head-major, K as [kv_heads][capacity][head_dim] and V as
+// [kv_heads][capacity][v_head_dim], so a decode step streams each KV head's rows contiguously. The
+// cache either owns its memory (allocated once, 64-byte aligned, at construction) or wraps buffers
+// the engine owns.
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -39,7 +40,8 @@ class dense_cache {
   using storage_type = S;
   using append_type = dense_append;
 
-  /// Owning cache: allocates kv_heads * capacity * (head_dim + v_head_dim) elements now, never later.
+  /// Owning cache: allocates kv_heads * capacity * (head_dim + v_head_dim) elements now, never
+  /// later.
   explicit dense_cache(const dense_cache_config& cfg) : cfg_(validated(cfg)) {
     owned_k_ = detail::aligned_alloc_array<S>(k_elements_);
     owned_v_ = detail::aligned_alloc_array<S>(v_elements_);
@@ -51,11 +53,12 @@ class dense_cache {
 
   /// Non-owning cache over engine memory: k [kv_heads][capacity][head_dim], v
   /// [kv_heads][capacity][v_head_dim], positions [capacity]; `size` tokens already valid.
-  dense_cache(const dense_cache_config& cfg, S* k, S* v, std::int64_t* positions, std::int64_t size = 0)
+  dense_cache(const dense_cache_config& cfg, S* k, S* v, std::int64_t* positions,
+              std::int64_t size = 0)
       : cfg_(validated(cfg)), k_(k), v_(v), pos_(positions), size_(size) {
     detail::require(k && v && positions, "dense_cache: k, v and positions must be non-null");
-    detail::require(size >= 0 && size <= cfg_.capacity, "dense_cache: size=", size, " must be in [0, capacity=",
-                    cfg_.capacity, "]");
+    detail::require(size >= 0 && size <= cfg_.capacity, "dense_cache: size=", size,
+                    " must be in [0, capacity=", cfg_.capacity, "]");
   }
 
   dense_cache(dense_cache&&) noexcept = default;
@@ -70,37 +73,43 @@ class dense_cache {
   std::int64_t bytes_per_token() const {
     return cfg_.kv_heads * (cfg_.head_dim + cfg_.v_head_dim) * static_cast<std::int64_t>(sizeof(S));
   }
-  std::span<const std::int64_t> positions() const { return {pos_, static_cast<std::size_t>(size_)}; }
+  std::span<const std::int64_t> positions() const {
+    return {pos_, static_cast<std::size_t>(size_)};
+  }
 
   /// What the kernels read: key row t of head j at k + (j * capacity + t) * head_dim, likewise V.
   kv_view<S> view() const {
     return kv_view<S>({k_, cfg_.capacity * cfg_.head_dim, cfg_.head_dim, cfg_.head_dim},
-                      {v_, cfg_.capacity * cfg_.v_head_dim, cfg_.v_head_dim, cfg_.v_head_dim}, cfg_.kv_heads,
-                      positions());
+                      {v_, cfg_.capacity * cfg_.v_head_dim, cfg_.v_head_dim, cfg_.v_head_dim},
+                      cfg_.kv_heads, positions());
   }
 
   void append(const dense_append& a) {
     const std::int64_t t = static_cast<std::int64_t>(a.positions.size());
     detail::require_extents(a.k, {t, cfg_.kv_heads, cfg_.head_dim}, "dense_cache::append: k");
     detail::require_extents(a.v, {t, cfg_.kv_heads, cfg_.v_head_dim}, "dense_cache::append: v");
-    detail::require(t <= cfg_.capacity - size_, "dense_cache::append: appending ", t, " tokens to size=", size_,
-                    " exceeds capacity=", cfg_.capacity);
+    detail::require(t <= cfg_.capacity - size_, "dense_cache::append: appending ", t,
+                    " tokens to size=", size_, " exceeds capacity=", cfg_.capacity);
     for (std::int64_t i = 0; i < t; ++i) {
       const std::int64_t row = size_ + i;
       for (std::int64_t j = 0; j < cfg_.kv_heads; ++j) {
-        store(&a.k(i, j, 0), a.k.stride(2), k_ + (j * cfg_.capacity + row) * cfg_.head_dim, cfg_.head_dim);
-        store(&a.v(i, j, 0), a.v.stride(2), v_ + (j * cfg_.capacity + row) * cfg_.v_head_dim, cfg_.v_head_dim);
+        store(&a.k(i, j, 0), a.k.stride(2), k_ + (j * cfg_.capacity + row) * cfg_.head_dim,
+              cfg_.head_dim);
+        store(&a.v(i, j, 0), a.v.stride(2), v_ + (j * cfg_.capacity + row) * cfg_.v_head_dim,
+              cfg_.v_head_dim);
       }
       pos_[row] = a.positions[static_cast<std::size_t>(i)];
     }
     size_ += t;
   }
-  void append(tensor3_view<const float> k, tensor3_view<const float> v, std::span<const std::int64_t> positions) {
+  void append(tensor3_view<const float> k, tensor3_view<const float> v,
+              std::span<const std::int64_t> positions) {
     append(dense_append{k, v, positions});
   }
 
   void truncate(std::int64_t n) {
-    detail::require(n >= 0 && n <= size_, "dense_cache::truncate: n=", n, " must be in [0, size=", size_, "]");
+    detail::require(n >= 0 && n <= size_, "dense_cache::truncate: n=", n,
+                    " must be in [0, size=", size_, "]");
     size_ = n;
   }
   void clear() { size_ = 0; }
@@ -112,9 +121,12 @@ class dense_cache {
     detail::require(c.head_dim > 0, "dense_cache: head_dim must be > 0, got ", c.head_dim);
     detail::require(c.v_head_dim > 0, "dense_cache: v_head_dim must be > 0, got ", c.v_head_dim);
     detail::require(c.capacity >= 0, "dense_cache: capacity must be >= 0, got ", c.capacity);
-    const std::int64_t rows = detail::checked_mul(c.kv_heads, c.capacity, "dense_cache: kv_heads x capacity");
-    k_elements_ = detail::checked_mul(rows, c.head_dim, "dense_cache: K elements (kv_heads x capacity x head_dim)");
-    v_elements_ = detail::checked_mul(rows, c.v_head_dim, "dense_cache: V elements (kv_heads x capacity x v_head_dim)");
+    const std::int64_t rows =
+        detail::checked_mul(c.kv_heads, c.capacity, "dense_cache: kv_heads x capacity");
+    k_elements_ = detail::checked_mul(rows, c.head_dim,
+                                      "dense_cache: K elements (kv_heads x capacity x head_dim)");
+    v_elements_ = detail::checked_mul(rows, c.v_head_dim,
+                                      "dense_cache: V elements (kv_heads x capacity x v_head_dim)");
     return c;
   }
   static void store(const float* src, std::int64_t stride, S* dst, std::int64_t n) {

@@ -57,13 +57,13 @@ class factorized_cache {
   /// Non-owning: a_k [capacity][k_rank][heads], b_k [capacity][k_rank][head_dim],
   /// a_v [capacity][v_rank][heads], b_v [capacity][v_rank][v_head_dim], positions [capacity];
   /// `size` tokens already valid.
-  factorized_cache(const factorized_cache_config& cfg, S* a_k, S* b_k, S* a_v, S* b_v, std::int64_t* positions,
-                   std::int64_t size = 0)
+  factorized_cache(const factorized_cache_config& cfg, S* a_k, S* b_k, S* a_v, S* b_v,
+                   std::int64_t* positions, std::int64_t size = 0)
       : cfg_(validated(cfg)), f_{a_k, b_k, a_v, b_v}, pos_(positions), size_(size) {
     detail::require(a_k && b_k && a_v && b_v && positions,
                     "factorized_cache: a_k, b_k, a_v, b_v and positions must be non-null");
-    detail::require(size >= 0 && size <= cfg_.capacity, "factorized_cache: size=", size, " must be in [0, capacity=",
-                    cfg_.capacity, "]");
+    detail::require(size >= 0 && size <= cfg_.capacity, "factorized_cache: size=", size,
+                    " must be in [0, capacity=", cfg_.capacity, "]");
   }
   factorized_cache(factorized_cache&&) noexcept = default;
   factorized_cache& operator=(factorized_cache&&) noexcept = default;
@@ -79,13 +79,16 @@ class factorized_cache {
   std::int64_t size() const { return size_; }
   std::int64_t capacity() const { return cfg_.capacity; }
   std::int64_t bytes_per_token() const {
-    return (cfg_.k_rank * (cfg_.heads + cfg_.head_dim) + cfg_.v_rank * (cfg_.heads + cfg_.v_head_dim)) *
+    return (cfg_.k_rank * (cfg_.heads + cfg_.head_dim) +
+            cfg_.v_rank * (cfg_.heads + cfg_.v_head_dim)) *
            static_cast<std::int64_t>(sizeof(S));
   }
-  std::span<const std::int64_t> positions() const { return {pos_, static_cast<std::size_t>(size_)}; }
+  std::span<const std::int64_t> positions() const {
+    return {pos_, static_cast<std::size_t>(size_)};
+  }
   factor_view<S> view() const {
-    return {cfg_.heads, cfg_.head_dim, cfg_.v_head_dim, cfg_.k_rank, cfg_.v_rank, k_scale(), v_scale(),
-            f_[0], f_[1], f_[2], f_[3], positions()};
+    return {cfg_.heads, cfg_.head_dim, cfg_.v_head_dim, cfg_.k_rank, cfg_.v_rank, k_scale(),
+            v_scale(),  f_[0],         f_[1],           f_[2],       f_[3],       positions()};
   }
 
   void append(const factorized_append& a) {
@@ -95,8 +98,8 @@ class factorized_cache {
     detail::require_extents(a.b_k, {t, rk, cfg_.head_dim}, "factorized_cache::append: b_k");
     detail::require_extents(a.a_v, {t, rv, h}, "factorized_cache::append: a_v");
     detail::require_extents(a.b_v, {t, rv, cfg_.v_head_dim}, "factorized_cache::append: b_v");
-    detail::require(t <= cfg_.capacity - size_, "factorized_cache::append: appending ", t, " tokens to size=", size_,
-                    " exceeds capacity=", cfg_.capacity);
+    detail::require(t <= cfg_.capacity - size_, "factorized_cache::append: appending ", t,
+                    " tokens to size=", size_, " exceeds capacity=", cfg_.capacity);
     const tensor3_view<const float>* src[4] = {&a.a_k, &a.b_k, &a.a_v, &a.b_v};
     for (std::int64_t i = 0; i < t; ++i) {
       const std::int64_t row = size_ + i;
@@ -106,7 +109,8 @@ class factorized_cache {
     size_ += t;
   }
   void truncate(std::int64_t n) {
-    detail::require(n >= 0 && n <= size_, "factorized_cache::truncate: n=", n, " must be in [0, size=", size_, "]");
+    detail::require(n >= 0 && n <= size_, "factorized_cache::truncate: n=", n,
+                    " must be in [0, size=", size_, "]");
     size_ = n;
   }
   void clear() { size_ = 0; }
@@ -120,20 +124,24 @@ class factorized_cache {
     using detail::require;
     if (c.v_head_dim == 0) c.v_head_dim = c.head_dim;
     require(c.heads > 0, "factorized_cache: heads must be > 0, got ", c.heads);
-    require(c.head_dim > 0 && c.v_head_dim > 0, "factorized_cache: head_dim and v_head_dim must be > 0, got ",
-            c.head_dim, ", ", c.v_head_dim);
+    require(c.head_dim > 0 && c.v_head_dim > 0,
+            "factorized_cache: head_dim and v_head_dim must be > 0, got ", c.head_dim, ", ",
+            c.v_head_dim);
     require(c.k_rank > 0, "factorized_cache: k_rank must be > 0, got ", c.k_rank);
     require(c.v_rank > 0, "factorized_cache: v_rank must be > 0, got ", c.v_rank);
     require(c.capacity >= 0, "factorized_cache: capacity must be >= 0, got ", c.capacity);
     if (!c.k_scale) c.k_scale = 1.f / static_cast<float>(c.k_rank);
     if (!c.v_scale) c.v_scale = 1.f / static_cast<float>(c.v_rank);
-    require(std::isfinite(*c.k_scale) && std::isfinite(*c.v_scale), "factorized_cache: k_scale and v_scale must be ",
-            "finite, got ", *c.k_scale, " and ", *c.v_scale);
-    const std::int64_t widths[4][2] = {{c.k_rank, c.heads}, {c.k_rank, c.head_dim}, {c.v_rank, c.heads},
-                                       {c.v_rank, c.v_head_dim}};
+    require(std::isfinite(*c.k_scale) && std::isfinite(*c.v_scale),
+            "factorized_cache: k_scale and v_scale must be ", "finite, got ", *c.k_scale, " and ",
+            *c.v_scale);
+    const std::int64_t widths[4][2] = {
+        {c.k_rank, c.heads}, {c.k_rank, c.head_dim}, {c.v_rank, c.heads}, {c.v_rank, c.v_head_dim}};
     for (int f = 0; f < 4; ++f) {
-      per_token_[f] = detail::checked_mul(widths[f][0], widths[f][1], "factorized_cache: rank x width");
-      elements_[f] = detail::checked_mul(c.capacity, per_token_[f], "factorized_cache: capacity x rank x width");
+      per_token_[f] =
+          detail::checked_mul(widths[f][0], widths[f][1], "factorized_cache: rank x width");
+      elements_[f] = detail::checked_mul(c.capacity, per_token_[f],
+                                         "factorized_cache: capacity x rank x width");
     }
     return c;
   }

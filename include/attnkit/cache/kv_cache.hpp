@@ -18,7 +18,8 @@
 namespace attnkit {
 
 template <class C>
-concept kv_cache = requires(C& c, const C& cc, std::int64_t n, const typename C::append_type& payload) {
+concept kv_cache = requires(C& c, const C& cc, std::int64_t n,
+                            const typename C::append_type& payload) {
   typename C::storage_type;
   typename C::append_type;
   { cc.size() } -> std::convertible_to<std::int64_t>;

@@ -29,7 +29,9 @@ struct row_set {
   std::int64_t head_stride = 0;
   std::int64_t row_stride = 0;
   std::int64_t width = 0;
-  const S* row(std::int64_t head, std::int64_t t) const { return data + head * head_stride + t * row_stride; }
+  const S* row(std::int64_t head, std::int64_t t) const {
+    return data + head * head_stride + t * row_stride;
+  }
 };
 
 template <storage_type S>
@@ -38,26 +40,31 @@ class kv_view {
   using storage_type = S;
   kv_view() = default;
   /// Keys and values of kv_heads heads over `positions.size()` tokens.
-  kv_view(row_set<S> keys, row_set<S> values, std::int64_t kv_heads, std::span<const std::int64_t> positions)
+  kv_view(row_set<S> keys, row_set<S> values, std::int64_t kv_heads,
+          std::span<const std::int64_t> positions)
       : k_(keys), v_(values), kv_heads_(kv_heads), pos_(positions) {
     using detail::require;
     require(kv_heads > 0, "kv_view: kv_heads must be > 0, got ", kv_heads);
-    require(keys.width > 0 && values.width > 0, "kv_view: key and value widths must be > 0, got ", keys.width, " and ",
-            values.width);
-    require(size() == 0 || (keys.data && values.data), "kv_view: null key or value data for ", size(), " tokens");
+    require(keys.width > 0 && values.width > 0, "kv_view: key and value widths must be > 0, got ",
+            keys.width, " and ", values.width);
+    require(size() == 0 || (keys.data && values.data), "kv_view: null key or value data for ",
+            size(), " tokens");
   }
   /// Caller-owned K [T, H_kv, d_qk] and V [T, H_kv, d_v] (any token and head strides; the last
   /// dimension contiguous) with one position per token.
   kv_view(tensor3_view<const S> k, tensor3_view<const S> v, std::span<const std::int64_t> positions)
-      : kv_view(checked_rows(k, v, positions, true), checked_rows(k, v, positions, false), k.extent(1), positions) {}
+      : kv_view(checked_rows(k, v, positions, true), checked_rows(k, v, positions, false),
+                k.extent(1), positions) {}
 
   /// Rows of an MLA latent cache (one row [c | k_rope] per token, row_stride apart): keys are
   /// the whole row (key_width), values the first latent_dim elements of the same row.
-  static kv_view latent(const S* rows, std::int64_t row_stride, std::int64_t latent_dim, std::int64_t key_width,
-                        std::span<const std::int64_t> positions) {
-    detail::require(latent_dim > 0 && key_width >= latent_dim, "kv_view::latent: latent_dim=", latent_dim,
+  static kv_view latent(const S* rows, std::int64_t row_stride, std::int64_t latent_dim,
+                        std::int64_t key_width, std::span<const std::int64_t> positions) {
+    detail::require(latent_dim > 0 && key_width >= latent_dim,
+                    "kv_view::latent: latent_dim=", latent_dim,
                     " must be in [1, key_width=", key_width, "]");
-    return kv_view({rows, 0, row_stride, key_width}, {rows, 0, row_stride, latent_dim}, 1, positions);
+    return kv_view({rows, 0, row_stride, key_width}, {rows, 0, row_stride, latent_dim}, 1,
+                   positions);
   }
 
   std::int64_t size() const { return static_cast<std::int64_t>(pos_.size()); }
@@ -68,7 +75,9 @@ class kv_view {
   const row_set<S>& keys() const { return k_; }
   const row_set<S>& values() const { return v_; }
   /// Values are the leading columns of the key rows (MLA): a kernel may widen a block once.
-  bool values_in_keys() const { return v_.data == k_.data && v_.row_stride == k_.row_stride && v_.width <= k_.width; }
+  bool values_in_keys() const {
+    return v_.data == k_.data && v_.row_stride == k_.row_stride && v_.width <= k_.width;
+  }
   /// End of the run of uniformly strided rows that starts at token t.
   std::int64_t run_end(std::int64_t /*t*/) const { return size(); }
 
@@ -77,11 +86,12 @@ class kv_view {
                                  std::span<const std::int64_t> positions, bool keys) {
     using detail::require;
     const std::int64_t tk = k.extent(0);
-    require(static_cast<std::int64_t>(positions.size()) == tk, "kv_view: positions has ", positions.size(),
-            " entries but k has Tk=", tk, " tokens");
+    require(static_cast<std::int64_t>(positions.size()) == tk, "kv_view: positions has ",
+            positions.size(), " entries but k has Tk=", tk, " tokens");
     detail::require_extents(v, {tk, k.extent(1), v.extent(2)}, "kv_view: v");
-    require(k.stride(2) == 1 && v.stride(2) == 1, "kv_view: k and v need a contiguous last dimension, got strides ",
-            k.stride(2), " and ", v.stride(2));
+    require(k.stride(2) == 1 && v.stride(2) == 1,
+            "kv_view: k and v need a contiguous last dimension, got strides ", k.stride(2), " and ",
+            v.stride(2));
     const auto& x = keys ? k : v;
     return {x.data_handle(), x.stride(1), x.stride(0), x.extent(2)};
   }
@@ -92,8 +102,9 @@ class kv_view {
 };
 
 /// TPA's factors for `positions.size()` tokens, each token's block contiguous:
-/// A_K [k_rank, heads], B_K [k_rank, head_dim] (roped), A_V [v_rank, heads], B_V [v_rank, v_head_dim]
-/// at a_k + t * k_rank * heads etc. K[h] = k_scale sum_r A_K[r, h] B_K[r], V likewise with v_scale.
+/// A_K [k_rank, heads], B_K [k_rank, head_dim] (roped), A_V [v_rank, heads], B_V [v_rank,
+/// v_head_dim] at a_k + t * k_rank * heads etc. K[h] = k_scale sum_r A_K[r, h] B_K[r], V likewise
+/// with v_scale.
 template <storage_type S>
 struct factor_view {
   using storage_type = S;
@@ -113,11 +124,12 @@ struct factor_view {
   void validate(const char* who) const {
     using detail::require;
     require(heads > 0 && head_dim > 0 && v_head_dim > 0 && k_rank > 0 && v_rank > 0, who,
-            ": factor view needs positive heads, head_dim, v_head_dim, k_rank, v_rank; got ", heads, ", ", head_dim,
-            ", ", v_head_dim, ", ", k_rank, ", ", v_rank);
-    require(size() == 0 || (a_k && b_k && a_v && b_v), who, ": null factor data for ", size(), " tokens");
-    require(std::isfinite(k_scale) && std::isfinite(v_scale), who, ": k_scale and v_scale must be finite, got ",
-            k_scale, " and ", v_scale);
+            ": factor view needs positive heads, head_dim, v_head_dim, k_rank, v_rank; got ", heads,
+            ", ", head_dim, ", ", v_head_dim, ", ", k_rank, ", ", v_rank);
+    require(size() == 0 || (a_k && b_k && a_v && b_v), who, ": null factor data for ", size(),
+            " tokens");
+    require(std::isfinite(k_scale) && std::isfinite(v_scale), who,
+            ": k_scale and v_scale must be finite, got ", k_scale, " and ", v_scale);
   }
 };
 

@@ -49,11 +49,12 @@ class latent_cache {
     pos_ = owned_pos_.get();
   }
   /// Non-owning: rows [capacity][latent_dim + rope_heads * rope_dim], positions [capacity].
-  latent_cache(const latent_cache_config& cfg, S* rows, std::int64_t* positions, std::int64_t size = 0)
+  latent_cache(const latent_cache_config& cfg, S* rows, std::int64_t* positions,
+               std::int64_t size = 0)
       : cfg_(validated(cfg)), rows_(rows), pos_(positions), size_(size) {
     detail::require(rows && positions, "latent_cache: rows and positions must be non-null");
-    detail::require(size >= 0 && size <= cfg_.capacity, "latent_cache: size=", size, " must be in [0, capacity=",
-                    cfg_.capacity, "]");
+    detail::require(size >= 0 && size <= cfg_.capacity, "latent_cache: size=", size,
+                    " must be in [0, capacity=", cfg_.capacity, "]");
   }
   latent_cache(latent_cache&&) noexcept = default;
   latent_cache& operator=(latent_cache&&) noexcept = default;
@@ -65,19 +66,26 @@ class latent_cache {
   std::int64_t row_width() const { return cfg_.latent_dim + cfg_.rope_heads * cfg_.rope_dim; }
   std::int64_t size() const { return size_; }
   std::int64_t capacity() const { return cfg_.capacity; }
-  std::int64_t bytes_per_token() const { return row_width() * static_cast<std::int64_t>(sizeof(S)); }
-  std::span<const std::int64_t> positions() const { return {pos_, static_cast<std::size_t>(size_)}; }
+  std::int64_t bytes_per_token() const {
+    return row_width() * static_cast<std::int64_t>(sizeof(S));
+  }
+  std::span<const std::int64_t> positions() const {
+    return {pos_, static_cast<std::size_t>(size_)};
+  }
   /// Row t: rows() + t * row_width(); c first, then the rope keys.
   const S* rows() const { return rows_; }
   /// What the kernels read: one KV head whose keys are the rows and whose values are their c.
-  kv_view<S> view() const { return kv_view<S>::latent(rows_, row_width(), cfg_.latent_dim, row_width(), positions()); }
+  kv_view<S> view() const {
+    return kv_view<S>::latent(rows_, row_width(), cfg_.latent_dim, row_width(), positions());
+  }
 
   void append(const latent_append& a) {
     const std::int64_t t = static_cast<std::int64_t>(a.positions.size());
     detail::require_extents(a.c, {t, cfg_.latent_dim}, "latent_cache::append: c");
-    detail::require_extents(a.k_rope, {t, cfg_.rope_heads, cfg_.rope_dim}, "latent_cache::append: k_rope");
-    detail::require(t <= cfg_.capacity - size_, "latent_cache::append: appending ", t, " tokens to size=", size_,
-                    " exceeds capacity=", cfg_.capacity);
+    detail::require_extents(a.k_rope, {t, cfg_.rope_heads, cfg_.rope_dim},
+                            "latent_cache::append: k_rope");
+    detail::require(t <= cfg_.capacity - size_, "latent_cache::append: appending ", t,
+                    " tokens to size=", size_, " exceeds capacity=", cfg_.capacity);
     const std::int64_t w = row_width();
     for (std::int64_t i = 0; i < t; ++i) {
       S* row = rows_ + (size_ + i) * w;
@@ -89,11 +97,13 @@ class latent_cache {
     }
     size_ += t;
   }
-  void append(matrix_view<const float> c, tensor3_view<const float> k_rope, std::span<const std::int64_t> positions) {
+  void append(matrix_view<const float> c, tensor3_view<const float> k_rope,
+              std::span<const std::int64_t> positions) {
     append(latent_append{c, k_rope, positions});
   }
   void truncate(std::int64_t n) {
-    detail::require(n >= 0 && n <= size_, "latent_cache::truncate: n=", n, " must be in [0, size=", size_, "]");
+    detail::require(n >= 0 && n <= size_, "latent_cache::truncate: n=", n,
+                    " must be in [0, size=", size_, "]");
     size_ = n;
   }
   void clear() { size_ = 0; }
@@ -105,8 +115,9 @@ class latent_cache {
     detail::require(c.rope_heads >= 1, "latent_cache: rope_heads must be >= 1, got ", c.rope_heads);
     detail::require(c.capacity >= 0, "latent_cache: capacity must be >= 0, got ", c.capacity);
     (void)detail::checked_mul(c.rope_heads, c.rope_dim, "latent_cache: rope_heads x rope_dim");
-    detail::require(c.rope_heads * c.rope_dim <= std::numeric_limits<std::int64_t>::max() - c.latent_dim,
-                    "latent_cache: row width overflows int64");
+    detail::require(
+        c.rope_heads * c.rope_dim <= std::numeric_limits<std::int64_t>::max() - c.latent_dim,
+        "latent_cache: row width overflows int64");
     return c;
   }
 

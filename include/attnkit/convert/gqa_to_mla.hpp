@@ -54,8 +54,8 @@ struct mla_checkpoint {
 
 namespace detail {
 /// Copies rows [r0, r0 + n) of a weight view into dst starting at row d0, scaled.
-inline void copy_rows(const matrix_view<const float>& src, std::int64_t r0, std::int64_t n, row_matrix<float>& dst,
-                      std::int64_t d0, float scale = 1.f) {
+inline void copy_rows(const matrix_view<const float>& src, std::int64_t r0, std::int64_t n,
+                      row_matrix<float>& dst, std::int64_t d0, float scale = 1.f) {
   for (std::int64_t r = 0; r < n; ++r)
     for (std::int64_t c = 0; c < src.extent(1); ++c) dst(d0 + r, c) = src(r0 + r, c) * scale;
 }
@@ -69,11 +69,12 @@ inline std::int64_t interleaved_slot(std::int64_t c, std::int64_t rot) {
 }  // namespace detail
 
 /// The exact conversion. Throws attnkit::invalid_argument for what it cannot express.
-inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(const gqa_config& cfg_in, const gqa_weights& w,
-                                                                     mla_layout layout = mla_layout::grouped_rope) {
+inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(
+    const gqa_config& cfg_in, const gqa_weights& w, mla_layout layout = mla_layout::grouped_rope) {
   gqa_layer check(cfg_in, w);  // validates shapes
   const gqa_config& cfg = check.config();
-  const std::int64_t dm = cfg.model_dim, h = cfg.heads, hkv = cfg.kv_heads, d = cfg.head_dim, dv = cfg.v_head_dim;
+  const std::int64_t dm = cfg.model_dim, h = cfg.heads, hkv = cfg.kv_heads, d = cfg.head_dim,
+                     dv = cfg.v_head_dim;
   const std::int64_t g = h / hkv, rot = cfg.rope.rotary_dim ? cfg.rope.rotary_dim : d;
   mla_checkpoint m;
   m.config.model_dim = dm;
@@ -93,16 +94,18 @@ inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(const gqa_c
   auto kv_bias = [&](auto&& k_part) {
     if (w.k_proj_bias.empty() && w.v_proj_bias.empty()) return;
     m.kv_a_proj_bias.assign(static_cast<std::size_t>(hkv * dv + hkv * d), 0.f);
-    for (std::int64_t i = 0; i < static_cast<std::int64_t>(w.v_proj_bias.size()); ++i) m.kv_a_proj_bias[static_cast<std::size_t>(i)] = w.v_proj_bias[static_cast<std::size_t>(i)];
+    for (std::int64_t i = 0; i < static_cast<std::int64_t>(w.v_proj_bias.size()); ++i)
+      m.kv_a_proj_bias[static_cast<std::size_t>(i)] = w.v_proj_bias[static_cast<std::size_t>(i)];
     k_part();
   };
 
   const bool qk_norm = !w.q_norm.empty() || !w.k_norm.empty();
   if (qk_norm) {
-    ::attnkit::detail::require(layout == mla_layout::grouped_rope,
-                               "gqa_to_mla_exact: the model has QK-norm (per-head RMSNorm on q/k before RoPE), which the "
-                               "DeepSeek layout cannot express: it concatenates all K heads into one rope key whose norm "
-                               "would mix heads; use mla_layout::grouped_rope (one rope key per KV head)");
+    ::attnkit::detail::require(
+        layout == mla_layout::grouped_rope,
+        "gqa_to_mla_exact: the model has QK-norm (per-head RMSNorm on q/k before RoPE), which the "
+        "DeepSeek layout cannot express: it concatenates all K heads into one rope key whose norm "
+        "would mix heads; use mla_layout::grouped_rope (one rope key per KV head)");
     m.q_rope_norm = detail::to_vector(w.q_norm);
     m.k_rope_norm = detail::to_vector(w.k_norm);
     m.config.rms_eps = cfg.rms_eps;
@@ -119,25 +122,32 @@ inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(const gqa_c
     detail::copy_rows(w.k_proj, 0, hkv * d, m.kv_a_proj_with_mqa, hkv * dv);
     kv_bias([&] {
       for (std::int64_t i = 0; i < static_cast<std::int64_t>(w.k_proj_bias.size()); ++i)
-        m.kv_a_proj_bias[static_cast<std::size_t>(hkv * dv + i)] = w.k_proj_bias[static_cast<std::size_t>(i)];
+        m.kv_a_proj_bias[static_cast<std::size_t>(hkv * dv + i)] =
+            w.k_proj_bias[static_cast<std::size_t>(i)];
     });
   } else {
-    // One rope key of width H_kv d: head j's rotary coordinates (interleaved) at [j rot, (j+1) rot),
-    // all non-rotary coordinates after H_kv rot; the tiled table gives head j's pairs its own
+    // One rope key of width H_kv d: head j's rotary coordinates (interleaved) at [j rot, (j+1)
+    // rot), all non-rotary coordinates after H_kv rot; the tiled table gives head j's pairs its own
     // frequencies.
     const auto& tabs = cfg.rope.frequency_index;
     const std::int64_t pairs = rot / 2, dr = hkv * d;
     m.config.rope_dim = dr;
     m.config.rope_heads = 1;
-    m.config.rope = {.theta = cfg.rope.theta, .layout = rope_layout::interleaved, .rotary_dim = hkv * rot,
-                     .frequency_dim = cfg.rope.frequency_dim ? cfg.rope.frequency_dim : rot, .frequency_index = {{}}};
+    m.config.rope = {.theta = cfg.rope.theta,
+                     .layout = rope_layout::interleaved,
+                     .rotary_dim = hkv * rot,
+                     .frequency_dim = cfg.rope.frequency_dim ? cfg.rope.frequency_dim : rot,
+                     .frequency_index = {{}}};
     for (std::int64_t j = 0; j < hkv; ++j)
       for (std::int64_t p = 0; p < pairs; ++p)
         m.config.rope.frequency_index[0].push_back(
-            tabs.empty() ? p : tabs[tabs.size() == 1 ? 0 : static_cast<std::size_t>(j)][static_cast<std::size_t>(p)]);
+            tabs.empty() ? p
+                         : tabs[tabs.size() == 1 ? 0 : static_cast<std::size_t>(j)]
+                               [static_cast<std::size_t>(p)]);
     // Slot of coordinate c of KV head j in the rope key.
     auto slot = [&](std::int64_t j, std::int64_t c) {
-      const std::int64_t s = cfg.rope.layout == rope_layout::half_split ? detail::interleaved_slot(c, rot) : c;
+      const std::int64_t s =
+          cfg.rope.layout == rope_layout::half_split ? detail::interleaved_slot(c, rot) : c;
       return s < rot ? j * rot + s : hkv * rot + j * (d - rot) + (s - rot);
     };
     m.config.scale.reset();  // 1/sqrt(d_R); the change of width is folded into W_Q below
@@ -148,26 +158,32 @@ inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(const gqa_c
       for (std::int64_t c = 0; c < d; ++c) {
         const std::int64_t row = i * dr + slot(i / g, c);
         for (std::int64_t e = 0; e < w_in; ++e) m.q_proj(row, e) = w.q_proj(i * d + c, e) * fold;
-        if (!w.q_proj_bias.empty()) m.q_proj_bias[static_cast<std::size_t>(row)] = w.q_proj_bias[static_cast<std::size_t>(i * d + c)] * fold;
+        if (!w.q_proj_bias.empty())
+          m.q_proj_bias[static_cast<std::size_t>(row)] =
+              w.q_proj_bias[static_cast<std::size_t>(i * d + c)] * fold;
       }
     m.kv_a_proj_with_mqa.resize(hkv * dv + dr, w_in);
     detail::copy_rows(w.v_proj, 0, hkv * dv, m.kv_a_proj_with_mqa, 0);
     for (std::int64_t j = 0; j < hkv; ++j)
-      for (std::int64_t c = 0; c < d; ++c) detail::copy_rows(w.k_proj, j * d + c, 1, m.kv_a_proj_with_mqa, hkv * dv + slot(j, c));
+      for (std::int64_t c = 0; c < d; ++c)
+        detail::copy_rows(w.k_proj, j * d + c, 1, m.kv_a_proj_with_mqa, hkv * dv + slot(j, c));
     kv_bias([&] {
       for (std::int64_t j = 0; j < hkv && !w.k_proj_bias.empty(); ++j)
         for (std::int64_t c = 0; c < d; ++c)
-          m.kv_a_proj_bias[static_cast<std::size_t>(hkv * dv + slot(j, c))] = w.k_proj_bias[static_cast<std::size_t>(j * d + c)];
+          m.kv_a_proj_bias[static_cast<std::size_t>(hkv * dv + slot(j, c))] =
+              w.k_proj_bias[static_cast<std::size_t>(j * d + c)];
     });
   }
-  conversion_report rep{layout == mla_layout::grouped_rope ? "exact GQA -> MLA (grouped rope keys)"
-                                                           : "exact GQA -> MLA (DeepSeek layout, one rope key)",
-                        hkv * (d + dv), m.config.latent_dim + m.config.rope_heads * m.config.rope_dim};
+  conversion_report rep{
+      layout == mla_layout::grouped_rope ? "exact GQA -> MLA (grouped rope keys)"
+                                         : "exact GQA -> MLA (DeepSeek layout, one rope key)",
+      hkv * (d + dv), m.config.latent_dim + m.config.rope_heads * m.config.rope_dim};
   return {std::move(m), rep};
 }
 
 /// ||y_mla - y_gqa||_F / ||y_gqa||_F on held-out tokens x [T, D] at positions (fresh caches).
-inline double output_rel_error(gqa_layer& gqa, mla_layer& mla, matrix_view<const float> x, std::span<const std::int64_t> positions,
+inline double output_rel_error(gqa_layer& gqa, mla_layer& mla, matrix_view<const float> x,
+                               std::span<const std::int64_t> positions,
                                mla_path path = mla_path::automatic) {
   const std::int64_t t = x.extent(0), dm = gqa.config().model_dim;
   row_matrix<float> y0(t, dm), y1(t, dm);
@@ -175,7 +191,8 @@ inline double output_rel_error(gqa_layer& gqa, mla_layer& mla, matrix_view<const
   auto c1 = mla.make_cache<float>(t);
   gqa.forward(x, positions, c0, view_of(y0));
   mla.forward(x, positions, c1, view_of(y1), serial_executor{}, path);
-  return (y1.cast<double>() - y0.cast<double>()).norm() / std::max(y0.cast<double>().norm(), 1e-300);
+  return (y1.cast<double>() - y0.cast<double>()).norm() /
+         std::max(y0.cast<double>().norm(), 1e-300);
 }
 
 }  // namespace attnkit::convert

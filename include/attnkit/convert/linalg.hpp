@@ -37,16 +37,18 @@ namespace detail {
 /// Calls visit(a) for consecutive chunks a [rows, n] of the activations a_t = w x_t + bias of the
 /// rows x_t of x (w [n, D], nn.Linear layout), made by one GEMM per chunk split over `exec`.
 template <class Exec, class Visit>
-void for_each_activation_chunk(matrix_view<const float> x, const row_matrix<float>& w, std::span<const float> bias,
-                               Exec& exec, Visit&& visit, std::int64_t chunk = 2048) {
+void for_each_activation_chunk(matrix_view<const float> x, const row_matrix<float>& w,
+                               std::span<const float> bias, Exec& exec, Visit&& visit,
+                               std::int64_t chunk = 2048) {
   const std::int64_t n = w.rows(), tokens = x.extent(0);
   const auto xm = ::attnkit::as_eigen(x, "calibration x");
-  const ::attnkit::detail::row_map<const float> wm(w.data(), w.rows(), w.cols(), Eigen::OuterStride<>(w.cols()));
+  const ::attnkit::detail::row_map<const float> wm(w.data(), w.rows(), w.cols(),
+                                                   Eigen::OuterStride<>(w.cols()));
   row_matrix<float> a(std::min(chunk, tokens), n);
   for (std::int64_t t0 = 0; t0 < tokens; t0 += chunk) {
     const std::int64_t rows = std::min(chunk, tokens - t0);
-    const ::attnkit::detail::row_map<const float> xc(xm.data() + t0 * xm.outerStride(), rows, xm.cols(),
-                                                     Eigen::OuterStride<>(xm.outerStride()));
+    const ::attnkit::detail::row_map<const float> xc(
+        xm.data() + t0 * xm.outerStride(), rows, xm.cols(), Eigen::OuterStride<>(xm.outerStride()));
     ::attnkit::detail::row_map<float> am(a.data(), rows, n, Eigen::OuterStride<>(n));
     ::attnkit::detail::linear(xc, wm, bias, am, exec);
     visit(std::as_const(am));
@@ -57,8 +59,8 @@ void for_each_activation_chunk(matrix_view<const float> x, const row_matrix<floa
 /// tokens of every chunk: one GEMM for its activations, then a rank update of its float Gram
 /// while they are in cache, added into the double sum after the chunk.
 template <class Exec>
-dmatrix activation_gram(matrix_view<const float> x, const row_matrix<float>& w, std::span<const float> bias,
-                        Exec& exec, std::int64_t chunk = 4096) {
+dmatrix activation_gram(matrix_view<const float> x, const row_matrix<float>& w,
+                        std::span<const float> bias, Exec& exec, std::int64_t chunk = 4096) {
   const std::int64_t n = w.rows(), tokens = x.extent(0);
   const int workers = concurrency_of(exec);
   const auto xm = ::attnkit::as_eigen(x, "calibration x");
@@ -101,16 +103,18 @@ dmatrix product(const A& a, const B& b, Exec& exec) {
 /// damped as TransMLA does: g + damping * mean(diag g) * I (the damping moves eigenvalues only).
 inline dmatrix principal_axes(const dmatrix& g, std::int64_t rank, double damping = 0.01) {
   const std::int64_t n = g.rows();
-  ::attnkit::detail::require(g.cols() == n && rank >= 0 && rank <= n, "principal_axes: rank must be in [0, ", n,
-                             "], got ", rank);
+  ::attnkit::detail::require(g.cols() == n && rank >= 0 && rank <= n,
+                             "principal_axes: rank must be in [0, ", n, "], got ", rank);
   if (rank == 0) return dmatrix(n, 0);
   dmatrix damped = g;
   damped.diagonal().array() += damping * g.diagonal().mean();
   Eigen::SelfAdjointEigenSolver<Eigen::MatrixXf> coarse(damped.cast<float>());
-  ::attnkit::detail::require(coarse.info() == Eigen::Success, "principal_axes: the eigensolver did not converge");
+  ::attnkit::detail::require(coarse.info() == Eigen::Success,
+                             "principal_axes: the eigensolver did not converge");
   // Eigen sorts ascending: the last `rank` columns, reversed, are the leading axes.
   const dmatrix start = coarse.eigenvectors().rightCols(rank).rowwise().reverse().cast<double>();
-  const dmatrix basis = Eigen::HouseholderQR<dmatrix>(start).householderQ() * dmatrix::Identity(n, rank);
+  const dmatrix basis =
+      Eigen::HouseholderQR<dmatrix>(start).householderQ() * dmatrix::Identity(n, rank);
   Eigen::SelfAdjointEigenSolver<dmatrix> fine(basis.transpose() * damped * basis);
   return basis * fine.eigenvectors().rowwise().reverse();
 }

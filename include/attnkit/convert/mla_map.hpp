@@ -25,10 +25,11 @@ namespace attnkit::convert {
 
 struct mla_map {
   std::int64_t rope_heads = 1, rope_dim = 0, nope_dim = 0;
-  rope_config rope{};       ///< RoPE of the rope parts (width rope_dim)
-  dmatrix latent;           ///< [d_c, H_kv (d + d_v)]
-  dmatrix rope_key;         ///< [rope_heads d_R, H_kv d]
-  std::vector<dmatrix> q_nope, q_rope, w_uk, w_uv;  ///< per KV head: [d_nope, d], [d_R, d], [d_nope, d_c], [d_v, d_c]
+  rope_config rope{};  ///< RoPE of the rope parts (width rope_dim)
+  dmatrix latent;      ///< [d_c, H_kv (d + d_v)]
+  dmatrix rope_key;    ///< [rope_heads d_R, H_kv d]
+  std::vector<dmatrix> q_nope, q_rope, w_uk,
+      w_uv;  ///< per KV head: [d_nope, d], [d_R, d], [d_nope, d_c], [d_v, d_c]
   /// true: the GQA biases pass through `latent` into kv_a_proj's bias (TransMLA: the PCA sees
   /// them as activations). false: the latent sees the weights only and the uncompressed nope-key
   /// and value biases stay on kv_b_proj (MHA2MLA's up-projection biases); kv_b_bias per KV head.
@@ -60,9 +61,13 @@ struct rope_pairs {
   /// Frequency index of pair p of KV head j (the d in theta^(-2f/d) is frequency_dim()).
   std::int64_t frequency(std::int64_t j, std::int64_t p) const {
     const auto& t = cfg.rope.frequency_index;
-    return t.empty() ? p : t[t.size() == 1 ? 0 : static_cast<std::size_t>(j)][static_cast<std::size_t>(p)];
+    return t.empty()
+               ? p
+               : t[t.size() == 1 ? 0 : static_cast<std::size_t>(j)][static_cast<std::size_t>(p)];
   }
-  std::int64_t frequency_dim() const { return cfg.rope.frequency_dim ? cfg.rope.frequency_dim : rot(); }
+  std::int64_t frequency_dim() const {
+    return cfg.rope.frequency_dim ? cfg.rope.frequency_dim : rot();
+  }
 };
 
 /// Seconds since `start` (step timings in the reports).
@@ -82,11 +87,13 @@ inline double held_out_error(gqa_layer& gqa, const mla_checkpoint& c, matrix_vie
 
 inline dmatrix to_double(const matrix_view<const float>& v) { return as_eigen(v).cast<double>(); }
 inline dvector to_double(std::span<const float> b, std::int64_t n) {
-  return b.empty() ? dvector::Zero(n) : dvector(Eigen::Map<const Eigen::VectorXf>(b.data(), n).cast<double>());
+  return b.empty() ? dvector::Zero(n)
+                   : dvector(Eigen::Map<const Eigen::VectorXf>(b.data(), n).cast<double>());
 }
 inline std::vector<float> to_float_vector(const dvector& v) {
   std::vector<float> out(static_cast<std::size_t>(v.size()));
-  for (Eigen::Index i = 0; i < v.size(); ++i) out[static_cast<std::size_t>(i)] = static_cast<float>(v[i]);
+  for (Eigen::Index i = 0; i < v.size(); ++i)
+    out[static_cast<std::size_t>(i)] = static_cast<float>(v[i]);
   return out;
 }
 /// [k ; v] weights and biases stacked as the maps' input space.
@@ -104,13 +111,23 @@ inline dvector kv_bias(const gqa_weights& w) {
 
 /// Multiplies the maps into the GQA weights: an MLA checkpoint in DeepSeek's tensor names.
 template <class Exec = serial_executor>
-mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, const mla_map& m, Exec&& exec = Exec{}) {
-  const std::int64_t h = cfg.heads, hkv = cfg.kv_heads, d = cfg.head_dim, dv = cfg.v_head_dim ? cfg.v_head_dim : d;
-  const std::int64_t g = h / hkv, dc = m.latent_dim(), dn = m.nope_dim, dr = m.rope_dim, dqk = dn + dr;
+mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, const mla_map& m,
+                        Exec&& exec = Exec{}) {
+  const std::int64_t h = cfg.heads, hkv = cfg.kv_heads, d = cfg.head_dim,
+                     dv = cfg.v_head_dim ? cfg.v_head_dim : d;
+  const std::int64_t g = h / hkv, dc = m.latent_dim(), dn = m.nope_dim, dr = m.rope_dim,
+                     dqk = dn + dr;
   const bool biases = !w.k_proj_bias.empty() || !w.v_proj_bias.empty();
   mla_checkpoint out;
-  out.config = mla_config{.model_dim = cfg.model_dim, .heads = h, .latent_dim = dc, .nope_dim = dn, .rope_dim = dr,
-                          .v_head_dim = dv, .rope_heads = m.rope_heads, .rope = m.rope, .scale = m.scale,
+  out.config = mla_config{.model_dim = cfg.model_dim,
+                          .heads = h,
+                          .latent_dim = dc,
+                          .nope_dim = dn,
+                          .rope_dim = dr,
+                          .v_head_dim = dv,
+                          .rope_heads = m.rope_heads,
+                          .rope = m.rope,
+                          .scale = m.scale,
                           .window = cfg.window};
   const dmatrix kv = detail::kv_weights(w);
   dmatrix maps(dc + m.rope_heads * dr, kv.rows());  // [latent ; rope_key (on the k part)]
@@ -120,7 +137,8 @@ mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, const mla_m
   if (biases) {
     const dvector b = detail::kv_bias(w);
     dvector kv_a_b(kv_a.rows());
-    kv_a_b << (m.bias_through_latent ? dvector(m.latent * b) : dvector::Zero(dc)), m.rope_key * b.head(hkv * d);
+    kv_a_b << (m.bias_through_latent ? dvector(m.latent * b) : dvector::Zero(dc)),
+        m.rope_key * b.head(hkv * d);
     out.kv_a_proj_bias = detail::to_float_vector(kv_a_b);
   }
   // Query rows in float (W_Q is the largest tensor; the maps are small and cast once per head).
@@ -134,7 +152,8 @@ mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, const mla_m
     const auto j = static_cast<std::size_t>(i / g);
     const auto wqi = wq.middleRows(i * d, d);
     out.q_proj.middleRows(i * dqk, dn).noalias() = (m.q_scale * m.q_nope[j]).cast<float>() * wqi;
-    out.q_proj.middleRows(i * dqk + dn, dr).noalias() = (m.q_scale * m.q_rope[j]).cast<float>() * wqi;
+    out.q_proj.middleRows(i * dqk + dn, dr).noalias() =
+        (m.q_scale * m.q_rope[j]).cast<float>() * wqi;
   });
   for (std::int64_t i = 0; i < h; ++i) {
     const auto j = static_cast<std::size_t>(i / g);

@@ -8,8 +8,8 @@
 namespace attnkit::convert {
 
 struct conversion_report {
-  std::string step;                         ///< e.g. "exact GQA -> MLA (grouped rope)"
-  std::int64_t kv_elements_before = 0;      ///< KV-cache elements per token per layer
+  std::string step;                     ///< e.g. "exact GQA -> MLA (grouped rope)"
+  std::int64_t kv_elements_before = 0;  ///< KV-cache elements per token per layer
   std::int64_t kv_elements_after = 0;
   /// Relative Frobenius error ||y_new - y_old|| / ||y_old|| of the layer output on held-out
   /// inputs; NaN when no held-out inputs were given.

@@ -20,7 +20,8 @@
 
 namespace attnkit::convert::synthetic {
 
-inline row_matrix<float> gaussian(std::mt19937_64& rng, std::int64_t rows, std::int64_t cols, float scale = 1.f) {
+inline row_matrix<float> gaussian(std::mt19937_64& rng, std::int64_t rows, std::int64_t cols,
+                                  float scale = 1.f) {
   std::normal_distribution<float> nd(0.f, scale);
   row_matrix<float> m(rows, cols);
   for (std::int64_t i = 0; i < m.size(); ++i) m.data()[i] = nd(rng);
@@ -29,23 +30,28 @@ inline row_matrix<float> gaussian(std::mt19937_64& rng, std::int64_t rows, std::
 
 /// [rows, cols] with singular values proportional to exp(-k / decay_length), k = 0, 1, ...,
 /// normalised so inputs with unit-variance entries give outputs with entries of variance gain^2.
-inline row_matrix<float> matrix_with_spectrum(std::mt19937_64& rng, std::int64_t rows, std::int64_t cols,
-                                              double decay_length, float gain = 1.f) {
+inline row_matrix<float> matrix_with_spectrum(std::mt19937_64& rng, std::int64_t rows,
+                                              std::int64_t cols, double decay_length,
+                                              float gain = 1.f) {
   const std::int64_t inner = std::min(rows, cols);
   Eigen::VectorXf s(inner);
-  for (std::int64_t k = 0; k < inner; ++k) s[k] = static_cast<float>(std::exp(-double(k) / decay_length));
+  for (std::int64_t k = 0; k < inner; ++k)
+    s[k] = static_cast<float>(std::exp(-double(k) / decay_length));
   s *= gain * std::sqrt(float(rows)) / s.norm();
-  const row_matrix<float> g1 = gaussian(rng, rows, inner, 1.f / std::sqrt(float(rows)));  // ~unit columns
-  const row_matrix<float> g2 = gaussian(rng, inner, cols, 1.f / std::sqrt(float(cols)));  // ~unit rows
+  const row_matrix<float> g1 =
+      gaussian(rng, rows, inner, 1.f / std::sqrt(float(rows)));  // ~unit columns
+  const row_matrix<float> g2 =
+      gaussian(rng, inner, cols, 1.f / std::sqrt(float(cols)));  // ~unit rows
   return g1 * s.asDiagonal() * g2;
 }
 
 /// Tokens [n, model_dim] in a rank-dimensional subspace with variances ~ exp(-2k / decay_length),
 /// entries of variance ~1, plus isotropic noise of standard deviation `noise`.
-inline row_matrix<float> activations(std::mt19937_64& rng, std::int64_t n, std::int64_t model_dim, std::int64_t rank,
-                                     double decay_length, float noise = 0.05f) {
+inline row_matrix<float> activations(std::mt19937_64& rng, std::int64_t n, std::int64_t model_dim,
+                                     std::int64_t rank, double decay_length, float noise = 0.05f) {
   Eigen::VectorXf sigma(rank);
-  for (std::int64_t k = 0; k < rank; ++k) sigma[k] = static_cast<float>(std::exp(-double(k) / decay_length));
+  for (std::int64_t k = 0; k < rank; ++k)
+    sigma[k] = static_cast<float>(std::exp(-double(k) / decay_length));
   const row_matrix<float> basis = gaussian(rng, rank, model_dim, 1.f / sigma.norm());
   row_matrix<float> x = gaussian(rng, n, rank) * sigma.asDiagonal() * basis;
   return x + gaussian(rng, n, model_dim, noise);
@@ -57,11 +63,14 @@ struct layer {
   row_matrix<float> q, k, v, o;
   std::vector<float> q_bias, k_bias, v_bias;
 
-  gqa_weights weights() const { return {view_of(q), view_of(k), view_of(v), view_of(o), q_bias, k_bias, v_bias, {}}; }
+  gqa_weights weights() const {
+    return {view_of(q), view_of(k), view_of(v), view_of(o), q_bias, k_bias, v_bias, {}};
+  }
 };
 
 /// decay_length: e-folding length of the weights' singular values (in singular-value index).
-inline layer make_layer(const gqa_config& cfg, std::uint64_t seed, double decay_length, bool biases = false) {
+inline layer make_layer(const gqa_config& cfg, std::uint64_t seed, double decay_length,
+                        bool biases = false) {
   std::mt19937_64 rng(seed);
   const std::int64_t dm = cfg.model_dim, d = cfg.head_dim, dv = cfg.v_head_dim ? cfg.v_head_dim : d;
   layer l{cfg, {}, {}, {}, {}, {}, {}, {}};

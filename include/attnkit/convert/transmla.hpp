@@ -51,15 +51,19 @@ namespace detail {
 /// RoRoPE rotation of the KV-head keys [H_kv d]: rows ordered as the new key, the `keep` leading
 /// components of every frequency group first (interleaved pairs, rope part), then the other
 /// components and the non-rotary coordinates. `frequency` receives each rope pair's frequency.
-inline dmatrix rorope_rotation(const gqa_config& cfg, const dmatrix& gram_k, std::int64_t freqfold, std::int64_t keep,
-                               double damping, std::vector<std::int64_t>& frequency) {
+inline dmatrix rorope_rotation(const gqa_config& cfg, const dmatrix& gram_k, std::int64_t freqfold,
+                               std::int64_t keep, double damping,
+                               std::vector<std::int64_t>& frequency) {
   const rope_pairs rp{cfg};
-  const std::int64_t hkv = cfg.kv_heads, d = cfg.head_dim, f = freqfold, groups = rp.count() / f, nf = hkv * f;
+  const std::int64_t hkv = cfg.kv_heads, d = cfg.head_dim, f = freqfold, groups = rp.count() / f,
+                     nf = hkv * f;
   dmatrix rot = dmatrix::Zero(hkv * d, hkv * d);
   std::int64_t nope_row = 2 * groups * keep;
   frequency.clear();
   for (std::int64_t i = 0; i < groups; ++i) {
-    auto coord = [&](std::int64_t u, std::int64_t h) { return (u / f) * d + rp.coord(i * f + u % f, h); };
+    auto coord = [&](std::int64_t u, std::int64_t h) {
+      return (u / f) * d + rp.coord(i * f + u % f, h);
+    };
     dmatrix gi = dmatrix::Zero(nf, nf);
     for (std::int64_t h = 0; h < 2; ++h)
       for (std::int64_t u = 0; u < nf; ++u)
@@ -80,18 +84,25 @@ inline dmatrix rorope_rotation(const gqa_config& cfg, const dmatrix& gram_k, std
 
 /// The MLA map of a rotated key: the first rope_dim rows keep RoPE (one rope key), the rest and
 /// the values form the latent; queries absorb the rotation.
-inline mla_map transmla_map(const gqa_config& cfg, const dmatrix& rot, const std::vector<std::int64_t>& frequency) {
+inline mla_map transmla_map(const gqa_config& cfg, const dmatrix& rot,
+                            const std::vector<std::int64_t>& frequency) {
   const rope_pairs rp{cfg};
   const std::int64_t hkv = cfg.kv_heads, d = cfg.head_dim, dv = cfg.v_head_dim ? cfg.v_head_dim : d;
-  const std::int64_t dr = 2 * static_cast<std::int64_t>(frequency.size()), lk = hkv * d - dr, lv = hkv * dv;
+  const std::int64_t dr = 2 * static_cast<std::int64_t>(frequency.size()), lk = hkv * d - dr,
+                     lv = hkv * dv;
   mla_map m;
   m.rope_heads = 1;
   m.rope_dim = dr;
   m.nope_dim = lk > 0 ? d : 0;
-  m.rope = {.theta = cfg.rope.theta, .layout = rope_layout::interleaved, .rotary_dim = dr,
-            .frequency_dim = rp.frequency_dim(), .frequency_index = {frequency}};
-  bool native = true;  // frequency f / frequency_dim == p / d_R for every pair: DeepSeek's own table
-  for (std::int64_t p = 0; p < dr / 2; ++p) native = native && frequency[static_cast<std::size_t>(p)] * dr == p * rp.frequency_dim();
+  m.rope = {.theta = cfg.rope.theta,
+            .layout = rope_layout::interleaved,
+            .rotary_dim = dr,
+            .frequency_dim = rp.frequency_dim(),
+            .frequency_index = {frequency}};
+  bool native =
+      true;  // frequency f / frequency_dim == p / d_R for every pair: DeepSeek's own table
+  for (std::int64_t p = 0; p < dr / 2; ++p)
+    native = native && frequency[static_cast<std::size_t>(p)] * dr == p * rp.frequency_dim();
   if (native) m.rope.frequency_dim = 0, m.rope.frequency_index.clear();
   m.latent = dmatrix::Zero(lk + lv, hkv * d + lv);
   m.latent.topLeftCorner(lk, hkv * d) = rot.bottomRows(lk);
@@ -101,7 +112,8 @@ inline mla_map transmla_map(const gqa_config& cfg, const dmatrix& rot, const std
     m.q_rope.push_back(rot.topRows(dr).middleCols(j * d, d));
     m.q_nope.push_back(dmatrix::Identity(m.nope_dim, d));
     m.w_uk.push_back(dmatrix::Zero(m.nope_dim, lk + lv));
-    if (m.nope_dim) m.w_uk.back().leftCols(lk) = rot.bottomRows(lk).middleCols(j * d, d).transpose();
+    if (m.nope_dim)
+      m.w_uk.back().leftCols(lk) = rot.bottomRows(lk).middleCols(j * d, d).transpose();
     m.w_uv.push_back(dmatrix::Zero(dv, lk + lv));
     m.w_uv.back().block(0, lk + j * dv, dv, dv).setIdentity();
   }
@@ -117,35 +129,47 @@ inline mla_map transmla_map(const gqa_config& cfg, const dmatrix& rot, const std
 /// each step's output error (intermediate steps are only built when they are measured).
 template <class Exec = serial_executor>
 conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weights& w,
-                                      matrix_view<const float> calibration, matrix_view<const float> heldout,
+                                      matrix_view<const float> calibration,
+                                      matrix_view<const float> heldout,
                                       const transmla_options& opt = {}, Exec&& exec = Exec{}) {
   using ::attnkit::detail::require;
   gqa_layer gqa(cfg_in, w);  // validates
   const gqa_config& cfg = gqa.config();
   const detail::rope_pairs rp{cfg};
-  const std::int64_t hkv = cfg.kv_heads, d = cfg.head_dim, dv = cfg.v_head_dim, rot = rp.rot(), qk = opt.qk_mqa_dim;
-  require(w.q_norm.empty() && w.k_norm.empty(),
-          "transmla: the model has QK-norm (per-head RMSNorm on q/k before RoPE), which does not commute with the "
-          "RoRoPE rotation across KV heads (U RMSNorm(k) != RMSNorm(U k)); use the exact conversion "
-          "(gqa_to_mla_exact, grouped layout)");
+  const std::int64_t hkv = cfg.kv_heads, d = cfg.head_dim, dv = cfg.v_head_dim, rot = rp.rot(),
+                     qk = opt.qk_mqa_dim;
+  require(
+      w.q_norm.empty() && w.k_norm.empty(),
+      "transmla: the model has QK-norm (per-head RMSNorm on q/k before RoPE), which does not "
+      "commute with the "
+      "RoRoPE rotation across KV heads (U RMSNorm(k) != RMSNorm(U k)); use the exact conversion "
+      "(gqa_to_mla_exact, grouped layout)");
   require(cfg.rope.frequency_index.size() <= 1,
-          "transmla: per-KV-head RoPE tables are not supported: RoRoPE mixes KV heads at one frequency, so every head "
+          "transmla: per-KV-head RoPE tables are not supported: RoRoPE mixes KV heads at one "
+          "frequency, so every head "
           "needs the same table");
-  require(calibration.extent(1) == cfg.model_dim, "transmla: calibration has width ", calibration.extent(1),
-          " but the model dimension is ", cfg.model_dim);
+  require(calibration.extent(1) == cfg.model_dim, "transmla: calibration has width ",
+          calibration.extent(1), " but the model dimension is ", cfg.model_dim);
   require(calibration.extent(0) > 0, "transmla: calibration needs at least one token");
-  require(heldout.extent(0) == 0 || heldout.extent(1) == cfg.model_dim, "transmla: heldout has width ",
-          heldout.extent(1), " but the model dimension is ", cfg.model_dim);
-  require(qk >= 2 && qk % 2 == 0 && qk <= d, "transmla: qk_mqa_dim must be even and in [2, d=", d, "], got ", qk);
-  require(rot % qk == 0, "transmla: qk_mqa_dim=", qk, " must divide the ", rot, " rotary dims of a head");
+  require(heldout.extent(0) == 0 || heldout.extent(1) == cfg.model_dim,
+          "transmla: heldout has width ", heldout.extent(1), " but the model dimension is ",
+          cfg.model_dim);
+  require(qk >= 2 && qk % 2 == 0 && qk <= d, "transmla: qk_mqa_dim must be even and in [2, d=", d,
+          "], got ", qk);
+  require(rot % qk == 0, "transmla: qk_mqa_dim=", qk, " must divide the ", rot,
+          " rotary dims of a head");
   const std::int64_t collapse = rot / qk, pairs = rot / 2, lmax = hkv * d - qk + hkv * dv;
-  require(opt.freqfold == 0 || (opt.freqfold % collapse == 0 && pairs % opt.freqfold == 0), "transmla: freqfold F=",
-          opt.freqfold, " must be a multiple of the collapse factor C=", collapse, " (rotary dims / qk_mqa_dim) and divide the ",
-          pairs, " rotary pairs");
-  require(opt.stop_after != transmla_step::low_rank || (opt.kv_lora_rank >= 1 && opt.kv_lora_rank <= lmax), "transmla: kv_lora_rank must be in [1, ", lmax,
-          "] (= H_kv (d + d_v) - qk_mqa_dim), got ", opt.kv_lora_rank);
-  require(opt.balance_kv_ratio > 0 && opt.damping >= 0, "transmla: balance_kv_ratio must be > 0 and damping >= 0, got ",
-          opt.balance_kv_ratio, " and ", opt.damping);
+  require(opt.freqfold == 0 || (opt.freqfold % collapse == 0 && pairs % opt.freqfold == 0),
+          "transmla: freqfold F=", opt.freqfold,
+          " must be a multiple of the collapse factor C=", collapse,
+          " (rotary dims / qk_mqa_dim) and divide the ", pairs, " rotary pairs");
+  require(opt.stop_after != transmla_step::low_rank ||
+              (opt.kv_lora_rank >= 1 && opt.kv_lora_rank <= lmax),
+          "transmla: kv_lora_rank must be in [1, ", lmax, "] (= H_kv (d + d_v) - qk_mqa_dim), got ",
+          opt.kv_lora_rank);
+  require(opt.balance_kv_ratio > 0 && opt.damping >= 0,
+          "transmla: balance_kv_ratio must be > 0 and damping >= 0, got ", opt.balance_kv_ratio,
+          " and ", opt.damping);
 
   conversion_result res;
   const bool measure = heldout.extent(0) > 0;
@@ -153,23 +177,28 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
   auto t0 = std::chrono::steady_clock::now();
   row_matrix<float> wkv(hkv * (d + dv), cfg.model_dim);
   wkv << as_eigen(w.k_proj), as_eigen(w.v_proj);
-  const std::vector<float> bkv = w.k_proj_bias.empty() && w.v_proj_bias.empty() ? std::vector<float>{}
-                                                                       : detail::to_float_vector(detail::kv_bias(w));
+  const std::vector<float> bkv = w.k_proj_bias.empty() && w.v_proj_bias.empty()
+                                     ? std::vector<float>{}
+                                     : detail::to_float_vector(detail::kv_bias(w));
   const dmatrix gram = detail::activation_gram(calibration, wkv, bkv, exec);
   std::vector<std::int64_t> freq;
   auto partial_map = [&](std::int64_t f, std::int64_t keep) {
-    return detail::transmla_map(cfg, detail::rorope_rotation(cfg, gram.topLeftCorner(hkv * d, hkv * d), f, keep,
-                                                             opt.damping, freq), freq);
+    return detail::transmla_map(cfg,
+                                detail::rorope_rotation(cfg, gram.topLeftCorner(hkv * d, hkv * d),
+                                                        f, keep, opt.damping, freq),
+                                freq);
   };
   std::int64_t f = opt.freqfold;
   if (f == 0) {  // auto: double F from C while the partial-RoPE error on calibration tokens falls
-    const auto probe = calibration.extent(0) < opt.auto_tokens
-                           ? calibration
-                           : matrix_view<const float>(calibration.data_handle(), {opt.auto_tokens, cfg.model_dim},
-                                                      {calibration.stride(0), calibration.stride(1)});
+    const auto probe =
+        calibration.extent(0) < opt.auto_tokens
+            ? calibration
+            : matrix_view<const float>(calibration.data_handle(), {opt.auto_tokens, cfg.model_dim},
+                                       {calibration.stride(0), calibration.stride(1)});
     double best = std::numeric_limits<double>::infinity();
     for (std::int64_t c = collapse; c <= pairs && pairs % c == 0; c *= 2) {
-      const double e = detail::held_out_error(gqa, assemble(cfg, w, partial_map(c, c / collapse), exec), probe);
+      const double e =
+          detail::held_out_error(gqa, assemble(cfg, w, partial_map(c, c / collapse), exec), probe);
       if (!(e < best)) break;
       best = e, f = c;
     }
@@ -180,14 +209,15 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
     t0 = std::chrono::steady_clock::now();
     const mla_map m = partial_map(f, hkv * f);
     res.checkpoint = assemble(cfg, w, m, exec);
-    res.steps.push_back({"TransMLA RoRoPE + FreqFold " + ff + ", RoPE on every rotated dim", before, m.kv_elements(),
-                         detail::held_out_error(gqa, res.checkpoint, heldout), t_gram + detail::seconds_since(t0)});
+    res.steps.push_back({"TransMLA RoRoPE + FreqFold " + ff + ", RoPE on every rotated dim", before,
+                         m.kv_elements(), detail::held_out_error(gqa, res.checkpoint, heldout),
+                         t_gram + detail::seconds_since(t0)});
     return res;
   }
   t0 = std::chrono::steady_clock::now();
   mla_map m = partial_map(f, f / collapse);
-  conversion_report partial{"TransMLA RoRoPE + FreqFold " + ff + ", RoPE on the first qk_mqa_dim=" + std::to_string(qk) +
-                                " dims",
+  conversion_report partial{"TransMLA RoRoPE + FreqFold " + ff +
+                                ", RoPE on the first qk_mqa_dim=" + std::to_string(qk) + " dims",
                             before, m.kv_elements(), std::numeric_limits<double>::quiet_NaN(),
                             t_gram + detail::seconds_since(t0)};
   if (measure || opt.stop_after == transmla_step::partial_rope) {
@@ -217,9 +247,10 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
   lat_gram.leftCols(lk) /= ratio;
   project_latent(m, principal_axes(lat_gram, opt.kv_lora_rank, opt.damping));
   res.checkpoint = assemble(cfg, w, m, exec);
-  res.steps.push_back({"TransMLA balanced K/V (ratio " + std::to_string(ratio) + ") + joint PCA to kv_lora_rank=" +
-                           std::to_string(opt.kv_lora_rank),
-                       before, m.kv_elements(), std::numeric_limits<double>::quiet_NaN(), detail::seconds_since(t0)});
+  res.steps.push_back({"TransMLA balanced K/V (ratio " + std::to_string(ratio) +
+                           ") + joint PCA to kv_lora_rank=" + std::to_string(opt.kv_lora_rank),
+                       before, m.kv_elements(), std::numeric_limits<double>::quiet_NaN(),
+                       detail::seconds_since(t0)});
   res.steps.back().rel_error = detail::held_out_error(gqa, res.checkpoint, heldout);
   return res;
 }

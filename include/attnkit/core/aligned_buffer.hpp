@@ -18,7 +18,9 @@
 namespace attnkit::detail {
 
 constexpr std::size_t huge_page_bytes = std::size_t{2} << 20;
-inline std::size_t cache_alignment(std::size_t bytes) { return bytes >= huge_page_bytes ? huge_page_bytes : 64; }
+inline std::size_t cache_alignment(std::size_t bytes) {
+  return bytes >= huge_page_bytes ? huge_page_bytes : 64;
+}
 
 struct aligned_free {
   std::size_t alignment = 64;
@@ -38,7 +40,8 @@ inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, const char* what
 /// the platform can address.
 template <class T>
 std::unique_ptr<T[], aligned_free> aligned_alloc_array(std::int64_t n) {
-  require(n >= 0 && static_cast<std::uint64_t>(n) <= std::numeric_limits<std::size_t>::max() / sizeof(T) / 2,
+  require(n >= 0 && static_cast<std::uint64_t>(n) <=
+                        std::numeric_limits<std::size_t>::max() / sizeof(T) / 2,
           "allocation of ", n, " elements of ", sizeof(T), " bytes is impossible");
   std::size_t bytes = static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(T);
   const std::size_t align = cache_alignment(bytes);

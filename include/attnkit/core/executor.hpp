@@ -23,7 +23,9 @@ namespace attnkit {
 /// Anything with `parallel_for(n, fn)` that calls fn(i) once for every i in [0, n) and returns
 /// when all calls have returned. fn may be called concurrently from several threads.
 template <class E>
-concept executor = requires(E& e, std::int64_t n, std::function<void(std::int64_t)> fn) { e.parallel_for(n, fn); };
+concept executor = requires(E& e, std::int64_t n, std::function<void(std::int64_t)> fn) {
+  e.parallel_for(n, fn);
+};
 
 /// Runs everything on the calling thread.
 struct serial_executor {
@@ -38,7 +40,9 @@ struct serial_executor {
 /// hardware's thread count (kernels pull work from a shared counter, so extra workers idle).
 template <class E>
 int concurrency_of(const E& ex) {
-  if constexpr (requires { { ex.concurrency() } -> std::convertible_to<int>; }) {
+  if constexpr (requires {
+                  { ex.concurrency() } -> std::convertible_to<int>;
+                }) {
     return std::max(1, static_cast<int>(ex.concurrency()));
   } else {
     return std::max(1u, std::thread::hardware_concurrency());
@@ -50,7 +54,8 @@ template <class F>
 class callable_executor {
  public:
   callable_executor(F f, int concurrency) : f_(std::move(f)), concurrency_(concurrency) {
-    detail::require(concurrency >= 1, "callable_executor: concurrency must be >= 1, got ", concurrency);
+    detail::require(concurrency >= 1, "callable_executor: concurrency must be >= 1, got ",
+                    concurrency);
   }
   int concurrency() const { return concurrency_; }
   template <class Fn>
@@ -70,7 +75,8 @@ class callable_executor {
 /// A parallel_for issued from inside one of the pool's own tasks runs inline (serially).
 class thread_pool {
  public:
-  explicit thread_pool(int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())))
+  explicit thread_pool(
+      int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())))
       : threads_(threads) {
     detail::require(threads >= 1, "thread_pool: threads must be >= 1, got ", threads);
     for (int t = 1; t < threads; ++t) workers_.emplace_back([this] { worker_loop(); });

@@ -11,7 +11,8 @@ inline void rms_norm(float* x, std::int64_t n, std::span<const float> weight, fl
   double ss = 0;
   for (std::int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
   const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
-  for (std::int64_t i = 0; i < n; ++i) x[i] = x[i] * inv * (weight.empty() ? 1.f : weight[static_cast<std::size_t>(i)]);
+  for (std::int64_t i = 0; i < n; ++i)
+    x[i] = x[i] * inv * (weight.empty() ? 1.f : weight[static_cast<std::size_t>(i)]);
 }
 
 }  // namespace attnkit

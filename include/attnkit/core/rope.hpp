@@ -22,7 +22,9 @@ namespace attnkit {
 
 enum class rope_layout { half_split, interleaved };
 
-inline const char* to_string(rope_layout l) { return l == rope_layout::half_split ? "half_split" : "interleaved"; }
+inline const char* to_string(rope_layout l) {
+  return l == rope_layout::half_split ? "half_split" : "interleaved";
+}
 
 struct rope_config {
   double theta = 10000.0;
@@ -43,10 +45,11 @@ class rope {
     using detail::require;
     rotary_dim_ = cfg.rotary_dim == 0 ? head_dim : cfg.rotary_dim;
     require(head_dim > 0, "rope: head_dim must be > 0, got ", head_dim);
-    require(rotary_dim_ > 0 && rotary_dim_ <= head_dim, "rope: rotary_dim must be in [1, head_dim=", head_dim,
-            "], got ", rotary_dim_);
+    require(rotary_dim_ > 0 && rotary_dim_ <= head_dim,
+            "rope: rotary_dim must be in [1, head_dim=", head_dim, "], got ", rotary_dim_);
     require(rotary_dim_ % 2 == 0, "rope: rotary_dim must be even, got ", rotary_dim_);
-    require(cfg.theta > 0 && std::isfinite(cfg.theta), "rope: theta must be finite and > 0, got ", cfg.theta);
+    require(cfg.theta > 0 && std::isfinite(cfg.theta), "rope: theta must be finite and > 0, got ",
+            cfg.theta);
     const std::int64_t fdim = cfg.frequency_dim == 0 ? rotary_dim_ : cfg.frequency_dim;
     require(fdim > 0, "rope: frequency_dim must be > 0, got ", cfg.frequency_dim);
     pairs_ = rotary_dim_ / 2;
@@ -61,7 +64,8 @@ class rope {
                 "rope: frequency_index[", h, "] has ", tab[static_cast<std::size_t>(h)].size(),
                 " entries but rotary_dim/2=", pairs_, " pairs");
       for (std::int64_t p = 0; p < pairs_; ++p) {
-        const std::int64_t f = tab.empty() ? p : tab[static_cast<std::size_t>(h)][static_cast<std::size_t>(p)];
+        const std::int64_t f =
+            tab.empty() ? p : tab[static_cast<std::size_t>(h)][static_cast<std::size_t>(p)];
         require(f >= 0 && 2 * f < fdim, "rope: frequency_index[", h, "][", p, "]=", f,
                 " must be in [0, frequency_dim/2=", fdim / 2, ")");
         inv_freq_[static_cast<std::size_t>(h * pairs_ + p)] =

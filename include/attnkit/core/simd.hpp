@@ -44,10 +44,14 @@ inline float hsum16(__m512 x) {
   return _mm512_cvtss_f32(x);
 }
 inline float hmax16(__m512 x) {
-  x = _mm512_maskz_max_ps(0xFFFF, x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
-  x = _mm512_maskz_max_ps(0xFFFF, x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
-  x = _mm512_maskz_max_ps(0xFFFF, x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
-  x = _mm512_maskz_max_ps(0xFFFF, x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  x = _mm512_maskz_max_ps(0xFFFF, x,
+                          _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm512_maskz_max_ps(0xFFFF, x,
+                          _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  x = _mm512_maskz_max_ps(0xFFFF, x,
+                          _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm512_maskz_max_ps(0xFFFF, x,
+                          _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm512_cvtss_f32(x);
 }
 

@@ -23,7 +23,8 @@ struct softmax_state {
   float* max = nullptr;
   float* sum = nullptr;
   void reset(std::int64_t rows) const {
-    for (std::int64_t r = 0; r < rows; ++r) max[r] = -std::numeric_limits<float>::infinity(), sum[r] = 0.f;
+    for (std::int64_t r = 0; r < rows; ++r)
+      max[r] = -std::numeric_limits<float>::infinity(), sum[r] = 0.f;
   }
 };
 
@@ -52,18 +53,22 @@ inline float softmax_absorb_row(float& max, float& sum, float* s, std::int64_t n
 /// given, is each row's max over the block (computed by the caller's score pass).
 template <class OnP>
 inline void softmax_columns(const float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
-                            const softmax_state& state, float* alpha, const float* block_max, OnP&& on_p) {
+                            const softmax_state& state, float* alpha, const float* block_max,
+                            OnP&& on_p) {
 #if ATTNKIT_HAS_AVX512
   const __m512 ninf = _mm512_set1_ps(neg_inf);
   for (std::int64_t m0 = 0; m0 < rows; m0 += 16) {
     const __mmask16 mm = lane_mask(rows - m0);
     __m512 colmax = ninf;
-    if (block_max) colmax = _mm512_mask_loadu_ps(ninf, mm, block_max + m0);
+    if (block_max)
+      colmax = _mm512_mask_loadu_ps(ninf, mm, block_max + m0);
     else
-      for (std::int64_t t = 0; t < keys; ++t) colmax = _mm512_maskz_max_ps(0xFFFF, colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
+      for (std::int64_t t = 0; t < keys; ++t)
+        colmax = _mm512_maskz_max_ps(0xFFFF, colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
     const __m512 old = _mm512_mask_loadu_ps(ninf, mm, state.max + m0);
     const __m512 mx = _mm512_maskz_max_ps(0xFFFF, old, colmax);
-    const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
+    const __m512 shift =
+        _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
     const __m512 a = exp16(_mm512_sub_ps(old, shift));  // exp(-inf - finite) = 0
     __m512 colsum = _mm512_setzero_ps();
     for (std::int64_t t = 0; t < keys; ++t) {
@@ -71,14 +76,16 @@ inline void softmax_columns(const float* st, std::int64_t ld, std::int64_t keys,
       on_p(t, m0, p, mm);
       colsum = _mm512_add_ps(colsum, p);
     }
-    _mm512_mask_storeu_ps(state.sum + m0, mm, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mm, state.sum + m0), a, colsum));
+    _mm512_mask_storeu_ps(state.sum + m0, mm,
+                          _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mm, state.sum + m0), a, colsum));
     _mm512_mask_storeu_ps(state.max + m0, mm, mx);
     _mm512_mask_storeu_ps(alpha + m0, mm, a);
   }
 #else
   for (std::int64_t r = 0; r < rows; ++r) {
     float colmax = neg_inf;
-    if (block_max) colmax = block_max[r];
+    if (block_max)
+      colmax = block_max[r];
     else
       for (std::int64_t t = 0; t < keys; ++t) colmax = std::max(colmax, st[t * ld + r]);
     const float mx = std::max(state.max[r], colmax), shift = mx == neg_inf ? 0.f : mx;
@@ -101,15 +108,18 @@ inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys
                                    const softmax_state& state, float* alpha) {
 #if ATTNKIT_HAS_AVX512
   softmax_columns(st, ld, keys, rows, state, alpha, nullptr,
-                  [&](std::int64_t t, std::int64_t r0, __m512 p, __mmask16 m) { _mm512_mask_storeu_ps(st + t * ld + r0, m, p); });
+                  [&](std::int64_t t, std::int64_t r0, __m512 p, __mmask16 m) {
+                    _mm512_mask_storeu_ps(st + t * ld + r0, m, p);
+                  });
 #else
-  softmax_columns(st, ld, keys, rows, state, alpha, nullptr, [&](std::int64_t t, std::int64_t r, float p) { st[t * ld + r] = p; });
+  softmax_columns(st, ld, keys, rows, state, alpha, nullptr,
+                  [&](std::int64_t t, std::int64_t r, float p) { st[t * ld + r] = p; });
 #endif
 }
 
 /// (max_a, sum_a, acc_a) <- merge with (max_b, sum_b, acc_b) over a disjoint key set (d floats).
-inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b, float sum_b, const float* acc_b,
-                          std::int64_t d) {
+inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b, float sum_b,
+                          const float* acc_b, std::int64_t d) {
   if (max_b == neg_inf) return;
   if (max_a == neg_inf) {
     max_a = max_b, sum_a = sum_b;
@@ -125,8 +135,8 @@ inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b,
 
 /// out = acc / sum (0 for a fully masked row); returns the natural-log LSE (-inf if masked).
 /// A finite `sink` logit joins the denominator with no value (gpt-oss attention sinks).
-inline float softmax_finalize(float max, float sum, const float* acc, float* out, std::int64_t out_stride,
-                              std::int64_t d, float sink = neg_inf) {
+inline float softmax_finalize(float max, float sum, const float* acc, float* out,
+                              std::int64_t out_stride, std::int64_t d, float sink = neg_inf) {
   float factor = 1.f;  // exp(max - max') where the sink raises the max
   if (sink != neg_inf) {
     const float m = max > sink ? max : sink;
@@ -150,8 +160,8 @@ inline float softmax_finalize(float max, float sum, const float* acc, float* out
 class online_softmax {
  public:
   online_softmax(std::int64_t rows, std::int64_t dim) : rows_(rows), dim_(dim) {
-    detail::require(rows >= 0 && dim >= 0, "online_softmax: rows and dim must be >= 0, got rows=", rows,
-                    ", dim=", dim);
+    detail::require(rows >= 0 && dim >= 0,
+                    "online_softmax: rows and dim must be >= 0, got rows=", rows, ", dim=", dim);
     max_.assign(static_cast<std::size_t>(rows), detail::neg_inf);
     sum_.assign(static_cast<std::size_t>(rows), 0.f);
     acc_.assign(static_cast<std::size_t>(rows * dim), 0.f);
@@ -164,7 +174,8 @@ class online_softmax {
 
   /// Absorbs n keys for row r: scores[n] (use -inf to mask) and values[n][dim] (row stride
   /// `value_stride`). `scores` is used as scratch.
-  void update(std::int64_t r, float* scores, const float* values, std::int64_t n, std::int64_t value_stride) {
+  void update(std::int64_t r, float* scores, const float* values, std::int64_t n,
+              std::int64_t value_stride) {
     const auto i = static_cast<std::size_t>(r);
     float* acc = acc_.data() + r * dim_;
     const float alpha = detail::softmax_absorb_row(max_[i], sum_[i], scores, n);
@@ -175,8 +186,9 @@ class online_softmax {
 
   /// Absorbs another softmax over a disjoint key set (same rows and dim).
   void merge(const online_softmax& other) {
-    detail::require(other.rows_ == rows_ && other.dim_ == dim_, "online_softmax::merge: shapes differ: [", rows_,
-                    ", ", dim_, "] vs [", other.rows_, ", ", other.dim_, "]");
+    detail::require(other.rows_ == rows_ && other.dim_ == dim_,
+                    "online_softmax::merge: shapes differ: [", rows_, ", ", dim_, "] vs [",
+                    other.rows_, ", ", other.dim_, "]");
     for (std::size_t r = 0; r < max_.size(); ++r)
       detail::softmax_merge(max_[r], sum_[r], acc_.data() + r * dim_, other.max_[r], other.sum_[r],
                             other.acc_.data() + r * dim_, dim_);
@@ -186,8 +198,9 @@ class online_softmax {
   /// non-null, the natural-log log-sum-exp of every row.
   void finalize(float* out, std::int64_t out_stride, float* lse = nullptr) const {
     for (std::size_t r = 0; r < max_.size(); ++r) {
-      const float l = detail::softmax_finalize(max_[r], sum_[r], acc_.data() + r * dim_,
-                                               out + static_cast<std::int64_t>(r) * out_stride, 1, dim_);
+      const float l =
+          detail::softmax_finalize(max_[r], sum_[r], acc_.data() + r * dim_,
+                                   out + static_cast<std::int64_t>(r) * out_stride, 1, dim_);
       if (lse) lse[r] = l;
     }
   }
@@ -221,7 +234,8 @@ inline void merge_attention_states(tensor3_view<const float> o_a, matrix_view<co
         wa = ea / s, wb = eb / s, l = m + std::log(s);
       }
       for (std::int64_t c = 0; c < d; ++c) {
-        const float a = wa == 0.f ? 0.f : wa * o_a(i, j, c), b = wb == 0.f ? 0.f : wb * o_b(i, j, c);
+        const float a = wa == 0.f ? 0.f : wa * o_a(i, j, c),
+                    b = wb == 0.f ? 0.f : wb * o_b(i, j, c);
         out(i, j, c) = a + b;
       }
       if (!lse_out.empty()) lse_out(i, j) = l;

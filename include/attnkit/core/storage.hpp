@@ -29,16 +29,22 @@ inline S from_float(float x) {
 /// rounding from float into S. Tests derive their tolerances from it.
 template <storage_type S>
 constexpr double unit_roundoff() {
-  if constexpr (std::same_as<S, float>) return 0x1p-24;
-  else if constexpr (std::same_as<S, bf16>) return 0x1p-8;
-  else return 0x1p-11;
+  if constexpr (std::same_as<S, float>)
+    return 0x1p-24;
+  else if constexpr (std::same_as<S, bf16>)
+    return 0x1p-8;
+  else
+    return 0x1p-11;
 }
 
 template <storage_type S>
 constexpr const char* storage_name() {
-  if constexpr (std::same_as<S, float>) return "f32";
-  else if constexpr (std::same_as<S, bf16>) return "bf16";
-  else return "f16";
+  if constexpr (std::same_as<S, float>)
+    return "f32";
+  else if constexpr (std::same_as<S, bf16>)
+    return "bf16";
+  else
+    return "f16";
 }
 
 }  // namespace attnkit

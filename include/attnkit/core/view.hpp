@@ -23,7 +23,8 @@ class strided_view {
   constexpr strided_view() = default;
 
   /// Row-major contiguous view: the last extent varies fastest.
-  constexpr strided_view(T* data, const std::array<index_t, Rank>& extents) : data_(data), extents_(extents) {
+  constexpr strided_view(T* data, const std::array<index_t, Rank>& extents)
+      : data_(data), extents_(extents) {
     index_t s = 1;
     for (std::size_t r = Rank; r-- > 0;) {
       strides_[r] = s;
@@ -36,8 +37,8 @@ class strided_view {
 
   /// A view of T converts to a view of const T.
   template <class U>
-    requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
-  constexpr strided_view(const strided_view<U, Rank>& other)
+  requires(std::is_same_v<const U, T> &&
+           !std::is_same_v<U, T>) constexpr strided_view(const strided_view<U, Rank>& other)
       : data_(other.data_handle()), extents_(other.extents()), strides_(other.strides()) {}
 
   constexpr T* data_handle() const { return data_; }
@@ -53,8 +54,7 @@ class strided_view {
   constexpr bool empty() const { return data_ == nullptr || size() == 0; }
 
   template <class... I>
-    requires(sizeof...(I) == Rank)
-  constexpr T& operator()(I... idx) const {
+  requires(sizeof...(I) == Rank) constexpr T& operator()(I... idx) const {
     const std::array<index_t, Rank> i{static_cast<index_t>(idx)...};
     index_t off = 0;
     for (std::size_t r = 0; r < Rank; ++r) off += i[r] * strides_[r];
@@ -70,15 +70,19 @@ class strided_view {
   std::array<index_t, Rank> strides_{};
 };
 
-template <class T> using matrix_view = strided_view<T, 2>;
-template <class T> using tensor3_view = strided_view<T, 3>;
+template <class T>
+using matrix_view = strided_view<T, 2>;
+template <class T>
+using tensor3_view = strided_view<T, 3>;
 
 /// Row-major Eigen matrix type and the Map type a 2-D view converts to.
 template <class T>
-using row_matrix = Eigen::Matrix<std::remove_const_t<T>, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using row_matrix =
+    Eigen::Matrix<std::remove_const_t<T>, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <class T>
-using eigen_map = Eigen::Map<std::conditional_t<std::is_const_v<T>, const row_matrix<T>, row_matrix<T>>,
-                             Eigen::Unaligned, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+using eigen_map =
+    Eigen::Map<std::conditional_t<std::is_const_v<T>, const row_matrix<T>, row_matrix<T>>,
+               Eigen::Unaligned, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
 
 /// A 2-D view as an Eigen Map (no copy; any strides).
 template <class T>
@@ -91,11 +95,12 @@ eigen_map<T> as_eigen(const matrix_view<T>& v) {
 /// (an outer stride only); attnkit::invalid_argument naming `name` otherwise.
 template <class T>
 auto as_eigen(const matrix_view<T>& v, const char* name) {
-  using map = Eigen::Map<std::conditional_t<std::is_const_v<T>, const row_matrix<T>, row_matrix<T>>, Eigen::Unaligned,
-                         Eigen::OuterStride<>>;
-  detail::require(v.stride(1) == 1 || v.extent(1) <= 1, name, " must have unit column stride, got stride(1)=",
-                  v.stride(1));
-  return map(v.data_handle(), v.extent(0), v.extent(1), Eigen::OuterStride<>(v.stride(0) > 1 ? v.stride(0) : 1));
+  using map = Eigen::Map<std::conditional_t<std::is_const_v<T>, const row_matrix<T>, row_matrix<T>>,
+                         Eigen::Unaligned, Eigen::OuterStride<>>;
+  detail::require(v.stride(1) == 1 || v.extent(1) <= 1, name,
+                  " must have unit column stride, got stride(1)=", v.stride(1));
+  return map(v.data_handle(), v.extent(0), v.extent(1),
+             Eigen::OuterStride<>(v.stride(0) > 1 ? v.stride(0) : 1));
 }
 
 /// A 2-D view of any direct-access Eigen matrix, Map or Block (no copy).
@@ -104,29 +109,32 @@ auto view_of(Eigen::PlainObjectBase<Derived>& m) {
   using T = typename Derived::Scalar;
   const bool row_major = Derived::IsRowMajor;
   return matrix_view<T>(m.data(), {m.rows(), m.cols()},
-                        {row_major ? m.outerStride() : m.innerStride(), row_major ? m.innerStride() : m.outerStride()});
+                        {row_major ? m.outerStride() : m.innerStride(),
+                         row_major ? m.innerStride() : m.outerStride()});
 }
 template <class Derived>
 auto view_of(const Eigen::PlainObjectBase<Derived>& m) {
   using T = const typename Derived::Scalar;
   const bool row_major = Derived::IsRowMajor;
   return matrix_view<T>(m.data(), {m.rows(), m.cols()},
-                        {row_major ? m.outerStride() : m.innerStride(), row_major ? m.innerStride() : m.outerStride()});
+                        {row_major ? m.outerStride() : m.innerStride(),
+                         row_major ? m.innerStride() : m.outerStride()});
 }
 template <class Derived>
 auto view_of(const Eigen::MapBase<Derived, Eigen::ReadOnlyAccessors>& m) {
   using T = std::remove_pointer_t<decltype(m.data())>;
   const bool row_major = Derived::IsRowMajor;
   return matrix_view<T>(m.data(), {m.rows(), m.cols()},
-                        {row_major ? m.outerStride() : m.innerStride(), row_major ? m.innerStride() : m.outerStride()});
+                        {row_major ? m.outerStride() : m.innerStride(),
+                         row_major ? m.innerStride() : m.outerStride()});
 }
 
 namespace detail {
 /// Checks a view's extents at an API boundary; `name` is the parameter's name.
 /// `name` may come in two parts (who, parameter), joined by ": " only when the check fails.
 template <class T, std::size_t Rank>
-void require_extents(const strided_view<T, Rank>& v, const std::array<index_t, Rank>& expected, const char* name,
-                     const char* param = nullptr) {
+void require_extents(const strided_view<T, Rank>& v, const std::array<index_t, Rank>& expected,
+                     const char* name, const char* param = nullptr) {
   bool ok = v.data_handle() != nullptr || v.size() == 0;
   for (std::size_t r = 0; r < Rank; ++r) ok = ok && v.extent(r) == expected[r];
   if (!ok) {

@@ -17,7 +17,8 @@ class attention_workspace {
   /// Bytes currently held (grows to the largest call's need, never shrinks).
   std::size_t bytes() const {
     std::size_t n = (partial_.size() + query_.size()) * sizeof(float);
-    for (const auto& w : workers_) n += w.floats.size() * sizeof(float) + w.ints.size() * sizeof(std::int64_t);
+    for (const auto& w : workers_)
+      n += w.floats.size() * sizeof(float) + w.ints.size() * sizeof(std::int64_t);
     return n;
   }
 
@@ -35,7 +36,8 @@ namespace detail {
 /// The kernels' view of a workspace: sized buffers, grown before the parallel region so that
 /// workers never allocate.
 struct workspace_access {
-  static void reserve_workers(attention_workspace& ws, std::size_t n, std::size_t floats, std::size_t ints) {
+  static void reserve_workers(attention_workspace& ws, std::size_t n, std::size_t floats,
+                              std::size_t ints) {
     if (ws.workers_.size() < n) ws.workers_.resize(n);
     for (std::size_t w = 0; w < n; ++w) {
       auto& wk = ws.workers_[w];
@@ -43,8 +45,12 @@ struct workspace_access {
       if (wk.ints.size() < ints) wk.ints.resize(ints);
     }
   }
-  static float* worker_floats(attention_workspace& ws, std::size_t w) { return ws.workers_[w].floats.data(); }
-  static std::int64_t* worker_ints(attention_workspace& ws, std::size_t w) { return ws.workers_[w].ints.data(); }
+  static float* worker_floats(attention_workspace& ws, std::size_t w) {
+    return ws.workers_[w].floats.data();
+  }
+  static std::int64_t* worker_ints(attention_workspace& ws, std::size_t w) {
+    return ws.workers_[w].ints.data();
+  }
   /// Per-call partial states of the key splits.
   static float* partial(attention_workspace& ws, std::size_t floats) {
     if (ws.partial_.size() < floats) ws.partial_.resize(floats);

@@ -68,7 +68,7 @@ struct attention_shape {
   std::int64_t groups;       ///< head groups that each read the keys once per item
   std::int64_t group_heads;  ///< query heads per group (g)
   std::int64_t keys;         ///< Tk
-  std::int64_t v_head_dim;        ///< accumulator width of a row
+  std::int64_t v_head_dim;   ///< accumulator width of a row
   std::int64_t tile_rows;    ///< target rows (tokens x g) per query tile
   std::int64_t block;        ///< keys per block
 };
@@ -90,20 +90,24 @@ struct attention_plan {
 /// Key splits only when the items without them would leave workers idle: about four items per
 /// worker, each split at least 256 keys.
 inline attention_plan plan_attention(const attention_shape& s, int workers) {
-  attention_plan p{s.q_tokens, s.groups, s.group_heads, s.keys, s.v_head_dim, s.block, 0, 0, 0, 1, 0};
-  p.tq = std::clamp<std::int64_t>(s.tile_rows / s.group_heads, 1, std::max<std::int64_t>(s.q_tokens, 1));
+  attention_plan p{s.q_tokens, s.groups, s.group_heads, s.keys, s.v_head_dim, s.block, 0, 0, 0,
+                   1,          0};
+  p.tq = std::clamp<std::int64_t>(s.tile_rows / s.group_heads, 1,
+                                  std::max<std::int64_t>(s.q_tokens, 1));
   p.rows = p.g * p.tq;
   p.qtiles = (s.q_tokens + p.tq - 1) / p.tq;
   const std::int64_t base = p.groups * p.qtiles;
   if (base < 2 * workers || base % workers != 0)
-    p.splits = std::clamp<std::int64_t>((4 * workers + base - 1) / base, 1, std::max<std::int64_t>(1, s.keys / 256));
+    p.splits = std::clamp<std::int64_t>((4 * workers + base - 1) / base, 1,
+                                        std::max<std::int64_t>(1, s.keys / 256));
   p.items = base * p.splits;
   return p;
 }
 
 /// A variant's block products (see the header comment).
 template <class V>
-concept block_products = requires(V& v, const V& cv, std::int64_t i, float* acc, const score_tile& tile) {
+concept block_products = requires(V& v, const V& cv, std::int64_t i, float* acc,
+                                  const score_tile& tile) {
   typename V::problem;
   { cv.positions() } -> std::convertible_to<std::span<const std::int64_t>>;
   { cv.run_end(i) } -> std::convertible_to<std::int64_t>;
@@ -121,10 +125,14 @@ struct attention_call {
   Mask mask;
   tensor3_view<float> out;  // [Tq, H, v_head_dim]
   matrix_view<float> lse;   // [Tq, H] or empty
-  float sink(std::int64_t head) const { return policy.sinks.empty() ? neg_inf : policy.sinks[static_cast<std::size_t>(head)]; }
+  float sink(std::int64_t head) const {
+    return policy.sinks.empty() ? neg_inf : policy.sinks[static_cast<std::size_t>(head)];
+  }
   /// Writes row (t, head) of the output from its final state.
-  void finalize(std::int64_t t, std::int64_t head, float max, float sum, const float* acc, std::int64_t dv) const {
-    const float l = softmax_finalize(max, sum, acc, &out(t, head, 0), out.stride(2), dv, sink(head));
+  void finalize(std::int64_t t, std::int64_t head, float max, float sum, const float* acc,
+                std::int64_t dv) const {
+    const float l =
+        softmax_finalize(max, sum, acc, &out(t, head, 0), out.stride(2), dv, sink(head));
     if (!lse.empty()) lse(t, head) = l;
   }
 };
@@ -134,10 +142,11 @@ template <block_products Variant, class Mask>
 class attention_worker {
  public:
   static std::size_t floats(const typename Variant::problem& pb, const attention_plan& pl) {
-    return Variant::scratch_floats(pb, pl) + static_cast<std::size_t>(pl.rows * (3 + pl.v_head_dim));
+    return Variant::scratch_floats(pb, pl) +
+           static_cast<std::size_t>(pl.rows * (3 + pl.v_head_dim));
   }
-  attention_worker(const typename Variant::problem& pb, const attention_plan& pl, const attention_call<Mask>& call,
-                   float* f, std::int64_t* ints)
+  attention_worker(const typename Variant::problem& pb, const attention_plan& pl,
+                   const attention_call<Mask>& call, float* f, std::int64_t* ints)
       : pl_(pl), call_(call), var_(pb, pl, f), row_pos_(ints) {
     f += Variant::scratch_floats(pb, pl);
     state_ = {f, f + pl.rows};
@@ -148,7 +157,8 @@ class attention_worker {
   void run(std::int64_t qt, std::int64_t j, std::int64_t ks, float* partial) {
     const std::int64_t g = pl_.g, dv = pl_.v_head_dim;
     const std::int64_t t0 = qt * pl_.tq, tn = std::min(pl_.tq, pl_.q_tokens - t0), m = tn * g;
-    std::int64_t qmin = std::numeric_limits<std::int64_t>::max(), qmax = std::numeric_limits<std::int64_t>::min();
+    std::int64_t qmin = std::numeric_limits<std::int64_t>::max(),
+                 qmax = std::numeric_limits<std::int64_t>::min();
     for (std::int64_t ti = 0; ti < tn; ++ti) {
       const std::int64_t pos = call_.q_pos[static_cast<std::size_t>(t0 + ti)];
       qmin = std::min(qmin, pos), qmax = std::max(qmax, pos);
@@ -159,7 +169,8 @@ class attention_worker {
     std::fill(acc_, acc_ + m * dv, 0.f);
 
     const std::int64_t* kp = var_.positions().data();
-    const std::int64_t k_begin = pl_.keys * ks / pl_.splits, k_end = pl_.keys * (ks + 1) / pl_.splits;
+    const std::int64_t k_begin = pl_.keys * ks / pl_.splits,
+                       k_end = pl_.keys * (ks + 1) / pl_.splits;
     for (std::int64_t b0 = k_begin, nb; b0 < k_end; b0 += nb) {
       nb = std::min({pl_.block, k_end - b0, var_.run_end(b0) - b0});
       const auto [lo, hi] = std::minmax_element(kp + b0, kp + b0 + nb);
@@ -170,10 +181,12 @@ class attention_worker {
       for_each_score(s, t0, j, b0, nb, m, [](float& x, const mask_args&) { x = test_degrade(x); });
 #endif
       if (call_.policy.logits.active()) transform_logits(s, t0, j, b0, nb, m);
-      if (vis == block_visibility::partial || !std::same_as<Mask, no_mask>) apply_mask(s, t0, j, b0, nb, m);
+      if (vis == block_visibility::partial || !std::same_as<Mask, no_mask>)
+        apply_mask(s, t0, j, b0, nb, m);
       if (s.key_stride == 1) {
         for (std::int64_t r = 0; r < m; ++r) {
-          const float a = softmax_absorb_row(state_.max[r], state_.sum[r], s.data + r * s.row_stride, nb);
+          const float a =
+              softmax_absorb_row(state_.max[r], state_.sum[r], s.data + r * s.row_stride, nb);
           if (a != 1.f) scale_row(acc_ + r * dv, dv, a);
         }
       } else {
@@ -181,8 +194,8 @@ class attention_worker {
         const bool unchanged = vis == block_visibility::full && !call_.policy.logits.active() &&
                                std::same_as<Mask, no_mask>;
         if constexpr (requires { var_.probability_sink(); })
-          softmax_columns(s.data, s.key_stride, nb, m, state_, alpha_, unchanged ? s.block_max : nullptr,
-                          var_.probability_sink());
+          softmax_columns(s.data, s.key_stride, nb, m, state_, alpha_,
+                          unchanged ? s.block_max : nullptr, var_.probability_sink());
         else
           softmax_absorb_columns(s.data, s.key_stride, nb, m, state_, alpha_);
         for (std::int64_t r = 0; r < m; ++r)
@@ -208,8 +221,8 @@ class attention_worker {
 
  private:
   template <class F>
-  void for_each_score(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0, std::int64_t nb,
-                      std::int64_t m, F&& f) const {
+  void for_each_score(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0,
+                      std::int64_t nb, std::int64_t m, F&& f) const {
     const std::int64_t* kp = var_.positions().data() + b0;
     for (std::int64_t r = 0; r < m; ++r) {
       const mask_args base{t0 + r / pl_.g, row_pos_[r], 0, 0, j * pl_.g + r % pl_.g};
@@ -221,13 +234,14 @@ class attention_worker {
       }
     }
   }
-  void transform_logits(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0, std::int64_t nb,
-                        std::int64_t m) const {
+  void transform_logits(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0,
+                        std::int64_t nb, std::int64_t m) const {
     const logit_transform& lt = call_.policy.logits;
-    for_each_score(s, t0, j, b0, nb, m, [&](float& x, const mask_args& a) { x = lt(x, a.q_pos, a.k_pos, a.head); });
+    for_each_score(s, t0, j, b0, nb, m,
+                   [&](float& x, const mask_args& a) { x = lt(x, a.q_pos, a.k_pos, a.head); });
   }
-  void apply_mask(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0, std::int64_t nb,
-                  std::int64_t m) const {
+  void apply_mask(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0,
+                  std::int64_t nb, std::int64_t m) const {
     const position_mask& pm = call_.policy.positions;
     for_each_score(s, t0, j, b0, nb, m, [&](float& x, const mask_args& a) {
       if (!pm.visible(a.q_pos, a.k_pos) || !call_.mask(a)) x = neg_inf;
@@ -246,8 +260,8 @@ class attention_worker {
 /// Plans and runs one attention call of a variant over the executor; the caller has validated
 /// the arguments.
 template <block_products Variant, class Mask, class Exec>
-void run_attention(const typename Variant::problem& pb, const attention_call<Mask>& call, Exec& exec,
-                   attention_workspace* ws_in) {
+void run_attention(const typename Variant::problem& pb, const attention_call<Mask>& call,
+                   Exec& exec, attention_workspace* ws_in) {
   const attention_shape shape = Variant::shape(pb);
   if (shape.q_tokens == 0) return;
   attention_workspace local;
@@ -257,14 +271,17 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
   const std::int64_t workers = std::min<std::int64_t>(want, pl.items);
   using worker_t = attention_worker<Variant, Mask>;
   const std::size_t floats = worker_t::floats(pb, pl);
-  float* partial =
-      pl.splits > 1 ? workspace_access::partial(ws, static_cast<std::size_t>(pl.items * pl.partial_stride())) : nullptr;
-  workspace_access::reserve_workers(ws, static_cast<std::size_t>(workers), floats, static_cast<std::size_t>(pl.rows));
+  float* partial = pl.splits > 1 ? workspace_access::partial(
+                                       ws, static_cast<std::size_t>(pl.items * pl.partial_stride()))
+                                 : nullptr;
+  workspace_access::reserve_workers(ws, static_cast<std::size_t>(workers), floats,
+                                    static_cast<std::size_t>(pl.rows));
 
   std::atomic<std::int64_t> next{0};
   exec.parallel_for(workers, [&](std::int64_t w) {
     const auto wi = static_cast<std::size_t>(w);
-    worker_t worker(pb, pl, call, workspace_access::worker_floats(ws, wi), workspace_access::worker_ints(ws, wi));
+    worker_t worker(pb, pl, call, workspace_access::worker_floats(ws, wi),
+                    workspace_access::worker_ints(ws, wi));
     for (std::int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < pl.items;) {
       std::int64_t qt, j, ks;
       pl.item(i, qt, j, ks);
@@ -293,14 +310,16 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
 
 /// Checks the arguments every entry point shares: q_positions and out for Tq tokens and
 /// `heads` query heads of v_head_dim, the LSE output, the scale and the policy.
-inline attention_policy validate_call(const char* who, std::int64_t tq, std::int64_t heads, std::int64_t v_head_dim,
-                                      std::span<const std::int64_t> q_pos, const tensor3_view<float>& out,
+inline attention_policy validate_call(const char* who, std::int64_t tq, std::int64_t heads,
+                                      std::int64_t v_head_dim, std::span<const std::int64_t> q_pos,
+                                      const tensor3_view<float>& out,
                                       const attention_options& opt) {
   require(static_cast<std::int64_t>(q_pos.size()) == tq, who, ": q_positions has ", q_pos.size(),
           " entries but the queries have Tq=", tq, " tokens");
   require_extents(out, {tq, heads, v_head_dim}, who, "out");
   if (!opt.lse.empty()) require_extents(opt.lse, {tq, heads}, who, "lse");
-  if (opt.scale) require(std::isfinite(*opt.scale), who, ": scale must be finite, got ", *opt.scale);
+  if (opt.scale)
+    require(std::isfinite(*opt.scale), who, ": scale must be finite, got ", *opt.scale);
   return make_policy(opt, heads, who);
 }
 

@@ -43,16 +43,17 @@ struct is_kv_view<kv_view<S>> : std::true_type {};
 
 /// What attend and attend_latent accept: a kv_view, or a cache whose view() is one.
 template <class X>
-concept kv_source = is_kv_view<X>::value || (kv_cache<X> && requires(const X& x) {
-  requires is_kv_view<decltype(x.view())>::value;
-});
+concept kv_source = is_kv_view<X>::value ||
+    (kv_cache<X>&& requires(const X& x) { requires is_kv_view<decltype(x.view())>::value; });
 
 namespace detail {
 
 template <class X>
 auto kv_view_of(const X& x) {
-  if constexpr (is_kv_view<X>::value) return x;
-  else return x.view();
+  if constexpr (is_kv_view<X>::value)
+    return x;
+  else
+    return x.view();
 }
 
 template <storage_type S>
@@ -68,8 +69,9 @@ class gqa_products {
  public:
   using problem = gqa_problem<S>;
   static attention_shape shape(const problem& pb) {
-    return {pb.q.extent(0),        pb.kv.kv_heads(),         pb.q.extent(1) / pb.kv.kv_heads(), pb.kv.size(),
-            pb.kv.v_head_dim(),    pb.streaming ? 32 : 128,  pb.streaming ? 64 : 128};
+    return {pb.q.extent(0),         pb.kv.kv_heads(),   pb.q.extent(1) / pb.kv.kv_heads(),
+            pb.kv.size(),           pb.kv.v_head_dim(), pb.streaming ? 32 : 128,
+            pb.streaming ? 64 : 128};
   }
   static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
     const std::int64_t m = pl.rows, nb = pl.block, dqk = pb.kv.head_dim(), dv = pb.kv.v_head_dim();
@@ -78,8 +80,8 @@ class gqa_products {
 
   gqa_products(const problem& pb, const attention_plan& pl, float* f) : pb_(pb), pl_(pl) {
     const std::int64_t m = pl.rows, nb = pl.block, dqk = pb.kv.head_dim();
-    q_ = f, f += m * dqk;   // [m][d_qk], or Q^T [d_qk][m] on the transposed path
-    s_ = f, f += m * nb;    // scores / probabilities: [m][block], or [nb][m] transposed
+    q_ = f, f += m * dqk;    // [m][d_qk], or Q^T [d_qk][m] on the transposed path
+    s_ = f, f += m * nb;     // scores / probabilities: [m][block], or [nb][m] transposed
     kf_ = f, f += nb * dqk;  // a block of K widened to float
     vf_ = f;                 // a block of V widened to float
   }
@@ -130,7 +132,8 @@ class gqa_products {
     return {s_, 1, m_};
 #else
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
-    Eigen::Map<row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>> sm(s_, m_, nb, Eigen::OuterStride<>(pl_.block));
+    Eigen::Map<row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>> sm(
+        s_, m_, nb, Eigen::OuterStride<>(pl_.block));
     const map_c qm(q_, m_, dqk, Eigen::OuterStride<>(dqk));
     if constexpr (std::same_as<S, float>) {
       sm.noalias() = qm * map_c(k, nb, dqk, Eigen::OuterStride<>(ks)).transpose();
@@ -142,7 +145,8 @@ class gqa_products {
 #endif
   }
 
-  void accumulate(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p, float* acc) {
+  void accumulate(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p,
+                  float* acc) {
     const std::int64_t dv = pb_.kv.v_head_dim(), vs = pb_.kv.values().row_stride;
     const S* v = pb_.kv.values().row(j, b0);
     if (pb_.streaming) {
@@ -151,10 +155,12 @@ class gqa_products {
     }
 #if ATTNKIT_HAS_AVX512
     (void)v, (void)vs;
-    gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv);  // O += P V, P(r, t) = S^T[t][r]
+    gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc,
+                     dv);  // O += P V, P(r, t) = S^T[t][r]
 #else
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
-    Eigen::Map<row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>> om(acc, m_, dv, Eigen::OuterStride<>(dv));
+    Eigen::Map<row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>> om(
+        acc, m_, dv, Eigen::OuterStride<>(dv));
     const map_c pm(p.data, m_, nb, Eigen::OuterStride<>(p.row_stride));
     if constexpr (std::same_as<S, float>) {
       om.noalias() += pm * map_c(v, nb, dv, Eigen::OuterStride<>(vs));
@@ -167,7 +173,8 @@ class gqa_products {
 
   void finish(float* acc, std::int64_t rows) {
     if (paired())
-      for (std::int64_t r = 0; r < rows; ++r) unpermute_pairs(acc + r * pb_.kv.v_head_dim(), pb_.kv.v_head_dim());
+      for (std::int64_t r = 0; r < rows; ++r)
+        unpermute_pairs(acc + r * pb_.kv.v_head_dim(), pb_.kv.v_head_dim());
   }
 
  private:
@@ -184,21 +191,27 @@ class gqa_products {
 
 /// The GQA path of attend and attend_latent on a validated kv_view.
 template <storage_type S, class Mask, class Exec>
-void run_gqa(const char* who, tensor3_view<const float> q, std::span<const std::int64_t> q_pos, const kv_view<S>& kv,
-             tensor3_view<float> out, const attention_options& opt, Exec& exec, attention_workspace* ws,
-             const Mask& mask, std::optional<float> default_scale = {}) {
+void run_gqa(const char* who, tensor3_view<const float> q, std::span<const std::int64_t> q_pos,
+             const kv_view<S>& kv, tensor3_view<float> out, const attention_options& opt,
+             Exec& exec, attention_workspace* ws, const Mask& mask,
+             std::optional<float> default_scale = {}) {
   const std::int64_t tq = q.extent(0), h = q.extent(1), hkv = kv.kv_heads(), dqk = kv.head_dim();
-  require(h > 0 && h % hkv == 0, who, ": heads=", h, " (q.extent(1)) must be a positive multiple of kv_heads=", hkv);
-  require(q.extent(2) == dqk, who, ": q head dim q.extent(2)=", q.extent(2), " differs from the keys' head_dim=", dqk);
+  require(h > 0 && h % hkv == 0, who, ": heads=", h,
+          " (q.extent(1)) must be a positive multiple of kv_heads=", hkv);
+  require(q.extent(2) == dqk, who, ": q head dim q.extent(2)=", q.extent(2),
+          " differs from the keys' head_dim=", dqk);
   require_extents(q, {tq, h, dqk}, who, "q");
   const attention_policy policy = validate_call(who, tq, h, kv.v_head_dim(), q_pos, out, opt);
   // Streaming micro-kernels for tiles of fewer than 16 query rows. Without AVX-512 the portable
   // streaming loops are slow and Eigen's vectorised GEMM tiles are the fast path for every size.
-  const bool streaming = opt.strategy == tile_strategy::streaming ||
-                         (opt.strategy == tile_strategy::automatic && ATTNKIT_HAS_AVX512 && (h / hkv) * tq < 16);
-  const float scale = opt.scale.value_or(default_scale.value_or(1.f / std::sqrt(static_cast<float>(dqk))));
+  const bool streaming =
+      opt.strategy == tile_strategy::streaming ||
+      (opt.strategy == tile_strategy::automatic && ATTNKIT_HAS_AVX512 && (h / hkv) * tq < 16);
+  const float scale =
+      opt.scale.value_or(default_scale.value_or(1.f / std::sqrt(static_cast<float>(dqk))));
   const gqa_problem<S> pb{q, kv, scale, streaming};
-  run_attention<gqa_products<S>>(pb, attention_call<Mask>{q_pos, policy, mask, out, opt.lse}, exec, ws);
+  run_attention<gqa_products<S>>(pb, attention_call<Mask>{q_pos, policy, mask, out, opt.lse}, exec,
+                                 ws);
 }
 
 }  // namespace detail
@@ -218,17 +231,18 @@ void attend(tensor3_view<const float> q, std::span<const std::int64_t> q_positio
 
 /// MHA and MQA are the same kernel: names for readers, with a shape check, not copies.
 template <kv_source KV, class Exec = serial_executor, mask_predicate Mask = no_mask>
-void attend_mha(tensor3_view<const float> q, std::span<const std::int64_t> q_positions, const KV& kv,
-                tensor3_view<float> out, const attention_options& opt = {}, Exec&& exec = Exec{},
-                attention_workspace* ws = nullptr, const Mask& mask = {}) {
+void attend_mha(tensor3_view<const float> q, std::span<const std::int64_t> q_positions,
+                const KV& kv, tensor3_view<float> out, const attention_options& opt = {},
+                Exec&& exec = Exec{}, attention_workspace* ws = nullptr, const Mask& mask = {}) {
   const auto v = detail::kv_view_of(kv);
-  detail::require(q.extent(1) == v.kv_heads(), "attend_mha: heads=", q.extent(1), " must equal kv_heads=", v.kv_heads());
+  detail::require(q.extent(1) == v.kv_heads(), "attend_mha: heads=", q.extent(1),
+                  " must equal kv_heads=", v.kv_heads());
   detail::run_gqa("attend_mha", q, q_positions, v, out, opt, exec, ws, mask);
 }
 template <kv_source KV, class Exec = serial_executor, mask_predicate Mask = no_mask>
-void attend_mqa(tensor3_view<const float> q, std::span<const std::int64_t> q_positions, const KV& kv,
-                tensor3_view<float> out, const attention_options& opt = {}, Exec&& exec = Exec{},
-                attention_workspace* ws = nullptr, const Mask& mask = {}) {
+void attend_mqa(tensor3_view<const float> q, std::span<const std::int64_t> q_positions,
+                const KV& kv, tensor3_view<float> out, const attention_options& opt = {},
+                Exec&& exec = Exec{}, attention_workspace* ws = nullptr, const Mask& mask = {}) {
   const auto v = detail::kv_view_of(kv);
   detail::require(v.kv_heads() == 1, "attend_mqa: kv_heads must be 1, got ", v.kv_heads());
   detail::run_gqa("attend_mqa", q, q_positions, v, out, opt, exec, ws, mask);

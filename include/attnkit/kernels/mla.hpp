@@ -27,13 +27,15 @@ namespace attnkit {
 template <kv_source KV, class Exec = serial_executor, mask_predicate Mask = no_mask>
 void attend_latent(tensor3_view<const float> q_latent, tensor3_view<const float> q_rope,
                    std::span<const std::int64_t> q_positions, const KV& kv, tensor3_view<float> out,
-                   const attention_options& opt = {}, Exec&& exec = Exec{}, attention_workspace* ws = nullptr,
-                   const Mask& mask = {}) {
+                   const attention_options& opt = {}, Exec&& exec = Exec{},
+                   attention_workspace* ws = nullptr, const Mask& mask = {}) {
   using detail::require;
   const auto v = detail::kv_view_of(kv);
-  const std::int64_t tq = q_latent.extent(0), h = q_latent.extent(1), dc = v.v_head_dim(), w = v.head_dim();
+  const std::int64_t tq = q_latent.extent(0), h = q_latent.extent(1), dc = v.v_head_dim(),
+                     w = v.head_dim();
   const std::int64_t dr = q_rope.extent(2), nr = dr > 0 ? (w - dc) / dr : 1;
-  require(v.kv_heads() == 1, "attend_latent: the latent view must have one KV head, got ", v.kv_heads());
+  require(v.kv_heads() == 1, "attend_latent: the latent view must have one KV head, got ",
+          v.kv_heads());
   detail::require_extents(q_latent, {tq, h, dc}, "attend_latent: q_latent");
   require(dr > 0 ? (w - dc) % dr == 0 && nr >= 1 : w == dc, "attend_latent: q_rope width ", dr,
           " does not divide the key rows' rope part (key width ", w, " - latent ", dc, ")");
@@ -52,8 +54,8 @@ void attend_latent(tensor3_view<const float> q_latent, tensor3_view<const float>
       float* slot = row + dc + (i / per_group) * dr;
       for (std::int64_t c = 0; c < dr; ++c) slot[c] = q_rope(t, i, c);
     }
-  detail::run_gqa("attend_latent", tensor3_view<const float>(qx, {tq, h, w}), q_positions, v, out, opt, exec, &wsr,
-                  mask, 1.f / std::sqrt(static_cast<float>(dc + dr)));
+  detail::run_gqa("attend_latent", tensor3_view<const float>(qx, {tq, h, w}), q_positions, v, out,
+                  opt, exec, &wsr, mask, 1.f / std::sqrt(static_cast<float>(dc + dr)));
 }
 
 }  // namespace attnkit

@@ -51,10 +51,13 @@ struct position_mask {
   bool in_window(std::int64_t q, std::int64_t k) const {
     return window == 0 || k > q || distance(q, k) < static_cast<std::uint64_t>(window);
   }
-  bool visible(std::int64_t q, std::int64_t k) const { return (!causal || k <= q) && in_window(q, k); }
+  bool visible(std::int64_t q, std::int64_t k) const {
+    return (!causal || k <= q) && in_window(q, k);
+  }
 
   /// Visibility of every key with position in [kmin, kmax] from every query in [qmin, qmax].
-  block_visibility block(std::int64_t qmin, std::int64_t qmax, std::int64_t kmin, std::int64_t kmax) const {
+  block_visibility block(std::int64_t qmin, std::int64_t qmax, std::int64_t kmin,
+                         std::int64_t kmax) const {
     // Some pair visible: causal needs kmin <= qmax; the closest pair (k <= q) is then
     // k* = min(kmax, qmax), q* = max(qmin, k*). Without causal, a future key is always visible.
     bool any;
@@ -95,17 +98,21 @@ struct attention_policy {
   std::span<const float> sinks;
 };
 
-inline attention_policy make_policy(const attention_options& opt, std::int64_t heads, const char* who) {
+inline attention_policy make_policy(const attention_options& opt, std::int64_t heads,
+                                    const char* who) {
   using detail::require;
   if (opt.window) require(*opt.window >= 1, who, ": window must be >= 1, got ", *opt.window);
   if (opt.logit_softcap)
-    require(std::isfinite(*opt.logit_softcap) && *opt.logit_softcap > 0, who, ": logit_softcap must be finite and > 0, got ",
-            *opt.logit_softcap);
-  require(opt.alibi_slopes.empty() || static_cast<std::int64_t>(opt.alibi_slopes.size()) == heads, who,
-          ": alibi_slopes has ", opt.alibi_slopes.size(), " entries but there are ", heads, " query heads");
-  require(opt.sinks.empty() || static_cast<std::int64_t>(opt.sinks.size()) == heads, who, ": sinks has ",
-          opt.sinks.size(), " entries but there are ", heads, " query heads");
-  return {{opt.causal, opt.window.value_or(0)}, {opt.logit_softcap.value_or(0.f), opt.alibi_slopes}, opt.sinks};
+    require(std::isfinite(*opt.logit_softcap) && *opt.logit_softcap > 0, who,
+            ": logit_softcap must be finite and > 0, got ", *opt.logit_softcap);
+  require(opt.alibi_slopes.empty() || static_cast<std::int64_t>(opt.alibi_slopes.size()) == heads,
+          who, ": alibi_slopes has ", opt.alibi_slopes.size(), " entries but there are ", heads,
+          " query heads");
+  require(opt.sinks.empty() || static_cast<std::int64_t>(opt.sinks.size()) == heads, who,
+          ": sinks has ", opt.sinks.size(), " entries but there are ", heads, " query heads");
+  return {{opt.causal, opt.window.value_or(0)},
+          {opt.logit_softcap.value_or(0.f), opt.alibi_slopes},
+          opt.sinks};
 }
 }  // namespace detail
 

@@ -38,9 +38,8 @@ struct is_factor_view<factor_view<S>> : std::true_type {};
 
 /// What attend_factorized accepts: a factor_view, or a cache whose view() is one.
 template <class X>
-concept factor_source = is_factor_view<X>::value || (kv_cache<X> && requires(const X& x) {
-  requires is_factor_view<decltype(x.view())>::value;
-});
+concept factor_source = is_factor_view<X>::value ||
+    (kv_cache<X>&& requires(const X& x) { requires is_factor_view<decltype(x.view())>::value; });
 
 namespace detail {
 
@@ -57,7 +56,8 @@ class factor_prefetcher {
   /// Starts on tokens [begin, end) (possibly empty), issuing what is left of the previous range.
   void start(std::int64_t begin, std::int64_t end) {
     finish();
-    const std::int64_t n = std::max<std::int64_t>(end - begin, 0), h = c_.heads, rk = c_.k_rank, rv = c_.v_rank;
+    const std::int64_t n = std::max<std::int64_t>(end - begin, 0), h = c_.heads, rk = c_.k_rank,
+                       rv = c_.v_rank;
     set(0, c_.b_k_row(begin), n * rk * c_.head_dim);
     set(1, c_.a_k_row(begin), n * rk * h);
     set(2, c_.a_v_row(begin), n * rv * h);
@@ -98,8 +98,8 @@ template <storage_type S>
 struct tpa_problem {
   tensor3_view<const float> a_q, b_q;  // [Tq, R_Q, H], [Tq, R_Q, d]
   factor_view<S> kv;
-  float score_scale = 1.f;              // softmax scale x k_scale
-  std::int64_t hp = 0;                  // heads rounded up to 16
+  float score_scale = 1.f;  // softmax scale x k_scale
+  std::int64_t hp = 0;      // heads rounded up to 16
 };
 
 template <storage_type S>
@@ -114,10 +114,12 @@ class tpa_products {
   static std::size_t scratch_floats(const problem& p, const attention_plan& pl) {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, dv = p.kv.v_head_dim, nb = pl.block;
     const std::int64_t rk = p.kv.k_rank, rv = p.kv.v_rank, hp = p.hp;
-    return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * hp + hp + nb * rv * hp + nb * rv * dv);
+    return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * hp + hp + nb * rv * hp +
+                                    nb * rv * dv);
   }
   tpa_products(const problem& p, const attention_plan& pl, float* f) : p_(p), pl_(pl), pf_(p_.kv) {
-    const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, nb = pl.block, rk = p.kv.k_rank, rv = p.kv.v_rank;
+    const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, nb = pl.block, rk = p.kv.k_rank,
+                       rv = p.kv.v_rank;
     const std::int64_t hp = p.hp;
     aq_ = f, f += rq * hp;         // [R_Q][hp], scaled
     bq_ = f, f += rq * d;          // [R_Q][d]
@@ -134,7 +136,8 @@ class tpa_products {
   void load_queries(std::int64_t t, std::int64_t /*tn*/, std::int64_t /*j*/) {
     const std::int64_t rq = p_.a_q.extent(1), h = p_.kv.heads, d = p_.kv.head_dim, hp = p_.hp;
     for (std::int64_t r = 0; r < rq; ++r) {
-      for (std::int64_t i = 0; i < hp; ++i) aq_[r * hp + i] = i < h ? p_.a_q(t, r, i) * p_.score_scale : 0.f;
+      for (std::int64_t i = 0; i < hp; ++i)
+        aq_[r * hp + i] = i < h ? p_.a_q(t, r, i) * p_.score_scale : 0.f;
       for (std::int64_t e = 0; e < d; ++e) bq_[r * d + e] = p_.b_q(t, r, e);
       if (paired_columns<S>) permute_pairs(bq_ + r * d, d);
     }
@@ -158,16 +161,19 @@ class tpa_products {
 #if ATTNKIT_HAS_AVX512
     return [this, hp, h, rv](std::int64_t s, std::int64_t i0, __m512 p, __mmask16 m) {
       for (std::int64_t v = 0; v < rv; ++v)
-        _mm512_mask_storeu_ps(wt_ + (s * rv + v) * hp + i0, m, _mm512_mul_ps(p, load16(av_ + (s * rv + v) * h + i0, m)));
+        _mm512_mask_storeu_ps(wt_ + (s * rv + v) * hp + i0, m,
+                              _mm512_mul_ps(p, load16(av_ + (s * rv + v) * h + i0, m)));
     };
 #else
     return [this, hp, h, rv](std::int64_t s, std::int64_t i, float p) {
-      for (std::int64_t v = 0; v < rv; ++v) wt_[(s * rv + v) * hp + i] = p * static_cast<float>(av_[(s * rv + v) * h + i]);
+      for (std::int64_t v = 0; v < rv; ++v)
+        wt_[(s * rv + v) * hp + i] = p * static_cast<float>(av_[(s * rv + v) * h + i]);
     };
 #endif
   }
 
-  void accumulate(std::int64_t /*j*/, std::int64_t b0, std::int64_t nb, const score_tile& /*p*/, float* acc) {
+  void accumulate(std::int64_t /*j*/, std::int64_t b0, std::int64_t nb, const score_tile& /*p*/,
+                  float* acc) {
     const std::int64_t h = p_.kv.heads, dv = p_.kv.v_head_dim, rv = p_.kv.v_rank;
     // O += W B_V with W^T[(s, v)][h] = p[s][h] A_V(s)[v, h].
     const S* bv = p_.kv.b_v_row(b0);
@@ -179,7 +185,9 @@ class tpa_products {
     gemm_bcast<true>(h, dv, nb * rv, wt_, 1, p_.hp, bvf, dv, acc, dv, pf_);
   }
 
-  void finish(float* acc, std::int64_t rows) { scale_row(acc, rows * p_.kv.v_head_dim, p_.kv.v_scale); }
+  void finish(float* acc, std::int64_t rows) {
+    scale_row(acc, rows * p_.kv.v_head_dim, p_.kv.v_scale);
+  }
 
  private:
   std::int64_t dots_stride() const { return pl_.block * p_.kv.k_rank; }
@@ -214,10 +222,12 @@ class tpa_products {
             const __m512 a = _mm512_loadu_ps(aq_ + r * hp + i0);
             const float* dr = dots_ + r * ds + u;
             ATTNKIT_UNROLL
-            for (int j = 0; j < G; ++j) t[j] = _mm512_fmadd_ps(a, _mm512_set1_ps(dr[sk[j] * rk]), t[j]);
+            for (int j = 0; j < G; ++j)
+              t[j] = _mm512_fmadd_ps(a, _mm512_set1_ps(dr[sk[j] * rk]), t[j]);
           }
           ATTNKIT_UNROLL
-          for (int j = 0; j < G; ++j) acc[j] = _mm512_fmadd_ps(load16(ak + (sk[j] * rk + u) * h + i0, m), t[j], acc[j]);
+          for (int j = 0; j < G; ++j)
+            acc[j] = _mm512_fmadd_ps(load16(ak + (sk[j] * rk + u) * h + i0, m), t[j], acc[j]);
         }
         __m512 mx = _mm512_loadu_ps(bmax_ + i0);
         ATTNKIT_UNROLL
@@ -235,7 +245,8 @@ class tpa_products {
           float acc = 0.f;
           for (std::int64_t u = 0; u < rk; ++u) {
             float t = 0.f;
-            for (std::int64_t r = 0; r < rq; ++r) t += aq_[r * hp + i] * dots_[r * ds + sk[j] * rk + u];
+            for (std::int64_t r = 0; r < rq; ++r)
+              t += aq_[r * hp + i] * dots_[r * ds + sk[j] * rk + u];
             acc += static_cast<float>(ak[(sk[j] * rk + u) * h + i]) * t;
           }
           row[i] = acc;
@@ -261,22 +272,26 @@ class tpa_products {
 /// Options as for attend; scale defaults to 1/sqrt(d). K and V are never materialised.
 template <factor_source KV, class Exec = serial_executor, mask_predicate Mask = no_mask>
 void attend_factorized(tensor3_view<const float> a_q, tensor3_view<const float> b_q,
-                       std::span<const std::int64_t> q_positions, const KV& kv, tensor3_view<float> out,
-                       const attention_options& opt = {}, Exec&& exec = Exec{}, attention_workspace* ws = nullptr,
+                       std::span<const std::int64_t> q_positions, const KV& kv,
+                       tensor3_view<float> out, const attention_options& opt = {},
+                       Exec&& exec = Exec{}, attention_workspace* ws = nullptr,
                        const Mask& mask = {}) {
   using detail::require;
   factor_view<typename KV::storage_type> f;
-  if constexpr (is_factor_view<KV>::value) f = kv;
-  else f = kv.view();
+  if constexpr (is_factor_view<KV>::value)
+    f = kv;
+  else
+    f = kv.view();
   f.validate("attend_factorized");
   const std::int64_t tq = a_q.extent(0), rq = a_q.extent(1), h = f.heads, d = f.head_dim;
   require(rq >= 1, "attend_factorized: a_q.extent(1) (R_Q) must be >= 1, got ", rq);
   detail::require_extents(a_q, {tq, rq, h}, "attend_factorized: a_q");
   detail::require_extents(b_q, {tq, rq, d}, "attend_factorized: b_q");
   require(opt.strategy != tile_strategy::gemm,
-          "attend_factorized: strategy gemm is not available (the TPA kernel has one path: automatic or streaming)");
-  const detail::attention_policy policy = detail::validate_call("attend_factorized", tq, h, f.v_head_dim, q_positions,
-                                                                out, opt);
+          "attend_factorized: strategy gemm is not available (the TPA kernel has one path: "
+          "automatic or streaming)");
+  const detail::attention_policy policy =
+      detail::validate_call("attend_factorized", tq, h, f.v_head_dim, q_positions, out, opt);
   const float scale = opt.scale.value_or(1.f / std::sqrt(static_cast<float>(d))) * f.k_scale;
   const detail::tpa_problem<typename KV::storage_type> p{a_q, b_q, f, scale, (h + 15) / 16 * 16};
   detail::run_attention<detail::tpa_products<typename KV::storage_type>>(

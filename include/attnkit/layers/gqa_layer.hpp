@@ -44,14 +44,15 @@ class gqa_layer {
  public:
   gqa_layer(const gqa_config& cfg, const gqa_weights& w) : cfg_(validated(cfg)), w_(w) {
     using detail::require;
-    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, hkv = cfg_.kv_heads, dq = cfg_.head_dim, dv = cfg_.v_head_dim;
+    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, hkv = cfg_.kv_heads, dq = cfg_.head_dim,
+                       dv = cfg_.v_head_dim;
     detail::require_extents(w.q_proj, {h * dq, d}, "gqa_layer: weight q_proj");
     detail::require_extents(w.k_proj, {hkv * dq, d}, "gqa_layer: weight k_proj");
     detail::require_extents(w.v_proj, {hkv * dv, d}, "gqa_layer: weight v_proj");
     detail::require_extents(w.o_proj, {d, h * dv}, "gqa_layer: weight o_proj");
     auto check_bias = [](std::span<const float> b, std::int64_t n, const char* name) {
-      require(b.empty() || static_cast<std::int64_t>(b.size()) == n, "gqa_layer: ", name, " has ", b.size(),
-              " entries but ", n, " were expected");
+      require(b.empty() || static_cast<std::int64_t>(b.size()) == n, "gqa_layer: ", name, " has ",
+              b.size(), " entries but ", n, " were expected");
     };
     check_bias(w.q_proj_bias, h * dq, "q_proj_bias");
     check_bias(w.k_proj_bias, hkv * dq, "k_proj_bias");
@@ -59,7 +60,10 @@ class gqa_layer {
     check_bias(w.o_proj_bias, d, "o_proj_bias");
     check_bias(w.q_norm, dq, "q_norm");
     check_bias(w.k_norm, dq, "k_norm");
-    for (auto [v, name] : {std::pair{w.q_proj, "q_proj"}, {w.k_proj, "k_proj"}, {w.v_proj, "v_proj"}, {w.o_proj, "o_proj"}})
+    for (auto [v, name] : {std::pair{w.q_proj, "q_proj"},
+                           {w.k_proj, "k_proj"},
+                           {w.v_proj, "v_proj"},
+                           {w.o_proj, "o_proj"}})
       (void)as_eigen(v, name);
     k_rope_ = rope(cfg_.rope, dq, hkv);
     q_rope_ = rope(query_tables(cfg_.rope, h / hkv), dq, h);
@@ -83,7 +87,7 @@ class gqa_layer {
   /// x [T, D] at positions (one per token) -> y [T, D]. Appends T tokens to `cache` (any cache
   /// taking dense_append payloads whose view is a kv_view). A call that throws changes nothing.
   template <class Cache, class Exec = serial_executor>
-    requires cache_for<Cache, dense_append> && kv_source<Cache>
+  requires cache_for<Cache, dense_append> && kv_source<Cache>
   void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, Cache& cache,
                matrix_view<float> y, Exec&& exec = Exec{}) {
     using detail::require;
@@ -91,14 +95,14 @@ class gqa_layer {
     const std::int64_t dq = cfg_.head_dim, dv = cfg_.v_head_dim;
     detail::require_extents(x, {t, d}, "gqa_layer::forward: x");
     detail::require_extents(y, {t, d}, "gqa_layer::forward: y");
-    require(static_cast<std::int64_t>(positions.size()) == t, "gqa_layer::forward: positions has ", positions.size(),
-            " entries but x has T=", t, " tokens");
+    require(static_cast<std::int64_t>(positions.size()) == t, "gqa_layer::forward: positions has ",
+            positions.size(), " entries but x has T=", t, " tokens");
     const auto kv = cache.view();
     require(kv.kv_heads() == hkv && kv.head_dim() == dq && kv.v_head_dim() == dv,
-            "gqa_layer::forward: cache has kv_heads=", kv.kv_heads(), ", head_dim=", kv.head_dim(), ", v_head_dim=",
-            kv.v_head_dim(), " but the layer needs ", hkv, ", ", dq, ", ", dv);
-    require(t <= cache.capacity() - cache.size(), "gqa_layer::forward: appending ", t, " tokens to size=",
-            cache.size(), " exceeds capacity=", cache.capacity());
+            "gqa_layer::forward: cache has kv_heads=", kv.kv_heads(), ", head_dim=", kv.head_dim(),
+            ", v_head_dim=", kv.v_head_dim(), " but the layer needs ", hkv, ", ", dq, ", ", dv);
+    require(t <= cache.capacity() - cache.size(), "gqa_layer::forward: appending ", t,
+            " tokens to size=", cache.size(), " exceeds capacity=", cache.capacity());
 
     q_.resize(t, h * dq);
     k_.resize(t, hkv * dq);
@@ -106,7 +110,9 @@ class gqa_layer {
     o_.resize(t, h * dv);
     const auto xm = as_eigen(x, "gqa_layer::forward: x");
     auto ym = as_eigen(y, "gqa_layer::forward: y");
-    auto map = [](row_matrix<float>& m) { return detail::row_map<float>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())); };
+    auto map = [](row_matrix<float>& m) {
+      return detail::row_map<float>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols()));
+    };
     detail::linear(xm, as_eigen(w_.q_proj, "q_proj"), w_.q_proj_bias, map(q_), exec);
     detail::linear(xm, as_eigen(w_.k_proj, "k_proj"), w_.k_proj_bias, map(k_), exec);
     detail::linear(xm, as_eigen(w_.v_proj, "v_proj"), w_.v_proj_bias, map(v_), exec);
@@ -121,11 +127,12 @@ class gqa_layer {
         k_rope_.apply(k_.row(i).data() + j * dq, pos, j);
       }
     }
-    cache.append(tensor3_view<const float>(k_.data(), {t, hkv, dq}), tensor3_view<const float>(v_.data(), {t, hkv, dv}),
-                 positions);
+    cache.append(tensor3_view<const float>(k_.data(), {t, hkv, dq}),
+                 tensor3_view<const float>(v_.data(), {t, hkv, dv}), positions);
     attend(tensor3_view<const float>(q_.data(), {t, h, dq}), positions, cache.view(),
            tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
-    const auto om = detail::row_map<const float>(o_.data(), t, h * dv, Eigen::OuterStride<>(h * dv));
+    const auto om =
+        detail::row_map<const float>(o_.data(), t, h * dv, Eigen::OuterStride<>(h * dv));
     detail::linear(om, as_eigen(w_.o_proj, "o_proj"), w_.o_proj_bias, ym, exec);
   }
 
@@ -134,13 +141,17 @@ class gqa_layer {
     using detail::require;
     if (c.v_head_dim == 0) c.v_head_dim = c.head_dim;
     require(c.model_dim > 0, "gqa_config: model_dim must be > 0, got ", c.model_dim);
-    require(c.heads > 0 && c.kv_heads > 0, "gqa_config: heads and kv_heads must be > 0, got heads=", c.heads,
+    require(c.heads > 0 && c.kv_heads > 0,
+            "gqa_config: heads and kv_heads must be > 0, got heads=", c.heads,
             ", kv_heads=", c.kv_heads);
-    require(c.heads % c.kv_heads == 0, "gqa_config: heads=", c.heads, " must be a multiple of kv_heads=", c.kv_heads);
-    require(c.head_dim > 0 && c.v_head_dim > 0, "gqa_config: head_dim and v_head_dim must be > 0, got ", c.head_dim,
-            ", ", c.v_head_dim);
+    require(c.heads % c.kv_heads == 0, "gqa_config: heads=", c.heads,
+            " must be a multiple of kv_heads=", c.kv_heads);
+    require(c.head_dim > 0 && c.v_head_dim > 0,
+            "gqa_config: head_dim and v_head_dim must be > 0, got ", c.head_dim, ", ",
+            c.v_head_dim);
     if (c.window) require(*c.window >= 1, "gqa_config: window must be >= 1, got ", *c.window);
-    if (c.scale) require(std::isfinite(*c.scale), "gqa_config: scale must be finite, got ", *c.scale);
+    if (c.scale)
+      require(std::isfinite(*c.scale), "gqa_config: scale must be finite, got ", *c.scale);
     require(c.rms_eps > 0, "gqa_config: rms_eps must be > 0, got ", c.rms_eps);
     return c;
   }

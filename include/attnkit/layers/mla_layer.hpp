@@ -40,7 +40,7 @@ struct mla_config {
   std::int64_t latent_dim = 0;   ///< d_c (kv_lora_rank)
   std::int64_t nope_dim = 0;     ///< d_nope (qk_nope_head_dim)
   std::int64_t rope_dim = 0;     ///< d_R (qk_rope_head_dim), even
-  std::int64_t v_head_dim = 0;        ///< d_v (v_head_dim)
+  std::int64_t v_head_dim = 0;   ///< d_v (v_head_dim)
   std::int64_t rope_heads = 1;   ///< decoupled rope keys: 1 (DeepSeek) or one per head group
   /// RoPE of the rope parts; DeepSeek checkpoints store them as interleaved pairs. rotary_dim:
   /// 0 (= rope_dim) or less (a converted partial-RoPE model); tables may be one per rope head.
@@ -49,7 +49,7 @@ struct mla_config {
   std::optional<float> scale{};  ///< default 1/sqrt(nope_dim + rope_dim) * mscale^2
   float mscale = 1.f;            ///< YaRN attention factor: scale *= mscale^2
   std::optional<std::int64_t> window{};
-  bool fold_uv_into_o = false;   ///< absorbed path: precompute W_O W_UV (more memory, fewer steps)
+  bool fold_uv_into_o = false;  ///< absorbed path: precompute W_O W_UV (more memory, fewer steps)
 };
 
 /// DeepSeek's tensors, nn.Linear layout, as views (kept alive by the caller). Empty = absent.
@@ -60,10 +60,10 @@ struct mla_weights {
   matrix_view<const float> q_b_proj{};            ///< [H (d_nope + d_R), q_lora_rank]
   matrix_view<const float> kv_a_proj_with_mqa{};  ///< [d_c + rope_heads d_R, D]: [c_raw | k_pe_raw]
   std::span<const float> kv_a_layernorm{};        ///< [d_c]; empty: no latent norm
-  matrix_view<const float> kv_b_proj{};           ///< [H (d_nope + d_v), d_c]: per head [W_UK ; W_UV]
-  matrix_view<const float> o_proj{};              ///< [D, H d_v]
-  std::span<const float> q_proj_bias{}, q_a_proj_bias{}, q_b_proj_bias{}, kv_a_proj_bias{}, kv_b_proj_bias{},
-      o_proj_bias{};
+  matrix_view<const float> kv_b_proj{};  ///< [H (d_nope + d_v), d_c]: per head [W_UK ; W_UV]
+  matrix_view<const float> o_proj{};     ///< [D, H d_v]
+  std::span<const float> q_proj_bias{}, q_a_proj_bias{}, q_b_proj_bias{}, kv_a_proj_bias{},
+      kv_b_proj_bias{}, o_proj_bias{};
   /// RMSNorm weights [d_R] applied to every head's q_pe and every rope key's k_pe before RoPE
   /// (what a converted QK-norm model needs; DeepSeek checkpoints have none). Empty = none.
   std::span<const float> q_rope_norm{}, k_rope_norm{};
@@ -82,7 +82,8 @@ class mla_layer {
     k_rope_ = rope(rc, dr, cfg_.rope_heads);
     if (rc.frequency_index.size() > 1) {  // query head i uses its rope group's table
       std::vector<std::vector<std::int64_t>> per_head;
-      for (std::int64_t i = 0; i < h; ++i) per_head.push_back(rc.frequency_index[static_cast<std::size_t>(i / group())]);
+      for (std::int64_t i = 0; i < h; ++i)
+        per_head.push_back(rc.frequency_index[static_cast<std::size_t>(i / group())]);
       rc.frequency_index = std::move(per_head);
     }
     q_rope_ = rope(rc, dr, h);
@@ -91,14 +92,16 @@ class mla_layer {
   const mla_config& config() const { return cfg_; }
   const mla_weights& weights() const { return w_; }
   float scale() const {
-    return cfg_.scale.value_or(1.f / std::sqrt(static_cast<float>(cfg_.nope_dim + cfg_.rope_dim))) * cfg_.mscale *
-           cfg_.mscale;
+    return cfg_.scale.value_or(1.f / std::sqrt(static_cast<float>(cfg_.nope_dim + cfg_.rope_dim))) *
+           cfg_.mscale * cfg_.mscale;
   }
   /// Largest Tq for which the automatic rule takes the absorbed path.
   std::int64_t absorbed_max_tokens() const {
     const std::int64_t dc = cfg_.latent_dim, extra = 2 * dc + cfg_.rope_heads * cfg_.rope_dim -
-                                                        (cfg_.nope_dim + cfg_.rope_dim) - cfg_.v_head_dim;
-    return extra <= 0 ? std::numeric_limits<std::int64_t>::max() : dc * (cfg_.nope_dim + cfg_.v_head_dim) / extra;
+                                                     (cfg_.nope_dim + cfg_.rope_dim) -
+                                                     cfg_.v_head_dim;
+    return extra <= 0 ? std::numeric_limits<std::int64_t>::max()
+                      : dc * (cfg_.nope_dim + cfg_.v_head_dim) / extra;
   }
   /// The attention options of this layer's kernel calls (scale and window).
   attention_options options() const {
@@ -116,7 +119,7 @@ class mla_layer {
   /// Any cache taking latent_append payloads whose view is a latent kv_view. A call that throws
   /// changes nothing.
   template <class Cache, class Exec = serial_executor>
-    requires cache_for<Cache, latent_append> && kv_source<Cache>
+  requires cache_for<Cache, latent_append> && kv_source<Cache>
   void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, Cache& cache,
                matrix_view<float> y, Exec&& exec = Exec{}, mla_path path = mla_path::automatic) {
     using detail::require;
@@ -124,16 +127,17 @@ class mla_layer {
     const std::int64_t dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr, nr = cfg_.rope_heads;
     detail::require_extents(x, {t, d}, "mla_layer::forward: x");
     detail::require_extents(y, {t, d}, "mla_layer::forward: y");
-    require(static_cast<std::int64_t>(positions.size()) == t, "mla_layer::forward: positions has ", positions.size(),
-            " entries but x has T=", t, " tokens");
+    require(static_cast<std::int64_t>(positions.size()) == t, "mla_layer::forward: positions has ",
+            positions.size(), " entries but x has T=", t, " tokens");
     {
       const auto kv = cache.view();
       require(kv.kv_heads() == 1 && kv.v_head_dim() == dc && kv.head_dim() == dc + nr * dr,
-              "mla_layer::forward: cache rows have latent width ", kv.v_head_dim(), " and key width ", kv.head_dim(),
-              " but the layer needs ", dc, " and ", dc + nr * dr, " (latent_dim + rope_heads * rope_dim)");
+              "mla_layer::forward: cache rows have latent width ", kv.v_head_dim(),
+              " and key width ", kv.head_dim(), " but the layer needs ", dc, " and ", dc + nr * dr,
+              " (latent_dim + rope_heads * rope_dim)");
     }
-    require(t <= cache.capacity() - cache.size(), "mla_layer::forward: appending ", t, " tokens to size=", cache.size(),
-            " exceeds capacity=", cache.capacity());
+    require(t <= cache.capacity() - cache.size(), "mla_layer::forward: appending ", t,
+            " tokens to size=", cache.size(), " exceeds capacity=", cache.capacity());
     const auto xm = as_eigen(x, "mla_layer::forward: x");
 
     // Queries [T, H, d_nope + d_R], rope part roped.
@@ -141,7 +145,8 @@ class mla_layer {
     if (cfg_.q_lora_rank > 0) {
       cq_.resize(t, cfg_.q_lora_rank);
       detail::linear(xm, map(w_.q_a_proj), w_.q_a_proj_bias, as_map(cq_), exec);
-      for (std::int64_t i = 0; i < t; ++i) rms_norm(cq_.row(i).data(), cfg_.q_lora_rank, w_.q_a_layernorm, cfg_.rms_eps);
+      for (std::int64_t i = 0; i < t; ++i)
+        rms_norm(cq_.row(i).data(), cfg_.q_lora_rank, w_.q_a_layernorm, cfg_.rms_eps);
       detail::linear(const_map(cq_), map(w_.q_b_proj), w_.q_b_proj_bias, as_map(q_), exec);
     } else {
       detail::linear(xm, map(w_.q_proj), w_.q_proj_bias, as_map(q_), exec);
@@ -151,7 +156,8 @@ class mla_layer {
     detail::linear(xm, map(w_.kv_a_proj_with_mqa), w_.kv_a_proj_bias, as_map(kva_), exec);
     for (std::int64_t i = 0; i < t; ++i) {
       const std::int64_t pos = positions[static_cast<std::size_t>(i)];
-      if (!w_.kv_a_layernorm.empty()) rms_norm(kva_.row(i).data(), dc, w_.kv_a_layernorm, cfg_.rms_eps);
+      if (!w_.kv_a_layernorm.empty())
+        rms_norm(kva_.row(i).data(), dc, w_.kv_a_layernorm, cfg_.rms_eps);
       if (dr == 0) continue;
       for (std::int64_t g = 0; g < nr; ++g) {
         float* k = kva_.row(i).data() + dc + g * dr;
@@ -165,12 +171,16 @@ class mla_layer {
       }
     }
     cache.append(matrix_view<const float>(kva_.data(), {t, dc}, {dc + nr * dr, 1}),
-                 tensor3_view<const float>(kva_.data() + dc, {t, nr, dr}, {dc + nr * dr, dr, 1}), positions);
+                 tensor3_view<const float>(kva_.data() + dc, {t, nr, dr}, {dc + nr * dr, dr, 1}),
+                 positions);
 
-    if (path == mla_path::automatic) path = t <= absorbed_max_tokens() ? mla_path::absorbed : mla_path::naive;
-    if (path == mla_path::absorbed) forward_absorbed(t, positions, cache.view(), exec);
-    else forward_naive(t, positions, cache.view(), exec);
-  
+    if (path == mla_path::automatic)
+      path = t <= absorbed_max_tokens() ? mla_path::absorbed : mla_path::naive;
+    if (path == mla_path::absorbed)
+      forward_absorbed(t, positions, cache.view(), exec);
+    else
+      forward_naive(t, positions, cache.view(), exec);
+
     // y = O W_O^T + b_o, O = o_ [T, H d_v] (or the latent [T, H d_c] with W_O W_UV folded).
     auto ym = as_eigen(y, "mla_layer::forward: y");
     if (path == mla_path::absorbed && cfg_.fold_uv_into_o) {
@@ -184,57 +194,71 @@ class mla_layer {
   using rmat = row_matrix<float>;
   using cmap = detail::row_map<const float>;
   std::int64_t group() const { return cfg_.heads / cfg_.rope_heads; }
-  static detail::row_map<float> as_map(rmat& m) { return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())}; }
-  static cmap const_map(const rmat& m) { return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())}; }
+  static detail::row_map<float> as_map(rmat& m) {
+    return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())};
+  }
+  static cmap const_map(const rmat& m) {
+    return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())};
+  }
   static cmap map(const matrix_view<const float>& v) { return as_eigen(v, "mla weight"); }
   /// W_UK_i [d_nope, d_c] and W_UV_i [d_v, d_c]: row blocks of kv_b_proj.
   cmap w_uk(std::int64_t i) const {
     const std::int64_t stride = w_.kv_b_proj.stride(0);
-    return {w_.kv_b_proj.data_handle() + i * (cfg_.nope_dim + cfg_.v_head_dim) * stride, cfg_.nope_dim, cfg_.latent_dim,
-            Eigen::OuterStride<>(stride)};
+    return {w_.kv_b_proj.data_handle() + i * (cfg_.nope_dim + cfg_.v_head_dim) * stride,
+            cfg_.nope_dim, cfg_.latent_dim, Eigen::OuterStride<>(stride)};
   }
   cmap w_uv(std::int64_t i) const {
     const std::int64_t stride = w_.kv_b_proj.stride(0);
-    return {w_.kv_b_proj.data_handle() + (i * (cfg_.nope_dim + cfg_.v_head_dim) + cfg_.nope_dim) * stride, cfg_.v_head_dim,
-            cfg_.latent_dim, Eigen::OuterStride<>(stride)};
+    return {w_.kv_b_proj.data_handle() +
+                (i * (cfg_.nope_dim + cfg_.v_head_dim) + cfg_.nope_dim) * stride,
+            cfg_.v_head_dim, cfg_.latent_dim, Eigen::OuterStride<>(stride)};
   }
   /// The value bias of head i (d_v entries), or empty.
   std::span<const float> value_bias(std::int64_t i) const {
     if (w_.kv_b_proj_bias.empty()) return {};
-    return w_.kv_b_proj_bias.subspan(static_cast<std::size_t>(i * (cfg_.nope_dim + cfg_.v_head_dim) + cfg_.nope_dim),
-                                     static_cast<std::size_t>(cfg_.v_head_dim));
+    return w_.kv_b_proj_bias.subspan(
+        static_cast<std::size_t>(i * (cfg_.nope_dim + cfg_.v_head_dim) + cfg_.nope_dim),
+        static_cast<std::size_t>(cfg_.v_head_dim));
   }
 
   template <storage_type S, class Exec>
-  void forward_absorbed(std::int64_t t, std::span<const std::int64_t> positions, const kv_view<S>& cache, Exec& exec) {
-    const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr;
+  void forward_absorbed(std::int64_t t, std::span<const std::int64_t> positions,
+                        const kv_view<S>& cache, Exec& exec) {
+    const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim,
+                       dqk = dn + dr;
     const std::int64_t dv = cfg_.v_head_dim;
     qlat_.resize(t, h * dc);
     exec.parallel_for(h, [&](std::int64_t i) {  // q_latent_i = W_UK_i^T q_nope_i
       const cmap qn(q_.data() + i * dqk, t, dn, Eigen::OuterStride<>(h * dqk));
-      detail::row_map<float>(qlat_.data() + i * dc, t, dc, Eigen::OuterStride<>(h * dc)).noalias() = qn * w_uk(i);
+      detail::row_map<float>(qlat_.data() + i * dc, t, dc, Eigen::OuterStride<>(h * dc)).noalias() =
+          qn * w_uk(i);
     });
     olat_.resize(t, h * dc);
     attend_latent(tensor3_view<const float>(qlat_.data(), {t, h, dc}),
-                  tensor3_view<const float>(q_.data() + dn, {t, h, dr}, {h * dqk, dqk, 1}), positions, cache,
-                  tensor3_view<float>(olat_.data(), {t, h, dc}), options(), exec, &ws_);
+                  tensor3_view<const float>(q_.data() + dn, {t, h, dr}, {h * dqk, dqk, 1}),
+                  positions, cache, tensor3_view<float>(olat_.data(), {t, h, dc}), options(), exec,
+                  &ws_);
     if (cfg_.fold_uv_into_o) return;
     o_.resize(t, h * dv);
     exec.parallel_for(h, [&](std::int64_t i) {  // o_i = W_UV_i o_latent_i + b_v_i
       const cmap ol(olat_.data() + i * dc, t, dc, Eigen::OuterStride<>(h * dc));
       auto oi = detail::row_map<float>(o_.data() + i * dv, t, dv, Eigen::OuterStride<>(h * dv));
       oi.noalias() = ol * w_uv(i).transpose();
-      if (const auto b = value_bias(i); !b.empty()) oi.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(b.data(), dv);
+      if (const auto b = value_bias(i); !b.empty())
+        oi.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(b.data(), dv);
     });
   }
 
   template <storage_type S, class Exec>
-  void forward_naive(std::int64_t t, std::span<const std::int64_t> positions, const kv_view<S>& cache, Exec& exec) {
-    const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr;
+  void forward_naive(std::int64_t t, std::span<const std::int64_t> positions,
+                     const kv_view<S>& cache, Exec& exec) {
+    const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim,
+                       dqk = dn + dr;
     const std::int64_t dv = cfg_.v_head_dim, tk = cache.size(), w = cache.head_dim();
     // Widen the cached rows, then K_i = [W_UK_i c + b_k ; k_rope_r(i)], V_i = W_UV_i c + b_v.
     lat_.resize(tk, w);
-    for (std::int64_t s = 0; s < tk; ++s) detail::to_float_row(cache.keys().row(0, s), lat_.row(s).data(), w);
+    for (std::int64_t s = 0; s < tk; ++s)
+      detail::to_float_row(cache.keys().row(0, s), lat_.row(s).data(), w);
     k_.resize(tk, h * dqk);
     v_.resize(tk, h * dv);
     exec.parallel_for(h, [&](std::int64_t i) {
@@ -244,24 +268,26 @@ class mla_layer {
       ki.noalias() = c * w_uk(i).transpose();
       vi.noalias() = c * w_uv(i).transpose();
       if (!w_.kv_b_proj_bias.empty()) {
-        ki.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(
-            w_.kv_b_proj_bias.data() + i * (dn + dv), dn);
+        ki.rowwise() +=
+            Eigen::Map<const Eigen::RowVectorXf>(w_.kv_b_proj_bias.data() + i * (dn + dv), dn);
         vi.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(value_bias(i).data(), dv);
       }
       const std::int64_t g = i / group();
       for (std::int64_t s = 0; s < tk; ++s)
-        std::copy(lat_.row(s).data() + dc + g * dr, lat_.row(s).data() + dc + (g + 1) * dr, k_.row(s).data() + i * dqk + dn);
+        std::copy(lat_.row(s).data() + dc + g * dr, lat_.row(s).data() + dc + (g + 1) * dr,
+                  k_.row(s).data() + i * dqk + dn);
     });
     o_.resize(t, h * dv);
     const kv_view<float> kv(tensor3_view<const float>(k_.data(), {tk, h, dqk}),
                             tensor3_view<const float>(v_.data(), {tk, h, dv}), cache.positions());
-    attend(tensor3_view<const float>(q_.data(), {t, h, dqk}), positions, kv, tensor3_view<float>(o_.data(), {t, h, dv}),
-           options(), exec, &ws_);
+    attend(tensor3_view<const float>(q_.data(), {t, h, dqk}), positions, kv,
+           tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
   }
 
   /// W_OUV [D, H d_c] = [W_O,i W_UV_i]_i and the folded value bias b = b_o + sum_i W_O,i b_v,i.
   void fold_uv() {
-    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, dc = cfg_.latent_dim, dv = cfg_.v_head_dim;
+    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, dc = cfg_.latent_dim,
+                       dv = cfg_.v_head_dim;
     const cmap wo = map(w_.o_proj);
     w_ouv_.resize(d, h * dc);
     Eigen::VectorXf b = Eigen::VectorXf::Zero(d);
@@ -280,46 +306,58 @@ class mla_layer {
     require(c.heads > 0, "mla_config: heads must be > 0, got ", c.heads);
     require(c.q_lora_rank >= 0, "mla_config: q_lora_rank must be >= 0, got ", c.q_lora_rank);
     require(c.latent_dim > 0, "mla_config: latent_dim must be > 0, got ", c.latent_dim);
-    require(c.nope_dim >= 0 && c.v_head_dim > 0, "mla_config: nope_dim must be >= 0 and v_head_dim > 0, got ", c.nope_dim, ", ", c.v_head_dim);
-    require(c.rope_dim >= 0 && c.rope_dim % 2 == 0, "mla_config: rope_dim must be even and >= 0, got ", c.rope_dim);
+    require(c.nope_dim >= 0 && c.v_head_dim > 0,
+            "mla_config: nope_dim must be >= 0 and v_head_dim > 0, got ", c.nope_dim, ", ",
+            c.v_head_dim);
+    require(c.rope_dim >= 0 && c.rope_dim % 2 == 0,
+            "mla_config: rope_dim must be even and >= 0, got ", c.rope_dim);
     require(c.nope_dim + c.rope_dim > 0, "mla_config: nope_dim + rope_dim must be > 0");
     require(c.rope_heads >= 1 && c.heads % c.rope_heads == 0, "mla_config: heads=", c.heads,
             " must be a multiple of rope_heads=", c.rope_heads);
-    require(c.rope.rotary_dim >= 0 && c.rope.rotary_dim <= c.rope_dim, "mla_config: rope.rotary_dim=",
-            c.rope.rotary_dim, " must be in [0, rope_dim=", c.rope_dim, "] (it rotates the rope part only)");
+    require(c.rope.rotary_dim >= 0 && c.rope.rotary_dim <= c.rope_dim,
+            "mla_config: rope.rotary_dim=", c.rope.rotary_dim,
+            " must be in [0, rope_dim=", c.rope_dim, "] (it rotates the rope part only)");
     require(c.rms_eps > 0, "mla_config: rms_eps must be > 0, got ", c.rms_eps);
     require(c.mscale > 0, "mla_config: mscale must be > 0, got ", c.mscale);
     if (c.window) require(*c.window >= 1, "mla_config: window must be >= 1, got ", *c.window);
-    if (c.scale) require(std::isfinite(*c.scale), "mla_config: scale must be finite, got ", *c.scale);
+    if (c.scale)
+      require(std::isfinite(*c.scale), "mla_config: scale must be finite, got ", *c.scale);
     require(std::isfinite(c.mscale), "mla_config: mscale must be finite, got ", c.mscale);
     return c;
   }
 
   void validate_weights() const {
     using detail::require;
-    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, dqk = cfg_.nope_dim + cfg_.rope_dim, dc = cfg_.latent_dim;
-    const std::int64_t ql = cfg_.q_lora_rank, dv = cfg_.v_head_dim, nr = cfg_.rope_heads, dr = cfg_.rope_dim;
+    const std::int64_t d = cfg_.model_dim, h = cfg_.heads, dqk = cfg_.nope_dim + cfg_.rope_dim,
+                       dc = cfg_.latent_dim;
+    const std::int64_t ql = cfg_.q_lora_rank, dv = cfg_.v_head_dim, nr = cfg_.rope_heads,
+                       dr = cfg_.rope_dim;
     auto present = [](const matrix_view<const float>& m) { return m.data_handle() != nullptr; };
-    auto need = [&](const matrix_view<const float>& m, std::int64_t rows, std::int64_t cols, const char* name) {
-      require(present(m), "mla_layer: tensor ", name, " is missing (expected shape [", rows, ", ", cols, "])");
+    auto need = [&](const matrix_view<const float>& m, std::int64_t rows, std::int64_t cols,
+                    const char* name) {
+      require(present(m), "mla_layer: tensor ", name, " is missing (expected shape [", rows, ", ",
+              cols, "])");
       detail::require_extents(m, {rows, cols}, (std::string("mla_layer: tensor ") + name).c_str());
       (void)as_eigen(m, name);
     };
     auto bias = [&](std::span<const float> b, std::int64_t n, const char* name) {
-      require(b.empty() || static_cast<std::int64_t>(b.size()) == n, "mla_layer: ", name, " has ", b.size(),
-              " entries but ", n, " were expected");
+      require(b.empty() || static_cast<std::int64_t>(b.size()) == n, "mla_layer: ", name, " has ",
+              b.size(), " entries but ", n, " were expected");
     };
     if (ql > 0) {
-      require(!present(w_.q_proj), "mla_layer: q_lora_rank=", ql, " uses q_a_proj/q_b_proj, but q_proj was also given");
+      require(!present(w_.q_proj), "mla_layer: q_lora_rank=", ql,
+              " uses q_a_proj/q_b_proj, but q_proj was also given");
       need(w_.q_a_proj, ql, d, "q_a_proj");
       need(w_.q_b_proj, h * dqk, ql, "q_b_proj");
-      require(static_cast<std::int64_t>(w_.q_a_layernorm.size()) == ql, "mla_layer: tensor q_a_layernorm has ",
-              w_.q_a_layernorm.size(), " entries but q_lora_rank=", ql, " were expected");
+      require(static_cast<std::int64_t>(w_.q_a_layernorm.size()) == ql,
+              "mla_layer: tensor q_a_layernorm has ", w_.q_a_layernorm.size(),
+              " entries but q_lora_rank=", ql, " were expected");
       bias(w_.q_a_proj_bias, ql, "q_a_proj_bias");
       bias(w_.q_b_proj_bias, h * dqk, "q_b_proj_bias");
     } else {
-      require(!present(w_.q_a_proj) && !present(w_.q_b_proj),
-              "mla_layer: q_a_proj/q_b_proj given but q_lora_rank=0 (set q_lora_rank to use q-LoRA)");
+      require(
+          !present(w_.q_a_proj) && !present(w_.q_b_proj),
+          "mla_layer: q_a_proj/q_b_proj given but q_lora_rank=0 (set q_lora_rank to use q-LoRA)");
       need(w_.q_proj, h * dqk, d, "q_proj");
       bias(w_.q_proj_bias, h * dqk, "q_proj_bias");
     }
@@ -327,8 +365,8 @@ class mla_layer {
     need(w_.kv_b_proj, h * (cfg_.nope_dim + dv), dc, "kv_b_proj");
     need(w_.o_proj, d, h * dv, "o_proj");
     require(w_.kv_a_layernorm.empty() || static_cast<std::int64_t>(w_.kv_a_layernorm.size()) == dc,
-            "mla_layer: tensor kv_a_layernorm has ", w_.kv_a_layernorm.size(), " entries but latent_dim=", dc,
-            " were expected");
+            "mla_layer: tensor kv_a_layernorm has ", w_.kv_a_layernorm.size(),
+            " entries but latent_dim=", dc, " were expected");
     bias(w_.kv_a_proj_bias, dc + nr * dr, "kv_a_proj_bias");
     bias(w_.kv_b_proj_bias, h * (cfg_.nope_dim + dv), "kv_b_proj_bias");
     bias(w_.o_proj_bias, d, "o_proj_bias");

@@ -42,9 +42,9 @@ struct tpa_config {
   std::int64_t q_rank = 0;      ///< R_Q; 0 = TPA-KVonly (plain q_proj)
   std::int64_t k_rank = 0;
   std::int64_t v_rank = 0;
-  rope_config rope{};           ///< one table (B rows are shared by all heads)
-  std::optional<tpa_scales> scales{};    ///< default {1/R_Q, 1/R_K, 1/R_V} (q: 1 for KV-only)
-  std::optional<float> scale{};          ///< softmax scale, default 1/sqrt(head_dim)
+  rope_config rope{};                  ///< one table (B rows are shared by all heads)
+  std::optional<tpa_scales> scales{};  ///< default {1/R_Q, 1/R_K, 1/R_V} (q: 1 for KV-only)
+  std::optional<float> scale{};        ///< softmax scale, default 1/sqrt(head_dim)
   std::optional<std::int64_t> window{};
 };
 
@@ -69,13 +69,14 @@ class tpa_layer {
   }
   const tpa_config& config() const { return cfg_; }
   tpa_scales scales() const {
-    return cfg_.scales.value_or(tpa_scales{cfg_.q_rank ? 1.f / float(cfg_.q_rank) : 1.f, 1.f / float(cfg_.k_rank),
-                                           1.f / float(cfg_.v_rank)});
+    return cfg_.scales.value_or(tpa_scales{cfg_.q_rank ? 1.f / float(cfg_.q_rank) : 1.f,
+                                           1.f / float(cfg_.k_rank), 1.f / float(cfg_.v_rank)});
   }
   template <storage_type S>
   factorized_cache<S> make_cache(std::int64_t capacity) const {
     const tpa_scales sc = scales();
-    return factorized_cache<S>({cfg_.heads, cfg_.head_dim, cfg_.v_head_dim, cfg_.k_rank, cfg_.v_rank, capacity, sc.k, sc.v});
+    return factorized_cache<S>({cfg_.heads, cfg_.head_dim, cfg_.v_head_dim, cfg_.k_rank,
+                                cfg_.v_rank, capacity, sc.k, sc.v});
   }
   /// The attention options of this layer's kernel calls (scale and window).
   attention_options options() const {
@@ -88,29 +89,32 @@ class tpa_layer {
   /// Any cache taking factorized_append payloads whose view is a factor_view. A call that throws
   /// changes nothing.
   template <class Cache, class Exec = serial_executor>
-    requires cache_for<Cache, factorized_append> && factor_source<Cache>
+  requires cache_for<Cache, factorized_append> && factor_source<Cache>
   void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, Cache& cache,
                matrix_view<float> y, Exec&& exec = Exec{}, tpa_path path = tpa_path::automatic) {
     using detail::require;
-    const std::int64_t t = x.extent(0), dm = cfg_.model_dim, h = cfg_.heads, d = cfg_.head_dim, dv = cfg_.v_head_dim;
+    const std::int64_t t = x.extent(0), dm = cfg_.model_dim, h = cfg_.heads, d = cfg_.head_dim,
+                       dv = cfg_.v_head_dim;
     const std::int64_t rk = cfg_.k_rank, rv = cfg_.v_rank, rq = cfg_.q_rank ? cfg_.q_rank : h;
     detail::require_extents(x, {t, dm}, "tpa_layer::forward: x");
     detail::require_extents(y, {t, dm}, "tpa_layer::forward: y");
-    require(static_cast<std::int64_t>(positions.size()) == t, "tpa_layer::forward: positions has ", positions.size(),
-            " entries but x has T=", t, " tokens");
+    require(static_cast<std::int64_t>(positions.size()) == t, "tpa_layer::forward: positions has ",
+            positions.size(), " entries but x has T=", t, " tokens");
     const tpa_scales sc = scales();
     {
       const auto f = cache.view();
-      require(f.heads == h && f.head_dim == d && f.v_head_dim == dv && f.k_rank == rk && f.v_rank == rv,
-              "tpa_layer::forward: cache has heads=", f.heads, ", head_dim=", f.head_dim, ", v_head_dim=",
-              f.v_head_dim, ", k_rank=", f.k_rank, ", v_rank=", f.v_rank, " but the layer needs ", h, ", ", d, ", ",
-              dv, ", ", rk, ", ", rv);
+      require(
+          f.heads == h && f.head_dim == d && f.v_head_dim == dv && f.k_rank == rk && f.v_rank == rv,
+          "tpa_layer::forward: cache has heads=", f.heads, ", head_dim=", f.head_dim,
+          ", v_head_dim=", f.v_head_dim, ", k_rank=", f.k_rank, ", v_rank=", f.v_rank,
+          " but the layer needs ", h, ", ", d, ", ", dv, ", ", rk, ", ", rv);
     }
-    require(t <= cache.capacity() - cache.size(), "tpa_layer::forward: appending ", t, " tokens to size=", cache.size(),
-            " exceeds capacity=", cache.capacity());
+    require(t <= cache.capacity() - cache.size(), "tpa_layer::forward: appending ", t,
+            " tokens to size=", cache.size(), " exceeds capacity=", cache.capacity());
     const auto xm = as_eigen(x, "tpa_layer::forward: x");
 
-    // Query factors [T, R_Q, H] and [T, R_Q, d]; KV-only: A_Q = I (R_Q = H), B_Q = the roped q heads.
+    // Query factors [T, R_Q, H] and [T, R_Q, d]; KV-only: A_Q = I (R_Q = H), B_Q = the roped q
+    // heads.
     aq_.resize(t, rq * h);
     bq_.resize(t, rq * d);
     if (cfg_.q_rank) {
@@ -136,28 +140,34 @@ class tpa_layer {
       for (std::int64_t r = 0; r < rq; ++r) rope_.apply(bq_.row(i).data() + r * d, pos);
       for (std::int64_t r = 0; r < rk; ++r) rope_.apply(bk_.row(i).data() + r * d, pos);
     }
-    cache.append({tensor3_view<const float>(ak_.data(), {t, rk, h}), tensor3_view<const float>(bk_.data(), {t, rk, d}),
-                  tensor3_view<const float>(av_.data(), {t, rv, h}), tensor3_view<const float>(bv_.data(), {t, rv, dv}),
-                  positions});
+    cache.append({tensor3_view<const float>(ak_.data(), {t, rk, h}),
+                  tensor3_view<const float>(bk_.data(), {t, rk, d}),
+                  tensor3_view<const float>(av_.data(), {t, rv, h}),
+                  tensor3_view<const float>(bv_.data(), {t, rv, dv}), positions});
     o_.resize(t, h * dv);
     auto f = cache.view();
     f.k_scale = sc.k, f.v_scale = sc.v;
     if (path == tpa_path::materialized) {
       materialized(t, positions, f, exec);
     } else {
-      attend_factorized(tensor3_view<const float>(aq_.data(), {t, rq, h}), tensor3_view<const float>(bq_.data(), {t, rq, d}),
-                        positions, f, tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
+      attend_factorized(tensor3_view<const float>(aq_.data(), {t, rq, h}),
+                        tensor3_view<const float>(bq_.data(), {t, rq, d}), positions, f,
+                        tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
     }
     detail::linear(const_map(o_), map(w_.o_proj), {}, as_eigen(y, "tpa_layer::forward: y"), exec);
   }
 
  private:
   using rmat = row_matrix<float>;
-  static detail::row_map<float> as_map(rmat& m) { return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())}; }
+  static detail::row_map<float> as_map(rmat& m) {
+    return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())};
+  }
   static detail::row_map<const float> const_map(const rmat& m) {
     return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())};
   }
-  static detail::row_map<const float> map(const matrix_view<const float>& v) { return as_eigen(v, "tpa weight"); }
+  static detail::row_map<const float> map(const matrix_view<const float>& v) {
+    return as_eigen(v, "tpa weight");
+  }
 
   /// A [T, R, H] (rank-major, as cached) from W_A x (output index h R + r) or the fixed [R, H].
   template <class Exec>
@@ -169,7 +179,9 @@ class tpa_layer {
       // for the largest rank, so that steady-state steps do not reallocate it).
       const std::int64_t width = h * std::max({cfg_.q_rank, cfg_.k_rank, cfg_.v_rank});
       if (raw_.rows() != t || raw_.cols() != width) raw_.resize(t, width);
-      detail::linear(xm, map(w_a), {}, detail::row_map<float>(raw_.data(), t, h * rank, Eigen::OuterStride<>(width)), exec);
+      detail::linear(xm, map(w_a), {},
+                     detail::row_map<float>(raw_.data(), t, h * rank, Eigen::OuterStride<>(width)),
+                     exec);
       for (std::int64_t i = 0; i < t; ++i)
         for (std::int64_t r = 0; r < rank; ++r)
           for (std::int64_t hh = 0; hh < h; ++hh) out(i, r * h + hh) = raw_(i, hh * rank + r);
@@ -182,10 +194,12 @@ class tpa_layer {
 
   /// Q, K, V materialised (K and V for every cached token), then the GQA kernel as MHA.
   template <storage_type S, class Exec>
-  void materialized(std::int64_t t, std::span<const std::int64_t> positions, const factor_view<S>& cache, Exec& exec) {
+  void materialized(std::int64_t t, std::span<const std::int64_t> positions,
+                    const factor_view<S>& cache, Exec& exec) {
     const std::int64_t h = cfg_.heads, d = cfg_.head_dim, dv = cfg_.v_head_dim, tk = cache.size();
     const std::int64_t rq = cfg_.q_rank ? cfg_.q_rank : h, rk = cfg_.k_rank, rv = cfg_.v_rank;
-    auto form = [&](std::int64_t n, std::int64_t rank, std::int64_t width, float scale, auto a_at, auto b_row, rmat& out) {
+    auto form = [&](std::int64_t n, std::int64_t rank, std::int64_t width, float scale, auto a_at,
+                    auto b_row, rmat& out) {
       out.setZero(n, h * width);
       exec.parallel_for(n, [&](std::int64_t i) {
         std::vector<float> b(static_cast<std::size_t>(width));
@@ -199,56 +213,87 @@ class tpa_layer {
         }
       });
     };
-    form(t, rq, d, 1.f, [&](std::int64_t i, std::int64_t r, std::int64_t hh) { return aq_(i, r * h + hh); },
-         [&](std::int64_t i, std::int64_t r, float* b) { std::copy_n(bq_.row(i).data() + r * d, d, b); }, qm_);
-    form(tk, rk, d, cache.k_scale, [&](std::int64_t i, std::int64_t r, std::int64_t hh) {
-           return static_cast<float>(cache.a_k_row(i)[r * h + hh]); },
-         [&](std::int64_t i, std::int64_t r, float* b) { detail::to_float_row(cache.b_k_row(i) + r * d, b, d); }, km_);
-    form(tk, rv, dv, cache.v_scale, [&](std::int64_t i, std::int64_t r, std::int64_t hh) {
-           return static_cast<float>(cache.a_v_row(i)[r * h + hh]); },
-         [&](std::int64_t i, std::int64_t r, float* b) { detail::to_float_row(cache.b_v_row(i) + r * dv, b, dv); }, vm_);
+    form(
+        t, rq, d, 1.f,
+        [&](std::int64_t i, std::int64_t r, std::int64_t hh) { return aq_(i, r * h + hh); },
+        [&](std::int64_t i, std::int64_t r, float* b) {
+          std::copy_n(bq_.row(i).data() + r * d, d, b);
+        },
+        qm_);
+    form(
+        tk, rk, d, cache.k_scale,
+        [&](std::int64_t i, std::int64_t r, std::int64_t hh) {
+          return static_cast<float>(cache.a_k_row(i)[r * h + hh]);
+        },
+        [&](std::int64_t i, std::int64_t r, float* b) {
+          detail::to_float_row(cache.b_k_row(i) + r * d, b, d);
+        },
+        km_);
+    form(
+        tk, rv, dv, cache.v_scale,
+        [&](std::int64_t i, std::int64_t r, std::int64_t hh) {
+          return static_cast<float>(cache.a_v_row(i)[r * h + hh]);
+        },
+        [&](std::int64_t i, std::int64_t r, float* b) {
+          detail::to_float_row(cache.b_v_row(i) + r * dv, b, dv);
+        },
+        vm_);
     const kv_view<float> kv(tensor3_view<const float>(km_.data(), {tk, h, d}),
                             tensor3_view<const float>(vm_.data(), {tk, h, dv}), cache.positions);
-    attend(tensor3_view<const float>(qm_.data(), {t, h, d}), positions, kv, tensor3_view<float>(o_.data(), {t, h, dv}),
-           options(), exec, &ws_);
+    attend(tensor3_view<const float>(qm_.data(), {t, h, d}), positions, kv,
+           tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
   }
 
   static tpa_config validated(tpa_config c) {
     using detail::require;
     if (c.v_head_dim == 0) c.v_head_dim = c.head_dim;
-    require(c.model_dim > 0 && c.heads > 0, "tpa_config: model_dim and heads must be > 0, got ", c.model_dim, ", ", c.heads);
-    require(c.head_dim > 0 && c.v_head_dim > 0, "tpa_config: head_dim and v_head_dim must be > 0, got ", c.head_dim, ", ",
+    require(c.model_dim > 0 && c.heads > 0, "tpa_config: model_dim and heads must be > 0, got ",
+            c.model_dim, ", ", c.heads);
+    require(c.head_dim > 0 && c.v_head_dim > 0,
+            "tpa_config: head_dim and v_head_dim must be > 0, got ", c.head_dim, ", ",
             c.v_head_dim);
     require(c.q_rank >= 0, "tpa_config: q_rank must be >= 0 (0: KV-only), got ", c.q_rank);
     require(c.k_rank >= 1, "tpa_config: k_rank must be >= 1, got ", c.k_rank);
     require(c.v_rank >= 1, "tpa_config: v_rank must be >= 1, got ", c.v_rank);
-    require(c.rope.frequency_index.size() <= 1, "tpa_config: rope.frequency_index must hold 0 or 1 tables (B rows are "
-            "shared by all heads), got ", c.rope.frequency_index.size());
+    require(c.rope.frequency_index.size() <= 1,
+            "tpa_config: rope.frequency_index must hold 0 or 1 tables (B rows are "
+            "shared by all heads), got ",
+            c.rope.frequency_index.size());
     if (c.window) require(*c.window >= 1, "tpa_config: window must be >= 1, got ", *c.window);
-    if (c.scale) require(std::isfinite(*c.scale), "tpa_config: scale must be finite, got ", *c.scale);
+    if (c.scale)
+      require(std::isfinite(*c.scale), "tpa_config: scale must be finite, got ", *c.scale);
     if (c.scales)
-      require(std::isfinite(c.scales->q) && std::isfinite(c.scales->k) && std::isfinite(c.scales->v),
-              "tpa_config: scales must be finite, got q=", c.scales->q, ", k=", c.scales->k, ", v=", c.scales->v);
+      require(
+          std::isfinite(c.scales->q) && std::isfinite(c.scales->k) && std::isfinite(c.scales->v),
+          "tpa_config: scales must be finite, got q=", c.scales->q, ", k=", c.scales->k,
+          ", v=", c.scales->v);
     return c;
   }
 
   void validate_weights() const {
     using detail::require;
     const std::int64_t dm = cfg_.model_dim, h = cfg_.heads, d = cfg_.head_dim, dv = cfg_.v_head_dim;
-    auto need = [&](const matrix_view<const float>& m, std::int64_t rows, std::int64_t cols, const char* name) {
-      require(m.data_handle() != nullptr, "tpa_layer: tensor ", name, " is missing (expected shape [", rows, ", ", cols, "])");
+    auto need = [&](const matrix_view<const float>& m, std::int64_t rows, std::int64_t cols,
+                    const char* name) {
+      require(m.data_handle() != nullptr, "tpa_layer: tensor ", name,
+              " is missing (expected shape [", rows, ", ", cols, "])");
       detail::require_extents(m, {rows, cols}, (std::string("tpa_layer: tensor ") + name).c_str());
       (void)as_eigen(m, name);
     };
-    auto factor = [&](const matrix_view<const float>& w_a, const matrix_view<const float>& fixed, std::int64_t rank,
-                      const char* wname, const char* fname) {
-      require((w_a.data_handle() != nullptr) != (fixed.data_handle() != nullptr), "tpa_layer: give exactly one of ", wname,
-              " (contextual) and ", fname, " (fixed head factors)");
-      if (w_a.data_handle()) need(w_a, h * rank, dm, wname);
-      else detail::require_extents(fixed, {rank, h}, (std::string("tpa_layer: tensor ") + fname).c_str());
+    auto factor = [&](const matrix_view<const float>& w_a, const matrix_view<const float>& fixed,
+                      std::int64_t rank, const char* wname, const char* fname) {
+      require((w_a.data_handle() != nullptr) != (fixed.data_handle() != nullptr),
+              "tpa_layer: give exactly one of ", wname, " (contextual) and ", fname,
+              " (fixed head factors)");
+      if (w_a.data_handle())
+        need(w_a, h * rank, dm, wname);
+      else
+        detail::require_extents(fixed, {rank, h},
+                                (std::string("tpa_layer: tensor ") + fname).c_str());
     };
     if (cfg_.q_rank) {
-      require(w_.q_proj.data_handle() == nullptr, "tpa_layer: q_rank=", cfg_.q_rank, " factorizes the queries, but q_proj was also given");
+      require(w_.q_proj.data_handle() == nullptr, "tpa_layer: q_rank=", cfg_.q_rank,
+              " factorizes the queries, but q_proj was also given");
       factor(w_.w_a_q, w_.a_q, cfg_.q_rank, "w_a_q", "a_q");
       need(w_.w_b_q, cfg_.q_rank * d, dm, "w_b_q");
     } else {

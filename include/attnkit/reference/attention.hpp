@@ -30,11 +30,13 @@ inline void rope_rotate(double* x, std::int64_t head_dim, std::int64_t pos, cons
   for (std::int64_t p = 0; p < pairs; ++p) {
     std::int64_t f = p;
     if (!cfg.frequency_index.empty()) {
-      const auto& tab = cfg.frequency_index.size() == 1 ? cfg.frequency_index[0]
-                                                        : cfg.frequency_index[static_cast<std::size_t>(head)];
+      const auto& tab = cfg.frequency_index.size() == 1
+                            ? cfg.frequency_index[0]
+                            : cfg.frequency_index[static_cast<std::size_t>(head)];
       f = tab[static_cast<std::size_t>(p)];
     }
-    const double angle = static_cast<double>(pos) * std::pow(cfg.theta, -2.0 * f / static_cast<double>(fdim));
+    const double angle =
+        static_cast<double>(pos) * std::pow(cfg.theta, -2.0 * f / static_cast<double>(fdim));
     const std::int64_t i = cfg.layout == rope_layout::half_split ? p : 2 * p;
     const std::int64_t j = cfg.layout == rope_layout::half_split ? p + pairs : 2 * p + 1;
     const std::complex<double> z = std::complex<double>(x[i], x[j]) * std::polar(1.0, angle);
@@ -44,11 +46,12 @@ inline void rope_rotate(double* x, std::int64_t head_dim, std::int64_t pos, cons
 }
 
 /// Applies rope_rotate to every head of X [T, heads*head_dim] (row t at positions[t]).
-inline void rope_rows(matrix& x, std::int64_t heads, std::int64_t head_dim, std::span<const std::int64_t> positions,
-                      const rope_config& cfg) {
+inline void rope_rows(matrix& x, std::int64_t heads, std::int64_t head_dim,
+                      std::span<const std::int64_t> positions, const rope_config& cfg) {
   for (std::int64_t t = 0; t < x.rows(); ++t)
     for (std::int64_t h = 0; h < heads; ++h)
-      rope_rotate(x.row(t).data() + h * head_dim, head_dim, positions[static_cast<std::size_t>(t)], cfg, h);
+      rope_rotate(x.row(t).data() + h * head_dim, head_dim, positions[static_cast<std::size_t>(t)],
+                  cfg, h);
 }
 
 struct attention_result {
@@ -60,22 +63,25 @@ struct attention_result {
 struct attention_rules {
   bool causal = true;
   std::optional<std::int64_t> window{};
-  std::optional<double> softcap{};      ///< s <- cap tanh(s / cap)
-  std::vector<double> alibi_slopes{};   ///< s <- s - slope_h (q_pos - k_pos)
-  std::vector<double> sinks{};          ///< per-head logit in the denominator
+  std::optional<double> softcap{};     ///< s <- cap tanh(s / cap)
+  std::vector<double> alibi_slopes{};  ///< s <- s - slope_h (q_pos - k_pos)
+  std::vector<double> sinks{};         ///< per-head logit in the denominator
   /// Extra mask (q_index, q_pos, k_index, k_pos, head) -> visible; empty = none.
   std::function<bool(std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t)> mask{};
 
-  bool visible(std::int64_t qi, std::int64_t qp, std::int64_t ki, std::int64_t kp, std::int64_t h) const {
+  bool visible(std::int64_t qi, std::int64_t qp, std::int64_t ki, std::int64_t kp,
+               std::int64_t h) const {
     if (causal && kp > qp) return false;
     // q - k for k <= q, exact in uint64 for any int64 pair.
-    if (window && kp <= qp && static_cast<std::uint64_t>(qp) - static_cast<std::uint64_t>(kp) >=
-                                  static_cast<std::uint64_t>(*window))
+    if (window && kp <= qp &&
+        static_cast<std::uint64_t>(qp) - static_cast<std::uint64_t>(kp) >=
+            static_cast<std::uint64_t>(*window))
       return false;
     return !mask || mask(qi, qp, ki, kp, h);
   }
   double logit(double s, std::int64_t qp, std::int64_t kp, std::int64_t h) const {
-    if (!alibi_slopes.empty()) s -= alibi_slopes[static_cast<std::size_t>(h)] * (double(qp) - double(kp));
+    if (!alibi_slopes.empty())
+      s -= alibi_slopes[static_cast<std::size_t>(h)] * (double(qp) - double(kp));
     if (softcap) s = *softcap * std::tanh(s / *softcap);
     return s;
   }
@@ -84,9 +90,11 @@ struct attention_rules {
 /// softmax(rules(q k^T * scale)) v per query head, query head h using KV head h / (H / H_kv).
 /// q [Tq, H*d_qk], k [Tk, H_kv*d_qk], v [Tk, H_kv*d_v]. Fully masked rows give 0 (LSE -inf, or
 /// the sink's logit when there is one).
-inline attention_result attention(const matrix& q, std::span<const std::int64_t> q_pos, const matrix& k,
-                                  const matrix& v, std::span<const std::int64_t> k_pos, std::int64_t heads,
-                                  std::int64_t kv_heads, double scale, const attention_rules& rules) {
+inline attention_result attention(const matrix& q, std::span<const std::int64_t> q_pos,
+                                  const matrix& k, const matrix& v,
+                                  std::span<const std::int64_t> k_pos, std::int64_t heads,
+                                  std::int64_t kv_heads, double scale,
+                                  const attention_rules& rules) {
   const std::int64_t tq = q.rows(), tk = k.rows(), dqk = q.cols() / heads, dv = v.cols() / kv_heads;
   const std::int64_t g = heads / kv_heads;
   constexpr double ninf = -std::numeric_limits<double>::infinity();
@@ -107,7 +115,8 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
         r.lse(t, h) = mx;
         continue;
       }
-      double sum = rules.sinks.empty() ? 0.0 : std::exp(rules.sinks[static_cast<std::size_t>(h)] - mx);
+      double sum =
+          rules.sinks.empty() ? 0.0 : std::exp(rules.sinks[static_cast<std::size_t>(h)] - mx);
       for (std::int64_t u = 0; u < tk; ++u) sum += (s[u] = std::exp(s[u] - mx));
       r.out.row(t).segment(h * dv, dv).noalias() = (s / sum).transpose() * v.middleCols(j * dv, dv);
       r.lse(t, h) = mx + std::log(sum);
@@ -117,8 +126,9 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
 }
 
 /// attention with the causal rule and an optional window only.
-inline attention_result attention(const matrix& q, std::span<const std::int64_t> q_pos, const matrix& k,
-                                  const matrix& v, std::span<const std::int64_t> k_pos, std::int64_t heads,
+inline attention_result attention(const matrix& q, std::span<const std::int64_t> q_pos,
+                                  const matrix& k, const matrix& v,
+                                  std::span<const std::int64_t> k_pos, std::int64_t heads,
                                   std::int64_t kv_heads, double scale, bool causal = true,
                                   std::optional<std::int64_t> window = std::nullopt) {
   attention_rules rules;
@@ -130,7 +140,8 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
 struct gqa_weights {
   matrix q, k, v, o;
   vector q_bias, k_bias, v_bias, o_bias;
-  vector q_norm, k_norm;  ///< QK-norm weights [head_dim], RMSNorm per head before RoPE; empty = none
+  vector q_norm,
+      k_norm;  ///< QK-norm weights [head_dim], RMSNorm per head before RoPE; empty = none
   double rms_eps = 1e-6;
 };
 
@@ -140,15 +151,17 @@ inline void rms_norm_heads(matrix& x, std::int64_t head_dim, const vector& w, do
   for (std::int64_t t = 0; t < x.rows(); ++t)
     for (std::int64_t h = 0; h < x.cols() / head_dim; ++h) {
       auto seg = x.row(t).segment(h * head_dim, head_dim);
-      seg = (seg / std::sqrt(seg.squaredNorm() / double(head_dim) + eps)).cwiseProduct(w.transpose());
+      seg =
+          (seg / std::sqrt(seg.squaredNorm() / double(head_dim) + eps)).cwiseProduct(w.transpose());
     }
 }
 
 /// The layer's function on a whole sequence: y = W_o attention(RoPE(W_q x), RoPE(W_k x), W_v x).
 /// Tokens attend to each other by their positions (causal on positions).
-inline matrix gqa_layer_forward(const matrix& x, std::span<const std::int64_t> positions, const gqa_weights& w,
-                                std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
-                                const rope_config& rope, double scale, std::optional<std::int64_t> window = {}) {
+inline matrix gqa_layer_forward(const matrix& x, std::span<const std::int64_t> positions,
+                                const gqa_weights& w, std::int64_t heads, std::int64_t kv_heads,
+                                std::int64_t head_dim, const rope_config& rope, double scale,
+                                std::optional<std::int64_t> window = {}) {
   auto project = [&](const matrix& wt, const vector& b) {
     matrix y = x * wt.transpose();
     if (b.size()) y.rowwise() += b.transpose();

@@ -36,17 +36,20 @@ struct mla_heads {
 
 /// The materialised per-head queries, keys and values of tokens x [T, D] at positions.
 /// rope: the rope part's RoPE (rotary_dim = rope_dim), tables per rope group when given.
-inline mla_heads mla_materialise(const matrix& x, std::span<const std::int64_t> positions, const mla_weights& w,
-                                 const mla_shape& s, const rope_config& rope) {
+inline mla_heads mla_materialise(const matrix& x, std::span<const std::int64_t> positions,
+                                 const mla_weights& w, const mla_shape& s,
+                                 const rope_config& rope) {
   auto linear = [](const matrix& in, const matrix& wt, const vector& b) {
     matrix y = in * wt.transpose();
     if (b.size()) y.rowwise() += b.transpose();
     return y;
   };
-  const std::int64_t t = x.rows(), h = s.heads, dc = s.latent_dim, dn = s.nope_dim, dr = s.rope_dim, dv = s.v_head_dim;
+  const std::int64_t t = x.rows(), h = s.heads, dc = s.latent_dim, dn = s.nope_dim, dr = s.rope_dim,
+                     dv = s.v_head_dim;
   const std::int64_t dqk = dn + dr, g = h / s.rope_heads;
   // Queries: q_proj, or q_b_proj(RMSNorm(q_a_proj x)).
-  const matrix q = w.q_a_proj.size() ? linear(rms_norm_rows(linear(x, w.q_a_proj, w.q_a_proj_bias), w.q_a_layernorm, s.rms_eps),
+  const matrix q = w.q_a_proj.size() ? linear(rms_norm_rows(linear(x, w.q_a_proj, w.q_a_proj_bias),
+                                                            w.q_a_layernorm, s.rms_eps),
                                               w.q_b_proj, w.q_b_proj_bias)
                                      : linear(x, w.q_proj, w.q_proj_bias);
   const matrix kva = linear(x, w.kv_a_proj_with_mqa, w.kv_a_proj_bias);
@@ -63,10 +66,14 @@ inline mla_heads mla_materialise(const matrix& x, std::span<const std::int64_t> 
       kf.row(i).segment(hh * dqk + dn, dr) = kva.row(i).segment(dc + grp * dr, dr);
       vf.row(i).segment(hh * dv, dv) = kv.row(i).segment(hh * (dn + dv) + dn, dv);
       if (dr > 0) {
-        for (auto [m, w_norm] : {std::pair<matrix*, const vector*>{&qf, &w.q_rope_norm}, {&kf, &w.k_rope_norm}}) {
+        for (auto [m, w_norm] :
+             {std::pair<matrix*, const vector*>{&qf, &w.q_rope_norm}, {&kf, &w.k_rope_norm}}) {
           auto seg = m->row(i).segment(hh * dqk + dn, dr);
-          if (w_norm->size()) seg = (seg / std::sqrt(seg.squaredNorm() / double(dr) + s.rms_eps)).cwiseProduct(w_norm->transpose());
-          rope_rotate(m->row(i).data() + hh * dqk + dn, dr, positions[static_cast<std::size_t>(i)], rope, grp);
+          if (w_norm->size())
+            seg = (seg / std::sqrt(seg.squaredNorm() / double(dr) + s.rms_eps))
+                      .cwiseProduct(w_norm->transpose());
+          rope_rotate(m->row(i).data() + hh * dqk + dn, dr, positions[static_cast<std::size_t>(i)],
+                      rope, grp);
         }
       }
     }
@@ -75,11 +82,12 @@ inline mla_heads mla_materialise(const matrix& x, std::span<const std::int64_t> 
 }
 
 /// y for tokens x [T, D] at positions; every token attends causally to all of them.
-inline matrix mla_forward(const matrix& x, std::span<const std::int64_t> positions, const mla_weights& w,
-                          const mla_shape& s, const rope_config& rope, double scale,
-                          std::optional<std::int64_t> window = {}) {
+inline matrix mla_forward(const matrix& x, std::span<const std::int64_t> positions,
+                          const mla_weights& w, const mla_shape& s, const rope_config& rope,
+                          double scale, std::optional<std::int64_t> window = {}) {
   const mla_heads m = mla_materialise(x, positions, w, s, rope);
-  const auto a = attention(m.q, positions, m.k, m.v, positions, s.heads, s.heads, scale, true, window);
+  const auto a =
+      attention(m.q, positions, m.k, m.v, positions, s.heads, s.heads, scale, true, window);
   matrix y = a.out * w.o_proj.transpose();
   if (w.o_proj_bias.size()) y.rowwise() += w.o_proj_bias.transpose();
   return y;

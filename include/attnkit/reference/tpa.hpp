@@ -9,7 +9,8 @@
 namespace attnkit::reference {
 
 /// X [T, H*d] with X[t, h] = scale * sum_r A[t, (r, h)] B[t, (r, :)]; A [T, R*H], B [T, R*d].
-inline matrix tpa_materialise(const matrix& a, const matrix& b, std::int64_t rank, std::int64_t heads, double scale) {
+inline matrix tpa_materialise(const matrix& a, const matrix& b, std::int64_t rank,
+                              std::int64_t heads, double scale) {
   const std::int64_t t = a.rows(), d = b.cols() / rank;
   matrix x = matrix::Zero(t, heads * d);
   for (std::int64_t i = 0; i < t; ++i)
@@ -32,19 +33,22 @@ struct tpa_shape {
 };
 
 /// The factor matrix A [T, R*H] (index r*H + h) of tokens x: from W_A (T6 layout) or fixed.
-inline matrix tpa_factor_a(const matrix& x, const matrix& w_a, const matrix& fixed, std::int64_t rank, std::int64_t heads) {
+inline matrix tpa_factor_a(const matrix& x, const matrix& w_a, const matrix& fixed,
+                           std::int64_t rank, std::int64_t heads) {
   matrix a(x.rows(), rank * heads);
   const matrix raw = w_a.size() ? matrix(x * w_a.transpose()) : matrix();
   for (std::int64_t i = 0; i < x.rows(); ++i)
     for (std::int64_t r = 0; r < rank; ++r)
-      for (std::int64_t h = 0; h < heads; ++h) a(i, r * heads + h) = w_a.size() ? raw(i, h * rank + r) : fixed(r, h);
+      for (std::int64_t h = 0; h < heads; ++h)
+        a(i, r * heads + h) = w_a.size() ? raw(i, h * rank + r) : fixed(r, h);
   return a;
 }
 
 /// y for tokens x [T, D] (causal on positions). rope_on_b: rotate the rows of B_Q and B_K (as
 /// attnkit does) or, if false, the materialised Q and K heads (the paper's Theorem: the same).
-inline matrix tpa_forward(const matrix& x, std::span<const std::int64_t> positions, const tpa_weights& w,
-                          const tpa_shape& s, const rope_config& rope, double softmax_scale, bool rope_on_b = true,
+inline matrix tpa_forward(const matrix& x, std::span<const std::int64_t> positions,
+                          const tpa_weights& w, const tpa_shape& s, const rope_config& rope,
+                          double softmax_scale, bool rope_on_b = true,
                           std::optional<std::int64_t> window = {}) {
   const std::int64_t h = s.heads, d = s.head_dim;
   auto rope_rows_of = [&](matrix m, std::int64_t blocks) {
@@ -52,7 +56,8 @@ inline matrix tpa_forward(const matrix& x, std::span<const std::int64_t> positio
     r.frequency_index.clear();
     if (!rope.frequency_index.empty()) r.frequency_index = {rope.frequency_index[0]};
     for (std::int64_t i = 0; i < m.rows(); ++i)
-      for (std::int64_t b = 0; b < blocks; ++b) rope_rotate(m.row(i).data() + b * d, d, positions[static_cast<std::size_t>(i)], r);
+      for (std::int64_t b = 0; b < blocks; ++b)
+        rope_rotate(m.row(i).data() + b * d, d, positions[static_cast<std::size_t>(i)], r);
     return m;
   };
   matrix q, k;
@@ -60,15 +65,16 @@ inline matrix tpa_forward(const matrix& x, std::span<const std::int64_t> positio
     q = rope_rows_of(x * w.q_proj.transpose(), h);
   } else {
     const matrix bq = x * w.w_b_q.transpose();
-    q = tpa_materialise(tpa_factor_a(x, w.w_a_q, w.a_q, s.q_rank, h), rope_on_b ? rope_rows_of(bq, s.q_rank) : bq, s.q_rank, h,
-                        s.q_scale);
+    q = tpa_materialise(tpa_factor_a(x, w.w_a_q, w.a_q, s.q_rank, h),
+                        rope_on_b ? rope_rows_of(bq, s.q_rank) : bq, s.q_rank, h, s.q_scale);
     if (!rope_on_b) q = rope_rows_of(q, h);
   }
   const matrix bk = x * w.w_b_k.transpose();
-  k = tpa_materialise(tpa_factor_a(x, w.w_a_k, w.a_k, s.k_rank, h), rope_on_b ? rope_rows_of(bk, s.k_rank) : bk, s.k_rank, h,
-                      s.k_scale);
+  k = tpa_materialise(tpa_factor_a(x, w.w_a_k, w.a_k, s.k_rank, h),
+                      rope_on_b ? rope_rows_of(bk, s.k_rank) : bk, s.k_rank, h, s.k_scale);
   if (!rope_on_b) k = rope_rows_of(k, h);
-  const matrix v = tpa_materialise(tpa_factor_a(x, w.w_a_v, w.a_v, s.v_rank, h), x * w.w_b_v.transpose(), s.v_rank, h, s.v_scale);
+  const matrix v = tpa_materialise(tpa_factor_a(x, w.w_a_v, w.a_v, s.v_rank, h),
+                                   x * w.w_b_v.transpose(), s.v_rank, h, s.v_scale);
   const auto att = attention(q, positions, k, v, positions, h, h, softmax_scale, true, window);
   return att.out * w.o_proj.transpose();
 }
