@@ -7,6 +7,9 @@
 #include <limits>
 
 #include "gqa_fixture.hpp"
+#include "layer_fixture.hpp"
+#include "mla_fixture.hpp"
+#include "tpa_fixture.hpp"
 
 using namespace attnkit;
 using namespace attnkit::test;
@@ -407,4 +410,37 @@ TEST_CASE("policy options are validated before anything runs", "[policy][errors]
                                           tensor3_view<float>(out.data(), {1, 2, 8}),
                                           {.strategy = tile_strategy::gemm}),
                         "strategy gemm is not available");
+}
+
+TEST_CASE("a layer call that throws leaves the cache unchanged; bad scales fail at construction",
+          "[policy][errors][layer]") {
+  std::mt19937_64 rng(12);
+  const fmat x = random_matrix(rng, 2, 32);
+  fmat y(32, 2);  // the transpose of y's shape: a column-major view of y [2, 32]
+  const matrix_view<float> y_cm(y.data(), {2, 32}, {1, 2});
+  const std::vector<std::int64_t> pos{0, 1};
+  const mla_config mc{
+      .model_dim = 32, .heads = 2, .latent_dim = 16, .nope_dim = 8, .rope_dim = 4, .v_head_dim = 8};
+  const auto mw = make_mla(rng, mc, false, true);
+  mla_layer ml(mc, mw.weights());
+  auto mcache = ml.make_cache<float>(4);
+  ATTNKIT_CHECK_INVALID(ml.forward(view_of(x), pos, mcache, y_cm), "unit column stride");
+  CHECK(mcache.size() == 0);
+  const tpa_config tc{
+      .model_dim = 32, .heads = 2, .head_dim = 8, .q_rank = 2, .k_rank = 1, .v_rank = 1};
+  const auto tw = make_tpa(rng, tc, false);
+  tpa_layer tl(tc, tw.weights());
+  auto tcache = tl.make_cache<float>(4);
+  ATTNKIT_CHECK_INVALID(tl.forward(view_of(x), pos, tcache, y_cm), "unit column stride");
+  CHECK(tcache.size() == 0);
+  mla_config bad_m = mc;
+  bad_m.scale = INFINITY;
+  ATTNKIT_CHECK_INVALID(mla_layer(bad_m, mw.weights()), "mla_config: scale must be finite");
+  tpa_config bad_t = tc;
+  bad_t.scale = NAN;
+  ATTNKIT_CHECK_INVALID(tpa_layer(bad_t, tw.weights()), "tpa_config: scale must be finite");
+  const gqa_config gc{.model_dim = 32, .heads = 2, .kv_heads = 1, .head_dim = 16, .scale = NAN};
+  const auto gw =
+      make_layer_data(rng, {.model_dim = 32, .heads = 2, .kv_heads = 1, .head_dim = 16}, false);
+  ATTNKIT_CHECK_INVALID(gqa_layer(gc, gw.weights()), "gqa_config: scale must be finite");
 }

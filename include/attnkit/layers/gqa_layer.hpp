@@ -77,12 +77,7 @@ class gqa_layer {
     return dense_cache<S>({cfg_.kv_heads, cfg_.head_dim, cfg_.v_head_dim, capacity});
   }
   /// The attention options of this layer's kernel call.
-  attention_options options() const {
-    attention_options opt;
-    opt.scale = cfg_.scale;
-    opt.window = cfg_.window;
-    return opt;
-  }
+  attention_options options() const { return {.scale = cfg_.scale, .window = cfg_.window}; }
 
   /// x [T, D] at positions (one per token) -> y [T, D]. Appends T tokens to `cache` (any cache
   /// taking dense_append payloads whose view is a kv_view). A call that throws changes nothing.

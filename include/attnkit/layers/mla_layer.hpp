@@ -104,12 +104,7 @@ class mla_layer {
                       : dc * (cfg_.nope_dim + cfg_.v_head_dim) / extra;
   }
   /// The attention options of this layer's kernel calls (scale and window).
-  attention_options options() const {
-    attention_options opt;
-    opt.scale = scale();
-    opt.window = cfg_.window;
-    return opt;
-  }
+  attention_options options() const { return {.scale = scale(), .window = cfg_.window}; }
   template <storage_type S>
   latent_cache<S> make_cache(std::int64_t capacity) const {
     return latent_cache<S>({cfg_.latent_dim, cfg_.rope_dim, cfg_.rope_heads, capacity});
@@ -139,6 +134,7 @@ class mla_layer {
     require(t <= cache.capacity() - cache.size(), "mla_layer::forward: appending ", t,
             " tokens to size=", cache.size(), " exceeds capacity=", cache.capacity());
     const auto xm = as_eigen(x, "mla_layer::forward: x");
+    auto ym = as_eigen(y, "mla_layer::forward: y");  // checked before the cache changes
 
     // Queries [T, H, d_nope + d_R], rope part roped.
     q_.resize(t, h * dqk);
@@ -182,7 +178,6 @@ class mla_layer {
       forward_naive(t, positions, cache.view(), exec);
 
     // y = O W_O^T + b_o, O = o_ [T, H d_v] (or the latent [T, H d_c] with W_O W_UV folded).
-    auto ym = as_eigen(y, "mla_layer::forward: y");
     if (path == mla_path::absorbed && cfg_.fold_uv_into_o) {
       detail::linear(const_map(olat_), const_map(w_ouv_), std::span<const float>(b_ouv_), ym, exec);
     } else {

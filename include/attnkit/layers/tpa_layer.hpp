@@ -79,12 +79,7 @@ class tpa_layer {
                                 cfg_.v_rank, capacity, sc.k, sc.v});
   }
   /// The attention options of this layer's kernel calls (scale and window).
-  attention_options options() const {
-    attention_options opt;
-    opt.scale = cfg_.scale;
-    opt.window = cfg_.window;
-    return opt;
-  }
+  attention_options options() const { return {.scale = cfg_.scale, .window = cfg_.window}; }
 
   /// Any cache taking factorized_append payloads whose view is a factor_view. A call that throws
   /// changes nothing.
@@ -112,6 +107,7 @@ class tpa_layer {
     require(t <= cache.capacity() - cache.size(), "tpa_layer::forward: appending ", t,
             " tokens to size=", cache.size(), " exceeds capacity=", cache.capacity());
     const auto xm = as_eigen(x, "tpa_layer::forward: x");
+    const auto ym = as_eigen(y, "tpa_layer::forward: y");  // checked before the cache changes
 
     // Query factors [T, R_Q, H] and [T, R_Q, d]; KV-only: A_Q = I (R_Q = H), B_Q = the roped q
     // heads.
@@ -154,7 +150,7 @@ class tpa_layer {
                         tensor3_view<const float>(bq_.data(), {t, rq, d}), positions, f,
                         tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
     }
-    detail::linear(const_map(o_), map(w_.o_proj), {}, as_eigen(y, "tpa_layer::forward: y"), exec);
+    detail::linear(const_map(o_), map(w_.o_proj), {}, ym, exec);
   }
 
  private:
