@@ -4,7 +4,10 @@
 // vs BM_fma_peak. FLOPs per call: 2 * H * Tq * (d_qk + d_v) * Tk, halved for causal prefill.
 #include <attnkit/attnkit.hpp>
 
+#include <atomic>
 #include <random>
+#include <string>
+#include <thread>
 
 #include "gqa_decode.hpp"
 #include "roofline.hpp"
@@ -38,8 +41,26 @@ void BM_gqa_prefill_causal(benchmark::State& state) {
                                                benchmark::Counter::OneK::kIs1000);
   state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>());
 }
+/// The fixed cost of one parallel_for of two trivial tasks (the hand-off every decode step
+/// pays), for pools of 2 threads up to many more than the machine's hardware threads.
+void BM_thread_pool_handoff(benchmark::State& state) {
+  ak::thread_pool pool(static_cast<int>(state.range(0)));
+  std::atomic<std::int64_t> sum{0};
+  for (auto _ : state)
+    pool.parallel_for(2, [&](std::int64_t i) { sum.fetch_add(i, std::memory_order_relaxed); });
+  benchmark::DoNotOptimize(sum.load());
+  state.SetLabel(std::to_string(std::thread::hardware_concurrency()) + " hardware threads");
+}
 }  // namespace
 
+BENCHMARK(BM_thread_pool_handoff)
+    ->ArgName("threads")
+    ->Arg(2)
+    ->Arg(4)
+    ->Arg(8)
+    ->Arg(32)
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_gqa_decode, float)
     ->ArgsProduct({{1024, 4096, 16384}, {1, 2}})
     ->ArgNames({"T", "threads"})

@@ -196,3 +196,32 @@ TEST_CASE("layer decode steps (GQA, MLA absorbed, TPA) do not allocate", "[layer
     tl.forward(view_of(x), p, tcache, view_of(y), exec);
   });
 }
+
+TEST_CASE("a decode loop allocates in its first step only, while its context grows 1 to 2600",
+          "[layer][alloc]") {
+  // The number of key splits rises with the context (at 512, 768, 1280, 2304 keys for two
+  // workers); the workspace is sized for the most splits on the first call.
+  std::mt19937_64 rng(9);
+  const std::int64_t steps = 2600;
+  const gqa_config gc{.model_dim = 32, .heads = 4, .kv_heads = 1, .head_dim = 8};
+  const auto gw = make_layer_data(rng, gc, false, false);
+  gqa_layer gl(gc, gw.weights());
+  auto cache = gl.make_cache<float>(steps);
+  const fmat x = random_matrix(rng, 1, 32);
+  fmat y(1, 32);
+  thread_pool pool(2);
+  long allocating_steps = 0;
+  for (std::int64_t t = 0; t < steps; ++t) {
+    const long before = allocations.load(),
+               eigen_before = attnkit_test::eigen_assert_failures.load();
+    if (t > 0) Eigen::internal::set_is_malloc_allowed(false);
+    gl.forward(view_of(x), std::span(&t, 1), cache, view_of(y), pool);
+    Eigen::internal::set_is_malloc_allowed(true);
+    if (t > 0 && (allocations.load() != before ||
+                  attnkit_test::eigen_assert_failures.load() != eigen_before)) {
+      INFO("step " << t << " allocated");
+      ++allocating_steps;
+    }
+  }
+  CHECK(allocating_steps == 0);
+}

@@ -7,7 +7,6 @@
 #include <limits>
 
 #include "gqa_fixture.hpp"
-#include "layer_fixture.hpp"
 #include "mla_fixture.hpp"
 #include "tpa_fixture.hpp"
 
@@ -313,31 +312,6 @@ TEST_CASE("position_mask: block classification agrees with every pair, at any in
   }
 }
 
-TEST_CASE("windows and positions at the ends of int64 never overflow", "[policy][mask]") {
-  constexpr std::int64_t mx = std::numeric_limits<std::int64_t>::max();
-  std::mt19937_64 rng(8);
-  const fmat q = random_matrix(rng, 1, 2 * 16), k = random_matrix(rng, 8, 16),
-             v = random_matrix(rng, 8, 16);
-  const std::vector<std::int64_t> neg{-9, -8, -7, -6, -5, -4, -3, -2},
-      far{-5, 0, mx - 1, mx, mx, mx, mx, mx};
-  for (const auto& [kpos, qp, window] :
-       {std::tuple{neg, std::int64_t{-2}, mx}, std::tuple{far, mx, std::int64_t{10}}}) {
-    const kv_view<float> kv(tensor3_view<const float>(k.data(), {8, 1, 16}),
-                            tensor3_view<const float>(v.data(), {8, 1, 16}), kpos);
-    for (auto st : {tile_strategy::streaming, tile_strategy::gemm}) {
-      fmat out(1, 2 * 16);
-      attend(tensor3_view<const float>(q.data(), {1, 2, 16}), std::span(&qp, 1), kv,
-             tensor3_view<float>(out.data(), {1, 2, 16}), {.window = window, .strategy = st});
-      reference::attention_rules rules;
-      rules.window = window;
-      const auto ref = reference::attention(to_double(q), std::span(&qp, 1), to_double(k),
-                                            to_double(v), kpos, 2, 1, 0.25, rules);
-      CHECK(ref.out.cwiseAbs().maxCoeff() > 0);  // keys are visible: not a masked row
-      CHECK(max_abs_diff(to_double(out), ref.out) <= 1e-5);
-    }
-  }
-}
-
 TEST_CASE("merge_attention_states: two key sets merged equal attention over their union",
           "[policy][merge]") {
   std::mt19937_64 rng(77);
@@ -410,37 +384,4 @@ TEST_CASE("policy options are validated before anything runs", "[policy][errors]
                                           tensor3_view<float>(out.data(), {1, 2, 8}),
                                           {.strategy = tile_strategy::gemm}),
                         "strategy gemm is not available");
-}
-
-TEST_CASE("a layer call that throws leaves the cache unchanged; bad scales fail at construction",
-          "[policy][errors][layer]") {
-  std::mt19937_64 rng(12);
-  const fmat x = random_matrix(rng, 2, 32);
-  fmat y(32, 2);  // the transpose of y's shape: a column-major view of y [2, 32]
-  const matrix_view<float> y_cm(y.data(), {2, 32}, {1, 2});
-  const std::vector<std::int64_t> pos{0, 1};
-  const mla_config mc{
-      .model_dim = 32, .heads = 2, .latent_dim = 16, .nope_dim = 8, .rope_dim = 4, .v_head_dim = 8};
-  const auto mw = make_mla(rng, mc, false, true);
-  mla_layer ml(mc, mw.weights());
-  auto mcache = ml.make_cache<float>(4);
-  ATTNKIT_CHECK_INVALID(ml.forward(view_of(x), pos, mcache, y_cm), "unit column stride");
-  CHECK(mcache.size() == 0);
-  const tpa_config tc{
-      .model_dim = 32, .heads = 2, .head_dim = 8, .q_rank = 2, .k_rank = 1, .v_rank = 1};
-  const auto tw = make_tpa(rng, tc, false);
-  tpa_layer tl(tc, tw.weights());
-  auto tcache = tl.make_cache<float>(4);
-  ATTNKIT_CHECK_INVALID(tl.forward(view_of(x), pos, tcache, y_cm), "unit column stride");
-  CHECK(tcache.size() == 0);
-  mla_config bad_m = mc;
-  bad_m.scale = INFINITY;
-  ATTNKIT_CHECK_INVALID(mla_layer(bad_m, mw.weights()), "mla_config: scale must be finite");
-  tpa_config bad_t = tc;
-  bad_t.scale = NAN;
-  ATTNKIT_CHECK_INVALID(tpa_layer(bad_t, tw.weights()), "tpa_config: scale must be finite");
-  const gqa_config gc{.model_dim = 32, .heads = 2, .kv_heads = 1, .head_dim = 16, .scale = NAN};
-  const auto gw =
-      make_layer_data(rng, {.model_dim = 32, .heads = 2, .kv_heads = 1, .head_dim = 16}, false);
-  ATTNKIT_CHECK_INVALID(gqa_layer(gc, gw.weights()), "gqa_config: scale must be finite");
 }

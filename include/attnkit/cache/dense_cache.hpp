@@ -8,6 +8,7 @@
 // the engine owns.
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <span>
 
 #include "../core/aligned_buffer.hpp"
@@ -61,8 +62,28 @@ class dense_cache {
                     " must be in [0, capacity=", cfg_.capacity, "]");
   }
 
-  dense_cache(dense_cache&&) noexcept = default;
-  dense_cache& operator=(dense_cache&&) noexcept = default;
+  /// Moving leaves the source empty with capacity 0 (its appends throw), not a second handle
+  /// on the memory the new owner now holds.
+  dense_cache(dense_cache&& o) noexcept
+      : k_elements_(o.k_elements_),
+        v_elements_(o.v_elements_),
+        cfg_(o.cfg_),
+        owned_k_(std::move(o.owned_k_)),
+        owned_v_(std::move(o.owned_v_)),
+        owned_pos_(std::move(o.owned_pos_)),
+        k_(std::exchange(o.k_, nullptr)),
+        v_(std::exchange(o.v_, nullptr)),
+        pos_(std::exchange(o.pos_, nullptr)),
+        size_(std::exchange(o.size_, 0)) {
+    o.cfg_.capacity = 0;
+  }
+  dense_cache& operator=(dense_cache&& o) noexcept {
+    if (this != &o) {
+      this->~dense_cache();
+      std::construct_at(this, std::move(o));
+    }
+    return *this;
+  }
 
   const dense_cache_config& config() const { return cfg_; }
   std::int64_t kv_heads() const { return cfg_.kv_heads; }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <optional>
 #include <span>
 
@@ -65,8 +66,27 @@ class factorized_cache {
     detail::require(size >= 0 && size <= cfg_.capacity, "factorized_cache: size=", size,
                     " must be in [0, capacity=", cfg_.capacity, "]");
   }
-  factorized_cache(factorized_cache&&) noexcept = default;
-  factorized_cache& operator=(factorized_cache&&) noexcept = default;
+  /// Moving leaves the source empty with capacity 0 (its appends throw), not a second handle
+  /// on the memory the new owner now holds.
+  factorized_cache(factorized_cache&& o) noexcept
+      : cfg_(o.cfg_),
+        owned_pos_(std::move(o.owned_pos_)),
+        pos_(std::exchange(o.pos_, nullptr)),
+        size_(std::exchange(o.size_, 0)) {
+    o.cfg_.capacity = 0;
+    for (int i = 0; i < 4; ++i) {
+      per_token_[i] = o.per_token_[i], elements_[i] = o.elements_[i];
+      owned_[i] = std::move(o.owned_[i]);
+      f_[i] = std::exchange(o.f_[i], nullptr);
+    }
+  }
+  factorized_cache& operator=(factorized_cache&& o) noexcept {
+    if (this != &o) {
+      this->~factorized_cache();
+      std::construct_at(this, std::move(o));
+    }
+    return *this;
+  }
 
   const factorized_cache_config& config() const { return cfg_; }
   std::int64_t heads() const { return cfg_.heads; }

@@ -47,8 +47,10 @@ class kv_view {
     require(kv_heads > 0, "kv_view: kv_heads must be > 0, got ", kv_heads);
     require(keys.width > 0 && values.width > 0, "kv_view: key and value widths must be > 0, got ",
             keys.width, " and ", values.width);
-    require(size() == 0 || (keys.data && values.data), "kv_view: null key or value data for ",
-            size(), " tokens");
+    require(size() == 0 || keys.data, "kv_view: the key data is a null pointer for ", size(),
+            " tokens");
+    require(size() == 0 || values.data, "kv_view: the value data is a null pointer for ", size(),
+            " tokens");
   }
   /// Caller-owned K [T, H_kv, d_qk] and V [T, H_kv, d_v] (any token and head strides; the last
   /// dimension contiguous) with one position per token.
@@ -126,8 +128,9 @@ struct factor_view {
     require(heads > 0 && head_dim > 0 && v_head_dim > 0 && k_rank > 0 && v_rank > 0, who,
             ": factor view needs positive heads, head_dim, v_head_dim, k_rank, v_rank; got ", heads,
             ", ", head_dim, ", ", v_head_dim, ", ", k_rank, ", ", v_rank);
-    require(size() == 0 || (a_k && b_k && a_v && b_v), who, ": null factor data for ", size(),
-            " tokens");
+    const char* null_name = !a_k ? "a_k" : !b_k ? "b_k" : !a_v ? "a_v" : !b_v ? "b_v" : nullptr;
+    require(size() == 0 || !null_name, who, ": factor ", null_name ? null_name : "",
+            " is a null pointer for ", size(), " tokens");
     require(std::isfinite(k_scale) && std::isfinite(v_scale), who,
             ": k_scale and v_scale must be finite, got ", k_scale, " and ", v_scale);
   }

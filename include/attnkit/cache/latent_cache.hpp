@@ -8,6 +8,8 @@
 // rope_heads * rope_dim), so the absorbed MLA kernel reads one contiguous row per token for both
 // its keys ([c ; k_rope]) and its values (a view of the same row's c: never a second copy).
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <limits>
 #include <span>
 
@@ -56,8 +58,24 @@ class latent_cache {
     detail::require(size >= 0 && size <= cfg_.capacity, "latent_cache: size=", size,
                     " must be in [0, capacity=", cfg_.capacity, "]");
   }
-  latent_cache(latent_cache&&) noexcept = default;
-  latent_cache& operator=(latent_cache&&) noexcept = default;
+  /// Moving leaves the source empty with capacity 0 (its appends throw), not a second handle
+  /// on the memory the new owner now holds.
+  latent_cache(latent_cache&& o) noexcept
+      : cfg_(o.cfg_),
+        owned_rows_(std::move(o.owned_rows_)),
+        owned_pos_(std::move(o.owned_pos_)),
+        rows_(std::exchange(o.rows_, nullptr)),
+        pos_(std::exchange(o.pos_, nullptr)),
+        size_(std::exchange(o.size_, 0)) {
+    o.cfg_.capacity = 0;
+  }
+  latent_cache& operator=(latent_cache&& o) noexcept {
+    if (this != &o) {
+      this->~latent_cache();
+      std::construct_at(this, std::move(o));
+    }
+    return *this;
+  }
 
   const latent_cache_config& config() const { return cfg_; }
   std::int64_t latent_dim() const { return cfg_.latent_dim; }

@@ -17,6 +17,7 @@
 //     variance differs from the optimum by O(u) relative.
 #include <Eigen/Dense>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <utility>
@@ -33,6 +34,16 @@ using dmatrix = Eigen::MatrixXd;
 using dvector = Eigen::VectorXd;
 
 namespace detail {
+
+/// Conversion data must be finite: a NaN or inf in the calibration tokens poisons the Gram
+/// matrix, which the eigensolver then fails on (or worse, turns into a finite checkpoint that
+/// is silently wrong). Names the first bad element.
+inline void require_finite(matrix_view<const float> x, const char* who, const char* name) {
+  for (std::int64_t t = 0; t < x.extent(0); ++t)
+    for (std::int64_t c = 0; c < x.extent(1); ++c)
+      ::attnkit::detail::require(std::isfinite(x(t, c)), who, ": ", name, " token ", t, " column ",
+                                 c, " is ", x(t, c), "; conversion data must be finite");
+}
 
 /// Calls visit(a) for consecutive chunks a [rows, n] of the activations a_t = w x_t + bias of the
 /// rows x_t of x (w [n, D], nn.Linear layout), made by one GEMM per chunk split over `exec`.

@@ -215,6 +215,8 @@ conversion_result gqa_to_mla_mha2mla(const gqa_config& cfg_in, const gqa_weights
   require(heldout.extent(0) == 0 || heldout.extent(1) == cfg.model_dim,
           "mha2mla: heldout has width ", heldout.extent(1), " but the model dimension is ",
           cfg.model_dim);
+  detail::require_finite(calibration, "mha2mla", "calibration");
+  detail::require_finite(heldout, "mha2mla", "heldout");
   const std::int64_t hkv = cfg.kv_heads, d = cfg.head_dim, dv = cfg.v_head_dim;
   conversion_result res;
   auto t0 = std::chrono::steady_clock::now();

@@ -151,6 +151,8 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
   require(calibration.extent(1) == cfg.model_dim, "transmla: calibration has width ",
           calibration.extent(1), " but the model dimension is ", cfg.model_dim);
   require(calibration.extent(0) > 0, "transmla: calibration needs at least one token");
+  detail::require_finite(calibration, "transmla", "calibration");
+  detail::require_finite(heldout, "transmla", "heldout");
   require(heldout.extent(0) == 0 || heldout.extent(1) == cfg.model_dim,
           "transmla: heldout has width ", heldout.extent(1), " but the model dimension is ",
           cfg.model_dim);
@@ -159,6 +161,10 @@ conversion_result gqa_to_mla_transmla(const gqa_config& cfg_in, const gqa_weight
   require(rot % qk == 0, "transmla: qk_mqa_dim=", qk, " must divide the ", rot,
           " rotary dims of a head");
   const std::int64_t collapse = rot / qk, pairs = rot / 2, lmax = hkv * d - qk + hkv * dv;
+  require(opt.freqfold >= 0, "transmla: freqfold must be >= 0 (0 = automatic), got ", opt.freqfold);
+  require(opt.freqfold != 0 || opt.auto_tokens >= 1,
+          "transmla: auto_tokens must be >= 1 when freqfold is automatic (0), got ",
+          opt.auto_tokens);
   require(opt.freqfold == 0 || (opt.freqfold % collapse == 0 && pairs % opt.freqfold == 0),
           "transmla: freqfold F=", opt.freqfold,
           " must be a multiple of the collapse factor C=", collapse,

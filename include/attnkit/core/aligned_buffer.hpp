@@ -27,15 +27,6 @@ struct aligned_free {
   void operator()(void* p) const { ::operator delete[](p, std::align_val_t{alignment}); }
 };
 
-/// a * b for non-negative sizes, or an attnkit::invalid_argument naming `what` when the product
-/// does not fit in int64 (a capacity of 2^61 tokens times 8 heads must not wrap to a small size).
-inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, const char* what) {
-  require(a >= 0 && b >= 0, what, ": negative size factor ", a, " x ", b);
-  require(a == 0 || b <= std::numeric_limits<std::int64_t>::max() / a, what, ": size ", a, " x ", b,
-          " overflows int64");
-  return a * b;
-}
-
 /// n elements of T, 64-byte (or 2 MiB) aligned, uninitialised; n is checked against the byte size
 /// the platform can address.
 template <class T>

@@ -1,5 +1,7 @@
 #pragma once
 // attnkit::invalid_argument and the argument-checking helpers used at API boundaries.
+#include <cstdint>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -27,6 +29,15 @@ template <class... Parts>
 template <class... Parts>
 void require(bool ok, const Parts&... parts) {
   if (!ok) throw_invalid(parts...);
+}
+
+/// a * b for non-negative sizes, or an attnkit::invalid_argument naming `what` when the product
+/// does not fit in int64 (a capacity of 2^61 tokens times 8 heads must not wrap to a small size).
+inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, const char* what) {
+  require(a >= 0 && b >= 0, what, ": negative size factor ", a, " x ", b);
+  require(a == 0 || b <= std::numeric_limits<std::int64_t>::max() / a, what, ": size ", a, " x ", b,
+          " overflows int64");
+  return a * b;
 }
 
 }  // namespace detail

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <concepts>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -70,14 +71,21 @@ class callable_executor {
 };
 
 /// A small persistent std::thread pool. The calling thread takes part in every parallel_for,
-/// so `thread_pool(2)` starts one extra thread. Idle workers spin briefly before they sleep,
-/// which keeps the per-call overhead of short kernels (decode) at a few microseconds.
-/// A parallel_for issued from inside one of the pool's own tasks runs inline (serially).
+/// so `thread_pool(2)` starts one extra thread. Idle workers spin briefly (yielding the core
+/// now and then) before they sleep, which keeps the per-call overhead of short kernels (decode)
+/// at a few microseconds; a pool with more threads than the machine has hardware threads never
+/// spins, so oversubscription costs sleeps and wake-ups, not spinning threads that starve the
+/// working ones. A parallel_for issued from inside one of the pool's own tasks runs inline.
+/// If tasks throw, the first exception is rethrown on the caller once every worker has left
+/// the call; the indices not yet started are skipped.
 class thread_pool {
  public:
   explicit thread_pool(
       int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())))
-      : threads_(threads) {
+      : threads_(threads),
+        spin_(static_cast<unsigned>(threads) <= std::max(1u, std::thread::hardware_concurrency())
+                  ? 20000
+                  : 0) {
     detail::require(threads >= 1, "thread_pool: threads must be >= 1, got ", threads);
     for (int t = 1; t < threads; ++t) workers_.emplace_back([this] { worker_loop(); });
   }
@@ -103,20 +111,35 @@ class thread_pool {
       return;
     }
     std::lock_guard call_lock(call_mutex_);  // one parallel_for at a time per pool
-    std::function<void(std::int64_t)> task(std::ref(fn));
+    auto guarded = [&](std::int64_t i) {
+      try {
+        fn(i);
+      } catch (...) {
+        if (!failed_.exchange(true, std::memory_order_acq_rel)) error_ = std::current_exception();
+        next_.store(n_, std::memory_order_relaxed);  // start no further index
+      }
+    };
+    // std::ref: the std::function holds a pointer, so it never allocates.
+    std::function<void(std::int64_t)> task(std::ref(guarded));
     {
       std::lock_guard lock(mutex_);
       task_ = &task;
       n_ = n;
+      failed_.store(false, std::memory_order_relaxed);
+      error_ = nullptr;
       next_.store(0, std::memory_order_relaxed);
       active_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
       generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     run_tasks();
-    // Wait until every worker has left this generation's task.
-    while (active_.load(std::memory_order_acquire) != 0) pause();
+    wait_for_workers();  // no worker may still run `task` (on this stack) after we return
     task_ = nullptr;
+    if (failed_.load(std::memory_order_acquire)) {
+      std::exception_ptr e = std::move(error_);
+      error_ = nullptr;
+      std::rethrow_exception(e);
+    }
   }
 
  private:
@@ -137,13 +160,28 @@ class thread_pool {
     for (std::int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < n_;) (*task_)(i);
     inside_pool() = outer;
   }
+  /// A short spin for the common case (workers finish together), then yields, then sleep.
+  void wait_for_workers() {
+    for (int spin = 0; spin < spin_ && active_.load(std::memory_order_acquire) != 0; ++spin)
+      relax(spin);
+    if (active_.load(std::memory_order_acquire) == 0) return;
+    std::unique_lock lock(mutex_);
+    done_.wait(lock, [&] { return active_.load(std::memory_order_acquire) == 0; });
+  }
+  /// One spin step; every 64th yields the core, in case a thread that we wait for needs it.
+  static void relax(int spin) {
+    if (spin % 64 == 63)
+      std::this_thread::yield();
+    else
+      pause();
+  }
   void worker_loop() {
     std::uint64_t seen = 0;
     for (;;) {
       // Spin a little for the next generation, then sleep.
       std::uint64_t g = generation_.load(std::memory_order_acquire);
-      for (int spin = 0; g == seen && spin < 20000; ++spin) {
-        pause();
+      for (int spin = 0; g == seen && spin < spin_; ++spin) {
+        relax(spin);
         g = generation_.load(std::memory_order_acquire);
       }
       if (g == seen) {
@@ -157,15 +195,21 @@ class thread_pool {
         if (stop_) return;
       }
       run_tasks();
-      active_.fetch_sub(1, std::memory_order_acq_rel);
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard lock(mutex_);  // the caller may be about to sleep on done_
+        done_.notify_one();
+      }
     }
   }
 
   int threads_;
+  int spin_;  // spin steps before sleeping: 0 when oversubscribed
   std::vector<std::thread> workers_;
   std::mutex call_mutex_;
   std::mutex mutex_;
-  std::condition_variable wake_;
+  std::condition_variable wake_, done_;
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;
   std::atomic<std::uint64_t> generation_{0};
   std::atomic<std::int64_t> next_{0};
   std::atomic<int> active_{0};

@@ -43,15 +43,18 @@ inline float hsum16(__m512 x) {
   x = _mm512_add_ps(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm512_cvtss_f32(x);
 }
+/// max(a, b) per lane, NaN if either lane is NaN. (vmaxps alone returns its second operand
+/// when either is NaN, so a NaN in a running max would be forgotten at the next step.)
+inline __m512 max16(__m512 a, __m512 b) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q),
+                              _mm512_maskz_max_ps(0xFFFF, a, b), a);
+}
+/// Horizontal max of 16 lanes, NaN if any lane is NaN.
 inline float hmax16(__m512 x) {
-  x = _mm512_maskz_max_ps(0xFFFF, x,
-                          _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
-  x = _mm512_maskz_max_ps(0xFFFF, x,
-                          _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
-  x = _mm512_maskz_max_ps(0xFFFF, x,
-                          _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
-  x = _mm512_maskz_max_ps(0xFFFF, x,
-                          _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  x = max16(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = max16(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  x = max16(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = max16(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm512_cvtss_f32(x);
 }
 
@@ -80,13 +83,15 @@ inline __m512 load16(const S* p) {
   }
 }
 
-/// exp(x) for every lane, within ~2 ulp; exp(-inf) = 0 exactly, never NaN for x <= 88.
+/// exp(x) for every lane, within ~2 ulp; exp(-inf) = 0 exactly, exp(NaN) = NaN, finite for
+/// x <= 88.
 inline __m512 exp16(__m512 x) {
   // x = n ln2 + r with |r| <= ln2/2 (Cody-Waite: ln2 split in a high part exact in float and
   // a low part, so r carries no error from n ln2), e^r by its degree-7 Taylor series
   // (truncation < 6e-9 relative) and the 2^n scaling by vscalefps, which underflows to 0.
-  x = _mm512_maskz_max_ps(0xFFFF, x, _mm512_set1_ps(-150.f));
-  x = _mm512_maskz_min_ps(0xFFFF, x, _mm512_set1_ps(88.7f));
+  // The clamps keep a NaN: vmaxps / vminps return the second operand when either is NaN.
+  x = _mm512_maskz_max_ps(0xFFFF, _mm512_set1_ps(-150.f), x);
+  x = _mm512_maskz_min_ps(0xFFFF, _mm512_set1_ps(88.7f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -143,18 +148,22 @@ inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
 #endif
 }
 
-/// max over s[0, n); -inf for n == 0.
+/// max(a, b), NaN if either is NaN: a NaN score must reach the softmax state, whose max then
+/// carries it to the row's output and LSE (std::max and a > b ? a : b drop it).
+inline float max_nan(float a, float b) { return a != a || a > b ? a : b; }
+
+/// max over s[0, n), NaN if any element is NaN; -inf for n == 0.
 inline float row_max(const float* s, std::int64_t n) {
 #if ATTNKIT_HAS_AVX512
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (std::int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = lane_mask(n - i);
-    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, s + i));
+    m = max16(m, _mm512_mask_loadu_ps(m, k, s + i));
   }
   return hmax16(m);
 #else
   float m = -std::numeric_limits<float>::infinity();
-  for (std::int64_t i = 0; i < n; ++i) m = s[i] > m ? s[i] : m;
+  for (std::int64_t i = 0; i < n; ++i) m = max_nan(m, s[i]);
   return m;
 #endif
 }

@@ -6,7 +6,10 @@
 //   row form     the block's scores of one row are contiguous (softmax_absorb_row);
 //   column form  the block's scores of one key are contiguous across rows (softmax_absorb_columns).
 // Key splits are merged with log-sum-exp rescaling; the LSE is natural log. A row that saw no
-// unmasked key has max = -inf and sum = 0; it finalises to output 0 and LSE -inf, never NaN.
+// unmasked key (or only -inf logits) has max = -inf and sum = 0; it finalises to output 0 and
+// LSE -inf. A NaN logit makes the row's max NaN, and a +inf logit makes its sum NaN (exp(inf -
+// inf)); either way the row finalises to NaN output and NaN LSE, as the reference and PyTorch
+// give: one input, one answer on every path (docs/math.md, "Special values").
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -35,8 +38,7 @@ constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 /// which the row's accumulator must be rescaled (1 if unchanged, 0 the first time a row that was
 /// fully masked sees a key).
 inline float softmax_absorb_row(float& max, float& sum, float* s, std::int64_t n) {
-  const float block_max = row_max(s, n);
-  const float new_max = block_max > max ? block_max : max;
+  const float new_max = max_nan(row_max(s, n), max);
   if (new_max == neg_inf) {  // everything masked so far: probabilities are all zero
     for (std::int64_t i = 0; i < n; ++i) s[i] = 0.f;
     return 1.f;
@@ -64,9 +66,9 @@ inline void softmax_columns(const float* st, std::int64_t ld, std::int64_t keys,
       colmax = _mm512_mask_loadu_ps(ninf, mm, block_max + m0);
     else
       for (std::int64_t t = 0; t < keys; ++t)
-        colmax = _mm512_maskz_max_ps(0xFFFF, colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
+        colmax = max16(colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
     const __m512 old = _mm512_mask_loadu_ps(ninf, mm, state.max + m0);
-    const __m512 mx = _mm512_maskz_max_ps(0xFFFF, old, colmax);
+    const __m512 mx = max16(old, colmax);
     const __m512 shift =
         _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
     const __m512 a = exp16(_mm512_sub_ps(old, shift));  // exp(-inf - finite) = 0
@@ -87,8 +89,8 @@ inline void softmax_columns(const float* st, std::int64_t ld, std::int64_t keys,
     if (block_max)
       colmax = block_max[r];
     else
-      for (std::int64_t t = 0; t < keys; ++t) colmax = std::max(colmax, st[t * ld + r]);
-    const float mx = std::max(state.max[r], colmax), shift = mx == neg_inf ? 0.f : mx;
+      for (std::int64_t t = 0; t < keys; ++t) colmax = max_nan(colmax, st[t * ld + r]);
+    const float mx = max_nan(state.max[r], colmax), shift = mx == neg_inf ? 0.f : mx;
     const float a = std::exp(state.max[r] - shift);
     float colsum = 0.f;
     for (std::int64_t t = 0; t < keys; ++t) {
@@ -126,7 +128,7 @@ inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b,
     for (std::int64_t i = 0; i < d; ++i) acc_a[i] = acc_b[i];
     return;
   }
-  const float m = max_a > max_b ? max_a : max_b;
+  const float m = max_nan(max_a, max_b);
   const float fa = std::exp(max_a - m), fb = std::exp(max_b - m);
   for (std::int64_t i = 0; i < d; ++i) acc_a[i] = acc_a[i] * fa + acc_b[i] * fb;
   sum_a = sum_a * fa + sum_b * fb;
@@ -139,7 +141,7 @@ inline float softmax_finalize(float max, float sum, const float* acc, float* out
                               std::int64_t out_stride, std::int64_t d, float sink = neg_inf) {
   float factor = 1.f;  // exp(max - max') where the sink raises the max
   if (sink != neg_inf) {
-    const float m = max > sink ? max : sink;
+    const float m = max_nan(max, sink);
     factor = max == neg_inf ? 0.f : std::exp(max - m);
     sum = sum * factor + std::exp(sink - m);
     max = m;
@@ -162,9 +164,10 @@ class online_softmax {
   online_softmax(std::int64_t rows, std::int64_t dim) : rows_(rows), dim_(dim) {
     detail::require(rows >= 0 && dim >= 0,
                     "online_softmax: rows and dim must be >= 0, got rows=", rows, ", dim=", dim);
+    const std::int64_t acc = detail::checked_mul(rows, dim, "online_softmax: rows * dim");
     max_.assign(static_cast<std::size_t>(rows), detail::neg_inf);
     sum_.assign(static_cast<std::size_t>(rows), 0.f);
-    acc_.assign(static_cast<std::size_t>(rows * dim), 0.f);
+    acc_.assign(static_cast<std::size_t>(acc), 0.f);
   }
   std::int64_t rows() const { return rows_; }
   std::int64_t dim() const { return dim_; }
@@ -227,7 +230,7 @@ inline void merge_attention_states(tensor3_view<const float> o_a, matrix_view<co
   for (std::int64_t i = 0; i < t; ++i)
     for (std::int64_t j = 0; j < h; ++j) {
       const float la = lse_a(i, j), lb = lse_b(i, j);
-      const float m = la > lb ? la : lb;
+      const float m = detail::max_nan(la, lb);
       float wa = 0.f, wb = 0.f, l = detail::neg_inf;
       if (m != detail::neg_inf) {
         const float ea = std::exp(la - m), eb = std::exp(lb - m), s = ea + eb;

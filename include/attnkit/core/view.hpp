@@ -3,6 +3,7 @@
 // data_handle), with 64-bit extents and strides (in elements) and Eigen Map interop.
 #include <Eigen/Core>
 #include <array>
+#include <utility>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -130,20 +131,61 @@ auto view_of(const Eigen::MapBase<Derived, Eigen::ReadOnlyAccessors>& m) {
 }
 
 namespace detail {
+/// The bytes a view can touch, [first, last) as addresses; empty for an empty view.
+template <class T, std::size_t Rank>
+std::pair<std::uintptr_t, std::uintptr_t> byte_range(const strided_view<T, Rank>& v) {
+  if (v.empty()) return {0, 0};
+  index_t lo = 0, hi = 0;  // element offsets of the extreme elements
+  for (std::size_t r = 0; r < Rank; ++r) {
+    const index_t reach = (v.extent(r) - 1) * v.stride(r);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const auto base = reinterpret_cast<std::uintptr_t>(v.data_handle());
+  return {base + static_cast<std::uintptr_t>(lo * index_t(sizeof(T))),
+          base + static_cast<std::uintptr_t>((hi + 1) * index_t(sizeof(T)))};
+}
+
+/// An output must not share memory with an input: the kernels read inputs after they have
+/// started writing outputs, so overlap gives wrong answers (even exact aliasing is not safe).
+/// Compares address ranges, so interleaved but disjoint views are rejected too; keep them apart.
+template <class T, std::size_t R1, class U, std::size_t R2>
+void require_disjoint(const strided_view<T, R1>& out, const strided_view<U, R2>& in,
+                      const char* who, const char* out_name, const char* in_name) {
+  const auto [a0, a1] = byte_range(out);
+  const auto [b0, b1] = byte_range(in);
+  require(a0 == a1 || b0 == b1 || a1 <= b0 || b1 <= a0, who, ": ", out_name, " overlaps the input ",
+          in_name, " in memory; outputs must not alias inputs");
+}
+
 /// Checks a view's extents at an API boundary; `name` is the parameter's name.
 /// `name` may come in two parts (who, parameter), joined by ": " only when the check fails.
 template <class T, std::size_t Rank>
 void require_extents(const strided_view<T, Rank>& v, const std::array<index_t, Rank>& expected,
                      const char* name, const char* param = nullptr) {
-  bool ok = v.data_handle() != nullptr || v.size() == 0;
-  for (std::size_t r = 0; r < Rank; ++r) ok = ok && v.extent(r) == expected[r];
-  if (!ok) {
+  bool shape_ok = true;
+  for (std::size_t r = 0; r < Rank; ++r) shape_ok = shape_ok && v.extent(r) == expected[r];
+  const bool null_data = v.data_handle() == nullptr && v.size() != 0;
+  if (!shape_ok || null_data) {
     std::ostringstream os;
-    os << name << (param ? ": " : "") << (param ? param : "") << " has shape [";
-    for (std::size_t r = 0; r < Rank; ++r) os << (r ? ", " : "") << v.extent(r);
-    os << "] but [";
-    for (std::size_t r = 0; r < Rank; ++r) os << (r ? ", " : "") << expected[r];
-    os << "] was expected" << (v.data_handle() == nullptr && v.size() != 0 ? " (null data)" : "");
+    os << name << (param ? ": " : "") << (param ? param : "");
+    auto shape = [&](const auto& e) {
+      os << "[";
+      for (std::size_t r = 0; r < Rank; ++r) os << (r ? ", " : "") << e[r];
+      os << "]";
+    };
+    std::array<index_t, Rank> got;
+    for (std::size_t r = 0; r < Rank; ++r) got[r] = v.extent(r);
+    if (!shape_ok) {
+      os << " has shape ";
+      shape(got);
+      os << " but ";
+      shape(expected);
+      os << " was expected";
+    } else {
+      os << " is a null pointer with shape ";
+      shape(got);
+      os << " (" << v.size() << " elements)";
+    }
     throw_invalid(os.str());
   }
 }

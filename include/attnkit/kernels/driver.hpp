@@ -12,6 +12,10 @@
 //                                 probabilities as the softmax produces them (instead of their
 //                                 being stored back into the tile), to fuse them into the
 //                                 variant's value weights;
+//   value_row(j, head, t, buf)    key t's value vector for query head `head` as float, in the
+//                                 accumulators' layout (buf: v_head_dim floats of scratch); the
+//                                 driver's exact path for blocks where a masked key's value is not
+//                                 finite (see repair_masked_rows);
 //   positions(), run_end(t)       the key positions and run ends of its KV view.
 //
 // A work item is (query tile, head group j, key split). Its rows are the tile's tokens times the
@@ -114,8 +118,21 @@ concept block_products = requires(V& v, const V& cv, std::int64_t i, float* acc,
   v.load_queries(i, i, i);
   { v.scores(i, i, i, i) } -> std::same_as<score_tile>;
   v.accumulate(i, i, i, tile, acc);
+  { v.value_row(i, i, i, acc) } -> std::convertible_to<const float*>;
   v.finish(acc, i);
 };
+
+/// True when none of x[0, n) is inf or NaN (all exponent bits set); integer ops, so it
+/// vectorises without -ffast-math.
+inline bool all_finite(const float* x, std::int64_t n) {
+  std::uint32_t any = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::uint32_t b;
+    std::memcpy(&b, x + i, sizeof b);
+    any |= static_cast<std::uint32_t>((b & 0x7f800000u) == 0x7f800000u);
+  }
+  return any == 0;
+}
 
 /// Everything of one call that is not the variant's.
 template <class Mask>
@@ -143,7 +160,7 @@ class attention_worker {
  public:
   static std::size_t floats(const typename Variant::problem& pb, const attention_plan& pl) {
     return Variant::scratch_floats(pb, pl) +
-           static_cast<std::size_t>(pl.rows * (3 + pl.v_head_dim));
+           static_cast<std::size_t>(pl.rows * (3 + 2 * pl.v_head_dim) + pl.v_head_dim);
   }
   attention_worker(const typename Variant::problem& pb, const attention_plan& pl,
                    const attention_call<Mask>& call, float* f, std::int64_t* ints)
@@ -152,6 +169,8 @@ class attention_worker {
     state_ = {f, f + pl.rows};
     alpha_ = f + 2 * pl.rows;
     acc_ = f + 3 * pl.rows;
+    saved_ = acc_ + pl.rows * pl.v_head_dim;
+    value_ = saved_ + pl.rows * pl.v_head_dim;
   }
 
   void run(std::int64_t qt, std::int64_t j, std::int64_t ks, float* partial) {
@@ -181,8 +200,8 @@ class attention_worker {
       for_each_score(s, t0, j, b0, nb, m, [](float& x, const mask_args&) { x = test_degrade(x); });
 #endif
       if (call_.policy.logits.active()) transform_logits(s, t0, j, b0, nb, m);
-      if (vis == block_visibility::partial || !std::same_as<Mask, no_mask>)
-        apply_mask(s, t0, j, b0, nb, m);
+      const bool some_masked = vis == block_visibility::partial || !std::same_as<Mask, no_mask>;
+      if (some_masked) apply_mask(s, t0, j, b0, nb, m);
       if (s.key_stride == 1) {
         for (std::int64_t r = 0; r < m; ++r) {
           const float a =
@@ -204,7 +223,9 @@ class attention_worker {
 #if ATTNKIT_TEST_PRECISION_LOSS == 2
       for_each_score(s, t0, j, b0, nb, m, [](float& x, const mask_args&) { x = test_degrade(x); });
 #endif
+      if (some_masked) std::copy(acc_, acc_ + m * dv, saved_);
       var_.accumulate(j, b0, nb, s, acc_);
+      if (some_masked) repair_masked_rows(s, t0, j, b0, nb, m);
     }
     var_.finish(acc_, m);
 
@@ -242,10 +263,41 @@ class attention_worker {
   }
   void apply_mask(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0,
                   std::int64_t nb, std::int64_t m) const {
-    const position_mask& pm = call_.policy.positions;
     for_each_score(s, t0, j, b0, nb, m, [&](float& x, const mask_args& a) {
-      if (!pm.visible(a.q_pos, a.k_pos) || !call_.mask(a)) x = neg_inf;
+      if (!visible(a)) x = neg_inf;
     });
+  }
+
+  bool visible(const mask_args& a) const {
+    return call_.policy.positions.visible(a.q_pos, a.k_pos) && call_.mask(a);
+  }
+  /// A masked key must contribute nothing, whatever its value holds; but the block products
+  /// multiply its zero probability by its value, and 0 * inf or 0 * NaN is NaN. A row whose
+  /// accumulator turned non-finite in a block with masked keys is therefore recomputed from its
+  /// state before the block, key by key over its visible keys only. Rare (non-finite values in
+  /// the cache); the common cost is one copy and one scan of the block's accumulators.
+  void repair_masked_rows(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0,
+                          std::int64_t nb, std::int64_t m) {
+    const std::int64_t dv = pl_.v_head_dim, g = pl_.g;
+    const std::int64_t* kp = var_.positions().data() + b0;
+    constexpr bool sink = requires { var_.probability_sink(); };
+    for (std::int64_t r = 0; r < m; ++r) {
+      float* acc = acc_ + r * dv;
+      const float* before = saved_ + r * dv;
+      if (all_finite(acc, dv) || !all_finite(before, dv)) continue;
+      std::copy(before, before + dv, acc);
+      const mask_args base{t0 + r / g, row_pos_[r], 0, 0, j * g + r % g};
+      for (std::int64_t t = 0; t < nb; ++t) {
+        mask_args a = base;
+        a.k_index = b0 + t, a.k_pos = kp[t];
+        if (!visible(a)) continue;
+        const float x = s.data[r * s.row_stride + t * s.key_stride];
+        // With a probability sink the tile still holds the scores.
+        const float p = sink && s.key_stride != 1 ? std::exp(x - state_.max[r]) : x;
+        const float* v = var_.value_row(j, a.head, b0 + t, value_);
+        for (std::int64_t c = 0; c < dv; ++c) acc[c] += p * v[c];
+      }
+    }
   }
 
   const attention_plan& pl_;
@@ -255,6 +307,8 @@ class attention_worker {
   softmax_state state_;    // [rows] each
   float* alpha_;           // [rows]
   float* acc_;             // [rows][v_head_dim]
+  float* saved_;           // [rows][v_head_dim]: acc_ before the current block's products
+  float* value_;           // [v_head_dim]: one value row for repair_masked_rows
 };
 
 /// Plans and runs one attention call of a variant over the executor; the caller has validated
@@ -271,10 +325,17 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
   const std::int64_t workers = std::min<std::int64_t>(want, pl.items);
   using worker_t = attention_worker<Variant, Mask>;
   const std::size_t floats = worker_t::floats(pb, pl);
-  float* partial = pl.splits > 1 ? workspace_access::partial(
-                                       ws, static_cast<std::size_t>(pl.items * pl.partial_stride()))
-                                 : nullptr;
-  workspace_access::reserve_workers(ws, static_cast<std::size_t>(workers), floats,
+  // The workspace is sized for the most key splits any context length gives this query shape,
+  // and for every worker, so that a decode loop whose cache grows never allocates after its
+  // first step (the split count rises with the context).
+  attention_shape longest = shape;
+  longest.keys = std::numeric_limits<std::int64_t>::max() / 2;
+  const attention_plan most = plan_attention(longest, want);
+  float* partial = pl.splits > 1 || most.splits > 1
+                       ? workspace_access::partial(
+                             ws, static_cast<std::size_t>(most.items * most.partial_stride()))
+                       : nullptr;
+  workspace_access::reserve_workers(ws, static_cast<std::size_t>(want), floats,
                                     static_cast<std::size_t>(pl.rows));
 
   std::atomic<std::int64_t> next{0};
@@ -317,7 +378,10 @@ inline attention_policy validate_call(const char* who, std::int64_t tq, std::int
   require(static_cast<std::int64_t>(q_pos.size()) == tq, who, ": q_positions has ", q_pos.size(),
           " entries but the queries have Tq=", tq, " tokens");
   require_extents(out, {tq, heads, v_head_dim}, who, "out");
-  if (!opt.lse.empty()) require_extents(opt.lse, {tq, heads}, who, "lse");
+  if (!opt.lse.empty()) {
+    require_extents(opt.lse, {tq, heads}, who, "lse");
+    require_disjoint(opt.lse, out, who, "lse", "out");
+  }
   if (opt.scale)
     require(std::isfinite(*opt.scale), who, ": scale must be finite, got ", *opt.scale);
   return make_policy(opt, heads, who);

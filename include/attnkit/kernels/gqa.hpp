@@ -171,6 +171,13 @@ class gqa_products {
 #endif
   }
 
+  const float* value_row(std::int64_t j, std::int64_t /*head*/, std::int64_t t, float* buf) const {
+    const std::int64_t dv = pb_.kv.v_head_dim();
+    to_float_row(pb_.kv.values().row(j, t), buf, dv);
+    if (paired()) permute_pairs(buf, dv);
+    return buf;
+  }
+
   void finish(float* acc, std::int64_t rows) {
     if (paired())
       for (std::int64_t r = 0; r < rows; ++r)
@@ -201,6 +208,8 @@ void run_gqa(const char* who, tensor3_view<const float> q, std::span<const std::
   require(q.extent(2) == dqk, who, ": q head dim q.extent(2)=", q.extent(2),
           " differs from the keys' head_dim=", dqk);
   require_extents(q, {tq, h, dqk}, who, "q");
+  require_disjoint(out, q, who, "out", "q");
+  require_disjoint(opt.lse, q, who, "lse", "q");
   const attention_policy policy = validate_call(who, tq, h, kv.v_head_dim(), q_pos, out, opt);
   // Streaming micro-kernels for tiles of fewer than 16 query rows. Without AVX-512 the portable
   // streaming loops are slow and Eigen's vectorised GEMM tiles are the fast path for every size.

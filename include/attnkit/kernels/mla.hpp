@@ -41,6 +41,10 @@ void attend_latent(tensor3_view<const float> q_latent, tensor3_view<const float>
           " does not divide the key rows' rope part (key width ", w, " - latent ", dc, ")");
   detail::require_extents(q_rope, {tq, h, dr}, "attend_latent: q_rope");
   require(h % nr == 0, "attend_latent: heads=", h, " must be a multiple of rope_heads=", nr);
+  for (const auto& [in, name] : {std::pair{q_latent, "q_latent"}, std::pair{q_rope, "q_rope"}}) {
+    detail::require_disjoint(out, in, "attend_latent", "out", name);
+    detail::require_disjoint(opt.lse, in, "attend_latent", "lse", name);
+  }
   attention_workspace local;
   attention_workspace& wsr = ws ? *ws : local;
   // The kernel's query rows [q_latent ; rope slots]: built once per call (H rows per token).

@@ -185,6 +185,18 @@ class tpa_products {
     gemm_bcast<true>(h, dv, nb * rv, wt_, 1, p_.hp, bvf, dv, acc, dv, pf_);
   }
 
+  /// sum_v A_V(t)[v, head] B_V(t)[v] (v_scale is applied in finish).
+  const float* value_row(std::int64_t /*j*/, std::int64_t head, std::int64_t t, float* buf) const {
+    const std::int64_t dv = p_.kv.v_head_dim, rv = p_.kv.v_rank, h = p_.kv.heads;
+    std::fill(buf, buf + dv, 0.f);
+    for (std::int64_t v = 0; v < rv; ++v) {
+      const float a = static_cast<float>(p_.kv.a_v_row(t)[v * h + head]);
+      const auto* b = p_.kv.b_v_row(t) + v * dv;
+      for (std::int64_t c = 0; c < dv; ++c) buf[c] += a * static_cast<float>(b[c]);
+    }
+    return buf;
+  }
+
   void finish(float* acc, std::int64_t rows) {
     scale_row(acc, rows * p_.kv.v_head_dim, p_.kv.v_scale);
   }
@@ -234,7 +246,7 @@ class tpa_products {
         for (int j = 0; j < G; ++j)
           if (s0 + j < nb) {
             _mm512_storeu_ps(st_ + (s0 + j) * hp + i0, acc[j]);
-            mx = _mm512_maskz_max_ps(0xFFFF, mx, acc[j]);
+            mx = max16(mx, acc[j]);
           }
         _mm512_storeu_ps(bmax_ + i0, mx);
       }
@@ -250,7 +262,7 @@ class tpa_products {
             acc += static_cast<float>(ak[(sk[j] * rk + u) * h + i]) * t;
           }
           row[i] = acc;
-          bmax_[i] = std::max(bmax_[i], acc);
+          bmax_[i] = max_nan(bmax_[i], acc);
         }
       }
 #endif
@@ -287,6 +299,10 @@ void attend_factorized(tensor3_view<const float> a_q, tensor3_view<const float> 
   require(rq >= 1, "attend_factorized: a_q.extent(1) (R_Q) must be >= 1, got ", rq);
   detail::require_extents(a_q, {tq, rq, h}, "attend_factorized: a_q");
   detail::require_extents(b_q, {tq, rq, d}, "attend_factorized: b_q");
+  for (const auto& [in, name] : {std::pair{a_q, "a_q"}, std::pair{b_q, "b_q"}}) {
+    detail::require_disjoint(out, in, "attend_factorized", "out", name);
+    detail::require_disjoint(opt.lse, in, "attend_factorized", "lse", name);
+  }
   require(opt.strategy != tile_strategy::gemm,
           "attend_factorized: strategy gemm is not available (the TPA kernel has one path: "
           "automatic or streaming)");

@@ -89,7 +89,9 @@ struct attention_rules {
 
 /// softmax(rules(q k^T * scale)) v per query head, query head h using KV head h / (H / H_kv).
 /// q [Tq, H*d_qk], k [Tk, H_kv*d_qk], v [Tk, H_kv*d_v]. Fully masked rows give 0 (LSE -inf, or
-/// the sink's logit when there is one).
+/// the sink's logit when there is one). Special values: a masked key contributes nothing,
+/// whatever its k and v hold; a NaN or +inf logit among a row's visible keys makes its output
+/// and LSE NaN; -inf logits weigh 0.
 inline attention_result attention(const matrix& q, std::span<const std::int64_t> q_pos,
                                   const matrix& k, const matrix& v,
                                   std::span<const std::int64_t> k_pos, std::int64_t heads,
@@ -100,6 +102,8 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
   constexpr double ninf = -std::numeric_limits<double>::infinity();
   attention_result r{matrix::Zero(tq, heads * dv), matrix::Zero(tq, heads)};
   Eigen::VectorXd s(tk);
+  std::vector<char> seen(static_cast<std::size_t>(tk));
+  const bool v_finite = v.allFinite();  // else masked keys' values are skipped one by one
   for (std::int64_t t = 0; t < tq; ++t) {
     for (std::int64_t h = 0; h < heads; ++h) {
       const std::int64_t j = h / g, qp = q_pos[static_cast<std::size_t>(t)];
@@ -108,8 +112,16 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
       double mx = rules.sinks.empty() ? ninf : rules.sinks[static_cast<std::size_t>(h)];
       for (std::int64_t u = 0; u < tk; ++u) {
         const std::int64_t kp = k_pos[static_cast<std::size_t>(u)];
-        s[u] = rules.visible(t, qp, u, kp, h) ? rules.logit(s[u] * scale, qp, kp, h) : ninf;
-        mx = std::max(mx, s[u]);
+        const bool vis = rules.visible(t, qp, u, kp, h);
+        seen[static_cast<std::size_t>(u)] = vis;
+        s[u] = vis ? rules.logit(s[u] * scale, qp, kp, h) : ninf;
+        if (std::isnan(s[u]) || s[u] > mx) mx = s[u];
+        if (std::isnan(mx)) break;
+      }
+      if (std::isnan(mx)) {
+        r.out.row(t).segment(h * dv, dv).setConstant(mx);
+        r.lse(t, h) = mx;
+        continue;
       }
       if (mx == ninf) {
         r.lse(t, h) = mx;
@@ -118,7 +130,14 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
       double sum =
           rules.sinks.empty() ? 0.0 : std::exp(rules.sinks[static_cast<std::size_t>(h)] - mx);
       for (std::int64_t u = 0; u < tk; ++u) sum += (s[u] = std::exp(s[u] - mx));
-      r.out.row(t).segment(h * dv, dv).noalias() = (s / sum).transpose() * v.middleCols(j * dv, dv);
+      if (v_finite) {
+        r.out.row(t).segment(h * dv, dv).noalias() =
+            (s / sum).transpose() * v.middleCols(j * dv, dv);
+      } else {
+        for (std::int64_t u = 0; u < tk; ++u)
+          if (seen[static_cast<std::size_t>(u)])
+            r.out.row(t).segment(h * dv, dv) += (s[u] / sum) * v.row(u).segment(j * dv, dv);
+      }
       r.lse(t, h) = mx + std::log(sum);
     }
   }
