@@ -2,7 +2,11 @@
 # The whole test suite: install what is missing, then
 #   1. Release build with -march=native (the AVX-512 kernels), all tests via CTest;
 #   2. AddressSanitizer + UndefinedBehaviorSanitizer build at -O1 without -march=native (the
-#      portable kernels), all tests again; any sanitizer report fails the run.
+#      portable kernels), all tests again; any sanitizer report fails the run;
+#   3. the same sanitizers with -march=native: the kernel, policy, softmax and robustness tests
+#      on the AVX-512 kernels (the layer, conversion and packaging tests run no other kernel code);
+#   4. the differential fuzz target (clang, libFuzzer + ASan + UBSan, AVX-512 kernels) for a
+#      bounded time from its corpus (scripts/fuzz.sh; ATTNKIT_FUZZ_SECONDS, default 90).
 # Benchmarks are built in step 1 (so they keep compiling) but not run.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,9 +20,27 @@ cmake --build "$root/build" -j"$jobs"
 
 echo "== attnkit: ASan + UBSan build and tests (-O1, portable code paths) =="
 san="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
-cmake -S "$root" -B "$root/build-sanitize" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g" \
-  -DCMAKE_CXX_FLAGS="$san" -DCMAKE_EXE_LINKER_FLAGS="$san" -DATTNKIT_NATIVE=OFF -DATTNKIT_BUILD_BENCHMARKS=OFF \
-  -DATTNKIT_PRECISION_LOSS_TESTS=OFF >/dev/null
-cmake --build "$root/build-sanitize" -j"$jobs"
-(cd "$root/build-sanitize" && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  ctest --output-on-failure -j"$jobs")
+sanitized() {  # sanitized BUILD_DIR NATIVE [targets...]: configure, build, run their tests
+  local dir=$1 native=$2
+  shift 2
+  cmake -S "$root" -B "$root/$dir" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g" \
+    -DCMAKE_CXX_FLAGS="$san" -DCMAKE_EXE_LINKER_FLAGS="$san" -DATTNKIT_NATIVE="$native" \
+    -DATTNKIT_BUILD_BENCHMARKS=OFF -DATTNKIT_PRECISION_LOSS_TESTS=OFF >/dev/null
+  local filter=()
+  if (($#)); then
+    cmake --build "$root/$dir" -j"$jobs" --target "$@"
+    filter=(-R "^($(IFS='|'; echo "$*")): ")
+  else
+    cmake --build "$root/$dir" -j"$jobs"
+  fi
+  (cd "$root/$dir" && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -j"$jobs" "${filter[@]}")
+}
+sanitized build-sanitize OFF
+
+echo "== attnkit: ASan + UBSan on the AVX-512 kernels (-O1 -march=native) =="
+sanitized build-sanitize-native ON test_gqa_kernel test_policy test_mla test_tpa test_softmax \
+  test_robustness
+
+echo "== attnkit: differential fuzzing (libFuzzer, ASan + UBSan, AVX-512 kernels) =="
+ATTNKIT_FUZZ_TARGETS=native bash "$root/scripts/fuzz.sh" "${ATTNKIT_FUZZ_SECONDS:-90}"

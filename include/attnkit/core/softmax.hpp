@@ -7,9 +7,10 @@
 //   column form  the block's scores of one key are contiguous across rows (softmax_absorb_columns).
 // Key splits are merged with log-sum-exp rescaling; the LSE is natural log. A row that saw no
 // unmasked key (or only -inf logits) has max = -inf and sum = 0; it finalises to output 0 and
-// LSE -inf. A NaN logit makes the row's max NaN, and a +inf logit makes its sum NaN (exp(inf -
-// inf)); either way the row finalises to NaN output and NaN LSE, as the reference and PyTorch
-// give: one input, one answer on every path (docs/math.md, "Special values").
+// LSE -inf. A NaN logit makes the row's sum NaN (its p is exp(NaN) = NaN; the row form's max is
+// NaN too), and so does a +inf logit (exp(inf - inf)); either way the row finalises to NaN
+// output and NaN LSE, as the reference and PyTorch give: one input, one answer on every path
+// (docs/math.md, "Special values").
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -66,7 +67,9 @@ inline void softmax_columns(const float* st, std::int64_t ld, std::int64_t keys,
       colmax = _mm512_mask_loadu_ps(ninf, mm, block_max + m0);
     else
       for (std::int64_t t = 0; t < keys; ++t)
-        colmax = max16(colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
+        // Plain vmaxps here (the per-key hot loop): a NaN it drops still makes its p, and so
+        // the row's sum, NaN; the merge and finalisation key on the sum.
+        colmax = _mm512_maskz_max_ps(0xFFFF, colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
     const __m512 old = _mm512_mask_loadu_ps(ninf, mm, state.max + m0);
     const __m512 mx = max16(old, colmax);
     const __m512 shift =
@@ -122,8 +125,9 @@ inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys
 /// (max_a, sum_a, acc_a) <- merge with (max_b, sum_b, acc_b) over a disjoint key set (d floats).
 inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b, float sum_b,
                           const float* acc_b, std::int64_t d) {
-  if (max_b == neg_inf) return;
-  if (max_a == neg_inf) {
+  // A row that saw no key has sum 0 (a NaN sum, from a NaN score, is not empty).
+  if (sum_b == 0.f) return;
+  if (sum_a == 0.f) {
     max_a = max_b, sum_a = sum_b;
     for (std::int64_t i = 0; i < d; ++i) acc_a[i] = acc_b[i];
     return;

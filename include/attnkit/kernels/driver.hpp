@@ -122,16 +122,18 @@ concept block_products = requires(V& v, const V& cv, std::int64_t i, float* acc,
   v.finish(acc, i);
 };
 
-/// True when none of x[0, n) is inf or NaN (all exponent bits set); integer ops, so it
-/// vectorises without -ffast-math.
-inline bool all_finite(const float* x, std::int64_t n) {
+/// True when some x[i] is inf or NaN (all exponent bits set) and differs from before[i]: it
+/// turned non-finite, or from one infinity to NaN or the other. Integer ops, so it vectorises
+/// without -ffast-math.
+inline bool turned_non_finite(const float* x, const float* before, std::int64_t n) {
   std::uint32_t any = 0;
   for (std::int64_t i = 0; i < n; ++i) {
-    std::uint32_t b;
-    std::memcpy(&b, x + i, sizeof b);
-    any |= static_cast<std::uint32_t>((b & 0x7f800000u) == 0x7f800000u);
+    std::uint32_t a, b;
+    std::memcpy(&a, x + i, sizeof a);
+    std::memcpy(&b, before + i, sizeof b);
+    any |= static_cast<std::uint32_t>((a & 0x7f800000u) == 0x7f800000u && a != b);
   }
-  return any == 0;
+  return any != 0;
 }
 
 /// Everything of one call that is not the variant's.
@@ -272,10 +274,11 @@ class attention_worker {
     return call_.policy.positions.visible(a.q_pos, a.k_pos) && call_.mask(a);
   }
   /// A masked key must contribute nothing, whatever its value holds; but the block products
-  /// multiply its zero probability by its value, and 0 * inf or 0 * NaN is NaN. A row whose
-  /// accumulator turned non-finite in a block with masked keys is therefore recomputed from its
-  /// state before the block, key by key over its visible keys only. Rare (non-finite values in
-  /// the cache); the common cost is one copy and one scan of the block's accumulators.
+  /// multiply its zero probability by its value, and 0 * inf or 0 * NaN is NaN. A row with an
+  /// accumulator element that turned non-finite in a block with masked keys is therefore
+  /// recomputed from its state before the block, key by key over its visible keys only. Rare
+  /// (non-finite values in the cache); the common cost is one copy and one scan of the block's
+  /// accumulators.
   void repair_masked_rows(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0,
                           std::int64_t nb, std::int64_t m) {
     const std::int64_t dv = pl_.v_head_dim, g = pl_.g;
@@ -284,7 +287,7 @@ class attention_worker {
     for (std::int64_t r = 0; r < m; ++r) {
       float* acc = acc_ + r * dv;
       const float* before = saved_ + r * dv;
-      if (all_finite(acc, dv) || !all_finite(before, dv)) continue;
+      if (!turned_non_finite(acc, before, dv)) continue;
       std::copy(before, before + dv, acc);
       const mask_args base{t0 + r / g, row_pos_[r], 0, 0, j * g + r % g};
       for (std::int64_t t = 0; t < nb; ++t) {

@@ -246,7 +246,7 @@ class tpa_products {
         for (int j = 0; j < G; ++j)
           if (s0 + j < nb) {
             _mm512_storeu_ps(st_ + (s0 + j) * hp + i0, acc[j]);
-            mx = max16(mx, acc[j]);
+            mx = _mm512_maskz_max_ps(0xFFFF, mx, acc[j]);  // NaN reaches the sum (softmax.hpp)
           }
         _mm512_storeu_ps(bmax_ + i0, mx);
       }

@@ -103,12 +103,15 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
   attention_result r{matrix::Zero(tq, heads * dv), matrix::Zero(tq, heads)};
   Eigen::VectorXd s(tk);
   std::vector<char> seen(static_cast<std::size_t>(tk));
-  const bool v_finite = v.allFinite();  // else masked keys' values are skipped one by one
+  // With non-finite values, masked keys' values are skipped one by one (0 * inf is NaN).
+  const bool v_finite = v.allFinite();
   for (std::int64_t t = 0; t < tq; ++t) {
     for (std::int64_t h = 0; h < heads; ++h) {
       const std::int64_t j = h / g, qp = q_pos[static_cast<std::size_t>(t)];
       // Plain dot products of every key with the query, then the rules key by key.
-      s.noalias() = k.middleCols(j * dqk, dqk) * q.row(t).segment(h * dqk, dqk).transpose();
+      // (No blocks of an empty k or v are formed: Eigen offsets their null data.)
+      if (tk > 0)
+        s.noalias() = k.middleCols(j * dqk, dqk) * q.row(t).segment(h * dqk, dqk).transpose();
       double mx = rules.sinks.empty() ? ninf : rules.sinks[static_cast<std::size_t>(h)];
       for (std::int64_t u = 0; u < tk; ++u) {
         const std::int64_t kp = k_pos[static_cast<std::size_t>(u)];
@@ -130,7 +133,7 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
       double sum =
           rules.sinks.empty() ? 0.0 : std::exp(rules.sinks[static_cast<std::size_t>(h)] - mx);
       for (std::int64_t u = 0; u < tk; ++u) sum += (s[u] = std::exp(s[u] - mx));
-      if (v_finite) {
+      if (v_finite && tk > 0) {
         r.out.row(t).segment(h * dv, dv).noalias() =
             (s / sum).transpose() * v.middleCols(j * dv, dv);
       } else {
