@@ -114,9 +114,9 @@ class dense_cache {
     for (std::int64_t i = 0; i < t; ++i) {
       const std::int64_t row = size_ + i;
       for (std::int64_t j = 0; j < cfg_.kv_heads; ++j) {
-        store(&a.k(i, j, 0), a.k.stride(2), k_ + (j * cfg_.capacity + row) * cfg_.head_dim,
+        detail::from_float_strided(&a.k(i, j, 0), a.k.stride(2), k_ + (j * cfg_.capacity + row) * cfg_.head_dim,
               cfg_.head_dim);
-        store(&a.v(i, j, 0), a.v.stride(2), v_ + (j * cfg_.capacity + row) * cfg_.v_head_dim,
+        detail::from_float_strided(&a.v(i, j, 0), a.v.stride(2), v_ + (j * cfg_.capacity + row) * cfg_.v_head_dim,
               cfg_.v_head_dim);
       }
       pos_[row] = a.positions[static_cast<std::size_t>(i)];
@@ -149,13 +149,6 @@ class dense_cache {
     v_elements_ = detail::checked_mul(rows, c.v_head_dim,
                                       "dense_cache: V elements (kv_heads x capacity x v_head_dim)");
     return c;
-  }
-  static void store(const float* src, std::int64_t stride, S* dst, std::int64_t n) {
-    if (stride == 1) {
-      detail::from_float_row(src, dst, n);
-    } else {
-      for (std::int64_t i = 0; i < n; ++i) dst[i] = from_float<S>(src[i * stride]);
-    }
   }
 
   // Declared before cfg_: validated() sets them while cfg_ is initialised.

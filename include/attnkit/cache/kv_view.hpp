@@ -5,8 +5,10 @@
 //   kv_view<S>      per KV head, rows of keys and rows of values (MHA/GQA/MQA; MLA's latent
 //                   rows, where the values are the first d_c columns of the key rows),
 //   factor_view<S>  per token, TPA's factor rows A_K, B_K, A_V, B_V,
+//   value_view<S>   per KV head, rows of values only (shared-attention followers, which reuse
+//                   another layer's attention weights and keep no keys),
 //
-// both with one int64 position per token. Kernels address rows only through row(head, t) and
+// each with one int64 position per token. Kernels address rows only through row(head, t) and
 // run_end(t): the rows [t, run_end(t)) of a head are one run at a fixed row stride, and no key
 // block of the attention driver crosses a run end. A contiguous view is one run; a paged view
 // (rows through a page table) ends runs at page boundaries and is a second model of the same
@@ -99,6 +101,48 @@ class kv_view {
   }
 
   row_set<S> k_, v_;
+  std::int64_t kv_heads_ = 0;
+  std::span<const std::int64_t> pos_;
+};
+
+/// Values only: row t of KV head j at values.row(j, t) ([v_head_dim] elements), one position per
+/// token. What a shared-attention follower reads (kernels/shared.hpp).
+template <storage_type S>
+class value_view {
+ public:
+  using storage_type = S;
+  value_view() = default;
+  value_view(row_set<S> values, std::int64_t kv_heads, std::span<const std::int64_t> positions)
+      : v_(values), kv_heads_(kv_heads), pos_(positions) {
+    using detail::require;
+    require(kv_heads > 0, "value_view: kv_heads must be > 0, got ", kv_heads);
+    require(values.width > 0, "value_view: v_head_dim must be > 0, got ", values.width);
+    require(size() == 0 || values.data, "value_view: the value data is a null pointer for ",
+            size(), " tokens");
+  }
+  /// Caller-owned V [T, H_kv, d_v] (any token and head strides, last dimension contiguous).
+  value_view(tensor3_view<const S> v, std::span<const std::int64_t> positions)
+      : value_view(checked_rows(v, positions), v.extent(1), positions) {}
+
+  std::int64_t size() const { return static_cast<std::int64_t>(pos_.size()); }
+  std::int64_t kv_heads() const { return kv_heads_; }
+  std::int64_t v_head_dim() const { return v_.width; }
+  std::span<const std::int64_t> positions() const { return pos_; }
+  const row_set<S>& values() const { return v_; }
+  std::int64_t run_end(std::int64_t /*t*/) const { return size(); }
+
+ private:
+  static row_set<S> checked_rows(const tensor3_view<const S>& v,
+                                 std::span<const std::int64_t> positions) {
+    detail::require(static_cast<std::int64_t>(positions.size()) == v.extent(0),
+                    "value_view: positions has ", positions.size(), " entries but v has T=",
+                    v.extent(0), " tokens");
+    detail::require(v.stride(2) == 1, "value_view: v needs a contiguous last dimension, got stride ",
+                    v.stride(2));
+    return {v.data_handle(), v.stride(1), v.stride(0), v.extent(2)};
+  }
+
+  row_set<S> v_;
   std::int64_t kv_heads_ = 0;
   std::span<const std::int64_t> pos_;
 };

@@ -31,6 +31,10 @@ struct attention_options {
   /// denominator and carries no value; empty = none. The returned LSE includes it.
   std::span<const float> sinks{};
   matrix_view<float> lse{};  ///< optional [Tq, H] output: natural-log log-sum-exp of each row
+  /// Optional [Tq, H, Tk] output: the normalised attention weights P = softmax(masked logits)
+  /// of every row over the Tk keys the call reads (0 for masked keys; with sinks a row sums to
+  /// less than 1). A shared-attention donor's materialised form (kernels/shared.hpp).
+  tensor3_view<float> weights{};
   tile_strategy strategy = tile_strategy::automatic;
 };
 

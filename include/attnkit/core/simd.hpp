@@ -26,6 +26,16 @@ inline void from_float_row(const float* src, S* dst, std::int64_t n) {
   }
 }
 
+/// n floats at src[i * stride] into storage type S at dst[0, n).
+template <storage_type S>
+inline void from_float_strided(const float* src, std::int64_t stride, S* dst, std::int64_t n) {
+  if (stride == 1) {
+    from_float_row(src, dst, n);
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i * stride]);
+  }
+}
+
 #if ATTNKIT_HAS_AVX512
 
 /// Mask of the first n (0..16) lanes.

@@ -122,6 +122,35 @@ inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys
 #endif
 }
 
+/// A given normalisation (a row whose LSE is known): p = exp(x - lse); 0 when lse is -inf (the
+/// row sees no key, so every x is -inf too).
+inline float exp_given(float x, float lse) {
+  return std::exp(x - (lse == neg_inf ? std::numeric_limits<float>::infinity() : lse));
+}
+/// s[0, n) <- exp_given(s, lse).
+inline void exp_given_row(float* s, std::int64_t n, float lse) {
+  exp_shift_sum(s, n, lse == neg_inf ? std::numeric_limits<float>::infinity() : lse);
+}
+/// Column form: st[t * ld + r] <- exp_given(st[t * ld + r], lse[r]) for keys t, rows r.
+inline void exp_given_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
+                              const float* lse) {
+#if ATTNKIT_HAS_AVX512
+  const __m512 ninf = _mm512_set1_ps(neg_inf), pinf = _mm512_set1_ps(-neg_inf);
+  for (std::int64_t m0 = 0; m0 < rows; m0 += 16) {
+    const __mmask16 mm = lane_mask(rows - m0);
+    const __m512 l = _mm512_maskz_loadu_ps(mm, lse + m0);
+    const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(l, ninf, _CMP_EQ_OQ), l, pinf);
+    for (std::int64_t t = 0; t < keys; ++t)
+      _mm512_mask_storeu_ps(
+          st + t * ld + m0, mm,
+          exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mm, st + t * ld + m0), shift)));
+  }
+#else
+  for (std::int64_t t = 0; t < keys; ++t)
+    for (std::int64_t r = 0; r < rows; ++r) st[t * ld + r] = exp_given(st[t * ld + r], lse[r]);
+#endif
+}
+
 /// (max_a, sum_a, acc_a) <- merge with (max_b, sum_b, acc_b) over a disjoint key set (d floats).
 inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b, float sum_b,
                           const float* acc_b, std::int64_t d) {

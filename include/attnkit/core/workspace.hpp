@@ -16,7 +16,7 @@ class attention_workspace {
   attention_workspace() = default;
   /// Bytes currently held (grows to the largest call's need, never shrinks).
   std::size_t bytes() const {
-    std::size_t n = (partial_.size() + query_.size()) * sizeof(float);
+    std::size_t n = (partial_.size() + query_.size() + lse_.size()) * sizeof(float);
     for (const auto& w : workers_)
       n += w.floats.size() * sizeof(float) + w.ints.size() * sizeof(std::int64_t);
     return n;
@@ -29,7 +29,7 @@ class attention_workspace {
     std::vector<std::int64_t> ints;
   };
   std::vector<worker> workers_;
-  std::vector<float> partial_, query_;
+  std::vector<float> partial_, query_, lse_;
 };
 
 namespace detail {
@@ -60,6 +60,11 @@ struct workspace_access {
   static float* query(attention_workspace& ws, std::size_t floats) {
     if (ws.query_.size() < floats) ws.query_.resize(floats);
     return ws.query_.data();
+  }
+  /// Per-call row LSE [Tq][H] when the caller asked for the weights but not the LSE.
+  static float* lse(attention_workspace& ws, std::size_t floats) {
+    if (ws.lse_.size() < floats) ws.lse_.resize(floats);
+    return ws.lse_.data();
   }
 };
 }  // namespace detail

@@ -16,7 +16,11 @@
 //                                 accumulators' layout (buf: v_head_dim floats of scratch); the
 //                                 driver's exact path for blocks where a masked key's value is not
 //                                 finite (see repair_masked_rows);
-//   positions(), run_end(t)       the key positions and run ends of its KV view.
+//   positions(), run_end(t)       the key positions and run ends of its KV view;
+//   given_weights                 optional static constexpr bool: scores() returns
+//                                 probabilities already normalised (a shared-attention
+//                                 follower reading a donor's weights), so the driver runs no
+//                                 mask, no softmax and no normalisation.
 //
 // A work item is (query tile, head group j, key split). Its rows are the tile's tokens times the
 // group's query heads: row r is token t0 + r / g and query head j * g + r % g. Head groups are the
@@ -24,6 +28,14 @@
 // the policy (kernels/policy.hpp) and the online softmax (core/softmax.hpp); with one key split
 // the item finalises its rows into out/lse, otherwise its (max, sum, acc) rows go to a partial
 // buffer merged after the parallel loop. Per row of a partial: max, sum, acc[v_head_dim].
+//
+// Normalisation has three modes. Online (every attention call): the running max and sum of the
+// online softmax. Given LSE (a shared-attention follower recomputing its donor's scores): each
+// row's log-sum-exp is known, p = exp(s - lse) needs no running state, the rows are the plain
+// sums of p V and key splits add. Given weights (variant given_weights): the same with p read,
+// not computed. A call can also hand its normalised weights out (call.weights, a donor's
+// materialised form): the masked logits are stored during the run and become exp(s - lse) once
+// every row's LSE is known.
 #include <algorithm>
 #include <atomic>
 #include <concepts>
@@ -136,20 +148,30 @@ inline bool turned_non_finite(const float* x, const float* before, std::int64_t 
   return any != 0;
 }
 
+template <class V>
+constexpr bool given_weights_v = requires { requires V::given_weights; };
+
 /// Everything of one call that is not the variant's.
 template <class Mask>
 struct attention_call {
   std::span<const std::int64_t> q_pos;
   attention_policy policy;
   Mask mask;
-  tensor3_view<float> out;  // [Tq, H, v_head_dim]
-  matrix_view<float> lse;   // [Tq, H] or empty
+  tensor3_view<float> out;               // [Tq, H, v_head_dim]
+  matrix_view<float> lse;                // [Tq, H] or empty
+  tensor3_view<float> weights{};         // [Tq, H, Tk] or empty: the normalised weights out
+  matrix_view<const float> given_lse{};  // [Tq, H] or empty: the given-LSE mode
   float sink(std::int64_t head) const {
     return policy.sinks.empty() ? neg_inf : policy.sinks[static_cast<std::size_t>(head)];
   }
-  /// Writes row (t, head) of the output from its final state.
+  /// Writes row (t, head) of the output from its final state; with a given normalisation
+  /// (`fixed`) the accumulator is the output.
   void finalize(std::int64_t t, std::int64_t head, float max, float sum, const float* acc,
-                std::int64_t dv) const {
+                std::int64_t dv, bool fixed) const {
+    if (fixed) {
+      for (std::int64_t c = 0; c < dv; ++c) out(t, head, c) = acc[c];
+      return;
+    }
     const float l =
         softmax_finalize(max, sum, acc, &out(t, head, 0), out.stride(2), dv, sink(head));
     if (!lse.empty()) lse(t, head) = l;
@@ -176,17 +198,23 @@ class attention_worker {
   }
 
   void run(std::int64_t qt, std::int64_t j, std::int64_t ks, float* partial) {
+    constexpr bool given_p = given_weights_v<Variant>;
+    const bool fixed = given_p || !call_.given_lse.empty();
     const std::int64_t g = pl_.g, dv = pl_.v_head_dim;
     const std::int64_t t0 = qt * pl_.tq, tn = std::min(pl_.tq, pl_.q_tokens - t0), m = tn * g;
     std::int64_t qmin = std::numeric_limits<std::int64_t>::max(),
                  qmax = std::numeric_limits<std::int64_t>::min();
-    for (std::int64_t ti = 0; ti < tn; ++ti) {
+    for (std::int64_t ti = 0; ti < tn && !given_p; ++ti) {  // given weights: no positions
       const std::int64_t pos = call_.q_pos[static_cast<std::size_t>(t0 + ti)];
       qmin = std::min(qmin, pos), qmax = std::max(qmax, pos);
       std::fill(row_pos_ + ti * g, row_pos_ + (ti + 1) * g, pos);
     }
     var_.load_queries(t0, tn, j);
     state_.reset(m);
+    if (fixed)  // the row's normalisation is known: max holds its LSE, the sum stays 1
+      for (std::int64_t r = 0; r < m; ++r)
+        state_.max[r] = given_p ? 0.f : call_.given_lse(t0 + r / g, j * g + r % g),
+        state_.sum[r] = 1.f;
     std::fill(acc_, acc_ + m * dv, 0.f);
 
     const std::int64_t* kp = var_.positions().data();
@@ -196,15 +224,28 @@ class attention_worker {
       nb = std::min({pl_.block, k_end - b0, var_.run_end(b0) - b0});
       const auto [lo, hi] = std::minmax_element(kp + b0, kp + b0 + nb);
       const block_visibility vis = call_.policy.positions.block(qmin, qmax, *lo, *hi);
-      if (vis == block_visibility::none) continue;
+      if (vis == block_visibility::none) {
+        if (!call_.weights.empty()) fill_weights(t0, j, b0, nb, m);
+        continue;
+      }
       const score_tile s = var_.scores(j, b0, nb, k_end);
 #if ATTNKIT_TEST_PRECISION_LOSS == 1
       for_each_score(s, t0, j, b0, nb, m, [](float& x, const mask_args&) { x = test_degrade(x); });
 #endif
       if (call_.policy.logits.active()) transform_logits(s, t0, j, b0, nb, m);
-      const bool some_masked = vis == block_visibility::partial || !std::same_as<Mask, no_mask>;
-      if (some_masked) apply_mask(s, t0, j, b0, nb, m);
-      if (s.key_stride == 1) {
+      // Given weights carry their own zeros: any block may hold a masked key.
+      const bool some_masked =
+          given_p || vis == block_visibility::partial || !std::same_as<Mask, no_mask>;
+      if (some_masked && !given_p) apply_mask(s, t0, j, b0, nb, m);
+      if (!call_.weights.empty()) store_weights(s, t0, j, b0, nb, m);
+      if (given_p) {
+      } else if (fixed) {
+        if (s.key_stride == 1)
+          for (std::int64_t r = 0; r < m; ++r)
+            exp_given_row(s.data + r * s.row_stride, nb, state_.max[r]);
+        else
+          exp_given_columns(s.data, s.key_stride, nb, m, state_.max);
+      } else if (s.key_stride == 1) {
         for (std::int64_t r = 0; r < m; ++r) {
           const float a =
               softmax_absorb_row(state_.max[r], state_.sum[r], s.data + r * s.row_stride, nb);
@@ -227,13 +268,14 @@ class attention_worker {
 #endif
       if (some_masked) std::copy(acc_, acc_ + m * dv, saved_);
       var_.accumulate(j, b0, nb, s, acc_);
-      if (some_masked) repair_masked_rows(s, t0, j, b0, nb, m);
+      if (some_masked) repair_masked_rows(s, t0, j, b0, nb, m, fixed);
     }
     var_.finish(acc_, m);
 
     for (std::int64_t r = 0; r < m; ++r) {
       if (pl_.splits == 1) {
-        call_.finalize(t0 + r / g, j * g + r % g, state_.max[r], state_.sum[r], acc_ + r * dv, dv);
+        call_.finalize(t0 + r / g, j * g + r % g, state_.max[r], state_.sum[r], acc_ + r * dv, dv,
+                       fixed);
       } else {
         float* dst = partial + r * (dv + 2);
         dst[0] = state_.max[r], dst[1] = state_.sum[r];
@@ -270,6 +312,24 @@ class attention_worker {
     });
   }
 
+  /// The block's masked logits into call.weights (made probabilities after the run).
+  void store_weights(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0,
+                     std::int64_t nb, std::int64_t m) const {
+    for (std::int64_t r = 0; r < m; ++r) {
+      const float* row = s.data + r * s.row_stride;
+      float* w = &call_.weights(t0 + r / pl_.g, j * pl_.g + r % pl_.g, b0);
+      const std::int64_t ws = call_.weights.stride(2);
+      for (std::int64_t t = 0; t < nb; ++t) w[t * ws] = row[t * s.key_stride];
+    }
+  }
+  /// A block no row sees: weight 0 (logit -inf).
+  void fill_weights(std::int64_t t0, std::int64_t j, std::int64_t b0, std::int64_t nb,
+                    std::int64_t m) const {
+    for (std::int64_t r = 0; r < m; ++r)
+      for (std::int64_t t = 0; t < nb; ++t)
+        call_.weights(t0 + r / pl_.g, j * pl_.g + r % pl_.g, b0 + t) = neg_inf;
+  }
+
   bool visible(const mask_args& a) const {
     return call_.policy.positions.visible(a.q_pos, a.k_pos) && call_.mask(a);
   }
@@ -280,7 +340,7 @@ class attention_worker {
   /// (non-finite values in the cache); the common cost is one copy and one scan of the block's
   /// accumulators.
   void repair_masked_rows(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0,
-                          std::int64_t nb, std::int64_t m) {
+                          std::int64_t nb, std::int64_t m, bool fixed) {
     const std::int64_t dv = pl_.v_head_dim, g = pl_.g;
     const std::int64_t* kp = var_.positions().data() + b0;
     constexpr bool sink = requires { var_.probability_sink(); };
@@ -293,10 +353,11 @@ class attention_worker {
       for (std::int64_t t = 0; t < nb; ++t) {
         mask_args a = base;
         a.k_index = b0 + t, a.k_pos = kp[t];
-        if (!visible(a)) continue;
         const float x = s.data[r * s.row_stride + t * s.key_stride];
+        // Given weights are masked where they are 0.
+        if (given_weights_v<Variant> ? x == 0.f : !visible(a)) continue;
         // With a probability sink the tile still holds the scores.
-        const float p = sink && s.key_stride != 1 ? std::exp(x - state_.max[r]) : x;
+        const float p = sink && !fixed && s.key_stride != 1 ? std::exp(x - state_.max[r]) : x;
         const float* v = var_.value_row(j, a.head, b0 + t, value_);
         for (std::int64_t c = 0; c < dv; ++c) acc[c] += p * v[c];
       }
@@ -317,12 +378,18 @@ class attention_worker {
 /// Plans and runs one attention call of a variant over the executor; the caller has validated
 /// the arguments.
 template <block_products Variant, class Mask, class Exec>
-void run_attention(const typename Variant::problem& pb, const attention_call<Mask>& call,
+void run_attention(const typename Variant::problem& pb, const attention_call<Mask>& call_in,
                    Exec& exec, attention_workspace* ws_in) {
   const attention_shape shape = Variant::shape(pb);
   if (shape.q_tokens == 0) return;
   attention_workspace local;
   attention_workspace& ws = ws_in ? *ws_in : local;
+  const bool fixed = given_weights_v<Variant> || !call_in.given_lse.empty();
+  attention_call<Mask> call = call_in;
+  if (!call.weights.empty() && call.lse.empty())  // the weights' normalisation needs the LSE
+    call.lse = matrix_view<float>(
+        workspace_access::lse(ws, static_cast<std::size_t>(call.out.extent(0) * call.out.extent(1))),
+        {call.out.extent(0), call.out.extent(1)});
   const int want = concurrency_of(exec);
   const attention_plan pl = plan_attention(shape, want);
   const std::int64_t workers = std::min<std::int64_t>(want, pl.items);
@@ -352,9 +419,15 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
       worker.run(qt, j, ks, partial ? pl.partial_of(partial, qt, j, ks) : nullptr);
     }
   });
-  if (pl.splits == 1) return;
+  if (pl.splits > 1) merge_splits(pl, call, partial, fixed);
+  if (!call.weights.empty()) normalise_weights(call, exec);
+}
 
-  // Merge the key splits of every (query tile, head group) and finalise.
+/// Merges the key splits of every (query tile, head group) and finalises: by log-sum-exp, or
+/// as plain sums with a given normalisation.
+template <class Mask>
+void merge_splits(const attention_plan& pl, const attention_call<Mask>& call, float* partial,
+                  bool fixed) {
   const std::int64_t dv = pl.v_head_dim, stride = pl.partial_stride();
   for (std::int64_t qt = 0; qt < pl.qtiles; ++qt) {
     const std::int64_t t0 = qt * pl.tq, tn = std::min(pl.tq, pl.q_tokens - t0);
@@ -364,18 +437,48 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
         float* a = base + r * (dv + 2);
         for (std::int64_t ks = 1; ks < pl.splits; ++ks) {
           const float* b = base + ks * stride + r * (dv + 2);
-          softmax_merge(a[0], a[1], a + 2, b[0], b[1], b + 2, dv);
+          if (fixed)
+            for (std::int64_t c = 0; c < dv; ++c) a[2 + c] += b[2 + c];
+          else
+            softmax_merge(a[0], a[1], a + 2, b[0], b[1], b + 2, dv);
         }
-        call.finalize(t0 + r / pl.g, j * pl.g + r % pl.g, a[0], a[1], a + 2, dv);
+        call.finalize(t0 + r / pl.g, j * pl.g + r % pl.g, a[0], a[1], a + 2, dv, fixed);
       }
     }
   }
 }
 
+/// call.weights holds every row's masked logits: weights = exp(logit - lse), which sum to 1
+/// over the row (less the sink's share); 0 for masked keys and for rows that saw no key.
+template <class Mask, class Exec>
+void normalise_weights(const attention_call<Mask>& call, Exec& exec) {
+  const std::int64_t tq = call.weights.extent(0), h = call.weights.extent(1),
+                     tk = call.weights.extent(2), ws = call.weights.stride(2);
+  exec.parallel_for(tq * h, [&](std::int64_t i) {
+    const std::int64_t t = i / h, head = i % h;
+    float* w = &call.weights(t, head, 0);
+    if (ws == 1)
+      exp_given_row(w, tk, call.lse(t, head));
+    else
+      for (std::int64_t k = 0; k < tk; ++k) w[k * ws] = exp_given(w[k * ws], call.lse(t, head));
+  });
+}
+
+/// Outputs (out, and the options' lse and weights) must not share memory with the input `in`.
+template <class In>
+void require_outputs_disjoint(const char* who, const tensor3_view<float>& out,
+                              const attention_options& opt, const In& in, const char* name) {
+  require_disjoint(out, in, who, "out", name);
+  require_disjoint(opt.lse, in, who, "lse", name);
+  require_disjoint(opt.weights, in, who, "weights", name);
+}
+
 /// Checks the arguments every entry point shares: q_positions and out for Tq tokens and
-/// `heads` query heads of v_head_dim, the LSE output, the scale and the policy.
+/// `heads` query heads of v_head_dim, the LSE and weights outputs (the latter over `keys`
+/// keys), the scale and the policy.
 inline attention_policy validate_call(const char* who, std::int64_t tq, std::int64_t heads,
-                                      std::int64_t v_head_dim, std::span<const std::int64_t> q_pos,
+                                      std::int64_t v_head_dim, std::int64_t keys,
+                                      std::span<const std::int64_t> q_pos,
                                       const tensor3_view<float>& out,
                                       const attention_options& opt) {
   require(static_cast<std::int64_t>(q_pos.size()) == tq, who, ": q_positions has ", q_pos.size(),
@@ -384,6 +487,11 @@ inline attention_policy validate_call(const char* who, std::int64_t tq, std::int
   if (!opt.lse.empty()) {
     require_extents(opt.lse, {tq, heads}, who, "lse");
     require_disjoint(opt.lse, out, who, "lse", "out");
+  }
+  if (!opt.weights.empty()) {
+    require_extents(opt.weights, {tq, heads, keys}, who, "weights");
+    require_disjoint(opt.weights, out, who, "weights", "out");
+    require_disjoint(opt.weights, opt.lse, who, "weights", "lse");
   }
   if (opt.scale)
     require(std::isfinite(*opt.scale), who, ": scale must be finite, got ", *opt.scale);

@@ -62,6 +62,7 @@ struct gqa_problem {
   kv_view<S> kv;
   float scale = 1.f;
   bool streaming = true;
+  bool keys_only = false;  ///< scores only (a follower recomputing them): V is not widened
 };
 
 template <storage_type S>
@@ -121,7 +122,8 @@ class gqa_products {
       const std::int64_t dv = pb_.kv.v_head_dim(), vs = vfs_;
       for (std::int64_t t = 0; t < nb; ++t) to_float_row(k + t * ks, kf_ + t * dqk, dqk);
       kf = kf_, kfs = dqk;
-      if (pb_.kv.values_in_keys()) {  // MLA: the values are the leading columns of the widened keys
+      if (pb_.keys_only) {
+      } else if (pb_.kv.values_in_keys()) {  // MLA: the values are the leading columns of the widened keys
         vfp_ = kf_, vfs_ = dqk;
       } else {
         for (std::int64_t t = 0; t < nb; ++t) to_float_row(v + t * vs, vf_ + t * dv, dv);
@@ -196,21 +198,17 @@ class gqa_products {
   std::int64_t vfs_ = 0;
 };
 
-/// The GQA path of attend and attend_latent on a validated kv_view.
-template <storage_type S, class Mask, class Exec>
-void run_gqa(const char* who, tensor3_view<const float> q, std::span<const std::int64_t> q_pos,
-             const kv_view<S>& kv, tensor3_view<float> out, const attention_options& opt,
-             Exec& exec, attention_workspace* ws, const Mask& mask,
-             std::optional<float> default_scale = {}) {
+/// The GQA problem of queries q [Tq, H, d_qk] against kv (checked against each other): the
+/// tile strategy and the scale.
+template <storage_type S>
+gqa_problem<S> gqa_problem_of(const char* who, tensor3_view<const float> q, const kv_view<S>& kv,
+                              const attention_options& opt, std::optional<float> default_scale) {
   const std::int64_t tq = q.extent(0), h = q.extent(1), hkv = kv.kv_heads(), dqk = kv.head_dim();
   require(h > 0 && h % hkv == 0, who, ": heads=", h,
           " (q.extent(1)) must be a positive multiple of kv_heads=", hkv);
   require(q.extent(2) == dqk, who, ": q head dim q.extent(2)=", q.extent(2),
           " differs from the keys' head_dim=", dqk);
   require_extents(q, {tq, h, dqk}, who, "q");
-  require_disjoint(out, q, who, "out", "q");
-  require_disjoint(opt.lse, q, who, "lse", "q");
-  const attention_policy policy = validate_call(who, tq, h, kv.v_head_dim(), q_pos, out, opt);
   // Streaming micro-kernels for tiles of fewer than 16 query rows. Without AVX-512 the portable
   // streaming loops are slow and Eigen's vectorised GEMM tiles are the fast path for every size.
   const bool streaming =
@@ -218,9 +216,21 @@ void run_gqa(const char* who, tensor3_view<const float> q, std::span<const std::
       (opt.strategy == tile_strategy::automatic && ATTNKIT_HAS_AVX512 && (h / hkv) * tq < 16);
   const float scale =
       opt.scale.value_or(default_scale.value_or(1.f / std::sqrt(static_cast<float>(dqk))));
-  const gqa_problem<S> pb{q, kv, scale, streaming};
-  run_attention<gqa_products<S>>(pb, attention_call<Mask>{q_pos, policy, mask, out, opt.lse}, exec,
-                                 ws);
+  return {q, kv, scale, streaming};
+}
+
+/// The GQA path of attend and attend_latent on a validated kv_view.
+template <storage_type S, class Mask, class Exec>
+void run_gqa(const char* who, tensor3_view<const float> q, std::span<const std::int64_t> q_pos,
+             const kv_view<S>& kv, tensor3_view<float> out, const attention_options& opt,
+             Exec& exec, attention_workspace* ws, const Mask& mask,
+             std::optional<float> default_scale = {}) {
+  const gqa_problem<S> pb = gqa_problem_of(who, q, kv, opt, default_scale);
+  require_outputs_disjoint(who, out, opt, q, "q");
+  const attention_policy policy =
+      validate_call(who, q.extent(0), q.extent(1), kv.v_head_dim(), kv.size(), q_pos, out, opt);
+  run_attention<gqa_products<S>>(
+      pb, attention_call<Mask>{q_pos, policy, mask, out, opt.lse, opt.weights}, exec, ws);
 }
 
 }  // namespace detail

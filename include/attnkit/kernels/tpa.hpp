@@ -276,6 +276,31 @@ class tpa_products {
   const S* av_ = nullptr;  // the current block's A_V rows
 };
 
+template <class KV>
+auto factor_view_of(const KV& kv) {
+  if constexpr (is_factor_view<KV>::value)
+    return kv;
+  else
+    return kv.view();
+}
+
+/// The TPA problem of query factors a_q [Tq, R_Q, H], b_q [Tq, R_Q, d] against f (checked).
+template <storage_type S>
+tpa_problem<S> tpa_problem_of(const char* who, tensor3_view<const float> a_q,
+                              tensor3_view<const float> b_q, const factor_view<S>& f,
+                              const attention_options& opt) {
+  f.validate(who);
+  const std::int64_t tq = a_q.extent(0), rq = a_q.extent(1), h = f.heads, d = f.head_dim;
+  require(rq >= 1, who, ": a_q.extent(1) (R_Q) must be >= 1, got ", rq);
+  require_extents(a_q, {tq, rq, h}, who, "a_q");
+  require_extents(b_q, {tq, rq, d}, who, "b_q");
+  require(opt.strategy != tile_strategy::gemm, who,
+          ": strategy gemm is not available (the TPA kernel has one path: automatic or "
+          "streaming)");
+  const float scale = opt.scale.value_or(1.f / std::sqrt(static_cast<float>(d))) * f.k_scale;
+  return {a_q, b_q, f, scale, (h + 15) / 16 * 16};
+}
+
 }  // namespace detail
 
 /// TPA attention of query factors a_q [Tq, R_Q, H] and b_q [Tq, R_Q, d] (roped; the query is
@@ -288,30 +313,17 @@ void attend_factorized(tensor3_view<const float> a_q, tensor3_view<const float> 
                        tensor3_view<float> out, const attention_options& opt = {},
                        Exec&& exec = Exec{}, attention_workspace* ws = nullptr,
                        const Mask& mask = {}) {
-  using detail::require;
-  factor_view<typename KV::storage_type> f;
-  if constexpr (is_factor_view<KV>::value)
-    f = kv;
-  else
-    f = kv.view();
-  f.validate("attend_factorized");
-  const std::int64_t tq = a_q.extent(0), rq = a_q.extent(1), h = f.heads, d = f.head_dim;
-  require(rq >= 1, "attend_factorized: a_q.extent(1) (R_Q) must be >= 1, got ", rq);
-  detail::require_extents(a_q, {tq, rq, h}, "attend_factorized: a_q");
-  detail::require_extents(b_q, {tq, rq, d}, "attend_factorized: b_q");
-  for (const auto& [in, name] : {std::pair{a_q, "a_q"}, std::pair{b_q, "b_q"}}) {
-    detail::require_disjoint(out, in, "attend_factorized", "out", name);
-    detail::require_disjoint(opt.lse, in, "attend_factorized", "lse", name);
-  }
-  require(opt.strategy != tile_strategy::gemm,
-          "attend_factorized: strategy gemm is not available (the TPA kernel has one path: "
-          "automatic or streaming)");
-  const detail::attention_policy policy =
-      detail::validate_call("attend_factorized", tq, h, f.v_head_dim, q_positions, out, opt);
-  const float scale = opt.scale.value_or(1.f / std::sqrt(static_cast<float>(d))) * f.k_scale;
-  const detail::tpa_problem<typename KV::storage_type> p{a_q, b_q, f, scale, (h + 15) / 16 * 16};
-  detail::run_attention<detail::tpa_products<typename KV::storage_type>>(
-      p, detail::attention_call<Mask>{q_positions, policy, mask, out, opt.lse}, exec, ws);
+  using S = typename KV::storage_type;
+  const char* who = "attend_factorized";
+  const factor_view<S> f = detail::factor_view_of(kv);
+  const detail::tpa_problem<S> p = detail::tpa_problem_of(who, a_q, b_q, f, opt);
+  for (const auto& [in, name] : {std::pair{a_q, "a_q"}, std::pair{b_q, "b_q"}})
+    detail::require_outputs_disjoint(who, out, opt, in, name);
+  const detail::attention_policy policy = detail::validate_call(
+      who, a_q.extent(0), f.heads, f.v_head_dim, f.size(), q_positions, out, opt);
+  detail::run_attention<detail::tpa_products<S>>(
+      p, detail::attention_call<Mask>{q_positions, policy, mask, out, opt.lse, opt.weights}, exec,
+      ws);
 }
 
 }  // namespace attnkit

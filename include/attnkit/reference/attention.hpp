@@ -87,6 +87,53 @@ struct attention_rules {
   }
 };
 
+/// The normalised weights of one attention row: p[u] for every key (0 where masked), whether
+/// each key is visible, and the row's LSE.
+struct row_weights {
+  vector p;
+  std::vector<char> seen;
+  double lse = 0;
+};
+
+/// Row (t, h) of softmax(rules(q k^T * scale)): query head h reads KV head h / (H / H_kv).
+/// A NaN or +inf logit among the visible keys makes the row (p and LSE) NaN; -inf logits weigh
+/// 0; a row that sees no key has p = 0 and LSE -inf (or the sink's logit).
+inline row_weights attention_row(const matrix& q, std::span<const std::int64_t> q_pos,
+                                 const matrix& k, std::span<const std::int64_t> k_pos,
+                                 std::int64_t heads, std::int64_t kv_heads, double scale,
+                                 const attention_rules& rules, std::int64_t t, std::int64_t h) {
+  const std::int64_t tk = k.rows(), dqk = q.cols() / heads, j = h / (heads / kv_heads);
+  const std::int64_t qp = q_pos[static_cast<std::size_t>(t)];
+  constexpr double ninf = -std::numeric_limits<double>::infinity();
+  row_weights r{vector::Zero(tk), std::vector<char>(static_cast<std::size_t>(tk)), ninf};
+  vector& s = r.p;
+  // Plain dot products of every key with the query, then the rules key by key.
+  // (No blocks of an empty k are formed: Eigen offsets their null data.)
+  if (tk > 0) s.noalias() = k.middleCols(j * dqk, dqk) * q.row(t).segment(h * dqk, dqk).transpose();
+  double mx = rules.sinks.empty() ? ninf : rules.sinks[static_cast<std::size_t>(h)];
+  for (std::int64_t u = 0; u < tk; ++u) {
+    const std::int64_t kp = k_pos[static_cast<std::size_t>(u)];
+    const bool vis = rules.visible(t, qp, u, kp, h);
+    r.seen[static_cast<std::size_t>(u)] = vis;
+    s[u] = vis ? rules.logit(s[u] * scale, qp, kp, h) : ninf;
+    if (std::isnan(s[u]) || s[u] > mx) mx = s[u];
+  }
+  if (std::isnan(mx)) {
+    s.setConstant(mx);
+    r.lse = mx;
+    return r;
+  }
+  if (mx == ninf) {
+    s.setZero();
+    return r;
+  }
+  double sum = rules.sinks.empty() ? 0.0 : std::exp(rules.sinks[static_cast<std::size_t>(h)] - mx);
+  for (std::int64_t u = 0; u < tk; ++u) sum += (s[u] = std::exp(s[u] - mx));
+  s /= sum;
+  r.lse = mx + std::log(sum);
+  return r;
+}
+
 /// softmax(rules(q k^T * scale)) v per query head, query head h using KV head h / (H / H_kv).
 /// q [Tq, H*d_qk], k [Tk, H_kv*d_qk], v [Tk, H_kv*d_v]. Fully masked rows give 0 (LSE -inf, or
 /// the sink's logit when there is one). Special values: a masked key contributes nothing,
@@ -97,54 +144,55 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
                                   std::span<const std::int64_t> k_pos, std::int64_t heads,
                                   std::int64_t kv_heads, double scale,
                                   const attention_rules& rules) {
-  const std::int64_t tq = q.rows(), tk = k.rows(), dqk = q.cols() / heads, dv = v.cols() / kv_heads;
+  const std::int64_t tq = q.rows(), tk = k.rows(), dv = v.cols() / kv_heads;
   const std::int64_t g = heads / kv_heads;
-  constexpr double ninf = -std::numeric_limits<double>::infinity();
   attention_result r{matrix::Zero(tq, heads * dv), matrix::Zero(tq, heads)};
-  Eigen::VectorXd s(tk);
-  std::vector<char> seen(static_cast<std::size_t>(tk));
   // With non-finite values, masked keys' values are skipped one by one (0 * inf is NaN).
   const bool v_finite = v.allFinite();
-  for (std::int64_t t = 0; t < tq; ++t) {
+  for (std::int64_t t = 0; t < tq; ++t)
     for (std::int64_t h = 0; h < heads; ++h) {
-      const std::int64_t j = h / g, qp = q_pos[static_cast<std::size_t>(t)];
-      // Plain dot products of every key with the query, then the rules key by key.
-      // (No blocks of an empty k or v are formed: Eigen offsets their null data.)
-      if (tk > 0)
-        s.noalias() = k.middleCols(j * dqk, dqk) * q.row(t).segment(h * dqk, dqk).transpose();
-      double mx = rules.sinks.empty() ? ninf : rules.sinks[static_cast<std::size_t>(h)];
-      for (std::int64_t u = 0; u < tk; ++u) {
-        const std::int64_t kp = k_pos[static_cast<std::size_t>(u)];
-        const bool vis = rules.visible(t, qp, u, kp, h);
-        seen[static_cast<std::size_t>(u)] = vis;
-        s[u] = vis ? rules.logit(s[u] * scale, qp, kp, h) : ninf;
-        if (std::isnan(s[u]) || s[u] > mx) mx = s[u];
-        if (std::isnan(mx)) break;
-      }
-      if (std::isnan(mx)) {
-        r.out.row(t).segment(h * dv, dv).setConstant(mx);
-        r.lse(t, h) = mx;
-        continue;
-      }
-      if (mx == ninf) {
-        r.lse(t, h) = mx;
-        continue;
-      }
-      double sum =
-          rules.sinks.empty() ? 0.0 : std::exp(rules.sinks[static_cast<std::size_t>(h)] - mx);
-      for (std::int64_t u = 0; u < tk; ++u) sum += (s[u] = std::exp(s[u] - mx));
-      if (v_finite && tk > 0) {
-        r.out.row(t).segment(h * dv, dv).noalias() =
-            (s / sum).transpose() * v.middleCols(j * dv, dv);
+      const std::int64_t j = h / g;
+      const row_weights w = attention_row(q, q_pos, k, k_pos, heads, kv_heads, scale, rules, t, h);
+      r.lse(t, h) = w.lse;
+      auto out = r.out.row(t).segment(h * dv, dv);
+      if (std::isnan(w.lse)) {
+        out.setConstant(w.lse);
+      } else if (v_finite && tk > 0) {
+        out.noalias() = w.p.transpose() * v.middleCols(j * dv, dv);
       } else {
         for (std::int64_t u = 0; u < tk; ++u)
-          if (seen[static_cast<std::size_t>(u)])
-            r.out.row(t).segment(h * dv, dv) += (s[u] / sum) * v.row(u).segment(j * dv, dv);
+          if (w.seen[static_cast<std::size_t>(u)]) out += w.p[u] * v.row(u).segment(j * dv, dv);
       }
-      r.lse(t, h) = mx + std::log(sum);
     }
-  }
   return r;
+}
+
+/// The normalised weights of every row: P [Tq * H, Tk], row t * H + h (see attention_row).
+inline matrix attention_weights(const matrix& q, std::span<const std::int64_t> q_pos,
+                                const matrix& k, std::span<const std::int64_t> k_pos,
+                                std::int64_t heads, std::int64_t kv_heads, double scale,
+                                const attention_rules& rules) {
+  matrix p(q.rows() * heads, k.rows());
+  for (std::int64_t t = 0; t < q.rows(); ++t)
+    for (std::int64_t h = 0; h < heads; ++h)
+      p.row(t * heads + h) =
+          attention_row(q, q_pos, k, k_pos, heads, kv_heads, scale, rules, t, h).p.transpose();
+  return p;
+}
+
+/// Shared attention's follower: out [Tq, H*d_v] = P V per query head, P [Tq * H, Tk] a donor's
+/// weights (attention_weights), v [Tk, H_kv*d_v]; query head h reads KV head h / (H / H_kv).
+/// Keys of weight 0 contribute nothing, whatever their values hold.
+inline matrix weighted_values(const matrix& p, const matrix& v, std::int64_t heads,
+                              std::int64_t kv_heads) {
+  const std::int64_t tq = p.rows() / heads, dv = v.cols() / kv_heads, g = heads / kv_heads;
+  matrix out = matrix::Zero(tq, heads * dv);
+  for (std::int64_t t = 0; t < tq; ++t)
+    for (std::int64_t h = 0; h < heads; ++h)
+      for (std::int64_t u = 0; u < v.rows(); ++u)
+        if (p(t * heads + h, u) != 0.0)
+          out.row(t).segment(h * dv, dv) += p(t * heads + h, u) * v.row(u).segment(h / g * dv, dv);
+  return out;
 }
 
 /// attention with the causal rule and an optional window only.

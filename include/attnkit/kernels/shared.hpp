@@ -1,0 +1,382 @@
+#pragma once
+// Shared attention (Liao & Vargas, arXiv 2407.12866): a follower layer reuses the attention
+// weights P = softmax(Q K^T scale + mask) of a donor layer and keeps only values:
+//   out[t, h] = sum_s P_donor[t, h, s] V_follower[s, h / g],   g = H / H_kv (follower).
+// The donor hands its weights on in one of two forms, and a follower reads either:
+//   materialised  the donor's call writes P [Tq, H, Tk] (attention_options::weights); the
+//                 follower computes P V (attend_shared(weights, values, out)). H x Tk floats a
+//                 decode step; Tq x H x Tk for a prefill, which is why there is a second form:
+//   flash         the donor's call writes only its LSE [Tq, H] (attention_options::lse); the
+//                 follower recomputes the donor's scores block by block from the donor's roped
+//                 queries and cache (a score source: gqa_scores, latent_scores, factor_scores)
+//                 and weighs them by exp(s - lse), never holding the Tq x Tk matrix
+//                 (attend_shared(donor, q_positions, donor_lse, values, out, donor_options)).
+// Both are variants of the attention driver (kernels/driver.hpp): the materialised follower's
+// block products read P instead of computing scores (the driver's given-weights mode); the
+// flash follower's are the donor's own score products with the follower's value products (the
+// given-LSE mode). Values are accumulated by the GQA family's micro-kernels and GEMMs, per KV
+// head of the follower for all of its query heads, so V streams once per KV head.
+#include <Eigen/Core>
+#include <algorithm>
+#include <cstdint>
+#include <span>
+#include <type_traits>
+
+#include "../cache/kv_cache.hpp"
+#include "../cache/kv_view.hpp"
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/options.hpp"
+#include "../core/view.hpp"
+#include "../core/workspace.hpp"
+#include "driver.hpp"
+#include "gqa.hpp"
+#include "microkernels.hpp"
+#include "mla.hpp"
+#include "tile_gemm.hpp"
+#include "tpa.hpp"
+
+namespace attnkit {
+
+template <class T>
+struct is_value_view : std::false_type {};
+template <storage_type S>
+struct is_value_view<value_view<S>> : std::true_type {};
+
+/// What a follower reads: a value_view, or a cache whose view() is one (value_cache).
+template <class X>
+concept value_source = is_value_view<X>::value ||
+    (kv_cache<X>&& requires(const X& x) { requires is_value_view<decltype(x.view())>::value; });
+
+/// A donor's scores, to be recomputed by a flash-form follower: what the donor's own call read.
+/// GQA family: roped queries q [Tq, H, d_qk] and the donor's kv_view.
+template <storage_type S>
+struct gqa_scores {
+  tensor3_view<const float> q;
+  kv_view<S> kv;
+};
+/// Absorbed MLA: q_latent [Tq, H, d_c], roped q_rope [Tq, H, d_R] and the latent view.
+template <storage_type S>
+struct latent_scores {
+  tensor3_view<const float> q_latent, q_rope;
+  kv_view<S> kv;
+};
+/// TPA: query factors a_q [Tq, R_Q, H], b_q [Tq, R_Q, d] and the donor's factor_view.
+template <storage_type S>
+struct factor_scores {
+  tensor3_view<const float> a_q, b_q;
+  factor_view<S> kv;
+};
+
+namespace detail {
+
+template <class X>
+auto value_view_of(const X& x) {
+  if constexpr (is_value_view<X>::value)
+    return x;
+  else
+    return x.view();
+}
+
+/// acc[rows][d_v] += P[rows][keys] V[keys][d_v] for a follower's KV heads: the streaming
+/// micro-kernel on row tiles (V read in its storage type; bf16 in paired column order on
+/// AVX-512, undone by finish), otherwise a GEMM on V widened to float (own AVX-512 GEMM for any
+/// tile layout, Eigen without AVX-512).
+template <storage_type S>
+class value_accumulator {
+ public:
+  static std::size_t scratch_floats(std::int64_t block, std::int64_t dv) {
+    return static_cast<std::size_t>(block * dv);
+  }
+  value_accumulator(const value_view<S>& v, bool streaming, float* f)
+      : v_(v), streaming_(streaming), vf_(f) {}
+
+  /// Rows [r0, r0 + rows) of the tile p (its keys [b0, b0 + nb)) against KV head j.
+  void add(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p, std::int64_t r0,
+           std::int64_t rows, float* acc) {
+    const std::int64_t dv = v_.v_head_dim(), vs = v_.values().row_stride;
+    const S* v = v_.values().row(j, b0);
+    const float* pr = p.data + r0 * p.row_stride;
+    if (streaming_ && p.key_stride == 1) {
+      accumulate_pv(pr, p.row_stride, rows, v, vs, nb, dv, acc + r0 * dv, dv);
+      return;
+    }
+    const float* vf = reinterpret_cast<const float*>(v);
+    std::int64_t vfs = vs;
+    if constexpr (!std::same_as<S, float>) {
+      if (widened_j_ != j || widened_b0_ != b0) {  // once per block for all runs of a KV head
+        for (std::int64_t t = 0; t < nb; ++t) to_float_row(v + t * vs, vf_ + t * dv, dv);
+        widened_j_ = j, widened_b0_ = b0;
+      }
+      vf = vf_, vfs = dv;
+    }
+#if ATTNKIT_HAS_AVX512
+    gemm_bcast<true>(rows, dv, nb, pr, p.row_stride, p.key_stride, vf, vfs, acc + r0 * dv, dv);
+#else
+    using strided = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
+    const Eigen::Map<const row_matrix<float>, Eigen::Unaligned, strided> pm(
+        pr, rows, nb, strided(p.row_stride, p.key_stride));
+    const Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>> vm(
+        vf, nb, dv, Eigen::OuterStride<>(vfs));
+    Eigen::Map<row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>(acc + r0 * dv, rows, dv,
+                                                                          Eigen::OuterStride<>(dv))
+        .noalias() += pm * vm;
+#endif
+  }
+  /// Value row t of KV head j as float, in the accumulators' column order.
+  const float* value_row(std::int64_t j, std::int64_t t, float* buf) const {
+    to_float_row(v_.values().row(j, t), buf, v_.v_head_dim());
+    if (paired()) permute_pairs(buf, v_.v_head_dim());
+    return buf;
+  }
+  void finish(float* acc, std::int64_t rows) const {
+    if (paired())
+      for (std::int64_t r = 0; r < rows; ++r)
+        unpermute_pairs(acc + r * v_.v_head_dim(), v_.v_head_dim());
+  }
+
+ private:
+  bool paired() const { return paired_columns<S> && streaming_; }
+  const value_view<S>& v_;
+  bool streaming_;
+  float* vf_;  // [block][d_v]: a block of V widened to float
+  std::int64_t widened_j_ = -1, widened_b0_ = -1;
+};
+
+/// The materialised follower: P [Tq, H, Tk] given, out = P V.
+template <storage_type S>
+struct weights_problem {
+  tensor3_view<const float> p;  // [Tq, H, Tk]
+  value_view<S> v;
+  bool streaming = true;
+};
+
+template <storage_type S>
+class weights_products {
+ public:
+  using problem = weights_problem<S>;
+  static constexpr bool given_weights = true;
+  static attention_shape shape(const problem& pb) {
+    const std::int64_t hkv = pb.v.kv_heads();
+    return {pb.p.extent(0),       hkv, pb.p.extent(1) / hkv, pb.p.extent(2), pb.v.v_head_dim(),
+            pb.streaming ? 32 : 128, pb.streaming ? 64 : 128};
+  }
+  static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
+    return static_cast<std::size_t>(pl.rows * pl.block) +
+           value_accumulator<S>::scratch_floats(pl.block, pb.v.v_head_dim());
+  }
+  weights_products(const problem& pb, const attention_plan& pl, float* f)
+      : pb_(pb), pl_(pl), tile_(f), values_(pb.v, pb.streaming, f + pl.rows * pl.block) {}
+
+  std::span<const std::int64_t> positions() const { return pb_.v.positions(); }
+  std::int64_t run_end(std::int64_t t) const { return pb_.v.run_end(t); }
+  void load_queries(std::int64_t t0, std::int64_t tn, std::int64_t /*j*/) {
+    t0_ = t0, m_ = tn * pl_.g;
+  }
+  /// The block's weights as a row tile [rows][block].
+  score_tile scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t /*k_end*/) {
+    const std::int64_t g = pl_.g, ks = pb_.p.stride(2);
+    for (std::int64_t r = 0; r < m_; ++r) {
+      const float* src = &pb_.p(t0_ + r / g, j * g + r % g, b0);
+      float* dst = tile_ + r * pl_.block;
+      for (std::int64_t t = 0; t < nb; ++t) dst[t] = src[t * ks];
+    }
+    return {tile_, pl_.block, 1};
+  }
+  void accumulate(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p,
+                  float* acc) {
+    values_.add(j, b0, nb, p, 0, m_, acc);
+  }
+  const float* value_row(std::int64_t j, std::int64_t /*head*/, std::int64_t t, float* buf) const {
+    return values_.value_row(j, t, buf);
+  }
+  void finish(float* acc, std::int64_t rows) { values_.finish(acc, rows); }
+
+ private:
+  const problem& pb_;
+  const attention_plan& pl_;
+  float* tile_;  // [rows][block]
+  value_accumulator<S> values_;
+  std::int64_t t0_ = 0, m_ = 0;
+};
+
+/// The flash follower: the donor's score products (its queries, its keys, its head groups) with
+/// the follower's values. Query head h of the donor's rows reads the follower's KV head
+/// h / (H / H_kv), so one item's rows may span several of them: runs of rows are accumulated
+/// per KV head.
+template <class Donor, storage_type S>
+struct follower_problem {
+  typename Donor::problem donor;
+  value_view<S> v;
+  std::int64_t heads = 0;  // H
+  bool streaming = false;  // the donor's tiles are row tiles of its streaming micro-kernels
+};
+
+template <class Donor, storage_type S>
+class follower_products {
+ public:
+  using problem = follower_problem<Donor, S>;
+  static attention_shape shape(const problem& pb) {
+    attention_shape s = Donor::shape(pb.donor);
+    s.v_head_dim = pb.v.v_head_dim();
+    return s;
+  }
+  static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
+    return Donor::scratch_floats(pb.donor, pl) +
+           value_accumulator<S>::scratch_floats(pl.block, pb.v.v_head_dim());
+  }
+  follower_products(const problem& pb, const attention_plan& pl, float* f)
+      : pb_(pb),
+        pl_(pl),
+        donor_(pb.donor, pl, f),
+        values_(pb.v, pb.streaming, f + Donor::scratch_floats(pb.donor, pl)),
+        gf_(pb.heads / pb.v.kv_heads()) {}
+
+  std::span<const std::int64_t> positions() const { return donor_.positions(); }
+  std::int64_t run_end(std::int64_t t) const {
+    return std::min(donor_.run_end(t), pb_.v.run_end(t));
+  }
+  void load_queries(std::int64_t t0, std::int64_t tn, std::int64_t j) {
+    donor_.load_queries(t0, tn, j);
+    m_ = tn * pl_.g;
+  }
+  score_tile scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
+    return donor_.scores(j, b0, nb, k_end);
+  }
+  void accumulate(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p,
+                  float* acc) {
+    for (std::int64_t r0 = 0, r1; r0 < m_; r0 = r1) {
+      const std::int64_t jf = value_head(j, r0);
+      for (r1 = r0 + 1; r1 < m_ && value_head(j, r1) == jf;) ++r1;
+      values_.add(jf, b0, nb, p, r0, r1 - r0, acc);
+    }
+  }
+  const float* value_row(std::int64_t /*j*/, std::int64_t head, std::int64_t t, float* buf) const {
+    return values_.value_row(head / gf_, t, buf);
+  }
+  void finish(float* acc, std::int64_t rows) { values_.finish(acc, rows); }
+
+ private:
+  std::int64_t value_head(std::int64_t j, std::int64_t r) const {
+    return (j * pl_.g + r % pl_.g) / gf_;
+  }
+  const problem& pb_;
+  const attention_plan& pl_;
+  Donor donor_;
+  value_accumulator<S> values_;
+  std::int64_t gf_, m_ = 0;
+};
+
+/// Checks a follower's values against the donor's H query heads and Tk keys.
+template <storage_type S>
+void require_follower_values(const char* who, const value_view<S>& v, std::int64_t heads,
+                             std::int64_t keys) {
+  require(heads % v.kv_heads() == 0, who, ": the donor's heads=", heads,
+          " must be a multiple of the follower's kv_heads=", v.kv_heads());
+  require(v.size() == keys, who, ": the follower's values hold ", v.size(),
+          " tokens but the donor's weights cover ", keys, " keys");
+}
+
+/// The flash follower on the donor's products and problem.
+template <class Donor, storage_type S, class Mask, class Exec>
+void run_follower(const char* who, const typename Donor::problem& donor, bool streaming,
+                  std::int64_t heads, std::span<const std::int64_t> key_positions,
+                  std::span<const std::int64_t> q_pos, matrix_view<const float> donor_lse,
+                  const value_view<S>& v, tensor3_view<float> out, const attention_options& opt,
+                  Exec& exec, attention_workspace* ws, const Mask& mask) {
+  const std::int64_t tq = out.extent(0), keys = static_cast<std::int64_t>(key_positions.size());
+  require(opt.lse.empty() && opt.weights.empty(), who,
+          ": the follower's options are the donor's call; they take no lse or weights output");
+  require_follower_values(who, v, heads, keys);
+  require(std::equal(key_positions.begin(), key_positions.end(), v.positions().begin()), who,
+          ": the follower's value positions differ from the donor's key positions (the layers "
+          "must see the same tokens)");
+  require_extents(donor_lse, {tq, heads}, who, "donor_lse");
+  require_disjoint(out, donor_lse, who, "out", "donor_lse");
+  const attention_policy policy =
+      validate_call(who, tq, heads, v.v_head_dim(), keys, q_pos, out, opt);
+  run_attention<follower_products<Donor, S>>(
+      follower_problem<Donor, S>{donor, v, heads, streaming},
+      attention_call<Mask>{q_pos, policy, mask, out, {}, {}, donor_lse}, exec, ws);
+}
+
+}  // namespace detail
+
+/// The materialised form: out [Tq, H, d_v] = weights [Tq, H, Tk] V, query head h reading KV head
+/// h / (H / kv_heads) of `values` (a value_view or a value_cache over the same Tk tokens). The
+/// weights are a donor's normalised attention weights (attention_options::weights); entries equal
+/// to 0 contribute nothing, whatever the value holds.
+template <value_source VS, class Exec = serial_executor>
+void attend_shared(tensor3_view<const float> weights, const VS& values, tensor3_view<float> out,
+                   Exec&& exec = Exec{}, attention_workspace* ws = nullptr,
+                   tile_strategy strategy = tile_strategy::automatic) {
+  using S = typename VS::storage_type;
+  const char* who = "attend_shared";
+  const value_view<S> v = detail::value_view_of(values);
+  const std::int64_t tq = weights.extent(0), h = weights.extent(1), tk = weights.extent(2);
+  detail::require(h > 0, who, ": weights need at least one head, got ", h);
+  detail::require_follower_values(who, v, h, tk);
+  detail::require_extents(out, {tq, h, v.v_head_dim()}, who, "out");
+  detail::require_disjoint(out, weights, who, "out", "weights");
+  const bool streaming =
+      strategy == tile_strategy::streaming ||
+      (strategy == tile_strategy::automatic && ATTNKIT_HAS_AVX512 && (h / v.kv_heads()) * tq < 16);
+  const detail::weights_problem<S> pb{weights, v, streaming};
+  detail::run_attention<detail::weights_products<S>>(
+      pb,
+      detail::attention_call<no_mask>{{}, detail::make_policy({.causal = false}, h, who), {}, out,
+                                      {}},
+      exec, ws);
+}
+
+/// The flash form: out [Tq, H, d_v] = P V with P the donor's weights, recomputed block by block
+/// from `donor` (its roped queries and cache: gqa_scores, latent_scores or factor_scores) and
+/// weighed by exp(s - donor_lse): donor_lse [Tq, H] is the LSE output of the donor's call, and
+/// q_positions, donor_options and mask must be that call's (scale, causal, window, soft-cap,
+/// ALiBi, sinks, strategy). `values` holds the follower's V over the donor's tokens (same
+/// positions). Memory O(Tq H): the Tq x Tk weights are never held.
+template <class Donor, value_source VS, class Exec = serial_executor,
+          mask_predicate Mask = no_mask>
+void attend_shared(const Donor& donor, std::span<const std::int64_t> q_positions,
+                   matrix_view<const float> donor_lse, const VS& values, tensor3_view<float> out,
+                   const attention_options& donor_options = {}, Exec&& exec = Exec{},
+                   attention_workspace* ws = nullptr, const Mask& mask = {}) {
+  using SV = typename VS::storage_type;
+  const char* who = "attend_shared";
+  const value_view<SV> v = detail::value_view_of(values);
+  const attention_options& opt = donor_options;
+  if constexpr (requires { donor.q_latent; }) {
+    using S = typename decltype(donor.kv)::storage_type;
+    attention_workspace local;
+    attention_workspace& wsr = ws ? *ws : local;
+    for (const auto& [in, name] :
+         {std::pair{donor.q_latent, "q_latent"}, std::pair{donor.q_rope, "q_rope"}})
+      detail::require_outputs_disjoint(who, out, opt, in, name);
+    const auto qx = detail::latent_queries(who, donor.q_latent, donor.q_rope, donor.kv, wsr);
+    auto pb = detail::gqa_problem_of(
+        who, qx, donor.kv, opt,
+        detail::latent_default_scale(donor.kv.v_head_dim(), donor.q_rope.extent(2)));
+    pb.keys_only = true;
+    detail::run_follower<detail::gqa_products<S>>(who, pb, pb.streaming, qx.extent(1),
+                                                  donor.kv.positions(), q_positions, donor_lse, v,
+                                                  out, opt, exec, &wsr, mask);
+  } else if constexpr (requires { donor.a_q; }) {
+    using S = typename decltype(donor.kv)::storage_type;
+    for (const auto& [in, name] : {std::pair{donor.a_q, "a_q"}, std::pair{donor.b_q, "b_q"}})
+      detail::require_outputs_disjoint(who, out, opt, in, name);
+    const auto pb = detail::tpa_problem_of(who, donor.a_q, donor.b_q, donor.kv, opt);
+    detail::run_follower<detail::tpa_products<S>>(who, pb, false, donor.kv.heads,
+                                                  donor.kv.positions, q_positions, donor_lse, v,
+                                                  out, opt, exec, ws, mask);
+  } else {
+    using S = typename decltype(donor.kv)::storage_type;
+    detail::require_outputs_disjoint(who, out, opt, donor.q, "q");
+    auto pb = detail::gqa_problem_of(who, donor.q, donor.kv, opt, {});
+    pb.keys_only = true;
+    detail::run_follower<detail::gqa_products<S>>(who, pb, pb.streaming, donor.q.extent(1),
+                                                  donor.kv.positions(), q_positions, donor_lse, v,
+                                                  out, opt, exec, ws, mask);
+  }
+}
+
+}  // namespace attnkit
