@@ -26,6 +26,8 @@
 #include "layers/gqa_layer.hpp"
 #include "layers/mla_layer.hpp"
 #include "layers/tpa_layer.hpp"
+#include "layers/follower_layer.hpp"
+#include "layers/shared_stack.hpp"
 #include "convert/gqa_to_mla.hpp"
 #include "convert/mha2mla.hpp"
 #include "convert/transmla.hpp"

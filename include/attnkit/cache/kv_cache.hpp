@@ -42,4 +42,18 @@ concept cache_with_view = kv_cache<C> && requires(const C& c) {
 template <class C, class Payload>
 concept cache_for = kv_cache<C> && std::same_as<typename C::append_type, Payload>;
 
+namespace detail {
+/// Runs f; if it throws, rolls `cache` back to its first `size` tokens and rethrows: a layer's
+/// call that appended and then failed changes nothing.
+template <class Cache, class F>
+void undo_on_throw(Cache& cache, std::int64_t size, F&& f) {
+  try {
+    f();
+  } catch (...) {
+    cache.truncate(size);
+    throw;
+  }
+}
+}  // namespace detail
+
 }  // namespace attnkit

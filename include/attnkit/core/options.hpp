@@ -38,4 +38,17 @@ struct attention_options {
   tile_strategy strategy = tile_strategy::automatic;
 };
 
+/// Optional outputs of a layer's attention call, beside its y: what a shared-attention donor
+/// hands its followers (layers/shared_stack.hpp). weights [T, H, Tk] (Tk: the cache's size after
+/// the call appends), lse [T, H]; empty = not wanted.
+struct attention_outputs {
+  tensor3_view<float> weights{};
+  matrix_view<float> lse{};
+  /// The layer's attention options with these outputs added.
+  attention_options added_to(attention_options opt) const {
+    opt.weights = weights, opt.lse = lse;
+    return opt;
+  }
+};
+
 }  // namespace attnkit

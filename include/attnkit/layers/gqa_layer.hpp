@@ -15,6 +15,7 @@
 #include "../core/rope.hpp"
 #include "../core/view.hpp"
 #include "../kernels/gqa.hpp"
+#include "../kernels/shared.hpp"
 
 namespace attnkit {
 
@@ -79,12 +80,23 @@ class gqa_layer {
   /// The attention options of this layer's kernel call.
   attention_options options() const { return {.scale = cfg_.scale, .window = cfg_.window}; }
 
+  /// Calls f(score source) with the roped queries of the last forward call over `cache` (which
+  /// that call appended to): what a shared-attention follower's flash form recomputes this
+  /// layer's scores from (kernels/shared.hpp), with this layer's options().
+  template <class Cache, class F>
+  void last_scores(const Cache& cache, F&& f) const {
+    const auto kv = cache.view();
+    f(gqa_scores<typename decltype(kv)::storage_type>{
+        tensor3_view<const float>(q_.data(), {q_.rows(), cfg_.heads, cfg_.head_dim}), kv});
+  }
+
   /// x [T, D] at positions (one per token) -> y [T, D]. Appends T tokens to `cache` (any cache
-  /// taking dense_append payloads whose view is a kv_view). A call that throws changes nothing.
+  /// taking dense_append payloads whose view is a kv_view). `outputs`: the attention weights or
+  /// LSE of the call as well (a shared-attention donor). A call that throws changes nothing.
   template <class Cache, class Exec = serial_executor>
   requires cache_for<Cache, dense_append> && kv_source<Cache>
   void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, Cache& cache,
-               matrix_view<float> y, Exec&& exec = Exec{}) {
+               matrix_view<float> y, Exec&& exec = Exec{}, const attention_outputs& outputs = {}) {
     using detail::require;
     const std::int64_t t = x.extent(0), d = cfg_.model_dim, h = cfg_.heads, hkv = cfg_.kv_heads;
     const std::int64_t dq = cfg_.head_dim, dv = cfg_.v_head_dim;
@@ -122,10 +134,13 @@ class gqa_layer {
         k_rope_.apply(k_.row(i).data() + j * dq, pos, j);
       }
     }
+    const std::int64_t before = cache.size();
     cache.append(tensor3_view<const float>(k_.data(), {t, hkv, dq}),
                  tensor3_view<const float>(v_.data(), {t, hkv, dv}), positions);
-    attend(tensor3_view<const float>(q_.data(), {t, h, dq}), positions, cache.view(),
-           tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
+    detail::undo_on_throw(cache, before, [&] {
+      attend(tensor3_view<const float>(q_.data(), {t, h, dq}), positions, cache.view(),
+             tensor3_view<float>(o_.data(), {t, h, dv}), outputs.added_to(options()), exec, &ws_);
+    });
     const auto om =
         detail::row_map<const float>(o_.data(), t, h * dv, Eigen::OuterStride<>(h * dv));
     detail::linear(om, as_eigen(w_.o_proj, "o_proj"), w_.o_proj_bias, ym, exec);

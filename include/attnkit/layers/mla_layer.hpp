@@ -30,6 +30,7 @@
 #include "../core/view.hpp"
 #include "../kernels/gqa.hpp"
 #include "../kernels/mla.hpp"
+#include "../kernels/shared.hpp"
 
 namespace attnkit {
 
@@ -110,13 +111,37 @@ class mla_layer {
     return latent_cache<S>({cfg_.latent_dim, cfg_.rope_dim, cfg_.rope_heads, capacity});
   }
 
+  /// Calls f(score source) with the queries of the last forward call over `cache` (which that
+  /// call appended to), on the path it took: absorbed, latent_scores over the latent rows; naive,
+  /// gqa_scores over the K it materialised. What a shared-attention follower's flash form
+  /// recomputes this layer's scores from (kernels/shared.hpp), with this layer's options().
+  template <class Cache, class F>
+  void last_scores(const Cache& cache, F&& f) const {
+    const std::int64_t t = q_.rows(), h = cfg_.heads, dn = cfg_.nope_dim, dr = cfg_.rope_dim,
+                       dqk = dn + dr;
+    const auto kv = cache.view();
+    if (last_path_ == mla_path::absorbed) {
+      f(latent_scores<typename decltype(kv)::storage_type>{
+          tensor3_view<const float>(qlat_.data(), {t, h, cfg_.latent_dim}),
+          tensor3_view<const float>(q_.data() + dn, {t, h, dr}, {h * dqk, dqk, 1}), kv});
+    } else {
+      const std::int64_t tk = kv.size();
+      f(gqa_scores<float>{tensor3_view<const float>(q_.data(), {t, h, dqk}),
+                          kv_view<float>(tensor3_view<const float>(k_.data(), {tk, h, dqk}),
+                                         tensor3_view<const float>(v_.data(), {tk, h, cfg_.v_head_dim}),
+                                         kv.positions())});
+    }
+  }
+
   /// x [T, D] at positions -> y [T, D]; appends T tokens to the latent cache.
-  /// Any cache taking latent_append payloads whose view is a latent kv_view. A call that throws
+  /// Any cache taking latent_append payloads whose view is a latent kv_view. `outputs`: the
+  /// attention weights or LSE of the call as well (a shared-attention donor). A call that throws
   /// changes nothing.
   template <class Cache, class Exec = serial_executor>
   requires cache_for<Cache, latent_append> && kv_source<Cache>
   void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, Cache& cache,
-               matrix_view<float> y, Exec&& exec = Exec{}, mla_path path = mla_path::automatic) {
+               matrix_view<float> y, Exec&& exec = Exec{}, mla_path path = mla_path::automatic,
+               const attention_outputs& outputs = {}) {
     using detail::require;
     const std::int64_t t = x.extent(0), d = cfg_.model_dim, h = cfg_.heads, dc = cfg_.latent_dim;
     const std::int64_t dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr, nr = cfg_.rope_heads;
@@ -172,10 +197,14 @@ class mla_layer {
 
     if (path == mla_path::automatic)
       path = t <= absorbed_max_tokens() ? mla_path::absorbed : mla_path::naive;
-    if (path == mla_path::absorbed)
-      forward_absorbed(t, positions, cache.view(), exec);
-    else
-      forward_naive(t, positions, cache.view(), exec);
+    const std::int64_t before = cache.size() - t;
+    last_path_ = path;
+    detail::undo_on_throw(cache, before, [&] {
+      if (path == mla_path::absorbed)
+        forward_absorbed(t, positions, cache.view(), exec, outputs.added_to(options()));
+      else
+        forward_naive(t, positions, cache.view(), exec, outputs.added_to(options()));
+    });
 
     // y = O W_O^T + b_o, O = o_ [T, H d_v] (or the latent [T, H d_c] with W_O W_UV folded).
     if (path == mla_path::absorbed && cfg_.fold_uv_into_o) {
@@ -218,7 +247,7 @@ class mla_layer {
 
   template <storage_type S, class Exec>
   void forward_absorbed(std::int64_t t, std::span<const std::int64_t> positions,
-                        const kv_view<S>& cache, Exec& exec) {
+                        const kv_view<S>& cache, Exec& exec, const attention_options& opt) {
     const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim,
                        dqk = dn + dr;
     const std::int64_t dv = cfg_.v_head_dim;
@@ -231,7 +260,7 @@ class mla_layer {
     olat_.resize(t, h * dc);
     attend_latent(tensor3_view<const float>(qlat_.data(), {t, h, dc}),
                   tensor3_view<const float>(q_.data() + dn, {t, h, dr}, {h * dqk, dqk, 1}),
-                  positions, cache, tensor3_view<float>(olat_.data(), {t, h, dc}), options(), exec,
+                  positions, cache, tensor3_view<float>(olat_.data(), {t, h, dc}), opt, exec,
                   &ws_);
     if (cfg_.fold_uv_into_o) return;
     o_.resize(t, h * dv);
@@ -246,7 +275,7 @@ class mla_layer {
 
   template <storage_type S, class Exec>
   void forward_naive(std::int64_t t, std::span<const std::int64_t> positions,
-                     const kv_view<S>& cache, Exec& exec) {
+                     const kv_view<S>& cache, Exec& exec, const attention_options& opt) {
     const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim,
                        dqk = dn + dr;
     const std::int64_t dv = cfg_.v_head_dim, tk = cache.size(), w = cache.head_dim();
@@ -276,7 +305,7 @@ class mla_layer {
     const kv_view<float> kv(tensor3_view<const float>(k_.data(), {tk, h, dqk}),
                             tensor3_view<const float>(v_.data(), {tk, h, dv}), cache.positions());
     attend(tensor3_view<const float>(q_.data(), {t, h, dqk}), positions, kv,
-           tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
+           tensor3_view<float>(o_.data(), {t, h, dv}), opt, exec, &ws_);
   }
 
   /// W_OUV [D, H d_c] = [W_O,i W_UV_i]_i and the folded value bias b = b_o + sum_i W_O,i b_v,i.
@@ -372,6 +401,7 @@ class mla_layer {
   mla_config cfg_;
   mla_weights w_;
   rope q_rope_, k_rope_;
+  mla_path last_path_ = mla_path::absorbed;
   rmat q_, cq_, kva_, qlat_, olat_, o_, lat_, k_, v_, w_ouv_;
   std::vector<float> b_ouv_;
   attention_workspace ws_;

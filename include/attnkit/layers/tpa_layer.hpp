@@ -26,6 +26,7 @@
 #include "../core/view.hpp"
 #include "../kernels/gqa.hpp"
 #include "../kernels/tpa.hpp"
+#include "../kernels/shared.hpp"
 
 namespace attnkit {
 
@@ -78,15 +79,41 @@ class tpa_layer {
     return factorized_cache<S>({cfg_.heads, cfg_.head_dim, cfg_.v_head_dim, cfg_.k_rank,
                                 cfg_.v_rank, capacity, sc.k, sc.v});
   }
+
+  /// Calls f(score source) with the query factors of the last forward call over `cache` (which
+  /// that call appended to), on the path it took: factorized, factor_scores with this layer's
+  /// scales; materialized, gqa_scores over the Q and K it formed. What a shared-attention
+  /// follower's flash form recomputes this layer's scores from (kernels/shared.hpp), with this
+  /// layer's options().
+  template <class Cache, class F>
+  void last_scores(const Cache& cache, F&& f) const {
+    const std::int64_t t = aq_.rows(), h = cfg_.heads, d = cfg_.head_dim;
+    const std::int64_t rq = cfg_.q_rank ? cfg_.q_rank : h;
+    const auto fv = scaled_view(cache);
+    if (last_path_ == tpa_path::materialized) {
+      const std::int64_t tk = fv.size();
+      f(gqa_scores<float>{tensor3_view<const float>(qm_.data(), {t, h, d}),
+                          kv_view<float>(tensor3_view<const float>(km_.data(), {tk, h, d}),
+                                         tensor3_view<const float>(vm_.data(), {tk, h, cfg_.v_head_dim}),
+                                         fv.positions)});
+    } else {
+      f(factor_scores<typename decltype(fv)::storage_type>{
+          tensor3_view<const float>(aq_.data(), {t, rq, h}),
+          tensor3_view<const float>(bq_.data(), {t, rq, d}), fv});
+    }
+  }
+
   /// The attention options of this layer's kernel calls (scale and window).
   attention_options options() const { return {.scale = cfg_.scale, .window = cfg_.window}; }
 
-  /// Any cache taking factorized_append payloads whose view is a factor_view. A call that throws
+  /// Any cache taking factorized_append payloads whose view is a factor_view. `outputs`: the
+  /// attention weights or LSE of the call as well (a shared-attention donor). A call that throws
   /// changes nothing.
   template <class Cache, class Exec = serial_executor>
   requires cache_for<Cache, factorized_append> && factor_source<Cache>
   void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, Cache& cache,
-               matrix_view<float> y, Exec&& exec = Exec{}, tpa_path path = tpa_path::automatic) {
+               matrix_view<float> y, Exec&& exec = Exec{}, tpa_path path = tpa_path::automatic,
+               const attention_outputs& outputs = {}) {
     using detail::require;
     const std::int64_t t = x.extent(0), dm = cfg_.model_dim, h = cfg_.heads, d = cfg_.head_dim,
                        dv = cfg_.v_head_dim;
@@ -136,20 +163,24 @@ class tpa_layer {
       for (std::int64_t r = 0; r < rq; ++r) rope_.apply(bq_.row(i).data() + r * d, pos);
       for (std::int64_t r = 0; r < rk; ++r) rope_.apply(bk_.row(i).data() + r * d, pos);
     }
+    const std::int64_t before = cache.size();
     cache.append({tensor3_view<const float>(ak_.data(), {t, rk, h}),
                   tensor3_view<const float>(bk_.data(), {t, rk, d}),
                   tensor3_view<const float>(av_.data(), {t, rv, h}),
                   tensor3_view<const float>(bv_.data(), {t, rv, dv}), positions});
     o_.resize(t, h * dv);
-    auto f = cache.view();
-    f.k_scale = sc.k, f.v_scale = sc.v;
-    if (path == tpa_path::materialized) {
-      materialized(t, positions, f, exec);
-    } else {
-      attend_factorized(tensor3_view<const float>(aq_.data(), {t, rq, h}),
-                        tensor3_view<const float>(bq_.data(), {t, rq, d}), positions, f,
-                        tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
-    }
+    const auto f = scaled_view(cache);
+    last_path_ = path;
+    detail::undo_on_throw(cache, before, [&] {
+      if (path == tpa_path::materialized) {
+        materialized(t, positions, f, exec, outputs.added_to(options()));
+      } else {
+        attend_factorized(tensor3_view<const float>(aq_.data(), {t, rq, h}),
+                          tensor3_view<const float>(bq_.data(), {t, rq, d}), positions, f,
+                          tensor3_view<float>(o_.data(), {t, h, dv}), outputs.added_to(options()),
+                          exec, &ws_);
+      }
+    });
     detail::linear(const_map(o_), map(w_.o_proj), {}, ym, exec);
   }
 
@@ -191,7 +222,7 @@ class tpa_layer {
   /// Q, K, V materialised (K and V for every cached token), then the GQA kernel as MHA.
   template <storage_type S, class Exec>
   void materialized(std::int64_t t, std::span<const std::int64_t> positions,
-                    const factor_view<S>& cache, Exec& exec) {
+                    const factor_view<S>& cache, Exec& exec, const attention_options& opt) {
     const std::int64_t h = cfg_.heads, d = cfg_.head_dim, dv = cfg_.v_head_dim, tk = cache.size();
     const std::int64_t rq = cfg_.q_rank ? cfg_.q_rank : h, rk = cfg_.k_rank, rv = cfg_.v_rank;
     auto form = [&](std::int64_t n, std::int64_t rank, std::int64_t width, float scale, auto a_at,
@@ -237,7 +268,16 @@ class tpa_layer {
     const kv_view<float> kv(tensor3_view<const float>(km_.data(), {tk, h, d}),
                             tensor3_view<const float>(vm_.data(), {tk, h, dv}), cache.positions);
     attend(tensor3_view<const float>(qm_.data(), {t, h, d}), positions, kv,
-           tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
+           tensor3_view<float>(o_.data(), {t, h, dv}), opt, exec, &ws_);
+  }
+
+  /// The cache's view with this layer's scales (T6: 1/R), which override the view's.
+  template <class Cache>
+  auto scaled_view(const Cache& cache) const {
+    auto f = cache.view();
+    const tpa_scales sc = scales();
+    f.k_scale = sc.k, f.v_scale = sc.v;
+    return f;
   }
 
   static tpa_config validated(tpa_config c) {
@@ -306,6 +346,7 @@ class tpa_layer {
   tpa_weights w_;
   rope rope_;
   rmat aq_, bq_, ak_, bk_, av_, bv_, raw_, o_, qm_, km_, vm_;
+  tpa_path last_path_ = tpa_path::automatic;
   attention_workspace ws_;
 };
 

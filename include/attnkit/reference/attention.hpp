@@ -226,24 +226,38 @@ inline void rms_norm_heads(matrix& x, std::int64_t head_dim, const vector& w, do
     }
 }
 
+/// Per-head queries, keys (both roped) and values of a layer's tokens: [T, H d_qk],
+/// [T, H_kv d_qk], [T, H_kv d_v].
+struct attention_heads {
+  matrix q, k, v;
+};
+
+/// The GQA layer's heads: RoPE(norm(W_q x)), RoPE(norm(W_k x)), W_v x.
+inline attention_heads gqa_heads(const matrix& x, std::span<const std::int64_t> positions,
+                                 const gqa_weights& w, std::int64_t heads, std::int64_t kv_heads,
+                                 std::int64_t head_dim, const rope_config& rope) {
+  auto project = [&](const matrix& wt, const vector& b) {
+    matrix y = x * wt.transpose();
+    if (b.size()) y.rowwise() += b.transpose();
+    return y;
+  };
+  attention_heads a{project(w.q, w.q_bias), project(w.k, w.k_bias), project(w.v, w.v_bias)};
+  rms_norm_heads(a.q, head_dim, w.q_norm, w.rms_eps);
+  rms_norm_heads(a.k, head_dim, w.k_norm, w.rms_eps);
+  rope_rows(a.q, heads, head_dim, positions, rope);
+  rope_rows(a.k, kv_heads, head_dim, positions, rope);
+  return a;
+}
+
 /// The layer's function on a whole sequence: y = W_o attention(RoPE(W_q x), RoPE(W_k x), W_v x).
 /// Tokens attend to each other by their positions (causal on positions).
 inline matrix gqa_layer_forward(const matrix& x, std::span<const std::int64_t> positions,
                                 const gqa_weights& w, std::int64_t heads, std::int64_t kv_heads,
                                 std::int64_t head_dim, const rope_config& rope, double scale,
                                 std::optional<std::int64_t> window = {}) {
-  auto project = [&](const matrix& wt, const vector& b) {
-    matrix y = x * wt.transpose();
-    if (b.size()) y.rowwise() += b.transpose();
-    return y;
-  };
-  matrix q = project(w.q, w.q_bias), k = project(w.k, w.k_bias), v = project(w.v, w.v_bias);
-  rms_norm_heads(q, head_dim, w.q_norm, w.rms_eps);
-  rms_norm_heads(k, head_dim, w.k_norm, w.rms_eps);
-  rope_rows(q, heads, head_dim, positions, rope);
-  rope_rows(k, kv_heads, head_dim, positions, rope);
-  const auto a = attention(q, positions, k, v, positions, heads, kv_heads, scale, true, window);
-  matrix y = a.out * w.o.transpose();
+  const attention_heads a = gqa_heads(x, positions, w, heads, kv_heads, head_dim, rope);
+  const auto r = attention(a.q, positions, a.k, a.v, positions, heads, kv_heads, scale, true, window);
+  matrix y = r.out * w.o.transpose();
   if (w.o_bias.size()) y.rowwise() += w.o_bias.transpose();
   return y;
 }

@@ -30,13 +30,9 @@ inline matrix rms_norm_rows(matrix x, const vector& w, double eps) {
   return x;
 }
 
-struct mla_heads {
-  matrix q, k, v;  ///< [T, H d_qk], [T, H d_qk] (rope parts rotated), [T, H d_v]
-};
-
 /// The materialised per-head queries, keys and values of tokens x [T, D] at positions.
 /// rope: the rope part's RoPE (rotary_dim = rope_dim), tables per rope group when given.
-inline mla_heads mla_materialise(const matrix& x, std::span<const std::int64_t> positions,
+inline attention_heads mla_materialise(const matrix& x, std::span<const std::int64_t> positions,
                                  const mla_weights& w, const mla_shape& s,
                                  const rope_config& rope) {
   auto linear = [](const matrix& in, const matrix& wt, const vector& b) {
@@ -85,7 +81,7 @@ inline mla_heads mla_materialise(const matrix& x, std::span<const std::int64_t> 
 inline matrix mla_forward(const matrix& x, std::span<const std::int64_t> positions,
                           const mla_weights& w, const mla_shape& s, const rope_config& rope,
                           double scale, std::optional<std::int64_t> window = {}) {
-  const mla_heads m = mla_materialise(x, positions, w, s, rope);
+  const attention_heads m = mla_materialise(x, positions, w, s, rope);
   const auto a =
       attention(m.q, positions, m.k, m.v, positions, s.heads, s.heads, scale, true, window);
   matrix y = a.out * w.o_proj.transpose();

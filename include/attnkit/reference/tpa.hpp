@@ -44,12 +44,12 @@ inline matrix tpa_factor_a(const matrix& x, const matrix& w_a, const matrix& fix
   return a;
 }
 
-/// y for tokens x [T, D] (causal on positions). rope_on_b: rotate the rows of B_Q and B_K (as
-/// attnkit does) or, if false, the materialised Q and K heads (the paper's Theorem: the same).
-inline matrix tpa_forward(const matrix& x, std::span<const std::int64_t> positions,
-                          const tpa_weights& w, const tpa_shape& s, const rope_config& rope,
-                          double softmax_scale, bool rope_on_b = true,
-                          std::optional<std::int64_t> window = {}) {
+/// The materialised per-head Q, K (roped) and V [T, H d] of tokens x. rope_on_b: rotate the
+/// rows of B_Q and B_K (as attnkit does) or, if false, the materialised Q and K heads (the
+/// paper's Theorem: the same).
+inline attention_heads tpa_heads(const matrix& x, std::span<const std::int64_t> positions,
+                                 const tpa_weights& w, const tpa_shape& s, const rope_config& rope,
+                                 bool rope_on_b = true) {
   const std::int64_t h = s.heads, d = s.head_dim;
   auto rope_rows_of = [&](matrix m, std::int64_t blocks) {
     rope_config r = rope;
@@ -75,7 +75,17 @@ inline matrix tpa_forward(const matrix& x, std::span<const std::int64_t> positio
   if (!rope_on_b) k = rope_rows_of(k, h);
   const matrix v = tpa_materialise(tpa_factor_a(x, w.w_a_v, w.a_v, s.v_rank, h),
                                    x * w.w_b_v.transpose(), s.v_rank, h, s.v_scale);
-  const auto att = attention(q, positions, k, v, positions, h, h, softmax_scale, true, window);
+  return {q, k, v};
+}
+
+/// y for tokens x [T, D] (causal on positions).
+inline matrix tpa_forward(const matrix& x, std::span<const std::int64_t> positions,
+                          const tpa_weights& w, const tpa_shape& s, const rope_config& rope,
+                          double softmax_scale, bool rope_on_b = true,
+                          std::optional<std::int64_t> window = {}) {
+  const attention_heads a = tpa_heads(x, positions, w, s, rope, rope_on_b);
+  const auto att = attention(a.q, positions, a.k, a.v, positions, s.heads, s.heads, softmax_scale,
+                             true, window);
   return att.out * w.o_proj.transpose();
 }
 
