@@ -2,7 +2,7 @@
 // with the machine's roofline (read bandwidth, FMA peak) measured in the same run.
 // Decode is memory-bound: read bytes/s vs BM_read_bandwidth. Prefill is compute-bound: FLOPS
 // vs BM_fma_peak. FLOPs per call: 2 * H * Tq * (d_qk + d_v) * Tk, halved for causal prefill.
-#include <attnkit/attnkit.hpp>
+#include <attnkit/attention.hpp>
 
 #include <atomic>
 #include <random>

@@ -4,7 +4,7 @@
 // with the machine's roofline (read bandwidth, FMA peak) in the same run.
 // FLOPs per absorbed step: 2 H (2 d_c + d_R) T (scores over 576, values over 512): with ~H
 // FLOP per latent byte it is compute-bound for H >= 16 on this machine; bytes: T * 576 * sizeof(S).
-#include <attnkit/attnkit.hpp>
+#include <attnkit/attention.hpp>
 
 #include <random>
 

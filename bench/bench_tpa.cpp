@@ -4,7 +4,7 @@
 // layer on both TPA paths (factorized vs materialised), all in one run.
 // FLOPs per cached token: 2 R_Q R_K d (B dots) + 2 H R_K (R_Q + 1) (head combination)
 // + H R_V (value weights) + 2 H R_V d_v (values); bytes: (R_K (H + d) + R_V (H + d_v)) sizeof(S).
-#include <attnkit/attnkit.hpp>
+#include <attnkit/attention.hpp>
 
 #include <random>
 

@@ -2,7 +2,7 @@
 // The foundation's GQA decode at the Llama-3-8B attention geometry (H 32, H_kv 8, d 128), shared
 // by the benchmark binaries so that every variant is compared with it in the same run.
 // Args: T, threads. Bytes: the KV read; FLOPs: 2 H (d_qk + d_v) T.
-#include <attnkit/attnkit.hpp>
+#include <attnkit/attention.hpp>
 #include <benchmark/benchmark.h>
 
 #include <random>

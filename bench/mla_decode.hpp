@@ -6,7 +6,7 @@
 // sizeof(S).
 #include <benchmark/benchmark.h>
 
-#include <attnkit/attnkit.hpp>
+#include <attnkit/attention.hpp>
 
 #include <cmath>
 #include <random>

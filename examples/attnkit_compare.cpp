@@ -36,7 +36,8 @@ struct options {
   std::vector<std::string> rows{"MHA",           "GQA",          "MQA",
                                 "MLA-V2-Lite",   "MLA-V3",       "TPA-R2",
                                 "TPA-R1",        "TPA-T6-small", "GQA->MLA-exact",
-                                "GQA->TransMLA", "GQA->MHA2MLA"};
+                                "GQA->TransMLA", "GQA->MHA2MLA", "Shared-L2-7B",
+                                "Shared-L3-8B"};
   bool wants(const std::string& name) const {
     return std::find(rows.begin(), rows.end(), name) != rows.end();
   }
@@ -65,6 +66,9 @@ const char* usage =
     "                  GQA->MLA-exact, GQA->TransMLA, GQA->MHA2MLA (a synthetic GQA layer at the "
     "geometry\n"
     "                  above converted exactly, and compressed to 512 + 64 elements per token)\n"
+    "                  Shared-L2-7B, Shared-L3-8B (shared attention: a Llama-2-7B / Llama-3-8B shaped\n"
+    "                  32-layer stack, followers 23-26 of donor 22; two rows each, unshared and\n"
+    "                  shared, timing the 5-layer span's attention)\n"
     "  --calibration N calibration tokens for the conversions (4096)\n"
     "  --json          machine-readable output\n";
 
@@ -632,6 +636,85 @@ std::vector<row> conversion_rows(const options& o, ak::thread_pool& pool) {
   return rows;
 }
 
+/// Shared attention at a 32-layer stack of H 32, d 128 (H_kv 32: Llama-2-7B; 8: Llama-3-8B)
+/// with followers 23-26 of donor 22 (the paper's plan): two rows, the 5-layer span unshared
+/// (5 GQA layers) and shared (the donor hands its weights P [H, T] to 4 value-only followers).
+/// KV B/token: the whole stack's bytes per token over its 32 layers (so KV GiB is the stack's);
+/// attn decode: one decode step through the span's attention; attn err: the followers' outputs
+/// against the double reference P_donor V_follower.
+template <ak::storage_type S>
+std::vector<row> shared_rows(const options& o, const std::string& name, std::int64_t kv_heads,
+                             ak::thread_pool& pool) {
+  constexpr std::int64_t h = 32, d = 128, layers = 32, followers = 4;
+  const std::int64_t t = o.context, qpos = t - 1;
+  std::mt19937_64 rng(static_cast<std::uint64_t>(kv_heads) + 7);
+  // One random K and V serve every layer of the span (timing and error do not depend on it).
+  const fmat k = random_matrix(rng, t, kv_heads * d), v = random_matrix(rng, t, kv_heads * d),
+             q = random_matrix(rng, 1, h * d);
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
+  for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
+  const ak::tensor3_view<const float> kt(k.data(), {t, kv_heads, d}), vt(v.data(), {t, kv_heads, d});
+  std::vector<ak::dense_cache<S>> dense;
+  for (int i = 0; i <= followers; ++i) {
+    dense.emplace_back(ak::dense_cache_config{kv_heads, d, d, t});
+    dense.back().append(kt, vt, pos);
+  }
+  std::vector<ak::value_cache<S>> values;
+  for (int i = 0; i < followers; ++i) {
+    values.emplace_back(ak::value_cache_config{kv_heads, d, t});
+    values.back().append(vt, pos);
+  }
+  fmat out(1, h * d), p(1, h * t);
+  std::vector<fmat> follower_out(followers, fmat(1, h * d));
+  ak::attention_workspace ws;
+  const ak::tensor3_view<const float> qv(q.data(), {1, h, d});
+  const ak::tensor3_view<float> ov(out.data(), {1, h, d});
+  const ak::tensor3_view<float> pv(p.data(), {1, h, t});
+  const double unshared_us = median_us(9, [&] {
+    for (const auto& c : dense) ak::attend(qv, std::span(&qpos, 1), c, ov, {}, pool, &ws);
+  });
+  const double shared_us = median_us(9, [&] {
+    ak::attend(qv, std::span(&qpos, 1), dense[0], ov, {.weights = pv}, pool, &ws);
+    for (int i = 0; i < followers; ++i)
+      ak::attend_shared(ak::tensor3_view<const float>(pv), values[static_cast<std::size_t>(i)],
+                        ak::tensor3_view<float>(follower_out[static_cast<std::size_t>(i)].data(),
+                                                {1, h, d}),
+                        pool, &ws);
+  });
+  // The followers against P_donor V_follower in double (V rounded through S, as cached).
+  fmat vs(t, kv_heads * d);
+  for (std::int64_t i = 0; i < vs.size(); ++i)
+    vs.data()[i] = static_cast<float>(static_cast<S>(v.data()[i]));
+  fmat ks = k;
+  for (std::int64_t i = 0; i < ks.size(); ++i)
+    ks.data()[i] = static_cast<float>(static_cast<S>(k.data()[i]));
+  ak::reference::attention_rules rules;
+  const auto pref = ak::reference::attention_weights(q.cast<double>(), std::span(&qpos, 1),
+                                                     ks.cast<double>(), pos, h, kv_heads,
+                                                     1.0 / std::sqrt(double(d)), rules);
+  const auto ref = ak::reference::weighted_values(pref, vs.cast<double>(), h, kv_heads);
+  double err = 0;
+  for (const auto& f : follower_out)
+    err = std::max(err, (f.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff());
+
+  const std::int64_t layer_bytes = dense[0].bytes_per_token(),
+                     follower_bytes = values[0].bytes_per_token();
+  const std::int64_t unshared_stack = layers * layer_bytes,
+                     shared_stack = (layers - followers) * layer_bytes + followers * follower_bytes;
+  auto make = [&](const std::string& variant, const std::string& detail, std::int64_t stack_bytes,
+                  double us, double e) {
+    row r{variant, detail, stack_bytes / layers};
+    r.kv_gib = double(stack_bytes) * double(o.model_tokens) / double(1 << 30);
+    r.decode_us = us;
+    r.layer_decode_us = r.prefill_ms = r.layer_rel_err = std::nan("");
+    r.max_rel_err = e;
+    return r;
+  };
+  const std::string geom = "H_kv=" + std::to_string(kv_heads);
+  return {make(name + "-span", "5 GQA layers, " + geom, unshared_stack, unshared_us, std::nan("")),
+          make(name, "donor+4 followers, " + geom, shared_stack, shared_us, err)};
+}
+
 template <ak::storage_type S>
 std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
   std::vector<row> rows;
@@ -678,6 +761,10 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
                                .rope = {.theta = 10000.0}},
                               pool));
   for (auto r : conversion_rows<S>(o, pool)) rows.push_back(r);
+  if (o.wants("Shared-L2-7B"))
+    for (auto r : shared_rows<S>(o, "Shared-L2-7B", 32, pool)) rows.push_back(r);
+  if (o.wants("Shared-L3-8B"))
+    for (auto r : shared_rows<S>(o, "Shared-L3-8B", 8, pool)) rows.push_back(r);
   return rows;
 }
 
@@ -706,11 +793,11 @@ void print_table(const options& o, const std::vector<row>& rows) {
     return std::string(b);
   };
   for (const auto& r : rows)
-    std::printf("%-20s %-26s %12lld %14.2f %14s %14.1f %14s %12s %12.2e\n", r.variant.c_str(),
+    std::printf("%-20s %-26s %12lld %14.2f %14s %14s %14s %12s %12s\n", r.variant.c_str(),
                 r.detail.c_str(), (long long)r.kv_bytes_per_token, r.kv_gib,
-                cell(r.decode_us, "%.1f").c_str(), r.layer_decode_us,
+                cell(r.decode_us, "%.1f").c_str(), cell(r.layer_decode_us, "%.1f").c_str(),
                 cell(r.prefill_ms, "%.2f").c_str(), cell(r.max_rel_err, "%.2e").c_str(),
-                r.layer_rel_err);
+                cell(r.layer_rel_err, "%.2e").c_str());
   if (std::any_of(rows.begin(), rows.end(),
                   [](const row& r) { return r.variant.rfind("GQA->", 0) == 0; }))
     std::printf(
@@ -719,6 +806,17 @@ void print_table(const options& o, const std::vector<row>& rows) {
         "converted MLA layer (absorbed path); layer err = relative Frobenius error of its output "
         "vs the GQA layer\n"
         "on 256 held-out tokens (the conversion report's figure).\n");
+  if (std::any_of(rows.begin(), rows.end(),
+                  [](const row& r) { return r.variant.rfind("Shared-", 0) == 0; }))
+    std::printf(
+        "\nShared- rows: a 32-layer stack (H 32, d 128) whose layers 23-26 reuse the attention "
+        "weights of layer 22;\n"
+        "KV B/token = the whole stack's bytes per token / 32 layers (KV GiB: the stack's); attn "
+        "decode = one decode\n"
+        "step through the 5-layer span's attention (-span: 5 GQA layers; shared: the donor writes "
+        "P [H, T], 4\n"
+        "value-only followers read it); attn err = the followers vs P_donor V_follower in "
+        "double.\n");
 }
 
 void print_json(const options& o, const std::vector<row>& rows) {
@@ -743,11 +841,12 @@ void print_json(const options& o, const std::vector<row>& rows) {
     std::printf(
         "    {\"variant\": \"%s\", \"shape\": \"%s\", \"kv_bytes_per_token\": %lld, \"kv_gib\": "
         "%.4f, "
-        "\"decode_us\": %s, \"layer_decode_us\": %.2f, \"prefill_ms\": %s, \"max_rel_err\": %s, "
-        "\"layer_rel_err\": %.3e}%s\n",
+        "\"decode_us\": %s, \"layer_decode_us\": %s, \"prefill_ms\": %s, \"max_rel_err\": %s, "
+        "\"layer_rel_err\": %s}%s\n",
         r.variant.c_str(), r.detail.c_str(), (long long)r.kv_bytes_per_token, r.kv_gib,
-        num(r.decode_us, "%.2f").c_str(), r.layer_decode_us, num(r.prefill_ms, "%.3f").c_str(),
-        num(r.max_rel_err, "%.3e").c_str(), r.layer_rel_err, i + 1 < rows.size() ? "," : "");
+        num(r.decode_us, "%.2f").c_str(), num(r.layer_decode_us, "%.2f").c_str(),
+        num(r.prefill_ms, "%.3f").c_str(), num(r.max_rel_err, "%.3e").c_str(),
+        num(r.layer_rel_err, "%.3e").c_str(), i + 1 < rows.size() ? "," : "");
   }
   std::printf("  ]\n}\n");
 }

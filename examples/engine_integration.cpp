@@ -1,7 +1,7 @@
 // How an inference engine drives attnkit: the engine owns the KV memory and its thread pool;
 // attnkit wraps the memory as a dense cache, and runs prefill, then decode steps, then a
 // speculative-decoding rollback, on the engine's threads.
-#include <attnkit/attnkit.hpp>
+#include <attnkit/attention.hpp>
 
 #include <cstdio>
 #include <functional>

@@ -6,7 +6,7 @@
 // values within a tolerance), and a valid call must not throw. Built with
 // -fsanitize=fuzzer,address,undefined (CMake option ATTNKIT_FUZZ, clang); scripts/test.sh runs it
 // for a bounded time from the corpus in fuzz/corpus.
-#include <attnkit/attnkit.hpp>
+#include <attnkit/attention.hpp>
 #include <attnkit/reference/attention.hpp>
 #include <attnkit/reference/tpa.hpp>
 

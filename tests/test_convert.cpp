@@ -1,5 +1,6 @@
 // GQA -> MLA conversion: the exact conversion (identity I1) in both tensor layouts computes the
 // GQA layer's function to float round-off, with exactly the GQA cache size.
+#include <attnkit/attnkit.hpp>
 #include "layer_fixture.hpp"
 
 #include <attnkit/convert/gqa_to_mla.hpp>  // also in the umbrella header

@@ -1,6 +1,7 @@
 // The approximate conversions (MHA2MLA and TransMLA routes): their exact limits (I2, I8, full-rank
 // SVD/PCA), monotone error in the rank on decaying spectra, the selections, reports and option
 // errors.
+#include <attnkit/attnkit.hpp>
 #include "layer_fixture.hpp"
 
 #include <attnkit/convert/mha2mla.hpp>

@@ -1,6 +1,6 @@
 #pragma once
 // Shared test helpers: random data, float <-> double matrices, and storage round-trips.
-#include <attnkit/attnkit.hpp>
+#include <attnkit/attention.hpp>
 #include <attnkit/reference/attention.hpp>
 
 #include <cmath>

@@ -1,6 +1,7 @@
 // Invalid, extreme and odd arguments, as a hostile but realistic user passes them: each gets an
 // attnkit::invalid_argument that names the parameter and the value (never a crash, a wrap-around
 // or a silent wrong answer), and a call that throws changes nothing.
+#include <attnkit/attnkit.hpp>
 #include <attnkit/convert/mha2mla.hpp>
 #include <attnkit/convert/synthetic.hpp>
 #include <attnkit/convert/transmla.hpp>

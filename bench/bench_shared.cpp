@@ -1,0 +1,169 @@
+// Shared attention (kernels/shared.hpp): a span of 5 layers (a donor and 4 followers, the
+// paper's Llama-2-7B plan of donor 22 with followers 23-26) against 5 unshared GQA layers, bf16
+// caches, attention only (projections are the same in both and left out).
+//   BM_span_decode_{unshared,shared}/T/H_kv/threads: one decode step through the span; bytes:
+//     the KV read (and for the shared span the weights P [H, T] written once, read 4 times).
+//   BM_span_prefill_{unshared,flash,materialised}/T/H_kv/threads: a causal prefill of T tokens
+//     through the span; counters: handoff_bytes (what the donor hands on: LSE [T, H] in the
+//     flash form, P [T, H, T] materialised) and workspace_bytes (the followers' scratch).
+#include <attnkit/attention.hpp>
+#include <benchmark/benchmark.h>
+
+#include <random>
+#include <vector>
+
+namespace {
+namespace ak = attnkit;
+using ak::bf16;
+constexpr std::int64_t H = 32, D = 128, SPAN = 5;
+
+std::vector<float> random_floats(std::int64_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  std::vector<float> v(static_cast<std::size_t>(n));
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+
+/// T tokens at positions 0..T-1 appended in chunks (K and V random; V only for a value cache).
+template <class Cache>
+Cache filled(Cache cache, std::int64_t t, std::int64_t hkv, unsigned seed) {
+  const std::int64_t chunk = 1024;
+  const auto k = random_floats(chunk * hkv * D, seed), v = random_floats(chunk * hkv * D, seed + 1);
+  std::vector<std::int64_t> pos(chunk);
+  for (std::int64_t s = 0; s < t; s += chunk) {
+    const std::int64_t n = std::min(chunk, t - s);
+    for (std::int64_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = s + i;
+    const ak::tensor3_view<const float> kv(k.data(), {n, hkv, D}), vv(v.data(), {n, hkv, D});
+    const auto p = std::span<const std::int64_t>(pos).first(static_cast<std::size_t>(n));
+    if constexpr (std::same_as<Cache, ak::value_cache<bf16>>)
+      cache.append(vv, p);
+    else
+      cache.append(kv, vv, p);
+  }
+  return cache;
+}
+
+struct span_caches {
+  std::vector<ak::dense_cache<bf16>> dense;  // unshared: 5 layers; shared: the donor
+  std::vector<ak::value_cache<bf16>> values;  // shared: the 4 followers
+};
+
+span_caches make_span(std::int64_t t, std::int64_t hkv, bool shared) {
+  span_caches s;
+  for (std::int64_t i = 0; i < SPAN; ++i) {
+    if (shared && i > 0)
+      s.values.push_back(filled(ak::value_cache<bf16>({hkv, D, t}), t, hkv, unsigned(10 + i)));
+    else
+      s.dense.push_back(filled(ak::dense_cache<bf16>({hkv, D, D, t}), t, hkv, unsigned(10 + i)));
+  }
+  return s;
+}
+
+std::int64_t kv_bytes(const span_caches& s, std::int64_t t) {
+  std::int64_t b = 0;
+  for (const auto& c : s.dense) b += c.bytes_per_token() * t;
+  for (const auto& c : s.values) b += c.bytes_per_token() * t;
+  return b;
+}
+
+void BM_span_decode(benchmark::State& state, bool shared) {
+  const std::int64_t t = state.range(0), hkv = state.range(1);
+  const span_caches s = make_span(t, hkv, shared);
+  const auto q = random_floats(H * D, 3);
+  std::vector<float> out(H * D), p(static_cast<std::size_t>(H * t));
+  const std::int64_t qpos = t - 1;
+  ak::thread_pool pool(static_cast<int>(state.range(2)));
+  ak::attention_workspace ws;
+  const ak::tensor3_view<const float> qv(q.data(), {1, H, D});
+  const ak::tensor3_view<float> ov(out.data(), {1, H, D});
+  for (auto _ : state) {
+    if (shared) {
+      ak::attend(qv, std::span(&qpos, 1), s.dense[0], ov,
+                 {.weights = ak::tensor3_view<float>(p.data(), {1, H, t})}, pool, &ws);
+      for (const auto& v : s.values)
+        ak::attend_shared(ak::tensor3_view<const float>(p.data(), {1, H, t}), v, ov, pool, &ws);
+    } else {
+      for (const auto& c : s.dense) ak::attend(qv, std::span(&qpos, 1), c, ov, {}, pool, &ws);
+    }
+    benchmark::DoNotOptimize(out.data());
+  }
+  const std::int64_t weights_bytes = shared ? H * t * 4 * (1 + (SPAN - 1)) : 0;
+  state.SetBytesProcessed(state.iterations() * (kv_bytes(s, t) + weights_bytes));
+  state.counters["kv_bytes"] = static_cast<double>(kv_bytes(s, t));
+  state.SetLabel(shared ? "donor + 4 followers (materialised P)" : "5 GQA layers");
+}
+
+void BM_span_decode_unshared(benchmark::State& state) { BM_span_decode(state, false); }
+void BM_span_decode_shared(benchmark::State& state) { BM_span_decode(state, true); }
+
+enum class prefill_kind { unshared, flash, materialised };
+
+void BM_span_prefill(benchmark::State& state, prefill_kind kind) {
+  const std::int64_t t = state.range(0), hkv = state.range(1);
+  const span_caches s = make_span(t, hkv, kind != prefill_kind::unshared);
+  const auto q = random_floats(t * H * D, 4);
+  std::vector<float> out(static_cast<std::size_t>(t * H * D)), lse(static_cast<std::size_t>(t * H));
+  std::vector<float> p(kind == prefill_kind::materialised ? static_cast<std::size_t>(t * H * t) : 0);
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
+  for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
+  ak::thread_pool pool(static_cast<int>(state.range(2)));
+  ak::attention_workspace ws, follower_ws;
+  const ak::tensor3_view<const float> qv(q.data(), {t, H, D});
+  const ak::tensor3_view<float> ov(out.data(), {t, H, D});
+  const ak::matrix_view<float> lv(lse.data(), {t, H});
+  for (auto _ : state) {
+    if (kind == prefill_kind::unshared) {
+      for (const auto& c : s.dense) ak::attend(qv, pos, c, ov, {}, pool, &ws);
+    } else if (kind == prefill_kind::flash) {
+      ak::attend(qv, pos, s.dense[0], ov, {.lse = lv}, pool, &ws);
+      for (const auto& v : s.values)
+        ak::attend_shared(ak::gqa_scores<bf16>{qv, s.dense[0].view()}, pos,
+                          ak::matrix_view<const float>(lv), v, ov, {}, pool, &follower_ws);
+    } else {
+      ak::attend(qv, pos, s.dense[0], ov, {.weights = ak::tensor3_view<float>(p.data(), {t, H, t})},
+                 pool, &ws);
+      for (const auto& v : s.values)
+        ak::attend_shared(ak::tensor3_view<const float>(p.data(), {t, H, t}), v, ov, pool,
+                          &follower_ws);
+    }
+    benchmark::DoNotOptimize(out.data());
+  }
+  // Causal: about half of the T x T scores; the flash followers recompute theirs.
+  const double layers_with_scores = kind == prefill_kind::materialised ? 1 : SPAN;
+  const double flops = 2.0 * H * D * double(t) * double(t) / 2 * (layers_with_scores + SPAN);
+  state.counters["FLOPS"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate,
+                                               benchmark::Counter::OneK::kIs1000);
+  state.counters["handoff_bytes"] = kind == prefill_kind::flash ? double(lse.size() * 4)
+                                    : kind == prefill_kind::materialised ? double(p.size() * 4)
+                                                                         : 0.0;
+  state.counters["workspace_bytes"] = static_cast<double>(follower_ws.bytes());
+}
+
+void BM_span_prefill_unshared(benchmark::State& state) {
+  BM_span_prefill(state, prefill_kind::unshared);
+}
+void BM_span_prefill_flash(benchmark::State& state) { BM_span_prefill(state, prefill_kind::flash); }
+void BM_span_prefill_materialised(benchmark::State& state) {
+  BM_span_prefill(state, prefill_kind::materialised);
+}
+
+// T, H_kv (32: Llama-2-7B, 8: Llama-3-8B), threads
+void decode_args(benchmark::internal::Benchmark* b) {
+  for (std::int64_t hkv : {32, 8})
+    for (std::int64_t t : {4096, 16384}) b->Args({t, hkv, 2});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+void prefill_args(benchmark::internal::Benchmark* b) {
+  b->Args({2048, 32, 2})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
+}
+
+}  // namespace
+
+BENCHMARK(BM_span_decode_unshared)->Apply(decode_args);
+BENCHMARK(BM_span_decode_shared)->Apply(decode_args);
+BENCHMARK(BM_span_prefill_unshared)->Apply(prefill_args);
+BENCHMARK(BM_span_prefill_flash)->Apply(prefill_args);
+BENCHMARK(BM_span_prefill_materialised)->Apply(prefill_args);
+
+BENCHMARK_MAIN();

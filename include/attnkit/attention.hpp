@@ -1,0 +1,33 @@
+#pragma once
+// attnkit's attention library: caches, views, kernels and layers of every variant (MHA / GQA /
+// MQA, MLA, TPA, shared attention), without the GQA -> MLA conversion tools. The conversions
+// instantiate Eigen's decompositions in every translation unit that includes them (about 25 s of
+// compile time each with g++ 12); an engine that only runs attention includes this header.
+#include "version.hpp"
+#include "core/error.hpp"
+#include "core/executor.hpp"
+#include "core/linear.hpp"
+#include "core/options.hpp"
+#include "core/rmsnorm.hpp"
+#include "core/rope.hpp"
+#include "core/softmax.hpp"
+#include "core/storage.hpp"
+#include "core/view.hpp"
+#include "core/workspace.hpp"
+#include "cache/kv_view.hpp"
+#include "cache/kv_cache.hpp"
+#include "cache/dense_cache.hpp"
+#include "cache/factorized_cache.hpp"
+#include "cache/latent_cache.hpp"
+#include "cache/value_cache.hpp"
+#include "kernels/policy.hpp"
+#include "kernels/driver.hpp"
+#include "kernels/gqa.hpp"
+#include "kernels/mla.hpp"
+#include "kernels/tpa.hpp"
+#include "kernels/shared.hpp"
+#include "layers/gqa_layer.hpp"
+#include "layers/mla_layer.hpp"
+#include "layers/tpa_layer.hpp"
+#include "layers/follower_layer.hpp"
+#include "layers/shared_stack.hpp"
