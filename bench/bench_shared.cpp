@@ -1,16 +1,22 @@
 // Shared attention (kernels/shared.hpp): a span of 5 layers (a donor and 4 followers, the
 // paper's Llama-2-7B plan of donor 22 with followers 23-26) against 5 unshared GQA layers, bf16
-// caches, attention only (projections are the same in both and left out).
+// caches, attention only (projections are the same in both and left out), with the machine's
+// read bandwidth and FMA peak measured in the same run (roofline.hpp).
 //   BM_span_decode_{unshared,shared}/T/H_kv/threads: one decode step through the span; bytes:
 //     the KV read (and for the shared span the weights P [H, T] written once, read 4 times).
 //   BM_span_prefill_{unshared,flash,materialised}/T/H_kv/threads: a causal prefill of T tokens
 //     through the span; counters: handoff_bytes (what the donor hands on: LSE [T, H] in the
 //     flash form, P [T, H, T] materialised) and workspace_bytes (the followers' scratch).
+//   BM_span_chunk_{flash,materialised}/Tq/T/H_kv/threads: a chunk of Tq queries at the end of a
+//     T-token context through the shared span in each form: the data behind the automatic rule
+//     of shared_stack (materialised while P of the block fits its byte limit).
 #include <attnkit/attention.hpp>
 #include <benchmark/benchmark.h>
 
 #include <random>
 #include <vector>
+
+#include "roofline.hpp"
 
 namespace {
 namespace ak = attnkit;
@@ -99,19 +105,20 @@ void BM_span_decode_shared(benchmark::State& state) { BM_span_decode(state, true
 
 enum class prefill_kind { unshared, flash, materialised };
 
+/// Tq queries at the last positions of a T-token context (Tq == T: a causal prefill).
 void BM_span_prefill(benchmark::State& state, prefill_kind kind) {
-  const std::int64_t t = state.range(0), hkv = state.range(1);
+  const std::int64_t tq = state.range(0), t = state.range(1), hkv = state.range(2);
   const span_caches s = make_span(t, hkv, kind != prefill_kind::unshared);
-  const auto q = random_floats(t * H * D, 4);
-  std::vector<float> out(static_cast<std::size_t>(t * H * D)), lse(static_cast<std::size_t>(t * H));
-  std::vector<float> p(kind == prefill_kind::materialised ? static_cast<std::size_t>(t * H * t) : 0);
-  std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
-  for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
-  ak::thread_pool pool(static_cast<int>(state.range(2)));
+  const auto q = random_floats(tq * H * D, 4);
+  std::vector<float> out(static_cast<std::size_t>(tq * H * D)), lse(static_cast<std::size_t>(tq * H));
+  std::vector<float> p(kind == prefill_kind::materialised ? static_cast<std::size_t>(tq * H * t) : 0);
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(tq));
+  for (std::int64_t i = 0; i < tq; ++i) pos[static_cast<std::size_t>(i)] = t - tq + i;
+  ak::thread_pool pool(static_cast<int>(state.range(3)));
   ak::attention_workspace ws, follower_ws;
-  const ak::tensor3_view<const float> qv(q.data(), {t, H, D});
-  const ak::tensor3_view<float> ov(out.data(), {t, H, D});
-  const ak::matrix_view<float> lv(lse.data(), {t, H});
+  const ak::tensor3_view<const float> qv(q.data(), {tq, H, D});
+  const ak::tensor3_view<float> ov(out.data(), {tq, H, D});
+  const ak::matrix_view<float> lv(lse.data(), {tq, H});
   for (auto _ : state) {
     if (kind == prefill_kind::unshared) {
       for (const auto& c : s.dense) ak::attend(qv, pos, c, ov, {}, pool, &ws);
@@ -121,17 +128,18 @@ void BM_span_prefill(benchmark::State& state, prefill_kind kind) {
         ak::attend_shared(ak::gqa_scores<bf16>{qv, s.dense[0].view()}, pos,
                           ak::matrix_view<const float>(lv), v, ov, {}, pool, &follower_ws);
     } else {
-      ak::attend(qv, pos, s.dense[0], ov, {.weights = ak::tensor3_view<float>(p.data(), {t, H, t})},
-                 pool, &ws);
+      ak::attend(qv, pos, s.dense[0], ov,
+                 {.weights = ak::tensor3_view<float>(p.data(), {tq, H, t})}, pool, &ws);
       for (const auto& v : s.values)
-        ak::attend_shared(ak::tensor3_view<const float>(p.data(), {t, H, t}), v, ov, pool,
+        ak::attend_shared(ak::tensor3_view<const float>(p.data(), {tq, H, t}), v, ov, pool,
                           &follower_ws);
     }
     benchmark::DoNotOptimize(out.data());
   }
-  // Causal: about half of the T x T scores; the flash followers recompute theirs.
+  // Causal: the visible query-key pairs; the flash followers recompute their scores.
+  const double pairs = double(tq) * double(t) - double(tq) * double(tq - 1) / 2;
   const double layers_with_scores = kind == prefill_kind::materialised ? 1 : SPAN;
-  const double flops = 2.0 * H * D * double(t) * double(t) / 2 * (layers_with_scores + SPAN);
+  const double flops = 2.0 * H * D * pairs * (layers_with_scores + SPAN);
   state.counters["FLOPS"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate,
                                                benchmark::Counter::OneK::kIs1000);
   state.counters["handoff_bytes"] = kind == prefill_kind::flash ? double(lse.size() * 4)
@@ -155,7 +163,12 @@ void decode_args(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 void prefill_args(benchmark::internal::Benchmark* b) {
-  b->Args({2048, 32, 2})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
+  b->Args({2048, 2048, 32, 2})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
+}
+// Tq, T, H_kv, threads
+void chunk_args(benchmark::internal::Benchmark* b) {
+  for (std::int64_t tq : {1, 16, 128, 512}) b->Args({tq, 4096, 32, 2});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
 }  // namespace
@@ -165,5 +178,7 @@ BENCHMARK(BM_span_decode_shared)->Apply(decode_args);
 BENCHMARK(BM_span_prefill_unshared)->Apply(prefill_args);
 BENCHMARK(BM_span_prefill_flash)->Apply(prefill_args);
 BENCHMARK(BM_span_prefill_materialised)->Apply(prefill_args);
+BENCHMARK(BM_span_prefill_flash)->Name("BM_span_chunk_flash")->Apply(chunk_args);
+BENCHMARK(BM_span_prefill_materialised)->Name("BM_span_chunk_materialised")->Apply(chunk_args);
 
 BENCHMARK_MAIN();

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Reads the JSON of bench_gqa, bench_mla or bench_tpa (--benchmark_repetitions=N --benchmark_out=F) and prints
+"""Reads the JSON of bench_gqa, bench_mla, bench_tpa, bench_convert or bench_shared (--benchmark_repetitions=N --benchmark_out=F) and prints
 the figures the speed targets are stated in, each as a ratio of medians taken in the same run.
 
-usage: scripts/bench_summary.py bench_gqa.json|bench_mla.json|bench_tpa.json|bench_convert.json
+usage: scripts/bench_summary.py bench_gqa.json|bench_mla.json|bench_tpa.json|bench_convert.json|bench_shared.json
 """
 import json
 import sys
@@ -90,6 +90,27 @@ def convert(m, us, bw2, fma2):
           f"({100 * roof / a:.1f}% of its roofline, compute-bound), original GQA {g:8.1f} us; GQA / converted = {g / a:.2f}")
 
 
+def shared(m, us, bw2, fma2):
+    print("\nShared attention: a 5-layer span (donor + 4 followers) vs 5 GQA layers, H 32, d 128, bf16, "
+          "2 threads (target: shared >= 1.5x faster per decode step at T=16384):")
+    for hkv in (32, 8):
+        for t in (4096, 16384):
+            u = f"BM_span_decode_unshared/{t}/{hkv}/2"
+            sh = f"BM_span_decode_shared/{t}/{hkv}/2"
+            print(f"  decode H_kv={hkv:2d} T={t:5d}: unshared {us(u) / 1e3:7.2f} ms ({m[u]['kv_bytes'] / 1e6:6.0f} MB KV), "
+                  f"shared {us(sh) / 1e3:7.2f} ms ({m[sh]['kv_bytes'] / 1e6:6.0f} MB KV): {us(u) / us(sh):.2f}x")
+    print("\nCausal prefill T=2048, H_kv 32: time and what the donor hands on (flash: O(T H)):")
+    for kind in ("unshared", "flash", "materialised"):
+        n = f"BM_span_prefill_{kind}/2048/2048/32/2/iterations:2"
+        print(f"  {kind:12s}: {us(n) / 1e3:8.1f} ms  hand-off {m[n]['handoff_bytes'] / 1e6:8.2f} MB  "
+              f"followers' workspace {m[n]['workspace_bytes'] / 1e6:6.2f} MB")
+    print("\nChunk of Tq queries over 4096 keys: materialised / flash time (the automatic rule's data):")
+    for tq in (1, 16, 128, 512):
+        a = us(f"BM_span_chunk_materialised/{tq}/4096/32/2")
+        b = us(f"BM_span_chunk_flash/{tq}/4096/32/2")
+        print(f"  Tq={tq:4d}: materialised {a / 1e3:8.2f} ms, flash {b / 1e3:8.2f} ms, ratio {a / b:.2f}")
+
+
 def main():
     ctx, m = medians(sys.argv[1])
     gbs = lambda n: m[n]["bytes_per_second"] / 1e9
@@ -101,6 +122,9 @@ def main():
     fma2 = m["attnkit::bench::BM_fma_peak/threads:2"]["FLOPS"] / 1e9
     print(f"roofline: read bandwidth {bw1:.1f} GB/s (1 thread), {bw2:.1f} GB/s (2 threads); "
           f"FP32 FMA peak {fma1:.0f} / {fma2:.0f} GFLOP/s")
+    if any(k.startswith("BM_span_") for k in m):
+        shared(m, us, bw2, fma2)
+        return
     if any(k.startswith("BM_transmla_") for k in m):
         convert(m, us, bw2, fma2)
         return

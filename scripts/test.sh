@@ -3,8 +3,9 @@
 #   1. Release build with -march=native (the AVX-512 kernels), all tests via CTest;
 #   2. AddressSanitizer + UndefinedBehaviorSanitizer build at -O1 without -march=native (the
 #      portable kernels), all tests again; any sanitizer report fails the run;
-#   3. the same sanitizers with -march=native: the GQA kernel, policy (every variant) and
-#      robustness (every variant, special values) tests on the AVX-512 kernels;
+#   3. the same sanitizers with -march=native: the GQA kernel, policy (every variant),
+#      robustness (every variant, special values) and shared-attention tests on the AVX-512
+#      kernels;
 #   4. the differential fuzz target (clang, libFuzzer + ASan + UBSan, AVX-512 kernels) for a
 #      bounded time from its corpus (scripts/fuzz.sh; ATTNKIT_FUZZ_SECONDS, default 60).
 # Benchmarks are built in step 1 (so they keep compiling) but not run.
@@ -40,7 +41,7 @@ sanitized() {  # sanitized BUILD_DIR NATIVE [targets...]: configure, build, run 
 sanitized build-sanitize OFF
 
 echo "== attnkit: ASan + UBSan on the AVX-512 kernels (-O1 -march=native) =="
-sanitized build-sanitize-native ON test_gqa_kernel test_policy test_robustness
+sanitized build-sanitize-native ON test_gqa_kernel test_policy test_robustness test_shared
 
 echo "== attnkit: differential fuzzing (libFuzzer, ASan + UBSan, AVX-512 kernels) =="
 ATTNKIT_FUZZ_TARGETS=native bash "$root/scripts/fuzz.sh" "${ATTNKIT_FUZZ_SECONDS:-60}"
