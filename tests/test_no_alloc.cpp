@@ -225,3 +225,30 @@ TEST_CASE("a decode loop allocates in its first step only, while its context gro
   }
   CHECK(allocating_steps == 0);
 }
+
+TEST_CASE("shared-stack decode steps (donor, followers, both weights forms) do not allocate",
+          "[shared][alloc]") {
+  std::mt19937_64 rng(11);
+  const std::int64_t steps = 64, prompt = 40, d = 64;
+  std::vector<std::int64_t> pos(steps + prompt);
+  for (std::size_t i = 0; i < pos.size(); ++i) pos[i] = static_cast<std::int64_t>(i);
+  const gqa_config gc{.model_dim = d, .heads = 8, .kv_heads = 2, .head_dim = 16};
+  const auto g0 = make_layer_data(rng, gc, true), g3 = make_layer_data(rng, gc, false);
+  const fmat fv = random_matrix(rng, 2 * 16, d), fo = random_matrix(rng, d, 8 * 16);
+  const follower_config fc{.model_dim = d, .heads = 8, .kv_heads = 2, .v_head_dim = 16};
+  std::vector<stack_layer> layers;
+  layers.emplace_back(gqa_layer(gc, g0.weights()));
+  layers.emplace_back(follower_layer(fc, {view_of(fv), view_of(fo)}));
+  layers.emplace_back(follower_layer(fc, {view_of(fv), view_of(fo)}));
+  layers.emplace_back(gqa_layer(gc, g3.weights()));
+  shared_stack stack(std::move(layers), {{0, 1, 2}});
+  for (const weights_form form : {weights_form::materialised, weights_form::flash}) {
+    auto caches = stack.make_caches<bf16>(steps + prompt);
+    fmat xp = random_matrix(rng, prompt, d), x = random_matrix(rng, 1, d);
+    stack.forward(view_of(xp), std::span(pos).first(prompt), caches, serial_executor{}, form);
+    std::size_t next = static_cast<std::size_t>(prompt);
+    check_steady_state([&](auto& exec) {
+      stack.forward(view_of(x), std::span(pos).subspan(next++, 1), caches, exec, form);
+    });
+  }
+}

@@ -306,6 +306,12 @@ TEST_CASE("shared stack: bad plans and out-of-order layers are rejected, naming 
                         "layer 1 is a follower and needs a value_cache");
   std::swap(caches[1], caches[2]);
   stack.forward_layer(1, view_of(x), pos, caches, view_of(out));
+  // A layer's own error names the layer: a follower cache of the wrong head count.
+  auto wrong = stack.make_caches<float>(8);
+  wrong[1] = value_cache<float>({.kv_heads = 3, .v_head_dim = 16, .capacity = 8});
+  stack.forward_layer(0, view_of(x), pos, wrong, view_of(out));
+  ATTNKIT_CHECK_INVALID(stack.forward_layer(1, view_of(x), pos, wrong, view_of(out)),
+                        "shared_stack: layer 1: follower_layer::forward: cache has kv_heads=3");
 
   // A follower given a weights buffer of the wrong shape throws and leaves its cache unchanged.
   follower_layer fl(fx.followers.back().cfg, fx.followers.back().weights());

@@ -375,6 +375,47 @@ class attention_worker {
   float* value_;           // [v_head_dim]: one value row for repair_masked_rows
 };
 
+/// Merges the key splits of every (query tile, head group) and finalises: by log-sum-exp, or
+/// as plain sums with a given normalisation.
+template <class Mask>
+void merge_splits(const attention_plan& pl, const attention_call<Mask>& call, float* partial,
+                  bool fixed) {
+  const std::int64_t dv = pl.v_head_dim, stride = pl.partial_stride();
+  for (std::int64_t qt = 0; qt < pl.qtiles; ++qt) {
+    const std::int64_t t0 = qt * pl.tq, tn = std::min(pl.tq, pl.q_tokens - t0);
+    for (std::int64_t j = 0; j < pl.groups; ++j) {
+      float* base = pl.partial_of(partial, qt, j, 0);
+      for (std::int64_t r = 0; r < tn * pl.g; ++r) {
+        float* a = base + r * (dv + 2);
+        for (std::int64_t ks = 1; ks < pl.splits; ++ks) {
+          const float* b = base + ks * stride + r * (dv + 2);
+          if (fixed)
+            for (std::int64_t c = 0; c < dv; ++c) a[2 + c] += b[2 + c];
+          else
+            softmax_merge(a[0], a[1], a + 2, b[0], b[1], b + 2, dv);
+        }
+        call.finalize(t0 + r / pl.g, j * pl.g + r % pl.g, a[0], a[1], a + 2, dv, fixed);
+      }
+    }
+  }
+}
+
+/// call.weights holds every row's masked logits: weights = exp(logit - lse), which sum to 1
+/// over the row (less the sink's share); 0 for masked keys and for rows that saw no key.
+template <class Mask, class Exec>
+void normalise_weights(const attention_call<Mask>& call, Exec& exec) {
+  const std::int64_t tq = call.weights.extent(0), h = call.weights.extent(1),
+                     tk = call.weights.extent(2), ws = call.weights.stride(2);
+  exec.parallel_for(tq * h, [&](std::int64_t i) {
+    const std::int64_t t = i / h, head = i % h;
+    float* w = &call.weights(t, head, 0);
+    if (ws == 1)
+      exp_given_row(w, tk, call.lse(t, head));
+    else
+      for (std::int64_t k = 0; k < tk; ++k) w[k * ws] = exp_given(w[k * ws], call.lse(t, head));
+  });
+}
+
 /// Plans and runs one attention call of a variant over the executor; the caller has validated
 /// the arguments.
 template <block_products Variant, class Mask, class Exec>
@@ -421,47 +462,6 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
   });
   if (pl.splits > 1) merge_splits(pl, call, partial, fixed);
   if (!call.weights.empty()) normalise_weights(call, exec);
-}
-
-/// Merges the key splits of every (query tile, head group) and finalises: by log-sum-exp, or
-/// as plain sums with a given normalisation.
-template <class Mask>
-void merge_splits(const attention_plan& pl, const attention_call<Mask>& call, float* partial,
-                  bool fixed) {
-  const std::int64_t dv = pl.v_head_dim, stride = pl.partial_stride();
-  for (std::int64_t qt = 0; qt < pl.qtiles; ++qt) {
-    const std::int64_t t0 = qt * pl.tq, tn = std::min(pl.tq, pl.q_tokens - t0);
-    for (std::int64_t j = 0; j < pl.groups; ++j) {
-      float* base = pl.partial_of(partial, qt, j, 0);
-      for (std::int64_t r = 0; r < tn * pl.g; ++r) {
-        float* a = base + r * (dv + 2);
-        for (std::int64_t ks = 1; ks < pl.splits; ++ks) {
-          const float* b = base + ks * stride + r * (dv + 2);
-          if (fixed)
-            for (std::int64_t c = 0; c < dv; ++c) a[2 + c] += b[2 + c];
-          else
-            softmax_merge(a[0], a[1], a + 2, b[0], b[1], b + 2, dv);
-        }
-        call.finalize(t0 + r / pl.g, j * pl.g + r % pl.g, a[0], a[1], a + 2, dv, fixed);
-      }
-    }
-  }
-}
-
-/// call.weights holds every row's masked logits: weights = exp(logit - lse), which sum to 1
-/// over the row (less the sink's share); 0 for masked keys and for rows that saw no key.
-template <class Mask, class Exec>
-void normalise_weights(const attention_call<Mask>& call, Exec& exec) {
-  const std::int64_t tq = call.weights.extent(0), h = call.weights.extent(1),
-                     tk = call.weights.extent(2), ws = call.weights.stride(2);
-  exec.parallel_for(tq * h, [&](std::int64_t i) {
-    const std::int64_t t = i / h, head = i % h;
-    float* w = &call.weights(t, head, 0);
-    if (ws == 1)
-      exp_given_row(w, tk, call.lse(t, head));
-    else
-      for (std::int64_t k = 0; k < tk; ++k) w[k * ws] = exp_given(w[k * ws], call.lse(t, head));
-  });
 }
 
 /// Outputs (out, and the options' lse and weights) must not share memory with the input `in`.

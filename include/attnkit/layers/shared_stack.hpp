@@ -21,6 +21,7 @@
 // P of the block fits in options().materialise_max_bytes (64 MiB by default: every decode step
 // and prefill chunks up to T H Tk = 16 M weights), the flash form otherwise; it can be forced
 // per call.
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -151,7 +152,31 @@ class shared_stack {
             " run out of order (T=", t, "); the block's next layer is ", next_, " (T=",
             block_tokens_, "): run layers 0 .. ", size() - 1, " in order for each block");
     if (i == 0) next_ = 0, block_tokens_ = t;
-    const std::int64_t d = donor_of(i);
+    try {
+      run_layer(i, in, positions, caches, out, exec, form);
+    } catch (const invalid_argument& e) {  // name the layer: a layer's own messages cannot
+      const std::string what = e.what(), prefix = "attnkit: ";
+      if (what.rfind(prefix + "shared_stack", 0) == 0) throw;
+      detail::throw_invalid("shared_stack: layer ", i, ": ",
+                            what.rfind(prefix, 0) == 0 ? what.substr(prefix.size()) : what);
+    }
+    next_ = i + 1;
+  }
+
+ private:
+  struct donor_state {
+    weights_form form = weights_form::materialised;
+    std::int64_t heads = 0, keys = 0;
+    std::vector<float> weights;  // [T, H, Tk] (materialised)
+    std::vector<float> lse;      // [T, H] (flash)
+  };
+
+  template <storage_type S, class Exec>
+  void run_layer(std::int64_t i, matrix_view<const float> in,
+                 std::span<const std::int64_t> positions, std::vector<stack_cache<S>>& caches,
+                 matrix_view<float> out, Exec& exec, weights_form form) {
+    using detail::require;
+    const std::int64_t t = in.extent(0), d = donor_of(i);
     if (d < 0) {
       run_full(i, in, positions, caches, out, exec, form);
     } else {
@@ -176,16 +201,7 @@ class shared_stack {
                       });
       }
     }
-    next_ = i + 1;
   }
-
- private:
-  struct donor_state {
-    weights_form form = weights_form::materialised;
-    std::int64_t heads = 0, keys = 0;
-    std::vector<float> weights;  // [T, H, Tk] (materialised)
-    std::vector<float> lse;      // [T, H] (flash)
-  };
 
   std::size_t index(std::int64_t i) const {
     detail::require(i >= 0 && i < size(), "shared_stack: layer index ", i, " is not in [0, ",
@@ -262,9 +278,17 @@ class shared_stack {
         st.keys = cache.size() + t;
         st.form = form_for(t, st.heads, st.keys, form);
         if (st.form == weights_form::materialised) {
-          st.weights.resize(static_cast<std::size_t>(
-              detail::checked_mul(detail::checked_mul(t, st.heads, "shared_stack: weights"),
-                                  st.keys, "shared_stack: weights [T, H, Tk]")));
+          const std::int64_t rows = detail::checked_mul(t, st.heads, "shared_stack: weights");
+          const auto need = static_cast<std::size_t>(
+              detail::checked_mul(rows, st.keys, "shared_stack: weights [T, H, Tk]"));
+          // Room for the whole cache (within the byte limit), so that a decode loop whose
+          // context grows does not reallocate the weights every few steps.
+          if (st.weights.capacity() < need)
+            st.weights.reserve(std::max(
+                need, static_cast<std::size_t>(std::min<double>(
+                          double(rows) * double(cache.capacity()),
+                          double(opt_.materialise_max_bytes) / sizeof(float)))));
+          st.weights.resize(need);
           outputs.weights = tensor3_view<float>(st.weights.data(), {t, st.heads, st.keys});
         } else {
           st.lse.resize(static_cast<std::size_t>(t * st.heads));
