@@ -57,7 +57,7 @@ TEST_CASE("I1: exact GQA -> MLA equals the GQA layer (both layouts, both MLA pat
   }
 }
 
-TEST_CASE("I1 with QK-norm (Qwen3 style): the normalised, roped K is cached; always exercised",
+TEST_CASE("I1 with QK-norm (Qwen3 style): the normalised, roped K is cached, always exercised",
           "[convert][identity]") {
   std::mt19937_64 rng(77);
   gqa_config cfg{

@@ -96,7 +96,7 @@ TEST_CASE("I8: MHA2MLA partial RoPE keeping every pair is exact, for every selec
   }
 }
 
-TEST_CASE("MHA2MLA SVD (joint and split) at full rank is exact; cache and report sizes",
+TEST_CASE("MHA2MLA SVD (joint and split) at full rank is exact, cache and report sizes",
           "[convert][identity]") {
   const std::uint64_t seed = GENERATE(range(1, 7));
   auto c = make_case(seed);
@@ -148,7 +148,7 @@ TEST_CASE("I2: TransMLA RoRoPE with F = 1 and RoPE on every rotated dim is exact
   }
 }
 
-TEST_CASE("TransMLA joint PCA at full rank equals the partial-RoPE model; native DeepSeek RoPE",
+TEST_CASE("TransMLA joint PCA at full rank equals the partial-RoPE model, native DeepSeek RoPE",
           "[convert][identity]") {
   const std::uint64_t seed = GENERATE(range(1, 7));
   auto c = make_case(seed, false);
@@ -256,7 +256,7 @@ TEST_CASE("TransMLA on a GQA layer: the error falls with the rank to the floor o
   CHECK(err[1] > err[2]);
 }
 
-TEST_CASE("MHA2MLA selections: high, low, uniform pairs; 2-norm finds the dominant pairs",
+TEST_CASE("MHA2MLA selections: high, low, uniform pairs, 2-norm finds the dominant pairs",
           "[convert]") {
   gqa_config cfg{.model_dim = 32, .heads = 4, .kv_heads = 2, .head_dim = 16};
   std::mt19937_64 rng(4);

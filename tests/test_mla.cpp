@@ -9,7 +9,7 @@ static_assert(kv_cache<latent_cache<float>>);
 static_assert(kv_cache<latent_cache<bf16>>);
 static_assert(kv_cache<latent_cache<half>>);
 
-TEMPLATE_TEST_CASE("latent_cache: bytes per token, one row [c | k_rope...] per token, rollback",
+TEMPLATE_TEST_CASE("latent_cache: bytes per token, one row (c | k_rope...) per token, rollback",
                    "[mla][cache]", float, bf16, half) {
   using S = TestType;
   latent_cache<S> c({.latent_dim = 512, .rope_dim = 64, .rope_heads = 1, .capacity = 8});

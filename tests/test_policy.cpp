@@ -176,7 +176,7 @@ TEST_CASE("GQA kernel: caller mask predicates (documents, prefix-LM, per head) m
   check_result(out, lse, ref, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff(), c.heads);
 }
 
-TEST_CASE("absorbed MLA kernel: policies and a mask predicate match the reference on [c ; k_rope]",
+TEST_CASE("absorbed MLA kernel: policies and a mask predicate match the reference on (c, k_rope)",
           "[policy][mla]") {
   const int kind = GENERATE(0, 1, 2, 3, 4);
   std::mt19937_64 rng(static_cast<std::uint64_t>(900 + kind));

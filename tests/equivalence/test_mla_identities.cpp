@@ -38,7 +38,7 @@ TEST_CASE("I3: absorbed MLA equals naive MLA", "[identity][mla]") {
         2 * mla_rel_tolerance<float>(cfg, t, mla_a_max(w, x, pos)));
 }
 
-TEST_CASE("I4: a key bias on kv_b_proj changes nothing; a value bias is added after W_UV",
+TEST_CASE("I4: a key bias on kv_b_proj changes nothing, a value bias is added after W_UV",
           "[identity][mla]") {
   std::mt19937_64 rng(5);
   const mla_config cfg = random_mla_config(rng);

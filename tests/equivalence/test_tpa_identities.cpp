@@ -85,7 +85,7 @@ TEST_CASE("I6: RoPE on the B factors equals RoPE on the materialised Q and K",
 }
 
 TEMPLATE_TEST_CASE(
-    "I7: the FlashTPA order equals the materialised computation; prefill == chunked == decode",
+    "I7: the FlashTPA order equals the materialised computation, prefill == chunked == decode",
     "[identity][tpa]", float, bf16) {
   std::mt19937_64 rng(GENERATE(31, 32, 33, 34));
   tpa_config cfg = random_tpa_config(rng);

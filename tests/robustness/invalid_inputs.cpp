@@ -209,7 +209,7 @@ TEST_CASE("windows and positions at the ends of int64 never overflow", "[robustn
   }
 }
 
-TEST_CASE("a layer call that throws leaves the cache unchanged; bad scales fail at construction",
+TEST_CASE("a layer call that throws leaves the cache unchanged, bad scales fail at construction",
           "[robustness][errors][layer]") {
   std::mt19937_64 rng(12);
   const fmat x = random_matrix(rng, 2, 32);

@@ -191,7 +191,7 @@ TEST_CASE("shared stack I9: an empty sharing plan is the unshared stack exactly"
 }
 
 TEST_CASE("shared stack: GQA, MLA and TPA donors with followers equal the double reference in "
-          "both forms; prefill == chunked == token-by-token decode; flash == materialised",
+          "both forms, prefill == chunked == token-by-token decode, flash == materialised",
           "[shared][stack]") {
   const std::uint64_t seed = GENERATE(1, 2);
   std::mt19937_64 rng(seed);
