@@ -559,6 +559,8 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
 template <ak::storage_type S>
 std::vector<row> conversion_rows(const options& o, ak::thread_pool& pool) {
   namespace cv = ak::convert;
+  if (!o.wants("GQA->MLA-exact") && !o.wants("GQA->TransMLA") && !o.wants("GQA->MHA2MLA"))
+    return {};  // the synthetic layer and its calibration data cost seconds to build
   const ak::gqa_config cfg{.model_dim = o.model_dim,
                            .heads = o.heads,
                            .kv_heads = o.kv_heads,

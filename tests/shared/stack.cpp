@@ -301,6 +301,9 @@ TEST_CASE("shared stack: bad plans and out-of-order layers are rejected, naming 
   stack.forward_layer(0, view_of(x), pos, caches, view_of(out));
   ATTNKIT_CHECK_INVALID(stack.forward_layer(2, view_of(x), pos, caches, view_of(out)),
                         "layer 2 run out of order", "next layer is 1");
+  const std::vector<std::int64_t> other{5, 6};
+  ATTNKIT_CHECK_INVALID(stack.forward_layer(1, view_of(x), other, caches, view_of(out)),
+                        "layer 1 is given other positions");
   std::swap(caches[1], caches[2]);
   ATTNKIT_CHECK_INVALID(stack.forward_layer(1, view_of(x), pos, caches, view_of(out)),
                         "layer 1 is a follower and needs a value_cache");

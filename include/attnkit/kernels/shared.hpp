@@ -113,14 +113,23 @@ class value_accumulator {
 #if ATTNKIT_HAS_AVX512
     gemm_bcast<true>(rows, dv, nb, pr, p.row_stride, p.key_stride, vf, vfs, acc + r0 * dv, dv);
 #else
-    using strided = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
-    const Eigen::Map<const row_matrix<float>, Eigen::Unaligned, strided> pm(
-        pr, rows, nb, strided(p.row_stride, p.key_stride));
-    const Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>> vm(
-        vf, nb, dv, Eigen::OuterStride<>(vfs));
-    Eigen::Map<row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>(acc + r0 * dv, rows, dv,
-                                                                          Eigen::OuterStride<>(dv))
-        .noalias() += pm * vm;
+    // Maps with a unit inner stride, so that Eigen's GEMM reads them in place (a general
+    // stride makes it copy the operand into a heap temporary).
+    using outer = Eigen::OuterStride<>;
+    const Eigen::Map<const row_matrix<float>, Eigen::Unaligned, outer> vm(vf, nb, dv, outer(vfs));
+    Eigen::Map<row_matrix<float>, Eigen::Unaligned, outer> om(acc + r0 * dv, rows, dv, outer(dv));
+    if (p.key_stride == 1) {  // row tile
+      om.noalias() +=
+          Eigen::Map<const row_matrix<float>, Eigen::Unaligned, outer>(pr, rows, nb,
+                                                                       outer(p.row_stride)) *
+          vm;
+    } else {  // column tile: P^T [nb][rows] (row_stride 1)
+      using col_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+      om.noalias() +=
+          Eigen::Map<const col_matrix, Eigen::Unaligned, outer>(pr, rows, nb,
+                                                                outer(p.key_stride)) *
+          vm;
+    }
 #endif
   }
   /// Value row t of KV head j as float, in the accumulators' column order.

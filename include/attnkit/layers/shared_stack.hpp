@@ -151,7 +151,14 @@ class shared_stack {
     require(i == 0 || (i == next_ && t == block_tokens_), "shared_stack: layer ", i,
             " run out of order (T=", t, "); the block's next layer is ", next_, " (T=",
             block_tokens_, "): run layers 0 .. ", size() - 1, " in order for each block");
-    if (i == 0) next_ = 0, block_tokens_ = t;
+    if (i == 0) {
+      next_ = 0, block_tokens_ = t;
+      block_positions_.assign(positions.begin(), positions.end());
+    } else {  // a follower weighs its values by its donor's rows: the same tokens, in order
+      require(std::equal(positions.begin(), positions.end(), block_positions_.begin(),
+                         block_positions_.end()),
+              "shared_stack: layer ", i, " is given other positions than layer 0 of its block");
+    }
     try {
       run_layer(i, in, positions, caches, out, exec, form);
     } catch (const invalid_argument& e) {  // name the layer: a layer's own messages cannot
@@ -312,6 +319,7 @@ class shared_stack {
   std::vector<std::int64_t> slot_of_;   // [L]: -1, or a donor's index into donors_
   std::vector<donor_state> donors_;
   std::int64_t next_ = 0, block_tokens_ = 0;
+  std::vector<std::int64_t> block_positions_;  // [T]: the positions of the block being run
   row_matrix<float> y_;  // [T, D]: one layer's output in forward
 };
 
