@@ -143,6 +143,20 @@ fmat run_donor(donor_case& c, const attention_options& opt, Exec& exec, const Ma
   return out;
 }
 
+/// The donor's call with both hand-off outputs: P [Tq, H*Tk] and its LSE [Tq, H].
+struct donor_outputs {
+  fmat p, lse;
+};
+template <class Exec, class Mask = no_mask>
+donor_outputs run_donor_handing_on(donor_case& c, Exec& exec, const Mask& mask = {}) {
+  donor_outputs d{fmat(c.tq, c.heads * c.tk), fmat(c.tq, c.heads)};
+  attention_options opt = c.opt;
+  opt.lse = matrix_view<float>(d.lse.data(), {c.tq, c.heads});
+  opt.weights = tensor3_view<float>(d.p.data(), {c.tq, c.heads, c.tk});
+  run_donor(c, opt, exec, mask);
+  return d;
+}
+
 /// The follower's flash form for the donor's kind.
 template <class VS, class Exec, class Mask = no_mask>
 void run_flash(donor_case& c, const fmat& lse, const VS& values, tensor3_view<float> out,
@@ -226,11 +240,7 @@ TEST_CASE("follower kernel: both forms equal the reference P_donor V_follower fo
   const std::int64_t dv = 40;
   INFO(c.name << " Tq=" << tq << " Tk=" << tk << " follower H_kv=" << hkv);
   thread_pool pool(2);
-  fmat p(tq, c.heads * tk), lse(tq, c.heads);
-  attention_options opt = c.opt;
-  opt.lse = matrix_view<float>(lse.data(), {tq, c.heads});
-  opt.weights = tensor3_view<float>(p.data(), {tq, c.heads, tk});
-  run_donor(c, opt, pool);
+  const auto [p, lse] = run_donor_handing_on(c, pool);
 
   const fmat v = random_matrix(rng, tk, hkv * dv);
   value_cache<float> values({.kv_heads = hkv, .v_head_dim = dv, .capacity = tk});
@@ -302,11 +312,7 @@ TEST_CASE("follower kernel: the donor's policies (window, soft-cap, sinks, ALiBi
   c.rules.mask = [](auto, auto, auto, auto kp, auto h) { return h % 2 == 0 || kp % 3 != 0; };
   const double a = c.a_max + slopes.front() * double(c.k_pos.back() + 2);
   thread_pool pool(2);
-  fmat p(tq, c.heads * c.tk), lse(tq, c.heads);
-  attention_options opt = c.opt;
-  opt.lse = matrix_view<float>(lse.data(), {tq, c.heads});
-  opt.weights = tensor3_view<float>(p.data(), {tq, c.heads, c.tk});
-  run_donor(c, opt, pool, odd_heads);
+  const auto [p, lse] = run_donor_handing_on(c, pool, odd_heads);
   const std::int64_t hkv = 1, dv = 16;
   const fmat v = random_matrix(rng, c.tk, hkv * dv);
   value_cache<float> values({.kv_heads = hkv, .v_head_dim = dv, .capacity = c.tk});
