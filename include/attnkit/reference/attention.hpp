@@ -135,8 +135,8 @@ inline row_weights attention_row(const matrix& q, std::span<const std::int64_t> 
 }
 
 /// softmax(rules(q k^T * scale)) v per query head, query head h using KV head h / (H / H_kv).
-/// q [Tq, H*d_qk], k [Tk, H_kv*d_qk], v [Tk, H_kv*d_v]. Fully masked rows give 0 (LSE -inf, or
-/// the sink's logit when there is one). Special values: a masked key contributes nothing,
+/// q [Tq, H*d_qk], k [Tk, H_kv*d_qk], v [Tk, H_kv*d_v]. Fully masked rows, and rows whose
+/// visible logits are all -inf, give 0 (LSE -inf, or the sink's logit when there is one). Special values: a masked key contributes nothing,
 /// whatever its k and v hold; a NaN or +inf logit among a row's visible keys makes its output
 /// and LSE NaN; -inf logits weigh 0.
 inline attention_result attention(const matrix& q, std::span<const std::int64_t> q_pos,
@@ -157,6 +157,8 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
       auto out = r.out.row(t).segment(h * dv, dv);
       if (std::isnan(w.lse)) {
         out.setConstant(w.lse);
+      } else if (w.lse == -std::numeric_limits<double>::infinity()) {
+        // No finite logit (no key seen, or only -inf logits): 0, as for an empty row.
       } else if (v_finite && tk > 0) {
         out.noalias() = w.p.transpose() * v.middleCols(j * dv, dv);
       } else {
