@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "compare_batch.hpp"
+
 namespace ak = attnkit;
 
 namespace {
@@ -33,6 +35,8 @@ struct options {
   std::string storage = "f32";
   bool json = false;
   std::int64_t calibration = 4096;
+  bool batch = false;  // --batch: the mixed-batch serving step instead of the table
+  compare_batch::batch_options batch_opt;
   std::vector<std::string> rows{"MHA",           "GQA",          "MQA",
                                 "MLA-V2-Lite",   "MLA-V3",       "TPA-R2",
                                 "TPA-R1",        "TPA-T6-small", "GQA->MLA-exact",
@@ -70,7 +74,13 @@ const char* usage =
     "                  32-layer stack, followers 23-26 of donor 22; two rows each, unshared and\n"
     "                  shared, timing the 5-layer span's attention)\n"
     "  --calibration N calibration tokens for the conversions (4096)\n"
-    "  --json          machine-readable output\n";
+    "  --json          machine-readable output\n"
+    "  --batch         one serving step of a mixed batch per variant (GQA at the geometry,\n"
+    "                  MLA-V2-Lite, TPA-R2) over paged caches: batched vs one call per sequence,\n"
+    "                  tokens/s, KV GB/s and the share of the read bandwidth. With it:\n"
+    "  --decodes N     decode sequences (32)       --min-context N / --max-context N (1024 / 16384)\n"
+    "  --prefills N    prefill chunks (2)          --chunk N      tokens per chunk (512)\n"
+    "  --page-size N   tokens per page (16)\n";
 
 options parse(int argc, char** argv) {
   options o;
@@ -116,6 +126,20 @@ options parse(int argc, char** argv) {
       o.storage = need(i);
     else if (a == "--json")
       o.json = true;
+    else if (a == "--batch")
+      o.batch = true;
+    else if (a == "--decodes")
+      o.batch_opt.decodes = integer(i);
+    else if (a == "--min-context")
+      o.batch_opt.min_context = integer(i);
+    else if (a == "--max-context")
+      o.batch_opt.max_context = integer(i);
+    else if (a == "--prefills")
+      o.batch_opt.prefills = integer(i);
+    else if (a == "--chunk")
+      o.batch_opt.chunk = integer(i);
+    else if (a == "--page-size")
+      o.batch_opt.page_size = integer(i);
     else if (a == "--rows") {
       o.rows.clear();
       std::string list = need(i);
@@ -138,6 +162,10 @@ options parse(int argc, char** argv) {
       throw ak::invalid_argument("attnkit-compare: unknown flag '" + a + "'\n" + usage);
     }
   }
+  if (o.batch_opt.min_context > o.batch_opt.max_context)
+    throw ak::invalid_argument("attnkit-compare: --min-context must be <= --max-context");
+  o.batch_opt.heads = o.heads, o.batch_opt.kv_heads = o.kv_heads, o.batch_opt.head_dim = o.head_dim;
+  o.batch_opt.threads = o.threads, o.batch_opt.json = o.json;
   if (o.heads % o.kv_heads != 0)
     throw ak::invalid_argument("attnkit-compare: --heads=" + std::to_string(o.heads) +
                                " must be a multiple of --kv-heads=" + std::to_string(o.kv_heads));
@@ -859,6 +887,14 @@ int main(int argc, char** argv) {
   try {
     const options o = parse(argc, argv);
     ak::thread_pool pool(o.threads);
+    if (o.batch) {
+      const double bandwidth = compare_batch::read_bandwidth(pool, o.threads);
+      const auto rows = o.storage == "bf16"  ? compare_batch::run_all<ak::bf16>(o.batch_opt, pool)
+                        : o.storage == "f16" ? compare_batch::run_all<ak::half>(o.batch_opt, pool)
+                                             : compare_batch::run_all<float>(o.batch_opt, pool);
+      compare_batch::print(o.batch_opt, o.storage, bandwidth, rows);
+      return 0;
+    }
     std::vector<row> rows = o.storage == "bf16"  ? all_rows<ak::bf16>(o, pool)
                             : o.storage == "f16" ? all_rows<ak::half>(o, pool)
                                                  : all_rows<float>(o, pool);

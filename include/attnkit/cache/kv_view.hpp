@@ -11,8 +11,9 @@
 // each with one int64 position per token. Kernels address rows only through row(head, t) and
 // run_end(t): the rows [t, run_end(t)) of a head are one run at a fixed row stride, and no key
 // block of the attention driver crosses a run end. A contiguous view is one run; a paged view
-// (rows through a page table) ends runs at page boundaries and is a second model of the same
-// interface, leaving the kernels' math untouched.
+// (rows through a page table, the block-table layout of vLLM and FlashInfer) ends runs at page
+// boundaries and is a second model of the same interface, leaving the kernels' math untouched.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -23,16 +24,56 @@
 
 namespace attnkit {
 
+/// A sequence's page table: token t lives on page pages[t / page_size] at slot t % page_size.
+/// page_size 0 (the default) means not paged: token t is slot t of one run.
+struct page_table {
+  std::span<const std::int32_t> pages{};  ///< the sequence's pages in token order
+  std::int64_t page_size = 0;             ///< tokens per page
+
+  bool paged() const { return page_size > 0; }
+  /// Physical page and slot of token t.
+  std::int64_t page(std::int64_t t) const {
+    return paged() ? pages[static_cast<std::size_t>(t / page_size)] : 0;
+  }
+  std::int64_t slot(std::int64_t t) const { return paged() ? t % page_size : t; }
+  /// End of the run of tokens that starts at t (its page's end) in a sequence of `size` tokens.
+  std::int64_t run_end(std::int64_t t, std::int64_t size) const {
+    return paged() ? std::min(size, (t / page_size + 1) * page_size) : size;
+  }
+
+  /// Checks at an API boundary that `tokens` tokens fit the table and every page they use is
+  /// one of the pool's `num_pages`: a paged view never reads outside its pool.
+  void validate(const char* who, std::int64_t tokens, std::int64_t num_pages) const {
+    using detail::require;
+    require(page_size >= 0, who, ": page_size must be >= 0, got ", page_size);
+    if (!paged()) return;
+    require(num_pages >= 0, who, ": num_pages must be >= 0, got ", num_pages);
+    const std::int64_t needed = tokens / page_size + (tokens % page_size != 0);
+    require(static_cast<std::int64_t>(pages.size()) >= needed, who, ": the page table has ",
+            pages.size(), " pages but ", tokens, " tokens of page_size ", page_size, " need ",
+            needed);
+    for (std::int64_t i = 0; i < needed; ++i) {
+      const std::int64_t p = pages[static_cast<std::size_t>(i)];
+      require(p >= 0 && p < num_pages, who, ": page table entry ", i, " is page ", p,
+              ", outside the pool's [0, ", num_pages, ")");
+    }
+  }
+};
+
 /// Rows of one kind (keys or values) of every KV head: row t of head j starts at
-/// data + j * head_stride + t * row_stride and holds `width` contiguous elements.
+/// data + page(t) * page_stride + j * head_stride + slot(t) * row_stride and holds `width`
+/// contiguous elements (page(t) = 0 and slot(t) = t unless `table` is paged).
 template <storage_type S>
 struct row_set {
   const S* data = nullptr;
   std::int64_t head_stride = 0;
   std::int64_t row_stride = 0;
   std::int64_t width = 0;
+  std::int64_t page_stride = 0;  ///< elements from one page to the next (paged views)
+  page_table table{};
   const S* row(std::int64_t head, std::int64_t t) const {
-    return data + head * head_stride + t * row_stride;
+    if (!table.paged()) return data + head * head_stride + t * row_stride;
+    return data + table.page(t) * page_stride + head * head_stride + table.slot(t) * row_stride;
   }
 };
 
@@ -71,6 +112,32 @@ class kv_view {
                    positions);
   }
 
+  /// Paged keys and values over a pool of num_pages pages: keys.data and values.data point at
+  /// page 0, keys.page_stride and values.page_stride step from page to page, and `table` maps
+  /// the sequence's tokens to pages (checked against the pool). For the vLLM layout
+  /// K [num_pages, H_kv, page_size, d] the strides are (H_kv page_size d, page_size d, d).
+  static kv_view paged(row_set<S> keys, row_set<S> values, std::int64_t kv_heads,
+                       const page_table& table, std::int64_t num_pages,
+                       std::span<const std::int64_t> positions) {
+    detail::require(table.paged(), "kv_view::paged: page_size must be > 0, got ",
+                    table.page_size);
+    table.validate("kv_view::paged", static_cast<std::int64_t>(positions.size()), num_pages);
+    keys.table = values.table = table;
+    return kv_view(keys, values, kv_heads, positions);
+  }
+  /// Paged rows of an MLA latent cache: row slot i of page p at rows + p * page_stride +
+  /// i * row_stride.
+  static kv_view paged_latent(const S* rows, std::int64_t row_stride, std::int64_t page_stride,
+                              std::int64_t latent_dim, std::int64_t key_width,
+                              const page_table& table, std::int64_t num_pages,
+                              std::span<const std::int64_t> positions) {
+    detail::require(latent_dim > 0 && key_width >= latent_dim,
+                    "kv_view::paged_latent: latent_dim=", latent_dim,
+                    " must be in [1, key_width=", key_width, "]");
+    return paged({rows, 0, row_stride, key_width, page_stride},
+                 {rows, 0, row_stride, latent_dim, page_stride}, 1, table, num_pages, positions);
+  }
+
   std::int64_t size() const { return static_cast<std::int64_t>(pos_.size()); }
   std::int64_t kv_heads() const { return kv_heads_; }
   std::int64_t head_dim() const { return k_.width; }
@@ -80,10 +147,11 @@ class kv_view {
   const row_set<S>& values() const { return v_; }
   /// Values are the leading columns of the key rows (MLA): a kernel may widen a block once.
   bool values_in_keys() const {
-    return v_.data == k_.data && v_.row_stride == k_.row_stride && v_.width <= k_.width;
+    return v_.data == k_.data && v_.row_stride == k_.row_stride &&
+           v_.page_stride == k_.page_stride && v_.width <= k_.width;
   }
   /// End of the run of uniformly strided rows that starts at token t.
-  std::int64_t run_end(std::int64_t /*t*/) const { return size(); }
+  std::int64_t run_end(std::int64_t t) const { return k_.table.run_end(t, size()); }
 
  private:
   static row_set<S> checked_rows(const tensor3_view<const S>& k, const tensor3_view<const S>& v,
@@ -123,13 +191,22 @@ class value_view {
   /// Caller-owned V [T, H_kv, d_v] (any token and head strides, last dimension contiguous).
   value_view(tensor3_view<const S> v, std::span<const std::int64_t> positions)
       : value_view(checked_rows(v, positions), v.extent(1), positions) {}
+  /// Paged values over a pool of num_pages pages (see kv_view::paged).
+  static value_view paged(row_set<S> values, std::int64_t kv_heads, const page_table& table,
+                          std::int64_t num_pages, std::span<const std::int64_t> positions) {
+    detail::require(table.paged(), "value_view::paged: page_size must be > 0, got ",
+                    table.page_size);
+    table.validate("value_view::paged", static_cast<std::int64_t>(positions.size()), num_pages);
+    values.table = table;
+    return value_view(values, kv_heads, positions);
+  }
 
   std::int64_t size() const { return static_cast<std::int64_t>(pos_.size()); }
   std::int64_t kv_heads() const { return kv_heads_; }
   std::int64_t v_head_dim() const { return v_.width; }
   std::span<const std::int64_t> positions() const { return pos_; }
   const row_set<S>& values() const { return v_; }
-  std::int64_t run_end(std::int64_t /*t*/) const { return size(); }
+  std::int64_t run_end(std::int64_t t) const { return v_.table.run_end(t, size()); }
 
  private:
   static row_set<S> checked_rows(const tensor3_view<const S>& v,
@@ -150,7 +227,8 @@ class value_view {
 /// TPA's factors for `positions.size()` tokens, each token's block contiguous:
 /// A_K [k_rank, heads], B_K [k_rank, head_dim] (roped), A_V [v_rank, heads], B_V [v_rank,
 /// v_head_dim] at a_k + t * k_rank * heads etc. K[h] = k_scale sum_r A_K[r, h] B_K[r], V likewise
-/// with v_scale.
+/// with v_scale. Paged (`pages` set): a_k ... b_v point at page 0's blocks of each factor, the
+/// page_size tokens of a page one run per factor, and page p's at + p * page_stride.
 template <storage_type S>
 struct factor_view {
   using storage_type = S;
@@ -158,13 +236,20 @@ struct factor_view {
   float k_scale = 1.f, v_scale = 1.f;
   const S *a_k = nullptr, *b_k = nullptr, *a_v = nullptr, *b_v = nullptr;
   std::span<const std::int64_t> positions{};
+  page_table pages{};
+  std::int64_t page_stride = 0;  ///< elements from one page to the next (paged views)
+  std::int64_t num_pages = 0;    ///< the pool's pages (paged views)
 
   std::int64_t size() const { return static_cast<std::int64_t>(positions.size()); }
-  const S* a_k_row(std::int64_t t) const { return a_k + t * k_rank * heads; }
-  const S* b_k_row(std::int64_t t) const { return b_k + t * k_rank * head_dim; }
-  const S* a_v_row(std::int64_t t) const { return a_v + t * v_rank * heads; }
-  const S* b_v_row(std::int64_t t) const { return b_v + t * v_rank * v_head_dim; }
-  std::int64_t run_end(std::int64_t /*t*/) const { return size(); }
+  /// Offset of token t's block of `width` elements in a factor array.
+  std::int64_t offset(std::int64_t t, std::int64_t width) const {
+    return pages.paged() ? pages.page(t) * page_stride + pages.slot(t) * width : t * width;
+  }
+  const S* a_k_row(std::int64_t t) const { return a_k + offset(t, k_rank * heads); }
+  const S* b_k_row(std::int64_t t) const { return b_k + offset(t, k_rank * head_dim); }
+  const S* a_v_row(std::int64_t t) const { return a_v + offset(t, v_rank * heads); }
+  const S* b_v_row(std::int64_t t) const { return b_v + offset(t, v_rank * v_head_dim); }
+  std::int64_t run_end(std::int64_t t) const { return pages.run_end(t, size()); }
 
   /// Checks the shape at an API boundary.
   void validate(const char* who) const {
@@ -177,6 +262,7 @@ struct factor_view {
             " is a null pointer for ", size(), " tokens");
     require(std::isfinite(k_scale) && std::isfinite(v_scale), who,
             ": k_scale and v_scale must be finite, got ", k_scale, " and ", v_scale);
+    pages.validate(who, size(), num_pages);
   }
 };
 

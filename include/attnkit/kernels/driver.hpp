@@ -103,16 +103,23 @@ struct attention_plan {
   }
 };
 
-/// Key splits only when the items without them would leave workers idle: about four items per
-/// worker, each split at least 256 keys.
-inline attention_plan plan_attention(const attention_shape& s, int workers) {
+/// The query tiles of a shape, without key splits.
+inline attention_plan tile_attention(const attention_shape& s) {
   attention_plan p{s.q_tokens, s.groups, s.group_heads, s.keys, s.v_head_dim, s.block, 0, 0, 0,
                    1,          0};
   p.tq = std::clamp<std::int64_t>(s.tile_rows / s.group_heads, 1,
                                   std::max<std::int64_t>(s.q_tokens, 1));
   p.rows = p.g * p.tq;
   p.qtiles = (s.q_tokens + p.tq - 1) / p.tq;
-  const std::int64_t base = p.groups * p.qtiles;
+  p.items = p.groups * p.qtiles;
+  return p;
+}
+
+/// Key splits only when the items without them would leave workers idle: about four items per
+/// worker, each split at least 256 keys. (Tq > 0.)
+inline attention_plan plan_attention(const attention_shape& s, int workers) {
+  attention_plan p = tile_attention(s);
+  const std::int64_t base = p.items;
   if (base < 2 * workers || base % workers != 0)
     p.splits = std::clamp<std::int64_t>((4 * workers + base - 1) / base, 1,
                                         std::max<std::int64_t>(1, s.keys / 256));

@@ -70,9 +70,13 @@ class gqa_products {
  public:
   using problem = gqa_problem<S>;
   static attention_shape shape(const problem& pb) {
-    return {pb.q.extent(0),         pb.kv.kv_heads(),   pb.q.extent(1) / pb.kv.kv_heads(),
-            pb.kv.size(),           pb.kv.v_head_dim(), pb.streaming ? 32 : 128,
-            pb.streaming ? 64 : 128};
+    return shape_of(pb.q.extent(0), pb.q.extent(1), pb.kv, pb.streaming);
+  }
+  /// The shape of Tq tokens of H query heads against kv.
+  static attention_shape shape_of(std::int64_t tq, std::int64_t h, const kv_view<S>& kv,
+                                  bool streaming) {
+    return {tq,        kv.kv_heads(),     h / kv.kv_heads(),    kv.size(),
+            kv.v_head_dim(), streaming ? 32 : 128, streaming ? 64 : 128};
   }
   static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
     const std::int64_t m = pl.rows, nb = pl.block, dqk = pb.kv.head_dim(), dv = pb.kv.v_head_dim();
@@ -198,6 +202,14 @@ class gqa_products {
   std::int64_t vfs_ = 0;
 };
 
+/// Streaming micro-kernels for tiles of fewer than 16 query rows (g heads x Tq tokens). Without
+/// AVX-512 the portable streaming loops are slow and Eigen's vectorised GEMM tiles are the fast
+/// path for every size.
+inline bool streams(const attention_options& opt, std::int64_t g, std::int64_t tq) {
+  return opt.strategy == tile_strategy::streaming ||
+         (opt.strategy == tile_strategy::automatic && ATTNKIT_HAS_AVX512 && g * tq < 16);
+}
+
 /// The GQA problem of queries q [Tq, H, d_qk] against kv (checked against each other): the
 /// tile strategy and the scale.
 template <storage_type S>
@@ -209,14 +221,9 @@ gqa_problem<S> gqa_problem_of(const char* who, tensor3_view<const float> q, cons
   require(q.extent(2) == dqk, who, ": q head dim q.extent(2)=", q.extent(2),
           " differs from the keys' head_dim=", dqk);
   require_extents(q, {tq, h, dqk}, who, "q");
-  // Streaming micro-kernels for tiles of fewer than 16 query rows. Without AVX-512 the portable
-  // streaming loops are slow and Eigen's vectorised GEMM tiles are the fast path for every size.
-  const bool streaming =
-      opt.strategy == tile_strategy::streaming ||
-      (opt.strategy == tile_strategy::automatic && ATTNKIT_HAS_AVX512 && (h / hkv) * tq < 16);
   const float scale =
       opt.scale.value_or(default_scale.value_or(1.f / std::sqrt(static_cast<float>(dqk))));
-  return {q, kv, scale, streaming};
+  return {q, kv, scale, streams(opt, h / hkv, tq)};
 }
 
 /// The GQA path of attend and attend_latent on a validated kv_view.

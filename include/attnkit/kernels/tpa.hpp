@@ -146,7 +146,9 @@ class tpa_products {
   score_tile scores(std::int64_t /*j*/, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
     // The next block streams in while this one computes: each of its lines is issued about one
     // block's time before it is read; two blocks ahead crowd L2 (docs/benchmarks.md, TPA).
-    pf_.start(b0 + nb, std::min(b0 + nb + pl_.block, k_end));
+    // (Within the next block's run: the factor rows beyond it are on another page.)
+    const std::int64_t next = b0 + nb;
+    pf_.start(next, next < k_end ? std::min({next + pl_.block, k_end, run_end(next)}) : next);
     const std::int64_t rq = p_.a_q.extent(1), d = p_.kv.head_dim, rk = p_.kv.k_rank;
     // D[r][(s, u)] = B_Q[r] . B_K(s)[u]
     detail::scores(bq_, d, rq, p_.kv.b_k_row(b0), d, nb * rk, d, dots_, dots_stride(), false, pf_);

@@ -95,7 +95,7 @@ class follower_layer {
     o_.resize(t, h * dv);
     detail::linear(xm, as_eigen(w_.v_proj, "v_proj"), w_.v_proj_bias, map(v_), exec);
     const std::int64_t before = cache.size();
-    cache.append(tensor3_view<const float>(v_.data(), {t, hkv, dv}), positions);
+    cache.append(value_append{tensor3_view<const float>(v_.data(), {t, hkv, dv}), positions});
     detail::undo_on_throw(cache, before, [&] {
       attend(cache.view(), tensor3_view<float>(o_.data(), {t, h, dv}));
     });

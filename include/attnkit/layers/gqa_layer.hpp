@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <tuple>
+#include <vector>
 
 #include "../cache/dense_cache.hpp"
 #include "../core/error.hpp"
@@ -14,6 +16,8 @@
 #include "../core/rmsnorm.hpp"
 #include "../core/rope.hpp"
 #include "../core/view.hpp"
+#include "../kernels/batch.hpp"
+#include "batch_step.hpp"
 #include "../kernels/gqa.hpp"
 #include "../kernels/shared.hpp"
 
@@ -111,12 +115,68 @@ class gqa_layer {
     require(t <= cache.capacity() - cache.size(), "gqa_layer::forward: appending ", t,
             " tokens to size=", cache.size(), " exceeds capacity=", cache.capacity());
 
+    project(x, positions, exec);
+    const std::int64_t before = cache.size();
+    cache.append(dense_append{tensor3_view<const float>(k_.data(), {t, hkv, dq}),
+                              tensor3_view<const float>(v_.data(), {t, hkv, dv}), positions});
+    detail::undo_on_throw(cache, before, [&] {
+      attend(tensor3_view<const float>(q_.data(), {t, h, dq}), positions, cache.view(),
+             tensor3_view<float>(o_.data(), {t, h, dv}), outputs.added_to(options()), exec, &ws_);
+    });
+    project_out(y, exec);
+  }
+
+  /// One step of a batch of sequences: sequence s's tokens are rows [q_indptr[s],
+  /// q_indptr[s + 1]) of x [sum Tq, D] (positions likewise, non-decreasing within a sequence)
+  /// and are appended to *caches[s]; y [sum Tq, D]. `plan`: empty at the step's first layer,
+  /// which plans the step's batch into it (kernels/batch.hpp); every later layer of the step
+  /// reuses it. A call that throws changes no cache.
+  template <class Cache, class Exec = serial_executor>
+  requires cache_for<Cache, dense_append> && kv_source<Cache>
+  void forward_batch(matrix_view<const float> x, std::span<const std::int64_t> positions,
+                     std::span<const std::int64_t> q_indptr, std::span<Cache*> caches,
+                     matrix_view<float> y, batch_plan& plan, Exec&& exec = Exec{}) {
+    using detail::require;
+    const char* who = "gqa_layer::forward_batch";
+    const std::int64_t t = x.extent(0), d = cfg_.model_dim, h = cfg_.heads, hkv = cfg_.kv_heads;
+    const std::int64_t dq = cfg_.head_dim, dv = cfg_.v_head_dim;
+    detail::require_extents(x, {t, d}, who, "x");
+    detail::require_extents(y, {t, d}, who, "y");
+    detail::validate_batch_rows(who, q_indptr, static_cast<std::int64_t>(caches.size()), t,
+                                positions);
+    detail::validate_batch_caches(who, caches, q_indptr, [&](const auto& kv) {
+      require(kv.kv_heads() == hkv && kv.head_dim() == dq && kv.v_head_dim() == dv,
+              "cache has kv_heads=", kv.kv_heads(), ", head_dim=", kv.head_dim(), ", v_head_dim=",
+              kv.v_head_dim(), " but the layer needs ", hkv, ", ", dq, ", ", dv);
+    });
+    project(x, positions, exec);
+    detail::append_batch(caches, q_indptr, [&](Cache& c, const detail::batch_rows& r) {
+      c.append(dense_append{
+          tensor3_view<const float>(k_.data() + r.begin * hkv * dq, {r.size(), hkv, dq}),
+          tensor3_view<const float>(v_.data() + r.begin * hkv * dv, {r.size(), hkv, dv}),
+          positions.subspan(static_cast<std::size_t>(r.begin), static_cast<std::size_t>(r.size()))});
+    }, [&] {
+      using S = typename Cache::storage_type;
+      const auto views = detail::views_of(caches, std::get<std::vector<kv_view<S>>>(views_));
+      const gqa_batch<S> b{tensor3_view<const float>(q_.data(), {t, h, dq}), positions, q_indptr,
+                           views};
+      if (plan.sequences() == 0) plan = plan_batch(b, options(), exec);
+      attend_batch(plan, b, tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
+    });
+    project_out(y, exec);
+  }
+
+ private:
+  /// q_, k_, v_ of x [T, D] at positions: projected, QK-normed, roped.
+  template <class Exec>
+  void project(matrix_view<const float> x, std::span<const std::int64_t> positions, Exec& exec) {
+    const std::int64_t t = x.extent(0), h = cfg_.heads, hkv = cfg_.kv_heads;
+    const std::int64_t dq = cfg_.head_dim, dv = cfg_.v_head_dim;
     q_.resize(t, h * dq);
     k_.resize(t, hkv * dq);
     v_.resize(t, hkv * dv);
     o_.resize(t, h * dv);
     const auto xm = as_eigen(x, "gqa_layer::forward: x");
-    auto ym = as_eigen(y, "gqa_layer::forward: y");
     auto map = [](row_matrix<float>& m) {
       return detail::row_map<float>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols()));
     };
@@ -134,19 +194,16 @@ class gqa_layer {
         k_rope_.apply(k_.row(i).data() + j * dq, pos, j);
       }
     }
-    const std::int64_t before = cache.size();
-    cache.append(tensor3_view<const float>(k_.data(), {t, hkv, dq}),
-                 tensor3_view<const float>(v_.data(), {t, hkv, dv}), positions);
-    detail::undo_on_throw(cache, before, [&] {
-      attend(tensor3_view<const float>(q_.data(), {t, h, dq}), positions, cache.view(),
-             tensor3_view<float>(o_.data(), {t, h, dv}), outputs.added_to(options()), exec, &ws_);
-    });
-    const auto om =
-        detail::row_map<const float>(o_.data(), t, h * dv, Eigen::OuterStride<>(h * dv));
+  }
+  /// y = o_ W_O^T + b_O.
+  template <class Exec>
+  void project_out(matrix_view<float> y, Exec& exec) {
+    const std::int64_t t = o_.rows(), hv = o_.cols();
+    const auto om = detail::row_map<const float>(o_.data(), t, hv, Eigen::OuterStride<>(hv));
+    auto ym = as_eigen(y, "gqa_layer::forward: y");
     detail::linear(om, as_eigen(w_.o_proj, "o_proj"), w_.o_proj_bias, ym, exec);
   }
 
- private:
   static gqa_config validated(gqa_config c) {
     using detail::require;
     if (c.v_head_dim == 0) c.v_head_dim = c.head_dim;
@@ -181,6 +238,9 @@ class gqa_layer {
   rope q_rope_, k_rope_;
   row_matrix<float> q_, k_, v_, o_;
   attention_workspace ws_;
+  // The batch's views, kept so that steps after the first allocate nothing.
+  std::tuple<std::vector<kv_view<float>>, std::vector<kv_view<bf16>>, std::vector<kv_view<half>>>
+      views_;
 };
 
 }  // namespace attnkit

@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <span>
+#include <tuple>
 #include <vector>
 
 #include "../cache/latent_cache.hpp"
@@ -28,9 +29,11 @@
 #include "../core/rmsnorm.hpp"
 #include "../core/rope.hpp"
 #include "../core/view.hpp"
+#include "../kernels/batch.hpp"
 #include "../kernels/gqa.hpp"
 #include "../kernels/mla.hpp"
 #include "../kernels/shared.hpp"
+#include "batch_step.hpp"
 
 namespace attnkit {
 
@@ -143,8 +146,8 @@ class mla_layer {
                matrix_view<float> y, Exec&& exec = Exec{}, mla_path path = mla_path::automatic,
                const attention_outputs& outputs = {}) {
     using detail::require;
-    const std::int64_t t = x.extent(0), d = cfg_.model_dim, h = cfg_.heads, dc = cfg_.latent_dim;
-    const std::int64_t dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr, nr = cfg_.rope_heads;
+    const std::int64_t t = x.extent(0), d = cfg_.model_dim, dc = cfg_.latent_dim;
+    const std::int64_t dr = cfg_.rope_dim, nr = cfg_.rope_heads;
     detail::require_extents(x, {t, d}, "mla_layer::forward: x");
     detail::require_extents(y, {t, d}, "mla_layer::forward: y");
     require(static_cast<std::int64_t>(positions.size()) == t, "mla_layer::forward: positions has ",
@@ -158,60 +161,69 @@ class mla_layer {
     }
     require(t <= cache.capacity() - cache.size(), "mla_layer::forward: appending ", t,
             " tokens to size=", cache.size(), " exceeds capacity=", cache.capacity());
-    const auto xm = as_eigen(x, "mla_layer::forward: x");
     auto ym = as_eigen(y, "mla_layer::forward: y");  // checked before the cache changes
-
-    // Queries [T, H, d_nope + d_R], rope part roped.
-    q_.resize(t, h * dqk);
-    if (cfg_.q_lora_rank > 0) {
-      cq_.resize(t, cfg_.q_lora_rank);
-      detail::linear(xm, map(w_.q_a_proj), w_.q_a_proj_bias, as_map(cq_), exec);
-      for (std::int64_t i = 0; i < t; ++i)
-        rms_norm(cq_.row(i).data(), cfg_.q_lora_rank, w_.q_a_layernorm, cfg_.rms_eps);
-      detail::linear(const_map(cq_), map(w_.q_b_proj), w_.q_b_proj_bias, as_map(q_), exec);
-    } else {
-      detail::linear(xm, map(w_.q_proj), w_.q_proj_bias, as_map(q_), exec);
-    }
-    // Latent and rope key: [c_raw | k_pe_raw] -> c = RMSNorm(c_raw), k_rope = RoPE(k_pe_raw).
-    kva_.resize(t, dc + nr * dr);
-    detail::linear(xm, map(w_.kv_a_proj_with_mqa), w_.kv_a_proj_bias, as_map(kva_), exec);
-    for (std::int64_t i = 0; i < t; ++i) {
-      const std::int64_t pos = positions[static_cast<std::size_t>(i)];
-      if (!w_.kv_a_layernorm.empty())
-        rms_norm(kva_.row(i).data(), dc, w_.kv_a_layernorm, cfg_.rms_eps);
-      if (dr == 0) continue;
-      for (std::int64_t g = 0; g < nr; ++g) {
-        float* k = kva_.row(i).data() + dc + g * dr;
-        if (!w_.k_rope_norm.empty()) rms_norm(k, dr, w_.k_rope_norm, cfg_.rms_eps);
-        k_rope_.apply(k, pos, g);
-      }
-      for (std::int64_t hh = 0; hh < h; ++hh) {
-        float* q = q_.row(i).data() + hh * dqk + dn;
-        if (!w_.q_rope_norm.empty()) rms_norm(q, dr, w_.q_rope_norm, cfg_.rms_eps);
-        q_rope_.apply(q, pos, hh);
-      }
-    }
-    cache.append(matrix_view<const float>(kva_.data(), {t, dc}, {dc + nr * dr, 1}),
-                 tensor3_view<const float>(kva_.data() + dc, {t, nr, dr}, {dc + nr * dr, dr, 1}),
-                 positions);
+    project(x, positions, exec);
+    cache.append(latent_append{
+        matrix_view<const float>(kva_.data(), {t, dc}, {dc + nr * dr, 1}),
+        tensor3_view<const float>(kva_.data() + dc, {t, nr, dr}, {dc + nr * dr, dr, 1}), positions});
 
     if (path == mla_path::automatic)
       path = t <= absorbed_max_tokens() ? mla_path::absorbed : mla_path::naive;
     const std::int64_t before = cache.size() - t;
     last_path_ = path;
     detail::undo_on_throw(cache, before, [&] {
+      const attention_options opt = outputs.added_to(options());
       if (path == mla_path::absorbed)
-        forward_absorbed(t, positions, cache.view(), exec, outputs.added_to(options()));
+        forward_absorbed(t, exec, [&](auto ql, auto qr, auto o) {
+          attend_latent(ql, qr, positions, cache.view(), o, opt, exec, &ws_);
+        });
       else
-        forward_naive(t, positions, cache.view(), exec, outputs.added_to(options()));
+        forward_naive(t, positions, cache.view(), exec, opt);
     });
+    project_out(path, ym, exec);
+  }
 
-    // y = O W_O^T + b_o, O = o_ [T, H d_v] (or the latent [T, H d_c] with W_O W_UV folded).
-    if (path == mla_path::absorbed && cfg_.fold_uv_into_o) {
-      detail::linear(const_map(olat_), const_map(w_ouv_), std::span<const float>(b_ouv_), ym, exec);
-    } else {
-      detail::linear(const_map(o_), map(w_.o_proj), w_.o_proj_bias, ym, exec);
-    }
+  /// One step of a batch of sequences on the absorbed path (see gqa_layer::forward_batch):
+  /// sequence s's rows [q_indptr[s], q_indptr[s + 1]) of x [sum Tq, D] are appended to
+  /// *caches[s]; y [sum Tq, D]; `plan` empty at the step's first layer, reused by the later
+  /// ones. A call that throws changes no cache.
+  template <class Cache, class Exec = serial_executor>
+  requires cache_for<Cache, latent_append> && kv_source<Cache>
+  void forward_batch(matrix_view<const float> x, std::span<const std::int64_t> positions,
+                     std::span<const std::int64_t> q_indptr, std::span<Cache*> caches,
+                     matrix_view<float> y, batch_plan& plan, Exec&& exec = Exec{}) {
+    using detail::require;
+    const char* who = "mla_layer::forward_batch";
+    const std::int64_t t = x.extent(0), d = cfg_.model_dim, dc = cfg_.latent_dim;
+    const std::int64_t dr = cfg_.rope_dim, nr = cfg_.rope_heads, w = dc + nr * dr;
+    detail::require_extents(x, {t, d}, who, "x");
+    detail::require_extents(y, {t, d}, who, "y");
+    detail::validate_batch_rows(who, q_indptr, static_cast<std::int64_t>(caches.size()), t,
+                                positions);
+    detail::validate_batch_caches(who, caches, q_indptr, [&](const auto& kv) {
+      require(kv.kv_heads() == 1 && kv.v_head_dim() == dc && kv.head_dim() == w,
+              "cache rows have latent width ", kv.v_head_dim(), " and key width ", kv.head_dim(),
+              " but the layer needs ", dc, " and ", w);
+    });
+    auto ym = as_eigen(y, who);
+    project(x, positions, exec);
+    detail::append_batch(caches, q_indptr, [&](Cache& c, const detail::batch_rows& r) {
+      const float* row = kva_.data() + r.begin * w;
+      c.append(latent_append{
+          matrix_view<const float>(row, {r.size(), dc}, {w, 1}),
+          tensor3_view<const float>(row + dc, {r.size(), nr, dr}, {w, dr, 1}),
+          positions.subspan(static_cast<std::size_t>(r.begin), static_cast<std::size_t>(r.size()))});
+    }, [&] {
+      using S = typename Cache::storage_type;
+      const auto views = detail::views_of(caches, std::get<std::vector<kv_view<S>>>(views_));
+      forward_absorbed(t, exec, [&](auto ql, auto qr, auto o) {
+        const latent_batch<S> b{ql, qr, positions, q_indptr, views};
+        if (plan.sequences() == 0) plan = plan_batch(b, options(), exec);
+        attend_batch(plan, b, o, options(), exec, &ws_);
+      });
+    });
+    last_path_ = mla_path::absorbed;
+    project_out(mla_path::absorbed, ym, exec);
   }
 
  private:
@@ -245,9 +257,60 @@ class mla_layer {
         static_cast<std::size_t>(cfg_.v_head_dim));
   }
 
-  template <storage_type S, class Exec>
-  void forward_absorbed(std::int64_t t, std::span<const std::int64_t> positions,
-                        const kv_view<S>& cache, Exec& exec, const attention_options& opt) {
+  /// q_ [T, H (d_nope + d_R)] and kva_ [T, d_c + rope_heads d_R] of x [T, D] at positions:
+  /// projected, normed, the rope parts roped.
+  template <class Exec>
+  void project(matrix_view<const float> x, std::span<const std::int64_t> positions, Exec& exec) {
+    const std::int64_t t = x.extent(0), h = cfg_.heads, dc = cfg_.latent_dim;
+    const std::int64_t dn = cfg_.nope_dim, dr = cfg_.rope_dim, dqk = dn + dr, nr = cfg_.rope_heads;
+    const auto xm = as_eigen(x, "mla_layer::forward: x");
+
+    // Queries [T, H, d_nope + d_R], rope part roped.
+    q_.resize(t, h * dqk);
+    if (cfg_.q_lora_rank > 0) {
+      cq_.resize(t, cfg_.q_lora_rank);
+      detail::linear(xm, map(w_.q_a_proj), w_.q_a_proj_bias, as_map(cq_), exec);
+      for (std::int64_t i = 0; i < t; ++i)
+        rms_norm(cq_.row(i).data(), cfg_.q_lora_rank, w_.q_a_layernorm, cfg_.rms_eps);
+      detail::linear(const_map(cq_), map(w_.q_b_proj), w_.q_b_proj_bias, as_map(q_), exec);
+    } else {
+      detail::linear(xm, map(w_.q_proj), w_.q_proj_bias, as_map(q_), exec);
+    }
+    // Latent and rope key: [c_raw | k_pe_raw] -> c = RMSNorm(c_raw), k_rope = RoPE(k_pe_raw).
+    kva_.resize(t, dc + nr * dr);
+    detail::linear(xm, map(w_.kv_a_proj_with_mqa), w_.kv_a_proj_bias, as_map(kva_), exec);
+    for (std::int64_t i = 0; i < t; ++i) {
+      const std::int64_t pos = positions[static_cast<std::size_t>(i)];
+      if (!w_.kv_a_layernorm.empty())
+        rms_norm(kva_.row(i).data(), dc, w_.kv_a_layernorm, cfg_.rms_eps);
+      if (dr == 0) continue;
+      for (std::int64_t g = 0; g < nr; ++g) {
+        float* k = kva_.row(i).data() + dc + g * dr;
+        if (!w_.k_rope_norm.empty()) rms_norm(k, dr, w_.k_rope_norm, cfg_.rms_eps);
+        k_rope_.apply(k, pos, g);
+      }
+      for (std::int64_t hh = 0; hh < h; ++hh) {
+        float* q = q_.row(i).data() + hh * dqk + dn;
+        if (!w_.q_rope_norm.empty()) rms_norm(q, dr, w_.q_rope_norm, cfg_.rms_eps);
+        q_rope_.apply(q, pos, hh);
+      }
+    }
+  }
+
+  /// y = O W_O^T + b_o, O = o_ [T, H d_v] (or the latent [T, H d_c] with W_O W_UV folded).
+  template <class Y, class Exec>
+  void project_out(mla_path path, Y& ym, Exec& exec) {
+    if (path == mla_path::absorbed && cfg_.fold_uv_into_o) {
+      detail::linear(const_map(olat_), const_map(w_ouv_), std::span<const float>(b_ouv_), ym, exec);
+    } else {
+      detail::linear(const_map(o_), map(w_.o_proj), w_.o_proj_bias, ym, exec);
+    }
+  }
+
+  /// The absorbed path from q_: q_latent, then attend(q_latent [T, H, d_c], q_rope [T, H, d_R],
+  /// o_latent [T, H, d_c]) (one sequence or a batch), then o_ unless W_UV is folded into W_O.
+  template <class Exec, class Attend>
+  void forward_absorbed(std::int64_t t, Exec& exec, Attend&& attend) {
     const std::int64_t h = cfg_.heads, dc = cfg_.latent_dim, dn = cfg_.nope_dim, dr = cfg_.rope_dim,
                        dqk = dn + dr;
     const std::int64_t dv = cfg_.v_head_dim;
@@ -258,10 +321,9 @@ class mla_layer {
           qn * w_uk(i);
     });
     olat_.resize(t, h * dc);
-    attend_latent(tensor3_view<const float>(qlat_.data(), {t, h, dc}),
-                  tensor3_view<const float>(q_.data() + dn, {t, h, dr}, {h * dqk, dqk, 1}),
-                  positions, cache, tensor3_view<float>(olat_.data(), {t, h, dc}), opt, exec,
-                  &ws_);
+    attend(tensor3_view<const float>(qlat_.data(), {t, h, dc}),
+           tensor3_view<const float>(q_.data() + dn, {t, h, dr}, {h * dqk, dqk, 1}),
+           tensor3_view<float>(olat_.data(), {t, h, dc}));
     if (cfg_.fold_uv_into_o) return;
     o_.resize(t, h * dv);
     exec.parallel_for(h, [&](std::int64_t i) {  // o_i = W_UV_i o_latent_i + b_v_i
@@ -405,6 +467,9 @@ class mla_layer {
   rmat q_, cq_, kva_, qlat_, olat_, o_, lat_, k_, v_, w_ouv_;
   std::vector<float> b_ouv_;
   attention_workspace ws_;
+  // The batch's views, kept so that steps after the first allocate nothing.
+  std::tuple<std::vector<kv_view<float>>, std::vector<kv_view<bf16>>, std::vector<kv_view<half>>>
+      views_;
 };
 
 }  // namespace attnkit

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <tuple>
 #include <vector>
 
 #include "../cache/factorized_cache.hpp"
@@ -26,7 +27,9 @@
 #include "../core/view.hpp"
 #include "../kernels/gqa.hpp"
 #include "../kernels/tpa.hpp"
+#include "../kernels/batch.hpp"
 #include "../kernels/shared.hpp"
+#include "batch_step.hpp"
 
 namespace attnkit {
 
@@ -122,7 +125,6 @@ class tpa_layer {
     detail::require_extents(y, {t, dm}, "tpa_layer::forward: y");
     require(static_cast<std::int64_t>(positions.size()) == t, "tpa_layer::forward: positions has ",
             positions.size(), " entries but x has T=", t, " tokens");
-    const tpa_scales sc = scales();
     {
       const auto f = cache.view();
       require(
@@ -133,8 +135,98 @@ class tpa_layer {
     }
     require(t <= cache.capacity() - cache.size(), "tpa_layer::forward: appending ", t,
             " tokens to size=", cache.size(), " exceeds capacity=", cache.capacity());
-    const auto xm = as_eigen(x, "tpa_layer::forward: x");
     const auto ym = as_eigen(y, "tpa_layer::forward: y");  // checked before the cache changes
+    project(x, positions, exec);
+    const std::int64_t before = cache.size();
+    cache.append({tensor3_view<const float>(ak_.data(), {t, rk, h}),
+                  tensor3_view<const float>(bk_.data(), {t, rk, d}),
+                  tensor3_view<const float>(av_.data(), {t, rv, h}),
+                  tensor3_view<const float>(bv_.data(), {t, rv, dv}), positions});
+    o_.resize(t, h * dv);
+    const auto f = scaled_view(cache);
+    last_path_ = path;
+    detail::undo_on_throw(cache, before, [&] {
+      if (path == tpa_path::materialized) {
+        materialized(t, positions, f, exec, outputs.added_to(options()));
+      } else {
+        attend_factorized(tensor3_view<const float>(aq_.data(), {t, rq, h}),
+                          tensor3_view<const float>(bq_.data(), {t, rq, d}), positions, f,
+                          tensor3_view<float>(o_.data(), {t, h, dv}), outputs.added_to(options()),
+                          exec, &ws_);
+      }
+    });
+    detail::linear(const_map(o_), map(w_.o_proj), {}, ym, exec);
+  }
+
+  /// One step of a batch of sequences on the factorized path (see gqa_layer::forward_batch):
+  /// sequence s's rows [q_indptr[s], q_indptr[s + 1]) of x [sum Tq, D] are appended to
+  /// *caches[s]; y [sum Tq, D]; `plan` empty at the step's first layer, reused by the later
+  /// ones. A call that throws changes no cache.
+  template <class Cache, class Exec = serial_executor>
+  requires cache_for<Cache, factorized_append> && factor_source<Cache>
+  void forward_batch(matrix_view<const float> x, std::span<const std::int64_t> positions,
+                     std::span<const std::int64_t> q_indptr, std::span<Cache*> caches,
+                     matrix_view<float> y, batch_plan& plan, Exec&& exec = Exec{}) {
+    using detail::require;
+    const char* who = "tpa_layer::forward_batch";
+    const std::int64_t t = x.extent(0), dm = cfg_.model_dim, h = cfg_.heads, d = cfg_.head_dim,
+                       dv = cfg_.v_head_dim;
+    const std::int64_t rk = cfg_.k_rank, rv = cfg_.v_rank, rq = cfg_.q_rank ? cfg_.q_rank : h;
+    detail::require_extents(x, {t, dm}, who, "x");
+    detail::require_extents(y, {t, dm}, who, "y");
+    detail::validate_batch_rows(who, q_indptr, static_cast<std::int64_t>(caches.size()), t,
+                                positions);
+    detail::validate_batch_caches(who, caches, q_indptr, [&](const auto& f) {
+      require(
+          f.heads == h && f.head_dim == d && f.v_head_dim == dv && f.k_rank == rk && f.v_rank == rv,
+          "cache has heads=", f.heads, ", head_dim=", f.head_dim, ", v_head_dim=", f.v_head_dim,
+          ", k_rank=", f.k_rank, ", v_rank=", f.v_rank, " but the layer needs ", h, ", ", d, ", ",
+          dv, ", ", rk, ", ", rv);
+    });
+    const auto ym = as_eigen(y, who);
+    project(x, positions, exec);
+    o_.resize(t, h * dv);
+    detail::append_batch(caches, q_indptr, [&](Cache& c, const detail::batch_rows& r) {
+      const std::int64_t b = r.begin, n = r.size();
+      c.append({tensor3_view<const float>(ak_.data() + b * rk * h, {n, rk, h}),
+                tensor3_view<const float>(bk_.data() + b * rk * d, {n, rk, d}),
+                tensor3_view<const float>(av_.data() + b * rv * h, {n, rv, h}),
+                tensor3_view<const float>(bv_.data() + b * rv * dv, {n, rv, dv}),
+                positions.subspan(static_cast<std::size_t>(b), static_cast<std::size_t>(n))});
+    }, [&] {
+      using S = typename Cache::storage_type;
+      const auto views = detail::views_of(caches, std::get<std::vector<factor_view<S>>>(views_),
+                                          [&](const Cache& c) { return scaled_view(c); });
+      const factorized_batch<S> b{tensor3_view<const float>(aq_.data(), {t, rq, h}),
+                                  tensor3_view<const float>(bq_.data(), {t, rq, d}), positions,
+                                  q_indptr, views};
+      if (plan.sequences() == 0) plan = plan_batch(b, options(), exec);
+      attend_batch(plan, b, tensor3_view<float>(o_.data(), {t, h, dv}), options(), exec, &ws_);
+    });
+    last_path_ = tpa_path::factorized;
+    detail::linear(const_map(o_), map(w_.o_proj), {}, ym, exec);
+  }
+
+ private:
+  using rmat = row_matrix<float>;
+  static detail::row_map<float> as_map(rmat& m) {
+    return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())};
+  }
+  static detail::row_map<const float> const_map(const rmat& m) {
+    return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())};
+  }
+  static detail::row_map<const float> map(const matrix_view<const float>& v) {
+    return as_eigen(v, "tpa weight");
+  }
+
+  /// The query and key/value factors of x [T, D] at positions (B_Q and B_K roped): aq_, bq_,
+  /// ak_, bk_, av_, bv_.
+  template <class Exec>
+  void project(matrix_view<const float> x, std::span<const std::int64_t> positions, Exec& exec) {
+    const std::int64_t t = x.extent(0), h = cfg_.heads, d = cfg_.head_dim, dv = cfg_.v_head_dim;
+    const std::int64_t rk = cfg_.k_rank, rv = cfg_.v_rank, rq = cfg_.q_rank ? cfg_.q_rank : h;
+    const tpa_scales sc = scales();
+    const auto xm = as_eigen(x, "tpa_layer::forward: x");
 
     // Query factors [T, R_Q, H] and [T, R_Q, d]; KV-only: A_Q = I (R_Q = H), B_Q = the roped q
     // heads.
@@ -163,37 +255,6 @@ class tpa_layer {
       for (std::int64_t r = 0; r < rq; ++r) rope_.apply(bq_.row(i).data() + r * d, pos);
       for (std::int64_t r = 0; r < rk; ++r) rope_.apply(bk_.row(i).data() + r * d, pos);
     }
-    const std::int64_t before = cache.size();
-    cache.append({tensor3_view<const float>(ak_.data(), {t, rk, h}),
-                  tensor3_view<const float>(bk_.data(), {t, rk, d}),
-                  tensor3_view<const float>(av_.data(), {t, rv, h}),
-                  tensor3_view<const float>(bv_.data(), {t, rv, dv}), positions});
-    o_.resize(t, h * dv);
-    const auto f = scaled_view(cache);
-    last_path_ = path;
-    detail::undo_on_throw(cache, before, [&] {
-      if (path == tpa_path::materialized) {
-        materialized(t, positions, f, exec, outputs.added_to(options()));
-      } else {
-        attend_factorized(tensor3_view<const float>(aq_.data(), {t, rq, h}),
-                          tensor3_view<const float>(bq_.data(), {t, rq, d}), positions, f,
-                          tensor3_view<float>(o_.data(), {t, h, dv}), outputs.added_to(options()),
-                          exec, &ws_);
-      }
-    });
-    detail::linear(const_map(o_), map(w_.o_proj), {}, ym, exec);
-  }
-
- private:
-  using rmat = row_matrix<float>;
-  static detail::row_map<float> as_map(rmat& m) {
-    return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())};
-  }
-  static detail::row_map<const float> const_map(const rmat& m) {
-    return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())};
-  }
-  static detail::row_map<const float> map(const matrix_view<const float>& v) {
-    return as_eigen(v, "tpa weight");
   }
 
   /// A [T, R, H] (rank-major, as cached) from W_A x (output index h R + r) or the fixed [R, H].
@@ -348,6 +409,10 @@ class tpa_layer {
   rmat aq_, bq_, ak_, bk_, av_, bv_, raw_, o_, qm_, km_, vm_;
   tpa_path last_path_ = tpa_path::automatic;
   attention_workspace ws_;
+  // The batch's views, kept so that steps after the first allocate nothing.
+  std::tuple<std::vector<factor_view<float>>, std::vector<factor_view<bf16>>,
+             std::vector<factor_view<half>>>
+      views_;
 };
 
 }  // namespace attnkit
