@@ -89,13 +89,14 @@ options parse(int argc, char** argv) {
       throw ak::invalid_argument(std::string("attnkit-compare: ") + argv[i] + " needs a value");
     return argv[++i];
   };
-  auto integer = [&](int& i) {
+  auto integer = [&](int& i, bool zero_ok = false) {
     const std::string flag = argv[i], v = need(i);
     char* end = nullptr;
     const long long x = std::strtoll(v.c_str(), &end, 10);
-    if (*end || x <= 0)
-      throw ak::invalid_argument("attnkit-compare: " + flag + " must be a positive integer, got '" +
-                                 v + "'");
+    if (*end || x < (zero_ok ? 0 : 1))
+      throw ak::invalid_argument("attnkit-compare: " + flag + " must be a " +
+                                 (zero_ok ? "non-negative" : "positive") + " integer, got '" + v +
+                                 "'");
     return static_cast<std::int64_t>(x);
   };
   for (int i = 1; i < argc; ++i) {
@@ -129,13 +130,13 @@ options parse(int argc, char** argv) {
     else if (a == "--batch")
       o.batch = true;
     else if (a == "--decodes")
-      o.batch_opt.decodes = integer(i);
+      o.batch_opt.decodes = integer(i, true);
     else if (a == "--min-context")
       o.batch_opt.min_context = integer(i);
     else if (a == "--max-context")
       o.batch_opt.max_context = integer(i);
     else if (a == "--prefills")
-      o.batch_opt.prefills = integer(i);
+      o.batch_opt.prefills = integer(i, true);
     else if (a == "--chunk")
       o.batch_opt.chunk = integer(i);
     else if (a == "--page-size")
@@ -164,6 +165,8 @@ options parse(int argc, char** argv) {
   }
   if (o.batch_opt.min_context > o.batch_opt.max_context)
     throw ak::invalid_argument("attnkit-compare: --min-context must be <= --max-context");
+  if (o.batch_opt.decodes + o.batch_opt.prefills == 0)
+    throw ak::invalid_argument("attnkit-compare: --batch needs --decodes or --prefills > 0");
   o.batch_opt.heads = o.heads, o.batch_opt.kv_heads = o.kv_heads, o.batch_opt.head_dim = o.head_dim;
   o.batch_opt.threads = o.threads, o.batch_opt.json = o.json;
   if (o.heads % o.kv_heads != 0)

@@ -259,9 +259,9 @@ int main(int argc, char** argv) try {
               "back, %lld prefill chunks\n",
               finished.size(), live.size(), (long long)decoded, (long long)rolled_back,
               (long long)chunks);
-  std::printf("system prompt: %zu tokens in %lld pages per layer set, written once, shared by "
+  std::printf("system prompt: %zu tokens in %lld pages (%lld layers), written once, shared by "
               "every request\n",
-              system_prompt.size(), (long long)shared_pages);
+              system_prompt.size(), (long long)shared_pages, (long long)LAYERS);
   std::printf("replay through single-sequence calls: max relative difference %.2e\n", worst);
   finished.clear(), live.clear(), root.clear();
   std::printf("pages in use after every sequence ended: %lld\n",

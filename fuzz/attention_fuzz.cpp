@@ -1,5 +1,5 @@
 // Differential fuzz target (libFuzzer): the input bytes choose a variant (GQA family over f32,
-// bf16 or f16 storage; absorbed MLA; TPA), its shapes, the key and query positions (anywhere in
+// bf16 or f16 storage, contiguous or paged; absorbed MLA; TPA), its shapes, the key and query positions (anywhere in
 // int64, in any order, repeated), a window, the causal rule, the tile strategy, the thread count
 // and special values (NaN, +-inf) planted in queries, keys and values. The kernel's answer must
 // equal the double reference's class by class (NaN where it has NaN, the same infinity, finite
@@ -175,6 +175,10 @@ void run_gqa(byte_reader& in, common& c, Exec& exec) {
   c.opt.strategy = static_cast<tile_strategy>(in.bits(1) % 3);
   fmat q = c.values(in, c.tq, h * d), k = c.values(in, c.tk, hkv * d),
        v = c.values(in, c.tk, hkv * d);
+  // Half the cases read the cache through pages (of 1 to 70 tokens) in a shuffled order (read
+  // last, so the corpus's earlier inputs keep their cases).
+  const std::int64_t page_size = in.bits(1) % 2 ? 0 : in.in(1, 70);
+  const std::uint64_t page_seed = in.bits(4);
   fmat out(c.tq, h * d), lse(c.tq, h);
   c.opt.lse = matrix_view<float>(lse.data(), {c.tq, h});
   auto call = [&](auto tag) {
@@ -182,16 +186,37 @@ void run_gqa(byte_reader& in, common& c, Exec& exec) {
     const auto ks = stored<S>(k), vs = stored<S>(v);
     for (std::int64_t i = 0; i < k.size(); ++i) k.data()[i] = static_cast<float>(ks[i]);
     for (std::int64_t i = 0; i < v.size(); ++i) v.data()[i] = static_cast<float>(vs[i]);
-    const kv_view<S> kv(tensor3_view<const S>(ks.data(), {c.tk, hkv, d}),
-                        tensor3_view<const S>(vs.data(), {c.tk, hkv, d}), c.kpos);
+    const kv_view<S> flat(tensor3_view<const S>(ks.data(), {c.tk, hkv, d}),
+                          tensor3_view<const S>(vs.data(), {c.tk, hkv, d}), c.kpos);
+    // Paged: pool [num_pages][2][H_kv][page_size][d] (K then V), the pages in a random order.
+    const std::int64_t pages = page_size ? (c.tk + page_size - 1) / page_size : 0,
+                       page_elems = 2 * hkv * page_size * d;
+    std::vector<std::int32_t> table(static_cast<std::size_t>(pages));
+    for (std::int64_t i = 0; i < pages; ++i) table[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+    std::shuffle(table.begin(), table.end(), std::mt19937_64(page_seed));
+    std::vector<S> pool(static_cast<std::size_t>(pages * page_elems));
+    for (std::int64_t t = 0; t < c.tk && page_size; ++t)
+      for (std::int64_t j = 0; j < hkv; ++j) {
+        S* page = pool.data() + table[static_cast<std::size_t>(t / page_size)] * page_elems;
+        std::copy_n(&ks[static_cast<std::size_t>((t * hkv + j) * d)], d,
+                    page + (j * page_size + t % page_size) * d);
+        std::copy_n(&vs[static_cast<std::size_t>((t * hkv + j) * d)], d,
+                    page + ((hkv + j) * page_size + t % page_size) * d);
+      }
+    const kv_view<S> kv =
+        page_size ? kv_view<S>::paged({pool.data(), page_size * d, d, d, page_elems},
+                                      {pool.data() + hkv * page_size * d, page_size * d, d, d,
+                                       page_elems},
+                                      hkv, page_table{table, page_size}, pages, c.kpos)
+                  : flat;
     attend(tensor3_view<const float>(q.data(), {c.tq, h, d}), c.qpos, kv,
            tensor3_view<float>(out.data(), {c.tq, h, d}), c.opt, exec);
   };
   if (std::getenv("ATTNKIT_FUZZ_VERBOSE")) {
     std::fprintf(stderr, "GQA H %lld H_kv %lld d %lld storage %d strategy %d threads %d causal %d "
-                 "window %lld\n", (long long)h, (long long)hkv, (long long)d, storage,
+                 "window %lld page_size %lld\n", (long long)h, (long long)hkv, (long long)d, storage,
                  (int)c.opt.strategy, c.threads, (int)c.opt.causal,
-                 (long long)c.opt.window.value_or(-1));
+                 (long long)c.opt.window.value_or(-1), (long long)page_size);
     for (std::int64_t t = 0; t < c.tq; ++t) {
       std::fprintf(stderr, "q %lld:", (long long)c.qpos[t]);
       for (std::int64_t i = 0; i < h * d; ++i)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds and runs the benchmarks (Release, -march=native), 5 interleaved repetitions each, and
 # prints the target figures as ratios of medians from the same run. JSON lands in
-# build/bench-results/. Usage: bash scripts/bench.sh [gqa] [mla] [tpa] [convert] [shared]   (default: all five)
+# build/bench-results/. Usage: bash scripts/bench.sh [gqa] [mla] [tpa] [convert] [shared] [batch]   (default: all six)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/deps.sh"
 cmake -S "$root" -B "$root/build" -DCMAKE_BUILD_TYPE=Release >/dev/null
 which=("$@")
-[ ${#which[@]} -gt 0 ] || which=(gqa mla tpa convert shared)
+[ ${#which[@]} -gt 0 ] || which=(gqa mla tpa convert shared batch)
 mkdir -p "$root/build/bench-results"
 for b in "${which[@]}"; do
   cmake --build "$root/build" --target "bench_$b" -j"$(nproc)" >/dev/null

@@ -111,6 +111,22 @@ def shared(m, us, bw2, fma2):
         print(f"  Tq={tq:4d}: materialised {a / 1e3:8.2f} ms, flash {b / 1e3:8.2f} ms, ratio {a / b:.2f}")
 
 
+def batch(m, us, bw2, fma2):
+    print("\nBatched decode: 32 sequences of 1k-16k tokens, bf16, 2 threads, one attend_batch vs a loop "
+          "of single calls (targets: >= 80% (GQA) / 70% (MLA) of the read bandwidth, >= 1.3x the loop, "
+          "page size 16 <= 10% over contiguous):")
+    for v in ("gqa", "mla"):
+        for ps in (0, 16, 64):
+            b, l = f"BM_batch_{v}/{ps}/2", f"BM_loop_{v}/{ps}/2"
+            gbs = m[b]["bytes_per_second"] / 1e9
+            what = "contiguous" if ps == 0 else f"page {ps:2d}  "
+            print(f"  {v.upper()} {what}: batch {us(b) / 1e3:7.2f} ms ({gbs:5.1f} GB/s, {100 * gbs / bw2:3.0f}% of read BW), "
+                  f"loop {us(l) / 1e3:7.2f} ms: {us(l) / us(b):.2f}x")
+        c, p16 = us(f"BM_batch_{v}/0/2"), us(f"BM_batch_{v}/16/2")
+        print(f"  {v.upper()} page 16 vs contiguous: {100 * (p16 / c - 1):+.0f}%")
+    print(f"  plan_batch for the 32 sequences: {us('BM_plan_gqa/2'):.1f} us")
+
+
 def main():
     ctx, m = medians(sys.argv[1])
     gbs = lambda n: m[n]["bytes_per_second"] / 1e9
@@ -122,6 +138,9 @@ def main():
     fma2 = m["attnkit::bench::BM_fma_peak/threads:2"]["FLOPS"] / 1e9
     print(f"roofline: read bandwidth {bw1:.1f} GB/s (1 thread), {bw2:.1f} GB/s (2 threads); "
           f"FP32 FMA peak {fma1:.0f} / {fma2:.0f} GFLOP/s")
+    if any(k.startswith("BM_batch_") for k in m):
+        batch(m, us, bw2, fma2)
+        return
     if any(k.startswith("BM_span_") for k in m):
         shared(m, us, bw2, fma2)
         return

@@ -9,7 +9,8 @@
 // it sees under the causal rule and window, assuming the queries are the sequence's newest
 // tokens). A base item larger than a quarter of a worker's fair share of the batch is cut into
 // key splits (each at least 256 keys), so one long sequence does not leave workers idle beside
-// many short ones; items then run largest first from one atomic counter. For one sequence the
+// many short ones; items then run from one atomic counter, the sequences with the largest items
+// first, each sequence's items together (they share its keys in cache) and largest first. For one sequence the
 // rule gives the single-sequence planner's split counts.
 #include <algorithm>
 #include <atomic>
@@ -120,21 +121,32 @@ struct batch_access {
       }
     }
     bp.partial_floats_ = partial;
-    std::vector<std::pair<double, batch_plan::item>> order;
+    // Largest items first, but a sequence's items together (they read the same keys): the
+    // sequences by their largest item, within one its items by cost.
+    struct ranked {
+      double seq_cost, cost;
+      batch_plan::item it;
+    };
+    std::vector<ranked> order;
     for (std::size_t s = 0; s < n; ++s) {
       const attention_plan& pl = bp.seq_[s];
+      const double seq_cost = largest[s] / static_cast<double>(pl.splits);
       for (std::int64_t qt = 0; qt < pl.qtiles; ++qt) {
         const double c = tile_cost(shapes[s], pl, qt) / static_cast<double>(pl.splits);
         for (std::int64_t j = 0; j < pl.groups; ++j)
           for (std::int64_t ks = 0; ks < pl.splits; ++ks)
-            order.push_back({c, {static_cast<std::int32_t>(s), static_cast<std::int32_t>(qt),
-                                 static_cast<std::int32_t>(j), static_cast<std::int32_t>(ks)}});
+            order.push_back({seq_cost, c,
+                             {static_cast<std::int32_t>(s), static_cast<std::int32_t>(qt),
+                              static_cast<std::int32_t>(j), static_cast<std::int32_t>(ks)}});
       }
     }
-    std::stable_sort(order.begin(), order.end(),
-                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    std::stable_sort(order.begin(), order.end(), [](const ranked& a, const ranked& b) {
+      if (a.seq_cost != b.seq_cost) return a.seq_cost > b.seq_cost;
+      if (a.it.seq != b.it.seq) return a.it.seq < b.it.seq;
+      return a.cost > b.cost;
+    });
     bp.items_.reserve(order.size());
-    for (const auto& o : order) bp.items_.push_back(o.second);
+    for (const auto& o : order) bp.items_.push_back(o.it);
     bp.shape_ = std::move(shapes);
     return bp;
   }

@@ -65,6 +65,38 @@ struct gqa_problem {
   bool keys_only = false;  ///< scores only (a follower recomputing them): V is not widened
 };
 
+/// The K and V rows of a view's tokens [begin, end) of KV head j, prefetched into L2 a few
+/// tokens per step() of a micro-kernel's inner loop (see no_prefetch). For paged views: their
+/// next rows are on other pages, where the micro-kernels' own prefetch (a fixed distance down
+/// the current run) does not reach.
+template <storage_type S>
+class view_prefetcher {
+ public:
+  view_prefetcher(const kv_view<S>& kv, std::int64_t j, std::int64_t begin, std::int64_t end,
+                  std::int64_t per_step)
+      : kv_(kv), j_(j), t_(begin), end_(end), per_step_(per_step),
+        k_bytes_(kv.head_dim() * static_cast<std::int64_t>(sizeof(S))),
+        v_bytes_(kv.values_in_keys() ? 0 : kv.v_head_dim() * static_cast<std::int64_t>(sizeof(S))) {}
+  void step() {
+    for (std::int64_t i = 0; i < per_step_ && t_ < end_; ++i, ++t_) {
+      if (t_ >= run_end_) {  // a new page: one table lookup per run, not per row
+        k_ = reinterpret_cast<const char*>(kv_.keys().row(j_, t_));
+        v_ = reinterpret_cast<const char*>(kv_.values().row(j_, t_));
+        run_end_ = kv_.run_end(t_);
+      }
+      for (std::int64_t b = 0; b < k_bytes_; b += 64) prefetch_line(k_ + b);
+      for (std::int64_t b = 0; b < v_bytes_; b += 64) prefetch_line(v_ + b);
+      k_ += kv_.keys().row_stride * static_cast<std::int64_t>(sizeof(S));
+      v_ += kv_.values().row_stride * static_cast<std::int64_t>(sizeof(S));
+    }
+  }
+
+ private:
+  const kv_view<S>& kv_;
+  std::int64_t j_, t_, end_, per_step_, k_bytes_, v_bytes_, run_end_ = 0;
+  const char *k_ = nullptr, *v_ = nullptr;
+};
+
 template <storage_type S>
 class gqa_products {
  public:
@@ -92,7 +124,8 @@ class gqa_products {
   }
 
   std::span<const std::int64_t> positions() const { return pb_.kv.positions(); }
-  std::int64_t run_end(std::int64_t t) const { return pb_.kv.run_end(t); }
+  /// Key blocks may span page runs: scores and accumulate walk a block's runs themselves.
+  std::int64_t run_end(std::int64_t /*t*/) const { return pb_.kv.size(); }
 
   void load_queries(std::int64_t t0, std::int64_t tn, std::int64_t j) {
     const std::int64_t g = pl_.g, dqk = pb_.kv.head_dim();
@@ -109,31 +142,51 @@ class gqa_products {
     }
   }
 
-  score_tile scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t /*k_end*/) {
+  score_tile scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
     const std::int64_t dqk = pb_.kv.head_dim(), ks = pb_.kv.keys().row_stride;
-    const S* k = pb_.kv.keys().row(j, b0);
     if (pb_.streaming) {
-      detail::scores(q_, dqk, m_, k, ks, nb, dqk, s_, pl_.block);
+      if (!paged()) {
+        detail::scores(q_, dqk, m_, pb_.kv.keys().row(j, b0), ks, nb, dqk, s_, pl_.block);
+        return {s_, pl_.block, 1};
+      }
+      // Paged: the K and V rows as far ahead (in tokens) as the contiguous stream prefetches,
+      // found through the page table, 4 tokens per step (the kernel steps once per 4 keys).
+      constexpr std::int64_t ahead_bytes = 65536;
+      const std::int64_t ahead =
+          std::max(nb, ahead_bytes / (dqk * static_cast<std::int64_t>(sizeof(S))));
+      view_prefetcher<S> pf(pb_.kv, j, b0 + ahead, std::min(b0 + ahead + nb, k_end), 4);
+      for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
+        detail::scores(q_, dqk, m_, pb_.kv.keys().row(j, t), ks, n, dqk, s_ + (t - b0), pl_.block,
+                       false, pf);
+      });
       return {s_, pl_.block, 1};
     }
-#if ATTNKIT_HAS_AVX512
-    // S^T = K Q^T on float rows: a 16-bit block is widened once and reused by all m rows.
-    const float* kf = reinterpret_cast<const float*>(k);
+    // The GEMM tiles read the block's K (and V) as float rows: in place for a contiguous float
+    // view, else widened or gathered once into kf_ / vf_ and reused by all m rows.
+    const float* kf = reinterpret_cast<const float*>(pb_.kv.keys().row(j, b0));
     std::int64_t kfs = ks;
-    const S* v = pb_.kv.values().row(j, b0);
-    vfp_ = reinterpret_cast<const float*>(v), vfs_ = pb_.kv.values().row_stride;
-    if constexpr (!std::same_as<S, float>) {
+    vfp_ = reinterpret_cast<const float*>(pb_.kv.values().row(j, b0)),
+    vfs_ = pb_.kv.values().row_stride;
+    if (!std::same_as<S, float> || paged()) {
       const std::int64_t dv = pb_.kv.v_head_dim(), vs = vfs_;
-      for (std::int64_t t = 0; t < nb; ++t) to_float_row(k + t * ks, kf_ + t * dqk, dqk);
+      const bool own_values = !pb_.keys_only && !pb_.kv.values_in_keys();
+      for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
+        const S* k = pb_.kv.keys().row(j, t);
+        for (std::int64_t i = 0; i < n; ++i) to_float_row(k + i * ks, kf_ + (t - b0 + i) * dqk, dqk);
+        if (!own_values || !ATTNKIT_HAS_AVX512) return;  // the portable path widens V later
+        const S* v = pb_.kv.values().row(j, t);
+        for (std::int64_t i = 0; i < n; ++i) to_float_row(v + i * vs, vf_ + (t - b0 + i) * dv, dv);
+      });
       kf = kf_, kfs = dqk;
       if (pb_.keys_only) {
       } else if (pb_.kv.values_in_keys()) {  // MLA: the values are the leading columns of the widened keys
         vfp_ = kf_, vfs_ = dqk;
       } else {
-        for (std::int64_t t = 0; t < nb; ++t) to_float_row(v + t * vs, vf_ + t * dv, dv);
         vfp_ = vf_, vfs_ = dv;
       }
     }
+#if ATTNKIT_HAS_AVX512
+    // S^T = K Q^T.
     gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_);
     return {s_, 1, m_};
 #else
@@ -141,12 +194,7 @@ class gqa_products {
     Eigen::Map<row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>> sm(
         s_, m_, nb, Eigen::OuterStride<>(pl_.block));
     const map_c qm(q_, m_, dqk, Eigen::OuterStride<>(dqk));
-    if constexpr (std::same_as<S, float>) {
-      sm.noalias() = qm * map_c(k, nb, dqk, Eigen::OuterStride<>(ks)).transpose();
-    } else {
-      for (std::int64_t t = 0; t < nb; ++t) to_float_row(k + t * ks, kf_ + t * dqk, dqk);
-      sm.noalias() = qm * map_c(kf_, nb, dqk, Eigen::OuterStride<>(dqk)).transpose();
-    }
+    sm.noalias() = qm * map_c(kf, nb, dqk, Eigen::OuterStride<>(kfs)).transpose();
     return {s_, pl_.block, 1};
 #endif
   }
@@ -154,13 +202,15 @@ class gqa_products {
   void accumulate(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p,
                   float* acc) {
     const std::int64_t dv = pb_.kv.v_head_dim(), vs = pb_.kv.values().row_stride;
-    const S* v = pb_.kv.values().row(j, b0);
     if (pb_.streaming) {
-      accumulate_pv(p.data, p.row_stride, m_, v, vs, nb, dv, acc, dv);
+      for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
+        accumulate_pv(p.data + (t - b0), p.row_stride, m_, pb_.kv.values().row(j, t), vs, n, dv,
+                      acc, dv, !paged());
+      });
       return;
     }
 #if ATTNKIT_HAS_AVX512
-    (void)v, (void)vs;
+    (void)j, (void)b0, (void)vs;
     gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc,
                      dv);  // O += P V, P(r, t) = S^T[t][r]
 #else
@@ -168,11 +218,21 @@ class gqa_products {
     Eigen::Map<row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>> om(
         acc, m_, dv, Eigen::OuterStride<>(dv));
     const map_c pm(p.data, m_, nb, Eigen::OuterStride<>(p.row_stride));
-    if constexpr (std::same_as<S, float>) {
-      om.noalias() += pm * map_c(v, nb, dv, Eigen::OuterStride<>(vs));
+    if (std::same_as<S, float> && !paged()) {
+      om.noalias() += pm * map_c(reinterpret_cast<const float*>(pb_.kv.values().row(j, b0)), nb,
+                                 dv, Eigen::OuterStride<>(vs));
     } else {
-      for (std::int64_t t = 0; t < nb; ++t) to_float_row(v + t * vs, vf_ + t * dv, dv);
-      om.noalias() += pm * map_c(vf_, nb, dv, Eigen::OuterStride<>(dv));
+      const float* vf = vf_;
+      std::int64_t vfs = dv;
+      if (pb_.kv.values_in_keys()) {
+        vf = kf_, vfs = pb_.kv.head_dim();  // widened with the keys in scores()
+      } else {
+        for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
+          const S* v = pb_.kv.values().row(j, t);
+          for (std::int64_t i = 0; i < n; ++i) to_float_row(v + i * vs, vf_ + (t - b0 + i) * dv, dv);
+        });
+      }
+      om.noalias() += pm * map_c(vf, nb, dv, Eigen::OuterStride<>(vfs));
     }
 #endif
   }
@@ -192,6 +252,16 @@ class gqa_products {
 
  private:
   bool paired() const { return paired_columns<S> && pb_.streaming; }
+  bool paged() const { return pb_.kv.keys().table.paged(); }
+  /// Calls f(t, n) for each run of rows [t, t + n) that makes up keys [b0, b0 + nb).
+  template <class F>
+  void for_each_run(std::int64_t b0, std::int64_t nb, F&& f) const {
+    for (std::int64_t t = b0, e = b0 + nb; t < e;) {
+      const std::int64_t n = std::min(e, pb_.kv.run_end(t)) - t;
+      f(t, n);
+      t += n;
+    }
+  }
   bool transposed() const { return ATTNKIT_HAS_AVX512 && !pb_.streaming; }
 
   const problem& pb_;

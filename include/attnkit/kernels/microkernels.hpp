@@ -182,12 +182,13 @@ struct pv_rows {
 template <int RB, bool Full, storage_type S>
 inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
                      std::int64_t v_stride, std::int64_t keys, std::int64_t width, float* o,
-                     std::int64_t o_stride) {
+                     std::int64_t o_stride, bool prefetch_v) {
   __mmask16 m[4];
   ATTNKIT_UNROLL
   for (int i = 0; i < 4; ++i) m[i] = lane_mask(std::max<std::int64_t>(0, width - 16 * i));
   const pv_rows<RB> rw(p, p_stride, o, o_stride, rows);
-  const std::int64_t ahead = prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(S)));
+  const std::int64_t ahead =
+      prefetch_v ? prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(S))) : 0;
   __m512 acc[RB][4];
   ATTNKIT_UNROLL
   for (int r = 0; r < RB; ++r) {
@@ -198,7 +199,7 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
   }
   for (std::int64_t t = 0; t < keys; ++t) {
     const S* vr = v + t * v_stride;
-    prefetch_row(vr + ahead * v_stride, width * static_cast<std::int64_t>(sizeof(S)));
+    if (ahead) prefetch_row(vr + ahead * v_stride, width * static_cast<std::int64_t>(sizeof(S)));
     __m512 vv[4];
     ATTNKIT_UNROLL
     for (int i = 0; i < 4; ++i) vv[i] = Full ? load16(vr + 16 * i) : load16(vr + 16 * i, m[i]);
@@ -226,8 +227,9 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
 template <int RB, int NG>
 inline void pv_chunk_bf16_pairs(const float* p, std::int64_t p_stride, std::int64_t rows,
                                 const bf16* v, std::int64_t v_stride, std::int64_t keys, float* o,
-                                std::int64_t o_stride) {
-  const std::int64_t ahead = prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(bf16)));
+                                std::int64_t o_stride, bool prefetch_v) {
+  const std::int64_t ahead =
+      prefetch_v ? prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(bf16))) : 0;
   const pv_rows<RB> rw(p, p_stride, o, o_stride, rows);
   __m512 acc[RB][2 * NG];
   ATTNKIT_UNROLL
@@ -237,7 +239,7 @@ inline void pv_chunk_bf16_pairs(const float* p, std::int64_t p_stride, std::int6
   }
   for (std::int64_t t = 0; t < keys; ++t) {
     const bf16* vr = v + t * v_stride;
-    prefetch_row(vr + ahead * v_stride, 64 * NG);
+    if (ahead) prefetch_row(vr + ahead * v_stride, 64 * NG);
     __m512 vv[2 * NG];
     ATTNKIT_UNROLL
     for (int g = 0; g < NG; ++g) {
@@ -263,20 +265,23 @@ inline void pv_chunk_bf16_pairs(const float* p, std::int64_t p_stride, std::int6
 template <int RB, storage_type S>
 inline void pv_block(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
                      std::int64_t v_stride, std::int64_t keys, std::int64_t dv, float* o,
-                     std::int64_t o_stride) {
+                     std::int64_t o_stride, bool prefetch_v) {
   std::int64_t c = 0;
   if constexpr (std::same_as<S, bf16>) {
     for (; c + 64 <= dv; c += 64)
-      pv_chunk_bf16_pairs<RB, 2>(p, p_stride, rows, v + c, v_stride, keys, o + c, o_stride);
+      pv_chunk_bf16_pairs<RB, 2>(p, p_stride, rows, v + c, v_stride, keys, o + c, o_stride,
+                                 prefetch_v);
     if (c + 32 <= dv) {
-      pv_chunk_bf16_pairs<RB, 1>(p, p_stride, rows, v + c, v_stride, keys, o + c, o_stride);
+      pv_chunk_bf16_pairs<RB, 1>(p, p_stride, rows, v + c, v_stride, keys, o + c, o_stride,
+                                 prefetch_v);
       c += 32;
     }
   }
   for (; c + 64 <= dv; c += 64)
-    pv_chunk<RB, true>(p, p_stride, rows, v + c, v_stride, keys, 64, o + c, o_stride);
+    pv_chunk<RB, true>(p, p_stride, rows, v + c, v_stride, keys, 64, o + c, o_stride, prefetch_v);
   if (c < dv)
-    pv_chunk<RB, false>(p, p_stride, rows, v + c, v_stride, keys, dv - c, o + c, o_stride);
+    pv_chunk<RB, false>(p, p_stride, rows, v + c, v_stride, keys, dv - c, o + c, o_stride,
+                        prefetch_v);
 }
 
 #endif  // ATTNKIT_HAS_AVX512
@@ -312,24 +317,26 @@ inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, con
 #endif
 }
 
-/// O[rows][dv] += P[rows][keys] V[keys][dv] (streaming path).
+/// O[rows][dv] += P[rows][keys] V[keys][dv] (streaming path). prefetch_v: prefetch the V rows
+/// ATTNKIT_PREFETCH_BYTES ahead (off where the rows ahead are not the next ones: paged views).
 template <storage_type S>
 inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
                           std::int64_t v_stride, std::int64_t keys, std::int64_t dv, float* o,
-                          std::int64_t o_stride) {
+                          std::int64_t o_stride, bool prefetch_v = true) {
 #if ATTNKIT_HAS_AVX512
   if (rows == 1) {
-    pv_block<1>(p, p_stride, 1, v, v_stride, keys, dv, o, o_stride);
+    pv_block<1>(p, p_stride, 1, v, v_stride, keys, dv, o, o_stride, prefetch_v);
     return;
   }
   if (rows == 2) {
-    pv_block<2>(p, p_stride, 2, v, v_stride, keys, dv, o, o_stride);
+    pv_block<2>(p, p_stride, 2, v, v_stride, keys, dv, o, o_stride, prefetch_v);
     return;
   }
   for (std::int64_t r = 0; r < rows; r += 4)
     pv_block<4>(p + r * p_stride, p_stride, std::min<std::int64_t>(4, rows - r), v, v_stride, keys,
-                dv, o + r * o_stride, o_stride);
+                dv, o + r * o_stride, o_stride, prefetch_v);
 #else
+  (void)prefetch_v;
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t t = 0; t < keys; ++t) {
       const float pt = p[r * p_stride + t];
