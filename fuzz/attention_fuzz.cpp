@@ -204,7 +204,7 @@ void run_gqa(byte_reader& in, common& c, Exec& exec) {
                     page + ((hkv + j) * page_size + t % page_size) * d);
       }
     const kv_view<S> kv =
-        page_size ? kv_view<S>::paged({pool.data(), page_size * d, d, d, page_elems},
+        pages > 0 ? kv_view<S>::paged({pool.data(), page_size * d, d, d, page_elems},
                                       {pool.data() + hkv * page_size * d, page_size * d, d, d,
                                        page_elems},
                                       hkv, page_table{table, page_size}, pages, c.kpos)
