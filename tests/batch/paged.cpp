@@ -112,10 +112,9 @@ void check_pair(const fmat& flat, const fmat& paged, const dmat& ref, double v_m
   CHECK(max_abs_diff(to_double(paged), ref) <= tol);
 }
 
-}  // namespace
-
-TEST_CASE("paged latent, factor and value caches: equal to their contiguous caches") {
-  std::mt19937_64 rng(102);
+/// Latent, factor and value caches of S, paged and contiguous, at page sizes 1, 16, 48, 128.
+template <storage_type S>
+void check_paged_others(std::mt19937_64& rng) {
   for (const std::int64_t ps : {1, 16, 48, 128}) {
     const std::int64_t tk = 150 + static_cast<std::int64_t>(rng() % 100),
                        tq = 1 + static_cast<std::int64_t>(rng() % 5);
@@ -128,10 +127,10 @@ TEST_CASE("paged latent, factor and value caches: equal to their contiguous cach
       const std::int64_t h = 8, dc = 64, dr = 16;
       const fmat c = random_matrix(rng, tk, dc), kr = random_matrix(rng, tk, dr);
       const fmat ql = random_matrix(rng, tq, h * dc, 0.3f), qr = random_matrix(rng, tq, h * dr);
-      latent_cache<float> flat({.latent_dim = dc, .rope_dim = dr, .capacity = tk});
-      page_pool<float> pool({.num_pages = tk / ps + 4, .page_size = ps, .token_elements = dc + dr});
+      latent_cache<S> flat({.latent_dim = dc, .rope_dim = dr, .capacity = tk});
+      page_pool<S> pool({.num_pages = tk / ps + 4, .page_size = ps, .token_elements = dc + dr});
       shuffle_free_pages(pool, rng);
-      paged_cache<float, paged_latent> paged(pool, {dc, dr, 1});
+      paged_cache<S, paged_latent> paged(pool, {dc, dr, 1});
       const latent_append a{view_of(c), tensor3_view<const float>(kr.data(), {tk, 1, dr}), kp};
       flat.append(a), paged.append(a);
       const tensor3_view<const float> qlv(ql.data(), {tq, h, dc}), qrv(qr.data(), {tq, h, dr});
@@ -143,7 +142,7 @@ TEST_CASE("paged latent, factor and value caches: equal to their contiguous cach
         for (std::int64_t i = 0; i < h; ++i)
           q.row(t).segment(i * (dc + dr), dc + dr) << ql.row(t).segment(i * dc, dc).cast<double>(),
               qr.row(t).segment(i * dr, dr).cast<double>();
-      k << to_double(c), to_double(kr);
+      k << to_double(round_trip<S>(c)), to_double(round_trip<S>(kr));
       const double scale = 1 / std::sqrt(double(dc + dr));
       const auto ref = reference::attention(q, qp, k, k.leftCols(dc), kp, h, 1, scale, true,
                                             std::nullopt);
@@ -155,13 +154,13 @@ TEST_CASE("paged latent, factor and value caches: equal to their contiguous cach
       const fmat ak = random_matrix(rng, tk, rk * h), bk = random_matrix(rng, tk, rk * d),
                  av = random_matrix(rng, tk, rv * h), bv = random_matrix(rng, tk, rv * d),
                  aq = random_matrix(rng, tq, rq * h), bq = random_matrix(rng, tq, rq * d);
-      factorized_cache<float> flat(
+      factorized_cache<S> flat(
           {.heads = h, .head_dim = d, .k_rank = rk, .v_rank = rv, .capacity = tk});
-      page_pool<float> pool({.num_pages = tk / ps + 4,
-                             .page_size = ps,
-                             .token_elements = rk * (h + d) + rv * (h + d)});
+      page_pool<S> pool({.num_pages = tk / ps + 4,
+                         .page_size = ps,
+                         .token_elements = rk * (h + d) + rv * (h + d)});
       shuffle_free_pages(pool, rng);
-      paged_cache<float, paged_factors> paged(
+      paged_cache<S, paged_factors> paged(
           pool, {.heads = h, .head_dim = d, .k_rank = rk, .v_rank = rv});
       const factorized_append a{tensor3_view<const float>(ak.data(), {tk, rk, h}),
                                 tensor3_view<const float>(bk.data(), {tk, rk, d}),
@@ -173,8 +172,10 @@ TEST_CASE("paged latent, factor and value caches: equal to their contiguous cach
       attend_factorized(aqv, bqv, qp, flat, tensor3_view<float>(o1.data(), {tq, h, d}), opt);
       attend_factorized(aqv, bqv, qp, paged, tensor3_view<float>(o2.data(), {tq, h, d}), opt);
       const dmat q = reference::tpa_materialise(to_double(aq), to_double(bq), rq, h, 1.0);
-      const dmat k = reference::tpa_materialise(to_double(ak), to_double(bk), rk, h, 1.0 / rk);
-      const dmat v = reference::tpa_materialise(to_double(av), to_double(bv), rv, h, 1.0 / rv);
+      const dmat k = reference::tpa_materialise(to_double(round_trip<S>(ak)),
+                                                to_double(round_trip<S>(bk)), rk, h, 1.0 / rk);
+      const dmat v = reference::tpa_materialise(to_double(round_trip<S>(av)),
+                                                to_double(round_trip<S>(bv)), rv, h, 1.0 / rv);
       const double scale = 1 / std::sqrt(double(d));
       const auto ref = reference::attention(q, qp, k, v, kp, h, h, scale, true, std::nullopt);
       check_pair(o1, o2, ref.out, v.cwiseAbs().maxCoeff(),
@@ -185,20 +186,29 @@ TEST_CASE("paged latent, factor and value caches: equal to their contiguous cach
       const fmat v = random_matrix(rng, tk, hkv * dv);
       fmat p = random_matrix(rng, tq * h, tk).cwiseAbs();  // rows normalised: donor weights
       for (std::int64_t r = 0; r < p.rows(); ++r) p.row(r) /= p.row(r).sum();
-      value_cache<float> flat({.kv_heads = hkv, .v_head_dim = dv, .capacity = tk});
-      page_pool<float> pool({.num_pages = tk / ps + 4, .page_size = ps, .token_elements = hkv * dv});
+      value_cache<S> flat({.kv_heads = hkv, .v_head_dim = dv, .capacity = tk});
+      page_pool<S> pool({.num_pages = tk / ps + 4, .page_size = ps, .token_elements = hkv * dv});
       shuffle_free_pages(pool, rng);
-      paged_cache<float, paged_values> paged(pool, {hkv, dv});
+      paged_cache<S, paged_values> paged(pool, {hkv, dv});
       const value_append a{tensor3_view<const float>(v.data(), {tk, hkv, dv}), kp};
       flat.append(a), paged.append(a);
       fmat o1(tq, h * dv), o2(tq, h * dv);
       const tensor3_view<const float> pv(p.data(), {tq, h, tk});
       attend_shared(pv, flat, tensor3_view<float>(o1.data(), {tq, h, dv}));
       attend_shared(pv, paged, tensor3_view<float>(o2.data(), {tq, h, dv}));
-      check_pair(o1, o2, reference::weighted_values(to_double(p), to_double(v), h, hkv),
+      check_pair(o1, o2, reference::weighted_values(to_double(p), to_double(round_trip<S>(v)), h, hkv),
                  v.cwiseAbs().maxCoeff(), 0, ps);
     }
   }
+}
+
+}  // namespace
+
+TEST_CASE("paged latent, factor and value caches: equal to their contiguous caches, every storage type") {
+  std::mt19937_64 rng(102);
+  check_paged_others<float>(rng);
+  check_paged_others<bf16>(rng);
+  check_paged_others<half>(rng);
 }
 
 TEST_CASE("paged cache: pages are shared by forks and copied before a shared page is written") {

@@ -58,10 +58,11 @@ class factor_prefetcher {
     finish();
     const std::int64_t n = std::max<std::int64_t>(end - begin, 0), h = c_.heads, rk = c_.k_rank,
                        rv = c_.v_rank;
-    set(0, c_.b_k_row(begin), n * rk * c_.head_dim);
-    set(1, c_.a_k_row(begin), n * rk * h);
-    set(2, c_.a_v_row(begin), n * rv * h);
-    set(3, c_.b_v_row(begin), n * rv * c_.v_head_dim);
+    // (An empty range looks no row up: token `begin` may be past the view's last page.)
+    set(0, n ? c_.b_k_row(begin) : nullptr, n * rk * c_.head_dim);
+    set(1, n ? c_.a_k_row(begin) : nullptr, n * rk * h);
+    set(2, n ? c_.a_v_row(begin) : nullptr, n * rv * h);
+    set(3, n ? c_.b_v_row(begin) : nullptr, n * rv * c_.v_head_dim);
     range_ = 0;
     next_ = begin_[0], end_ = end_of_[0];
   }
