@@ -3,6 +3,7 @@
 #include <attnkit/attention.hpp>
 #include <attnkit/reference/attention.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -55,6 +56,15 @@ inline std::vector<std::int64_t> gapped_positions(std::mt19937_64& rng, std::int
 }
 
 inline double max_abs_diff(const dmat& a, const dmat& b) { return (a - b).cwiseAbs().maxCoeff(); }
+
+/// Largest norm of a width-wide segment (one head) of any row.
+inline double max_segment_norm(const dmat& m, std::int64_t width) {
+  double n = 0;
+  for (std::int64_t i = 0; i < m.rows(); ++i)
+    for (std::int64_t h = 0; h < m.cols() / width; ++h)
+      n = std::max(n, m.row(i).segment(h * width, width).norm());
+  return n;
+}
 
 template <class F>
 std::string message_of(F&& f) {

@@ -16,15 +16,6 @@ namespace {
 
 constexpr double u = 0x1p-24;
 
-/// Largest norm of a width-wide segment of any row.
-double max_segment_norm(const dmat& m, std::int64_t width) {
-  double n = 0;
-  for (std::int64_t i = 0; i < m.rows(); ++i)
-    for (std::int64_t h = 0; h < m.cols() / width; ++h)
-      n = std::max(n, m.row(i).segment(h * width, width).norm());
-  return n;
-}
-
 /// Largest LSE difference, equal infinities (rows that saw no key) counting as 0.
 double lse_diff(const fmat& got, const dmat& ref) {
   double m = 0;

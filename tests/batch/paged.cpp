@@ -89,15 +89,6 @@ TEST_CASE("paged GQA cache: equal to the contiguous cache for page sizes 1, 16, 
 
 namespace {
 
-/// Largest norm of a width-wide segment of any row.
-double max_segment_norm(const dmat& m, std::int64_t width) {
-  double n = 0;
-  for (std::int64_t i = 0; i < m.rows(); ++i)
-    for (std::int64_t h = 0; h < m.cols() / width; ++h)
-      n = std::max(n, m.row(i).segment(h * width, width).norm());
-  return n;
-}
-
 /// The contiguous and the paged answers: bitwise equal when pages hold whole key blocks (128),
 /// else each within the kernels' tolerance u max|v| (4 + 3 A) of the double reference.
 void check_pair(const fmat& flat, const fmat& paged, const dmat& ref, double v_max, double a_max,
