@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian 12 machine lacks to build and test attnkit (needs root or sudo).
 set -euo pipefail
-packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev pkg-config clang libclang-rt-14-dev)
+packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev pkg-config clang libclang-rt-14-dev
+          nlohmann-json3-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -137,7 +137,8 @@ inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(
                      .layout = rope_layout::interleaved,
                      .rotary_dim = hkv * rot,
                      .frequency_dim = cfg.rope.frequency_dim ? cfg.rope.frequency_dim : rot,
-                     .frequency_index = {{}}};
+                     .frequency_index = {{}},
+                     .scaling = cfg.rope.scaling};
     for (std::int64_t j = 0; j < hkv; ++j)
       for (std::int64_t p = 0; p < pairs; ++p)
         m.config.rope.frequency_index[0].push_back(

@@ -153,7 +153,8 @@ inline mla_map mha2mla_partial_rope_map(const gqa_config& cfg, const gqa_weights
             .layout = rope_layout::interleaved,
             .rotary_dim = r,
             .frequency_dim = rp.frequency_dim(),
-            .frequency_index = {}};
+            .frequency_index = {},
+            .scaling = cfg.rope.scaling};
   m.latent = dmatrix::Zero(lk + hkv * dv, hkv * (d + dv));
   m.rope_key = dmatrix::Zero(hkv * r, hkv * d);
   m.bias_through_latent = false;

@@ -98,7 +98,8 @@ inline mla_map transmla_map(const gqa_config& cfg, const dmatrix& rot,
             .layout = rope_layout::interleaved,
             .rotary_dim = dr,
             .frequency_dim = rp.frequency_dim(),
-            .frequency_index = {frequency}};
+            .frequency_index = {frequency},
+            .scaling = cfg.rope.scaling};
   bool native =
       true;  // frequency f / frequency_dim == p / d_R for every pair: DeepSeek's own table
   for (std::int64_t p = 0; p < dr / 2; ++p)

@@ -183,6 +183,8 @@ class gqa_layer {
     detail::linear(xm, as_eigen(w_.q_proj, "q_proj"), w_.q_proj_bias, map(q_), exec);
     detail::linear(xm, as_eigen(w_.k_proj, "k_proj"), w_.k_proj_bias, map(k_), exec);
     detail::linear(xm, as_eigen(w_.v_proj, "v_proj"), w_.v_proj_bias, map(v_), exec);
+    q_rope_.fit_positions(positions);
+    k_rope_.fit_positions(positions);
     for (std::int64_t i = 0; i < t; ++i) {
       const std::int64_t pos = positions[static_cast<std::size_t>(i)];
       for (std::int64_t hh = 0; hh < h; ++hh) {

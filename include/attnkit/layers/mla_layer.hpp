@@ -279,6 +279,8 @@ class mla_layer {
     // Latent and rope key: [c_raw | k_pe_raw] -> c = RMSNorm(c_raw), k_rope = RoPE(k_pe_raw).
     kva_.resize(t, dc + nr * dr);
     detail::linear(xm, map(w_.kv_a_proj_with_mqa), w_.kv_a_proj_bias, as_map(kva_), exec);
+    q_rope_.fit_positions(positions);
+    k_rope_.fit_positions(positions);
     for (std::int64_t i = 0; i < t; ++i) {
       const std::int64_t pos = positions[static_cast<std::size_t>(i)];
       if (!w_.kv_a_layernorm.empty())

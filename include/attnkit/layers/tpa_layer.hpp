@@ -250,6 +250,7 @@ class tpa_layer {
     detail::linear(xm, map(w_.w_b_k), {}, as_map(bk_), exec);
     factor_a(xm, w_.w_a_v, w_.a_v, rv, av_, exec);
     detail::linear(xm, map(w_.w_b_v), {}, as_map(bv_), exec);
+    rope_.fit_positions(positions);
     for (std::int64_t i = 0; i < t; ++i) {
       const std::int64_t pos = positions[static_cast<std::size_t>(i)];
       for (std::int64_t r = 0; r < rq; ++r) rope_.apply(bq_.row(i).data() + r * d, pos);

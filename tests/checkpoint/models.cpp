@@ -1,0 +1,149 @@
+// The dense decoder against transformers: logits of a small random checkpoint of every family
+// (stored references, tests/data/checkpoints, made by scripts/hf_reference.py), prefilled at
+// once and decoded token by token, and the tiny trained model's evaluation NLL.
+#include <attnkit/model/decoder.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "catch_compat.hpp"
+#include "checkpoint_util.hpp"
+
+namespace ak = attnkit;
+namespace io = attnkit::io;
+
+namespace {
+
+struct reference {
+  std::vector<std::int32_t> tokens;
+  io::float_tensor logits;  // [T, vocab], transformers float32
+};
+
+reference read_reference(const std::filesystem::path& dir) {
+  const io::checkpoint ref(dir / "reference.safetensors");
+  const auto& f = ref.file_of("tokens");
+  const auto& info = f.info("tokens");
+  REQUIRE(info.type == io::dtype::i64);
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(info.elements()));
+  std::memcpy(ids.data(), f.bytes(info).data(), ids.size() * 8);
+  reference r{{ids.begin(), ids.end()}, ref.load("logits")};
+  return r;
+}
+
+/// max |a - b| over n elements, and max |b|.
+std::pair<double, double> max_diff(const float* a, const float* b, std::int64_t n) {
+  double d = 0, m = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    d = std::max(d, static_cast<double>(std::abs(a[i] - b[i])));
+    m = std::max(m, static_cast<double>(std::abs(b[i])));
+  }
+  return {d, m};
+}
+
+// Both sides compute in float32 with different summation orders: logits agree to a few hundred
+// units of float32 round-off of their magnitude (measured ~20 u); a tenfold loss fails this.
+constexpr double logit_tolerance = 100 * 0x1p-24;
+
+}  // namespace
+
+TEST_CASE("decoder: every family's logits equal transformers', prefilled and decoded") {
+  ak::thread_pool pool(2);
+  for (const char* family : {"llama", "mistral", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3"}) {
+    CAPTURE(family);
+    const auto dir = source_path("tests/data/checkpoints") / family;
+    auto dec = ak::model::decoder::load(dir);
+    const auto ref = read_reference(dir);
+    const std::int64_t t = static_cast<std::int64_t>(ref.tokens.size()), v = dec.config().vocab_size;
+    REQUIRE(ref.logits.shape() == std::vector<std::int64_t>{t, v});
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
+    for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
+
+    ak::row_matrix<float> logits(t, v);
+    auto caches = dec.make_caches(t);
+    dec.forward(ref.tokens, pos, caches, ak::matrix_view<float>(logits.data(), {t, v}), pool);
+    const auto [d, m] = max_diff(logits.data(), ref.logits.data(), t * v);
+    CAPTURE(d, m);
+    CHECK(d <= logit_tolerance * m);
+
+    // One token at a time through the caches (MLA: the absorbed path). Dynamic NTK changes its
+    // frequencies with the call's length, as transformers does, so its incremental logits
+    // differ from a full-sequence forward by design: Mistral's test model uses it.
+    if (dec.config().gqa.empty() || dec.config().gqa[0].rope.scaling.type != ak::rope_scaling_type::dynamic_ntk) {
+      auto step_caches = dec.make_caches(t);
+      ak::row_matrix<float> row(1, v);
+      double worst = 0;
+      for (std::int64_t i = 0; i < t; ++i) {
+        dec.forward(std::span(ref.tokens).subspan(static_cast<std::size_t>(i), 1),
+                    std::span<const std::int64_t>(pos).subspan(static_cast<std::size_t>(i), 1), step_caches,
+                    ak::matrix_view<float>(row.data(), {1, v}), pool);
+        worst = std::max(worst, max_diff(row.data(), ref.logits.data() + i * v, v).first);
+      }
+      CAPTURE(worst);
+      CHECK(worst <= logit_tolerance * m);
+    }
+  }
+}
+
+TEST_CASE("decoder: the tiny model's evaluation NLL equals transformers' float32 NLL") {
+  std::ifstream in(source_path("tests/data/tiny_nll.json"));
+  const auto expected = nlohmann::json::parse(in);
+  const double want = expected["mean_nll"].get<double>();
+  std::ifstream data(source_path("models/tiny-llama-bytes/data.bin"), std::ios::binary);
+  const std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(data)), {});
+  REQUIRE(bytes.size() == 80 * 512);
+
+  auto dec = ak::model::decoder::load(source_path("models/tiny-llama-bytes"));
+  ak::thread_pool pool(2);
+  // Whole rows at once, and in prefill chunks of 100 (the cache path), rows 64-79.
+  for (const std::int64_t chunk : {0, 100}) {
+    CAPTURE(chunk);
+    double sum = 0;
+    std::int64_t n = 0;
+    ak::model::time_split time;
+    for (int r = 64; r < 80; ++r) {
+      const std::vector<std::int32_t> row(bytes.begin() + r * 512, bytes.begin() + (r + 1) * 512);
+      const auto [s, c] = dec.nll(row, pool, chunk, &time);
+      sum += s, n += c;
+      CHECK(s / static_cast<double>(c) ==
+            Approx(expected["per_row_nll"][static_cast<std::size_t>(r - 64)].get<double>()).margin(2e-6));
+    }
+    CHECK(n == 16 * 511);
+    CHECK(time.attention_s > 0);
+    CHECK(time.other_s > 0);
+    // The issue asks for 1e-4; measured ~2e-8. 1e-6 still catches a tenfold precision loss in
+    // any layer (float32 logits carry ~1e-6 relative error).
+    CHECK(std::abs(sum / static_cast<double>(n) - want) <= 1e-6);
+  }
+}
+
+TEST_CASE("decoder: bad calls throw and name what is wrong") {
+  auto dec = ak::model::decoder::load(source_path("tests/data/checkpoints/qwen3"));
+  auto caches = dec.make_caches(8);
+  ak::row_matrix<float> logits(1, dec.config().vocab_size);
+  const ak::matrix_view<float> out(logits.data(), {1, dec.config().vocab_size});
+  const std::vector<std::int32_t> bad_token{64};
+  const std::vector<std::int64_t> pos{0};
+  CHECK_THROWS_WITH(dec.forward(bad_token, pos, caches, out), contains("outside [0, vocab=64)"));
+  const std::vector<std::int32_t> tok{3};
+  auto too_few = dec.make_caches(8);
+  too_few.pop_back();
+  CHECK_THROWS_WITH(dec.forward(tok, pos, too_few, out), contains("1 caches for 2 layers"));
+  ak::row_matrix<float> wrong(1, 3);
+  CHECK_THROWS_WITH(dec.forward(tok, pos, caches, ak::matrix_view<float>(wrong.data(), {1, 3})),
+                    contains("logits must be"));
+  CHECK_THROWS_AS(dec.nll(std::vector<std::int32_t>{1}), ak::invalid_argument);
+  // A checkpoint whose tensor has the wrong shape for its config.
+  const test_dir dir("decoder-shape");
+  std::filesystem::copy(source_path("tests/data/checkpoints/qwen3/config.json"), dir.path / "config.json");
+  {
+    io::checkpoint_writer w(dir.path);
+    const std::vector<float> x(64 * 32, 0.f);
+    w.add("model.embed_tokens.weight", x, {32, 64}, io::dtype::f32);
+    w.finish();
+  }
+  CHECK_THROWS_WITH(ak::model::decoder::load(dir.path),
+                    contains("'model.embed_tokens.weight'") && contains("[64, 64] was expected"));
+}
