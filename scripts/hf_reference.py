@@ -3,6 +3,7 @@
 transformers are installed; attnkit's own tests never need Python).
 
   python3 scripts/hf_reference.py --tiny models/tiny-llama-bytes --out OUT
+  python3 scripts/hf_reference.py --nll DIR [DIR ...] --out OUT   (checkpoints attnkit wrote)
 
 writes
   OUT/tiny_nll.json         float32 mean next-byte NLL of the tiny model on evaluation rows 64-79
@@ -27,9 +28,10 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
-def tiny_nll(tiny, out):
-    data = np.fromfile(os.path.join(tiny, "data.bin"), dtype=np.uint8).reshape(80, 512)
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+def eval_nll(model_dir, data_file):
+    """float32 mean next-byte NLL of a checkpoint on rows 64-79 of a byte data file, per row."""
+    data = np.fromfile(data_file, dtype=np.uint8).reshape(80, 512)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = torch.tensor(data[64:80].astype(np.int64))
     per_row = []
     with torch.no_grad():
@@ -39,6 +41,25 @@ def tiny_nll(tiny, out):
             lp = torch.log_softmax(logits[0, :-1], dim=-1)
             nll = -lp.gather(1, x[0, 1:, None]).squeeze(1)
             per_row.append(float(nll.mean()))
+    return model, rows, per_row
+
+
+def converted_nll(dirs, data_file, out):
+    res = {"transformers": transformers.__version__, "rows": [64, 80], "models": {}}
+    for d in dirs:
+        try:
+            model, _, per_row = eval_nll(d, data_file)
+            res["models"][os.path.basename(os.path.normpath(d))] = {
+                "class": type(model).__name__, "mean_nll": float(np.mean(per_row))}
+            print("nll", d, type(model).__name__, float(np.mean(per_row)))
+        except Exception:
+            traceback.print_exc()
+    json.dump(res, open(os.path.join(out, "converted_nll.json"), "w"), indent=1)
+
+
+def tiny_nll(tiny, out):
+    model, rows, per_row = eval_nll(tiny, os.path.join(tiny, "data.bin"))
+    with torch.no_grad():
         hs = model(rows[:1], output_hidden_states=True).hidden_states
         np.save(os.path.join(out, "tiny_row64_hidden.npy"), torch.stack(hs).float().numpy())
     res = {"transformers": transformers.__version__, "torch": torch.__version__,
@@ -224,12 +245,15 @@ def sources(out):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", required=True)
+    ap.add_argument("--tiny", default="models/tiny-llama-bytes")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--skip", default="")
+    ap.add_argument("--nll", nargs="*", default=None)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     print("transformers", transformers.__version__, "torch", torch.__version__)
+    if a.nll:
+        converted_nll(a.nll, os.path.join(a.tiny, "data.bin"), a.out)
+        sys.exit(0)
     for step in (sources, rope_reference, families, lambda o: tiny_nll(a.tiny, o)):
         try:
             step(a.out)

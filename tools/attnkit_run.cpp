@@ -86,7 +86,7 @@ ak::model::decoder synthetic_llama3_8b(std::int64_t layers) {
   g.rope = {.theta = 500000.0,
             .scaling = {.type = ak::rope_scaling_type::llama3, .factor = 8.0, .original_context = 8192}};
   c.gqa.assign(static_cast<std::size_t>(layers), g);
-  return ak::model::decoder(c, [](const std::string& name, const std::vector<std::int64_t>& shape) {
+  return ak::model::decoder(c, [](const std::string& name, const std::vector<std::int64_t>& shape, bool) {
     std::int64_t n = 1;
     for (auto e : shape) n *= e;
     std::vector<float> w(static_cast<std::size_t>(n), 1.f);

@@ -34,6 +34,9 @@ struct mla_checkpoint {
   row_matrix<float> q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj;
   std::vector<float> q_proj_bias, kv_a_proj_bias, kv_b_proj_bias, o_proj_bias;
   std::vector<float> q_rope_norm, k_rope_norm;  ///< converted QK-norm weights (grouped layout)
+  /// Latent RMSNorm weights [d_c]: empty (the conversions' latent is unnormalised); a stock
+  /// DeepSeek checkpoint always has one, so writing that format fits it (attnkit-convert).
+  std::vector<float> kv_a_layernorm;
 
   /// Views for mla_layer (valid while this object lives).
   mla_weights weights() const {
@@ -48,6 +51,7 @@ struct mla_checkpoint {
     w.o_proj_bias = o_proj_bias;
     w.q_rope_norm = q_rope_norm;
     w.k_rope_norm = k_rope_norm;
+    w.kv_a_layernorm = kv_a_layernorm;
     return w;
   }
 };

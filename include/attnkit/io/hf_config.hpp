@@ -47,8 +47,44 @@ struct model_config {
   /// One attention config per layer (GQA families: windows may differ per layer).
   std::vector<gqa_config> gqa;
   std::vector<mla_config> mla;
+  /// A checkpoint written by attnkit-convert in its own format (config.json's "attnkit" block):
+  /// MLA layers of any layout the library runs, optional tensors present or not (biases, the
+  /// latent norm, q/k rope norms) as the conversion made them.
+  bool attnkit_format = false;
   bool is_mla() const { return !mla.empty(); }
 };
+
+/// rope_config and mla_config as JSON (the "attnkit" block of a converted checkpoint).
+inline nlohmann::json to_json(const rope_config& r) {
+  const auto& s = r.scaling;
+  nlohmann::json j = {{"theta", r.theta},
+                      {"layout", to_string(r.layout)},
+                      {"rotary_dim", r.rotary_dim},
+                      {"frequency_dim", r.frequency_dim},
+                      {"frequency_index", r.frequency_index},
+                      {"scaling",
+                       {{"type", to_string(s.type)},
+                        {"factor", s.factor},
+                        {"original_context", s.original_context},
+                        {"beta_fast", s.beta_fast},
+                        {"beta_slow", s.beta_slow},
+                        {"truncate", s.truncate},
+                        {"mscale", s.mscale},
+                        {"mscale_all_dim", s.mscale_all_dim},
+                        {"low_freq_factor", s.low_freq_factor},
+                        {"high_freq_factor", s.high_freq_factor}}}};
+  if (s.attention_factor) j["scaling"]["attention_factor"] = *s.attention_factor;
+  return j;
+}
+inline nlohmann::json to_json(const mla_config& c) {
+  nlohmann::json j = {{"model_dim", c.model_dim}, {"heads", c.heads},         {"q_lora_rank", c.q_lora_rank},
+                      {"latent_dim", c.latent_dim}, {"nope_dim", c.nope_dim},   {"rope_dim", c.rope_dim},
+                      {"v_head_dim", c.v_head_dim}, {"rope_heads", c.rope_heads}, {"rope", to_json(c.rope)},
+                      {"rms_eps", c.rms_eps},       {"mscale", c.mscale}};
+  if (c.scale) j["scale"] = *c.scale;
+  if (c.window) j["window"] = *c.window;
+  return j;
+}
 
 namespace detail {
 
@@ -168,6 +204,64 @@ inline std::optional<std::int64_t> window_of(const config_reader& c, model_famil
   return std::nullopt;
 }
 
+inline rope_config rope_from_json(const config_reader& c) {
+  rope_config r;
+  r.theta = c.get<double>("theta");
+  const auto layout = c.get<std::string>("layout");
+  require(layout == "half_split" || layout == "interleaved", "config '", c.source,
+          "': rope layout must be half_split or interleaved, got '", layout, "'");
+  r.layout = layout == "half_split" ? rope_layout::half_split : rope_layout::interleaved;
+  r.rotary_dim = c.get<std::int64_t>("rotary_dim", 0);
+  r.frequency_dim = c.get<std::int64_t>("frequency_dim", 0);
+  if (c.has("frequency_index")) {
+    try {
+      r.frequency_index = c.j["frequency_index"].get<std::vector<std::vector<std::int64_t>>>();
+    } catch (const nlohmann::json::exception&) {
+      throw_invalid("config '", c.source, "': frequency_index must be a list of integer lists");
+    }
+  }
+  if (c.has("scaling")) {
+    const config_reader s{c.j["scaling"], c.source};
+    const auto type = s.get<std::string>("type", "none");
+    bool known = false;
+    for (auto t : {rope_scaling_type::none, rope_scaling_type::linear, rope_scaling_type::dynamic_ntk,
+                   rope_scaling_type::yarn, rope_scaling_type::llama3})
+      if (type == to_string(t)) r.scaling.type = t, known = true;
+    require(known, "config '", c.source, "': unknown rope scaling type '", type, "'");
+    auto& o = r.scaling;
+    o.factor = s.get<double>("factor", 1.0);
+    o.original_context = s.get<std::int64_t>("original_context", 0);
+    o.beta_fast = s.get<double>("beta_fast", 32.0);
+    o.beta_slow = s.get<double>("beta_slow", 1.0);
+    o.truncate = s.get<bool>("truncate", true);
+    if (s.has("attention_factor")) o.attention_factor = s.get<double>("attention_factor");
+    o.mscale = s.get<double>("mscale", 0.0);
+    o.mscale_all_dim = s.get<double>("mscale_all_dim", 0.0);
+    o.low_freq_factor = s.get<double>("low_freq_factor", 1.0);
+    o.high_freq_factor = s.get<double>("high_freq_factor", 4.0);
+  }
+  return r;
+}
+
+inline mla_config mla_from_json(const config_reader& c) {
+  mla_config m;
+  m.model_dim = c.positive("model_dim");
+  m.heads = c.positive("heads");
+  m.q_lora_rank = c.get<std::int64_t>("q_lora_rank", 0);
+  m.latent_dim = c.get<std::int64_t>("latent_dim");
+  m.nope_dim = c.get<std::int64_t>("nope_dim");
+  m.rope_dim = c.get<std::int64_t>("rope_dim");
+  m.v_head_dim = c.positive("v_head_dim");
+  m.rope_heads = c.get<std::int64_t>("rope_heads", 1);
+  require(c.has("rope"), "config '", c.source, "': an attnkit layer needs a 'rope' object");
+  m.rope = rope_from_json(config_reader{c.j["rope"], c.source});
+  m.rms_eps = static_cast<float>(c.get<double>("rms_eps", 1e-6));
+  m.mscale = static_cast<float>(c.get<double>("mscale", 1.0));
+  if (c.has("scale")) m.scale = static_cast<float>(c.get<double>("scale"));
+  if (c.has("window")) m.window = c.get<std::int64_t>("window");
+  return m;
+}
+
 }  // namespace detail
 
 /// Parses a config.json document; `source` names it in errors.
@@ -198,6 +292,21 @@ inline model_config parse_model_config(const nlohmann::json& j, const std::strin
   m.mlp_bias = c.get<bool>("mlp_bias", false);
   const std::int64_t heads = c.positive("num_attention_heads");
   const bool attention_bias = c.get<bool>("attention_bias", false);
+
+  if (c.has("attnkit")) {  // converted by attnkit-convert: MLA layers described in full
+    const detail::config_reader a{j["attnkit"], source + " (attnkit)"};
+    require(a.get<std::string>("attention") == "mla", "config '", source,
+            "': attnkit.attention must be 'mla'");
+    require(a.has("layers") && a.j["layers"].is_array() &&
+                a.j["layers"].size() == static_cast<std::size_t>(m.layers),
+            "config '", source, "': attnkit.layers must list one layer per hidden layer (", m.layers, ")");
+    for (std::size_t i = 0; i < a.j["layers"].size(); ++i) {
+      const detail::config_reader l{a.j["layers"][i], source + " (attnkit layer " + std::to_string(i) + ")"};
+      m.mla.push_back(detail::mla_from_json(l));  // validated when the layer is built
+    }
+    m.attnkit_format = true;
+    return m;
+  }
 
   if (m.family == model_family::deepseek_v2 || m.family == model_family::deepseek_v3) {
     // Dense MLP layers only: MoE layers (index >= first_k_dense_replace, every moe_layer_freq)

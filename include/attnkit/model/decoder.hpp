@@ -45,16 +45,17 @@ class decoder {
   /// Called with each layer's attention input (the normed hidden state) [T, D].
   using observer = std::function<void(std::int64_t layer, matrix_view<const float> x)>;
 
-  /// The weight named `name` (transformers' names) with the given shape; throws when absent.
-  using tensor_source =
-      std::function<io::float_tensor(const std::string& name, const std::vector<std::int64_t>& shape)>;
+  /// The weight named `name` (transformers' names) with the given shape; when absent, throws,
+  /// or returns an empty tensor if `optional`.
+  using tensor_source = std::function<io::float_tensor(
+      const std::string& name, const std::vector<std::int64_t>& shape, bool optional)>;
 
   /// A checkpoint folder: config.json + model.safetensors or a sharded index.
   static decoder load(const std::filesystem::path& dir) {
     auto ckpt = std::make_shared<io::checkpoint>(dir);
     return decoder(io::read_model_config(dir),
-                   [ckpt](const std::string& name, const std::vector<std::int64_t>& shape) {
-                     return ckpt->load(name, shape);
+                   [ckpt](const std::string& name, const std::vector<std::int64_t>& shape, bool optional) {
+                     return optional ? ckpt->load_optional(name, shape) : ckpt->load(name, shape);
                    });
   }
 
@@ -92,9 +93,15 @@ class decoder {
   /// One float cache per layer, for `capacity` tokens.
   std::vector<cache> make_caches(std::int64_t capacity) const {
     std::vector<cache> out;
-    for (const auto& a : attention_)
-      std::visit([&](const auto& l) { out.emplace_back(l.template make_cache<float>(capacity)); }, a);
+    for (std::int64_t l = 0; l < cfg_.layers; ++l) out.push_back(make_cache(l, capacity));
     return out;
+  }
+  /// The float cache of layer l alone (a caller running one layer at a time).
+  cache make_cache(std::int64_t l, std::int64_t capacity) const {
+    ::attnkit::detail::require(l >= 0 && l < cfg_.layers, "decoder::make_cache: layer ", l, " outside [0, ",
+                               cfg_.layers, ")");
+    return std::visit([&](const auto& a) { return cache(a.template make_cache<float>(capacity)); },
+                      attention_[static_cast<std::size_t>(l)]);
   }
   /// KV-cache elements per token summed over the layers (what the cache holds).
   std::int64_t cache_elements_per_token() const {
@@ -120,43 +127,14 @@ class decoder {
     require(logits.extent(1) == v && (logits.extent(0) == t || logits.extent(0) == 1),
             "decoder::forward: logits must be [T=", t, " or 1, vocab=", v, "], got [",
             logits.extent(0), ", ", logits.extent(1), "]");
-    for (std::int64_t i = 0; i < t; ++i) {
-      const auto tok = tokens[static_cast<std::size_t>(i)];
-      require(tok >= 0 && tok < v, "decoder::forward: token ", i, " is ", tok, ", outside [0, vocab=", v, ")");
-    }
     using clock = std::chrono::steady_clock;
-    auto mark = clock::now();
-    auto lap = [&](double* into) {
-      const auto now = clock::now();
-      if (time) *into += std::chrono::duration<double>(now - mark).count();
-      mark = now;
-    };
-    double ignored = 0;
-    h_.resize(t, d);
-    n_.resize(t, d);
-    a_.resize(t, d);
-    const float* e = tensor(embed_).data();
-    for (std::int64_t i = 0; i < t; ++i)
-      std::copy_n(e + static_cast<std::int64_t>(tokens[static_cast<std::size_t>(i)]) * d, d, h_.row(i).data());
-    for (std::int64_t l = 0; l < cfg_.layers; ++l) {
-      const auto& w = layers_[static_cast<std::size_t>(l)];
-      norm(h_, tensor(w.input_norm).span(), n_);
-      if (observe) observe(l, view_of(n_));
-      lap(time ? &time->other_s : &ignored);
-      std::visit(
-          [&](auto& layer) {
-            using L = std::decay_t<decltype(layer)>;
-            auto& c = std::get<std::conditional_t<std::is_same_v<L, gqa_layer>, dense_cache<float>,
-                                                  latent_cache<float>>>(caches[static_cast<std::size_t>(l)]);
-            layer.forward(view_of(n_), positions, c, mut_view_of(a_), exec);
-          },
-          attention_[static_cast<std::size_t>(l)]);
-      lap(time ? &time->attention_s : &ignored);
-      h_ += a_;
-      norm(h_, tensor(w.post_norm).span(), n_);
-      mlp(w, exec);
-      h_ += a_;
-    }
+    auto since = [](clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); };
+    const auto t0 = clock::now();
+    embed(tokens, h_);
+    if (time) time->other_s += since(t0);
+    for (std::int64_t l = 0; l < cfg_.layers; ++l)
+      run_layer(l, positions, caches[static_cast<std::size_t>(l)], exec, observe, time);
+    const auto t1 = clock::now();
     const std::int64_t rows = logits.extent(0), first = t - rows;
     n_.resize(rows, d);
     for (std::int64_t i = 0; i < rows; ++i) n_.row(i) = h_.row(first + i);
@@ -164,7 +142,36 @@ class decoder {
     auto lm = as_eigen(tensor(lm_head_ >= 0 ? lm_head_ : embed_).matrix(), "lm_head");
     auto out = as_eigen(logits, "decoder::forward: logits");
     ::attnkit::detail::linear(const_map(n_), lm, {}, out, exec);
-    lap(time ? &time->other_s : &ignored);
+    if (time) time->other_s += since(t1);
+  }
+
+  /// h [T, D] = the embeddings of tokens (checked against the vocabulary).
+  void embed(std::span<const std::int32_t> tokens, row_matrix<float>& h) const {
+    const std::int64_t t = static_cast<std::int64_t>(tokens.size()), d = cfg_.hidden_size;
+    h.resize(t, d);
+    const float* e = tensor(embed_).data();
+    for (std::int64_t i = 0; i < t; ++i) {
+      const auto tok = tokens[static_cast<std::size_t>(i)];
+      ::attnkit::detail::require(tok >= 0 && tok < cfg_.vocab_size, "decoder: token ", i, " is ", tok,
+                                 ", outside [0, vocab=", cfg_.vocab_size, ")");
+      std::copy_n(e + static_cast<std::int64_t>(tok) * d, d, h.row(i).data());
+    }
+  }
+
+  /// Runs layer l on the hidden states h [T, D] in place (h += attention(norm h), then the
+  /// MLP), appending to that layer's cache; `observe` sees the attention input. What a caller
+  /// that streams the model a layer at a time (a converter's calibration pass) needs.
+  template <class Exec = serial_executor>
+  void forward_layer(std::int64_t l, row_matrix<float>& h, std::span<const std::int64_t> positions, cache& c,
+                     Exec&& exec = Exec{}, const observer& observe = {}, time_split* time = nullptr) {
+    ::attnkit::detail::require(l >= 0 && l < cfg_.layers, "decoder::forward_layer: layer ", l,
+                               " outside [0, ", cfg_.layers, ")");
+    ::attnkit::detail::require(h.cols() == cfg_.hidden_size && static_cast<std::int64_t>(positions.size()) == h.rows(),
+                               "decoder::forward_layer: h is [", h.rows(), ", ", h.cols(), "] for ",
+                               positions.size(), " positions and D=", cfg_.hidden_size);
+    h_.swap(h);
+    run_layer(l, positions, c, exec, observe, time);
+    h_.swap(h);
   }
 
   /// Sum of next-token negative log-likelihoods (nats) of one sequence and how many tokens it
@@ -201,8 +208,10 @@ class decoder {
   using attention_layer = std::variant<gqa_layer, mla_layer>;
 
   /// Loads a tensor into the decoder's store; returns its index there.
-  std::int64_t keep(const std::string& name, std::vector<std::int64_t> shape) {
-    tensors_.push_back(source_(name, shape));
+  std::int64_t keep(const std::string& name, std::vector<std::int64_t> shape, bool optional = false) {
+    auto loaded = source_(name, shape, optional);
+    if (optional && loaded.empty()) return -1;
+    tensors_.push_back(std::move(loaded));
     const auto& t = tensors_.back();
     ::attnkit::detail::require(t.shape() == shape, "decoder: tensor '", name, "' has shape ",
                                io::checkpoint::shape_string(t.shape()), " but ",
@@ -240,26 +249,35 @@ class decoder {
                          .q_norm = span_or_empty(qn), .k_norm = span_or_empty(kn)});
   }
 
+  /// DeepSeek's tensors; a checkpoint in attnkit's format has exactly the optional ones its
+  /// conversion made (biases, latent norm, q/k rope norms), a stock one those its config names.
   mla_layer make_mla(const std::string& p, const mla_config& c) {
     const std::int64_t d = c.model_dim, h = c.heads, dqk = c.nope_dim + c.rope_dim,
-                       r = c.q_lora_rank, dc = c.latent_dim, nr = c.rope_heads;
+                       r = c.q_lora_rank, dc = c.latent_dim, kva = dc + c.rope_heads * c.rope_dim;
+    const bool any = cfg_.attnkit_format;
+    auto opt = [&](const std::string& name, std::vector<std::int64_t> shape, bool wanted) {
+      return span_or_empty(any || wanted ? keep(p + name, std::move(shape), any) : -1);
+    };
     mla_weights w;
-    std::int64_t qab = -1;
     if (r > 0) {
       w.q_a_proj = tensor(keep(p + "q_a_proj.weight", {r, d})).matrix();
       w.q_a_layernorm = tensor(keep(p + "q_a_layernorm.weight", {r})).span();
       w.q_b_proj = tensor(keep(p + "q_b_proj.weight", {h * dqk, r})).matrix();
-      if (cfg_.qkv_bias) qab = keep(p + "q_a_proj.bias", {r});
+      w.q_a_proj_bias = opt("q_a_proj.bias", {r}, cfg_.qkv_bias);
     } else {
       w.q_proj = tensor(keep(p + "q_proj.weight", {h * dqk, d})).matrix();
+      w.q_proj_bias = opt("q_proj.bias", {h * dqk}, false);
     }
-    w.kv_a_proj_with_mqa = tensor(keep(p + "kv_a_proj_with_mqa.weight", {dc + nr * c.rope_dim, d})).matrix();
-    w.kv_a_layernorm = tensor(keep(p + "kv_a_layernorm.weight", {dc})).span();
+    w.kv_a_proj_with_mqa = tensor(keep(p + "kv_a_proj_with_mqa.weight", {kva, d})).matrix();
+    w.kv_a_proj_bias = opt("kv_a_proj_with_mqa.bias", {kva}, cfg_.qkv_bias);
+    w.kv_a_layernorm = any ? opt("kv_a_layernorm.weight", {dc}, false)
+                           : tensor(keep(p + "kv_a_layernorm.weight", {dc})).span();
     w.kv_b_proj = tensor(keep(p + "kv_b_proj.weight", {h * (c.nope_dim + c.v_head_dim), dc})).matrix();
+    w.kv_b_proj_bias = opt("kv_b_proj.bias", {h * (c.nope_dim + c.v_head_dim)}, false);
     w.o_proj = tensor(keep(p + "o_proj.weight", {d, h * c.v_head_dim})).matrix();
-    w.q_a_proj_bias = span_or_empty(qab);
-    if (cfg_.qkv_bias) w.kv_a_proj_bias = tensor(keep(p + "kv_a_proj_with_mqa.bias", {dc + nr * c.rope_dim})).span();
-    if (cfg_.o_bias) w.o_proj_bias = tensor(keep(p + "o_proj.bias", {d})).span();
+    w.o_proj_bias = opt("o_proj.bias", {d}, cfg_.o_bias);
+    w.q_rope_norm = opt("q_rope_norm.weight", {c.rope_dim}, false);
+    w.k_rope_norm = opt("k_rope_norm.weight", {c.rope_dim}, false);
     return mla_layer(c, w);
   }
 
@@ -279,6 +297,38 @@ class decoder {
     if (&in != &out) out = in;
     for (std::int64_t i = 0; i < out.rows(); ++i) rms_norm(out.row(i).data(), out.cols(), w, cfg_.rms_eps);
   }
+  /// h_ += attention_l(norm h_); h_ += mlp_l(norm h_).
+  template <class Exec>
+  void run_layer(std::int64_t l, std::span<const std::int64_t> positions, cache& c, Exec& exec,
+                 const observer& observe, time_split* time) {
+    using clock = std::chrono::steady_clock;
+    const auto& w = layers_[static_cast<std::size_t>(l)];
+    const auto t0 = clock::now();
+    norm(h_, tensor(w.input_norm).span(), n_);
+    if (observe) observe(l, view_of(n_));
+    a_.resize(h_.rows(), h_.cols());
+    const auto t1 = clock::now();
+    std::visit(
+        [&](auto& layer) {
+          using L = std::decay_t<decltype(layer)>;
+          using C = std::conditional_t<std::is_same_v<L, gqa_layer>, dense_cache<float>, latent_cache<float>>;
+          ::attnkit::detail::require(std::holds_alternative<C>(c), "decoder: the cache of layer ", l,
+                                     " does not fit its attention (make_caches makes the right ones)");
+          layer.forward(view_of(n_), positions, std::get<C>(c), mut_view_of(a_), exec);
+        },
+        attention_[static_cast<std::size_t>(l)]);
+    const auto t2 = clock::now();
+    h_ += a_;
+    norm(h_, tensor(w.post_norm).span(), n_);
+    mlp(w, exec);
+    h_ += a_;
+    if (time) {
+      time->attention_s += std::chrono::duration<double>(t2 - t1).count();
+      time->other_s += std::chrono::duration<double>(t1 - t0).count() +
+                       std::chrono::duration<double>(clock::now() - t2).count();
+    }
+  }
+
   /// a_ = down(silu(gate(n_)) * up(n_)).
   template <class Exec>
   void mlp(const layer_weights& w, Exec& exec) {
