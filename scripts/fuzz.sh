@@ -10,7 +10,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=${1:-60}
 out="$root/build-fuzz"
 mkdir -p "$out/new-corpus"
-flags=(-std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+flags=(-std=c++20 -O1 -gline-tables-only -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
   -fno-omit-frame-pointer -pthread -I"$root/include" $(pkg-config --cflags eigen3))
 for target in ${ATTNKIT_FUZZ_TARGETS:-native portable}; do
   arch=()

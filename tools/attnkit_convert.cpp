@@ -37,9 +37,9 @@ const char* usage =
     "  --dtype T             bf16 | f32 | f16 of the written tensors (default: the source's)\n"
     "exact:    --layout grouped|deepseek   (default grouped: one rope key per KV head)\n"
     "transmla: --qk-mqa-dim N (64)  --kv-lora-rank N (512)  --freqfold N (0 = auto)\n"
-    "          --balance-kv-ratio X (1)\n"
+    "          --balance-kv-ratio X (1)  --damping X (PCA damping, 0.01)\n"
     "mha2mla:  --rope-dim N (16)  --selection high|low|uniform|2-norm (2-norm)\n"
-    "          --svd joint|split (joint)  --latent-dim N (0 = no SVD step)\n"
+    "          --svd joint|split (joint)  --latent-dim N (0 = no SVD step)  --uniform-start N (0)\n"
     "calibration and evaluation (the model runs on its own tokens):\n"
     "  --tokens FILE         token file (default IN_DIR/data.bin)\n"
     "  --format-tokens F     bytes | u32 (default bytes when vocab <= 256)\n"
@@ -91,6 +91,8 @@ options parse(int argc, char** argv) {
     else if (a.is("--kv-lora-rank")) o.transmla.kv_lora_rank = a.integer(1);
     else if (a.is("--freqfold")) o.transmla.freqfold = a.integer(0);
     else if (a.is("--balance-kv-ratio")) o.transmla.balance_kv_ratio = a.number();
+    else if (a.is("--damping")) o.transmla.damping = a.number();
+    else if (a.is("--uniform-start")) o.mha2mla.uniform_start = a.integer(0);
     else if (a.is("--rope-dim")) o.mha2mla.rope_dim = a.integer(2);
     else if (a.is("--latent-dim")) o.mha2mla.latent_dim = a.integer(0);
     else if (a.is("--selection")) {
@@ -141,25 +143,9 @@ options parse(int argc, char** argv) {
 
 std::vector<std::vector<std::int32_t>> token_rows(const options& o, std::int64_t vocab) {
   const fs::path file = o.tokens.empty() ? o.in / "data.bin" : o.tokens;
-  std::ifstream in(file, std::ios::binary);
-  ak::detail::require(in.good(), "attnkit-convert: cannot open token file '", file.string(),
+  ak::detail::require(fs::exists(file), "attnkit-convert: no token file '", file.string(),
                       "' (give --tokens, or --synthetic-calibration N)");
-  const std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)), {});
-  const std::string format = !o.token_format.empty() ? o.token_format : vocab <= 256 ? "bytes" : "u32";
-  ak::detail::require(format == "bytes" || format == "u32", "attnkit-convert: --format-tokens must be bytes or u32");
-  const std::size_t width = format == "bytes" ? 1 : 4, n = bytes.size() / width;
-  std::vector<std::vector<std::int32_t>> rows;
-  for (std::size_t r = 0; (r + 1) * static_cast<std::size_t>(o.row_length) <= n; ++r) {
-    std::vector<std::int32_t> row;
-    for (std::size_t i = r * static_cast<std::size_t>(o.row_length); i < (r + 1) * static_cast<std::size_t>(o.row_length); ++i) {
-      std::uint32_t t = 0;
-      for (std::size_t b = 0; b < width; ++b) t |= static_cast<std::uint32_t>(bytes[i * width + b]) << (8 * b);
-      ak::detail::require(t < static_cast<std::uint32_t>(vocab), "attnkit-convert: token ", i, " of '", file.string(),
-                          "' is ", t, ", outside the vocabulary of ", vocab);
-      row.push_back(static_cast<std::int32_t>(t));
-    }
-    rows.push_back(std::move(row));
-  }
+  auto rows = tools::read_token_rows(file, o.token_format, o.row_length, vocab);
   for (auto [lo, hi, name] : {std::tuple{o.cal_begin, o.cal_end, "--calibration-rows"},
                               std::tuple{o.eval_begin, o.eval_end, "--eval-rows"}})
     ak::detail::require(hi <= static_cast<std::int64_t>(rows.size()), "attnkit-convert: ", name, " ", lo, ":", hi,
@@ -196,6 +182,8 @@ gqa_tensors load_gqa(const io::checkpoint& ck, const io::model_config& m, std::i
     t.w.q_norm = take("q_norm.weight", {dq}).span();
     t.w.k_norm = take("k_norm.weight", {dq}).span();
   }
+  for (const auto& name : ck.names())  // converted to float (or borrowed, read again if needed)
+    if (name.rfind(p, 0) == 0) ck.release(name);
   return t;
 }
 
@@ -298,7 +286,7 @@ int main(int argc, char** argv) {
     for (std::int64_t i = 0; i < o.row_length; ++i) positions[static_cast<std::size_t>(i)] = i;
 
     if (o.overwrite) fs::remove_all(o.out);
-    io::checkpoint_writer writer(o.out, 1'000'000'000ull);
+    io::checkpoint_writer writer(o.out, 500'000'000ull);  // memory: one shard
     nlohmann::json layers_json = nlohmann::json::array();
     std::vector<layer_report> reports;
     std::int64_t latent_dim = 0, rope_dim = 0, nope_dim = 0, v_dim = 0;
@@ -405,6 +393,7 @@ int main(int argc, char** argv) {
       const auto t = ck.load(name);
       const io::dtype type = info.type == io::dtype::f64 ? io::dtype::f32 : info.type;
       writer.add(name, t.span(), t.shape(), type);
+      ck.release(name);
     }
     writer.finish();
 

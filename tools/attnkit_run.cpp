@@ -101,38 +101,13 @@ ak::model::decoder synthetic_llama3_8b(std::int64_t layers) {
 
 /// Sequences of token ids from the file (or random ones for a synthetic model).
 std::vector<std::vector<std::int32_t>> read_tokens(const options& o, std::int64_t vocab) {
-  std::vector<std::int32_t> all;
   fs::path file = o.tokens;
   if (file.empty() && !o.model.empty() && fs::exists(o.model / "data.bin")) file = o.model / "data.bin";
-  if (file.empty()) {
-    std::mt19937_64 rng(7);
-    const std::int64_t n = std::max<std::int64_t>(o.row_length, o.prompt + o.decode + 1);
-    for (std::int64_t i = 0; i < n; ++i) all.push_back(static_cast<std::int32_t>(rng() % static_cast<std::uint64_t>(vocab)));
-  } else {
-    std::ifstream in(file, std::ios::binary);
-    ak::detail::require(in.good(), "attnkit-run: cannot open token file '", file.string(), "'");
-    std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)), {});
-    const std::string format = !o.format.empty() ? o.format : vocab <= 256 ? "bytes" : "u32";
-    if (format == "bytes") {
-      all.assign(bytes.begin(), bytes.end());
-    } else if (format == "u32") {
-      ak::detail::require(bytes.size() % 4 == 0, "attnkit-run: '", file.string(), "' has ", bytes.size(),
-                          " bytes, not a whole number of uint32 tokens");
-      for (std::size_t i = 0; i < bytes.size(); i += 4)
-        all.push_back(static_cast<std::int32_t>(bytes[i] | bytes[i + 1] << 8 | bytes[i + 2] << 16 |
-                                                static_cast<std::uint32_t>(bytes[i + 3]) << 24));
-    } else {
-      ak::detail::throw_invalid("attnkit-run: --format must be bytes or u32, got '", format, "'");
-    }
-    for (std::size_t i = 0; i < all.size(); ++i)
-      ak::detail::require(all[i] >= 0 && all[i] < vocab, "attnkit-run: token ", i, " of '", file.string(),
-                          "' is ", all[i], ", outside the vocabulary [0, ", vocab, ")");
-  }
-  const std::int64_t len = o.row_length > 0 ? o.row_length : static_cast<std::int64_t>(all.size());
-  std::vector<std::vector<std::int32_t>> rows;
-  for (std::int64_t r = 0; (r + 1) * len <= static_cast<std::int64_t>(all.size()); ++r)
-    rows.emplace_back(all.begin() + r * len, all.begin() + (r + 1) * len);
-  return rows;
+  if (!file.empty()) return tools::read_token_rows(file, o.format, o.row_length, vocab);
+  std::mt19937_64 rng(7);
+  std::vector<std::int32_t> row(static_cast<std::size_t>(std::max<std::int64_t>(o.row_length, o.prompt + o.decode + 1)));
+  for (auto& t : row) t = static_cast<std::int32_t>(rng() % static_cast<std::uint64_t>(vocab));
+  return {row};
 }
 
 }  // namespace

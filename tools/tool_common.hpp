@@ -4,8 +4,11 @@
 #include <attnkit/core/error.hpp>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -90,7 +93,9 @@ class summary {
   void add(const std::string& key, const std::string& v) { items_.push_back({key, v}); }
   void add(const std::string& key, const char* v) { items_.push_back({key, std::string(v)}); }
   void add(const std::string& key, std::int64_t v) { items_.push_back({key, v}); }
+  /// A number with `digits` decimals (null when not finite).
   void add(const std::string& key, double v, int digits) {
+    if (!std::isfinite(v)) return items_.push_back({key, nullptr});
     std::ostringstream s;
     s << std::setprecision(digits) << std::fixed << v;
     items_.push_back({key, nlohmann::json::parse(s.str())});
@@ -112,6 +117,39 @@ class summary {
  private:
   std::vector<std::pair<std::string, nlohmann::json>> items_;
 };
+
+/// A token file as sequences of `row_length` tokens (0: the whole file is one sequence; a
+/// partial last sequence is dropped). format: "bytes" (one token per byte), "u32" (little-endian
+/// uint32 ids) or "" (bytes when vocab <= 256). Every id is checked against the vocabulary.
+inline std::vector<std::vector<std::int32_t>> read_token_rows(const std::filesystem::path& file,
+                                                              std::string format, std::int64_t row_length,
+                                                              std::int64_t vocab) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in.good()) throw attnkit::invalid_argument("cannot open token file '" + file.string() + "'");
+  const std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)), {});
+  if (format.empty()) format = vocab <= 256 ? "bytes" : "u32";
+  if (format != "bytes" && format != "u32")
+    throw attnkit::invalid_argument("token format must be bytes or u32, got '" + format + "'");
+  const std::size_t width = format == "bytes" ? 1 : 4;
+  if (bytes.size() % width != 0)
+    throw attnkit::invalid_argument("'" + file.string() + "' has " + std::to_string(bytes.size()) +
+                                    " bytes, not a whole number of uint32 tokens");
+  const std::int64_t n = static_cast<std::int64_t>(bytes.size() / width), len = row_length > 0 ? row_length : n;
+  std::vector<std::vector<std::int32_t>> rows;
+  for (std::int64_t r = 0; len > 0 && (r + 1) * len <= n; ++r) {
+    auto& row = rows.emplace_back();
+    for (std::int64_t i = r * len; i < (r + 1) * len; ++i) {
+      std::uint32_t t = 0;
+      for (std::size_t b = 0; b < width; ++b)
+        t |= static_cast<std::uint32_t>(bytes[static_cast<std::size_t>(i) * width + b]) << (8 * b);
+      if (t >= static_cast<std::uint64_t>(vocab))
+        throw attnkit::invalid_argument("token " + std::to_string(i) + " of '" + file.string() + "' is " +
+                                        std::to_string(t) + ", outside the vocabulary of " + std::to_string(vocab));
+      row.push_back(static_cast<std::int32_t>(t));
+    }
+  }
+  return rows;
+}
 
 /// Runs a tool's body: an attnkit::invalid_argument or any other exception is printed and
 /// exits 2, never a crash.

@@ -20,6 +20,7 @@ namespace {
 struct reference {
   std::vector<std::int32_t> tokens;
   io::float_tensor logits;  // [T, vocab], transformers float32
+  io::float_tensor hidden;  // [layers + 1, T, D]: embeddings, then each layer's output (the last normed)
 };
 
 reference read_reference(const std::filesystem::path& dir) {
@@ -29,7 +30,7 @@ reference read_reference(const std::filesystem::path& dir) {
   REQUIRE(info.type == io::dtype::i64);
   std::vector<std::int64_t> ids(static_cast<std::size_t>(info.elements()));
   std::memcpy(ids.data(), f.bytes(info).data(), ids.size() * 8);
-  reference r{{ids.begin(), ids.end()}, ref.load("logits")};
+  reference r{{ids.begin(), ids.end()}, ref.load("logits"), ref.load("hidden_states")};
   return r;
 }
 
@@ -60,6 +61,20 @@ TEST_CASE("decoder: every family's logits equal transformers', prefilled and dec
     REQUIRE(ref.logits.shape() == std::vector<std::int64_t>{t, v});
     std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
     for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
+
+    // Layer by layer (what localises a mismatch): transformers' hidden state after layer l is
+    // the input of layer l + 1; its last one is after the final norm, so layers 0..L-2 compare.
+    const std::int64_t dm = dec.config().hidden_size, layers = dec.config().layers;
+    REQUIRE(ref.hidden.shape() == std::vector<std::int64_t>{layers + 1, t, dm});
+    ak::row_matrix<float> h;
+    dec.embed(ref.tokens, h);
+    for (std::int64_t l = 0; l + 1 < layers; ++l) {
+      auto c = dec.make_cache(l, t);
+      dec.forward_layer(l, h, pos, c, pool);
+      const auto [dh, mh] = max_diff(h.data(), ref.hidden.data() + (l + 1) * t * dm, t * dm);
+      CAPTURE(l, dh, mh);
+      CHECK(dh <= logit_tolerance * mh);
+    }
 
     ak::row_matrix<float> logits(t, v);
     auto caches = dec.make_caches(t);

@@ -257,6 +257,16 @@ class safetensors_file {
   }
   /// The mapping, shared with the tensors borrowed from it.
   std::shared_ptr<const void> mapping() const { return map_; }
+  /// A hint that the tensor's bytes are not needed soon: its whole pages leave this process's
+  /// resident memory (they stay in the page cache and are read again if touched). What keeps a
+  /// pass over a large checkpoint, a layer at a time, at one layer's memory.
+  void release(const tensor_info& t) const {
+    const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const auto lo = reinterpret_cast<std::uintptr_t>(map_->data() + data_offset_ + t.begin);
+    const auto hi = reinterpret_cast<std::uintptr_t>(map_->data() + data_offset_ + t.end);
+    const std::uintptr_t first = (lo + page - 1) / page * page, last = hi / page * page;
+    if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  }
 
  private:
   tensor_info parse_entry(const std::string& file, const std::string& name,
@@ -363,6 +373,10 @@ class checkpoint {
     std::vector<float> out(static_cast<std::size_t>(t.elements()));
     detail::convert_to_float(t.type, bytes.data(), t.elements(), out.data());
     return {t.shape, std::move(out)};
+  }
+  /// safetensors_file::release for the tensor `name` (no-op when absent).
+  void release(std::string_view name) const {
+    if (contains(name)) file_of(name).release(info(name));
   }
   /// An optional tensor: empty when absent.
   float_tensor load_optional(std::string_view name, const std::vector<std::int64_t>& shape = {}) const {
