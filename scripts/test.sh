@@ -3,8 +3,9 @@
 #   1. Release build with -march=native (the AVX-512 kernels), all tests via CTest, the
 #      command-line tools (attnkit-run, attnkit-convert) and their tests included;
 #   2. AddressSanitizer + UndefinedBehaviorSanitizer build at -O1 without -march=native (the
-#      portable kernels), all tests again except the tools' (test_checkpoint covers the
-#      checkpoint reader and the decoder they share); any sanitizer report fails the run.
+#      portable kernels), every Catch2 suite again (the examples' and tools' end-to-end runs
+#      stay in step 1: the suites cover the library code they drive, test_checkpoint the
+#      checkpoint reader and decoder of the tools); any sanitizer report fails the run.
 #      Line tables only (-g1): sanitizer reports keep file:line, the build is a third faster;
 #   3. the same sanitizers with -march=native: the GQA kernel, policy (every variant),
 #      robustness (every variant, special values) and shared-attention tests on the AVX-512
@@ -29,7 +30,8 @@ sanitized() {  # sanitized BUILD_DIR NATIVE [targets...]: configure, build, run 
   shift 2
   cmake -S "$root" -B "$root/$dir" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
     -DCMAKE_CXX_FLAGS="$san" -DCMAKE_EXE_LINKER_FLAGS="$san" -DATTNKIT_NATIVE="$native" \
-    -DATTNKIT_BUILD_BENCHMARKS=OFF -DATTNKIT_BUILD_TOOLS=OFF -DATTNKIT_PRECISION_LOSS_TESTS=OFF >/dev/null
+    -DATTNKIT_BUILD_BENCHMARKS=OFF -DATTNKIT_BUILD_EXAMPLES=OFF -DATTNKIT_BUILD_TOOLS=OFF \
+    -DATTNKIT_PRECISION_LOSS_TESTS=OFF >/dev/null
   local filter=()
   if (($#)); then
     cmake --build "$root/$dir" -j"$jobs" --target "$@"
