@@ -14,28 +14,21 @@
 #include <memory>
 #include <vector>
 
-#if ATTNKIT_HAS_AVX512
+#if ATTNKIT_X86_TARGETS
 #include <immintrin.h>
 #endif
 
 namespace attnkit::bench {
 
+/// Sum of n floats (n a multiple of 64) in 64 independent lanes: the compiler vectorises it for
+/// its baseline, and a streaming read is bound by the memory, not by the vector width.
 inline float read_sum(const float* p, std::int64_t n) {
-#if ATTNKIT_HAS_AVX512
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (std::int64_t i = 0; i + 64 <= n; i += 64) {
-    a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
-    a1 = _mm512_add_ps(a1, _mm512_load_ps(p + i + 16));
-    a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));
-    a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
-  }
-  return detail::hsum16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#else
-  float s[8] = {};
-  for (std::int64_t i = 0; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) s[j] += p[i + j];
-  return s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
-#endif
+  float s[64] = {};
+  for (std::int64_t i = 0; i + 64 <= n; i += 64)
+    for (int j = 0; j < 64; ++j) s[j] += p[i + j];
+  float t = 0.f;
+  for (float x : s) t += x;
+  return t;
 }
 
 inline void BM_read_bandwidth(benchmark::State& state) {
@@ -60,29 +53,45 @@ inline void BM_read_bandwidth(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * n * static_cast<std::int64_t>(sizeof(float)));
 }
 
-inline float fma_chains(std::int64_t iters) {
-#if ATTNKIT_HAS_AVX512
+/// 12 independent FMA chains of `lanes` floats for `iters` steps: the FLOP/s peak of the active
+/// target (ATTNKIT_TARGET), compiled for it like the kernels.
+#if ATTNKIT_X86_TARGETS
+__attribute__((target("avx512f"))) inline float fma_chains_avx512(std::int64_t iters) {
   __m512 a[12];
   for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(1.f + 0.001f * static_cast<float>(i));
   const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
   for (std::int64_t it = 0; it < iters; ++it)
     for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
-  __m512 s = a[0];
-  for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, a[i]);
-  return detail::hsum16(s);
-#else
-  float a[12][8];
-  for (auto& r : a)
-    for (float& x : r) x = 1.f;
-  for (std::int64_t it = 0; it < iters; ++it)
-    for (auto& r : a)
-      for (float& x : r) x = x * 0.999999f + 1e-7f;
-  return a[0][0];
-#endif
+  float out[16];
+  _mm512_storeu_ps(out, a[0]);
+  return out[0];
 }
+__attribute__((target("avx2,fma"))) inline float fma_chains_avx2(std::int64_t iters) {
+  __m256 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(1.f + 0.001f * static_cast<float>(i));
+  const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+  for (std::int64_t it = 0; it < iters; ++it)
+    for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+  float out[8];
+  _mm256_storeu_ps(out, a[0]);
+  return out[0];
+}
+#endif
 
-/// FLOPs per fma_chains iteration: 12 chains x 16 lanes x 2 (AVX-512), else 12 x 8 x 2.
-constexpr std::int64_t fma_flops_per_iter = ATTNKIT_HAS_AVX512 ? 12 * 16 * 2 : 12 * 8 * 2;
+/// FLOPs per fma_chains iteration on the active target: 12 chains x lanes x 2.
+inline std::int64_t fma_flops_per_iter() { return 12 * detail::simd_lanes() * 2; }
+
+inline float fma_chains(std::int64_t iters) {
+#if ATTNKIT_X86_TARGETS
+  if (active_target() == simd_target::avx512) return fma_chains_avx512(iters);
+  if (active_target() == simd_target::avx2) return fma_chains_avx2(iters);
+#endif
+  float a[12];
+  for (int i = 0; i < 12; ++i) a[i] = 1.f + 0.001f * static_cast<float>(i);
+  for (std::int64_t it = 0; it < iters; ++it)
+    for (float& x : a) x = x * 0.999999f + 1e-7f;
+  return a[0];
+}
 
 inline void BM_fma_peak(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));
@@ -95,7 +104,7 @@ inline void BM_fma_peak(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
   }
   state.counters["FLOPS"] = benchmark::Counter(
-      static_cast<double>(iters * fma_flops_per_iter * threads),
+      static_cast<double>(iters * fma_flops_per_iter() * threads),
       benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
 }
 

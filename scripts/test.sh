@@ -1,52 +1,69 @@
 #!/usr/bin/env bash
 # The whole test suite: install what is missing, then
-#   1. Release build with -march=native (the AVX-512 kernels), all tests via CTest, the
-#      command-line tools (attnkit-run, attnkit-convert) and their tests included;
-#   2. AddressSanitizer + UndefinedBehaviorSanitizer build at -O1 without -march=native (the
-#      portable kernels), every Catch2 suite again (the examples' and tools' end-to-end runs
-#      stay in step 1: the suites cover the library code they drive, test_checkpoint the
-#      checkpoint reader and decoder of the tools); any sanitizer report fails the run.
+#   1. Release build with -march=native, all tests via CTest on the best SIMD target of this CPU
+#      (the command-line tools and their tests included), then the kernel suites again on every
+#      other target it runs (ATTNKIT_TARGET: avx2, scalar; core/cpu.hpp);
+#   2. AddressSanitizer + UndefinedBehaviorSanitizer build at -O1 without -march (every target's
+#      kernels are in it, chosen at run time): every Catch2 suite on the scalar target (the
+#      compiler's baseline, Eigen's GEMM tiles), then the suites that drive the vector kernels
+#      hardest on each vector target (the examples' and tools' end-to-end runs stay in step 1:
+#      the suites cover the library code they drive). Any sanitizer report fails the run.
 #      Line tables only (-g1): sanitizer reports keep file:line, the build is a third faster;
-#   3. the same sanitizers with -march=native: the GQA kernel, policy (every variant),
-#      robustness (every variant, special values) and shared-attention tests on the AVX-512
-#      kernels;
-#   4. the differential fuzz target (clang, libFuzzer + ASan + UBSan, AVX-512 kernels) for a
-#      bounded time from its corpus (scripts/fuzz.sh; ATTNKIT_FUZZ_SECONDS, default 60).
+#   3. the kernel suites cross-compiled for AArch64 (g++-aarch64-linux-gnu) and run under
+#      qemu-user on the NEON target (the scalar target's code is the same C++ as on x86);
+#   4. the differential fuzz target (clang, libFuzzer + ASan + UBSan) for a bounded time on each
+#      x86 vector target (scripts/fuzz.sh; ATTNKIT_FUZZ_SECONDS per target, default 30).
 # Benchmarks are built in step 1 (so they keep compiling) but not run.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 jobs=$(nproc)
 bash "$root/scripts/deps.sh"
 
+# Suites that run no kernel code of their own or take minutes: once per build, on the default
+# target (CTest names are "binary:test case").
+once_only='^(packaging|tools|examples|test_checkpoint|test_convert_approx):'
+
 echo "== attnkit: Release build and tests =="
 cmake -S "$root" -B "$root/build" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$root/build" -j"$jobs"
+read -r -a targets < <("$root/build/tests/attnkit_targets")
 (cd "$root/build" && ctest --output-on-failure -j"$jobs")
+for t in "${targets[@]}"; do
+  [ "$t" = "$("$root/build/tests/attnkit_targets" | tail -n 1)" ] && continue
+  echo "== attnkit: the kernel suites on ATTNKIT_TARGET=$t =="
+  (cd "$root/build" && ATTNKIT_TARGET=$t ctest --output-on-failure -j"$jobs" -E "$once_only")
+done
 
-echo "== attnkit: ASan + UBSan build and tests (-O1, portable code paths) =="
+echo "== attnkit: ASan + UBSan build and tests (-O1, every target) =="
 san="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
-sanitized() {  # sanitized BUILD_DIR NATIVE [targets...]: configure, build, run their tests
-  local dir=$1 native=$2
-  shift 2
-  cmake -S "$root" -B "$root/$dir" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
-    -DCMAKE_CXX_FLAGS="$san" -DCMAKE_EXE_LINKER_FLAGS="$san" -DATTNKIT_NATIVE="$native" \
-    -DATTNKIT_BUILD_BENCHMARKS=OFF -DATTNKIT_BUILD_EXAMPLES=OFF -DATTNKIT_BUILD_TOOLS=OFF \
-    -DATTNKIT_PRECISION_LOSS_TESTS=OFF >/dev/null
-  local filter=()
-  if (($#)); then
-    cmake --build "$root/$dir" -j"$jobs" --target "$@"
-    filter=(-R "^($(IFS='|'; echo "$*")):")  # CTest names are "binary:test case"
-  else
-    cmake --build "$root/$dir" -j"$jobs"
-  fi
-  (cd "$root/$dir" && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+dir=build-sanitize
+cmake -S "$root" -B "$root/$dir" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
+  -DCMAKE_CXX_FLAGS="$san" -DCMAKE_EXE_LINKER_FLAGS="$san" -DATTNKIT_NATIVE=OFF \
+  -DATTNKIT_BUILD_BENCHMARKS=OFF -DATTNKIT_BUILD_EXAMPLES=OFF -DATTNKIT_BUILD_TOOLS=OFF \
+  -DATTNKIT_PRECISION_LOSS_TESTS=OFF >/dev/null
+cmake --build "$root/$dir" -j"$jobs"
+sanitized_ctest() {  # sanitized_ctest TARGET [ctest args...]
+  local t=$1
+  shift
+  (cd "$root/$dir" && ATTNKIT_TARGET=$t ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -j"$jobs" \
-    -E '^packaging: ' "${filter[@]}")  # packaging: checked in the Release run
+    -E '^packaging: ' "$@")  # packaging: checked in the Release run
 }
-sanitized build-sanitize OFF
+sanitized_ctest scalar
+for t in "${targets[@]}"; do
+  [ "$t" = scalar ] && continue
+  echo "== attnkit: ASan + UBSan, the vector kernels on ATTNKIT_TARGET=$t =="
+  sanitized_ctest "$t" -R '^(test_gqa_kernel|test_policy|test_robustness|test_shared|test_tpa|test_mla|test_batch|test_softmax):'
+done
 
-echo "== attnkit: ASan + UBSan on the AVX-512 kernels (-O1 -march=native) =="
-sanitized build-sanitize-native ON test_gqa_kernel test_policy test_robustness test_shared
+echo "== attnkit: AArch64 cross build, the kernel suites on the NEON target under qemu-user =="
+neon_suites=(test_softmax test_gqa_kernel test_tpa test_mla test_policy test_shared test_batch)
+cmake -S "$root" -B "$root/build-aarch64" -DCMAKE_TOOLCHAIN_FILE="$root/cmake/aarch64-linux-gnu.cmake" \
+  -DCMAKE_BUILD_TYPE=Release -DATTNKIT_NATIVE=OFF -DATTNKIT_BUILD_BENCHMARKS=OFF \
+  -DATTNKIT_BUILD_EXAMPLES=OFF -DATTNKIT_BUILD_TOOLS=OFF -DATTNKIT_PRECISION_LOSS_TESTS=OFF >/dev/null
+cmake --build "$root/build-aarch64" -j"$jobs" --target "${neon_suites[@]}"
+(cd "$root/build-aarch64" && ATTNKIT_TARGET=neon ctest --output-on-failure -j"$jobs" \
+  -R "^($(IFS='|'; echo "${neon_suites[*]}")):")
 
-echo "== attnkit: differential fuzzing (libFuzzer, ASan + UBSan, AVX-512 kernels) =="
-ATTNKIT_FUZZ_TARGETS=native bash "$root/scripts/fuzz.sh" "${ATTNKIT_FUZZ_SECONDS:-60}"
+echo "== attnkit: differential fuzzing (libFuzzer, ASan + UBSan) =="
+ATTNKIT_FUZZ_TARGETS="${targets[*]:1}" bash "$root/scripts/fuzz.sh" "${ATTNKIT_FUZZ_SECONDS:-30}"

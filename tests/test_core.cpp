@@ -71,3 +71,47 @@ TEST_CASE("invalid_argument derives from std::invalid_argument and names the val
   ATTNKIT_CHECK_INVALID(detail::require_extents(v, {1, 2, 3}, "q"),
                         "q has shape [0, 2, 3] but [1, 2, 3]");
 }
+
+TEST_CASE("SIMD targets: detection, names, forcing one", "[core][simd]") {
+  const auto targets = supported_targets();
+  REQUIRE(!targets.empty());
+  CHECK(targets.front() == simd_target::scalar);
+  CHECK(cpu_supports(best_target()));
+  CHECK(std::find(targets.begin(), targets.end(), best_target()) != targets.end());
+  CHECK(parse_target("best") == best_target());
+  const simd_target before = active_target();
+  for (simd_target t : targets) {
+    CHECK(parse_target(target_name(t)) == t);
+    set_target(t);
+    CHECK(active_target() == t);
+    // The layout choices the kernels read follow the target.
+    CHECK(detail::simd_lanes() >= 1);
+    CHECK(detail::simd_vector_target() == (t != simd_target::scalar));
+    CHECK((detail::bf16_pair_group() == 0 || detail::bf16_pair_group() == 2 * detail::simd_lanes()));
+  }
+  set_target(before);
+  ATTNKIT_CHECK_INVALID(parse_target("avx9"), "target=avx9: unknown target");
+  for (simd_target t : all_simd_targets)
+    if (!target_compiled(t)) {
+      ATTNKIT_CHECK_INVALID(parse_target(target_name(t)), "not compiled for this architecture");
+      ATTNKIT_CHECK_INVALID(set_target(t), "is not supported here");
+    }
+}
+
+TEST_CASE("SIMD targets: permute_pairs round trip for every group size", "[core][simd]") {
+  for (std::int64_t group : {0, 2, 8, 16, 32})
+    for (std::int64_t n : {0, 5, 16, 40, 64, 70}) {
+      std::vector<float> x(static_cast<std::size_t>(n));
+      for (std::int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(i);
+      auto y = x;
+      detail::permute_pairs(y.data(), n, group);
+      if (group >= 4 && n >= group) {  // evens first within the first group, then odds
+        CHECK(y[0] == 0.f);
+        CHECK(y[1] == 2.f);
+        CHECK(y[group / 2] == 1.f);
+      }
+      for (std::int64_t i = (group ? n / group * group : 0); i < n; ++i) CHECK(y[i] == x[i]);
+      detail::unpermute_pairs(y.data(), n, group);
+      CHECK(y == x);
+    }
+}

@@ -4,7 +4,8 @@
 // form below vectorises across rows), next to each row's value accumulator. Scores come in one
 // key block at a time, in one of two layouts:
 //   row form     the block's scores of one row are contiguous (softmax_absorb_row);
-//   column form  the block's scores of one key are contiguous across rows (softmax_absorb_columns).
+//   column form  the block's scores of one key are contiguous across rows (softmax_columns, in
+//                simd/targets.hpp: vectorised across rows on every target).
 // Key splits are merged with log-sum-exp rescaling; the LSE is natural log. A row that saw no
 // unmasked key (or only -inf logits) has max = -inf and sum = 0; it finalises to output 0 and
 // LSE -inf. A NaN logit makes the row's sum NaN (its p is exp(NaN) = NaN; the row form's max is
@@ -50,78 +51,6 @@ inline float softmax_absorb_row(float& max, float& sum, float* s, std::int64_t n
   return alpha;
 }
 
-/// Column form: for keys t < keys and rows r < rows, the probabilities exp(st[t * ld + r] - max')
-/// go to on_p (AVX-512: on_p(t, r0, p, lanes) with 16 rows' probabilities; portable:
-/// on_p(t, r, p)); alpha[r] receives the accumulator rescale factor of row r. block_max, when
-/// given, is each row's max over the block (computed by the caller's score pass).
-template <class OnP>
-inline void softmax_columns(const float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
-                            const softmax_state& state, float* alpha, const float* block_max,
-                            OnP&& on_p) {
-#if ATTNKIT_HAS_AVX512
-  const __m512 ninf = _mm512_set1_ps(neg_inf);
-  for (std::int64_t m0 = 0; m0 < rows; m0 += 16) {
-    const __mmask16 mm = lane_mask(rows - m0);
-    __m512 colmax = ninf;
-    if (block_max)
-      colmax = _mm512_mask_loadu_ps(ninf, mm, block_max + m0);
-    else
-      for (std::int64_t t = 0; t < keys; ++t)
-        // Plain vmaxps here (the per-key hot loop): a NaN it drops still makes its p, and so
-        // the row's sum, NaN; the merge and finalisation key on the sum.
-        colmax = _mm512_maskz_max_ps(0xFFFF, colmax, _mm512_maskz_loadu_ps(mm, st + t * ld + m0));
-    const __m512 old = _mm512_mask_loadu_ps(ninf, mm, state.max + m0);
-    const __m512 mx = max16(old, colmax);
-    const __m512 shift =
-        _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
-    const __m512 a = exp16(_mm512_sub_ps(old, shift));  // exp(-inf - finite) = 0
-    __m512 colsum = _mm512_setzero_ps();
-    for (std::int64_t t = 0; t < keys; ++t) {
-      const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mm, st + t * ld + m0), shift));
-      on_p(t, m0, p, mm);
-      colsum = _mm512_add_ps(colsum, p);
-    }
-    _mm512_mask_storeu_ps(state.sum + m0, mm,
-                          _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mm, state.sum + m0), a, colsum));
-    _mm512_mask_storeu_ps(state.max + m0, mm, mx);
-    _mm512_mask_storeu_ps(alpha + m0, mm, a);
-  }
-#else
-  for (std::int64_t r = 0; r < rows; ++r) {
-    float colmax = neg_inf;
-    if (block_max)
-      colmax = block_max[r];
-    else
-      for (std::int64_t t = 0; t < keys; ++t) colmax = max_nan(colmax, st[t * ld + r]);
-    const float mx = max_nan(state.max[r], colmax), shift = mx == neg_inf ? 0.f : mx;
-    const float a = std::exp(state.max[r] - shift);
-    float colsum = 0.f;
-    for (std::int64_t t = 0; t < keys; ++t) {
-      const float p = std::exp(st[t * ld + r] - shift);
-      on_p(t, r, p);
-      colsum += p;
-    }
-    state.sum[r] = state.sum[r] * a + colsum;
-    state.max[r] = mx;
-    alpha[r] = a;
-  }
-#endif
-}
-
-/// softmax_columns with the probabilities written back into st.
-inline void softmax_absorb_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
-                                   const softmax_state& state, float* alpha) {
-#if ATTNKIT_HAS_AVX512
-  softmax_columns(st, ld, keys, rows, state, alpha, nullptr,
-                  [&](std::int64_t t, std::int64_t r0, __m512 p, __mmask16 m) {
-                    _mm512_mask_storeu_ps(st + t * ld + r0, m, p);
-                  });
-#else
-  softmax_columns(st, ld, keys, rows, state, alpha, nullptr,
-                  [&](std::int64_t t, std::int64_t r, float p) { st[t * ld + r] = p; });
-#endif
-}
-
 /// A given normalisation (a row whose LSE is known): p = exp(x - lse); 0 when lse is -inf (the
 /// row sees no key, so every x is -inf too).
 inline float exp_given(float x, float lse) {
@@ -131,26 +60,6 @@ inline float exp_given(float x, float lse) {
 inline void exp_given_row(float* s, std::int64_t n, float lse) {
   exp_shift_sum(s, n, lse == neg_inf ? std::numeric_limits<float>::infinity() : lse);
 }
-/// Column form: st[t * ld + r] <- exp_given(st[t * ld + r], lse[r]) for keys t, rows r.
-inline void exp_given_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
-                              const float* lse) {
-#if ATTNKIT_HAS_AVX512
-  const __m512 ninf = _mm512_set1_ps(neg_inf), pinf = _mm512_set1_ps(-neg_inf);
-  for (std::int64_t m0 = 0; m0 < rows; m0 += 16) {
-    const __mmask16 mm = lane_mask(rows - m0);
-    const __m512 l = _mm512_maskz_loadu_ps(mm, lse + m0);
-    const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(l, ninf, _CMP_EQ_OQ), l, pinf);
-    for (std::int64_t t = 0; t < keys; ++t)
-      _mm512_mask_storeu_ps(
-          st + t * ld + m0, mm,
-          exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mm, st + t * ld + m0), shift)));
-  }
-#else
-  for (std::int64_t t = 0; t < keys; ++t)
-    for (std::int64_t r = 0; r < rows; ++r) st[t * ld + r] = exp_given(st[t * ld + r], lse[r]);
-#endif
-}
-
 /// (max_a, sum_a, acc_a) <- merge with (max_b, sum_b, acc_b) over a disjoint key set (d floats).
 inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b, float sum_b,
                           const float* acc_b, std::int64_t d) {

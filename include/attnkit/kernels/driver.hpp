@@ -8,10 +8,9 @@
 //                                 returned as a score_tile (row or column layout);
 //   accumulate(j, b0, nb, p, acc) acc[rows][v_head_dim] += P V for the block's probabilities p;
 //   finish(acc, rows)             any last transform of the accumulators (layout, scale);
-//   probability_sink()            optional, column layout: a callback that receives the
-//                                 probabilities as the softmax produces them (instead of their
-//                                 being stored back into the tile), to fuse them into the
-//                                 variant's value weights;
+//   value_weights()               optional, column layout: where the softmax writes the
+//                                 probabilities times the variant's value factors (instead of
+//                                 storing them back into the tile): TPA's value weights;
 //   value_row(j, head, t, buf)    key t's value vector for query head `head` as float, in the
 //                                 accumulators' layout (buf: v_head_dim floats of scratch); the
 //                                 driver's exact path for blocks where a masked key's value is not
@@ -262,11 +261,13 @@ class attention_worker {
         // The variant's block max holds when the scores reach the softmax unchanged.
         const bool unchanged = vis == block_visibility::full && !call_.policy.logits.active() &&
                                std::same_as<Mask, no_mask>;
-        if constexpr (requires { var_.probability_sink(); })
-          softmax_columns(s.data, s.key_stride, nb, m, state_, alpha_,
-                          unchanged ? s.block_max : nullptr, var_.probability_sink());
-        else
-          softmax_absorb_columns(s.data, s.key_stride, nb, m, state_, alpha_);
+        if constexpr (requires { var_.value_weights(); }) {
+          const auto w = var_.value_weights();
+          softmax_columns(s.data, s.key_stride, nb, m, state_.max, state_.sum, alpha_,
+                          unchanged ? s.block_max : nullptr, &w);
+        } else {
+          softmax_columns(s.data, s.key_stride, nb, m, state_.max, state_.sum, alpha_);
+        }
         for (std::int64_t r = 0; r < m; ++r)
           if (alpha_[r] != 1.f) scale_row(acc_ + r * dv, dv, alpha_[r]);
       }
@@ -350,7 +351,7 @@ class attention_worker {
                           std::int64_t nb, std::int64_t m, bool fixed) {
     const std::int64_t dv = pl_.v_head_dim, g = pl_.g;
     const std::int64_t* kp = var_.positions().data() + b0;
-    constexpr bool sink = requires { var_.probability_sink(); };
+    constexpr bool sink = requires { var_.value_weights(); };
     for (std::int64_t r = 0; r < m; ++r) {
       float* acc = acc_ + r * dv;
       const float* before = saved_ + r * dv;
@@ -363,7 +364,7 @@ class attention_worker {
         const float x = s.data[r * s.row_stride + t * s.key_stride];
         // Given weights are masked where they are 0.
         if (given_weights_v<Variant> ? x == 0.f : !visible(a)) continue;
-        // With a probability sink the tile still holds the scores.
+        // With value weights the tile still holds the scores.
         const float p = sink && !fixed && s.key_stride != 1 ? std::exp(x - state_.max[r]) : x;
         const float* v = var_.value_row(j, a.head, b0 + t, value_);
         for (std::int64_t c = 0; c < dv; ++c) acc[c] += p * v[c];

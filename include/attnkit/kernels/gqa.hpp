@@ -29,10 +29,9 @@
 #include "../core/options.hpp"
 #include "../core/view.hpp"
 #include "../core/workspace.hpp"
+#include "../simd/targets.hpp"
 #include "driver.hpp"
-#include "microkernels.hpp"
 #include "policy.hpp"
-#include "tile_gemm.hpp"
 
 namespace attnkit {
 
@@ -137,7 +136,7 @@ class gqa_products {
         for (std::int64_t c = 0; c < dqk; ++c) q_[c * m_ + r] = src[c * cs] * pb_.scale;
       } else {
         for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * cs] * pb_.scale;
-        if (paired()) permute_pairs(q_ + r * dqk, dqk);
+        if (paired()) permute_pairs(q_ + r * dqk, dqk, pair_group_);
       }
     }
   }
@@ -173,7 +172,7 @@ class gqa_products {
       for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
         const S* k = pb_.kv.keys().row(j, t);
         for (std::int64_t i = 0; i < n; ++i) to_float_row(k + i * ks, kf_ + (t - b0 + i) * dqk, dqk);
-        if (!own_values || !ATTNKIT_HAS_AVX512) return;  // the portable path widens V later
+        if (!own_values || !simd_vector_target()) return;  // the Eigen path widens V later
         const S* v = pb_.kv.values().row(j, t);
         for (std::int64_t i = 0; i < n; ++i) to_float_row(v + i * vs, vf_ + (t - b0 + i) * dv, dv);
       });
@@ -185,18 +184,16 @@ class gqa_products {
         vfp_ = vf_, vfs_ = dv;
       }
     }
-#if ATTNKIT_HAS_AVX512
-    // S^T = K Q^T.
-    gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_);
-    return {s_, 1, m_};
-#else
+    if (transposed()) {  // S^T = K Q^T
+      gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_);
+      return {s_, 1, m_};
+    }
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
     Eigen::Map<row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>> sm(
         s_, m_, nb, Eigen::OuterStride<>(pl_.block));
     const map_c qm(q_, m_, dqk, Eigen::OuterStride<>(dqk));
     sm.noalias() = qm * map_c(kf, nb, dqk, Eigen::OuterStride<>(kfs)).transpose();
     return {s_, pl_.block, 1};
-#endif
   }
 
   void accumulate(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p,
@@ -209,11 +206,10 @@ class gqa_products {
       });
       return;
     }
-#if ATTNKIT_HAS_AVX512
-    (void)j, (void)b0, (void)vs;
-    gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc,
-                     dv);  // O += P V, P(r, t) = S^T[t][r]
-#else
+    if (transposed()) {  // O += P V, P(r, t) = S^T[t][r]
+      gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv);
+      return;
+    }
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
     Eigen::Map<row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>> om(
         acc, m_, dv, Eigen::OuterStride<>(dv));
@@ -234,24 +230,23 @@ class gqa_products {
       }
       om.noalias() += pm * map_c(vf, nb, dv, Eigen::OuterStride<>(vfs));
     }
-#endif
   }
 
   const float* value_row(std::int64_t j, std::int64_t /*head*/, std::int64_t t, float* buf) const {
     const std::int64_t dv = pb_.kv.v_head_dim();
     to_float_row(pb_.kv.values().row(j, t), buf, dv);
-    if (paired()) permute_pairs(buf, dv);
+    if (paired()) permute_pairs(buf, dv, pair_group_);
     return buf;
   }
 
   void finish(float* acc, std::int64_t rows) {
     if (paired())
       for (std::int64_t r = 0; r < rows; ++r)
-        unpermute_pairs(acc + r * pb_.kv.v_head_dim(), pb_.kv.v_head_dim());
+        unpermute_pairs(acc + r * pb_.kv.v_head_dim(), pb_.kv.v_head_dim(), pair_group_);
   }
 
  private:
-  bool paired() const { return paired_columns<S> && pb_.streaming; }
+  bool paired() const { return pair_group_ > 0; }
   bool paged() const { return pb_.kv.keys().table.paged(); }
   /// Calls f(t, n) for each run of rows [t, t + n) that makes up keys [b0, b0 + nb).
   template <class F>
@@ -262,7 +257,7 @@ class gqa_products {
       t += n;
     }
   }
-  bool transposed() const { return ATTNKIT_HAS_AVX512 && !pb_.streaming; }
+  bool transposed() const { return vector_gemm_ && !pb_.streaming; }
 
   const problem& pb_;
   const attention_plan& pl_;
@@ -270,14 +265,18 @@ class gqa_products {
   float *q_, *s_, *kf_, *vf_;
   const float* vfp_ = nullptr;  // the current block's values as float (transposed path)
   std::int64_t vfs_ = 0;
+  // The active target's layout choices, read once per call: the transposed GEMM tiles (else
+  // Eigen's), and the bf16 streaming order (simd/targets.hpp).
+  const bool vector_gemm_ = simd_vector_target();
+  const std::int64_t pair_group_ = std::same_as<S, bf16> && pb_.streaming ? bf16_pair_group() : 0;
 };
 
-/// Streaming micro-kernels for tiles of fewer than 16 query rows (g heads x Tq tokens). Without
-/// AVX-512 the portable streaming loops are slow and Eigen's vectorised GEMM tiles are the fast
+/// Streaming micro-kernels for tiles of fewer than 16 query rows (g heads x Tq tokens). On the
+/// scalar target the streaming loops are slow and Eigen's vectorised GEMM tiles are the fast
 /// path for every size.
 inline bool streams(const attention_options& opt, std::int64_t g, std::int64_t tq) {
   return opt.strategy == tile_strategy::streaming ||
-         (opt.strategy == tile_strategy::automatic && ATTNKIT_HAS_AVX512 && g * tq < 16);
+         (opt.strategy == tile_strategy::automatic && simd_vector_target() && g * tq < 16);
 }
 
 /// The GQA problem of queries q [Tq, H, d_qk] against kv (checked against each other): the

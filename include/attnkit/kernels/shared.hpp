@@ -29,11 +29,10 @@
 #include "../core/options.hpp"
 #include "../core/view.hpp"
 #include "../core/workspace.hpp"
+#include "../simd/targets.hpp"
 #include "driver.hpp"
 #include "gqa.hpp"
-#include "microkernels.hpp"
 #include "mla.hpp"
-#include "tile_gemm.hpp"
 #include "tpa.hpp"
 
 namespace attnkit {
@@ -110,9 +109,10 @@ class value_accumulator {
       }
       vf = vf_, vfs = dv;
     }
-#if ATTNKIT_HAS_AVX512
-    gemm_bcast<true>(rows, dv, nb, pr, p.row_stride, p.key_stride, vf, vfs, acc + r0 * dv, dv);
-#else
+    if (vector_gemm_) {
+      gemm_bcast<true>(rows, dv, nb, pr, p.row_stride, p.key_stride, vf, vfs, acc + r0 * dv, dv);
+      return;
+    }
     // Maps with a unit inner stride, so that Eigen's GEMM reads them in place (a general
     // stride makes it copy the operand into a heap temporary).
     using outer = Eigen::OuterStride<>;
@@ -130,26 +130,28 @@ class value_accumulator {
                                                                 outer(p.key_stride)) *
           vm;
     }
-#endif
   }
   /// Value row t of KV head j as float, in the accumulators' column order.
   const float* value_row(std::int64_t j, std::int64_t t, float* buf) const {
     to_float_row(v_.values().row(j, t), buf, v_.v_head_dim());
-    if (paired()) permute_pairs(buf, v_.v_head_dim());
+    if (paired()) permute_pairs(buf, v_.v_head_dim(), pair_group_);
     return buf;
   }
   void finish(float* acc, std::int64_t rows) const {
     if (paired())
       for (std::int64_t r = 0; r < rows; ++r)
-        unpermute_pairs(acc + r * v_.v_head_dim(), v_.v_head_dim());
+        unpermute_pairs(acc + r * v_.v_head_dim(), v_.v_head_dim(), pair_group_);
   }
 
  private:
-  bool paired() const { return paired_columns<S> && streaming_; }
+  bool paired() const { return pair_group_ > 0; }
   const value_view<S>& v_;
   bool streaming_;
   float* vf_;  // [block][d_v]: a block of V widened to float
   std::int64_t widened_j_ = -1, widened_b0_ = -1;
+  // The active target's layout choices, read once per call (see gqa_products).
+  const bool vector_gemm_ = simd_vector_target();
+  const std::int64_t pair_group_ = std::same_as<S, bf16> && streaming_ ? bf16_pair_group() : 0;
 };
 
 /// The materialised follower: P [Tq, H, Tk] given, out = P V.
@@ -329,7 +331,8 @@ void attend_shared(tensor3_view<const float> weights, const VS& values, tensor3_
   detail::require_disjoint(out, weights, who, "out", "weights");
   const bool streaming =
       strategy == tile_strategy::streaming ||
-      (strategy == tile_strategy::automatic && ATTNKIT_HAS_AVX512 && (h / v.kv_heads()) * tq < 16);
+      (strategy == tile_strategy::automatic && detail::simd_vector_target() &&
+       (h / v.kv_heads()) * tq < 16);
   const detail::weights_problem<S> pb{weights, v, streaming};
   detail::run_attention<detail::weights_products<S>>(
       pb,

@@ -10,10 +10,9 @@
 // Per key block, three passes: D by the streaming score micro-kernel; one pass per key for the
 // head combination, vectorised over heads, with the block's column max; the driver's softmax
 // down the heads, whose probabilities go straight into the value weights
-// W[h, (s, v)] = p[h, s] A_V(s)[v, h] (probability_sink); then the values as one GEMM
+// W[h, (s, v)] = p[h, s] A_V(s)[v, h] (value_weights); then the values as one GEMM
 // O[H, d_v] += W[H, keys * R_V] B_V[keys * R_V, d_v]. The next block's factor rows are
-// prefetched a line per inner-loop step. One path runs everywhere (AVX-512 micro-kernels when
-// the compiler targets AVX-512, plain loops otherwise).
+// prefetched a line per inner-loop step. One path on every target (simd/targets.hpp).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,10 +23,9 @@
 #include "../cache/kv_view.hpp"
 #include "../core/options.hpp"
 #include "../core/workspace.hpp"
+#include "../simd/targets.hpp"
 #include "driver.hpp"
-#include "microkernels.hpp"
 #include "policy.hpp"
-#include "tile_gemm.hpp"
 
 namespace attnkit {
 
@@ -140,7 +138,7 @@ class tpa_products {
       for (std::int64_t i = 0; i < hp; ++i)
         aq_[r * hp + i] = i < h ? p_.a_q(t, r, i) * p_.score_scale : 0.f;
       for (std::int64_t e = 0; e < d; ++e) bq_[r * d + e] = p_.b_q(t, r, e);
-      if (paired_columns<S>) permute_pairs(bq_ + r * d, d);
+      permute_pairs(bq_ + r * d, d, pair_group_);
     }
   }
 
@@ -159,21 +157,7 @@ class tpa_products {
   }
 
   /// The softmax's probabilities become the value weights wt_[(s, v)][h] = p[s][h] A_V(s)[v, h].
-  auto probability_sink() {
-    const std::int64_t hp = p_.hp, h = p_.kv.heads, rv = p_.kv.v_rank;
-#if ATTNKIT_HAS_AVX512
-    return [this, hp, h, rv](std::int64_t s, std::int64_t i0, __m512 p, __mmask16 m) {
-      for (std::int64_t v = 0; v < rv; ++v)
-        _mm512_mask_storeu_ps(wt_ + (s * rv + v) * hp + i0, m,
-                              _mm512_mul_ps(p, load16(av_ + (s * rv + v) * h + i0, m)));
-    };
-#else
-    return [this, hp, h, rv](std::int64_t s, std::int64_t i, float p) {
-      for (std::int64_t v = 0; v < rv; ++v)
-        wt_[(s * rv + v) * hp + i] = p * static_cast<float>(av_[(s * rv + v) * h + i]);
-    };
-#endif
-  }
+  tpa_weights<S> value_weights() const { return {av_, p_.kv.heads, p_.kv.v_rank, wt_, p_.hp}; }
 
   void accumulate(std::int64_t /*j*/, std::int64_t b0, std::int64_t nb, const score_tile& /*p*/,
                   float* acc) {
@@ -207,69 +191,12 @@ class tpa_products {
  private:
   std::int64_t dots_stride() const { return pl_.block * p_.kv.k_rank; }
 
-  /// st_[s][h] = score of the block's key s for head h, vectorised over heads, and bmax_[h] = the
-  /// block's max, in one pass over the D products:
-  /// score[h] = sum_u A_K(s)[u, h] * sum_r aq[r, h] D[r][(s, u)].
-  /// G keys at a time, so the sums over r are G independent FMA chains (one key's chain alone
-  /// waits on the FMA latency at every step).
-  static constexpr int G = 8;
+  /// st_[s][h] = score of the block's key s for head h and bmax_[h] = the block's max
+  /// (simd/kernels.inl, tpa_score_rows).
   void score_rows(const S* ak, std::int64_t nb) {
-    const std::int64_t hp = p_.hp, h = p_.kv.heads, rk = p_.kv.k_rank, rq = p_.a_q.extent(1);
-    const std::int64_t ds = dots_stride();
-    std::fill(bmax_, bmax_ + hp, neg_inf);
-    for (std::int64_t s0 = 0; s0 < nb; s0 += G) {
-      std::int64_t sk[G];  // keys past the block repeat the last one (computed, never stored)
-      for (int j = 0; j < G; ++j) {
-        pf_.step();
-        sk[j] = std::min(s0 + j, nb - 1);
-      }
-#if ATTNKIT_HAS_AVX512
-      for (std::int64_t i0 = 0; i0 < hp; i0 += 16) {
-        const __mmask16 m = lane_mask(h - i0);
-        __m512 acc[G];
-        ATTNKIT_UNROLL
-        for (int j = 0; j < G; ++j) acc[j] = _mm512_setzero_ps();
-        for (std::int64_t u = 0; u < rk; ++u) {
-          __m512 t[G];
-          ATTNKIT_UNROLL
-          for (int j = 0; j < G; ++j) t[j] = _mm512_setzero_ps();
-          for (std::int64_t r = 0; r < rq; ++r) {
-            const __m512 a = _mm512_loadu_ps(aq_ + r * hp + i0);
-            const float* dr = dots_ + r * ds + u;
-            ATTNKIT_UNROLL
-            for (int j = 0; j < G; ++j)
-              t[j] = _mm512_fmadd_ps(a, _mm512_set1_ps(dr[sk[j] * rk]), t[j]);
-          }
-          ATTNKIT_UNROLL
-          for (int j = 0; j < G; ++j)
-            acc[j] = _mm512_fmadd_ps(load16(ak + (sk[j] * rk + u) * h + i0, m), t[j], acc[j]);
-        }
-        __m512 mx = _mm512_loadu_ps(bmax_ + i0);
-        ATTNKIT_UNROLL
-        for (int j = 0; j < G; ++j)
-          if (s0 + j < nb) {
-            _mm512_storeu_ps(st_ + (s0 + j) * hp + i0, acc[j]);
-            mx = _mm512_maskz_max_ps(0xFFFF, mx, acc[j]);  // NaN reaches the sum (softmax.hpp)
-          }
-        _mm512_storeu_ps(bmax_ + i0, mx);
-      }
-#else
-      for (int j = 0; j < G && s0 + j < nb; ++j) {
-        float* row = st_ + (s0 + j) * hp;
-        for (std::int64_t i = 0; i < h; ++i) {
-          float acc = 0.f;
-          for (std::int64_t u = 0; u < rk; ++u) {
-            float t = 0.f;
-            for (std::int64_t r = 0; r < rq; ++r)
-              t += aq_[r * hp + i] * dots_[r * ds + sk[j] * rk + u];
-            acc += static_cast<float>(ak[(sk[j] * rk + u) * h + i]) * t;
-          }
-          row[i] = acc;
-          bmax_[i] = max_nan(bmax_[i], acc);
-        }
-      }
-#endif
-    }
+    tpa_score_rows(tpa_scores<S>{aq_, dots_, dots_stride(), ak, nb, p_.kv.heads, p_.hp,
+                                 p_.kv.k_rank, p_.a_q.extent(1), st_, bmax_},
+                   pf_);
   }
 
   const problem& p_;
@@ -277,6 +204,7 @@ class tpa_products {
   factor_prefetcher<S> pf_;
   float *aq_, *bq_, *dots_, *st_, *bmax_, *wt_, *bv_;
   const S* av_ = nullptr;  // the current block's A_V rows
+  const std::int64_t pair_group_ = std::same_as<S, bf16> ? bf16_pair_group() : 0;
 };
 
 template <class KV>

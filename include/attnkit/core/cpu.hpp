@@ -1,0 +1,160 @@
+#pragma once
+// The instruction sets attnkit's kernels are compiled for, what the running CPU supports, and the
+// one that runs. Every includer's translation unit compiles the micro-kernels once per target of
+// its architecture (simd/targets.hpp), with no -march flag needed; the first kernel call picks the
+// best target the CPU supports, or the one named by the environment variable ATTNKIT_TARGET
+// (scalar, avx2, avx512, neon; "best" or unset: automatic). set_target() forces one from code
+// (tests, benchmarks); it must not run while kernels run on other threads.
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "error.hpp"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define ATTNKIT_X86_TARGETS 1
+#include <cpuid.h>
+#else
+#define ATTNKIT_X86_TARGETS 0
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define ATTNKIT_NEON_TARGET 1
+#else
+#define ATTNKIT_NEON_TARGET 0
+#endif
+
+namespace attnkit {
+
+/// An instruction set the kernels are compiled for.
+///   scalar  plain C++ (the compiler's baseline; GEMM tiles through Eigen)
+///   avx2    AVX2 + FMA + F16C (x86-64: Haswell / Zen 1 and later)
+///   avx512  AVX-512 F/BW/VL (Skylake-SP, Ice Lake, Sapphire Rapids, Zen 4/5)
+///   neon    Advanced SIMD (every AArch64 CPU)
+enum class simd_target { scalar, avx2, avx512, neon };
+
+inline constexpr std::array<simd_target, 4> all_simd_targets = {
+    simd_target::scalar, simd_target::avx2, simd_target::avx512, simd_target::neon};
+
+inline const char* target_name(simd_target t) {
+  switch (t) {
+    case simd_target::scalar: return "scalar";
+    case simd_target::avx2: return "avx2";
+    case simd_target::avx512: return "avx512";
+    case simd_target::neon: return "neon";
+  }
+  return "?";
+}
+
+/// Whether this build contains kernels for t (the includer's architecture and compiler).
+constexpr bool target_compiled(simd_target t) {
+  switch (t) {
+    case simd_target::scalar: return true;
+    case simd_target::avx2:
+    case simd_target::avx512: return ATTNKIT_X86_TARGETS;
+    case simd_target::neon: return ATTNKIT_NEON_TARGET;
+  }
+  return false;
+}
+
+namespace detail {
+
+#if ATTNKIT_X86_TARGETS
+/// The x86 feature bits the targets need, with the OS's consent to use the wider registers
+/// (XCR0: AVX state for ymm, opmask + zmm state for AVX-512).
+struct x86_features {
+  bool avx2 = false, avx512 = false;
+};
+inline x86_features detect_x86() {
+  x86_features f;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28),
+             f16c = c & (1u << 29);
+  if (!osxsave || !avx) return f;
+  unsigned xcr0_lo = 0, xcr0_hi = 0;
+  __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const bool ymm_state = (xcr0_lo & 0x6u) == 0x6u, zmm_state = (xcr0_lo & 0xE6u) == 0xE6u;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
+  const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512bw = b & (1u << 30),
+             avx512vl = b & (1u << 31);
+  f.avx2 = ymm_state && avx2 && fma && f16c;
+  f.avx512 = f.avx2 && zmm_state && avx512f && avx512bw && avx512vl;
+  return f;
+}
+#endif
+
+}  // namespace detail
+
+/// Whether the running CPU (and OS) can execute target t.
+inline bool cpu_supports(simd_target t) {
+  if (!target_compiled(t)) return false;
+#if ATTNKIT_X86_TARGETS
+  static const detail::x86_features f = detail::detect_x86();
+  if (t == simd_target::avx2) return f.avx2;
+  if (t == simd_target::avx512) return f.avx512;
+#endif
+  return true;  // scalar; NEON is part of every AArch64 CPU
+}
+
+/// The targets this build has and this CPU runs, slowest first.
+inline std::vector<simd_target> supported_targets() {
+  std::vector<simd_target> out;
+  for (simd_target t : all_simd_targets)
+    if (cpu_supports(t)) out.push_back(t);
+  return out;
+}
+
+/// The fastest target this build has and this CPU runs.
+inline simd_target best_target() {
+  for (simd_target t : {simd_target::avx512, simd_target::avx2, simd_target::neon})
+    if (cpu_supports(t)) return t;
+  return simd_target::scalar;
+}
+
+/// The target named s ("best" is best_target()); attnkit::invalid_argument naming `what` for an
+/// unknown name or one this build or CPU cannot run.
+inline simd_target parse_target(std::string_view s, const char* what = "target") {
+  if (s == "best") return best_target();
+  std::string names;
+  for (simd_target t : supported_targets()) names += std::string(names.empty() ? "" : ", ") + target_name(t);
+  for (simd_target t : all_simd_targets)
+    if (s == target_name(t)) {
+      detail::require(cpu_supports(t), what, "=", s, ": ",
+                      target_compiled(t) ? "this CPU does not support it"
+                                         : "not compiled for this architecture",
+                      " (supported here: ", names, ")");
+      return t;
+    }
+  detail::throw_invalid(what, "=", s, ": unknown target (supported here: ", names, ", best)");
+}
+
+namespace detail {
+/// The running target, -1 until the first kernel call chooses it.
+inline std::atomic<int> active_target_slot{-1};
+
+inline simd_target choose_target() {
+  const char* env = std::getenv("ATTNKIT_TARGET");
+  const simd_target t =
+      env && *env ? parse_target(env, "environment variable ATTNKIT_TARGET") : best_target();
+  active_target_slot.store(static_cast<int>(t), std::memory_order_relaxed);
+  return t;
+}
+}  // namespace detail
+
+/// The target the kernels run on: chosen on first use (ATTNKIT_TARGET or best_target()).
+inline simd_target active_target() {
+  const int t = detail::active_target_slot.load(std::memory_order_relaxed);
+  return t >= 0 ? static_cast<simd_target>(t) : detail::choose_target();
+}
+
+/// Makes every later kernel call run on t (attnkit::invalid_argument if this build or CPU cannot).
+/// Not while kernels run on other threads: a call reads the target more than once.
+inline void set_target(simd_target t) {
+  detail::require(cpu_supports(t), "set_target: ", target_name(t), " is not supported here");
+  detail::active_target_slot.store(static_cast<int>(t), std::memory_order_relaxed);
+}
+
+}  // namespace attnkit

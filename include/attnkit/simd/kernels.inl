@@ -1,0 +1,538 @@
+// The micro-kernels, written once against the target's float vector V (vec_*.inl) and compiled
+// by simd/targets.hpp once per target, inside that target's namespace and attributes. Nothing
+// here includes anything: every header is included before. No lambdas (clang applies a
+// target attribute pushed with `#pragma clang attribute` to functions, not to lambdas).
+//
+//   scores         S[r][t] = sum_c Q[r][c] K[t][c]   streaming path: all query rows of a KV group
+//   accumulate_pv  O[r][c] += sum_t P[r][t] V[t][c]  streaming path
+//   gemm_bcast     C (+)= A B, register-blocked      GEMM tiles (prefill) and TPA's value product
+//   softmax_columns, exp_given_columns, exp_shift_sum, row_max: the softmax's vector loops
+//   tpa_score_rows TPA's per-key head combination
+// K and V are read in their storage type and widened to float in registers, so bf16/f16 caches
+// are never converted in memory. Register blocks: out-of-range rows and keys are clamped to the
+// last valid one (computed, then discarded) so there is one code path. With V::pairs, bf16 rows
+// are widened 2 * lanes columns at a time as (even, odd) vectors without a cross-lane shuffle;
+// the float operands they meet (query tile, output accumulator) then hold every full group of
+// 2 * lanes columns in that order (permute_pairs).
+
+using vec = V::vec;
+using vmask = V::mask;
+constexpr int L = V::lanes;
+/// Columns per (even, odd) group of a paired bf16 row, 0 for natural order.
+constexpr std::int64_t pair_group = V::pairs ? 2 * L : 0;
+
+/// exp(x) per lane: std::exp on the scalar target; else x = n ln2 + r with |r| <= ln2/2
+/// (Cody-Waite: ln2 split in a part exact in float and a small one, so r carries no error from
+/// n ln2), e^r by its degree-7 Taylor series (truncation < 6e-9 relative), times 2^n. Within
+/// ~2 ulp; exp(-inf) = 0, exp(NaN) = NaN, finite for x <= 88.
+template <class W = V>
+inline typename W::vec vexp(typename W::vec x) {
+  if constexpr (W::lanes == 1) {
+    return std::exp(x);
+  } else {
+    const vec xc = W::exp_clamp(x);
+    const vec n = W::round(W::mul(xc, W::set1(1.44269504088896341f)));
+    const vec r = W::fnmadd(n, W::set1(1.42860682e-06f),
+                            W::fnmadd(n, W::set1(0.693145751953125f), xc));
+    vec p = W::set1(1.f / 5040.f);
+    p = W::fmadd(p, r, W::set1(1.f / 720.f));
+    p = W::fmadd(p, r, W::set1(1.f / 120.f));
+    p = W::fmadd(p, r, W::set1(1.f / 24.f));
+    p = W::fmadd(p, r, W::set1(1.f / 6.f));
+    p = W::fmadd(p, r, W::set1(0.5f));
+    p = W::fmadd(p, r, W::set1(1.f));
+    p = W::fmadd(p, r, W::set1(1.f));
+    return W::exp_scale(p, n, x);
+  }
+}
+
+/// n elements of storage type S to float.
+template <storage_type S>
+inline void to_float_row(const S* src, float* dst, std::int64_t n) {
+  if constexpr (std::same_as<S, float>) {
+    std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));
+  } else {
+    std::int64_t i = 0;
+    for (; i + L <= n; i += L) V::store(dst + i, V::load_as_float(src + i));
+    if (i < n) {
+      const vmask m = V::first(n - i);
+      V::store(m, dst + i, V::load_as_float(m, src + i));
+    }
+  }
+}
+
+/// s[i] = exp(s[i] - shift) in place; returns the sum.
+inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
+  const vec vs = V::set1(shift);
+  vec acc = V::zero();
+  for (std::int64_t i = 0; i < n; i += L) {
+    const vmask m = V::first(n - i);
+    const vec e = vexp(V::sub(V::load(m, s + i), vs));
+    V::store(m, s + i, e);
+    acc = V::add_masked(m, acc, e);
+  }
+  return V::hsum(acc);
+}
+
+/// max over s[0, n), NaN if any element is NaN; -inf for n == 0.
+inline float row_max(const float* s, std::int64_t n) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  vec m = V::set1(ninf);
+  for (std::int64_t i = 0; i < n; i += L) m = V::max_nan(m, V::load_or(V::first(n - i), s + i, ninf));
+  return V::hmax_nan(m);
+}
+
+// ---- streaming score and value products ----
+
+template <int RB, storage_type S, class Prefetch>
+inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t rows, const S* k,
+                         std::int64_t k_stride, std::int64_t keys, std::int64_t d, float* s,
+                         std::int64_t s_stride, bool prefetch_k, Prefetch& pf) {
+  const float* qr[RB];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < RB; ++r) qr[r] = q + std::min<std::int64_t>(r, rows - 1) * q_stride;
+  const vmask tail = V::first(d % L);
+  const std::int64_t d_full = d - d % L;
+  const std::int64_t ahead = prefetch_rows(k_stride * static_cast<std::int64_t>(sizeof(S)));
+  for (std::int64_t t0 = 0; t0 < keys; t0 += 4) {
+    const S* kr[4];
+    ATTNKIT_UNROLL
+    for (int u = 0; u < 4; ++u) kr[u] = k + std::min<std::int64_t>(t0 + u, keys - 1) * k_stride;
+    ATTNKIT_UNROLL
+    for (int u = 0; u < 4 && prefetch_k; ++u)
+      prefetch_row(k + (t0 + u + ahead) * k_stride, d * static_cast<std::int64_t>(sizeof(S)));
+    vec acc[RB][4];
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      ATTNKIT_UNROLL
+      for (int u = 0; u < 4; ++u) acc[r][u] = V::zero();
+    }
+    std::int64_t c0 = 0;
+    if constexpr (V::pairs && std::same_as<S, bf16>) {
+      for (; c0 + 2 * L <= d; c0 += 2 * L) {
+        pf.step();
+        vec qe[RB], qo[RB];
+        ATTNKIT_UNROLL
+        for (int r = 0; r < RB; ++r) qe[r] = V::load(qr[r] + c0), qo[r] = V::load(qr[r] + c0 + L);
+        ATTNKIT_UNROLL
+        for (int u = 0; u < 4; ++u) {
+          vec ke, ko;
+          V::load_bf16_pairs(kr[u] + c0, ke, ko);
+          ATTNKIT_UNROLL
+          for (int r = 0; r < RB; ++r)
+            acc[r][u] = V::fmadd(qo[r], ko, V::fmadd(qe[r], ke, acc[r][u]));
+        }
+      }
+    }
+    for (std::int64_t c = c0; c < d_full; c += L) {
+      pf.step();
+      vec qv[RB];
+      ATTNKIT_UNROLL
+      for (int r = 0; r < RB; ++r) qv[r] = V::load(qr[r] + c);
+      ATTNKIT_UNROLL
+      for (int u = 0; u < 4; ++u) {
+        const vec kv = V::load_as_float(kr[u] + c);
+        ATTNKIT_UNROLL
+        for (int r = 0; r < RB; ++r) acc[r][u] = V::fmadd(qv[r], kv, acc[r][u]);
+      }
+    }
+    if (d_full < d) {
+      vec qv[RB];
+      ATTNKIT_UNROLL
+      for (int r = 0; r < RB; ++r) qv[r] = V::load(tail, qr[r] + d_full);
+      ATTNKIT_UNROLL
+      for (int u = 0; u < 4; ++u) {
+        const vec kv = V::load_as_float(tail, kr[u] + d_full);
+        ATTNKIT_UNROLL
+        for (int r = 0; r < RB; ++r) acc[r][u] = V::fmadd(qv[r], kv, acc[r][u]);
+      }
+    }
+    // Constant trip count with a guard (not `r < rows` in the loop condition): a runtime bound
+    // makes GCC keep acc[][] in memory and store it on every iteration of the hot loop.
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r)
+      if (r < rows)
+        V::store_sums4(s + r * s_stride + t0, std::min<std::int64_t>(4, keys - t0), acc[r][0],
+                       acc[r][1], acc[r][2], acc[r][3]);
+  }
+}
+
+/// S[rows][keys] = Q K^T (see detail::scores in simd/targets.hpp).
+template <storage_type S, class Prefetch>
+inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, const S* k,
+                   std::int64_t k_stride, std::int64_t keys, std::int64_t d, float* s,
+                   std::int64_t s_stride, bool prefetch_k, Prefetch& pf) {
+  constexpr int R = V::score_rows;
+  std::int64_t r = 0;
+  // R - 1 leftover rows also take an R-row block (one clamped row) when R is 4.
+  for (; rows - r >= (R == 4 ? 3 : R); r += R)
+    scores_block<R>(q + r * q_stride, q_stride, std::min<std::int64_t>(R, rows - r), k, k_stride,
+                    keys, d, s + r * s_stride, s_stride, prefetch_k, pf);
+  if constexpr (R > 2)
+    if (rows - r == 2) {
+      scores_block<2>(q + r * q_stride, q_stride, 2, k, k_stride, keys, d, s + r * s_stride,
+                      s_stride, prefetch_k, pf);
+      r += 2;
+    }
+  if (rows - r == 1)
+    scores_block<1>(q + r * q_stride, q_stride, 1, k, k_stride, keys, d, s + r * s_stride, s_stride,
+                    prefetch_k, pf);
+}
+
+/// Row pointers of an RB-row block of P and O; rows past `rows` repeat the last valid one
+/// (computed, never stored), so every block size runs one code path.
+template <int RB>
+struct pv_rows {
+  const float* p[RB];
+  float* o[RB];
+  pv_rows(const float* pb, std::int64_t p_stride, float* ob, std::int64_t o_stride,
+          std::int64_t rows) {
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      const std::int64_t rr = std::min<std::int64_t>(r, rows - 1);
+      p[r] = pb + rr * p_stride;
+      o[r] = ob + rr * o_stride;
+    }
+  }
+};
+
+/// O[rows][width] += P V over `width` <= V::pv_vectors * L columns.
+template <int RB, storage_type S>
+inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
+                     std::int64_t v_stride, std::int64_t keys, std::int64_t width, float* o,
+                     std::int64_t o_stride, bool prefetch_v) {
+  constexpr int NV = V::pv_vectors;
+  vmask m[NV];
+  ATTNKIT_UNROLL
+  for (int i = 0; i < NV; ++i) m[i] = V::first(width - L * i);
+  const pv_rows<RB> rw(p, p_stride, o, o_stride, rows);
+  const std::int64_t ahead =
+      prefetch_v ? prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(S))) : 0;
+  vec acc[RB][NV];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < RB; ++r) {
+    ATTNKIT_UNROLL
+    for (int i = 0; i < NV; ++i) acc[r][i] = V::load(m[i], rw.o[r] + L * i);
+  }
+  for (std::int64_t t = 0; t < keys; ++t) {
+    const S* vr = v + t * v_stride;
+    if (ahead) prefetch_row(vr + ahead * v_stride, width * static_cast<std::int64_t>(sizeof(S)));
+    vec vv[NV];
+    ATTNKIT_UNROLL
+    for (int i = 0; i < NV; ++i) vv[i] = V::load_as_float(m[i], vr + L * i);
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      const vec pv = V::set1(rw.p[r][t]);
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NV; ++i) acc[r][i] = V::fmadd(pv, vv[i], acc[r][i]);
+    }
+  }
+  ATTNKIT_UNROLL
+  for (int r = 0; r < RB; ++r) {  // constant trip count: see scores_block
+    ATTNKIT_UNROLL
+    for (int i = 0; i < NV; ++i)
+      if (r < rows) V::store(m[i], rw.o[r] + L * i, acc[r][i]);
+  }
+}
+
+/// The same over exactly NV * L columns (NV even): unmasked; bf16 with V::pairs in paired order.
+template <int RB, int NV, storage_type S>
+inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
+                          std::int64_t v_stride, std::int64_t keys, float* o,
+                          std::int64_t o_stride, bool prefetch_v) {
+  const pv_rows<RB> rw(p, p_stride, o, o_stride, rows);
+  const std::int64_t ahead =
+      prefetch_v ? prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(S))) : 0;
+  vec acc[RB][NV];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < RB; ++r) {
+    ATTNKIT_UNROLL
+    for (int i = 0; i < NV; ++i) acc[r][i] = V::load(rw.o[r] + L * i);
+  }
+  for (std::int64_t t = 0; t < keys; ++t) {
+    const S* vr = v + t * v_stride;
+    if (ahead)
+      prefetch_row(vr + ahead * v_stride, NV * L * static_cast<std::int64_t>(sizeof(S)));
+    vec vv[NV];
+    if constexpr (V::pairs && std::same_as<S, bf16>) {  // NV / 2 groups of 2 L paired columns
+      ATTNKIT_UNROLL
+      for (int g = 0; g < NV / 2; ++g) V::load_bf16_pairs(vr + 2 * L * g, vv[2 * g], vv[2 * g + 1]);
+    } else {
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NV; ++i) vv[i] = V::load_as_float(vr + L * i);
+    }
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      const vec pv = V::set1(rw.p[r][t]);
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NV; ++i) acc[r][i] = V::fmadd(pv, vv[i], acc[r][i]);
+    }
+  }
+  ATTNKIT_UNROLL
+  for (int r = 0; r < RB; ++r) {  // constant trip count: see scores_block
+    ATTNKIT_UNROLL
+    for (int i = 0; i < NV; ++i)
+      if (r < rows) V::store(rw.o[r] + L * i, acc[r][i]);
+  }
+}
+
+template <int RB, storage_type S>
+inline void pv_block(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
+                     std::int64_t v_stride, std::int64_t keys, std::int64_t dv, float* o,
+                     std::int64_t o_stride, bool prefetch_v) {
+  constexpr std::int64_t W = V::pv_vectors * L;
+  static_assert(V::pv_vectors % 2 == 0, "paired bf16 chunks take whole (even, odd) groups");
+  std::int64_t c = 0;
+  for (; c + W <= dv; c += W)
+    pv_chunk_full<RB, V::pv_vectors>(p, p_stride, rows, v + c, v_stride, keys, o + c, o_stride,
+                                     prefetch_v);
+  if constexpr (V::pairs && std::same_as<S, bf16>)  // paired order covers every full group
+    for (; c + 2 * L <= dv; c += 2 * L)
+      pv_chunk_full<RB, 2>(p, p_stride, rows, v + c, v_stride, keys, o + c, o_stride, prefetch_v);
+  if (c < dv)
+    pv_chunk<RB>(p, p_stride, rows, v + c, v_stride, keys, dv - c, o + c, o_stride, prefetch_v);
+}
+
+/// O[rows][dv] += P[rows][keys] V[keys][dv] (see detail::accumulate_pv in simd/targets.hpp).
+template <storage_type S>
+inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
+                          std::int64_t v_stride, std::int64_t keys, std::int64_t dv, float* o,
+                          std::int64_t o_stride, bool prefetch_v) {
+  if (rows == 1) {
+    pv_block<1>(p, p_stride, 1, v, v_stride, keys, dv, o, o_stride, prefetch_v);
+    return;
+  }
+  if (rows == 2) {
+    pv_block<2>(p, p_stride, 2, v, v_stride, keys, dv, o, o_stride, prefetch_v);
+    return;
+  }
+  for (std::int64_t r = 0; r < rows; r += 4)
+    pv_block<4>(p + r * p_stride, p_stride, std::min<std::int64_t>(4, rows - r), v, v_stride, keys,
+                dv, o + r * o_stride, o_stride, prefetch_v);
+}
+
+// ---- register-blocked GEMM ----
+
+/// One MR x L*NV micro-tile of C (+)= A B at rows [i0, i0 + MR) (clamped to the last row; the
+/// clamped rows are computed, then discarded) and columns [j0, j0 + L NV) under masks mk.
+/// UnitRows: A's rows are adjacent (a_rs == 1) and the tile is full, so the MR broadcasts of a
+/// step read one pointer at constant offsets instead of MR pointers (which spill when inlined:
+/// the TPA value GEMM ran measurably slower that way; docs/benchmarks.md, TPA).
+template <bool Accumulate, int MR, int NV, bool UnitRows, class Prefetch>
+inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, std::int64_t rows,
+                            std::int64_t depth, const float* a, std::int64_t a_rs,
+                            std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c,
+                            std::int64_t ldc, Prefetch& pf) {
+  const float* ar[MR];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < MR; ++r)
+    ar[r] = UnitRows ? a + i0 + r : a + std::min<std::int64_t>(i0 + r, rows - 1) * a_rs;
+  vec acc[MR][NV];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + std::min<std::int64_t>(i0 + r, rows - 1) * ldc + j0;
+    ATTNKIT_UNROLL
+    for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? V::load(mk[v], cr + L * v) : V::zero();
+  }
+  const float* bk = b + j0;
+  const float* ak = a + i0;
+  for (std::int64_t k = 0; k < depth; ++k, bk += b_rs) {
+    pf.step();
+    vec bv[NV];
+    ATTNKIT_UNROLL
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(mk[v], bk + L * v);
+    ATTNKIT_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const vec av = V::set1(UnitRows ? ak[r] : ar[r][k * a_cs]);
+      ATTNKIT_UNROLL
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bv[v], acc[r][v]);
+    }
+    if constexpr (UnitRows) ak += a_cs;
+  }
+  ATTNKIT_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    if (i0 + r >= rows) break;
+    float* cr = c + (i0 + r) * ldc + j0;
+    ATTNKIT_UNROLL
+    for (int v = 0; v < NV; ++v) V::store(mk[v], cr + L * v, acc[r][v]);
+  }
+}
+
+/// Rows [i0, rows) of A with adjacent rows (a_rs == 1): full MR-row tiles, then the remainder
+/// in tiles of MR/2, MR/4, ... rows, so a ragged edge (34 heads = 4 x 8 + 2) costs what it
+/// computes instead of a whole clamped tile.
+template <bool Accumulate, int MR, int NV, class Prefetch>
+inline void gemm_bcast_unit_rows(std::int64_t i0, std::int64_t j0, const vmask* mk,
+                                 std::int64_t rows, std::int64_t depth, const float* a,
+                                 std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c,
+                                 std::int64_t ldc, Prefetch& pf) {
+  for (; i0 + MR <= rows; i0 += MR)
+    gemm_bcast_tile<Accumulate, MR, NV, true>(i0, j0, mk, rows, depth, a, 1, a_cs, b, b_rs, c, ldc,
+                                              pf);
+  if constexpr (MR > 1)
+    if (i0 < rows)
+      gemm_bcast_unit_rows<Accumulate, MR / 2, NV>(i0, j0, mk, rows, depth, a, a_cs, b, b_rs, c,
+                                                   ldc, pf);
+}
+
+template <bool Accumulate, int MR, int NV, class Prefetch>
+inline void gemm_bcast_tiles(std::int64_t rows, std::int64_t cols, std::int64_t depth,
+                             const float* a, std::int64_t a_rs, std::int64_t a_cs, const float* b,
+                             std::int64_t b_rs, float* c, std::int64_t ldc, Prefetch& pf) {
+  for (std::int64_t j0 = 0; j0 < cols; j0 += L * NV) {
+    vmask mk[NV];
+    ATTNKIT_UNROLL
+    for (int v = 0; v < NV; ++v) mk[v] = V::first(cols - j0 - L * v);
+    if (a_rs == 1) {
+      gemm_bcast_unit_rows<Accumulate, MR, NV>(0, j0, mk, rows, depth, a, a_cs, b, b_rs, c, ldc,
+                                               pf);
+      continue;
+    }
+    for (std::int64_t i0 = 0; i0 < rows; i0 += MR)
+      gemm_bcast_tile<Accumulate, MR, NV, false>(i0, j0, mk, rows, depth, a, a_rs, a_cs, b, b_rs, c,
+                                                 ldc, pf);
+  }
+}
+
+/// C[rows, cols] (+)= A B (see detail::gemm_bcast in simd/targets.hpp): V::gemm_mr x
+/// V::gemm_nv vectors, or V::narrow_mr x 1 when C is at most one vector wide (e.g. the 16 query
+/// heads of an MLA decode step on AVX-512), so narrow products do not compute half-empty vectors.
+template <bool Accumulate, class Prefetch>
+inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth, const float* a,
+                       std::int64_t a_rs, std::int64_t a_cs, const float* b, std::int64_t b_rs,
+                       float* c, std::int64_t ldc, Prefetch& pf) {
+  if (cols <= L)
+    gemm_bcast_tiles<Accumulate, V::narrow_mr, 1>(rows, cols, depth, a, a_rs, a_cs, b, b_rs, c,
+                                                  ldc, pf);
+  else
+    gemm_bcast_tiles<Accumulate, V::gemm_mr, V::gemm_nv>(rows, cols, depth, a, a_rs, a_cs, b, b_rs,
+                                                         c, ldc, pf);
+}
+
+// ---- softmax, column form ----
+
+/// Writes the probabilities back into the score tile.
+struct store_in_place {
+  float* st;
+  std::int64_t ld;
+  void operator()(std::int64_t t, std::int64_t r0, vec p, vmask m) const {
+    V::store(m, st + t * ld + r0, p);
+  }
+};
+/// TPA: the probabilities become value weights wt[(s, v)][h] = p[s][h] A_V(s)[v, h].
+template <storage_type S>
+struct into_value_weights {
+  const tpa_weights<S>& w;
+  void operator()(std::int64_t s, std::int64_t i0, vec p, vmask m) const {
+    for (std::int64_t v = 0; v < w.v_rank; ++v)
+      V::store(m, w.out + (s * w.v_rank + v) * w.out_stride + i0,
+               V::mul(p, V::load_as_float(m, w.a_v + (s * w.v_rank + v) * w.heads + i0)));
+  }
+};
+
+/// For keys t < keys and rows r < rows of the column tile st[t * ld + r]: the probabilities
+/// exp(s - max') to sink, the running max / sum updated, alpha[r] = the rescale factor of row r.
+/// block_max, when given, is each row's max over the block.
+template <class Sink>
+inline void softmax_columns_to(const float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
+                            float* state_max, float* state_sum, float* alpha,
+                            const float* block_max, const Sink& sink) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (std::int64_t m0 = 0; m0 < rows; m0 += L) {
+    const vmask mm = V::first(rows - m0);
+    vec colmax = V::set1(ninf);
+    if (block_max)
+      colmax = V::load_or(mm, block_max + m0, ninf);
+    else
+      for (std::int64_t t = 0; t < keys; ++t)
+        // The plain max here (the per-key hot loop): a NaN it drops still makes its p, and so
+        // the row's sum, NaN; the merge and finalisation key on the sum.
+        colmax = V::max(colmax, V::load(mm, st + t * ld + m0));
+    const vec old = V::load_or(mm, state_max + m0, ninf);
+    const vec mx = V::max_nan(old, colmax);
+    const vec shift = V::replace_neg_inf(mx, V::zero());
+    const vec a = vexp(V::sub(old, shift));  // exp(-inf - finite) = 0
+    vec colsum = V::zero();
+    for (std::int64_t t = 0; t < keys; ++t) {
+      const vec p = vexp(V::sub(V::load(mm, st + t * ld + m0), shift));
+      sink(t, m0, p, mm);
+      colsum = V::add(colsum, p);
+    }
+    V::store(mm, state_sum + m0, V::fmadd(V::load(mm, state_sum + m0), a, colsum));
+    V::store(mm, state_max + m0, mx);
+    V::store(mm, alpha + m0, a);
+  }
+}
+
+/// softmax_columns_to with the probabilities written back into st, or into TPA's value weights.
+template <storage_type S>
+inline void softmax_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
+                            float* state_max, float* state_sum, float* alpha,
+                            const float* block_max, const tpa_weights<S>* weights) {
+  if (weights)
+    softmax_columns_to(st, ld, keys, rows, state_max, state_sum, alpha, block_max,
+                       into_value_weights<S>{*weights});
+  else
+    softmax_columns_to(st, ld, keys, rows, state_max, state_sum, alpha, block_max,
+                       store_in_place{st, ld});
+}
+
+/// st[t * ld + r] <- exp(st[t * ld + r] - lse[r]), 0 where lse[r] is -inf.
+inline void exp_given_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
+                              const float* lse) {
+  const vec pinf = V::set1(std::numeric_limits<float>::infinity());
+  for (std::int64_t m0 = 0; m0 < rows; m0 += L) {
+    const vmask mm = V::first(rows - m0);
+    const vec shift = V::replace_neg_inf(V::load(mm, lse + m0), pinf);
+    for (std::int64_t t = 0; t < keys; ++t)
+      V::store(mm, st + t * ld + m0, vexp(V::sub(V::load(mm, st + t * ld + m0), shift)));
+  }
+}
+
+// ---- TPA ----
+
+/// st[s][h] = the score of the block's key s for head h, vectorised over heads, and bmax[h] =
+/// the block's max, in one pass over the D products (kernels/tpa.hpp):
+/// score[h] = sum_u A_K(s)[u, h] * sum_r aq[r, h] D[r][(s, u)]. G keys at a time, so the sums
+/// over r are G independent FMA chains (one key's chain alone waits on the FMA latency).
+template <storage_type S, class Prefetch>
+inline void tpa_score_rows(const tpa_scores<S>& p, Prefetch& pf) {
+  constexpr int G = L >= 16 ? 8 : L >= 4 ? 6 : 4;
+  const std::int64_t nb = p.keys, h = p.heads, hp = p.heads_padded, rk = p.k_rank;
+  std::fill(p.block_max, p.block_max + hp, -std::numeric_limits<float>::infinity());
+  for (std::int64_t s0 = 0; s0 < nb; s0 += G) {
+    std::int64_t sk[G];  // keys past the block repeat the last one (computed, never stored)
+    for (int j = 0; j < G; ++j) {
+      pf.step();
+      sk[j] = std::min(s0 + j, nb - 1);
+    }
+    for (std::int64_t i0 = 0; i0 < hp; i0 += L) {
+      const vmask m = V::first(h - i0);
+      vec acc[G];
+      ATTNKIT_UNROLL
+      for (int j = 0; j < G; ++j) acc[j] = V::zero();
+      for (std::int64_t u = 0; u < rk; ++u) {
+        vec t[G];
+        ATTNKIT_UNROLL
+        for (int j = 0; j < G; ++j) t[j] = V::zero();
+        for (std::int64_t r = 0; r < p.q_rank; ++r) {
+          const vec a = V::load(p.a_q + r * hp + i0);
+          const float* dr = p.dots + r * p.dots_stride + u;
+          ATTNKIT_UNROLL
+          for (int j = 0; j < G; ++j) t[j] = V::fmadd(a, V::set1(dr[sk[j] * rk]), t[j]);
+        }
+        ATTNKIT_UNROLL
+        for (int j = 0; j < G; ++j)
+          acc[j] = V::fmadd(V::load_as_float(m, p.a_k + (sk[j] * rk + u) * h + i0), t[j], acc[j]);
+      }
+      vec mx = V::load(p.block_max + i0);
+      ATTNKIT_UNROLL
+      for (int j = 0; j < G; ++j)
+        if (s0 + j < nb) {
+          V::store(p.scores + (s0 + j) * hp + i0, acc[j]);
+          mx = V::max(mx, acc[j]);  // NaN reaches the sum (see softmax_columns)
+        }
+      V::store(p.block_max + i0, mx);
+    }
+  }
+}

@@ -1,0 +1,272 @@
+#pragma once
+// The micro-kernels of every target, and the calls that run them on the active one.
+// simd/kernels.inl is written once against a float vector V; this header compiles it once per
+// target of the includer's architecture, each copy in its own namespace (simd_scalar,
+// simd_avx2, simd_avx512, simd_neon) under that target's instruction-set attributes (GCC:
+// `#pragma GCC target`; clang: `#pragma clang attribute`), so no -march flag is needed and
+// nothing compiled for one target leaks into code the others run. The detail:: functions at the
+// end switch on active_target() (core/cpu.hpp) once per call; each call does a tile's worth of
+// work, so the switch costs nothing measurable.
+//
+// Everything the target copies use is included or defined before the first copy: a header
+// first included inside a target region would compile its inline functions for that target.
+#include <algorithm>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "../core/cpu.hpp"
+#include "../core/storage.hpp"
+
+#if ATTNKIT_X86_TARGETS
+#include <immintrin.h>
+#endif
+#if ATTNKIT_NEON_TARGET
+#include <arm_neon.h>
+#endif
+
+// Full unrolling of the register-block loops must happen before GCC decides where the
+// accumulator arrays live: otherwise it keeps acc[][] in memory and stores it on every
+// iteration of the hot loop (seen with a prefetch in the loop body; docs/benchmarks.md).
+#if defined(__clang__)
+#define ATTNKIT_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define ATTNKIT_UNROLL _Pragma("GCC unroll 16")
+#else
+#define ATTNKIT_UNROLL
+#endif
+
+/// Software prefetch into L2, this many bytes of rows ahead. One core streaming K/V rows from
+/// DRAM while it computes needs more misses in flight than its hardware prefetchers issue; 64 KiB
+/// ahead brought K+V streaming close to a plain read (docs/benchmarks.md, GQA decode).
+#ifndef ATTNKIT_PREFETCH_BYTES
+#define ATTNKIT_PREFETCH_BYTES 65536
+#endif
+
+namespace attnkit::detail {
+
+/// The software-prefetch stream a kernel's inner loop drives: step() runs once per iteration and
+/// may issue one prefetch, so a caller's prefetches spread evenly over the work instead of
+/// queueing up in bursts (a burst fills the core's miss buffers and stalls it; spread, the same
+/// lines arrive while the FMAs run). no_prefetch is the default: it issues nothing.
+struct no_prefetch {
+  void step() {}
+};
+
+/// Prefetches the cache line at p into L2 (T1); a no-op where the compiler has no builtin.
+inline void prefetch_line(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 2);
+#else
+  (void)p;
+#endif
+}
+inline std::int64_t prefetch_rows(std::int64_t row_bytes) {
+  return std::max<std::int64_t>(4, ATTNKIT_PREFETCH_BYTES / std::max<std::int64_t>(row_bytes, 1));
+}
+template <class S>
+inline void prefetch_row(const S* row, std::int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (std::int64_t b = 0; b < bytes; b += 64) prefetch_line(p + b);
+}
+
+/// TPA's head combination (tpa_score_rows): A_Q [q_rank][heads_padded] (scaled, zero past
+/// heads), D [q_rank][dots_stride] ((s, u) = s * k_rank + u), A_K rows of the block [keys][k_rank]
+/// [heads]; out: scores [keys][heads_padded], block_max [heads_padded].
+template <storage_type S>
+struct tpa_scores {
+  const float* a_q;
+  const float* dots;
+  std::int64_t dots_stride;
+  const S* a_k;
+  std::int64_t keys, heads, heads_padded, k_rank, q_rank;
+  float* scores;
+  float* block_max;
+};
+/// TPA's value weights out[(s, v) * out_stride + h] = p[s][h] A_V(s)[v, h], A_V rows
+/// [keys][v_rank][heads].
+template <storage_type S>
+struct tpa_weights {
+  const S* a_v;
+  std::int64_t heads, v_rank;
+  float* out;
+  std::int64_t out_stride;
+};
+
+}  // namespace attnkit::detail
+
+// ---- the target copies ----
+
+namespace attnkit::detail::simd_scalar {
+#include "vec_scalar.inl"
+#include "kernels.inl"
+}  // namespace attnkit::detail::simd_scalar
+
+#if ATTNKIT_X86_TARGETS
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+namespace attnkit::detail::simd_avx2 {
+#include "vec_avx2.inl"
+#include "kernels.inl"
+}  // namespace attnkit::detail::simd_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(                                                                  \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq"))), \
+    apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
+#endif
+namespace attnkit::detail::simd_avx512 {
+#include "vec_avx512.inl"
+#include "kernels.inl"
+}  // namespace attnkit::detail::simd_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // ATTNKIT_X86_TARGETS
+
+#if ATTNKIT_NEON_TARGET  // baseline on AArch64: no attributes needed
+namespace attnkit::detail::simd_neon {
+#include "vec_neon.inl"
+#include "kernels.inl"
+}  // namespace attnkit::detail::simd_neon
+#endif
+
+// ---- dispatch ----
+
+#if ATTNKIT_X86_TARGETS
+#define ATTNKIT_SIMD_X86_CASES(...)                                  \
+  case ::attnkit::simd_target::avx512: return simd_avx512::__VA_ARGS__; \
+  case ::attnkit::simd_target::avx2: return simd_avx2::__VA_ARGS__;
+#else
+#define ATTNKIT_SIMD_X86_CASES(...)
+#endif
+#if ATTNKIT_NEON_TARGET
+#define ATTNKIT_SIMD_NEON_CASES(...) \
+  case ::attnkit::simd_target::neon: return simd_neon::__VA_ARGS__;
+#else
+#define ATTNKIT_SIMD_NEON_CASES(...)
+#endif
+/// `return <target namespace>::call` for the active target.
+#define ATTNKIT_SIMD_DISPATCH(...)                  \
+  switch (::attnkit::active_target()) {             \
+    ATTNKIT_SIMD_X86_CASES(__VA_ARGS__)             \
+    ATTNKIT_SIMD_NEON_CASES(__VA_ARGS__)            \
+    default: return simd_scalar::__VA_ARGS__;       \
+  }
+
+namespace attnkit::detail {
+
+/// The active target's vector width in floats (1: scalar).
+inline int simd_lanes() { ATTNKIT_SIMD_DISPATCH(L) }
+
+/// Whether the active target runs the GEMM tiles itself (else: Eigen's GEMM, compiled for the
+/// includer's baseline) and picks the streaming micro-kernels for small tiles.
+inline bool simd_vector_target() { return active_target() != simd_target::scalar; }
+
+/// Columns per (even, odd) group in which the streaming kernels read bf16 rows, 0 for natural
+/// order: the query tile and output accumulator of a bf16 streaming pass are held that way.
+inline std::int64_t bf16_pair_group() { ATTNKIT_SIMD_DISPATCH(pair_group) }
+
+/// Natural -> paired order in place for the first floor(n / group) * group columns.
+inline void permute_pairs(float* x, std::int64_t n, std::int64_t group) {
+  float tmp[64];
+  const std::int64_t half = group / 2;
+  for (std::int64_t c = 0; group > 0 && c + group <= n; c += group) {
+    for (std::int64_t j = 0; j < half; ++j) tmp[j] = x[c + 2 * j], tmp[half + j] = x[c + 2 * j + 1];
+    std::copy(tmp, tmp + group, x + c);
+  }
+}
+/// Paired -> natural order in place.
+inline void unpermute_pairs(float* x, std::int64_t n, std::int64_t group) {
+  float tmp[64];
+  const std::int64_t half = group / 2;
+  for (std::int64_t c = 0; group > 0 && c + group <= n; c += group) {
+    for (std::int64_t j = 0; j < half; ++j) tmp[2 * j] = x[c + j], tmp[2 * j + 1] = x[c + half + j];
+    std::copy(tmp, tmp + group, x + c);
+  }
+}
+
+/// n elements of storage type S to float.
+template <storage_type S>
+inline void to_float_row(const S* src, float* dst, std::int64_t n) {
+  ATTNKIT_SIMD_DISPATCH(to_float_row(src, dst, n))
+}
+
+/// s[i] = exp(s[i] - shift) in place; returns the sum. exp(-inf) is 0.
+inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
+  ATTNKIT_SIMD_DISPATCH(exp_shift_sum(s, n, shift))
+}
+
+/// max over s[0, n), NaN if any element is NaN; -inf for n == 0.
+inline float row_max(const float* s, std::int64_t n) { ATTNKIT_SIMD_DISPATCH(row_max(s, n)) }
+
+/// S[rows][keys] = Q K^T for a block (streaming path); the query rows in paired order for bf16
+/// (bf16_pair_group). prefetch_k: prefetch the K rows ATTNKIT_PREFETCH_BYTES ahead; pf: a
+/// caller's prefetch stream, stepped once per inner iteration.
+template <storage_type S, class Prefetch = no_prefetch>
+inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, const S* k,
+                   std::int64_t k_stride, std::int64_t keys, std::int64_t d, float* s,
+                   std::int64_t s_stride, bool prefetch_k = true, Prefetch&& pf = {}) {
+  ATTNKIT_SIMD_DISPATCH(scores(q, q_stride, rows, k, k_stride, keys, d, s, s_stride, prefetch_k, pf))
+}
+
+/// O[rows][dv] += P[rows][keys] V[keys][dv] (streaming path; O in paired order for bf16).
+/// prefetch_v: prefetch the V rows ATTNKIT_PREFETCH_BYTES ahead (off where the rows ahead are not
+/// the next ones: paged views).
+template <storage_type S>
+inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
+                          std::int64_t v_stride, std::int64_t keys, std::int64_t dv, float* o,
+                          std::int64_t o_stride, bool prefetch_v = true) {
+  ATTNKIT_SIMD_DISPATCH(
+      accumulate_pv(p, p_stride, rows, v, v_stride, keys, dv, o, o_stride, prefetch_v))
+}
+
+/// C[rows, cols] (+)= A B, with A(i, k) = a[i * a_rs + k * a_cs] (any strides: every element is
+/// broadcast) and B(k, j) = b[k * b_rs + j] (unit column stride), C row-major (ldc). The B panel
+/// stays in L1 while the row blocks of A stream past it. pf is stepped once per depth step.
+template <bool Accumulate, class Prefetch = no_prefetch>
+inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth, const float* a,
+                       std::int64_t a_rs, std::int64_t a_cs, const float* b, std::int64_t b_rs,
+                       float* c, std::int64_t ldc, Prefetch&& pf = {}) {
+  ATTNKIT_SIMD_DISPATCH(
+      gemm_bcast<Accumulate>(rows, cols, depth, a, a_rs, a_cs, b, b_rs, c, ldc, pf))
+}
+
+/// Column form of the online softmax over the tile st[t * ld + r] (keys t, rows r): the
+/// probabilities written back into st, or (weights given) into TPA's value weights; the running
+/// max / sum updated; alpha[r] = the accumulator rescale factor of row r. block_max, when given,
+/// is each row's max over the block.
+template <storage_type S = float>
+inline void softmax_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
+                            float* state_max, float* state_sum, float* alpha,
+                            const float* block_max = nullptr,
+                            const tpa_weights<S>* weights = nullptr) {
+  ATTNKIT_SIMD_DISPATCH(
+      softmax_columns(st, ld, keys, rows, state_max, state_sum, alpha, block_max, weights))
+}
+
+/// Column form: st[t * ld + r] <- exp(st[t * ld + r] - lse[r]) (0 where lse[r] is -inf).
+inline void exp_given_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
+                              const float* lse) {
+  ATTNKIT_SIMD_DISPATCH(exp_given_columns(st, ld, keys, rows, lse))
+}
+
+/// TPA's scores of a key block and their max per head (kernels/tpa.hpp).
+template <storage_type S, class Prefetch>
+inline void tpa_score_rows(const tpa_scores<S>& p, Prefetch& pf) {
+  ATTNKIT_SIMD_DISPATCH(tpa_score_rows(p, pf))
+}
+
+}  // namespace attnkit::detail

@@ -1,0 +1,112 @@
+// The float vector of the AVX2 target (AVX2 + FMA + F16C): 8 lanes; a mask is a lane count,
+// turned into a vmaskmov mask where a load or store needs one (16 ymm registers: smaller register
+// blocks than AVX-512). Included by simd/targets.hpp inside namespace
+// attnkit::detail::simd_avx2 under the target's attributes.
+
+struct V {
+  static constexpr int lanes = 8;
+  static constexpr bool pairs = true;
+  static constexpr int score_rows = 2;
+  static constexpr int pv_vectors = 2;
+  static constexpr int gemm_mr = 6, gemm_nv = 2, narrow_mr = 8;
+  using vec = __m256;
+  using mask = int;  // lanes [0, mask) are on
+
+  static mask first(std::int64_t n) {
+    return n >= 8 ? 8 : n <= 0 ? 0 : static_cast<int>(n);
+  }
+  static __m256i bits(mask m) {
+    static constexpr std::int32_t table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 8 - m));
+  }
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec set1(float x) { return _mm256_set1_ps(x); }
+  static vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static vec load(mask m, const float* p) { return _mm256_maskload_ps(p, bits(m)); }
+  static vec load_or(mask m, const float* p, float fill) {
+    const __m256i b = bits(m);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, b), _mm256_castsi256_ps(b));
+  }
+  static void store(float* p, vec x) { _mm256_storeu_ps(p, x); }
+  static void store(mask m, float* p, vec x) { _mm256_maskstore_ps(p, bits(m), x); }
+
+  template <storage_type S>
+  static vec load_as_float(const S* p) {
+    if constexpr (std::same_as<S, float>) {
+      return _mm256_loadu_ps(p);
+    } else if constexpr (std::same_as<S, bf16>) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    } else {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+  }
+  template <storage_type S>
+  static vec load_as_float(mask m, const S* p) {
+    if constexpr (std::same_as<S, float>) {
+      return load(m, p);
+    } else {  // no 16-bit masked load: the lanes that exist, through a zeroed copy
+      S tmp[8] = {};
+      for (int i = 0; i < m; ++i) tmp[i] = p[i];
+      return load_as_float(tmp);
+    }
+  }
+  /// 16 bf16 as (even, odd) columns: see vec_avx512.inl.
+  static void load_bf16_pairs(const bf16* p, vec& even, vec& odd) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    odd = _mm256_castsi256_ps(
+        _mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static vec fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+  static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+  static vec max_nan(vec a, vec b) {
+    return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  }
+  static vec replace_neg_inf(vec x, vec y) {
+    return _mm256_blendv_ps(
+        x, y, _mm256_cmp_ps(x, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ));
+  }
+  static vec add_masked(mask m, vec a, vec b) {
+    return _mm256_add_ps(a, _mm256_and_ps(b, _mm256_castsi256_ps(bits(m))));
+  }
+  static float hsum(vec x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static float hmax_nan(vec x) {
+    x = max_nan(x, _mm256_permute2f128_ps(x, x, 1));
+    x = max_nan(x, _mm256_permute_ps(x, _MM_SHUFFLE(1, 0, 3, 2)));
+    x = max_nan(x, _mm256_permute_ps(x, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm256_cvtss_f32(x);
+  }
+  static void store_sums4(float* dst, std::int64_t n, vec a, vec b, vec c, vec d) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    if (n >= 4) {
+      _mm_storeu_ps(dst, s);
+    } else {
+      alignas(16) float t[4];
+      _mm_store_ps(t, s);
+      for (std::int64_t i = 0; i < n; ++i) dst[i] = t[i];
+    }
+  }
+  static vec round(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // exp (kernels.inl): 2^n is built in the exponent field, so n stays in [-126, 127]: the argument
+  // is clamped to [ln 2^-126, 88.3] (vmaxps / vminps return the second operand, x, when it is NaN)
+  // and the lanes below it (exp under the smallest normal float; -inf among them) are set to 0 afterwards.
+  static vec exp_clamp(vec x) {
+    return _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.33654f), x));
+  }
+  static vec exp_scale(vec p, vec n, vec x) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const vec r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ), r);
+  }
+};

@@ -1,0 +1,124 @@
+// The float vector of the AVX-512 target: 16 lanes, masks in k registers. Included by
+// simd/targets.hpp inside namespace attnkit::detail::simd_avx512 under the target's attributes.
+
+struct V {
+  static constexpr int lanes = 16;
+  static constexpr bool pairs = true;     // bf16 rows widened as (even, odd) columns
+  static constexpr int score_rows = 4;    // query rows x 4 keys of the score block
+  static constexpr int pv_vectors = 4;    // value columns per pv chunk, in vectors
+  static constexpr int gemm_mr = 8, gemm_nv = 2, narrow_mr = 16;  // GEMM micro-tile
+  using vec = __m512;
+  using mask = __mmask16;
+
+  /// The first n lanes (n may be <= 0 or >= lanes).
+  static mask first(std::int64_t n) {
+    return n >= 16 ? static_cast<__mmask16>(0xFFFF)
+                   : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
+  }
+  static vec zero() { return _mm512_setzero_ps(); }
+  static vec set1(float x) { return _mm512_set1_ps(x); }
+  static vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static vec load(mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  /// Masked-off lanes are `fill`.
+  static vec load_or(mask m, const float* p, float fill) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), m, p);
+  }
+  static void store(float* p, vec x) { _mm512_storeu_ps(p, x); }
+  static void store(mask m, float* p, vec x) { _mm512_mask_storeu_ps(p, m, x); }
+
+  /// 16 elements of storage type S widened to float (masked lanes read nothing and are 0).
+  template <storage_type S>
+  static vec load_as_float(const S* p) {
+    if constexpr (std::same_as<S, float>) {
+      return _mm512_loadu_ps(p);
+    } else if constexpr (std::same_as<S, bf16>) {  // bf16 -> f32 is a 16-bit left shift
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    } else {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+  }
+  template <storage_type S>
+  static vec load_as_float(mask m, const S* p) {
+    if constexpr (std::same_as<S, float>) {
+      return _mm512_maskz_loadu_ps(m, p);
+    } else if constexpr (std::same_as<S, bf16>) {
+      const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    } else {
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+    }
+  }
+  /// 32 bf16 as two vectors without a cross-lane shuffle: each dword holds an (even, odd) pair;
+  /// << 16 gives the even columns, masking the low half the odd ones.
+  static void load_bf16_pairs(const bf16* p, vec& even, vec& odd) {
+    const __m512i raw = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    odd = _mm512_castsi512_ps(
+        _mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+
+  static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  static vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  /// vmaxps: b where either lane is NaN (the hot loops' plain max; see max_nan).
+  static vec max(vec a, vec b) { return _mm512_maskz_max_ps(0xFFFF, a, b); }
+  /// max(a, b), NaN if either lane is NaN.
+  static vec max_nan(vec a, vec b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), max(a, b), a);
+  }
+  /// x, with y where x == -inf.
+  static vec replace_neg_inf(vec x, vec y) {
+    return _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ),
+        x, y);
+  }
+  /// a + b on the lanes of m, a elsewhere.
+  static vec add_masked(mask m, vec a, vec b) { return _mm512_mask_add_ps(a, m, a, b); }
+
+  // GCC 12's _mm512_reduce_*_ps and unmasked shuffles pass _mm512_undefined_ps() through, which
+  // trips -Wuninitialized in every includer built with -Wall (GCC bug 105593); the zero-masked
+  // ("maskz", all lanes on) forms do not.
+  static float hsum(vec x) {
+    x = _mm512_add_ps(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+    x = _mm512_add_ps(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+    x = _mm512_add_ps(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+    x = _mm512_add_ps(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_cvtss_f32(x);
+  }
+  /// Horizontal max, NaN if any lane is NaN.
+  static float hmax_nan(vec x) {
+    x = max_nan(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+    x = max_nan(x, _mm512_maskz_shuffle_f32x4(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+    x = max_nan(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+    x = max_nan(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_cvtss_f32(x);
+  }
+  /// dst[0, n) (n <= 4) = [sum(a), sum(b), sum(c), sum(d)].
+  static void store_sums4(float* dst, std::int64_t n, vec a, vec b, vec c, vec d) {
+    const __m512 ab = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, a, b, 0x44),
+                                    _mm512_maskz_shuffle_f32x4(0xFFFF, a, b, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, c, d, 0x44),
+                                    _mm512_maskz_shuffle_f32x4(0xFFFF, c, d, 0xEE));
+    __m512 u = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, ab, cd, 0x88),
+                             _mm512_maskz_shuffle_f32x4(0xFFFF, ab, cd, 0xDD));
+    u = _mm512_add_ps(u, _mm512_maskz_shuffle_ps(0xFFFF, u, u, _MM_SHUFFLE(2, 3, 0, 1)));
+    u = _mm512_add_ps(u, _mm512_maskz_shuffle_ps(0xFFFF, u, u, _MM_SHUFFLE(1, 0, 3, 2)));
+    const __m128 s = _mm512_castps512_ps128(_mm512_maskz_permutexvar_ps(
+        0xFFFF, _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u));
+    _mm_mask_storeu_ps(dst, static_cast<__mmask8>((1u << n) - 1u), s);
+  }
+
+  static vec fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
+  static vec round(vec x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // exp (kernels.inl): the argument clamped (a NaN kept: vmaxps / vminps return the second
+  // operand when either is NaN), then p 2^n by vscalefps, which underflows to 0 by itself.
+  static vec exp_clamp(vec x) {
+    x = _mm512_maskz_max_ps(0xFFFF, _mm512_set1_ps(-150.f), x);
+    return _mm512_maskz_min_ps(0xFFFF, _mm512_set1_ps(88.7f), x);
+  }
+  static vec exp_scale(vec p, vec n, vec /*x*/) { return _mm512_scalef_ps(p, n); }
+};

@@ -1,0 +1,85 @@
+// The float vector of the NEON target (AArch64 Advanced SIMD): 4 lanes, a mask is a lane count;
+// FMAX / FMAXV already return NaN when a lane is NaN. Included by simd/targets.hpp inside
+// namespace attnkit::detail::simd_neon.
+
+struct V {
+  static constexpr int lanes = 4;
+  static constexpr bool pairs = true;
+  static constexpr int score_rows = 4;
+  static constexpr int pv_vectors = 4;
+  static constexpr int gemm_mr = 8, gemm_nv = 3, narrow_mr = 16;
+  using vec = float32x4_t;
+  using mask = int;  // lanes [0, mask) are on
+
+  static mask first(std::int64_t n) { return n >= 4 ? 4 : n <= 0 ? 0 : static_cast<int>(n); }
+  static uint32x4_t bits(mask m) {
+    static constexpr std::uint32_t table[8] = {~0u, ~0u, ~0u, ~0u, 0, 0, 0, 0};
+    return vld1q_u32(table + 4 - m);
+  }
+  static vec zero() { return vdupq_n_f32(0.f); }
+  static vec set1(float x) { return vdupq_n_f32(x); }
+  static vec load(const float* p) { return vld1q_f32(p); }
+  static vec load(mask m, const float* p) { return load_or(m, p, 0.f); }
+  static vec load_or(mask m, const float* p, float fill) {
+    float t[4] = {fill, fill, fill, fill};
+    for (int i = 0; i < m; ++i) t[i] = p[i];
+    return vld1q_f32(t);
+  }
+  static void store(float* p, vec x) { vst1q_f32(p, x); }
+  static void store(mask m, float* p, vec x) {
+    float t[4];
+    vst1q_f32(t, x);
+    for (int i = 0; i < m; ++i) p[i] = t[i];
+  }
+  template <storage_type S>
+  static vec load_as_float(const S* p) {
+    if constexpr (std::same_as<S, float>) {
+      return vld1q_f32(p);
+    } else if constexpr (std::same_as<S, bf16>) {
+      return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const std::uint16_t*>(p)), 16));
+    } else {
+      return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const std::uint16_t*>(p))));
+    }
+  }
+  template <storage_type S>
+  static vec load_as_float(mask m, const S* p) {
+    S t[4] = {};
+    for (int i = 0; i < m; ++i) t[i] = p[i];
+    return load_as_float(t);
+  }
+  static void load_bf16_pairs(const bf16* p, vec& even, vec& odd) {
+    const uint32x4_t raw = vld1q_u32(reinterpret_cast<const std::uint32_t*>(p));
+    even = vreinterpretq_f32_u32(vshlq_n_u32(raw, 16));
+    odd = vreinterpretq_f32_u32(vandq_u32(raw, vdupq_n_u32(0xFFFF0000u)));
+  }
+
+  static vec add(vec a, vec b) { return vaddq_f32(a, b); }
+  static vec sub(vec a, vec b) { return vsubq_f32(a, b); }
+  static vec mul(vec a, vec b) { return vmulq_f32(a, b); }
+  static vec fmadd(vec a, vec b, vec c) { return vfmaq_f32(c, a, b); }
+  static vec fnmadd(vec a, vec b, vec c) { return vfmsq_f32(c, a, b); }
+  static vec max(vec a, vec b) { return vmaxq_f32(a, b); }
+  static vec max_nan(vec a, vec b) { return vmaxq_f32(a, b); }
+  static vec replace_neg_inf(vec x, vec y) {
+    return vbslq_f32(vceqq_f32(x, vdupq_n_f32(-std::numeric_limits<float>::infinity())), y, x);
+  }
+  static vec add_masked(mask m, vec a, vec b) {
+    return vaddq_f32(a, vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(b), bits(m))));
+  }
+  static float hsum(vec x) { return vaddvq_f32(x); }
+  static float hmax_nan(vec x) { return vmaxvq_f32(x); }
+  static void store_sums4(float* dst, std::int64_t n, vec a, vec b, vec c, vec d) {
+    store(static_cast<mask>(n), dst, vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d)));
+  }
+  static vec round(vec x) { return vrndnq_f32(x); }
+  // exp (kernels.inl): as on AVX2, 2^n in the exponent field, n in [-126, 127].
+  static vec exp_clamp(vec x) {
+    return vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.33654f)), vdupq_n_f32(88.3f));
+  }
+  static vec exp_scale(vec p, vec n, vec x) {
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23);
+    const vec r = vmulq_f32(p, vreinterpretq_f32_s32(e));
+    return vreinterpretq_f32_u32(
+        vbicq_u32(vreinterpretq_u32_f32(r), vcltq_f32(x, vdupq_n_f32(-87.33654f))));
+  }
+};
