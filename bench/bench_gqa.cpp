@@ -23,6 +23,7 @@ template <ak::storage_type S>
 void BM_gqa_prefill_causal(benchmark::State& state) {
   const std::int64_t t = state.range(0);
   const int threads = static_cast<int>(state.range(1));
+  const ak::bench::target_scope target(state, 2);
   const auto cache = filled_cache<S>(t);
   std::vector<float> q(static_cast<std::size_t>(t * H * D)), out(q.size());
   std::mt19937 rng(2);
@@ -39,7 +40,7 @@ void BM_gqa_prefill_causal(benchmark::State& state) {
   state.counters["FLOPS"] = benchmark::Counter(2.0 * H * t * (D + D) * t / 2,
                                                benchmark::Counter::kIsIterationInvariantRate,
                                                benchmark::Counter::OneK::kIs1000);
-  state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>());
+  state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>() + ", " + target.name());
 }
 /// The fixed cost of one parallel_for of two trivial tasks (the hand-off every decode step
 /// pays), for pools of 2 threads up to many more than the machine's hardware threads.
@@ -61,24 +62,24 @@ BENCHMARK(BM_thread_pool_handoff)
     ->Arg(32)
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
-BENCHMARK_TEMPLATE(BM_gqa_decode, float)
-    ->ArgsProduct({{1024, 4096, 16384}, {1, 2}})
-    ->ArgNames({"T", "threads"})
+BENCHMARK_TEMPLATE(BM_gqa_decode, float, true)
+    ->ArgsProduct({{1024, 4096, 16384}, {1, 2}, ak::bench::target_args()})
+    ->ArgNames({"T", "threads", "target"})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
-BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16)
-    ->ArgsProduct({{1024, 4096, 16384}, {1, 2}})
-    ->ArgNames({"T", "threads"})
+BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16, true)
+    ->ArgsProduct({{1024, 4096, 16384}, {1, 2}, ak::bench::target_args()})
+    ->ArgNames({"T", "threads", "target"})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, float)
-    ->ArgsProduct({{512, 2048}, {1, 2}})
-    ->ArgNames({"T", "threads"})
+    ->ArgsProduct({{512, 2048}, {1, 2}, ak::bench::target_args()})
+    ->ArgNames({"T", "threads", "target"})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, ak::bf16)
-    ->ArgsProduct({{512, 2048}, {1, 2}})
-    ->ArgNames({"T", "threads"})
+    ->ArgsProduct({{512, 2048}, {1, 2}, ak::bench::target_args()})
+    ->ArgNames({"T", "threads", "target"})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 

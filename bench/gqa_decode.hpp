@@ -1,10 +1,13 @@
 #pragma once
 // The foundation's GQA decode at the Llama-3-8B attention geometry (H 32, H_kv 8, d 128), shared
 // by the benchmark binaries so that every variant is compared with it in the same run.
-// Args: T, threads. Bytes: the KV read; FLOPs: 2 H (d_qk + d_v) T.
+// Args: T, threads[, target: roofline.hpp]. Bytes: the KV read; FLOPs: 2 H (d_qk + d_v) T.
 #include <attnkit/attention.hpp>
 #include <benchmark/benchmark.h>
 
+#include "roofline.hpp"
+
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -33,10 +36,13 @@ ak::dense_cache<S> filled_cache(std::int64_t t) {
   return cache;
 }
 
-template <ak::storage_type S>
+template <ak::storage_type S, bool TargetArg = false>
 void BM_gqa_decode(benchmark::State& state) {
   const std::int64_t t = state.range(0);
   const int threads = static_cast<int>(state.range(1));
+  // The target argument where the benchmark has one (bench_gqa), else the default target.
+  std::optional<target_scope> target;
+  if constexpr (TargetArg) target.emplace(state, 2);
   const auto cache = filled_cache<S>(t);
   std::vector<float> q(H * D, 0.01f), out(H * D);
   const std::int64_t qpos = t - 1;
@@ -51,7 +57,8 @@ void BM_gqa_decode(benchmark::State& state) {
   state.counters["FLOPS"] =
       benchmark::Counter(2.0 * H * (D + D) * t, benchmark::Counter::kIsIterationInvariantRate,
                          benchmark::Counter::OneK::kIs1000);
-  state.SetLabel(std::string("memory-bound, ") + ak::storage_name<S>());
+  state.SetLabel(std::string("memory-bound, ") + ak::storage_name<S>() + ", " +
+                 ak::target_name(ak::active_target()));
 }
 
 }  // namespace attnkit::bench

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #if ATTNKIT_X86_TARGETS
@@ -19,6 +20,38 @@
 #endif
 
 namespace attnkit::bench {
+
+/// The "target" argument of a benchmark: an index into attnkit::all_simd_targets. target_args()
+/// lists the targets this build has, so one run times every target side by side.
+inline std::vector<std::int64_t> target_args() {
+  std::vector<std::int64_t> out;
+  for (std::size_t i = 0; i < all_simd_targets.size(); ++i)
+    if (target_compiled(all_simd_targets[i])) out.push_back(static_cast<std::int64_t>(i));
+  return out;
+}
+
+/// Runs the rest of a benchmark on the target of argument `arg` of `state` and restores the
+/// previous target after; skips the benchmark where this CPU lacks it (ok() is then false).
+class target_scope {
+ public:
+  target_scope(benchmark::State& state, int arg) : before_(active_target()) {
+    const simd_target t = all_simd_targets.at(static_cast<std::size_t>(state.range(arg)));
+    ok_ = cpu_supports(t);
+    if (ok_)
+      set_target(t);
+    else
+      state.SkipWithError((std::string(target_name(t)) + ": not supported by this CPU").c_str());
+  }
+  ~target_scope() { set_target(before_); }
+  target_scope(const target_scope&) = delete;
+  target_scope& operator=(const target_scope&) = delete;
+  bool ok() const { return ok_; }
+  const char* name() const { return target_name(active_target()); }
+
+ private:
+  simd_target before_;
+  bool ok_ = false;
+};
 
 /// Sum of n floats (n a multiple of 64) in 64 independent lanes: the compiler vectorises it for
 /// its baseline, and a streaming read is bound by the memory, not by the vector width.
@@ -95,6 +128,7 @@ inline float fma_chains(std::int64_t iters) {
 
 inline void BM_fma_peak(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));
+  const target_scope target(state, 1);
   const std::int64_t iters = 1 << 22;
   thread_pool pool(threads);
   std::vector<float> out(static_cast<std::size_t>(threads));
@@ -117,8 +151,7 @@ BENCHMARK(attnkit::bench::BM_read_bandwidth)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(attnkit::bench::BM_fma_peak)
-    ->Arg(1)
-    ->Arg(2)
-    ->ArgName("threads")
+    ->ArgsProduct({{1, 2}, attnkit::bench::target_args()})
+    ->ArgNames({"threads", "target"})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);

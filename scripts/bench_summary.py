@@ -134,8 +134,11 @@ def main():
     print(f"host: {ctx.get('host_name', '?')}, {ctx.get('num_cpus', '?')} CPUs, date {ctx.get('date', '?')}")
     bw1 = gbs("attnkit::bench::BM_read_bandwidth/threads:1")
     bw2 = gbs("attnkit::bench::BM_read_bandwidth/threads:2")
-    fma1 = m["attnkit::bench::BM_fma_peak/threads:1"]["FLOPS"] / 1e9
-    fma2 = m["attnkit::bench::BM_fma_peak/threads:2"]["FLOPS"] / 1e9
+    # The FMA peak of each SIMD target (bench/roofline.hpp); the kernels of the other binaries run
+    # on the best one, the fastest.
+    peak = lambda th, k: m[f"attnkit::bench::BM_fma_peak/threads:{th}/target:{k}"]["FLOPS"] / 1e9
+    targets = sorted({int(n.rsplit(":", 1)[1]) for n in m if n.startswith("attnkit::bench::BM_fma_peak/")})
+    fma1, fma2 = (max(peak(th, k) for k in targets) for th in (1, 2))
     print(f"roofline: read bandwidth {bw1:.1f} GB/s (1 thread), {bw2:.1f} GB/s (2 threads); "
           f"FP32 FMA peak {fma1:.0f} / {fma2:.0f} GFLOP/s")
     if any(k.startswith("BM_batch_") for k in m):
@@ -153,26 +156,42 @@ def main():
     if any(k.startswith("BM_tpa_") for k in m):
         tpa(m, us, bw2, fma2)
         return
+    names = ["scalar", "avx2", "avx512", "neon"]  # attnkit::all_simd_targets
+    gqa = [k for k in targets if f"BM_gqa_decode<float, true>/T:16384/threads:1/target:{k}" in m]
     print("\nGQA decode (H 32, H_kv 8, d 128), median time, KV read rate, share of the read bandwidth:")
     for s in ("float", "ak::bf16"):
         for t in (1024, 4096, 16384):
             for th in (1, 2):
-                n = f"BM_gqa_decode<{s}>/T:{t}/threads:{th}"
-                bw = bw1 if th == 1 else bw2
-                bound = m[n]["bytes_per_second"] * us(n) * 1e-6 / (bw * 1e9) * 1e6
-                print(f"  {s:9s} T={t:5d} threads={th}: {us(n):8.1f} us  {gbs(n):6.1f} GB/s  "
-                      f"{100 * gbs(n) / bw:5.1f}% of read BW  (time / bandwidth bound = {us(n) / bound:.2f})")
-    f32 = us("BM_gqa_decode<float>/T:16384/threads:2")
-    b16 = us("BM_gqa_decode<ak::bf16>/T:16384/threads:2")
-    print(f"\nbf16 vs f32 decode speedup, T=16384, 2 threads: {f32 / b16:.2f}x")
-    print("\nGQA causal prefill, GFLOP/s (share of the FMA peak):")
+                for k in gqa:
+                    n = f"BM_gqa_decode<{s}, true>/T:{t}/threads:{th}/target:{k}"
+                    bw = bw1 if th == 1 else bw2
+                    print(f"  {s:9s} T={t:5d} threads={th} {names[k]:6s}: {us(n):8.1f} us  {gbs(n):6.1f} GB/s  "
+                          f"{100 * gbs(n) / bw:5.1f}% of read BW")
+    best = max(gqa)
+    for s in ("float", "ak::bf16"):
+        for th in (1, 2):
+            ref = us(f"BM_gqa_decode<{s}, true>/T:16384/threads:{th}/target:{best}")
+            for k in gqa:
+                if k != best:
+                    r = us(f"BM_gqa_decode<{s}, true>/T:16384/threads:{th}/target:{k}") / ref
+                    print(f"  {s:9s} T=16384 threads={th}: {names[k]} / {names[best]} time {r:.2f}x")
+    for th in (1, 2):
+        f32 = us(f"BM_gqa_decode<float, true>/T:16384/threads:{th}/target:{best}")
+        b16 = us(f"BM_gqa_decode<ak::bf16, true>/T:16384/threads:{th}/target:{best}")
+        print(f"\nbf16 vs f32 decode speedup, T=16384, {th} thread(s), {names[best]}: {f32 / b16:.2f}x")
+    print("\nGQA causal prefill, GFLOP/s (share of the target's FMA peak):")
     for s in ("float", "ak::bf16"):
         for t in (512, 2048):
             for th in (1, 2):
-                n = f"BM_gqa_prefill_causal<{s}>/T:{t}/threads:{th}"
-                fl = m[n]["FLOPS"] / 1e9
-                peak = fma1 if th == 1 else fma2
-                print(f"  {s:9s} T={t:5d} threads={th}: {us(n) / 1e3:8.1f} ms  {fl:6.1f} GFLOP/s  ({100 * fl / peak:4.1f}% of peak)")
+                for k in gqa:
+                    n = f"BM_gqa_prefill_causal<{s}>/T:{t}/threads:{th}/target:{k}"
+                    fl = m[n]["FLOPS"] / 1e9
+                    print(f"  {s:9s} T={t:5d} threads={th} {names[k]:6s}: {us(n) / 1e3:8.1f} ms  {fl:6.1f} GFLOP/s  "
+                          f"({100 * fl / peak(th, k):4.1f}% of peak)")
+    for th in (1, 2):
+        f32 = us(f"BM_gqa_prefill_causal<float>/T:2048/threads:{th}/target:{best}")
+        b16 = us(f"BM_gqa_prefill_causal<ak::bf16>/T:2048/threads:{th}/target:{best}")
+        print(f"bf16 vs f32 causal prefill T=2048, {th} thread(s), {names[best]}: {f32 / b16:.2f}x")
 
 
 if __name__ == "__main__":

@@ -318,7 +318,7 @@ inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t ro
 /// UnitRows: A's rows are adjacent (a_rs == 1) and the tile is full, so the MR broadcasts of a
 /// step read one pointer at constant offsets instead of MR pointers (which spill when inlined:
 /// the TPA value GEMM ran measurably slower that way; docs/benchmarks.md, TPA).
-template <bool Accumulate, int MR, int NV, bool UnitRows, class Prefetch>
+template <bool Accumulate, int MR, int NV, bool UnitRows, bool Full, class Prefetch>
 inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, std::int64_t rows,
                             std::int64_t depth, const float* a, std::int64_t a_rs,
                             std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c,
@@ -332,7 +332,8 @@ inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, s
   for (int r = 0; r < MR; ++r) {
     float* cr = c + std::min<std::int64_t>(i0 + r, rows - 1) * ldc + j0;
     ATTNKIT_UNROLL
-    for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? V::load(mk[v], cr + L * v) : V::zero();
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = !Accumulate ? V::zero() : Full ? V::load(cr + L * v) : V::load(mk[v], cr + L * v);
   }
   const float* bk = b + j0;
   const float* ak = a + i0;
@@ -340,7 +341,7 @@ inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, s
     pf.step();
     vec bv[NV];
     ATTNKIT_UNROLL
-    for (int v = 0; v < NV; ++v) bv[v] = V::load(mk[v], bk + L * v);
+    for (int v = 0; v < NV; ++v) bv[v] = Full ? V::load(bk + L * v) : V::load(mk[v], bk + L * v);
     ATTNKIT_UNROLL
     for (int r = 0; r < MR; ++r) {
       const vec av = V::set1(UnitRows ? ak[r] : ar[r][k * a_cs]);
@@ -354,44 +355,68 @@ inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, s
     if (i0 + r >= rows) break;
     float* cr = c + (i0 + r) * ldc + j0;
     ATTNKIT_UNROLL
-    for (int v = 0; v < NV; ++v) V::store(mk[v], cr + L * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) {
+      if (Full)
+        V::store(cr + L * v, acc[r][v]);
+      else
+        V::store(mk[v], cr + L * v, acc[r][v]);
+    }
   }
 }
 
 /// Rows [i0, rows) of A with adjacent rows (a_rs == 1): full MR-row tiles, then the remainder
 /// in tiles of MR/2, MR/4, ... rows, so a ragged edge (34 heads = 4 x 8 + 2) costs what it
 /// computes instead of a whole clamped tile.
-template <bool Accumulate, int MR, int NV, class Prefetch>
+template <bool Accumulate, int MR, int NV, bool Full, class Prefetch>
 inline void gemm_bcast_unit_rows(std::int64_t i0, std::int64_t j0, const vmask* mk,
                                  std::int64_t rows, std::int64_t depth, const float* a,
                                  std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c,
                                  std::int64_t ldc, Prefetch& pf) {
   for (; i0 + MR <= rows; i0 += MR)
-    gemm_bcast_tile<Accumulate, MR, NV, true>(i0, j0, mk, rows, depth, a, 1, a_cs, b, b_rs, c, ldc,
-                                              pf);
+    gemm_bcast_tile<Accumulate, MR, NV, true, Full>(i0, j0, mk, rows, depth, a, 1, a_cs, b, b_rs,
+                                                    c, ldc, pf);
   if constexpr (MR > 1)
     if (i0 < rows)
-      gemm_bcast_unit_rows<Accumulate, MR / 2, NV>(i0, j0, mk, rows, depth, a, a_cs, b, b_rs, c,
-                                                   ldc, pf);
+      gemm_bcast_unit_rows<Accumulate, MR / 2, NV, Full>(i0, j0, mk, rows, depth, a, a_cs, b, b_rs,
+                                                         c, ldc, pf);
+}
+
+/// The column blocks [j0, j0 + L NV) of C in rows [0, rows); Full: every block is whole
+/// (unmasked loads and stores: without mask registers a masked access is dearer).
+template <bool Accumulate, int MR, int NV, bool Full, class Prefetch>
+inline void gemm_bcast_columns(std::int64_t j_begin, std::int64_t j_end, std::int64_t rows,
+                               std::int64_t cols, std::int64_t depth, const float* a,
+                               std::int64_t a_rs, std::int64_t a_cs, const float* b,
+                               std::int64_t b_rs, float* c, std::int64_t ldc, Prefetch& pf) {
+  for (std::int64_t j0 = j_begin; j0 < j_end; j0 += L * NV) {
+    vmask mk[NV];
+    ATTNKIT_UNROLL
+    for (int v = 0; v < NV; ++v) mk[v] = V::first(cols - j0 - L * v);
+    if (a_rs == 1) {
+      gemm_bcast_unit_rows<Accumulate, MR, NV, Full>(0, j0, mk, rows, depth, a, a_cs, b, b_rs, c,
+                                                     ldc, pf);
+      continue;
+    }
+    for (std::int64_t i0 = 0; i0 < rows; i0 += MR)
+      gemm_bcast_tile<Accumulate, MR, NV, false, Full>(i0, j0, mk, rows, depth, a, a_rs, a_cs, b,
+                                                       b_rs, c, ldc, pf);
+  }
 }
 
 template <bool Accumulate, int MR, int NV, class Prefetch>
 inline void gemm_bcast_tiles(std::int64_t rows, std::int64_t cols, std::int64_t depth,
                              const float* a, std::int64_t a_rs, std::int64_t a_cs, const float* b,
                              std::int64_t b_rs, float* c, std::int64_t ldc, Prefetch& pf) {
-  for (std::int64_t j0 = 0; j0 < cols; j0 += L * NV) {
-    vmask mk[NV];
-    ATTNKIT_UNROLL
-    for (int v = 0; v < NV; ++v) mk[v] = V::first(cols - j0 - L * v);
-    if (a_rs == 1) {
-      gemm_bcast_unit_rows<Accumulate, MR, NV>(0, j0, mk, rows, depth, a, a_cs, b, b_rs, c, ldc,
-                                               pf);
-      continue;
-    }
-    for (std::int64_t i0 = 0; i0 < rows; i0 += MR)
-      gemm_bcast_tile<Accumulate, MR, NV, false>(i0, j0, mk, rows, depth, a, a_rs, a_cs, b, b_rs, c,
-                                                 ldc, pf);
+  if constexpr (V::mask_registers) {  // masked loads cost what plain ones do: one path
+    gemm_bcast_columns<Accumulate, MR, NV, false>(0, cols, rows, cols, depth, a, a_rs, a_cs, b,
+                                                  b_rs, c, ldc, pf);
+    return;
   }
+  const std::int64_t full = cols / (L * NV) * (L * NV);
+  gemm_bcast_columns<Accumulate, MR, NV, true>(0, full, rows, cols, depth, a, a_rs, a_cs, b, b_rs,
+                                               c, ldc, pf);
+  gemm_bcast_columns<Accumulate, MR, NV, false>(full, cols, rows, cols, depth, a, a_rs, a_cs, b,
+                                                b_rs, c, ldc, pf);
 }
 
 /// C[rows, cols] (+)= A B (see detail::gemm_bcast in simd/targets.hpp): V::gemm_mr x

@@ -5,6 +5,7 @@
 
 struct V {
   static constexpr int lanes = 8;
+  static constexpr bool mask_registers = false;  // masked loads/stores as cheap as plain ones
   static constexpr bool pairs = true;
   static constexpr int score_rows = 2;
   static constexpr int pv_vectors = 2;

@@ -3,6 +3,7 @@
 
 struct V {
   static constexpr int lanes = 16;
+  static constexpr bool mask_registers = true;  // masked loads/stores as cheap as plain ones
   static constexpr bool pairs = true;     // bf16 rows widened as (even, odd) columns
   static constexpr int score_rows = 4;    // query rows x 4 keys of the score block
   static constexpr int pv_vectors = 4;    // value columns per pv chunk, in vectors

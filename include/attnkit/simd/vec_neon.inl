@@ -4,6 +4,7 @@
 
 struct V {
   static constexpr int lanes = 4;
+  static constexpr bool mask_registers = false;  // masked loads/stores as cheap as plain ones
   static constexpr bool pairs = true;
   static constexpr int score_rows = 4;
   static constexpr int pv_vectors = 4;

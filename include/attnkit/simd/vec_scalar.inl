@@ -4,6 +4,7 @@
 
 struct V {
   static constexpr int lanes = 1;
+  static constexpr bool mask_registers = false;  // masked loads/stores as cheap as plain ones
   static constexpr bool pairs = false;
   static constexpr int score_rows = 4;
   static constexpr int pv_vectors = 4;
