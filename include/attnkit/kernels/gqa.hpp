@@ -6,13 +6,13 @@
 //
 // A work item's rows are tq tokens x the g query heads of KV head j, so every cached K/V row is
 // read once per tile for all heads of its group. Which path runs where:
-//   streaming  register-blocked AVX-512 micro-kernels reading K/V in their storage type, query
-//              tiles of 32 rows, key blocks of 64: the automatic choice for tiles of fewer than
-//              16 rows (decode, short chunks) when the compiler targets AVX-512;
-//   gemm       tiles of 128 rows x 128 keys: with AVX-512, own register-blocked GEMMs on the
-//              transposed score tile S^T = K Q^T (column layout); without it, Eigen GEMMs (row
-//              layout). The automatic choice for larger tiles, and for every size without AVX-512
-//              (the portable streaming loops are slow).
+//   streaming  register-blocked micro-kernels (simd/kernels.inl) reading K/V in their storage
+//              type, query tiles of 32 rows, key blocks of 64: the automatic choice for tiles of
+//              fewer than 16 rows (decode, short chunks) on the vector targets;
+//   gemm       tiles of 128 rows x 128 keys: on a vector target, its own register-blocked GEMM
+//              on the transposed score tile S^T = K Q^T (column layout); on the scalar target,
+//              Eigen GEMMs (row layout). The automatic choice for larger tiles, and for every
+//              size on the scalar target (its streaming loops are slow).
 // Decode, chunked prefill and full prefill are the same call with different Tq: the causal rule
 // is "key position <= query position" on explicit int64 positions.
 #include <Eigen/Core>

@@ -78,9 +78,9 @@ auto value_view_of(const X& x) {
 }
 
 /// acc[rows][d_v] += P[rows][keys] V[keys][d_v] for a follower's KV heads: the streaming
-/// micro-kernel on row tiles (V read in its storage type; bf16 in paired column order on
-/// AVX-512, undone by finish), otherwise a GEMM on V widened to float (own AVX-512 GEMM for any
-/// tile layout, Eigen without AVX-512).
+/// micro-kernel on row tiles (V read in its storage type; bf16 in the target's paired column
+/// order, undone by finish), otherwise a GEMM on V widened to float (the vector target's own
+/// GEMM for any tile layout, Eigen on the scalar target).
 template <storage_type S>
 class value_accumulator {
  public:
