@@ -74,6 +74,11 @@ BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, ak::bf16)
     ->ArgNames({"H", "T", "threads"})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, ak::bf16, true)
+    ->ArgsProduct({{16, 128}, {1024, 4096, 16384}, {2}})
+    ->ArgNames({"H", "T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_mla_naive_decode)
     ->ArgsProduct({{16}, {1024, 4096, 16384}, {2}})
     ->Args({128, 1024, 2})

@@ -38,10 +38,12 @@ ak::latent_cache<S> filled_latent(std::int64_t t) {
   return cache;
 }
 
-template <ak::storage_type S>
+/// Products: product_math::bf16 (skipped where the CPU has no bf16 products).
+template <ak::storage_type S, bool Products = false>
 void BM_mla_absorbed_decode(benchmark::State& state) {
   const std::int64_t h = state.range(0), t = state.range(1);
   const int threads = static_cast<int>(state.range(2));
+  if (Products && !ak::bf16_products_available()) state.SkipWithError("no bf16 products here");
   const auto cache = filled_latent<S>(t);
   std::vector<float> ql(static_cast<std::size_t>(h * DC), 0.01f),
       qr(static_cast<std::size_t>(h * DR), 0.01f), out(static_cast<std::size_t>(h * DC));
@@ -50,6 +52,7 @@ void BM_mla_absorbed_decode(benchmark::State& state) {
   ak::attention_workspace ws;
   ak::attention_options opt;
   opt.scale = 1.f / std::sqrt(float(DN + DR));
+  opt.products = Products ? ak::product_math::bf16 : ak::product_math::f32;
   for (auto _ : state) {
     ak::attend_latent(ak::tensor3_view<const float>(ql.data(), {1, h, DC}),
                       ak::tensor3_view<const float>(qr.data(), {1, h, DR}), std::span(&qpos, 1),
@@ -60,7 +63,7 @@ void BM_mla_absorbed_decode(benchmark::State& state) {
   state.counters["FLOPS"] =
       benchmark::Counter(2.0 * h * (2 * DC + DR) * t, benchmark::Counter::kIsIterationInvariantRate,
                          benchmark::Counter::OneK::kIs1000);
-  state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>());
+  state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>() + (Products ? " products" : ""));
 }
 
 }  // namespace attnkit::bench

@@ -9,6 +9,7 @@ struct gqa_case {
   bool causal = true;
   std::optional<std::int64_t> window{};
   tile_strategy strategy = tile_strategy::automatic;
+  product_math products = product_math::f32;
 };
 
 /// Tolerance for the float kernel against the double reference on the same (rounded) K/V, from
@@ -76,7 +77,8 @@ fmat run_kernel(const gqa_case& c, const gqa_data& x, Exec&& exec = Exec{}, fmat
   cache.append(tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.head_dim}),
                tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_head_dim}), x.k_pos);
   fmat out(c.tq, c.heads * c.v_head_dim);
-  attention_options opt{.causal = c.causal, .window = c.window, .strategy = c.strategy};
+  attention_options opt{
+      .causal = c.causal, .window = c.window, .strategy = c.strategy, .products = c.products};
   if (lse) {
     lse->resize(c.tq, c.heads);
     opt.lse = matrix_view<float>(lse->data(), {c.tq, c.heads});
@@ -92,6 +94,50 @@ reference::attention_result run_reference(const gqa_case& c, const gqa_data& x) 
   return reference::attention(to_double(x.q), x.q_pos, to_double(round_trip<S>(x.k)),
                               to_double(round_trip<S>(x.v)), x.k_pos, c.heads, c.kv_heads, x.scale,
                               c.causal, c.window);
+}
+
+/// bf16 products (product_math::bf16) against the double reference, for an output `out` of the
+/// kernel on bf16 K/V (the cache's). The reference gets the queries rounded as the kernel rounds
+/// them (scaled in float, then to bf16) and scale 1. What remains is the rounding of each
+/// probability to bf16, p_u (1 + e_u) with |e_u| <= u = 2^-8, which moves output element
+/// (t, h, c) by sum_u e_u p_u v_uc (the softmax's sum is taken before the rounding). The e_u are
+/// the rounding errors of unrelated values; taken as independent in [-u, u], Hoeffding's bound
+/// puts |sum| above 6 u sqrt(sum_u (p_u v_uc)^2) with probability 2 e^-18 per element. A tenfold
+/// larger rounding error breaks it by far (the typical sum is about u/sqrt(3) times the root).
+/// Float round-off as in float_tolerance on top. Returns the largest error / tolerance ratio.
+inline double bf16_products_error_ratio(const gqa_case& c, const gqa_data& x, const fmat& out) {
+  const float scale = static_cast<float>(x.scale);
+  fmat qr(x.q.rows(), x.q.cols());
+  for (std::int64_t i = 0; i < qr.size(); ++i)
+    qr.data()[i] = static_cast<float>(bf16(x.q.data()[i] * scale));
+  const dmat q = to_double(qr), k = to_double(round_trip<bf16>(x.k)),
+             v = to_double(round_trip<bf16>(x.v));
+  reference::attention_rules rules;
+  rules.causal = c.causal, rules.window = c.window;
+  const auto ref = reference::attention(q, x.q_pos, k, v, x.k_pos, c.heads, c.kv_heads, 1.0, rules);
+  const dmat p = reference::attention_weights(q, x.q_pos, k, x.k_pos, c.heads, c.kv_heads, 1.0, rules);
+  auto max_head_norm = [&](const dmat& m) {  // for A of float_tolerance, on the rounded queries
+    double n = 0;
+    for (std::int64_t r = 0; r < m.rows(); ++r)
+      for (std::int64_t h = 0; h < m.cols() / c.head_dim; ++h)
+        n = std::max(n, m.row(r).segment(h * c.head_dim, c.head_dim).norm());
+    return n;
+  };
+  const double a = max_head_norm(q) * max_head_norm(k);
+  const double float_tol = float_tolerance(c.head_dim, c.tk, a, v.cwiseAbs().maxCoeff());
+  const double u = unit_roundoff<bf16>();
+  double worst = 0;
+  for (std::int64_t t = 0; t < c.tq; ++t)
+    for (std::int64_t h = 0; h < c.heads; ++h) {
+      const std::int64_t j = h / (c.heads / c.kv_heads);
+      for (std::int64_t i = 0; i < c.v_head_dim; ++i) {
+        const auto pv = p.row(t * c.heads + h).transpose().cwiseProduct(v.col(j * c.v_head_dim + i));
+        const double tol = float_tol + 6 * u * pv.norm();
+        worst = std::max(worst, std::abs(out(t, h * c.v_head_dim + i) -
+                                         ref.out(t, h * c.v_head_dim + i)) / tol);
+      }
+    }
+  return worst;
 }
 
 inline std::string describe(const gqa_case& c) {

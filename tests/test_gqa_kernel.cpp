@@ -249,3 +249,64 @@ TEST_CASE("attend: invalid input throws attnkit::invalid_argument naming the par
                                        tensor3_view<const float>(k.data(), {4, 2, 8}), kp),
                         "contiguous last dimension", "strides 2 and 1");
 }
+
+TEST_CASE("bf16 products: within the probability-rounding bound of the reference on rounded queries",
+          "[gqa][bf16]") {
+  const std::uint64_t seed = GENERATE(range(1, 13));
+  std::mt19937_64 rng(seed * 104729);
+  gqa_case c = random_case(rng);
+  if (c.head_dim % 2) c.head_dim += 1;  // odd d_qk computes as f32 (checked below)
+  c.tq = 20 + static_cast<std::int64_t>(rng() % 150);
+  c.tk = 1 + static_cast<std::int64_t>(rng() % 400);  // odd block ends too
+  c.strategy = seed % 3 ? tile_strategy::gemm : tile_strategy::automatic;
+  c.products = product_math::bf16;
+  const gqa_data x = make_gqa_data(rng, c);
+  INFO(describe(c) << " bf16 products available: " << bf16_products_available());
+  thread_pool pool(2);
+  const fmat out = run_kernel<bf16>(c, x, pool);
+  if (bf16_products_available()) {
+    const double ratio = bf16_products_error_ratio(c, x, out);  // about 0.25 here
+    CHECK(ratio <= 1.0);
+  } else {  // the f32 path, bit for bit
+    gqa_case f = c;
+    f.products = product_math::f32;
+    CHECK(out == run_kernel<bf16>(f, x, pool));
+  }
+}
+
+TEST_CASE("bf16 products: the streaming path, odd d_qk and float caches compute as f32",
+          "[gqa][bf16]") {
+  std::mt19937_64 rng(71);
+  for (gqa_case c : {gqa_case{.heads = 8, .kv_heads = 2, .head_dim = 64, .tk = 300, .tq = 1},
+                     gqa_case{.heads = 8, .kv_heads = 2, .head_dim = 33, .v_head_dim = 32,
+                              .tk = 300, .tq = 64, .strategy = tile_strategy::gemm}}) {
+    const gqa_data x = make_gqa_data(rng, c);
+    const fmat f32_bf16 = run_kernel<bf16>(c, x), f32_float = run_kernel<float>(c, x);
+    c.products = product_math::bf16;
+    INFO(describe(c));
+    CHECK(run_kernel<bf16>(c, x) == f32_bf16);
+    CHECK(run_kernel<float>(c, x) == f32_float);
+  }
+}
+
+TEST_CASE("bf16 products: absorbed MLA (values = the latent columns of the key rows)",
+          "[gqa][mla][bf16]") {
+  const std::int64_t heads = GENERATE(16, 40);
+  std::mt19937_64 rng(static_cast<std::uint64_t>(heads));
+  const std::int64_t dc = 64, dr = 16, tk = 333;
+  gqa_case c{.heads = heads, .kv_heads = 1, .head_dim = dc + dr, .v_head_dim = dc, .tk = tk,
+             .tq = 3, .products = product_math::bf16};
+  gqa_data x = make_gqa_data(rng, c);
+  x.v = x.k.leftCols(dc);
+  std::vector<bf16> rows(static_cast<std::size_t>(tk * (dc + dr)));
+  for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = bf16(x.k.data()[i]);
+  const auto kv = kv_view<bf16>::latent(rows.data(), dc + dr, dc, dc + dr, x.k_pos);
+  fmat out(c.tq, heads * dc);
+  const std::int64_t w = dc + dr;  // x.q [Tq][H * w]: q_latent and q_rope side by side
+  attend_latent(tensor3_view<const float>(x.q.data(), {c.tq, heads, dc}, {heads * w, w, 1}),
+                tensor3_view<const float>(x.q.data() + dc, {c.tq, heads, dr}, {heads * w, w, 1}),
+                x.q_pos, kv, tensor3_view<float>(out.data(), {c.tq, heads, dc}),
+                {.products = product_math::bf16});
+  INFO(describe(c) << " bf16 products available: " << bf16_products_available());
+  CHECK(bf16_products_error_ratio(c, x, out) <= 1.0);
+}

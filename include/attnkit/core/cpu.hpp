@@ -66,6 +66,7 @@ namespace detail {
 /// (XCR0: AVX state for ymm, opmask + zmm state for AVX-512).
 struct x86_features {
   bool avx2 = false, avx512 = false;
+  bool avx512_bf16 = false;  ///< vdpbf16ps / vcvtne2ps2bf16 (Cooper Lake, Sapphire Rapids, Zen 4/5)
 };
 inline x86_features detect_x86() {
   x86_features f;
@@ -78,10 +79,12 @@ inline x86_features detect_x86() {
   __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
   const bool ymm_state = (xcr0_lo & 0x6u) == 0x6u, zmm_state = (xcr0_lo & 0xE6u) == 0xE6u;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
+  const unsigned leaf7_subleaves = a;
   const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512bw = b & (1u << 30),
              avx512vl = b & (1u << 31);
   f.avx2 = ymm_state && avx2 && fma && f16c;
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512bw && avx512vl;
+  if (f.avx512 && leaf7_subleaves >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
   return f;
 }
 #endif
@@ -98,6 +101,17 @@ inline bool cpu_supports(simd_target t) {
 #endif
   return true;  // scalar; NEON is part of every AArch64 CPU
 }
+
+namespace detail {
+inline bool cpu_has_avx512_bf16() {
+#if ATTNKIT_X86_TARGETS
+  static const bool has = detect_x86().avx512_bf16;
+  return has;
+#else
+  return false;
+#endif
+}
+}  // namespace detail
 
 /// The targets this build has and this CPU runs, slowest first.
 inline std::vector<simd_target> supported_targets() {
@@ -148,6 +162,12 @@ inline simd_target choose_target() {
 inline simd_target active_target() {
   const int t = detail::active_target_slot.load(std::memory_order_relaxed);
   return t >= 0 ? static_cast<simd_target>(t) : detail::choose_target();
+}
+
+/// Whether product_math::bf16 (core/options.hpp) runs on bf16 dot-product instructions on the
+/// active target: AVX-512 BF16's vdpbf16ps on the avx512 target. Elsewhere it computes in f32.
+inline bool bf16_products_available() {
+  return active_target() == simd_target::avx512 && detail::cpu_has_avx512_bf16();
 }
 
 /// Makes every later kernel call run on t (attnkit::invalid_argument if this build or CPU cannot).

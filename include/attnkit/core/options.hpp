@@ -16,6 +16,18 @@ namespace attnkit {
 /// The TPA kernel has one path and accepts automatic and streaming.
 enum class tile_strategy { automatic, streaming, gemm };
 
+/// The arithmetic of the GEMM tiles (prefill, absorbed MLA with many heads) over bf16 caches.
+///   f32   the cache's bf16 values widened exactly; queries and probabilities stay float: the
+///         result carries float round-off only.
+///   bf16  the scaled queries and the probabilities are rounded to bf16 as well (relative error
+///         <= 2^-8 each; what oneDNN and PyTorch's CPU flash attention do with bf16 inputs), so
+///         the tiles run on the CPU's bf16 dot products (AVX-512 BF16 vdpbf16ps: twice the f32
+///         FMA rate) with float accumulation. The output error grows to about 2^-8 max|v| per
+///         probability-weighted sum (docs/math.md, "bf16 products"). Where the CPU has no bf16 products
+///         (bf16_products_available() in core/cpu.hpp), with an odd d_qk, and on the streaming
+///         path (bandwidth-bound decode) it computes as f32. No effect on float and f16 caches.
+enum class product_math { f32, bf16 };
+
 struct attention_options {
   /// Softmax scale applied to q . k; default 1/sqrt(width of the q . k dot product the kernel
   /// sees): d_qk for attend, d_c + d_R for attend_latent, d for attend_factorized. MLA layers
@@ -36,6 +48,7 @@ struct attention_options {
   /// less than 1). A shared-attention donor's materialised form (kernels/shared.hpp).
   tensor3_view<float> weights{};
   tile_strategy strategy = tile_strategy::automatic;
+  product_math products = product_math::f32;
 };
 
 /// Optional outputs of a layer's attention call, beside its y: what a shared-attention donor

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <type_traits>
 
@@ -62,6 +63,7 @@ struct gqa_problem {
   float scale = 1.f;
   bool streaming = true;
   bool keys_only = false;  ///< scores only (a follower recomputing them): V is not widened
+  bool bf16_products = false;  ///< product_math::bf16 asked for
 };
 
 /// The K and V rows of a view's tokens [begin, end) of KV head j, prefetched into L2 a few
@@ -111,15 +113,23 @@ class gqa_products {
   }
   static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
     const std::int64_t m = pl.rows, nb = pl.block, dqk = pb.kv.head_dim(), dv = pb.kv.v_head_dim();
-    return static_cast<std::size_t>(m * (dqk + nb) + nb * (dqk + dv));
+    return static_cast<std::size_t>(m * (dqk + nb) + nb * (dqk + dv) +
+                                    (pair_products(pb) ? (nb / 2 + 1) * m : 0));
+  }
+  /// Whether the GEMM tiles run on bf16 products (product_math::bf16): a bf16 cache, a CPU
+  /// with them, whole pairs of query columns.
+  static bool pair_products(const problem& pb) {
+    return std::same_as<S, bf16> && pb.bf16_products && !pb.streaming &&
+           pb.kv.head_dim() % 2 == 0 && bf16_products_available();
   }
 
   gqa_products(const problem& pb, const attention_plan& pl, float* f) : pb_(pb), pl_(pl) {
-    const std::int64_t m = pl.rows, nb = pl.block, dqk = pb.kv.head_dim();
-    q_ = f, f += m * dqk;    // [m][d_qk], or Q^T [d_qk][m] on the transposed path
+    const std::int64_t m = pl.rows, nb = pl.block, dqk = pb.kv.head_dim(), dv = pb.kv.v_head_dim();
+    q_ = f, f += m * dqk;    // [m][d_qk], or Q^T [d_qk][m], or Q^T's pairs [d_qk / 2][m]
     s_ = f, f += m * nb;     // scores / probabilities: [m][block], or [nb][m] transposed
     kf_ = f, f += nb * dqk;  // a block of K widened to float
-    vf_ = f;                 // a block of V widened to float
+    vf_ = f, f += nb * dv;   // a block of V widened to float, or its pairs [nb / 2][d_v]
+    pp_ = reinterpret_cast<std::uint32_t*>(f);  // P^T's pairs [nb / 2][m] (bf16 products)
   }
 
   std::span<const std::int64_t> positions() const { return pb_.kv.positions(); }
@@ -132,7 +142,13 @@ class gqa_products {
     for (std::int64_t r = 0; r < m_; ++r) {
       const float* src = &pb_.q(t0 + r / g, j * g + r % g, 0);
       const std::int64_t cs = pb_.q.stride(2);
-      if (transposed()) {
+      if (pairs_) {  // Q^T as bf16 pairs of adjacent columns
+        for (std::int64_t c = 0; c < dqk; c += 2) {
+          const std::uint32_t w = bf16_bits(src[c * cs] * pb_.scale) |
+                                  std::uint32_t{bf16_bits(src[(c + 1) * cs] * pb_.scale)} << 16;
+          std::memcpy(q_ + c / 2 * m_ + r, &w, sizeof w);
+        }
+      } else if (transposed()) {
         for (std::int64_t c = 0; c < dqk; ++c) q_[c * m_ + r] = src[c * cs] * pb_.scale;
       } else {
         for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * cs] * pb_.scale;
@@ -160,6 +176,8 @@ class gqa_products {
       });
       return {s_, pl_.block, 1};
     }
+    if constexpr (std::same_as<S, bf16>)
+      if (pairs_) return pair_scores(j, b0, nb);
     // The GEMM tiles read the block's K (and V) as float rows: in place for a contiguous float
     // view, else widened or gathered once into kf_ / vf_ and reused by all m rows.
     const float* kf = reinterpret_cast<const float*>(pb_.kv.keys().row(j, b0));
@@ -206,6 +224,8 @@ class gqa_products {
       });
       return;
     }
+    if constexpr (std::same_as<S, bf16>)
+      if (pairs_) return pair_accumulate(j, b0, nb, p, acc);
     if (transposed()) {  // O += P V, P(r, t) = S^T[t][r]
       gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv);
       return;
@@ -258,17 +278,50 @@ class gqa_products {
     }
   }
   bool transposed() const { return vector_gemm_ && !pb_.streaming; }
+  // bf16 products (pair_products): S^T = K Q^T with the cache's K rows in place, then O += P V
+  // with P^T's and V's rows paired by key.
+  score_tile pair_scores(std::int64_t j, std::int64_t b0, std::int64_t nb) {
+    const std::int64_t dqk = pb_.kv.head_dim(), ks = pb_.kv.keys().row_stride;
+    for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
+      gemm_pairs<false>(n, m_, dqk / 2, pb_.kv.keys().row(j, t), ks, 2,
+                        reinterpret_cast<const std::uint32_t*>(q_), m_, s_ + (t - b0) * m_, m_);
+    });
+    return {s_, 1, m_};
+  }
+  void pair_accumulate(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p,
+                       float* acc) {
+    const std::int64_t dv = pb_.kv.v_head_dim();
+    auto* vp = reinterpret_cast<std::uint32_t*>(vf_);
+    pack_pairs<float>([&](std::int64_t t) { return p.data + t * p.key_stride; }, nb, m_, pp_, m_);
+    pack_pairs<S>([&](std::int64_t t) { return pb_.kv.values().row(j, b0 + t); }, nb, dv, vp, dv);
+    gemm_pairs<true>(m_, dv, (nb + 1) / 2, reinterpret_cast<const bf16*>(pp_), 2, 2 * m_, vp, dv,
+                     acc, dv);
+  }
+  static std::uint16_t bf16_bits(float x) { return Eigen::numext::bit_cast<std::uint16_t>(bf16(x)); }
+  /// pack_row_pairs over rows row(t), t < n, a batch of row pointers at a time.
+  template <class T, class Row>
+  static void pack_pairs(Row&& row, std::int64_t n, std::int64_t cols, std::uint32_t* dst,
+                         std::int64_t dst_stride) {
+    const T* rows[64];
+    for (std::int64_t t0 = 0; t0 < n; t0 += 64) {
+      const std::int64_t c = std::min<std::int64_t>(64, n - t0);
+      for (std::int64_t i = 0; i < c; ++i) rows[i] = row(t0 + i);
+      pack_row_pairs(rows, c, cols, dst + t0 / 2 * dst_stride, dst_stride);
+    }
+  }
 
   const problem& pb_;
   const attention_plan& pl_;
   std::int64_t m_ = 0;
   float *q_, *s_, *kf_, *vf_;
+  std::uint32_t* pp_;
   const float* vfp_ = nullptr;  // the current block's values as float (transposed path)
   std::int64_t vfs_ = 0;
   // The active target's layout choices, read once per call: the transposed GEMM tiles (else
   // Eigen's), and the bf16 streaming order (simd/targets.hpp).
   const bool vector_gemm_ = simd_vector_target();
   const std::int64_t pair_group_ = std::same_as<S, bf16> && pb_.streaming ? bf16_pair_group() : 0;
+  const bool pairs_ = pair_products(pb_);  // bf16 products (product_math::bf16)
 };
 
 /// Streaming micro-kernels for tiles of fewer than 16 query rows (g heads x Tq tokens). On the
@@ -292,7 +345,11 @@ gqa_problem<S> gqa_problem_of(const char* who, tensor3_view<const float> q, cons
   require_extents(q, {tq, h, dqk}, who, "q");
   const float scale =
       opt.scale.value_or(default_scale.value_or(1.f / std::sqrt(static_cast<float>(dqk))));
-  return {q, kv, scale, streams(opt, h / hkv, tq)};
+  return {.q = q,
+          .kv = kv,
+          .scale = scale,
+          .streaming = streams(opt, h / hkv, tq),
+          .bf16_products = opt.products == product_math::bf16};
 }
 
 /// The GQA path of attend and attend_latent on a validated kv_view.

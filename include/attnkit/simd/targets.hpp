@@ -14,6 +14,7 @@
 #include <cmath>
 #include <concepts>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -129,6 +130,21 @@ namespace attnkit::detail::simd_avx512 {
 #include "vec_avx512.inl"
 #include "kernels.inl"
 }  // namespace attnkit::detail::simd_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(                                                                  \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), \
+    apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+#endif
+// Not a target of its own: the avx512 target's bf16 products, run where the CPU has them.
+namespace attnkit::detail::simd_avx512_bf16 {
+#include "vec_avx512.inl"
+#include "bf16_dot.inl"
+}  // namespace attnkit::detail::simd_avx512_bf16
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -261,6 +277,38 @@ inline void softmax_columns(float* st, std::int64_t ld, std::int64_t keys, std::
 inline void exp_given_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
                               const float* lse) {
   ATTNKIT_SIMD_DISPATCH(exp_given_columns(st, ld, keys, rows, lse))
+}
+
+// ---- bf16 products (product_math::bf16; only where bf16_products_available()) ----
+
+/// dst[k][i] = (x[2k][i], x[2k + 1][i]) as bf16 pairs (one 32-bit word, the even row in the low
+/// half) for the rows x[t] = rows[t], t < n, i < cols: float rows rounded to bf16 (nearest even),
+/// bf16 rows copied; an odd last row pairs with 0. dst: [ceil(n / 2)][dst_stride] words.
+template <class T>
+inline void pack_row_pairs(const T* const* rows, std::int64_t n, std::int64_t cols,
+                           std::uint32_t* dst, std::int64_t dst_stride) {
+#if ATTNKIT_X86_TARGETS
+  simd_avx512_bf16::pack_row_pairs(rows, n, cols, dst, dst_stride);
+#else
+  (void)rows, (void)n, (void)cols, (void)dst, (void)dst_stride;
+  std::abort();  // unreachable: bf16_products_available() is false
+#endif
+}
+
+/// C[rows][cols] (+)= A B with bf16 pairs for elements, float sums: A's pair (i, k) is the word
+/// at a + i * a_rs + k * a_cs (in bf16 elements: a row of bf16 has its pairs at a_cs = 2),
+/// B's pair (k, j) = b[k * b_rs + j], k < pairs.
+template <bool Accumulate>
+inline void gemm_pairs(std::int64_t rows, std::int64_t cols, std::int64_t pairs, const bf16* a,
+                       std::int64_t a_rs, std::int64_t a_cs, const std::uint32_t* b,
+                       std::int64_t b_rs, float* c, std::int64_t ldc) {
+#if ATTNKIT_X86_TARGETS
+  simd_avx512_bf16::gemm_pairs<Accumulate>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
+#else
+  (void)rows, (void)cols, (void)pairs, (void)a, (void)a_rs, (void)a_cs, (void)b, (void)b_rs,
+      (void)c, (void)ldc;
+  std::abort();  // unreachable: bf16_products_available() is false
+#endif
 }
 
 /// TPA's scores of a key block and their max per head (kernels/tpa.hpp).

@@ -1,0 +1,123 @@
+// bf16 products on AVX-512 BF16: vdpbf16ps multiplies the two bf16 halves of each 32-bit lane of
+// its operands exactly and adds both products to a float lane. Included by simd/targets.hpp
+// inside namespace attnkit::detail::simd_avx512_bf16, after vec_avx512.inl, under the AVX-512
+// attributes plus avx512bf16 (product_math::bf16, core/options.hpp).
+//
+// A pair is two bf16 in one 32-bit word, the element of even index in the low half. The GEMM
+// below is gemm_bcast's (kernels.inl) with pairs for elements: each step broadcasts a pair of A
+// and multiplies it into rows of B pairs, so the depth advances two at a time:
+//   scores   S^T[t][r] = sum_c K[t][c] Q[r][c]: A = the cache's K rows in place (adjacent
+//            columns are already pairs), B = Q^T as pairs [d_qk / 2][rows] (pack_query_pairs)
+//   values   O[r][c] += sum_t P[r][t] V[t][c]: A = P^T's rows paired by key [keys / 2][rows]
+//            (pack_row_pairs), B = V's rows paired by key [keys / 2][d_v] (pack_row_pairs)
+
+/// 16 floats rounded to bf16 (nearest even; NaN stays NaN), each in the low half of a lane.
+inline __m512i bf16_bits(__m512 x) {
+  return _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+}
+inline __m512i bf16_bits(const bf16* p, __mmask16 m) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+}
+inline __m512i bf16_bits(const float* p, __mmask16 m) {
+  return bf16_bits(_mm512_maskz_loadu_ps(m, p));
+}
+
+/// dst[k][i] = (x[2k][i], x[2k + 1][i]) as bf16 pairs for rows x[t] = src + t * src_stride,
+/// t < rows, i < cols (float rows rounded to bf16, bf16 rows as they are); an odd last row pairs
+/// with 0. dst: [ceil(rows / 2)][dst_stride] words.
+template <class T>
+inline void pack_row_pairs(const T* const* src_rows, std::int64_t rows, std::int64_t cols,
+                           std::uint32_t* dst, std::int64_t dst_stride) {
+  for (std::int64_t t = 0; t < rows; t += 2) {
+    const T* lo = src_rows[t];
+    const T* hi = t + 1 < rows ? src_rows[t + 1] : nullptr;
+    std::uint32_t* d = dst + (t / 2) * dst_stride;
+    for (std::int64_t i = 0; i < cols; i += 16) {
+      const __mmask16 m = V::first(cols - i);
+      __m512i w = bf16_bits(lo + i, m);
+      if (hi) w = _mm512_or_si512(w, _mm512_slli_epi32(bf16_bits(hi + i, m), 16));
+      _mm512_mask_storeu_epi32(d + i, m, w);
+    }
+  }
+}
+
+/// One MR x 16 NV micro-tile of C (+)= A B over `pairs` depth pairs: A's pair (i, k) is the word
+/// at a + i * a_rs + k * a_cs (bf16 elements; UnitRows: a_rs == 2, the rows' words adjacent),
+/// B's pair (k, j) is b[k * b_rs + j]. Rows past `rows` repeat the last one (computed, not
+/// stored), columns past `cols` are masked.
+template <bool Accumulate, int MR, int NV, bool UnitRows>
+inline void dot_tile(std::int64_t i0, std::int64_t j0, std::int64_t rows, std::int64_t cols,
+                     std::int64_t pairs, const bf16* a, std::int64_t a_rs, std::int64_t a_cs,
+                     const std::uint32_t* b, std::int64_t b_rs, float* c, std::int64_t ldc) {
+  __mmask16 mk[NV];
+  ATTNKIT_UNROLL
+  for (int v = 0; v < NV; ++v) mk[v] = V::first(cols - j0 - 16 * v);
+  const bf16* ar[MR];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < MR; ++r)
+    ar[r] = a + (UnitRows ? 2 * (i0 + r) : std::min<std::int64_t>(i0 + r, rows - 1) * a_rs);
+  __m512 acc[MR][NV];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    const float* cr = c + std::min<std::int64_t>(i0 + r, rows - 1) * ldc + j0;
+    ATTNKIT_UNROLL
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = Accumulate ? _mm512_maskz_loadu_ps(mk[v], cr + 16 * v) : _mm512_setzero_ps();
+  }
+  const std::uint32_t* bk = b + j0;
+  for (std::int64_t k = 0; k < pairs; ++k, bk += b_rs) {
+    __m512i bv[NV];
+    ATTNKIT_UNROLL
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_epi32(mk[v], bk + 16 * v);
+    ATTNKIT_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      std::uint32_t w;
+      std::memcpy(&w, (UnitRows ? ar[0] + 2 * r : ar[r]) + k * a_cs, sizeof w);
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(w));
+      ATTNKIT_UNROLL
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], reinterpret_cast<__m512bh>(av),
+                                     reinterpret_cast<__m512bh>(bv[v]));
+    }
+  }
+  ATTNKIT_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    if (i0 + r >= rows) break;
+    ATTNKIT_UNROLL
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + (i0 + r) * ldc + j0 + 16 * v, mk[v], acc[r][v]);
+  }
+}
+
+template <bool Accumulate, int MR, int NV, bool UnitRows>
+inline void dot_tiles(std::int64_t rows, std::int64_t cols, std::int64_t pairs, const bf16* a,
+                      std::int64_t a_rs, std::int64_t a_cs, const std::uint32_t* b,
+                      std::int64_t b_rs, float* c, std::int64_t ldc) {
+  for (std::int64_t j0 = 0; j0 < cols; j0 += 16 * NV) {
+    std::int64_t i0 = 0;
+    if constexpr (UnitRows) {  // whole tiles read adjacent words; the rest as a general A
+      for (; i0 + MR <= rows; i0 += MR)
+        dot_tile<Accumulate, MR, NV, true>(i0, j0, rows, cols, pairs, a, 2, a_cs, b, b_rs, c, ldc);
+    }
+    for (; i0 < rows; i0 += MR)
+      dot_tile<Accumulate, MR, NV, false>(i0, j0, rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c,
+                                          ldc);
+  }
+}
+
+/// C[rows][cols] (+)= A B over `pairs` depth pairs (see dot_tile; detail::gemm_pairs in
+/// simd/targets.hpp). A one vector wide C takes taller tiles, as gemm_bcast does.
+template <bool Accumulate>
+inline void gemm_pairs(std::int64_t rows, std::int64_t cols, std::int64_t pairs, const bf16* a,
+                       std::int64_t a_rs, std::int64_t a_cs, const std::uint32_t* b,
+                       std::int64_t b_rs, float* c, std::int64_t ldc) {
+  if (a_rs == 2) {
+    if (cols <= 16)
+      dot_tiles<Accumulate, 16, 1, true>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
+    else
+      dot_tiles<Accumulate, 8, 2, true>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
+  } else if (cols <= 16) {
+    dot_tiles<Accumulate, 16, 1, false>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
+  } else {
+    dot_tiles<Accumulate, 8, 2, false>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
+  }
+}
