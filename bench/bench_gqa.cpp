@@ -16,38 +16,11 @@
 namespace {
 namespace ak = attnkit;
 using attnkit::bench::BM_gqa_decode;
+using attnkit::bench::BM_gqa_prefill_causal;
 using attnkit::bench::D;
 using attnkit::bench::filled_cache;
 using attnkit::bench::H;
 
-/// Products: product_math::bf16 (bf16 caches; skipped where the target has no bf16 products).
-template <ak::storage_type S, bool Products = false>
-void BM_gqa_prefill_causal(benchmark::State& state) {
-  const std::int64_t t = state.range(0);
-  const int threads = static_cast<int>(state.range(1));
-  const ak::bench::target_scope target(state, 2);
-  if (Products && target.ok() && !ak::bf16_products_available())
-    state.SkipWithError("no bf16 products on this target");
-  const ak::attention_options opt{.products = Products ? ak::product_math::bf16 : ak::product_math::f32};
-  const auto cache = filled_cache<S>(t);
-  std::vector<float> q(static_cast<std::size_t>(t * H * D)), out(q.size());
-  std::mt19937 rng(2);
-  std::normal_distribution<float> nd;
-  for (auto& x : q) x = nd(rng);
-  std::vector<std::int64_t> pos(cache.positions().begin(), cache.positions().end());
-  ak::thread_pool pool(threads);
-  ak::attention_workspace ws;
-  for (auto _ : state) {
-    ak::attend(ak::tensor3_view<const float>(q.data(), {t, H, D}), pos, cache,
-               ak::tensor3_view<float>(out.data(), {t, H, D}), opt, pool, &ws);
-    benchmark::DoNotOptimize(out.data());
-  }
-  state.counters["FLOPS"] = benchmark::Counter(2.0 * H * t * (D + D) * t / 2,
-                                               benchmark::Counter::kIsIterationInvariantRate,
-                                               benchmark::Counter::OneK::kIs1000);
-  state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>() +
-                 (Products ? " products" : "") + ", " + target.name());
-}
 /// The fixed cost of one parallel_for of two trivial tasks (the hand-off every decode step
 /// pays), for pools of 2 threads up to many more than the machine's hardware threads.
 void BM_thread_pool_handoff(benchmark::State& state) {

@@ -1,7 +1,8 @@
 #pragma once
-// The foundation's GQA decode at the Llama-3-8B attention geometry (H 32, H_kv 8, d 128), shared
-// by the benchmark binaries so that every variant is compared with it in the same run.
-// Args: T, threads[, target: roofline.hpp]. Bytes: the KV read; FLOPs: 2 H (d_qk + d_v) T.
+// The foundation's GQA decode and causal prefill at the Llama-3-8B attention geometry (H 32,
+// H_kv 8, d 128), shared by the benchmark binaries so that every variant is compared with them in
+// the same run. Args: T, threads[, target: roofline.hpp]. Decode bytes: the KV read; FLOPs:
+// 2 H (d_qk + d_v) T per query token, halved for causal prefill.
 #include <attnkit/attention.hpp>
 #include <benchmark/benchmark.h>
 
@@ -59,6 +60,37 @@ void BM_gqa_decode(benchmark::State& state) {
                          benchmark::Counter::OneK::kIs1000);
   state.SetLabel(std::string("memory-bound, ") + ak::storage_name<S>() + ", " +
                  ak::target_name(ak::active_target()));
+}
+
+/// Causal prefill of T tokens. Products: product_math::bf16 (bf16 caches; skipped where the
+/// target has no bf16 products).
+template <ak::storage_type S, bool Products = false, bool TargetArg = true>
+void BM_gqa_prefill_causal(benchmark::State& state) {
+  const std::int64_t t = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  std::optional<target_scope> target;
+  if constexpr (TargetArg) target.emplace(state, 2);
+  if (Products && (!target || target->ok()) && !ak::bf16_products_available())
+    state.SkipWithError("no bf16 products on this target");
+  const ak::attention_options opt{.products = Products ? ak::product_math::bf16 : ak::product_math::f32};
+  const auto cache = filled_cache<S>(t);
+  std::vector<float> q(static_cast<std::size_t>(t * H * D)), out(q.size());
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd;
+  for (auto& x : q) x = nd(rng);
+  std::vector<std::int64_t> pos(cache.positions().begin(), cache.positions().end());
+  ak::thread_pool pool(threads);
+  ak::attention_workspace ws;
+  for (auto _ : state) {
+    ak::attend(ak::tensor3_view<const float>(q.data(), {t, H, D}), pos, cache,
+               ak::tensor3_view<float>(out.data(), {t, H, D}), opt, pool, &ws);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["FLOPS"] = benchmark::Counter(2.0 * H * t * (D + D) * t / 2,
+                                               benchmark::Counter::kIsIterationInvariantRate,
+                                               benchmark::Counter::OneK::kIs1000);
+  state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>() +
+                 (Products ? " products" : "") + ", " + ak::target_name(ak::active_target()));
 }
 
 }  // namespace attnkit::bench

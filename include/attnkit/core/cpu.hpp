@@ -17,6 +17,10 @@
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define ATTNKIT_X86_TARGETS 1
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #else
 #define ATTNKIT_X86_TARGETS 0
 #endif
@@ -66,11 +70,15 @@ namespace detail {
 /// (XCR0: AVX state for ymm, opmask + zmm state for AVX-512).
 struct x86_features {
   bool avx2 = false, avx512 = false;
-  bool avx512_bf16 = false;  ///< vdpbf16ps / vcvtne2ps2bf16 (Cooper Lake, Sapphire Rapids, Zen 4/5)
+  bool avx512_bf16 = false;  ///< vdpbf16ps / vcvtneps2bf16 (Cooper Lake, Sapphire Rapids, Zen 4/5)
+  bool amd = false;          ///< vendor AuthenticAMD
+  bool amx_bf16 = false;     ///< AMX tiles with tdpbf16ps, enabled by the OS (XCR0 tile state)
 };
 inline x86_features detect_x86() {
   x86_features f;
   unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return f;
+  f.amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "Auth" "enti" "cAMD"
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28),
              f16c = c & (1u << 29);
@@ -80,6 +88,7 @@ inline x86_features detect_x86() {
   const bool ymm_state = (xcr0_lo & 0x6u) == 0x6u, zmm_state = (xcr0_lo & 0xE6u) == 0xE6u;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
   const unsigned leaf7_subleaves = a;
+  f.amx_bf16 = (d & (1u << 22)) && (d & (1u << 24)) && (xcr0_lo & 0x60000u) == 0x60000u;
   const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512bw = b & (1u << 30),
              avx512vl = b & (1u << 31);
   f.avx2 = ymm_state && avx2 && fma && f16c;
@@ -103,9 +112,34 @@ inline bool cpu_supports(simd_target t) {
 }
 
 namespace detail {
-inline bool cpu_has_avx512_bf16() {
+/// vdpbf16ps at twice the f32 FMA rate: AMD's AVX-512 BF16 (Zen 4 and 5: as many vdpbf16ps as
+/// FMAs per cycle, two products each). Intel's Sapphire and Emerald Rapids issue one zmm vdpbf16ps
+/// per cycle against two FMAs, which made bf16 products a third slower than f32 there
+/// (docs/benchmarks.md, "SIMD targets").
+inline bool cpu_has_fast_bf16_dot() {
 #if ATTNKIT_X86_TARGETS
-  static const bool has = detect_x86().avx512_bf16;
+  static const bool has = [] {
+    const x86_features f = detect_x86();
+    return f.avx512_bf16 && f.amd;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+}  // namespace detail
+
+namespace detail {
+/// AMX-BF16 usable by this process: the CPU has it, and (Linux) the kernel granted the process
+/// the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once).
+inline bool cpu_has_amx_bf16() {
+#if ATTNKIT_X86_TARGETS && defined(__linux__)
+  static const bool has = [] {
+    const x86_features f = detect_x86();
+    if (!f.amx_bf16 || !f.avx512_bf16) return false;  // the tiles' operands are packed with AVX-512 BF16
+    constexpr long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+    return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+  }();
   return has;
 #else
   return false;
@@ -164,10 +198,22 @@ inline simd_target active_target() {
   return t >= 0 ? static_cast<simd_target>(t) : detail::choose_target();
 }
 
-/// Whether product_math::bf16 (core/options.hpp) runs on bf16 dot-product instructions on the
-/// active target: AVX-512 BF16's vdpbf16ps on the avx512 target. Elsewhere it computes in f32.
+namespace detail {
+/// The engines of product_math::bf16 on the active target (the avx512 one): AMX tiles, and
+/// AVX-512 BF16's vdpbf16ps where it is faster than f32 (cpu_has_fast_bf16_dot).
+inline bool bf16_amx_available() {
+  return active_target() == simd_target::avx512 && cpu_has_amx_bf16();
+}
+inline bool bf16_dot_available() {
+  return active_target() == simd_target::avx512 && cpu_has_fast_bf16_dot();
+}
+}  // namespace detail
+
+/// Whether product_math::bf16 (core/options.hpp) runs on bf16 products faster than f32 on the
+/// active target: AMX tiles (Intel Sapphire Rapids and later), or AVX-512 BF16's vdpbf16ps (AMD
+/// Zen 4/5). Elsewhere it computes in f32.
 inline bool bf16_products_available() {
-  return active_target() == simd_target::avx512 && detail::cpu_has_avx512_bf16();
+  return detail::bf16_amx_available() || detail::bf16_dot_available();
 }
 
 /// Makes every later kernel call run on t (attnkit::invalid_argument if this build or CPU cannot).

@@ -21,11 +21,12 @@ enum class tile_strategy { automatic, streaming, gemm };
 ///         result carries float round-off only.
 ///   bf16  the scaled queries and the probabilities are rounded to bf16 as well (relative error
 ///         <= 2^-8 each; what oneDNN and PyTorch's CPU flash attention do with bf16 inputs), so
-///         the tiles run on the CPU's bf16 dot products (AVX-512 BF16 vdpbf16ps: twice the f32
-///         FMA rate) with float accumulation. The output error grows to about 2^-8 max|v| per
-///         probability-weighted sum (docs/math.md, "bf16 products"). Where the CPU has no bf16 products
-///         (bf16_products_available() in core/cpu.hpp), with an odd d_qk, and on the streaming
-///         path (bandwidth-bound decode) it computes as f32. No effect on float and f16 caches.
+///         the tiles run on the CPU's bf16 dot products with float accumulation: AVX-512 BF16
+///         vdpbf16ps where it runs at twice the f32 FMA rate (AMD Zen 4/5). The output error
+///         grows to about 2^-8 max|v| per probability-weighted sum (docs/math.md, "bf16
+///         products"). Where the CPU has no such products (bf16_products_available() in
+///         core/cpu.hpp), with an odd d_qk, and on the streaming path (bandwidth-bound decode) it
+///         computes as f32. No effect on float and f16 caches.
 enum class product_math { f32, bf16 };
 
 struct attention_options {

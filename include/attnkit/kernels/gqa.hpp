@@ -112,24 +112,37 @@ class gqa_products {
             kv.v_head_dim(), streaming ? 32 : 128, streaming ? 64 : 128};
   }
   static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
-    const std::int64_t m = pl.rows, nb = pl.block, dqk = pb.kv.head_dim(), dv = pb.kv.v_head_dim();
+    // Rows rounded up to whole AMX tiles; the bf16 products' P pairs and a partial tile's A rows.
+    const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
+                       dv = pb.kv.v_head_dim();
     return static_cast<std::size_t>(m * (dqk + nb) + nb * (dqk + dv) +
-                                    (pair_products(pb) ? (nb / 2 + 1) * m : 0));
+                                    (engine_of(pb) != pair_engine::none
+                                         ? m * (nb / 2 + 16) + 8 * std::max(dqk, nb + 32)
+                                         : 0));
   }
-  /// Whether the GEMM tiles run on bf16 products (product_math::bf16): a bf16 cache, a CPU
-  /// with them, whole pairs of query columns.
-  static bool pair_products(const problem& pb) {
-    return std::same_as<S, bf16> && pb.bf16_products && !pb.streaming &&
-           pb.kv.head_dim() % 2 == 0 && bf16_products_available();
+  /// What runs the GEMM tiles' bf16 products (product_math::bf16) on a bf16 cache: AMX tiles
+  /// (whole 32-column query tiles and 16-column value tiles), vdpbf16ps (whole pairs of query
+  /// columns), or nothing (f32 products).
+  enum class pair_engine { none, dot, amx };
+  static pair_engine engine_of(const problem& pb) {
+    if (!std::same_as<S, bf16> || !pb.bf16_products || pb.streaming) return pair_engine::none;
+    const std::int64_t dqk = pb.kv.head_dim(), dv = pb.kv.v_head_dim();
+    if (detail::bf16_amx_available() && dqk % 32 == 0 && dv % 16 == 0) return pair_engine::amx;
+    if (detail::bf16_dot_available() && dqk % 2 == 0) return pair_engine::dot;
+    return pair_engine::none;
   }
 
   gqa_products(const problem& pb, const attention_plan& pl, float* f) : pb_(pb), pl_(pl) {
-    const std::int64_t m = pl.rows, nb = pl.block, dqk = pb.kv.head_dim(), dv = pb.kv.v_head_dim();
-    q_ = f, f += m * dqk;    // [m][d_qk], or Q^T [d_qk][m], or Q^T's pairs [d_qk / 2][m]
-    s_ = f, f += m * nb;     // scores / probabilities: [m][block], or [nb][m] transposed
-    kf_ = f, f += nb * dqk;  // a block of K widened to float
-    vf_ = f, f += nb * dv;   // a block of V widened to float, or its pairs [nb / 2][d_v]
-    pp_ = reinterpret_cast<std::uint32_t*>(f);  // P^T's pairs [nb / 2][m] (bf16 products)
+    const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
+                       dv = pb.kv.v_head_dim();
+    q_ = f, f += m * dqk;    // [m][d_qk], or Q^T [d_qk][m], or Q^T's pairs [d_qk / 2][m16]
+    s_ = f, f += m * nb;     // scores / probabilities: [m][block], or [nb][m(16)] transposed
+    kf_ = f, f += nb * dqk;  // a block of K widened to float, or gathered as bf16 (paged AMX)
+    vf_ = f, f += nb * dv;   // a block of V widened to float, or its pairs [nb32 / 2][d_v]
+    if (pairs_ == pair_engine::none) return;
+    pp_ = reinterpret_cast<std::uint32_t*>(f);  // P^T's pairs [nb / 2][m], or P's [m16][nb32 / 2]
+    f += m * (nb / 2 + 16);
+    tile_a_ = reinterpret_cast<bf16*>(f);  // AMX: a partial tile's A rows [16][depth]
   }
 
   std::span<const std::int64_t> positions() const { return pb_.kv.positions(); }
@@ -139,16 +152,11 @@ class gqa_products {
   void load_queries(std::int64_t t0, std::int64_t tn, std::int64_t j) {
     const std::int64_t g = pl_.g, dqk = pb_.kv.head_dim();
     m_ = tn * g;
+    if (pairs_ != pair_engine::none) return load_query_pairs(t0, j);
     for (std::int64_t r = 0; r < m_; ++r) {
       const float* src = &pb_.q(t0 + r / g, j * g + r % g, 0);
       const std::int64_t cs = pb_.q.stride(2);
-      if (pairs_) {  // Q^T as bf16 pairs of adjacent columns
-        for (std::int64_t c = 0; c < dqk; c += 2) {
-          const std::uint32_t w = bf16_bits(src[c * cs] * pb_.scale) |
-                                  std::uint32_t{bf16_bits(src[(c + 1) * cs] * pb_.scale)} << 16;
-          std::memcpy(q_ + c / 2 * m_ + r, &w, sizeof w);
-        }
-      } else if (transposed()) {
+      if (transposed()) {
         for (std::int64_t c = 0; c < dqk; ++c) q_[c * m_ + r] = src[c * cs] * pb_.scale;
       } else {
         for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * cs] * pb_.scale;
@@ -177,7 +185,7 @@ class gqa_products {
       return {s_, pl_.block, 1};
     }
     if constexpr (std::same_as<S, bf16>)
-      if (pairs_) return pair_scores(j, b0, nb);
+      if (pairs_ != pair_engine::none) return pair_scores(j, b0, nb);
     // The GEMM tiles read the block's K (and V) as float rows: in place for a contiguous float
     // view, else widened or gathered once into kf_ / vf_ and reused by all m rows.
     const float* kf = reinterpret_cast<const float*>(pb_.kv.keys().row(j, b0));
@@ -225,7 +233,7 @@ class gqa_products {
       return;
     }
     if constexpr (std::same_as<S, bf16>)
-      if (pairs_) return pair_accumulate(j, b0, nb, p, acc);
+      if (pairs_ != pair_engine::none) return pair_accumulate(j, b0, nb, p, acc);
     if (transposed()) {  // O += P V, P(r, t) = S^T[t][r]
       gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv);
       return;
@@ -278,10 +286,29 @@ class gqa_products {
     }
   }
   bool transposed() const { return vector_gemm_ && !pb_.streaming; }
+  static std::int64_t round16(std::int64_t n) { return (n + 15) / 16 * 16; }
+  /// Columns of Q^T and S^T: the query rows, whole 16-row tiles on AMX.
+  std::int64_t q_cols() const { return pairs_ == pair_engine::amx ? round16(m_) : m_; }
   // bf16 products (pair_products): S^T = K Q^T with the cache's K rows in place, then O += P V
   // with P^T's and V's rows paired by key.
   score_tile pair_scores(std::int64_t j, std::int64_t b0, std::int64_t nb) {
     const std::int64_t dqk = pb_.kv.head_dim(), ks = pb_.kv.keys().row_stride;
+    const auto* qp = reinterpret_cast<const std::uint32_t*>(q_);
+    if (pairs_ == pair_engine::amx) {  // the K rows in place, or gathered from their pages
+      const S* k = pb_.kv.keys().row(j, b0);
+      std::int64_t k_stride = ks;
+      if (paged()) {
+        auto* kb = reinterpret_cast<S*>(kf_);
+        for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
+          const S* src = pb_.kv.keys().row(j, t);
+          for (std::int64_t i = 0; i < n; ++i)
+            std::copy(src + i * ks, src + i * ks + dqk, kb + (t - b0 + i) * dqk);
+        });
+        k = kb, k_stride = dqk;
+      }
+      amx_gemm<false>(nb, q_cols(), dqk, k, k_stride, qp, q_cols(), s_, q_cols(), tile_a_);
+      return {s_, 1, q_cols()};
+    }
     for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
       gemm_pairs<false>(n, m_, dqk / 2, pb_.kv.keys().row(j, t), ks, 2,
                         reinterpret_cast<const std::uint32_t*>(q_), m_, s_ + (t - b0) * m_, m_);
@@ -292,12 +319,38 @@ class gqa_products {
                        float* acc) {
     const std::int64_t dv = pb_.kv.v_head_dim();
     auto* vp = reinterpret_cast<std::uint32_t*>(vf_);
-    pack_pairs<float>([&](std::int64_t t) { return p.data + t * p.key_stride; }, nb, m_, pp_, m_);
     pack_pairs<S>([&](std::int64_t t) { return pb_.kv.values().row(j, b0 + t); }, nb, dv, vp, dv);
+    if (pairs_ == pair_engine::amx) {  // keys padded with zeros to whole 32-key tiles
+      const std::int64_t nb32 = (nb + 31) / 32 * 32;
+      std::fill(vp + (nb + 1) / 2 * dv, vp + nb32 / 2 * dv, 0u);
+      pack_pairs_transposed(p.data, p.key_stride, nb, q_cols(), nb32 / 2, pp_, nb32 / 2);
+      amx_gemm<true>(m_, dv, nb32, reinterpret_cast<const bf16*>(pp_), nb32, vp, dv, acc, dv,
+                     tile_a_);
+      return;
+    }
+    pack_pairs<float>([&](std::int64_t t) { return p.data + t * p.key_stride; }, nb, m_, pp_, m_);
     gemm_pairs<true>(m_, dv, (nb + 1) / 2, reinterpret_cast<const bf16*>(pp_), 2, 2 * m_, vp, dv,
                      acc, dv);
   }
-  static std::uint16_t bf16_bits(float x) { return Eigen::numext::bit_cast<std::uint16_t>(bf16(x)); }
+  /// Q^T as bf16 pairs of adjacent columns [d_qk / 2][q_cols()]; the AMX tiles' padding columns 0.
+  void load_query_pairs(std::int64_t t0, std::int64_t j) {
+    const std::int64_t g = pl_.g, dqk = pb_.kv.head_dim(), cs = pb_.q.stride(2);
+    for (std::int64_t r0 = 0; r0 < q_cols(); r0 += 16) {
+      const std::int64_t n = std::clamp<std::int64_t>(m_ - r0, 0, 16);
+      const float* rows[16];
+      for (std::int64_t i = 0; i < n; ++i) {
+        const float* src = &pb_.q(t0 + (r0 + i) / g, j * g + (r0 + i) % g, 0);
+        if (cs != 1) {  // strided columns: a contiguous copy (kf_ is free until the first block)
+          float* row = kf_ + i * dqk;
+          for (std::int64_t c = 0; c < dqk; ++c) row[c] = src[c * cs];
+          src = row;
+        }
+        rows[i] = src;
+      }
+      pack_query_pairs(rows, n, dqk / 2, pb_.scale, std::min<std::int64_t>(16, q_cols() - r0),
+                       reinterpret_cast<std::uint32_t*>(q_) + r0, q_cols());
+    }
+  }
   /// pack_row_pairs over rows row(t), t < n, a batch of row pointers at a time.
   template <class T, class Row>
   static void pack_pairs(Row&& row, std::int64_t n, std::int64_t cols, std::uint32_t* dst,
@@ -314,14 +367,15 @@ class gqa_products {
   const attention_plan& pl_;
   std::int64_t m_ = 0;
   float *q_, *s_, *kf_, *vf_;
-  std::uint32_t* pp_;
+  std::uint32_t* pp_ = nullptr;
+  bf16* tile_a_ = nullptr;
   const float* vfp_ = nullptr;  // the current block's values as float (transposed path)
   std::int64_t vfs_ = 0;
   // The active target's layout choices, read once per call: the transposed GEMM tiles (else
   // Eigen's), and the bf16 streaming order (simd/targets.hpp).
   const bool vector_gemm_ = simd_vector_target();
   const std::int64_t pair_group_ = std::same_as<S, bf16> && pb_.streaming ? bf16_pair_group() : 0;
-  const bool pairs_ = pair_products(pb_);  // bf16 products (product_math::bf16)
+  const pair_engine pairs_ = engine_of(pb_);  // bf16 products (product_math::bf16)
 };
 
 /// Streaming micro-kernels for tiles of fewer than 16 query rows (g heads x Tq tokens). On the

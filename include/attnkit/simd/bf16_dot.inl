@@ -22,6 +22,56 @@ inline __m512i bf16_bits(const float* p, __mmask16 m) {
   return bf16_bits(_mm512_maskz_loadu_ps(m, p));
 }
 
+/// x[i] <- column i of the 16 x 16 matrix of 32-bit words whose row r is x[r].
+inline void transpose_words16(__m512i* x) {
+  __m512i a[16], b[16];
+  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: (r0 c0, r1 c0, r0 c1, r1 c1) ...
+    a[2 * k] = _mm512_unpacklo_epi32(x[2 * k], x[2 * k + 1]);
+    a[2 * k + 1] = _mm512_unpackhi_epi32(x[2 * k], x[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // b[4k + j], lane L: column 4L + j of rows 4k .. 4k + 3
+    b[4 * k] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
+    b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
+    b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
+    b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // column 4L + j: lane L of b[j], b[4 + j], b[8 + j], b[12 + j]
+    const __m512i u01 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x44),
+                  v01 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x44),
+                  u23 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xEE),
+                  v23 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xEE);
+    x[j] = _mm512_shuffle_i32x4(u01, v01, 0x88);
+    x[4 + j] = _mm512_shuffle_i32x4(u01, v01, 0xDD);
+    x[8 + j] = _mm512_shuffle_i32x4(u23, v23, 0x88);
+    x[12 + j] = _mm512_shuffle_i32x4(u23, v23, 0xDD);
+  }
+}
+
+/// Q^T as pairs: dst[k * ld + r] = (bf16(scale x_r[2k]), bf16(scale x_r[2k + 1])) for the rows
+/// x_r = rows[r], r < n <= 16 (rows n .. width - 1 written as 0), k < pairs; `width` <= 16 words
+/// stored per k. Each 16-row block is converted row by row and transposed in registers.
+inline void pack_query_pairs(const float* const* rows, std::int64_t n, std::int64_t pairs,
+                             float scale, std::int64_t width, std::uint32_t* dst, std::int64_t ld) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  const __mmask16 store = V::first(width);
+  for (std::int64_t k0 = 0; k0 < pairs; k0 += 16) {
+    const std::int64_t cols = 2 * std::min<std::int64_t>(16, pairs - k0);
+    __m512i w[16];  // w[r]: the pairs k0 .. k0 + 15 of row r
+    for (std::int64_t r = 0; r < 16; ++r) {
+      if (r >= n) {
+        w[r] = _mm512_setzero_si512();
+        continue;
+      }
+      const float* x = rows[r] + 2 * k0;
+      const __m512 lo = _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(V::first(cols), x));
+      const __m512 hi = _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(V::first(cols - 16), x + 16));
+      w[r] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    transpose_words16(w);
+    for (std::int64_t i = 0; i < cols / 2; ++i) _mm512_mask_storeu_epi32(dst + (k0 + i) * ld, store, w[i]);
+  }
+}
+
 /// dst[k][i] = (x[2k][i], x[2k + 1][i]) as bf16 pairs for rows x[t] = src + t * src_stride,
 /// t < rows, i < cols (float rows rounded to bf16, bf16 rows as they are); an odd last row pairs
 /// with 0. dst: [ceil(rows / 2)][dst_stride] words.

@@ -140,11 +140,27 @@ namespace attnkit::detail::simd_avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #endif
-// Not a target of its own: the avx512 target's bf16 products, run where the CPU has them.
+// Not targets of their own: the avx512 target's bf16 products, run where the CPU has them.
 namespace attnkit::detail::simd_avx512_bf16 {
 #include "vec_avx512.inl"
 #include "bf16_dot.inl"
 }  // namespace attnkit::detail::simd_avx512_bf16
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(                                                                   \
+    __attribute__((target(                                                                      \
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16"))), \
+    apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
+#endif
+namespace attnkit::detail::simd_amx {
+#include "vec_avx512.inl"
+#include "bf16_dot.inl"
+#include "amx.inl"
+}  // namespace attnkit::detail::simd_amx
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -295,6 +311,18 @@ inline void pack_row_pairs(const T* const* rows, std::int64_t n, std::int64_t co
 #endif
 }
 
+/// Q^T as bf16 pairs: dst[k * ld + r] = (bf16(scale x_r[2k]), bf16(scale x_r[2k + 1])) for the
+/// rows x_r = rows[r], r < n <= 16, k < pairs; rows n .. width - 1 (width <= 16) stored as 0.
+inline void pack_query_pairs(const float* const* rows, std::int64_t n, std::int64_t pairs,
+                             float scale, std::int64_t width, std::uint32_t* dst, std::int64_t ld) {
+#if ATTNKIT_X86_TARGETS
+  simd_avx512_bf16::pack_query_pairs(rows, n, pairs, scale, width, dst, ld);
+#else
+  (void)rows, (void)n, (void)pairs, (void)scale, (void)width, (void)dst, (void)ld;
+  std::abort();  // unreachable: bf16_products_available() is false
+#endif
+}
+
 /// C[rows][cols] (+)= A B with bf16 pairs for elements, float sums: A's pair (i, k) is the word
 /// at a + i * a_rs + k * a_cs (in bf16 elements: a row of bf16 has its pairs at a_cs = 2),
 /// B's pair (k, j) = b[k * b_rs + j], k < pairs.
@@ -308,6 +336,36 @@ inline void gemm_pairs(std::int64_t rows, std::int64_t cols, std::int64_t pairs,
   (void)rows, (void)cols, (void)pairs, (void)a, (void)a_rs, (void)a_cs, (void)b, (void)b_rs,
       (void)c, (void)ldc;
   std::abort();  // unreachable: bf16_products_available() is false
+#endif
+}
+
+/// AMX (bf16_amx_available()): C[rows][cols] (+)= A B on tiles, A rows of `depth` bf16 at
+/// a + i * a_stride, B pair rows at b + k * ldb (words), C rows c + i * ldc; cols a multiple of
+/// 16, depth of 32; a_scratch holds 16 * depth elements (a partial last row tile).
+template <bool Accumulate>
+inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, const bf16* a,
+                     std::int64_t a_stride, const std::uint32_t* b, std::int64_t ldb, float* c,
+                     std::int64_t ldc, bf16* a_scratch) {
+#if ATTNKIT_X86_TARGETS
+  simd_amx::amx_gemm<Accumulate>(rows, cols, depth, a, a_stride, b, ldb, c, ldc, a_scratch);
+#else
+  (void)rows, (void)cols, (void)depth, (void)a, (void)a_stride, (void)b, (void)ldb, (void)c,
+      (void)ldc, (void)a_scratch;
+  std::abort();  // unreachable: bf16_amx_available() is false
+#endif
+}
+
+/// AMX: P's rows as bf16 pairs of keys, dst[r * dst_stride + k] = (x[2k][r], x[2k + 1][r]), from
+/// the column tile x[t] = src + t * ld (t < keys; later keys 0), r < rows, k < pairs (both
+/// multiples of 16).
+inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_t keys,
+                                  std::int64_t rows, std::int64_t pairs, std::uint32_t* dst,
+                                  std::int64_t dst_stride) {
+#if ATTNKIT_X86_TARGETS
+  simd_amx::pack_pairs_transposed(src, ld, keys, rows, pairs, dst, dst_stride);
+#else
+  (void)src, (void)ld, (void)keys, (void)rows, (void)pairs, (void)dst, (void)dst_stride;
+  std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
 

@@ -1,0 +1,126 @@
+// bf16 products on AMX tiles (Sapphire, Emerald, Granite Rapids): tdpbf16ps multiplies a
+// 16 x 32 tile of bf16 A rows by a 16 x 16 tile of B pairs (VNNI layout: row k holds the pairs of
+// depth 2k, 2k + 1 for 16 columns) into 16 x 16 floats, 8192 products per instruction. Included by
+// simd/targets.hpp inside namespace attnkit::detail::simd_amx, after vec_avx512.inl and
+// bf16_dot.inl, under the AVX-512 attributes plus avx512bf16, amx-tile and amx-bf16.
+//
+// Every tile is configured 16 rows x 64 bytes: tmm0-3 accumulate a 2 x 2 block of C tiles,
+// tmm4-5 hold A, tmm6-7 hold B. The configuration is loaded at each call (the tile state belongs
+// to the thread, and other code on it may configure its own) and released after.
+
+/// The compiler does not see the tile loads read memory (GCC's intrinsics are asm statements
+/// without memory operands): the buffers packed before a load must be written first.
+inline void amx_memory_barrier() { __asm__ volatile("" ::: "memory"); }
+
+inline void amx_configure() {
+  alignas(64) unsigned char cfg[64] = {};
+  cfg[0] = 1;  // palette 1
+  for (int t = 0; t < 8; ++t) {
+    cfg[16 + 2 * t] = 64;  // bytes per row (little-endian uint16)
+    cfg[48 + t] = 16;      // rows
+  }
+  _tile_loadconfig(cfg);
+}
+
+/// An R x C block of 16 x 16 C tiles (R, C in {1, 2}) over `depth` (a multiple of 32): A rows at
+/// a + i * a_stride (bf16 elements), B pair rows at b + k * ldb (words), C rows at c + i * ldc.
+template <int R, int C>
+inline void amx_block(const bf16* a, std::int64_t a_stride, const std::uint32_t* b,
+                      std::int64_t ldb, float* c, std::int64_t ldc, std::int64_t depth,
+                      bool accumulate) {
+  const std::int64_t as = a_stride * 2, bs = ldb * 4, cs = ldc * 4;
+  amx_memory_barrier();
+  if (accumulate) {
+    _tile_loadd(0, c, cs);
+    if constexpr (C > 1) _tile_loadd(1, c + 16, cs);
+    if constexpr (R > 1) _tile_loadd(2, c + 16 * ldc, cs);
+    if constexpr (R > 1 && C > 1) _tile_loadd(3, c + 16 * ldc + 16, cs);
+  } else {
+    _tile_zero(0);
+    if constexpr (C > 1) _tile_zero(1);
+    if constexpr (R > 1) _tile_zero(2);
+    if constexpr (R > 1 && C > 1) _tile_zero(3);
+  }
+  for (std::int64_t k = 0; k < depth; k += 32) {
+    _tile_loadd(4, a + k, as);
+    if constexpr (R > 1) _tile_loadd(5, a + 16 * a_stride + k, as);
+    _tile_loadd(6, b + k / 2 * ldb, bs);
+    if constexpr (C > 1) _tile_loadd(7, b + k / 2 * ldb + 16, bs);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (C > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (R > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (R > 1 && C > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, cs);
+  if constexpr (C > 1) _tile_stored(1, c + 16, cs);
+  if constexpr (R > 1) _tile_stored(2, c + 16 * ldc, cs);
+  if constexpr (R > 1 && C > 1) _tile_stored(3, c + 16 * ldc + 16, cs);
+}
+
+/// C[rows][cols] (+)= A B on tiles: A rows of `depth` bf16 at a + i * a_stride (i < rows), B pair
+/// rows b + k * ldb (k < depth / 2), C rows c + i * ldc. cols a multiple of 16, depth of 32. A
+/// last partial row tile goes through zero-padded copies of its A rows (a_scratch: 16 * depth
+/// elements) and C rows (rows past `rows` are neither read nor written).
+template <bool Accumulate>
+inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, const bf16* a,
+                     std::int64_t a_stride, const std::uint32_t* b, std::int64_t ldb, float* c,
+                     std::int64_t ldc, bf16* a_scratch) {
+  amx_configure();
+  const std::int64_t full = rows / 16 * 16;
+  for (std::int64_t j0 = 0; j0 < cols; j0 += 32) {
+    const bool two_cols = j0 + 32 <= cols;
+    std::int64_t i0 = 0;
+    for (; i0 + 32 <= full; i0 += 32)
+      if (two_cols)
+        amx_block<2, 2>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth, Accumulate);
+      else
+        amx_block<2, 1>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth, Accumulate);
+    if (i0 < full) {
+      if (two_cols)
+        amx_block<1, 2>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth, Accumulate);
+      else
+        amx_block<1, 1>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth, Accumulate);
+      i0 += 16;
+    }
+    if (i0 < rows) {  // the partial tile: rows [i0, rows)
+      const std::int64_t n = rows - i0, w = two_cols ? 32 : 16;
+      alignas(64) float ct[16 * 32] = {};  // [16][32]
+      bf16* at = a_scratch;
+      std::memset(static_cast<void*>(at), 0, static_cast<std::size_t>(16 * depth) * sizeof(bf16));
+      for (std::int64_t i = 0; i < n; ++i) {
+        std::memcpy(static_cast<void*>(at + i * depth), a + (i0 + i) * a_stride,
+                    static_cast<std::size_t>(depth) * sizeof(bf16));
+        if (Accumulate) std::memcpy(ct + i * 32, c + (i0 + i) * ldc + j0, static_cast<std::size_t>(w) * sizeof(float));
+      }
+      if (two_cols)
+        amx_block<1, 2>(at, depth, b + j0, ldb, ct, 32, depth, Accumulate);
+      else
+        amx_block<1, 1>(at, depth, b + j0, ldb, ct, 32, depth, Accumulate);
+      for (std::int64_t i = 0; i < n; ++i)
+        std::memcpy(c + (i0 + i) * ldc + j0, ct + i * 32, static_cast<std::size_t>(w) * sizeof(float));
+    }
+    if (!two_cols) break;  // j0 + 16 == cols
+  }
+  _tile_release();
+}
+
+/// dst[r * dst_stride + k] = (x[2k][r], x[2k + 1][r]) as bf16 pairs (the AMX A operand of O += P V
+/// from the column tile P^T) for the float rows x[t] = src + t * ld: t < keys (later keys are 0),
+/// r < rows (a multiple of 16), k < pairs (a multiple of 16).
+inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_t keys,
+                                  std::int64_t rows, std::int64_t pairs, std::uint32_t* dst,
+                                  std::int64_t dst_stride) {
+  for (std::int64_t r0 = 0; r0 < rows; r0 += 16)
+    for (std::int64_t k0 = 0; k0 < pairs; k0 += 16) {
+      __m512i w[16];  // w[i]: the pairs k0 + i of rows r0 .. r0 + 15
+      for (int i = 0; i < 16; ++i) {
+        const std::int64_t t = 2 * (k0 + i);
+        const __m512i lo = t < keys ? bf16_bits(_mm512_loadu_ps(src + t * ld + r0)) : _mm512_setzero_si512();
+        const __m512i hi = t + 1 < keys ? bf16_bits(_mm512_loadu_ps(src + (t + 1) * ld + r0))
+                                        : _mm512_setzero_si512();
+        w[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      }
+      transpose_words16(w);
+      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + (r0 + r) * dst_stride + k0, w[r]);
+    }
+}
