@@ -6,6 +6,8 @@
 //   S3 causal prefill  H 32, H_kv 8, d 128, T = 512, 2048
 // f32 and bf16 caches; bf16 also with bf16 products (product_math::bf16, where the CPU has them).
 // The queries stay f32 (torch's SDPA rounds them to the cache's type). Runs on the best target.
+// BM_block_piece: the parts of one bf16-product block, to see where its time goes.
+#include <algorithm>
 #include <cstdlib>
 #include <sstream>
 #include <string>
@@ -35,7 +37,77 @@ void add(const std::string& name, Fn fn, std::vector<std::int64_t> args,
       ->UseRealTime()
       ->Unit(benchmark::kMicrosecond);
 }
+/// The pieces of one 128 x 128 x 128 block of a bf16-product prefill tile (where its time goes),
+/// one core: the scores GEMM (AMX or vdpbf16ps, whichever this CPU runs; f32 for comparison),
+/// the column softmax, the packing of P and V. Skipped where the CPU has no bf16 products.
+struct block_data {
+  static constexpr std::int64_t n = 128;
+  std::vector<ak::bf16> k = std::vector<ak::bf16>(n * n), scratch = std::vector<ak::bf16>(16 * n * 2);
+  std::vector<float> q = std::vector<float>(n * n), s = std::vector<float>(n * n),
+                     acc = std::vector<float>(n * n, 0.f), mx = std::vector<float>(n),
+                     sum = std::vector<float>(n), alpha = std::vector<float>(n);
+  std::vector<std::uint32_t> qp = std::vector<std::uint32_t>(n * n / 2),
+                             pp = std::vector<std::uint32_t>(n * n / 2);
+  block_data() {
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nd;
+    for (auto& x : k) x = ak::bf16(nd(rng));
+    for (auto& x : q) x = nd(rng);
+    for (auto& x : s) x = nd(rng);
+  }
+};
+void BM_block_piece(benchmark::State& state) {
+  namespace d = ak::detail;
+  block_data b;
+  const std::int64_t n = block_data::n, piece = state.range(0);
+  const bool amx = d::bf16_amx_available(), dot = d::bf16_dot_available();
+  if (piece < 4 && !amx && !dot) state.SkipWithError("no bf16 products on this CPU");
+  const float* rows[16];
+  for (int i = 0; i < 16; ++i) rows[i] = b.q.data() + i * n;
+  const ak::bf16* vrows[64];
+  for (int i = 0; i < 64; ++i) vrows[i] = b.k.data() + i * n;
+  const char* names[] = {"scores (bf16 products)", "pack Q^T pairs, 128 rows", "pack P pairs",
+                         "pack V pairs", "column softmax", "scores (f32 tile)"};
+  for (auto _ : state) {
+    switch (piece) {
+      case 0:
+        if (amx)
+          d::amx_gemm<false>(n, n, n, b.k.data(), n, b.qp.data(), n, b.s.data(), n, b.scratch.data());
+        else
+          d::gemm_pairs<false>(n, n, n / 2, b.k.data(), n, 2, b.qp.data(), n, b.s.data(), n);
+        break;
+      case 1:
+        for (std::int64_t r0 = 0; r0 < n; r0 += 16)
+          d::pack_query_pairs(rows, 16, n / 2, 0.1f, 16, b.qp.data() + r0, n);
+        break;
+      case 2:
+        if (amx)
+          d::pack_pairs_transposed(b.s.data(), n, n, n, n / 2, b.pp.data(), n / 2);
+        else
+          for (std::int64_t t0 = 0; t0 < n; t0 += 64) {
+            const float* prow[64];
+            for (int i = 0; i < 64; ++i) prow[i] = b.s.data() + (t0 + i) * n;
+            d::pack_row_pairs(prow, 64, n, b.pp.data() + t0 / 2 * n, n);
+          }
+        break;
+      case 3:
+        for (int h = 0; h < 2; ++h) d::pack_row_pairs(vrows, 64, n, b.pp.data() + h * 32 * n, n);
+        break;
+      case 4:
+        std::fill(b.mx.begin(), b.mx.end(), 3.f);
+        d::softmax_columns(b.s.data(), n, n, n, b.mx.data(), b.sum.data(), b.alpha.data());
+        break;
+      default:
+        d::gemm_bcast<false>(n, n, n, b.q.data(), n, 1, b.q.data(), n, b.s.data(), n);
+    }
+    benchmark::DoNotOptimize(b.s.data());
+    benchmark::DoNotOptimize(b.pp.data());
+  }
+  state.SetLabel(std::string(names[piece]) + (amx ? ", AMX" : dot ? ", vdpbf16ps" : ""));
+}
 }  // namespace
+
+BENCHMARK(BM_block_piece)->DenseRange(0, 5)->ArgName("piece")->Unit(benchmark::kMicrosecond);
 
 int main(int argc, char** argv) {
   for (const std::int64_t th : thread_counts()) {
