@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <span>
 #include <type_traits>
 
@@ -289,7 +288,7 @@ class gqa_products {
   static std::int64_t round16(std::int64_t n) { return (n + 15) / 16 * 16; }
   /// Columns of Q^T and S^T: the query rows, whole 16-row tiles on AMX.
   std::int64_t q_cols() const { return pairs_ == pair_engine::amx ? round16(m_) : m_; }
-  // bf16 products (pair_products): S^T = K Q^T with the cache's K rows in place, then O += P V
+  // bf16 products (engine_of): S^T = K Q^T with the cache's K rows in place, then O += P V
   // with P^T's and V's rows paired by key.
   score_tile pair_scores(std::int64_t j, std::int64_t b0, std::int64_t nb) {
     const std::int64_t dqk = pb_.kv.head_dim(), ks = pb_.kv.keys().row_stride;

@@ -106,14 +106,14 @@ struct V {
                              _mm512_maskz_shuffle_f32x4(0xFFFF, ab, cd, 0xDD));
     u = _mm512_add_ps(u, _mm512_maskz_shuffle_ps(0xFFFF, u, u, _MM_SHUFFLE(2, 3, 0, 1)));
     u = _mm512_add_ps(u, _mm512_maskz_shuffle_ps(0xFFFF, u, u, _MM_SHUFFLE(1, 0, 3, 2)));
-    const __m128 s = _mm512_castps512_ps128(_mm512_maskz_permutexvar_ps(
-        0xFFFF, _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u));
+    const __m128 s = _mm512_maskz_extractf32x4_ps(0xF, _mm512_maskz_permutexvar_ps(
+        0xFFFF, _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u), 0);
     _mm_mask_storeu_ps(dst, static_cast<__mmask8>((1u << n) - 1u), s);
   }
 
   static vec fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
   static vec round(vec x) {
-    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_maskz_roundscale_ps(0xFFFF, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
   // exp (kernels.inl): the argument clamped (a NaN kept: vmaxps / vminps return the second
   // operand when either is NaN), then p 2^n by vscalefps, which underflows to 0 by itself.
@@ -121,5 +121,5 @@ struct V {
     x = _mm512_maskz_max_ps(0xFFFF, _mm512_set1_ps(-150.f), x);
     return _mm512_maskz_min_ps(0xFFFF, _mm512_set1_ps(88.7f), x);
   }
-  static vec exp_scale(vec p, vec n, vec /*x*/) { return _mm512_scalef_ps(p, n); }
+  static vec exp_scale(vec p, vec n, vec /*x*/) { return _mm512_maskz_scalef_ps(0xFFFF, p, n); }
 };
