@@ -42,7 +42,8 @@ void add(const std::string& name, Fn fn, std::vector<std::int64_t> args,
 /// the column softmax, the packing of P and V. Skipped where the CPU has no bf16 products.
 struct block_data {
   static constexpr std::int64_t n = 128;
-  std::vector<ak::bf16> k = std::vector<ak::bf16>(n * n), scratch = std::vector<ak::bf16>(16 * n * 2);
+  std::vector<ak::bf16> k = std::vector<ak::bf16>(n * n),
+                        scratch = std::vector<ak::bf16>(16 * n * 2);
   std::vector<float> q = std::vector<float>(n * n), s = std::vector<float>(n * n),
                      acc = std::vector<float>(n * n, 0.f), mx = std::vector<float>(n),
                      sum = std::vector<float>(n), alpha = std::vector<float>(n);
@@ -67,12 +68,13 @@ void BM_block_piece(benchmark::State& state) {
   const ak::bf16* vrows[64];
   for (int i = 0; i < 64; ++i) vrows[i] = b.k.data() + i * n;
   const char* names[] = {"scores (bf16 products)", "pack Q^T pairs, 128 rows", "pack P pairs",
-                         "pack V pairs", "column softmax", "scores (f32 tile)"};
+                         "pack V pairs",           "column softmax",           "scores (f32 tile)"};
   for (auto _ : state) {
     switch (piece) {
       case 0:
         if (amx)
-          d::amx_gemm<false>(n, n, n, b.k.data(), n, b.qp.data(), n, b.s.data(), n, b.scratch.data());
+          d::amx_gemm<false>(n, n, n, b.k.data(), n, b.qp.data(), n, b.s.data(), n,
+                             b.scratch.data());
         else
           d::gemm_pairs<false>(n, n, n / 2, b.k.data(), n, 2, b.qp.data(), n, b.s.data(), n);
         break;
@@ -123,7 +125,8 @@ int main(int argc, char** argv) {
           names);
     }
     for (const std::int64_t tq : {512, 2048}) {
-      add("S3_prefill<f32>", BM_gqa_prefill_causal<float, false, false>, {tq, th}, {"T", "threads"});
+      add("S3_prefill<f32>", BM_gqa_prefill_causal<float, false, false>, {tq, th},
+          {"T", "threads"});
       add("S3_prefill<bf16>", BM_gqa_prefill_causal<ak::bf16, false, false>, {tq, th},
           {"T", "threads"});
       add("S3_prefill<bf16, products>", BM_gqa_prefill_causal<ak::bf16, true, false>, {tq, th},

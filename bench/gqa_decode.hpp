@@ -72,7 +72,8 @@ void BM_gqa_prefill_causal(benchmark::State& state) {
   if constexpr (TargetArg) target.emplace(state, 2);
   if (Products && (!target || target->ok()) && !ak::bf16_products_available())
     state.SkipWithError("no bf16 products on this target");
-  const ak::attention_options opt{.products = Products ? ak::product_math::bf16 : ak::product_math::f32};
+  const ak::attention_options opt{.products =
+                                      Products ? ak::product_math::bf16 : ak::product_math::f32};
   const auto cache = filled_cache<S>(t);
   std::vector<float> q(static_cast<std::size_t>(t * H * D)), out(q.size());
   std::mt19937 rng(2);

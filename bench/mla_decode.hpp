@@ -63,7 +63,8 @@ void BM_mla_absorbed_decode(benchmark::State& state) {
   state.counters["FLOPS"] =
       benchmark::Counter(2.0 * h * (2 * DC + DR) * t, benchmark::Counter::kIsIterationInvariantRate,
                          benchmark::Counter::OneK::kIs1000);
-  state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>() + (Products ? " products" : ""));
+  state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>() +
+                 (Products ? " products" : ""));
 }
 
 }  // namespace attnkit::bench

@@ -115,7 +115,8 @@ inline double bf16_products_error_ratio(const gqa_case& c, const gqa_data& x, co
   reference::attention_rules rules;
   rules.causal = c.causal, rules.window = c.window;
   const auto ref = reference::attention(q, x.q_pos, k, v, x.k_pos, c.heads, c.kv_heads, 1.0, rules);
-  const dmat p = reference::attention_weights(q, x.q_pos, k, x.k_pos, c.heads, c.kv_heads, 1.0, rules);
+  const dmat p =
+      reference::attention_weights(q, x.q_pos, k, x.k_pos, c.heads, c.kv_heads, 1.0, rules);
   auto max_head_norm = [&](const dmat& m) {  // for A of float_tolerance, on the rounded queries
     double n = 0;
     for (std::int64_t r = 0; r < m.rows(); ++r)
@@ -131,10 +132,11 @@ inline double bf16_products_error_ratio(const gqa_case& c, const gqa_data& x, co
     for (std::int64_t h = 0; h < c.heads; ++h) {
       const std::int64_t j = h / (c.heads / c.kv_heads);
       for (std::int64_t i = 0; i < c.v_head_dim; ++i) {
-        const auto pv = p.row(t * c.heads + h).transpose().cwiseProduct(v.col(j * c.v_head_dim + i));
+        const auto pv =
+            p.row(t * c.heads + h).transpose().cwiseProduct(v.col(j * c.v_head_dim + i));
         const double tol = float_tol + 6 * u * pv.norm();
-        worst = std::max(worst, std::abs(out(t, h * c.v_head_dim + i) -
-                                         ref.out(t, h * c.v_head_dim + i)) / tol);
+        worst = std::max(
+            worst, std::abs(out(t, h * c.v_head_dim + i) - ref.out(t, h * c.v_head_dim + i)) / tol);
       }
     }
   return worst;

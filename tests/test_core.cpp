@@ -90,7 +90,8 @@ TEST_CASE("SIMD targets: detection, names, forcing one", "[core][simd]") {
     CHECK((detail::bf16_pair_group() == 0 || detail::bf16_pair_group() == 2 * detail::simd_lanes()));
     // bf16 products only on the avx512 target, on one engine or the other.
     if (t != simd_target::avx512) CHECK(!bf16_products_available());
-    CHECK(bf16_products_available() == (detail::bf16_amx_available() || detail::bf16_dot_available()));
+    CHECK(bf16_products_available() ==
+          (detail::bf16_amx_available() || detail::bf16_dot_available()));
   }
   set_target(before);
   ATTNKIT_CHECK_INVALID(parse_target("avx9"), "target=avx9: unknown target");

@@ -250,8 +250,9 @@ TEST_CASE("attend: invalid input throws attnkit::invalid_argument naming the par
                         "contiguous last dimension", "strides 2 and 1");
 }
 
-TEST_CASE("bf16 products: within the probability-rounding bound of the reference on rounded queries",
-          "[gqa][bf16]") {
+TEST_CASE(
+    "bf16 products: within the probability-rounding bound of the reference on rounded queries",
+    "[gqa][bf16]") {
   const std::uint64_t seed = GENERATE(range(1, 13));
   std::mt19937_64 rng(seed * 104729);
   gqa_case c = random_case(rng);
@@ -278,8 +279,13 @@ TEST_CASE("bf16 products: the streaming path, odd d_qk and float caches compute 
           "[gqa][bf16]") {
   std::mt19937_64 rng(71);
   for (gqa_case c : {gqa_case{.heads = 8, .kv_heads = 2, .head_dim = 64, .tk = 300, .tq = 1},
-                     gqa_case{.heads = 8, .kv_heads = 2, .head_dim = 33, .v_head_dim = 32,
-                              .tk = 300, .tq = 64, .strategy = tile_strategy::gemm}}) {
+                     gqa_case{.heads = 8,
+                     .kv_heads = 2,
+                     .head_dim = 33,
+                     .v_head_dim = 32,
+                     .tk = 300,
+                     .tq = 64,
+                     .strategy = tile_strategy::gemm}}) {
     const gqa_data x = make_gqa_data(rng, c);
     const fmat f32_bf16 = run_kernel<bf16>(c, x), f32_float = run_kernel<float>(c, x);
     c.products = product_math::bf16;
@@ -294,8 +300,13 @@ TEST_CASE("bf16 products: absorbed MLA (values = the latent columns of the key r
   const std::int64_t heads = GENERATE(16, 40);
   std::mt19937_64 rng(static_cast<std::uint64_t>(heads));
   const std::int64_t dc = 64, dr = 16, tk = 333;
-  gqa_case c{.heads = heads, .kv_heads = 1, .head_dim = dc + dr, .v_head_dim = dc, .tk = tk,
-             .tq = 3, .products = product_math::bf16};
+  gqa_case c{.heads = heads,
+             .kv_heads = 1,
+             .head_dim = dc + dr,
+             .v_head_dim = dc,
+             .tk = tk,
+             .tq = 3,
+             .products = product_math::bf16};
   gqa_data x = make_gqa_data(rng, c);
   x.v = x.k.leftCols(dc);
   std::vector<bf16> rows(static_cast<std::size_t>(tk * (dc + dr)));

@@ -91,15 +91,19 @@ TEST_CASE("paged bf16 cache with bf16 products: bitwise the contiguous cache's a
   // Both read the same key blocks; the products pair rows through their page pointers.
   std::mt19937_64 rng(103);
   for (const std::int64_t ps : {1, 16, 48}) {
-    gqa_case c{.tk = 300 + static_cast<std::int64_t>(rng() % 50), .tq = 40,
-               .strategy = tile_strategy::gemm, .products = product_math::bf16};
+    gqa_case c{.tk = 300 + static_cast<std::int64_t>(rng() % 50),
+               .tq = 40,
+               .strategy = tile_strategy::gemm,
+               .products = product_math::bf16};
     const gqa_data x = make_gqa_data(rng, c);
     page_pool<bf16> pool({.num_pages = c.tk / ps + 8,
                           .page_size = ps,
                           .token_elements = c.kv_heads * (c.head_dim + c.v_head_dim)});
     shuffle_free_pages(pool, rng);
     INFO(describe(c) << " page_size=" << ps);
-    CHECK((attend_over<bf16>(c, x, paged_copy(pool, c, x)).array() == run_kernel<bf16>(c, x).array()).all());
+    CHECK(
+        (attend_over<bf16>(c, x, paged_copy(pool, c, x)).array() == run_kernel<bf16>(c, x).array())
+            .all());
   }
 }
 

@@ -93,7 +93,8 @@ inline x86_features detect_x86() {
              avx512vl = b & (1u << 31);
   f.avx2 = ymm_state && avx2 && fma && f16c;
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512bw && avx512vl;
-  if (f.avx512 && leaf7_subleaves >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
+  if (f.avx512 && leaf7_subleaves >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d))
+    f.avx512_bf16 = a & (1u << 5);
   return f;
 }
 #endif
@@ -127,16 +128,15 @@ inline bool cpu_has_fast_bf16_dot() {
   return false;
 #endif
 }
-}  // namespace detail
 
-namespace detail {
 /// AMX-BF16 usable by this process: the CPU has it, and (Linux) the kernel granted the process
 /// the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once).
 inline bool cpu_has_amx_bf16() {
 #if ATTNKIT_X86_TARGETS && defined(__linux__)
   static const bool has = [] {
     const x86_features f = detect_x86();
-    if (!f.amx_bf16 || !f.avx512_bf16) return false;  // the tiles' operands are packed with AVX-512 BF16
+    // The tiles' operands are packed with AVX-512 BF16 instructions.
+    if (!f.amx_bf16 || !f.avx512_bf16) return false;
     constexpr long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
     return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
   }();

@@ -114,10 +114,9 @@ class gqa_products {
     // Rows rounded up to whole AMX tiles; the bf16 products' P pairs and a partial tile's A rows.
     const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
                        dv = pb.kv.v_head_dim();
-    return static_cast<std::size_t>(m * (dqk + nb) + nb * (dqk + dv) +
-                                    (engine_of(pb) != pair_engine::none
-                                         ? m * (nb / 2 + 16) + 8 * std::max(dqk, nb + 32)
-                                         : 0));
+    return static_cast<std::size_t>(
+        m * (dqk + nb) + nb * (dqk + dv) +
+        (engine_of(pb) != pair_engine::none ? m * (nb / 2 + 16) + 8 * std::max(dqk, nb + 32) : 0));
   }
   /// What runs the GEMM tiles' bf16 products (product_math::bf16) on a bf16 cache: AMX tiles
   /// (whole 32-column query tiles and 16-column value tiles), vdpbf16ps (whole pairs of query

@@ -72,14 +72,18 @@ inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, c
     std::int64_t i0 = 0;
     for (; i0 + 32 <= full; i0 += 32)
       if (two_cols)
-        amx_block<2, 2>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth, Accumulate);
+        amx_block<2, 2>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth,
+                        Accumulate);
       else
-        amx_block<2, 1>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth, Accumulate);
+        amx_block<2, 1>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth,
+                        Accumulate);
     if (i0 < full) {
       if (two_cols)
-        amx_block<1, 2>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth, Accumulate);
+        amx_block<1, 2>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth,
+                        Accumulate);
       else
-        amx_block<1, 1>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth, Accumulate);
+        amx_block<1, 1>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth,
+                        Accumulate);
       i0 += 16;
     }
     if (i0 < rows) {  // the partial tile: rows [i0, rows)
@@ -90,14 +94,17 @@ inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, c
       for (std::int64_t i = 0; i < n; ++i) {
         std::memcpy(static_cast<void*>(at + i * depth), a + (i0 + i) * a_stride,
                     static_cast<std::size_t>(depth) * sizeof(bf16));
-        if (Accumulate) std::memcpy(ct + i * 32, c + (i0 + i) * ldc + j0, static_cast<std::size_t>(w) * sizeof(float));
+        if (Accumulate)
+          std::memcpy(ct + i * 32, c + (i0 + i) * ldc + j0,
+                      static_cast<std::size_t>(w) * sizeof(float));
       }
       if (two_cols)
         amx_block<1, 2>(at, depth, b + j0, ldb, ct, 32, depth, Accumulate);
       else
         amx_block<1, 1>(at, depth, b + j0, ldb, ct, 32, depth, Accumulate);
       for (std::int64_t i = 0; i < n; ++i)
-        std::memcpy(c + (i0 + i) * ldc + j0, ct + i * 32, static_cast<std::size_t>(w) * sizeof(float));
+        std::memcpy(c + (i0 + i) * ldc + j0, ct + i * 32,
+                    static_cast<std::size_t>(w) * sizeof(float));
     }
     if (!two_cols) break;  // j0 + 16 == cols
   }
@@ -115,7 +122,8 @@ inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_
       __m512i w[16];  // w[i]: the pairs k0 + i of rows r0 .. r0 + 15
       for (int i = 0; i < 16; ++i) {
         const std::int64_t t = 2 * (k0 + i);
-        const __m512i lo = t < keys ? bf16_bits(_mm512_loadu_ps(src + t * ld + r0)) : _mm512_setzero_si512();
+        const __m512i lo =
+            t < keys ? bf16_bits(_mm512_loadu_ps(src + t * ld + r0)) : _mm512_setzero_si512();
         const __m512i hi = t + 1 < keys ? bf16_bits(_mm512_loadu_ps(src + (t + 1) * ld + r0))
                                         : _mm512_setzero_si512();
         w[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));

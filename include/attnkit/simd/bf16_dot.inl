@@ -69,7 +69,8 @@ inline void pack_query_pairs(const float* const* rows, std::int64_t n, std::int6
       w[r] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
     }
     transpose_words16(w);
-    for (std::int64_t i = 0; i < cols / 2; ++i) _mm512_mask_storeu_epi32(dst + (k0 + i) * ld, store, w[i]);
+    for (std::int64_t i = 0; i < cols / 2; ++i)
+      _mm512_mask_storeu_epi32(dst + (k0 + i) * ld, store, w[i]);
   }
 }
 
@@ -135,7 +136,8 @@ inline void dot_tile(std::int64_t i0, std::int64_t j0, std::int64_t rows, std::i
   for (int r = 0; r < MR; ++r) {
     if (i0 + r >= rows) break;
     ATTNKIT_UNROLL
-    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + (i0 + r) * ldc + j0 + 16 * v, mk[v], acc[r][v]);
+    for (int v = 0; v < NV; ++v)
+      _mm512_mask_storeu_ps(c + (i0 + r) * ldc + j0 + 16 * v, mk[v], acc[r][v]);
   }
 }
 

@@ -132,7 +132,7 @@ namespace attnkit::detail::simd_avx512 {
 }  // namespace attnkit::detail::simd_avx512
 #if defined(__clang__)
 #pragma clang attribute pop
-#pragma clang attribute push(                                                                  \
+#pragma clang attribute push(                                                               \
     __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), \
     apply_to = function)
 #else
@@ -147,9 +147,9 @@ namespace attnkit::detail::simd_avx512_bf16 {
 }  // namespace attnkit::detail::simd_avx512_bf16
 #if defined(__clang__)
 #pragma clang attribute pop
-#pragma clang attribute push(                                                                   \
-    __attribute__((target(                                                                      \
-        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16"))), \
+#pragma clang attribute push(                                                                      \
+    __attribute__((                                                                                \
+        target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16"))), \
     apply_to = function)
 #else
 #pragma GCC pop_options
