@@ -94,7 +94,7 @@ class thread_pool {
   ~thread_pool() {
     {
       std::lock_guard lock(mutex_);
-      stop_ = true;
+      stop_.store(true, std::memory_order_relaxed);
       generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
@@ -190,10 +190,9 @@ class thread_pool {
         g = generation_.load(std::memory_order_acquire);
       }
       seen = g;
-      {
-        std::lock_guard lock(mutex_);
-        if (stop_) return;
-      }
+      // Not under mutex_: every worker waking at once would queue on it. The acquire load of
+      // the generation above orders this read after the destructor's store.
+      if (stop_.load(std::memory_order_relaxed)) return;
       run_tasks();
       if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
         std::lock_guard lock(mutex_);  // the caller may be about to sleep on done_
@@ -215,7 +214,7 @@ class thread_pool {
   std::atomic<int> active_{0};
   std::function<void(std::int64_t)>* task_ = nullptr;
   std::int64_t n_ = 0;
-  bool stop_ = false;
+  std::atomic<bool> stop_{false};
 };
 
 }  // namespace attnkit

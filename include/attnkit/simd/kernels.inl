@@ -113,7 +113,10 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
         pf.step();
         vec qe[RB], qo[RB];
         ATTNKIT_UNROLL
-        for (int r = 0; r < RB; ++r) qe[r] = V::load(qr[r] + c0), qo[r] = V::load(qr[r] + c0 + L);
+        for (int r = 0; r < RB; ++r) {
+          qe[r] = V::load(qr[r] + c0), qo[r] = V::load(qr[r] + c0 + L);
+          V::hold(qe[r]), V::hold(qo[r]);
+        }
         ATTNKIT_UNROLL
         for (int u = 0; u < 4; ++u) {
           vec ke, ko;
@@ -128,7 +131,7 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
       pf.step();
       vec qv[RB];
       ATTNKIT_UNROLL
-      for (int r = 0; r < RB; ++r) qv[r] = V::load(qr[r] + c);
+      for (int r = 0; r < RB; ++r) qv[r] = V::load(qr[r] + c), V::hold(qv[r]);
       ATTNKIT_UNROLL
       for (int u = 0; u < 4; ++u) {
         const vec kv = V::load_as_float(kr[u] + c);
@@ -341,7 +344,10 @@ inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, s
     pf.step();
     vec bv[NV];
     ATTNKIT_UNROLL
-    for (int v = 0; v < NV; ++v) bv[v] = Full ? V::load(bk + L * v) : V::load(mk[v], bk + L * v);
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = Full ? V::load(bk + L * v) : V::load(mk[v], bk + L * v);
+      V::hold(bv[v]);
+    }
     ATTNKIT_UNROLL
     for (int r = 0; r < MR; ++r) {
       const vec av = V::set1(UnitRows ? ak[r] : ar[r][k * a_cs]);

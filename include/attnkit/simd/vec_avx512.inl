@@ -18,6 +18,9 @@ struct V {
   }
   static vec zero() { return _mm512_setzero_ps(); }
   static vec set1(float x) { return _mm512_set1_ps(x); }
+  /// Keeps x in a register: without it the compiler folds a loaded operand into every FMA
+  /// that uses it, re-reading memory once per use (a score block's query vectors meet 4 keys).
+  static void hold(vec& x) { __asm__("" : "+v"(x)); }
   static vec load(const float* p) { return _mm512_loadu_ps(p); }
   static vec load(mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   /// Masked-off lanes are `fill`.

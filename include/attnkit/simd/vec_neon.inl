@@ -19,6 +19,7 @@ struct V {
   }
   static vec zero() { return vdupq_n_f32(0.f); }
   static vec set1(float x) { return vdupq_n_f32(x); }
+  static void hold(vec&) {}  // AArch64 FMAs take no memory operand
   static vec load(const float* p) { return vld1q_f32(p); }
   static vec load(mask m, const float* p) { return load_or(m, p, 0.f); }
   static vec load_or(mask m, const float* p, float fill) {

@@ -15,6 +15,7 @@ struct V {
   static mask first(std::int64_t n) { return n > 0 ? 1 : 0; }
   static vec zero() { return 0.f; }
   static vec set1(float x) { return x; }
+  static void hold(vec&) {}
   static vec load(const float* p) { return *p; }
   static vec load(mask m, const float* p) { return m ? *p : 0.f; }
   static vec load_or(mask m, const float* p, float fill) { return m ? *p : fill; }
