@@ -171,11 +171,14 @@ class gqa_products {
         return {s_, pl_.block, 1};
       }
       // Paged: the K and V rows as far ahead (in tokens) as the contiguous stream prefetches,
-      // found through the page table, 4 tokens per step (the kernel steps once per 4 keys).
+      // found through the page table, spread over the block's work instead of leaving in one
+      // burst: the kernel steps once per vector group of 4 keys' columns (4 steps per 4 keys for
+      // d_qk 128 on AVX-512), so a token per step, more where the rows are short.
       constexpr std::int64_t ahead_bytes = 65536;
       const std::int64_t ahead =
           std::max(nb, ahead_bytes / (dqk * static_cast<std::int64_t>(sizeof(S))));
-      view_prefetcher<S> pf(pb_.kv, j, b0 + ahead, std::min(b0 + ahead + nb, k_end), 4);
+      view_prefetcher<S> pf(pb_.kv, j, b0 + ahead, std::min(b0 + ahead + nb, k_end),
+                            std::max<std::int64_t>(1, 128 / dqk));
       for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
         detail::scores(q_, dqk, m_, pb_.kv.keys().row(j, t), ks, n, dqk, s_ + (t - b0), pl_.block,
                        false, pf);
