@@ -344,10 +344,7 @@ inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, s
     pf.step();
     vec bv[NV];
     ATTNKIT_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      bv[v] = Full ? V::load(bk + L * v) : V::load(mk[v], bk + L * v);
-      V::hold(bv[v]);
-    }
+    for (int v = 0; v < NV; ++v) bv[v] = Full ? V::load(bk + L * v) : V::load(mk[v], bk + L * v);
     ATTNKIT_UNROLL
     for (int r = 0; r < MR; ++r) {
       const vec av = V::set1(UnitRows ? ak[r] : ar[r][k * a_cs]);
