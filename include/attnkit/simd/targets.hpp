@@ -106,66 +106,47 @@ namespace attnkit::detail::simd_scalar {
 }  // namespace attnkit::detail::simd_scalar
 
 #if ATTNKIT_X86_TARGETS
+// The code between ATTNKIT_TARGET_BEGIN("isa,...") and ATTNKIT_TARGET_END() is compiled for
+// those instruction sets (functions only: clang applies the attribute to functions, not lambdas).
+#define ATTNKIT_PRAGMA(...) _Pragma(#__VA_ARGS__)
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#define ATTNKIT_TARGET_BEGIN(isa) \
+  ATTNKIT_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define ATTNKIT_TARGET_END() ATTNKIT_PRAGMA(clang attribute pop)
 #else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#define ATTNKIT_TARGET_BEGIN(isa) ATTNKIT_PRAGMA(GCC push_options) ATTNKIT_PRAGMA(GCC target(isa))
+#define ATTNKIT_TARGET_END() ATTNKIT_PRAGMA(GCC pop_options)
 #endif
+ATTNKIT_TARGET_BEGIN("avx2,fma,f16c")
 namespace attnkit::detail::simd_avx2 {
 #include "vec_avx2.inl"
 #include "kernels.inl"
 }  // namespace attnkit::detail::simd_avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#pragma clang attribute push(                                                                  \
-    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq"))), \
-    apply_to = function)
-#else
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
-#endif
+ATTNKIT_TARGET_END()
+
+ATTNKIT_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 namespace attnkit::detail::simd_avx512 {
 #include "vec_avx512.inl"
 #include "kernels.inl"
 }  // namespace attnkit::detail::simd_avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#pragma clang attribute push(                                                               \
-    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), \
-    apply_to = function)
-#else
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
-#endif
+ATTNKIT_TARGET_END()
+
 // Not targets of their own: the avx512 target's bf16 products, run where the CPU has them.
+ATTNKIT_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 namespace attnkit::detail::simd_avx512_bf16 {
 #include "vec_avx512.inl"
 #include "bf16_dot.inl"
 }  // namespace attnkit::detail::simd_avx512_bf16
-#if defined(__clang__)
-#pragma clang attribute pop
-#pragma clang attribute push(                                                                      \
-    __attribute__((                                                                                \
-        target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16"))), \
-    apply_to = function)
-#else
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
-#endif
+ATTNKIT_TARGET_END()
+
+ATTNKIT_TARGET_BEGIN(
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
 namespace attnkit::detail::simd_amx {
 #include "vec_avx512.inl"
 #include "bf16_dot.inl"
 #include "amx.inl"
 }  // namespace attnkit::detail::simd_amx
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+ATTNKIT_TARGET_END()
 #endif  // ATTNKIT_X86_TARGETS
 
 #if ATTNKIT_NEON_TARGET  // baseline on AArch64: no attributes needed
