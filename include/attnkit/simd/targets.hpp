@@ -147,6 +147,9 @@ namespace attnkit::detail::simd_amx {
 #include "amx.inl"
 }  // namespace attnkit::detail::simd_amx
 ATTNKIT_TARGET_END()
+#undef ATTNKIT_TARGET_BEGIN
+#undef ATTNKIT_TARGET_END
+#undef ATTNKIT_PRAGMA
 #endif  // ATTNKIT_X86_TARGETS
 
 #if ATTNKIT_NEON_TARGET  // baseline on AArch64: no attributes needed
