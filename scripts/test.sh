@@ -23,7 +23,7 @@ bash "$root/scripts/deps.sh"
 
 # Suites that run no kernel code of their own or take minutes: once per build, on the default
 # target (CTest names are "binary:test case").
-once_only='^(packaging|tools|examples|test_checkpoint|test_convert_approx):'
+once_only='^(packaging|docs|tools|examples|test_checkpoint|test_convert_approx):'
 
 echo "== attnkit: Release build and tests =="
 # -O2: a sixth less compile time than CMake's -O3 for the same tests (each translation unit
@@ -51,7 +51,7 @@ sanitized_ctest() {  # sanitized_ctest TARGET [ctest args...]
   shift
   (cd "$root/$dir" && ATTNKIT_TARGET=$t ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -j"$jobs" \
-    -E '^packaging: ' "$@")  # packaging: checked in the Release run
+    -E '^(packaging|docs): ' "$@")  # checked in the Release run
 }
 sanitized_ctest scalar
 for t in "${targets[@]}"; do

@@ -114,8 +114,13 @@ namespace attnkit::detail::simd_scalar {
   ATTNKIT_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
 #define ATTNKIT_TARGET_END() ATTNKIT_PRAGMA(clang attribute pop)
 #else
-#define ATTNKIT_TARGET_BEGIN(isa) ATTNKIT_PRAGMA(GCC push_options) ATTNKIT_PRAGMA(GCC target(isa))
-#define ATTNKIT_TARGET_END() ATTNKIT_PRAGMA(GCC pop_options)
+// GCC 12 reports the AVX-512 intrinsics' own `__Y = __Y` as maybe-uninitialized at -O1 / -Og
+// (GCC bug 105593): silenced here, so that includers building with -Wall -Werror are not hit.
+#define ATTNKIT_TARGET_BEGIN(isa)                                                      \
+  ATTNKIT_PRAGMA(GCC push_options) ATTNKIT_PRAGMA(GCC target(isa))                     \
+  ATTNKIT_PRAGMA(GCC diagnostic push)                                                  \
+  ATTNKIT_PRAGMA(GCC diagnostic ignored "-Wmaybe-uninitialized")
+#define ATTNKIT_TARGET_END() ATTNKIT_PRAGMA(GCC diagnostic pop) ATTNKIT_PRAGMA(GCC pop_options)
 #endif
 ATTNKIT_TARGET_BEGIN("avx2,fma,f16c")
 namespace attnkit::detail::simd_avx2 {
