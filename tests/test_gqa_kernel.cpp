@@ -81,6 +81,18 @@ TEMPLATE_TEST_CASE("long-context decode (Tk = 4096) for every group size g divid
   check_against_reference<TestType>(c, rng, pool);
 }
 
+TEST_CASE("a decode whose key-split merge runs on the workers (H 128 on one KV head, d_v 256)",
+          "[gqa][executor]") {
+  // 8 splits of 128 rows x 256 columns: above the size from which the driver merges the splits
+  // on the workers, 8 rows at a time.
+  std::mt19937_64 rng(128);
+  gqa_case c{
+      .heads = 128, .kv_heads = 1, .head_dim = 64, .v_head_dim = 256, .tk = 4096, .tq = 1};
+  thread_pool pool(2);
+  check_against_reference<float>(c, rng, pool);
+  check_against_reference<bf16>(c, rng, pool);
+}
+
 TEST_CASE("prefill tiles for every g dividing H = 24, both strategies, d_qk != d_v", "[gqa]") {
   const std::int64_t g = GENERATE(1, 2, 3, 4, 6, 8, 12, 24);
   const tile_strategy st = GENERATE(tile_strategy::streaming, tile_strategy::gemm);

@@ -383,29 +383,34 @@ class attention_worker {
   float* value_;           // [v_head_dim]: one value row for repair_masked_rows
 };
 
-/// Merges the key splits of every (query tile, head group) and finalises: by log-sum-exp, or
-/// as plain sums with a given normalisation.
+/// Merges the key splits of the rows [begin, end) of all (query tile, head group) pairs, counted
+/// tile by tile, group by group, pl.rows per pair (rows past a last tile's tokens are skipped),
+/// and finalises them: by log-sum-exp, or as plain sums with a given normalisation.
+template <class Mask>
+void merge_split_rows(const attention_plan& pl, const attention_call<Mask>& call, float* partial,
+                      bool fixed, std::int64_t begin, std::int64_t end) {
+  const std::int64_t dv = pl.v_head_dim, stride = pl.partial_stride();
+  for (std::int64_t i = begin; i < end; ++i) {
+    const std::int64_t qt = i / (pl.groups * pl.rows), j = i / pl.rows % pl.groups,
+                       r = i % pl.rows, t0 = qt * pl.tq;
+    if (r >= std::min(pl.tq, pl.q_tokens - t0) * pl.g) continue;
+    float* a = pl.partial_of(partial, qt, j, 0) + r * (dv + 2);
+    for (std::int64_t ks = 1; ks < pl.splits; ++ks) {
+      const float* b = a + ks * stride;
+      if (fixed)
+        for (std::int64_t c = 0; c < dv; ++c) a[2 + c] += b[2 + c];
+      else
+        softmax_merge(a[0], a[1], a + 2, b[0], b[1], b + 2, dv);
+    }
+    call.finalize(t0 + r / pl.g, j * pl.g + r % pl.g, a[0], a[1], a + 2, dv, fixed);
+  }
+}
+
+/// Every row's split merge (see merge_split_rows).
 template <class Mask>
 void merge_splits(const attention_plan& pl, const attention_call<Mask>& call, float* partial,
                   bool fixed) {
-  const std::int64_t dv = pl.v_head_dim, stride = pl.partial_stride();
-  for (std::int64_t qt = 0; qt < pl.qtiles; ++qt) {
-    const std::int64_t t0 = qt * pl.tq, tn = std::min(pl.tq, pl.q_tokens - t0);
-    for (std::int64_t j = 0; j < pl.groups; ++j) {
-      float* base = pl.partial_of(partial, qt, j, 0);
-      for (std::int64_t r = 0; r < tn * pl.g; ++r) {
-        float* a = base + r * (dv + 2);
-        for (std::int64_t ks = 1; ks < pl.splits; ++ks) {
-          const float* b = base + ks * stride + r * (dv + 2);
-          if (fixed)
-            for (std::int64_t c = 0; c < dv; ++c) a[2 + c] += b[2 + c];
-          else
-            softmax_merge(a[0], a[1], a + 2, b[0], b[1], b + 2, dv);
-        }
-        call.finalize(t0 + r / pl.g, j * pl.g + r % pl.g, a[0], a[1], a + 2, dv, fixed);
-      }
-    }
-  }
+  merge_split_rows(pl, call, partial, fixed, 0, pl.qtiles * pl.groups * pl.rows);
 }
 
 /// call.weights holds every row's masked logits: weights = exp(logit - lse), which sum to 1
@@ -468,7 +473,17 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
       worker.run(qt, j, ks, partial ? pl.partial_of(partial, qt, j, ks) : nullptr);
     }
   });
-  if (pl.splits > 1) merge_splits(pl, call, partial, fixed);
+  if (pl.splits > 1) {
+    // On the workers when the merge is large (absorbed MLA with many heads merges every split's
+    // full accumulator rows), on the caller when another hand-off would cost more than it saves.
+    const std::int64_t rows = pl.qtiles * pl.groups * pl.rows, chunk = 8;
+    if (workers > 1 && rows * (pl.splits - 1) * pl.v_head_dim >= (std::int64_t{1} << 17))
+      exec.parallel_for((rows + chunk - 1) / chunk, [&](std::int64_t c) {
+        merge_split_rows(pl, call, partial, fixed, c * chunk, std::min(rows, (c + 1) * chunk));
+      });
+    else
+      merge_splits(pl, call, partial, fixed);
+  }
   if (!call.weights.empty()) normalise_weights(call, exec);
 }
 
