@@ -151,15 +151,22 @@ class gqa_products {
     const std::int64_t g = pl_.g, dqk = pb_.kv.head_dim();
     m_ = tn * g;
     if (pairs_ != pair_engine::none) return load_query_pairs(t0, j);
-    for (std::int64_t r = 0; r < m_; ++r) {
-      const float* src = &pb_.q(t0 + r / g, j * g + r % g, 0);
-      const std::int64_t cs = pb_.q.stride(2);
-      if (transposed()) {
-        for (std::int64_t c = 0; c < dqk; ++c) q_[c * m_ + r] = src[c * cs] * pb_.scale;
-      } else {
-        for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * cs] * pb_.scale;
-        if (paired()) permute_pairs(q_ + r * dqk, dqk, pair_group_);
+    const std::int64_t cs = pb_.q.stride(2);
+    auto row = [&](std::int64_t r) { return &pb_.q(t0 + r / g, j * g + r % g, 0); };
+    if (transposed()) {  // Q^T [d_qk][m]: 16 rows at a time, so each write is a run of 16
+      for (std::int64_t r0 = 0; r0 < m_; r0 += 16) {
+        const std::int64_t n = std::min<std::int64_t>(16, m_ - r0);
+        const float* src[16];
+        for (std::int64_t i = 0; i < n; ++i) src[i] = row(r0 + i);
+        for (std::int64_t c = 0; c < dqk; ++c)
+          for (std::int64_t i = 0; i < n; ++i) q_[c * m_ + r0 + i] = src[i][c * cs] * pb_.scale;
       }
+      return;
+    }
+    for (std::int64_t r = 0; r < m_; ++r) {
+      const float* src = row(r);
+      for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * cs] * pb_.scale;
+      if (paired()) permute_pairs(q_ + r * dqk, dqk, pair_group_);
     }
   }
 
