@@ -86,8 +86,7 @@ TEST_CASE("a decode whose key-split merge runs on the workers (H 128 on one KV h
   // 8 splits of 128 rows x 256 columns: above the size from which the driver merges the splits
   // on the workers, 8 rows at a time.
   std::mt19937_64 rng(128);
-  gqa_case c{
-      .heads = 128, .kv_heads = 1, .head_dim = 64, .v_head_dim = 256, .tk = 4096, .tq = 1};
+  gqa_case c{.heads = 128, .kv_heads = 1, .head_dim = 64, .v_head_dim = 256, .tk = 4096, .tq = 1};
   thread_pool pool(2);
   check_against_reference<float>(c, rng, pool);
   check_against_reference<bf16>(c, rng, pool);

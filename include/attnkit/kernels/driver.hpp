@@ -391,8 +391,8 @@ void merge_split_rows(const attention_plan& pl, const attention_call<Mask>& call
                       bool fixed, std::int64_t begin, std::int64_t end) {
   const std::int64_t dv = pl.v_head_dim, stride = pl.partial_stride();
   for (std::int64_t i = begin; i < end; ++i) {
-    const std::int64_t qt = i / (pl.groups * pl.rows), j = i / pl.rows % pl.groups,
-                       r = i % pl.rows, t0 = qt * pl.tq;
+    const std::int64_t qt = i / (pl.groups * pl.rows), j = i / pl.rows % pl.groups, r = i % pl.rows,
+                       t0 = qt * pl.tq;
     if (r >= std::min(pl.tq, pl.q_tokens - t0) * pl.g) continue;
     float* a = pl.partial_of(partial, qt, j, 0) + r * (dv + 2);
     for (std::int64_t ks = 1; ks < pl.splits; ++ks) {

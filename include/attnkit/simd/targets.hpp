@@ -116,10 +116,12 @@ namespace attnkit::detail::simd_scalar {
 #else
 // GCC 12 reports the AVX-512 intrinsics' own `__Y = __Y` as maybe-uninitialized at -O1 / -Og
 // (GCC bug 105593): silenced here, so that includers building with -Wall -Werror are not hit.
-#define ATTNKIT_TARGET_BEGIN(isa)                                                      \
-  ATTNKIT_PRAGMA(GCC push_options) ATTNKIT_PRAGMA(GCC target(isa))                     \
-  ATTNKIT_PRAGMA(GCC diagnostic push)                                                  \
+// clang-format off
+#define ATTNKIT_TARGET_BEGIN(isa)                                  \
+  ATTNKIT_PRAGMA(GCC push_options) ATTNKIT_PRAGMA(GCC target(isa)) \
+  ATTNKIT_PRAGMA(GCC diagnostic push)                              \
   ATTNKIT_PRAGMA(GCC diagnostic ignored "-Wmaybe-uninitialized")
+// clang-format on
 #define ATTNKIT_TARGET_END() ATTNKIT_PRAGMA(GCC diagnostic pop) ATTNKIT_PRAGMA(GCC pop_options)
 #endif
 ATTNKIT_TARGET_BEGIN("avx2,fma,f16c")
