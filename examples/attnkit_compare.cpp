@@ -45,6 +45,13 @@ struct options {
   bool wants(const std::string& name) const {
     return std::find(rows.begin(), rows.end(), name) != rows.end();
   }
+  /// wants(name), announcing the row on stderr as its measurement starts (progress; the table
+  /// and the JSON go to stdout).
+  bool measures(const std::string& name) const {
+    if (!wants(name)) return false;
+    std::fprintf(stderr, "attnkit-compare: measuring %s ...\n", name.c_str());
+    return true;
+  }
 };
 
 struct row {
@@ -639,7 +646,7 @@ std::vector<row> conversion_rows(const options& o, ak::thread_pool& pool) {
     r.layer_rel_err = err;
     rows.push_back(r);
   };
-  if (o.wants("GQA->MLA-exact")) {
+  if (o.measures("GQA->MLA-exact")) {
     ak::gqa_layer gqa(cfg, layer.weights());
     const auto [c, rep] = cv::gqa_to_mla_exact(cfg, layer.weights());
     ak::mla_layer mla(c.config, c.weights());
@@ -650,7 +657,7 @@ std::vector<row> conversion_rows(const options& o, ak::thread_pool& pool) {
             " rope keys",
         c, cv::output_rel_error(gqa, mla, ak::view_of(heldout), pos));
   }
-  if (o.wants("GQA->TransMLA")) {
+  if (o.measures("GQA->TransMLA")) {
     const auto res =
         cv::gqa_to_mla_transmla(cfg, layer.weights(), ak::view_of(calib), ak::view_of(heldout),
                                 {.qk_mqa_dim = qk, .kv_lora_rank = rank, .freqfold = fold}, pool);
@@ -658,7 +665,7 @@ std::vector<row> conversion_rows(const options& o, ak::thread_pool& pool) {
         "d_c=" + std::to_string(rank) + " d_R=" + std::to_string(qk) + " F=" + std::to_string(fold),
         res.checkpoint, res.steps.back().rel_error);
   }
-  if (o.wants("GQA->MHA2MLA")) {
+  if (o.measures("GQA->MHA2MLA")) {
     const auto res =
         cv::gqa_to_mla_mha2mla(cfg, layer.weights(), ak::view_of(calib), ak::view_of(heldout),
                                {.rope_dim = m2m_rope, .latent_dim = rank}, pool);
@@ -751,9 +758,9 @@ std::vector<row> shared_rows(const options& o, const std::string& name, std::int
 template <ak::storage_type S>
 std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
   std::vector<row> rows;
-  if (o.wants("MHA")) rows.push_back(gqa_family_row<S>(o, "MHA", o.heads, pool));
-  if (o.wants("GQA")) rows.push_back(gqa_family_row<S>(o, "GQA", o.kv_heads, pool));
-  if (o.wants("MQA")) rows.push_back(gqa_family_row<S>(o, "MQA", 1, pool));
+  if (o.measures("MHA")) rows.push_back(gqa_family_row<S>(o, "MHA", o.heads, pool));
+  if (o.measures("GQA")) rows.push_back(gqa_family_row<S>(o, "GQA", o.kv_heads, pool));
+  if (o.measures("MQA")) rows.push_back(gqa_family_row<S>(o, "MQA", 1, pool));
   // DeepSeek-V2-Lite: D 2048, H 16, no q-LoRA; DeepSeek-V3-shaped: D 7168, H 128, q-LoRA 1536.
   const ak::mla_config v2{.model_dim = 2048,
                           .heads = 16,
@@ -765,9 +772,9 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
   v3.model_dim = 7168;
   v3.heads = 128;
   v3.q_lora_rank = 1536;
-  if (o.wants("MLA-V2-Lite"))
+  if (o.measures("MLA-V2-Lite"))
     for (auto r : mla_rows<S>(o, "MLA-V2-Lite", v2, pool)) rows.push_back(r);
-  if (o.wants("MLA-V3"))
+  if (o.measures("MLA-V3"))
     for (auto r : mla_rows<S>(o, "MLA-V3", v3, pool)) rows.push_back(r);
   // TPA (T6): R_Q 6 with R_K = R_V = 2 or 1 at the geometry of the GQA rows, and T6-small.
   const ak::tpa_config llama_tpa{.model_dim = o.model_dim,
@@ -777,13 +784,13 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
                                  .k_rank = 2,
                                  .v_rank = 2,
                                  .rope = {.theta = o.theta}};
-  if (o.wants("TPA-R2")) rows.push_back(tpa_row<S>(o, "TPA-R2", llama_tpa, pool));
-  if (o.wants("TPA-R1")) {
+  if (o.measures("TPA-R2")) rows.push_back(tpa_row<S>(o, "TPA-R2", llama_tpa, pool));
+  if (o.measures("TPA-R1")) {
     ak::tpa_config c = llama_tpa;
     c.k_rank = c.v_rank = 1;
     rows.push_back(tpa_row<S>(o, "TPA-R1", c, pool));
   }
-  if (o.wants("TPA-T6-small"))
+  if (o.measures("TPA-T6-small"))
     rows.push_back(tpa_row<S>(o, "TPA-T6-small",
                               {.model_dim = 768,
                                .heads = 34,
@@ -794,9 +801,9 @@ std::vector<row> all_rows(const options& o, ak::thread_pool& pool) {
                                .rope = {.theta = 10000.0}},
                               pool));
   for (auto r : conversion_rows<S>(o, pool)) rows.push_back(r);
-  if (o.wants("Shared-L2-7B"))
+  if (o.measures("Shared-L2-7B"))
     for (auto r : shared_rows<S>(o, "Shared-L2-7B", 32, pool)) rows.push_back(r);
-  if (o.wants("Shared-L3-8B"))
+  if (o.measures("Shared-L3-8B"))
     for (auto r : shared_rows<S>(o, "Shared-L3-8B", 8, pool)) rows.push_back(r);
   return rows;
 }
