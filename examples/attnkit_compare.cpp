@@ -1,7 +1,8 @@
 // attnkit-compare: the attention variants side by side at one model geometry.
 // Per variant: KV-cache bytes per token per layer, cache GiB for a whole model and context,
 // attention decode latency per token at a context length, causal prefill time, and the max
-// relative error of the decode output against the double-precision reference.
+// relative error of the decode output against the double-precision reference. With --plot, the
+// attention decode of every row again at a sweep of context lengths, drawn by gnuplot.
 // Default geometry: a Llama-3-8B attention layer (D 4096, H 32, H_kv 8, d 128, theta 5e5).
 #include <attnkit/attnkit.hpp>
 #include <attnkit/reference/attention.hpp>
@@ -12,6 +13,11 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
 #include <functional>
 #include <numeric>
 #include <limits>
@@ -36,6 +42,10 @@ struct options {
   bool json = false;
   std::int64_t calibration = 4096;
   bool batch = false;  // --batch: the mixed-batch serving step instead of the table
+  std::vector<std::string> plots;            // --plot FILE (.png or .svg), any number of them
+  std::vector<std::int64_t> plot_contexts;   // --plot-contexts; empty: halvings of --context
+  bool decode_only = false;                  // the sweep's runs: attention decode and its error
+  bool announce = true;                      // measures() reports progress on stderr
   compare_batch::batch_options batch_opt;
   std::vector<std::string> rows{"MHA",           "GQA",          "MQA",
                                 "MLA-V2-Lite",   "MLA-V3",       "TPA-R2",
@@ -49,7 +59,7 @@ struct options {
   /// and the JSON go to stdout).
   bool measures(const std::string& name) const {
     if (!wants(name)) return false;
-    std::fprintf(stderr, "attnkit-compare: measuring %s ...\n", name.c_str());
+    if (announce) std::fprintf(stderr, "attnkit-compare: measuring %s ...\n", name.c_str());
     return true;
   }
 };
@@ -59,7 +69,21 @@ struct row {
   std::int64_t kv_bytes_per_token = 0;
   double kv_gib = 0, decode_us = 0, layer_decode_us = 0, prefill_ms = 0, max_rel_err = 0,
          layer_rel_err = 0;
+  double prefill_flop = 0;  ///< the attention products of the causal prefill, 2 (d_qk + d_v) H per pair
 };
+
+/// One point of the --plot sweep: a row's attention decode at one context length.
+struct sweep_point {
+  std::string variant;
+  std::int64_t context = 0;
+  double decode_us = 0;
+};
+
+/// The attention FLOPs of a causal prefill of n tokens from position 0: n (n + 1) / 2 query-key
+/// pairs per head, each a d_qk dot product and a d_v axpy (2 FLOPs per multiply-add).
+double causal_prefill_flop(std::int64_t n, std::int64_t heads, std::int64_t d_qk, std::int64_t d_v) {
+  return double(n) * double(n + 1) / 2.0 * double(heads) * 2.0 * double(d_qk + d_v);
+}
 
 const char* usage =
     "usage: attnkit-compare [options]\n"
@@ -82,6 +106,12 @@ const char* usage =
     "                  shared, timing the 5-layer span's attention)\n"
     "  --calibration N calibration tokens for the conversions (4096)\n"
     "  --json          machine-readable output\n"
+  "  --plot FILE     also measure every row's attention decode at a sweep of context lengths and\n"
+  "                  draw it with gnuplot (decode time per step vs context, log-log) into FILE,\n"
+  "                  .png or .svg; repeat the flag for both. Rows without an attention decode\n"
+  "                  (GQA-> conversions) are not swept.\n"
+  "  --plot-contexts LIST  comma-separated context lengths of the sweep (default: --context and\n"
+  "                  its halvings down to 128, at most 6)\n"
     "  --batch         one serving step of a mixed batch per variant (GQA at the geometry,\n"
     "                  MLA-V2-Lite, TPA-R2) over paged caches: batched vs one call per sequence,\n"
     "                  tokens/s, KV GB/s and the share of the read bandwidth. With it:\n"
@@ -134,6 +164,30 @@ options parse(int argc, char** argv) {
       o.storage = need(i);
     else if (a == "--json")
       o.json = true;
+    else if (a == "--plot") {
+      const std::string f = need(i);
+      const auto ends = [&](const char* e) {
+        return f.size() > 4 && f.compare(f.size() - 4, 4, e) == 0;
+      };
+      if (!ends(".png") && !ends(".svg"))
+        throw ak::invalid_argument("attnkit-compare: --plot FILE must end in .png or .svg, got '" +
+                                   f + "'");
+      o.plots.push_back(f);
+    } else if (a == "--plot-contexts") {
+      o.plot_contexts.clear();
+      const std::string list = need(i);
+      for (std::size_t p = 0; p <= list.size();) {
+        const std::size_t q = std::min(list.find(',', p), list.size());
+        const std::string v = list.substr(p, q - p);
+        char* end = nullptr;
+        const long long x = std::strtoll(v.c_str(), &end, 10);
+        if (v.empty() || *end || x < 1)
+          throw ak::invalid_argument(
+              "attnkit-compare: --plot-contexts must be positive integers, got '" + v + "'");
+        o.plot_contexts.push_back(x);
+        p = q + 1;
+      }
+    }
     else if (a == "--batch")
       o.batch = true;
     else if (a == "--decodes")
@@ -158,8 +212,8 @@ options parse(int argc, char** argv) {
         if (!all.wants(r))
           throw ak::invalid_argument("attnkit-compare: --rows: unknown row '" + r +
                                      "' (MHA, GQA, MQA, MLA-V2-Lite, MLA-V3, TPA-R2, TPA-R1, "
-                                     "TPA-T6-small, GQA->MLA-exact, "
-                                     "GQA->TransMLA, GQA->MHA2MLA)");
+                                     "TPA-T6-small, GQA->MLA-exact, GQA->TransMLA, "
+                                     "GQA->MHA2MLA, Shared-L2-7B, Shared-L3-8B)");
         o.rows.push_back(r);
         p = q + 1;
       }
@@ -179,6 +233,13 @@ options parse(int argc, char** argv) {
   if (o.heads % o.kv_heads != 0)
     throw ak::invalid_argument("attnkit-compare: --heads=" + std::to_string(o.heads) +
                                " must be a multiple of --kv-heads=" + std::to_string(o.kv_heads));
+  if (o.plot_contexts.empty())
+    for (std::int64_t c = o.context; c >= 128 && o.plot_contexts.size() < 6; c /= 2)
+      o.plot_contexts.insert(o.plot_contexts.begin(), c);
+  if (o.plot_contexts.empty()) o.plot_contexts.push_back(o.context);
+  if (!o.plots.empty() && std::system("command -v gnuplot >/dev/null 2>&1") != 0)
+    throw ak::invalid_argument(
+        "attnkit-compare: --plot needs gnuplot on PATH (Debian: apt-get install gnuplot-nox)");
   if (o.storage != "f32" && o.storage != "bf16" && o.storage != "f16")
     throw ak::invalid_argument("attnkit-compare: --storage must be f32, bf16 or f16, got '" +
                                o.storage + "'");
@@ -290,6 +351,7 @@ row gqa_family_row(const options& o, const std::string& name, std::int64_t kv_he
                                v.cast<double>(), pos, h, kv_heads, 1.0 / std::sqrt(double(d)));
   r.max_rel_err =
       (out.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
+  if (o.decode_only) return r;
 
   const std::int64_t tp = o.prefill;
   const fmat qp = random_matrix(rng, tp, h * d);
@@ -307,6 +369,7 @@ row gqa_family_row(const options& o, const std::string& name, std::int64_t kv_he
                              ak::tensor3_view<float>(pout.data(), {n, h, d}), {}, pool, &ws);
                 }) /
       1000.0;
+  r.prefill_flop = causal_prefill_flop(n, h, d, d);
   layer_columns<S>(o, kv_heads, cache, pool, r);
   return r;
 }
@@ -426,12 +489,20 @@ std::vector<row> mla_rows(const options& o, const std::string& name, const ak::m
           (olat.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
     } else {
       r.decode_us = adaptive_median_us([&] { naive(1, qn.data(), &qpos, on.data(), cache); });
+      if (o.decode_only) {  // the sweep: no reference (V3's materialised K/V in double are GBs)
+        rows.push_back(r);
+        continue;
+      }
       // Reference on the materialised K/V (the naive path's own intermediate).
       const auto ref =
           ak::reference::attention(qn.cast<double>(), std::span(&qpos, 1), kf.cast<double>(),
                                    vf.cast<double>(), pos, h, h, opt.scale.value());
       r.max_rel_err =
           (on.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
+    }
+    if (o.decode_only) {
+      rows.push_back(r);
+      continue;
     }
     // Causal prefill of `prefill` tokens through the same core.
     {
@@ -450,6 +521,7 @@ std::vector<row> mla_rows(const options& o, const std::string& name, const ak::m
                          naive(n, pq.data(), pos.data(), po.data(), pc);
                      }) /
                      1000.0;
+      r.prefill_flop = is_absorbed ? causal_prefill_flop(n, h, w, dc) : causal_prefill_flop(n, h, dqk, dv);
     }
     // Layer: decode at the context (token appended, then rolled back), and error vs reference.
     const ak::mla_path path = is_absorbed ? ak::mla_path::absorbed : ak::mla_path::naive;
@@ -545,6 +617,7 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
     r.max_rel_err =
         (out.cast<double>() - ref.out).cwiseAbs().maxCoeff() / ref.out.cwiseAbs().maxCoeff();
   }
+  if (o.decode_only) return r;
   {  // causal prefill of `prefill` query tokens against as many cached tokens
     const std::int64_t n = std::min(o.prefill, t);
     auto pc = layer.make_cache<S>(n);
@@ -564,6 +637,7 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
                                    ak::tensor3_view<float>(po.data(), {n, h, d}), {}, pool, &ws);
                              }) /
                    1000.0;
+    r.prefill_flop = causal_prefill_flop(n, h, d, d);
   }
   const fmat x = random_matrix(rng, 8, dm);
   fmat y(8, dm);
@@ -597,7 +671,8 @@ row tpa_row(const options& o, const std::string& name, const ak::tpa_config& cfg
 template <ak::storage_type S>
 std::vector<row> conversion_rows(const options& o, ak::thread_pool& pool) {
   namespace cv = ak::convert;
-  if (!o.wants("GQA->MLA-exact") && !o.wants("GQA->TransMLA") && !o.wants("GQA->MHA2MLA"))
+  if (o.decode_only ||
+      (!o.wants("GQA->MLA-exact") && !o.wants("GQA->TransMLA") && !o.wants("GQA->MHA2MLA")))
     return {};  // the synthetic layer and its calibration data cost seconds to build
   const ak::gqa_config cfg{.model_dim = o.model_dim,
                            .heads = o.heads,
@@ -822,7 +897,10 @@ void print_table(const options& o, const std::vector<row>& rows) {
   char gib_head[64], dec_head[64], pre_head[64];
   std::snprintf(gib_head, sizeof gib_head, "(%lldL x %lldk)", (long long)o.layers,
                 (long long)(o.model_tokens / 1024));
-  std::snprintf(dec_head, sizeof dec_head, "(us @ %lldk)", (long long)(o.context / 1024));
+  if (o.context % 1024 == 0)
+    std::snprintf(dec_head, sizeof dec_head, "(us @ %lldk)", (long long)(o.context / 1024));
+  else
+    std::snprintf(dec_head, sizeof dec_head, "(us @ %lld)", (long long)o.context);
   std::snprintf(pre_head, sizeof pre_head, "(ms, %lld tok)", (long long)o.prefill);
   std::printf("%-20s %-26s %12s %14s %14s %14s %14s %12s %12s\n", "", "", "(per layer)", gib_head,
               dec_head, "(us/token)", pre_head, "", "");
@@ -859,7 +937,100 @@ void print_table(const options& o, const std::vector<row>& rows) {
         "double.\n");
 }
 
-void print_json(const options& o, const std::vector<row>& rows) {
+/// The decode of every row again at each context of the sweep (attention core only; rows
+/// without one, the conversions, are skipped).
+std::vector<sweep_point> decode_sweep(const options& o, ak::thread_pool& pool) {
+  std::vector<sweep_point> points;
+  for (const std::int64_t c : o.plot_contexts) {
+    std::fprintf(stderr, "attnkit-compare: plot sweep, context %lld ...\n", (long long)c);
+    options at = o;
+    at.context = c;
+    at.decode_only = true;
+    at.announce = false;
+    const auto rows = at.storage == "bf16"  ? all_rows<ak::bf16>(at, pool)
+                      : at.storage == "f16" ? all_rows<ak::half>(at, pool)
+                                            : all_rows<float>(at, pool);
+    for (const auto& r : rows)
+      if (!std::isnan(r.decode_us)) points.push_back({r.variant, c, r.decode_us});
+  }
+  return points;
+}
+
+/// "Intel(R) Xeon(R) ..., 16 vCPUs": the model name from /proc/cpuinfo where there is one.
+std::string machine_name() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line, name = "unknown CPU";
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
+      name = line.substr(line.find(':') + 2);
+      break;
+    }
+  return name + ", " + std::to_string(std::thread::hardware_concurrency()) + " vCPUs";
+}
+
+std::string today() {
+  const std::time_t now = std::time(nullptr);
+  char b[16];
+  std::strftime(b, sizeof b, "%Y-%m-%d", std::gmtime(&now));
+  return b;
+}
+
+/// The sweep as a log-log chart, one line per row, rendered by gnuplot into `file` (.png or
+/// .svg). The title names the machine, the threads, the storage and the date.
+void write_plot(const options& o, const std::vector<sweep_point>& points, const std::string& file) {
+  std::vector<std::string> variants;
+  for (const auto& p : points)
+    if (std::find(variants.begin(), variants.end(), p.variant) == variants.end())
+      variants.push_back(p.variant);
+  const bool svg = file.compare(file.size() - 4, 4, ".svg") == 0;
+  std::ostringstream g;
+  g << (svg ? "set terminal svg size 1000,620 dynamic font 'Helvetica,12'\n"
+            : "set terminal pngcairo size 1000,620 font 'Helvetica,10'\n");
+  g << "set termoption noenhanced\nset output '" << file << "'\n"
+    << "set title \"attnkit " << ATTNKIT_VERSION_STRING << ": attention decode per step vs context ("
+    << o.storage << " cache, " << o.threads << " threads)\\n" << machine_name() << ", " << today()
+    << "\"\n"
+    << "set logscale x 2\nset logscale y 10\nset xlabel 'context length (tokens)'\n"
+    << "set ylabel 'attention decode per step (us, median)'\nset format y '%g'\n"
+    << "set grid\nset key outside right top\nset xtics (";
+  for (std::size_t i = 0; i < o.plot_contexts.size(); ++i)
+    g << (i ? ", " : "") << o.plot_contexts[i];
+  g << ")\n";
+  for (std::size_t v = 0; v < variants.size(); ++v) {
+    g << "$d" << v << " << EOD\n";
+    for (const auto& p : points)
+      if (p.variant == variants[v]) g << p.context << ' ' << p.decode_us << '\n';
+    g << "EOD\n";
+  }
+  g << "plot ";
+  for (std::size_t v = 0; v < variants.size(); ++v)
+    g << (v ? ", " : "") << "$d" << v << " using 1:2 with linespoints lw 2 title '" << variants[v]
+      << "'";
+  g << "\n";
+  FILE* pipe = popen("gnuplot", "w");
+  if (!pipe) throw std::runtime_error("attnkit-compare: could not start gnuplot");
+  const std::string script = g.str();
+  std::fwrite(script.data(), 1, script.size(), pipe);
+  if (pclose(pipe) != 0)
+    throw std::runtime_error("attnkit-compare: gnuplot failed to write '" + file + "'");
+  std::fprintf(stderr, "attnkit-compare: wrote %s\n", file.c_str());
+}
+
+void print_sweep_table(const options& o, const std::vector<sweep_point>& points) {
+  std::printf("\nattention decode per step (us, median) vs context length\n%-22s", "variant");
+  for (const std::int64_t c : o.plot_contexts) std::printf(" %10lld", (long long)c);
+  std::printf("\n");
+  for (std::size_t i = 0; i < points.size(); ++i) {
+    if (points[i].context != o.plot_contexts.front()) continue;
+    std::printf("%-22s", points[i].variant.c_str());
+    for (const auto& p : points)
+      if (p.variant == points[i].variant) std::printf(" %10.1f", p.decode_us);
+    std::printf("\n");
+  }
+}
+
+void print_json(const options& o, const std::vector<row>& rows,
+                const std::vector<sweep_point>& sweep) {
   std::printf("{\n  \"attnkit_version\": \"%s\",\n", ATTNKIT_VERSION_STRING);
   std::printf(
       "  \"config\": {\"model_dim\": %lld, \"heads\": %lld, \"kv_heads\": %lld, \"head_dim\": "
@@ -882,13 +1053,19 @@ void print_json(const options& o, const std::vector<row>& rows) {
         "    {\"variant\": \"%s\", \"shape\": \"%s\", \"kv_bytes_per_token\": %lld, \"kv_gib\": "
         "%.4f, "
         "\"decode_us\": %s, \"layer_decode_us\": %s, \"prefill_ms\": %s, \"max_rel_err\": %s, "
-        "\"layer_rel_err\": %s}%s\n",
+        "\"layer_rel_err\": %s, \"prefill_flop\": %s}%s\n",
         r.variant.c_str(), r.detail.c_str(), (long long)r.kv_bytes_per_token, r.kv_gib,
         num(r.decode_us, "%.2f").c_str(), num(r.layer_decode_us, "%.2f").c_str(),
         num(r.prefill_ms, "%.3f").c_str(), num(r.max_rel_err, "%.3e").c_str(),
-        num(r.layer_rel_err, "%.3e").c_str(), i + 1 < rows.size() ? "," : "");
+        num(r.layer_rel_err, "%.3e").c_str(), num(r.prefill_flop > 0 ? r.prefill_flop : std::nan(""), "%.6g").c_str(),
+        i + 1 < rows.size() ? "," : "");
   }
-  std::printf("  ]\n}\n");
+  std::printf("  ],\n  \"machine\": \"%s\",\n  \"date\": \"%s\",\n  \"sweep\": [", machine_name().c_str(),
+              today().c_str());
+  for (std::size_t i = 0; i < sweep.size(); ++i)
+    std::printf("%s\n    {\"variant\": \"%s\", \"context\": %lld, \"decode_us\": %.2f}", i ? "," : "",
+                sweep[i].variant.c_str(), (long long)sweep[i].context, sweep[i].decode_us);
+  std::printf("%s]\n}\n", sweep.empty() ? "" : "\n  ");
 }
 
 }  // namespace
@@ -908,10 +1085,15 @@ int main(int argc, char** argv) {
     std::vector<row> rows = o.storage == "bf16"  ? all_rows<ak::bf16>(o, pool)
                             : o.storage == "f16" ? all_rows<ak::half>(o, pool)
                                                  : all_rows<float>(o, pool);
-    if (o.json)
-      print_json(o, rows);
-    else
+    const std::vector<sweep_point> sweep =
+        o.plots.empty() ? std::vector<sweep_point>{} : decode_sweep(o, pool);
+    for (const auto& f : o.plots) write_plot(o, sweep, f);
+    if (o.json) {
+      print_json(o, rows, sweep);
+    } else {
       print_table(o, rows);
+      if (!sweep.empty()) print_sweep_table(o, sweep);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 2;

@@ -2,7 +2,7 @@
 # Installs what a fresh Debian 12 machine lacks to build and test attnkit (needs root or sudo).
 set -euo pipefail
 packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev pkg-config clang libclang-rt-14-dev
-          nlohmann-json3-dev g++-aarch64-linux-gnu qemu-user-static)
+          nlohmann-json3-dev g++-aarch64-linux-gnu qemu-user-static gnuplot-nox doxygen)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
