@@ -21,25 +21,29 @@
 
 namespace attnkit {
 
+/// Geometry of a dense_cache; validated at construction (every extent positive).
 struct dense_cache_config {
-  std::int64_t kv_heads = 0;
-  std::int64_t head_dim = 0;
+  std::int64_t kv_heads = 0;    ///< KV heads H_kv (H for MHA, 1 for MQA).
+  std::int64_t head_dim = 0;    ///< key width d_qk per head.
   std::int64_t v_head_dim = 0;  ///< 0 = head_dim
-  std::int64_t capacity = 0;
+  std::int64_t capacity = 0;    ///< tokens the cache can hold; fixed at construction.
 };
 
 /// Tokens to append: K and V already roped, token-major [T, kv_heads, dim] (any strides).
 struct dense_append {
-  tensor3_view<const float> k;
-  tensor3_view<const float> v;
-  std::span<const std::int64_t> positions;
+  tensor3_view<const float> k;              ///< roped keys [T, kv_heads, head_dim].
+  tensor3_view<const float> v;              ///< values [T, kv_heads, v_head_dim].
+  std::span<const std::int64_t> positions;  ///< the tokens' absolute positions [T].
 };
 
+/// KV cache of MHA, GQA and MQA in storage type S (float, bf16, half): per KV head, K [capacity,
+/// head_dim] and V [capacity, v_head_dim] rows plus each token's position. Owning or over engine
+/// memory; see the file comment for the layout.
 template <storage_type S>
 class dense_cache {
  public:
-  using storage_type = S;
-  using append_type = dense_append;
+  using storage_type = S;            ///< the element type of the stored rows.
+  using append_type = dense_append;  ///< what append() takes.
 
   /// Owning cache: allocates kv_heads * capacity * (head_dim + v_head_dim) elements now, never
   /// later.
@@ -77,6 +81,7 @@ class dense_cache {
         size_(std::exchange(o.size_, 0)) {
     o.cfg_.capacity = 0;
   }
+  /// Move assignment: as the move constructor, the source is left empty with capacity 0.
   dense_cache& operator=(dense_cache&& o) noexcept {
     if (this != &o) {
       this->~dense_cache();
@@ -85,15 +90,17 @@ class dense_cache {
     return *this;
   }
 
-  const dense_cache_config& config() const { return cfg_; }
-  std::int64_t kv_heads() const { return cfg_.kv_heads; }
-  std::int64_t head_dim() const { return cfg_.head_dim; }
-  std::int64_t v_head_dim() const { return cfg_.v_head_dim; }
-  std::int64_t size() const { return size_; }
-  std::int64_t capacity() const { return cfg_.capacity; }
+  const dense_cache_config& config() const { return cfg_; }  ///< The geometry, v_head_dim resolved.
+  std::int64_t kv_heads() const { return cfg_.kv_heads; }    ///< KV heads H_kv.
+  std::int64_t head_dim() const { return cfg_.head_dim; }    ///< key width per head.
+  std::int64_t v_head_dim() const { return cfg_.v_head_dim; }  ///< value width per head.
+  std::int64_t size() const { return size_; }                  ///< tokens held.
+  std::int64_t capacity() const { return cfg_.capacity; }      ///< tokens the cache can hold.
+  /// Bytes one token occupies in the cache: kv_heads (head_dim + v_head_dim) sizeof(S).
   std::int64_t bytes_per_token() const {
     return cfg_.kv_heads * (cfg_.head_dim + cfg_.v_head_dim) * static_cast<std::int64_t>(sizeof(S));
   }
+  /// The positions of the held tokens [size()].
   std::span<const std::int64_t> positions() const {
     return {pos_, static_cast<std::size_t>(size_)};
   }
@@ -105,6 +112,8 @@ class dense_cache {
                       cfg_.kv_heads, positions());
   }
 
+  /// Appends T tokens (rounded to S) after the held ones; throws attnkit::invalid_argument on a
+  /// shape mismatch or when T exceeds capacity() - size(), leaving the cache unchanged.
   void append(const dense_append& a) {
     const std::int64_t t = static_cast<std::int64_t>(a.positions.size());
     detail::require_extents(a.k, {t, cfg_.kv_heads, cfg_.head_dim}, "dense_cache::append: k");
@@ -123,17 +132,20 @@ class dense_cache {
     }
     size_ += t;
   }
+  /// Appends k [T, kv_heads, head_dim] and v [T, kv_heads, v_head_dim] at `positions` [T]; as
+  /// append(const dense_append&).
   void append(tensor3_view<const float> k, tensor3_view<const float> v,
               std::span<const std::int64_t> positions) {
     append(dense_append{k, v, positions});
   }
 
+  /// Keeps the first n tokens (speculative decoding rollback); n in [0, size()].
   void truncate(std::int64_t n) {
     detail::require(n >= 0 && n <= size_, "dense_cache::truncate: n=", n,
                     " must be in [0, size=", size_, "]");
     size_ = n;
   }
-  void clear() { size_ = 0; }
+  void clear() { size_ = 0; }  ///< Forgets every token; capacity and memory stay.
 
  private:
   dense_cache_config validated(dense_cache_config c) {

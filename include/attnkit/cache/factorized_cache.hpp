@@ -23,13 +23,14 @@
 
 namespace attnkit {
 
+/// Geometry of a factorized_cache (TPA, T6); validated at construction.
 struct factorized_cache_config {
-  std::int64_t heads = 0;
-  std::int64_t head_dim = 0;
+  std::int64_t heads = 0;       ///< query heads H (the A factors' width).
+  std::int64_t head_dim = 0;    ///< key width d per head (the B_K factors' width).
   std::int64_t v_head_dim = 0;  ///< 0 = head_dim
-  std::int64_t k_rank = 0;
-  std::int64_t v_rank = 0;
-  std::int64_t capacity = 0;
+  std::int64_t k_rank = 0;      ///< key rank R_K.
+  std::int64_t v_rank = 0;      ///< value rank R_V.
+  std::int64_t capacity = 0;    ///< tokens the cache can hold; fixed at construction.
   std::optional<float> k_scale{};  ///< default 1/k_rank (T6)
   std::optional<float> v_scale{};  ///< default 1/v_rank (T6)
 };
@@ -37,16 +38,23 @@ struct factorized_cache_config {
 /// Tokens to append: a_k [T, k_rank, heads], b_k [T, k_rank, head_dim] (roped), a_v [T, v_rank,
 /// heads], b_v [T, v_rank, v_head_dim] (any strides).
 struct factorized_append {
-  tensor3_view<const float> a_k, b_k, a_v, b_v;
-  std::span<const std::int64_t> positions;
+  tensor3_view<const float> a_k;            ///< key head weights [T, k_rank, heads]
+  tensor3_view<const float> b_k;            ///< key factors [T, k_rank, head_dim], roped
+  tensor3_view<const float> a_v;            ///< value head weights [T, v_rank, heads]
+  tensor3_view<const float> b_v;            ///< value factors [T, v_rank, v_head_dim]
+  std::span<const std::int64_t> positions;  ///< the tokens' absolute positions [T]
 };
 
+/// KV cache of TPA in storage type S: per token the factors A_K [k_rank, heads], B_K [k_rank,
+/// head_dim], A_V [v_rank, heads], B_V [v_rank, v_head_dim] and the position, never K and V. Owning
+/// or over engine memory; see the file comment for the layout.
 template <storage_type S>
 class factorized_cache {
  public:
-  using storage_type = S;
-  using append_type = factorized_append;
+  using storage_type = S;                 ///< the element type of the stored factors.
+  using append_type = factorized_append;  ///< what append() takes.
 
+  /// Owning cache: allocates capacity tokens of all four factors now, never later.
   explicit factorized_cache(const factorized_cache_config& cfg) : cfg_(validated(cfg)) {
     for (int i = 0; i < 4; ++i) {
       owned_[i] = detail::aligned_alloc_array<S>(elements_[i]);
@@ -80,6 +88,7 @@ class factorized_cache {
       f_[i] = std::exchange(o.f_[i], nullptr);
     }
   }
+  /// Move assignment: the source is left empty with capacity 0.
   factorized_cache& operator=(factorized_cache&& o) noexcept {
     if (this != &o) {
       this->~factorized_cache();
@@ -88,29 +97,35 @@ class factorized_cache {
     return *this;
   }
 
+  /// The geometry, defaults resolved.
   const factorized_cache_config& config() const { return cfg_; }
-  std::int64_t heads() const { return cfg_.heads; }
-  std::int64_t head_dim() const { return cfg_.head_dim; }
-  std::int64_t v_head_dim() const { return cfg_.v_head_dim; }
-  std::int64_t k_rank() const { return cfg_.k_rank; }
-  std::int64_t v_rank() const { return cfg_.v_rank; }
-  float k_scale() const { return *cfg_.k_scale; }
-  float v_scale() const { return *cfg_.v_scale; }
-  std::int64_t size() const { return size_; }
-  std::int64_t capacity() const { return cfg_.capacity; }
+  std::int64_t heads() const { return cfg_.heads; }            ///< heads H.
+  std::int64_t head_dim() const { return cfg_.head_dim; }      ///< key width per head.
+  std::int64_t v_head_dim() const { return cfg_.v_head_dim; }  ///< value width per head.
+  std::int64_t k_rank() const { return cfg_.k_rank; }          ///< key rank R_K.
+  std::int64_t v_rank() const { return cfg_.v_rank; }          ///< value rank R_V.
+  float k_scale() const { return *cfg_.k_scale; }          ///< K = k_scale sum_r A_K[r, h] B_K[r].
+  float v_scale() const { return *cfg_.v_scale; }          ///< V = v_scale sum_r A_V[r, h] B_V[r].
+  std::int64_t size() const { return size_; }              ///< tokens held.
+  std::int64_t capacity() const { return cfg_.capacity; }  ///< tokens the cache can hold.
+  /// Bytes one token occupies: (k_rank (heads + head_dim) + v_rank (heads + v_head_dim)) sizeof(S).
   std::int64_t bytes_per_token() const {
     return (cfg_.k_rank * (cfg_.heads + cfg_.head_dim) +
             cfg_.v_rank * (cfg_.heads + cfg_.v_head_dim)) *
            static_cast<std::int64_t>(sizeof(S));
   }
+  /// The positions of the held tokens [size()].
   std::span<const std::int64_t> positions() const {
     return {pos_, static_cast<std::size_t>(size_)};
   }
+  /// What attend_factorized() reads: the four factor arrays and the positions.
   factor_view<S> view() const {
     return {cfg_.heads, cfg_.head_dim, cfg_.v_head_dim, cfg_.k_rank, cfg_.v_rank, k_scale(),
             v_scale(),  f_[0],         f_[1],           f_[2],       f_[3],       positions()};
   }
 
+  /// Appends T tokens' factors (rounded to S); throws attnkit::invalid_argument on a shape mismatch
+  /// or when T exceeds capacity() - size(), leaving the cache unchanged.
   void append(const factorized_append& a) {
     const std::int64_t t = static_cast<std::int64_t>(a.positions.size());
     const std::int64_t h = cfg_.heads, rk = cfg_.k_rank, rv = cfg_.v_rank;
@@ -128,12 +143,13 @@ class factorized_cache {
     }
     size_ += t;
   }
+  /// Keeps the first n tokens; n in [0, size()].
   void truncate(std::int64_t n) {
     detail::require(n >= 0 && n <= size_, "factorized_cache::truncate: n=", n,
                     " must be in [0, size=", size_, "]");
     size_ = n;
   }
-  void clear() { size_ = 0; }
+  void clear() { size_ = 0; }  ///< Forgets every token; capacity and memory stay.
 
  private:
   static void copy(const tensor3_view<const float>& src, std::int64_t t, S* dst) {

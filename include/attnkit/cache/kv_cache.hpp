@@ -17,6 +17,8 @@
 
 namespace attnkit {
 
+/// The KV-cache concept (see the file comment): positions, payload appends that throw without
+/// changing anything, truncate/clear, and view() for the kernels.
 template <class C>
 concept kv_cache = requires(C& c, const C& cc, std::int64_t n,
                             const typename C::append_type& payload) {
@@ -32,7 +34,7 @@ concept kv_cache = requires(C& c, const C& cc, std::int64_t n,
   c.append(payload);
 };
 
-/// A cache whose view is View (kv_view<S> or factor_view<S>): what a kernel over View accepts.
+/// A cache whose view is View (`kv_view<S>` or `factor_view<S>`): what a kernel over View accepts.
 template <class C, class View>
 concept cache_with_view = kv_cache<C> && requires(const C& c) {
   { c.view() } -> std::same_as<View>;

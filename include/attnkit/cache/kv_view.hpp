@@ -30,11 +30,12 @@ struct page_table {
   std::span<const std::int32_t> pages{};  ///< the sequence's pages in token order
   std::int64_t page_size = 0;             ///< tokens per page
 
-  bool paged() const { return page_size > 0; }
+  bool paged() const { return page_size > 0; }  ///< true when page_size > 0.
   /// Physical page and slot of token t.
   std::int64_t page(std::int64_t t) const {
     return paged() ? pages[static_cast<std::size_t>(t / page_size)] : 0;
   }
+  /// Slot of token t within its page (t itself when not paged).
   std::int64_t slot(std::int64_t t) const { return paged() ? t % page_size : t; }
   /// End of the run of tokens that starts at t (its page's end) in a sequence of `size` tokens.
   std::int64_t run_end(std::int64_t t, std::int64_t size) const {
@@ -65,23 +66,26 @@ struct page_table {
 /// contiguous elements (page(t) = 0 and slot(t) = t unless `table` is paged).
 template <storage_type S>
 struct row_set {
-  const S* data = nullptr;
-  std::int64_t head_stride = 0;
-  std::int64_t row_stride = 0;
-  std::int64_t width = 0;
+  const S* data = nullptr;       ///< head 0's first row (page 0's, when paged).
+  std::int64_t head_stride = 0;  ///< elements from one KV head's rows to the next.
+  std::int64_t row_stride = 0;   ///< elements from one token's row to the next (within a page).
+  std::int64_t width = 0;        ///< elements per row (d_qk for keys, d_v for values).
   std::int64_t page_stride = 0;  ///< elements from one page to the next (paged views)
-  page_table table{};
+  page_table table{};            ///< token -> page and slot (default: not paged).
+  /// Row t of KV head `head`: `width` contiguous elements.
   const S* row(std::int64_t head, std::int64_t t) const {
     if (!table.paged()) return data + head * head_stride + t * row_stride;
     return data + table.page(t) * page_stride + head * head_stride + table.slot(t) * row_stride;
   }
 };
 
+/// What the GQA-family and latent kernels read: per KV head, key rows [T, d_qk] and value rows [T,
+/// d_v] (contiguous runs or pages), one position per token. A view never owns memory.
 template <storage_type S>
 class kv_view {
  public:
-  using storage_type = S;
-  kv_view() = default;
+  using storage_type = S;  ///< the element type of the rows.
+  kv_view() = default;     ///< an empty view (no tokens).
   /// Keys and values of kv_heads heads over `positions.size()` tokens.
   kv_view(row_set<S> keys, row_set<S> values, std::int64_t kv_heads,
           std::span<const std::int64_t> positions)
@@ -138,13 +142,13 @@ class kv_view {
                  {rows, 0, row_stride, latent_dim, page_stride}, 1, table, num_pages, positions);
   }
 
-  std::int64_t size() const { return static_cast<std::int64_t>(pos_.size()); }
-  std::int64_t kv_heads() const { return kv_heads_; }
-  std::int64_t head_dim() const { return k_.width; }
-  std::int64_t v_head_dim() const { return v_.width; }
-  std::span<const std::int64_t> positions() const { return pos_; }
-  const row_set<S>& keys() const { return k_; }
-  const row_set<S>& values() const { return v_; }
+  std::int64_t size() const { return static_cast<std::int64_t>(pos_.size()); }  ///< tokens T.
+  std::int64_t kv_heads() const { return kv_heads_; }                           ///< KV heads H_kv.
+  std::int64_t head_dim() const { return k_.width; }                            ///< key width d_qk.
+  std::int64_t v_head_dim() const { return v_.width; }              ///< value width d_v.
+  std::span<const std::int64_t> positions() const { return pos_; }  ///< the tokens' positions [T].
+  const row_set<S>& keys() const { return k_; }                     ///< the key rows.
+  const row_set<S>& values() const { return v_; }                   ///< the value rows.
   /// Values are the leading columns of the key rows (MLA): a kernel may widen a block once.
   bool values_in_keys() const {
     return v_.data == k_.data && v_.row_stride == k_.row_stride &&
@@ -175,11 +179,14 @@ class kv_view {
 
 /// Values only: row t of KV head j at values.row(j, t) ([v_head_dim] elements), one position per
 /// token. What a shared-attention follower reads (kernels/shared.hpp).
+/// What a shared-attention follower reads: per KV head, value rows [T, d_v] (contiguous runs or
+/// pages), one position per token; no keys.
 template <storage_type S>
 class value_view {
  public:
-  using storage_type = S;
-  value_view() = default;
+  using storage_type = S;  ///< the element type of the rows.
+  value_view() = default;  ///< an empty view (no tokens).
+  /// Values of kv_heads heads over `positions.size()` tokens, addressed by `values`.
   value_view(row_set<S> values, std::int64_t kv_heads, std::span<const std::int64_t> positions)
       : v_(values), kv_heads_(kv_heads), pos_(positions) {
     using detail::require;
@@ -201,11 +208,12 @@ class value_view {
     return value_view(values, kv_heads, positions);
   }
 
-  std::int64_t size() const { return static_cast<std::int64_t>(pos_.size()); }
-  std::int64_t kv_heads() const { return kv_heads_; }
-  std::int64_t v_head_dim() const { return v_.width; }
-  std::span<const std::int64_t> positions() const { return pos_; }
-  const row_set<S>& values() const { return v_; }
+  std::int64_t size() const { return static_cast<std::int64_t>(pos_.size()); }  ///< tokens T.
+  std::int64_t kv_heads() const { return kv_heads_; }                           ///< KV heads H_kv.
+  std::int64_t v_head_dim() const { return v_.width; }              ///< value width d_v.
+  std::span<const std::int64_t> positions() const { return pos_; }  ///< the tokens' positions [T].
+  const row_set<S>& values() const { return v_; }                   ///< the value rows.
+  /// End of the run of uniformly strided rows that starts at token t.
   std::int64_t run_end(std::int64_t t) const { return v_.table.run_end(t, size()); }
 
  private:
@@ -231,24 +239,37 @@ class value_view {
 /// page_size tokens of a page one run per factor, and page p's at + p * page_stride.
 template <storage_type S>
 struct factor_view {
-  using storage_type = S;
-  std::int64_t heads = 0, head_dim = 0, v_head_dim = 0, k_rank = 0, v_rank = 0;
-  float k_scale = 1.f, v_scale = 1.f;
-  const S *a_k = nullptr, *b_k = nullptr, *a_v = nullptr, *b_v = nullptr;
-  std::span<const std::int64_t> positions{};
-  page_table pages{};
+  using storage_type = S;                     ///< the element type of the factors.
+  std::int64_t heads = 0;                     ///< heads H (the A factors' width)
+  std::int64_t head_dim = 0;                  ///< key width d
+  std::int64_t v_head_dim = 0;                ///< value width
+  std::int64_t k_rank = 0;                    ///< R_K
+  std::int64_t v_rank = 0;                    ///< R_V
+  float k_scale = 1.f;                        ///< K = k_scale sum_r A_K[r, h] B_K[r]
+  float v_scale = 1.f;                        ///< V = v_scale sum_r A_V[r, h] B_V[r]
+  const S* a_k = nullptr;                     ///< A_K blocks [T][k_rank, heads]
+  const S* b_k = nullptr;                     ///< B_K blocks [T][k_rank, head_dim], roped
+  const S* a_v = nullptr;                     ///< A_V blocks [T][v_rank, heads]
+  const S* b_v = nullptr;                     ///< B_V blocks [T][v_rank, v_head_dim]
+  std::span<const std::int64_t> positions{};  ///< one absolute position per token [T]
+  page_table pages{};                         ///< token -> page and slot (default: not paged)
   std::int64_t page_stride = 0;  ///< elements from one page to the next (paged views)
   std::int64_t num_pages = 0;    ///< the pool's pages (paged views)
 
-  std::int64_t size() const { return static_cast<std::int64_t>(positions.size()); }
+  std::int64_t size() const { return static_cast<std::int64_t>(positions.size()); }  ///< tokens T.
   /// Offset of token t's block of `width` elements in a factor array.
   std::int64_t offset(std::int64_t t, std::int64_t width) const {
     return pages.paged() ? pages.page(t) * page_stride + pages.slot(t) * width : t * width;
   }
+  /// token t's A_K [k_rank, heads].
   const S* a_k_row(std::int64_t t) const { return a_k + offset(t, k_rank * heads); }
+  /// token t's B_K [k_rank, head_dim].
   const S* b_k_row(std::int64_t t) const { return b_k + offset(t, k_rank * head_dim); }
+  /// token t's A_V [v_rank, heads].
   const S* a_v_row(std::int64_t t) const { return a_v + offset(t, v_rank * heads); }
+  /// token t's B_V [v_rank, v_head_dim].
   const S* b_v_row(std::int64_t t) const { return b_v + offset(t, v_rank * v_head_dim); }
+  /// End of the run of uniformly strided factor blocks that starts at token t.
   std::int64_t run_end(std::int64_t t) const { return pages.run_end(t, size()); }
 
   /// Checks the shape at an API boundary.

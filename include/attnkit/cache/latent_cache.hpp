@@ -23,26 +23,30 @@
 
 namespace attnkit {
 
+/// Geometry of a latent_cache (MLA); validated at construction.
 struct latent_cache_config {
   std::int64_t latent_dim = 0;  ///< d_c (kv_lora_rank)
   std::int64_t rope_dim = 0;    ///< d_R (qk_rope_head_dim); 0 allowed (no decoupled rope key)
   std::int64_t rope_heads = 1;  ///< n_rope_heads
-  std::int64_t capacity = 0;
+  std::int64_t capacity = 0;    ///< tokens the cache can hold; fixed at construction.
 };
 
 /// Tokens to append: c [T, latent_dim] and roped k_rope [T, rope_heads, rope_dim] (any strides).
 struct latent_append {
-  matrix_view<const float> c;
-  tensor3_view<const float> k_rope;
-  std::span<const std::int64_t> positions;
+  matrix_view<const float> c;  ///< latents [T, latent_dim], already normalised (kv_a_layernorm).
+  tensor3_view<const float> k_rope;         ///< roped decoupled keys [T, rope_heads, rope_dim].
+  std::span<const std::int64_t> positions;  ///< the tokens' absolute positions [T].
 };
 
+/// KV cache of MLA in storage type S: one row [c (latent_dim) | k_rope (rope_heads x rope_dim)] per
+/// token plus its position. Owning (allocated once) or over engine memory.
 template <storage_type S>
 class latent_cache {
  public:
-  using storage_type = S;
-  using append_type = latent_append;
+  using storage_type = S;             ///< the element type of the rows.
+  using append_type = latent_append;  ///< what append() takes.
 
+  /// Owning cache: allocates capacity rows of row_width() elements now, never later.
   explicit latent_cache(const latent_cache_config& cfg) : cfg_(validated(cfg)) {
     owned_rows_ = detail::aligned_alloc_array<S>(
         detail::checked_mul(cfg_.capacity, row_width(), "latent_cache: capacity x row width"));
@@ -69,6 +73,7 @@ class latent_cache {
         size_(std::exchange(o.size_, 0)) {
     o.cfg_.capacity = 0;
   }
+  /// Move assignment: the source is left empty with capacity 0.
   latent_cache& operator=(latent_cache&& o) noexcept {
     if (this != &o) {
       this->~latent_cache();
@@ -77,16 +82,19 @@ class latent_cache {
     return *this;
   }
 
-  const latent_cache_config& config() const { return cfg_; }
-  std::int64_t latent_dim() const { return cfg_.latent_dim; }
-  std::int64_t rope_dim() const { return cfg_.rope_dim; }
-  std::int64_t rope_heads() const { return cfg_.rope_heads; }
+  const latent_cache_config& config() const { return cfg_; }   ///< The geometry.
+  std::int64_t latent_dim() const { return cfg_.latent_dim; }  ///< d_c.
+  std::int64_t rope_dim() const { return cfg_.rope_dim; }      ///< d_R.
+  std::int64_t rope_heads() const { return cfg_.rope_heads; }  ///< rope keys per token.
+  /// elements per token row: latent_dim + rope_heads rope_dim.
   std::int64_t row_width() const { return cfg_.latent_dim + cfg_.rope_heads * cfg_.rope_dim; }
-  std::int64_t size() const { return size_; }
-  std::int64_t capacity() const { return cfg_.capacity; }
+  std::int64_t size() const { return size_; }              ///< tokens held.
+  std::int64_t capacity() const { return cfg_.capacity; }  ///< tokens the cache can hold.
+  /// Bytes one token occupies: row_width() sizeof(S).
   std::int64_t bytes_per_token() const {
     return row_width() * static_cast<std::int64_t>(sizeof(S));
   }
+  /// The positions of the held tokens [size()].
   std::span<const std::int64_t> positions() const {
     return {pos_, static_cast<std::size_t>(size_)};
   }
@@ -97,6 +105,8 @@ class latent_cache {
     return kv_view<S>::latent(rows_, row_width(), cfg_.latent_dim, row_width(), positions());
   }
 
+  /// Appends T tokens (rounded to S); throws attnkit::invalid_argument on a shape mismatch or when
+  /// T exceeds capacity() - size(), leaving the cache unchanged.
   void append(const latent_append& a) {
     const std::int64_t t = static_cast<std::int64_t>(a.positions.size());
     detail::require_extents(a.c, {t, cfg_.latent_dim}, "latent_cache::append: c");
@@ -115,16 +125,18 @@ class latent_cache {
     }
     size_ += t;
   }
+  /// Appends c [T, latent_dim] and k_rope [T, rope_heads, rope_dim] at `positions` [T].
   void append(matrix_view<const float> c, tensor3_view<const float> k_rope,
               std::span<const std::int64_t> positions) {
     append(latent_append{c, k_rope, positions});
   }
+  /// Keeps the first n tokens; n in [0, size()].
   void truncate(std::int64_t n) {
     detail::require(n >= 0 && n <= size_, "latent_cache::truncate: n=", n,
                     " must be in [0, size=", size_, "]");
     size_ = n;
   }
-  void clear() { size_ = 0; }
+  void clear() { size_ = 0; }  ///< Forgets every token; capacity and memory stay.
 
  private:
   static latent_cache_config validated(const latent_cache_config& c) {

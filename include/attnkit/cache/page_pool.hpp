@@ -19,16 +19,19 @@
 
 namespace attnkit {
 
+/// Size of a page_pool; validated at construction.
 struct page_pool_config {
-  std::int64_t num_pages = 0;
+  std::int64_t num_pages = 0;       ///< pages in the pool, < 2^31 (int32 page indices).
   std::int64_t page_size = 0;       ///< tokens per page
   std::int64_t token_elements = 0;  ///< elements of S per token (the cache type's payload)
 };
 
+/// Fixed-size pages of KV memory in storage type S with a free list and per-page reference counts
+/// (see the file comment). Not thread-safe.
 template <storage_type S>
 class page_pool {
  public:
-  using storage_type = S;
+  using storage_type = S;  ///< the element type of the pages.
 
   /// Owning pool: num_pages x page_size x token_elements elements, allocated now.
   explicit page_pool(const page_pool_config& cfg) : cfg_(validated(cfg, "page_pool")) {
@@ -49,16 +52,20 @@ class page_pool {
   page_pool(const page_pool&) = delete;
   page_pool& operator=(const page_pool&) = delete;
 
-  const page_pool_config& config() const { return cfg_; }
-  std::int64_t num_pages() const { return cfg_.num_pages; }
-  std::int64_t page_size() const { return cfg_.page_size; }
-  std::int64_t token_elements() const { return cfg_.token_elements; }
+  const page_pool_config& config() const { return cfg_; }              ///< The pool's size.
+  std::int64_t num_pages() const { return cfg_.num_pages; }            ///< pages in the pool.
+  std::int64_t page_size() const { return cfg_.page_size; }            ///< tokens per page.
+  std::int64_t token_elements() const { return cfg_.token_elements; }  ///< elements of S per token.
   /// Elements from one page to the next.
   std::int64_t page_stride() const { return cfg_.page_size * cfg_.token_elements; }
+  /// pages not held by any sequence.
   std::int64_t free_pages() const { return static_cast<std::int64_t>(free_.size()); }
+  /// page 0's first element; page p starts at data() + p page_stride().
   S* data() { return data_; }
-  const S* data() const { return data_; }
+  const S* data() const { return data_; }  ///< page 0's first element.
+  /// page p's first element [page_size x token_elements]; p is checked against the pool.
   S* page_data(std::int32_t p) { return data_ + checked(p, "page_data") * page_stride(); }
+  /// page p's first element; p is checked against the pool.
   const S* page_data(std::int32_t p) const {
     return data_ + checked(p, "page_data") * page_stride();
   }
@@ -84,6 +91,7 @@ class page_pool {
     detail::require(r > 0, "page_pool::release: page ", p, " is already free");
     if (--r == 0) free_.push_back(p);
   }
+  /// sequences holding page p (0: free).
   std::int32_t ref_count(std::int32_t p) const {
     return refs_[static_cast<std::size_t>(checked(p, "ref_count"))];
   }

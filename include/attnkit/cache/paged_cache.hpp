@@ -49,20 +49,26 @@ void write_token(const tensor3_view<const float>& src, std::int64_t i, S* dst) {
 
 /// GQA family: roped K and V per KV head.
 struct paged_dense {
-  using append_type = dense_append;
-  std::int64_t kv_heads = 0, head_dim = 0, v_head_dim = 0;  ///< v_head_dim 0 = head_dim
+  using append_type = dense_append;  ///< what paged_cache::append() takes
+  std::int64_t kv_heads = 0;         ///< KV heads H_kv
+  std::int64_t head_dim = 0;         ///< key width d_qk
+  std::int64_t v_head_dim = 0;       ///< value width d_v; 0 = head_dim
 
+  /// Resolves defaults and checks the geometry (attnkit::invalid_argument).
   void validate() {
     if (v_head_dim == 0) v_head_dim = head_dim;
     detail::require(kv_heads > 0 && head_dim > 0 && v_head_dim > 0,
                     "paged_dense: kv_heads, head_dim and v_head_dim must be > 0, got ", kv_heads,
                     ", ", head_dim, ", ", v_head_dim);
   }
+  /// Elements of S one token occupies in a page.
   std::int64_t token_elements() const { return kv_heads * (head_dim + v_head_dim); }
+  /// Checks the shapes of a T-token append before anything is written.
   void check(const append_type& a, std::int64_t t) const {
     detail::require_extents(a.k, {t, kv_heads, head_dim}, "paged_cache::append: k");
     detail::require_extents(a.v, {t, kv_heads, v_head_dim}, "paged_cache::append: v");
   }
+  /// Writes token i of `a` into slot `slot` of a page of ps tokens starting at `page`.
   template <storage_type S>
   void write(S* page, std::int64_t ps, std::int64_t slot, const append_type& a,
              std::int64_t i) const {
@@ -74,6 +80,7 @@ struct paged_dense {
                                  v_head_dim);
     }
   }
+  /// The kernels\' view of a sequence: its page table `t` over the pool (page 0 at `pool`).
   template <storage_type S>
   kv_view<S> view(const S* pool, std::int64_t page_stride, std::int64_t num_pages,
                   const page_table& t, std::span<const std::int64_t> pos) const {
@@ -87,19 +94,25 @@ struct paged_dense {
 
 /// MLA: the latent c and the roped k_rope of each token, one row.
 struct paged_latent {
-  using append_type = latent_append;
-  std::int64_t latent_dim = 0, rope_dim = 0, rope_heads = 1;
+  using append_type = latent_append;  ///< what paged_cache::append() takes
+  std::int64_t latent_dim = 0;        ///< d_c
+  std::int64_t rope_dim = 0;          ///< d_R (0: no decoupled rope key)
+  std::int64_t rope_heads = 1;        ///< rope keys per token
 
+  /// Resolves defaults and checks the geometry (attnkit::invalid_argument).
   void validate() const {
     detail::require(latent_dim > 0 && rope_dim >= 0 && rope_heads >= 1,
                     "paged_latent: need latent_dim > 0, rope_dim >= 0, rope_heads >= 1; got ",
                     latent_dim, ", ", rope_dim, ", ", rope_heads);
   }
+  /// Elements of S one token occupies in a page.
   std::int64_t token_elements() const { return latent_dim + rope_heads * rope_dim; }
+  /// Checks the shapes of a T-token append before anything is written.
   void check(const append_type& a, std::int64_t t) const {
     detail::require_extents(a.c, {t, latent_dim}, "paged_cache::append: c");
     detail::require_extents(a.k_rope, {t, rope_heads, rope_dim}, "paged_cache::append: k_rope");
   }
+  /// Writes token i of `a` into slot `slot` of a page of ps tokens starting at `page`.
   template <storage_type S>
   void write(S* page, std::int64_t /*ps*/, std::int64_t slot, const append_type& a,
              std::int64_t i) const {
@@ -107,6 +120,7 @@ struct paged_latent {
     detail::from_float_strided(&a.c(i, 0), a.c.stride(1), row, latent_dim);
     if (rope_dim > 0) detail::write_token(a.k_rope, i, row + latent_dim);
   }
+  /// The kernels\' view of a sequence: its page table `t` over the pool (page 0 at `pool`).
   template <storage_type S>
   kv_view<S> view(const S* pool, std::int64_t page_stride, std::int64_t num_pages,
                   const page_table& t, std::span<const std::int64_t> pos) const {
@@ -117,10 +131,16 @@ struct paged_latent {
 
 /// TPA: the four factors of each token.
 struct paged_factors {
-  using append_type = factorized_append;
-  std::int64_t heads = 0, head_dim = 0, v_head_dim = 0, k_rank = 0, v_rank = 0;
-  std::optional<float> k_scale{}, v_scale{};  ///< default 1/k_rank, 1/v_rank (T6)
+  using append_type = factorized_append;  ///< what paged_cache::append() takes
+  std::int64_t heads = 0;                 ///< heads H
+  std::int64_t head_dim = 0;              ///< key width d
+  std::int64_t v_head_dim = 0;            ///< value width; 0 = head_dim
+  std::int64_t k_rank = 0;                ///< R_K
+  std::int64_t v_rank = 0;                ///< R_V
+  std::optional<float> k_scale{};         ///< default 1/k_rank (T6)
+  std::optional<float> v_scale{};         ///< default 1/v_rank (T6)
 
+  /// Resolves defaults and checks the geometry (attnkit::invalid_argument).
   void validate() {
     if (v_head_dim == 0) v_head_dim = head_dim;
     if (!k_scale && k_rank > 0) k_scale = 1.f / static_cast<float>(k_rank);
@@ -138,13 +158,16 @@ struct paged_factors {
                                v_rank * v_head_dim};
     return w[f];
   }
+  /// Elements of S one token occupies in a page.
   std::int64_t token_elements() const { return width(0) + width(1) + width(2) + width(3); }
+  /// Checks the shapes of a T-token append before anything is written.
   void check(const append_type& a, std::int64_t t) const {
     detail::require_extents(a.a_k, {t, k_rank, heads}, "paged_cache::append: a_k");
     detail::require_extents(a.b_k, {t, k_rank, head_dim}, "paged_cache::append: b_k");
     detail::require_extents(a.a_v, {t, v_rank, heads}, "paged_cache::append: a_v");
     detail::require_extents(a.b_v, {t, v_rank, v_head_dim}, "paged_cache::append: b_v");
   }
+  /// Writes token i of `a` into slot `slot` of a page of ps tokens starting at `page`.
   template <storage_type S>
   void write(S* page, std::int64_t ps, std::int64_t slot, const append_type& a,
              std::int64_t i) const {
@@ -154,6 +177,7 @@ struct paged_factors {
       page += ps * width(f);  // the next factor's block of the page
     }
   }
+  /// The kernels\' view of a sequence: its page table `t` over the pool (page 0 at `pool`).
   template <storage_type S>
   factor_view<S> view(const S* pool, std::int64_t page_stride, std::int64_t num_pages,
                       const page_table& t, std::span<const std::int64_t> pos) const {
@@ -168,18 +192,23 @@ struct paged_factors {
 
 /// Shared-attention followers: V per KV head.
 struct paged_values {
-  using append_type = value_append;
-  std::int64_t kv_heads = 0, v_head_dim = 0;
+  using append_type = value_append;  ///< what paged_cache::append() takes
+  std::int64_t kv_heads = 0;         ///< KV heads H_kv
+  std::int64_t v_head_dim = 0;       ///< value width d_v
 
+  /// Resolves defaults and checks the geometry (attnkit::invalid_argument).
   void validate() const {
     detail::require(kv_heads > 0 && v_head_dim > 0,
                     "paged_values: kv_heads and v_head_dim must be > 0, got ", kv_heads, ", ",
                     v_head_dim);
   }
+  /// Elements of S one token occupies in a page.
   std::int64_t token_elements() const { return kv_heads * v_head_dim; }
+  /// Checks the shapes of a T-token append before anything is written.
   void check(const append_type& a, std::int64_t t) const {
     detail::require_extents(a.v, {t, kv_heads, v_head_dim}, "paged_cache::append: v");
   }
+  /// Writes token i of `a` into slot `slot` of a page of ps tokens starting at `page`.
   template <storage_type S>
   void write(S* page, std::int64_t ps, std::int64_t slot, const append_type& a,
              std::int64_t i) const {
@@ -187,6 +216,7 @@ struct paged_values {
       detail::from_float_strided(&a.v(i, j, 0), a.v.stride(2), page + (j * ps + slot) * v_head_dim,
                                  v_head_dim);
   }
+  /// The kernels\' view of a sequence: its page table `t` over the pool (page 0 at `pool`).
   template <storage_type S>
   value_view<S> view(const S* pool, std::int64_t page_stride, std::int64_t num_pages,
                      const page_table& t, std::span<const std::int64_t> pos) const {
@@ -196,12 +226,15 @@ struct paged_values {
   }
 };
 
+/// One sequence's KV cache in pages of a `page_pool<S>`, for every cache type (Layout: paged_dense,
+/// paged_latent, paged_factors, paged_values); a model of the kv_cache concept with copy-on-write
+/// prefix sharing (fork). See the file comment for the page layouts.
 template <storage_type S, class Layout>
 class paged_cache {
  public:
-  using storage_type = S;
-  using append_type = typename Layout::append_type;
-  using layout_type = Layout;
+  using storage_type = S;                            ///< the element type of the pages.
+  using append_type = typename Layout::append_type;  ///< the layout's append payload.
+  using layout_type = Layout;                        ///< the page layout.
 
   /// An empty sequence over `pool`, whose token_elements must be the layout's.
   paged_cache(page_pool<S>& pool, Layout layout) : pool_(&pool), layout_(validated(layout)) {
@@ -217,6 +250,7 @@ class paged_cache {
         layout_(o.layout_),
         pages_(std::exchange(o.pages_, {})),
         pos_(std::exchange(o.pos_, {})) {}
+  /// Move assignment: releases this sequence's pages, then takes the source's.
   paged_cache& operator=(paged_cache&& o) noexcept {
     if (this != &o) {
       clear();
@@ -228,22 +262,26 @@ class paged_cache {
   }
   ~paged_cache() { clear(); }
 
-  const Layout& layout() const { return layout_; }
-  page_pool<S>& pool() const { return *pool_; }
-  std::int64_t size() const { return static_cast<std::int64_t>(pos_.size()); }
+  const Layout& layout() const { return layout_; }  ///< The page layout (geometry).
+  page_pool<S>& pool() const { return *pool_; }     ///< The pool the pages come from.
+  std::int64_t size() const { return static_cast<std::int64_t>(pos_.size()); }  ///< tokens held.
   /// Tokens it can hold without another sequence freeing pages: the room in its last page
   /// (when that page is its own) plus every free page of the pool.
   std::int64_t capacity() const {
     const std::int64_t ps = pool_->page_size();
     return size() + (own_room() ? ps - size() % ps : 0) + pool_->free_pages() * ps;
   }
+  /// Bytes one token occupies in its page: token_elements() sizeof(S).
   std::int64_t bytes_per_token() const {
     return layout_.token_elements() * static_cast<std::int64_t>(sizeof(S));
   }
+  /// the positions of the held tokens [size()].
   std::span<const std::int64_t> positions() const { return pos_; }
   /// The sequence's page table (block table): page i holds tokens [i page_size, (i+1) page_size).
   std::span<const std::int32_t> pages() const { return pages_; }
+  /// The page table in the form the views take.
   page_table table() const { return {pages_, pool_->page_size()}; }
+  /// What the kernels read: a paged `kv_view<S>`, `factor_view<S>` or `value_view<S>` (by layout).
   auto view() const {
     return layout_.view(static_cast<const S*>(pool_->data()), pool_->page_stride(),
                         pool_->num_pages(), table(), positions());
@@ -257,6 +295,9 @@ class paged_cache {
     pages_.reserve(static_cast<std::size_t>(tokens / pool_->page_size() + 1));
   }
 
+  /// Appends T tokens, allocating pages as needed (copying a shared last page first); throws
+  /// attnkit::invalid_argument on a shape mismatch or when the pool runs out of pages, leaving the
+  /// cache and the pool unchanged.
   void append(const append_type& a) {
     const auto t = static_cast<std::int64_t>(a.positions.size());
     layout_.check(a, t);
@@ -295,6 +336,7 @@ class paged_cache {
     }
     pos_.resize(static_cast<std::size_t>(n));
   }
+  /// Releases every page (truncate(0)).
   void clear() {
     if (pool_) truncate(0);
   }
@@ -310,6 +352,7 @@ class paged_cache {
     for (const std::int32_t p : f.pages_) pool_->retain(p);
     return f;
   }
+  /// A new sequence sharing all of this one's tokens.
   paged_cache fork() const { return fork(size()); }
 
  private:

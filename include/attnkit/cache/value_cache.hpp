@@ -21,23 +21,27 @@
 
 namespace attnkit {
 
+/// Geometry of a value_cache; validated at construction.
 struct value_cache_config {
-  std::int64_t kv_heads = 0;
-  std::int64_t v_head_dim = 0;
-  std::int64_t capacity = 0;
+  std::int64_t kv_heads = 0;    ///< KV heads H_kv of the donor layer's attention.
+  std::int64_t v_head_dim = 0;  ///< value width d_v.
+  std::int64_t capacity = 0;    ///< tokens the cache can hold; fixed at construction.
 };
 
 /// Tokens to append: V token-major [T, kv_heads, v_head_dim] (any strides) at their positions.
 struct value_append {
-  tensor3_view<const float> v;
-  std::span<const std::int64_t> positions;
+  tensor3_view<const float> v;              ///< values [T, kv_heads, v_head_dim].
+  std::span<const std::int64_t> positions;  ///< the tokens' absolute positions [T].
 };
 
+/// Cache of a shared-attention follower in storage type S: per KV head, value rows [capacity,
+/// v_head_dim] plus each token's position, no keys (the follower reuses its donor's attention
+/// weights). Owning or over engine memory.
 template <storage_type S>
 class value_cache {
  public:
-  using storage_type = S;
-  using append_type = value_append;
+  using storage_type = S;            ///< the element type of the rows.
+  using append_type = value_append;  ///< what append() takes.
 
   /// Owning cache: allocates kv_heads * capacity * v_head_dim elements now, never later.
   explicit value_cache(const value_cache_config& cfg) : cfg_(validated(cfg)) {
@@ -65,6 +69,7 @@ class value_cache {
         size_(std::exchange(o.size_, 0)) {
     o.cfg_.capacity = 0;
   }
+  /// Move assignment: the source is left empty with capacity 0.
   value_cache& operator=(value_cache&& o) noexcept {
     if (this != &o) {
       this->~value_cache();
@@ -73,14 +78,16 @@ class value_cache {
     return *this;
   }
 
-  const value_cache_config& config() const { return cfg_; }
-  std::int64_t kv_heads() const { return cfg_.kv_heads; }
-  std::int64_t v_head_dim() const { return cfg_.v_head_dim; }
-  std::int64_t size() const { return size_; }
-  std::int64_t capacity() const { return cfg_.capacity; }
+  const value_cache_config& config() const { return cfg_; }    ///< The geometry.
+  std::int64_t kv_heads() const { return cfg_.kv_heads; }      ///< KV heads H_kv.
+  std::int64_t v_head_dim() const { return cfg_.v_head_dim; }  ///< value width d_v.
+  std::int64_t size() const { return size_; }                  ///< tokens held.
+  std::int64_t capacity() const { return cfg_.capacity; }      ///< tokens the cache can hold.
+  /// Bytes one token occupies: kv_heads v_head_dim sizeof(S).
   std::int64_t bytes_per_token() const {
     return cfg_.kv_heads * cfg_.v_head_dim * static_cast<std::int64_t>(sizeof(S));
   }
+  /// The positions of the held tokens [size()].
   std::span<const std::int64_t> positions() const {
     return {pos_, static_cast<std::size_t>(size_)};
   }
@@ -90,6 +97,8 @@ class value_cache {
                          cfg_.kv_heads, positions());
   }
 
+  /// Appends T tokens' values (rounded to S); throws attnkit::invalid_argument on a shape mismatch
+  /// or when T exceeds capacity() - size(), leaving the cache unchanged.
   void append(const value_append& a) {
     const std::int64_t t = static_cast<std::int64_t>(a.positions.size());
     detail::require_extents(a.v, {t, cfg_.kv_heads, cfg_.v_head_dim}, "value_cache::append: v");
@@ -105,16 +114,18 @@ class value_cache {
     }
     size_ += t;
   }
+  /// Appends v [T, kv_heads, v_head_dim] at `positions` [T].
   void append(tensor3_view<const float> v, std::span<const std::int64_t> positions) {
     append(value_append{v, positions});
   }
 
+  /// Keeps the first n tokens; n in [0, size()].
   void truncate(std::int64_t n) {
     detail::require(n >= 0 && n <= size_, "value_cache::truncate: n=", n,
                     " must be in [0, size=", size_, "]");
     size_ = n;
   }
-  void clear() { size_ = 0; }
+  void clear() { size_ = 0; }  ///< Forgets every token; capacity and memory stay.
 
  private:
   value_cache_config validated(const value_cache_config& c) {

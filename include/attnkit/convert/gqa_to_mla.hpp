@@ -26,14 +26,23 @@
 
 namespace attnkit::convert {
 
+/// Rope-key layout of an exact conversion: one rope key per KV head (grouped_rope, any GQA model)
+/// or DeepSeek's single shared rope key (deepseek, exact for MQA models only).
 enum class mla_layout { grouped_rope, deepseek };
 
 /// An MLA layer's configuration with weights it owns (float, nn.Linear layout).
 struct mla_checkpoint {
-  mla_config config;
-  row_matrix<float> q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj;
-  std::vector<float> q_proj_bias, kv_a_proj_bias, kv_b_proj_bias, o_proj_bias;
-  std::vector<float> q_rope_norm, k_rope_norm;  ///< converted QK-norm weights (grouped layout)
+  mla_config config;         ///< the layer's geometry (no q-LoRA), RoPE and softmax scale
+  row_matrix<float> q_proj;  ///< [H (d_nope + d_R), D]
+  row_matrix<float> kv_a_proj_with_mqa;  ///< [d_c + rope_heads d_R, D]
+  row_matrix<float> kv_b_proj;           ///< [H (d_nope + d_v), d_c]
+  row_matrix<float> o_proj;              ///< [D, H d_v]
+  std::vector<float> q_proj_bias;        ///< [H (d_nope + d_R)] or empty
+  std::vector<float> kv_a_proj_bias;     ///< [d_c + rope_heads d_R] or empty
+  std::vector<float> kv_b_proj_bias;     ///< [H (d_nope + d_v)] or empty
+  std::vector<float> o_proj_bias;        ///< [D] or empty
+  std::vector<float> q_rope_norm;  ///< converted query QK-norm weights (grouped layout) or empty
+  std::vector<float> k_rope_norm;  ///< converted key QK-norm weights (grouped layout) or empty
   /// Latent RMSNorm weights [d_c]: empty (the conversions' latent is unnormalised); a stock
   /// DeepSeek checkpoint always has one, so writing that format fits it (attnkit-convert).
   std::vector<float> kv_a_layernorm;

@@ -30,8 +30,9 @@
 
 namespace attnkit::convert {
 
-using dmatrix = Eigen::MatrixXd;
-using dvector = Eigen::VectorXd;
+using dmatrix =
+    Eigen::MatrixXd;  ///< double matrix of the conversions' linear algebra (column-major).
+using dvector = Eigen::VectorXd;  ///< double vector of the conversions' linear algebra.
 
 namespace detail {
 

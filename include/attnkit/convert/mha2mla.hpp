@@ -26,9 +26,14 @@
 
 namespace attnkit::convert {
 
+/// Which RoPE frequency pairs MHA2MLA keeps per KV head: the highest or lowest frequencies, every
+/// k-th pair (uniform), or the pairs with the largest query-key 2-norm product on calibration data
+/// (two_norm).
 enum class rope_selection { high, low, uniform, two_norm };
+/// One SVD over the stacked nope keys and values (joint) or one each (split).
 enum class svd_mode { joint, split };
 
+/// The selection's name as attnkit-convert spells it.
 inline const char* to_string(rope_selection s) {
   switch (s) {
     case rope_selection::high:
@@ -43,12 +48,13 @@ inline const char* to_string(rope_selection s) {
   return "?";
 }
 
+/// MHA2MLA's knobs: the partial-RoPE selection, then an optional SVD of the rest.
 struct mha2mla_options {
   std::int64_t rope_dim =
       16;  ///< r: RoPE dims kept per KV head (r/2 frequencies); even, <= rotary dims
   rope_selection selection = rope_selection::two_norm;  ///< two_norm needs calibration tokens
   std::int64_t uniform_start = 0;                       ///< first pair of the uniform selection
-  svd_mode svd = svd_mode::joint;
+  svd_mode svd = svd_mode::joint;  ///< one SVD over [K_nope V] (joint) or one each (split)
   std::int64_t latent_dim =
       0;  ///< d_c after the SVD (split: half to K, half to V); 0 = no SVD step
   /// two_norm rates the pairs on at most this many leading calibration tokens: means of pair

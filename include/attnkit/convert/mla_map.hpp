@@ -23,29 +23,37 @@
 
 namespace attnkit::convert {
 
+/// An MLA layer in double precision before it is rounded into an mla_checkpoint: the latent
+/// map, the rope keys and the per-KV-head query and up-projection blocks every conversion route
+/// (exact, TransMLA, MHA2MLA) edits step by step.
 struct mla_map {
-  std::int64_t rope_heads = 1, rope_dim = 0, nope_dim = 0;
+  std::int64_t rope_heads = 1;  ///< rope keys per token
+  std::int64_t rope_dim = 0;    ///< d_R
+  std::int64_t nope_dim = 0;    ///< d_nope
   rope_config rope{};  ///< RoPE of the rope parts (width rope_dim)
   dmatrix latent;      ///< [d_c, H_kv (d + d_v)]
   dmatrix rope_key;    ///< [rope_heads d_R, H_kv d]
-  std::vector<dmatrix> q_nope, q_rope, w_uk,
-      w_uv;  ///< per KV head: [d_nope, d], [d_R, d], [d_nope, d_c], [d_v, d_c]
+  std::vector<dmatrix> q_nope;  ///< per KV head [d_nope, d]: query rows onto the nope keys
+  std::vector<dmatrix> q_rope;  ///< per KV head [d_R, d]: query rows onto the rope keys
+  std::vector<dmatrix> w_uk;    ///< per KV head [d_nope, d_c]: nope-key up-projection
+  std::vector<dmatrix> w_uv;    ///< per KV head [d_v, d_c]: value up-projection
   /// true: the GQA biases pass through `latent` into kv_a_proj's bias (TransMLA: the PCA sees
   /// them as activations). false: the latent sees the weights only and the uncompressed nope-key
   /// and value biases stay on kv_b_proj (MHA2MLA's up-projection biases); kv_b_bias per KV head.
   bool bias_through_latent = true;
-  std::vector<dvector> kv_b_bias;
+  std::vector<dvector> kv_b_bias;  ///< per KV head [d_nope + d_v] (bias_through_latent false)
   double q_scale = 1;            ///< folded into the query rows
   std::optional<float> scale{};  ///< the MLA softmax scale (empty: 1/sqrt(d_nope + d_R))
 
-  std::int64_t latent_dim() const { return latent.rows(); }
+  std::int64_t latent_dim() const { return latent.rows(); }  ///< d_c
+  /// Cache elements per token: d_c + rope_heads d_R.
   std::int64_t kv_elements() const { return latent_dim() + rope_heads * rope_dim; }
 };
 
 /// What an approximate conversion returns: the final checkpoint and one report per step.
 struct conversion_result {
-  mla_checkpoint checkpoint;
-  std::vector<conversion_report> steps;
+  mla_checkpoint checkpoint;             ///< the converted layer
+  std::vector<conversion_report> steps;  ///< one report per step, in order
 };
 
 namespace detail {

@@ -20,6 +20,7 @@
 
 namespace attnkit::convert::synthetic {
 
+/// [rows, cols] i.i.d. normal entries with standard deviation `scale`.
 inline row_matrix<float> gaussian(std::mt19937_64& rng, std::int64_t rows, std::int64_t cols,
                                   float scale = 1.f) {
   std::normal_distribution<float> nd(0.f, scale);
@@ -59,10 +60,16 @@ inline row_matrix<float> activations(std::mt19937_64& rng, std::int64_t n, std::
 
 /// A GQA layer with decaying weight spectra; unit-variance inputs give unit-variance activations.
 struct layer {
-  gqa_config config;
-  row_matrix<float> q, k, v, o;
-  std::vector<float> q_bias, k_bias, v_bias;
+  gqa_config config;          ///< the geometry asked for
+  row_matrix<float> q;        ///< [H d, D]
+  row_matrix<float> k;        ///< [H_kv d, D]
+  row_matrix<float> v;        ///< [H_kv d, D]
+  row_matrix<float> o;        ///< [D, H d]
+  std::vector<float> q_bias;  ///< [H d] or empty
+  std::vector<float> k_bias;  ///< [H_kv d] or empty
+  std::vector<float> v_bias;  ///< [H_kv d] or empty
 
+  /// Views of the weights in the form gqa_layer and the conversions take.
   gqa_weights weights() const {
     return {view_of(q), view_of(k), view_of(v), view_of(o), q_bias, k_bias, v_bias, {}};
   }

@@ -30,8 +30,10 @@
 
 namespace attnkit::convert {
 
+/// TransMLA's steps, in order: RoRoPE + FreqFold, partial RoPE, low-rank joint PCA.
 enum class transmla_step { rorope, partial_rope, low_rank };
 
+/// TransMLA's knobs: RoRoPE + FreqFold to qk_mqa_dim rope dims, then the balanced joint PCA.
 struct transmla_options {
   std::int64_t qk_mqa_dim = 64;     ///< d_R of the result (TransMLA default 64)
   std::int64_t kv_lora_rank = 512;  ///< d_c of the result (TransMLA default 512)
@@ -40,7 +42,7 @@ struct transmla_options {
   /// the partial-RoPE model on the first `auto_tokens` calibration tokens improves. TransMLA ships
   /// F = 4 for Llama-3-8B and F = 8 for Llama-2-7B.
   std::int64_t freqfold = 0;
-  std::int64_t auto_tokens = 256;
+  std::int64_t auto_tokens = 256;  ///< calibration tokens the freqfold = 0 search scores on
   double balance_kv_ratio = 1;  ///< K/V balance target (TransMLA default 1)
   double damping = 0.01;        ///< PCA damping, fraction of the mean eigenvalue (TransMLA: 0.01)
   transmla_step stop_after = transmla_step::low_rank;  ///< return an intermediate model

@@ -39,9 +39,11 @@ namespace attnkit {
 ///   neon    Advanced SIMD (every AArch64 CPU)
 enum class simd_target { scalar, avx2, avx512, neon };
 
+/// Every target, in dispatch-preference order of their enumerators.
 inline constexpr std::array<simd_target, 4> all_simd_targets = {
     simd_target::scalar, simd_target::avx2, simd_target::avx512, simd_target::neon};
 
+/// "scalar", "avx2", "avx512" or "neon".
 inline const char* target_name(simd_target t) {
   switch (t) {
     case simd_target::scalar: return "scalar";

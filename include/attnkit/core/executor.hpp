@@ -30,7 +30,8 @@ concept executor = requires(E& e, std::int64_t n, std::function<void(std::int64_
 
 /// Runs everything on the calling thread.
 struct serial_executor {
-  static constexpr int concurrency() { return 1; }
+  static constexpr int concurrency() { return 1; }  ///< One worker: the caller.
+  /// Calls fn(0), ..., fn(n - 1) in order on the calling thread.
   template <class F>
   void parallel_for(std::int64_t n, F&& fn) const {
     for (std::int64_t i = 0; i < n; ++i) fn(i);
@@ -54,11 +55,14 @@ int concurrency_of(const E& ex) {
 template <class F>
 class callable_executor {
  public:
+  /// Wraps `f`, called as f(n, std::function<void(std::int64_t)>) and expected to run every index
+  /// once before it returns, with `concurrency` >= 1 workers to plan for.
   callable_executor(F f, int concurrency) : f_(std::move(f)), concurrency_(concurrency) {
     detail::require(concurrency >= 1, "callable_executor: concurrency must be >= 1, got ",
                     concurrency);
   }
-  int concurrency() const { return concurrency_; }
+  int concurrency() const { return concurrency_; }  ///< The workers kernels plan for.
+  /// Hands fn over indices [0, n) to the wrapped callable.
   template <class Fn>
   void parallel_for(std::int64_t n, Fn&& fn) {
     // std::ref: the std::function holds a pointer, so wrapping a large lambda never allocates.
@@ -80,6 +84,7 @@ class callable_executor {
 /// the call; the indices not yet started are skipped.
 class thread_pool {
  public:
+  /// Starts threads - 1 workers (the caller is the last one); threads >= 1, default the hardware's.
   explicit thread_pool(
       int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())))
       : threads_(threads),
@@ -101,8 +106,11 @@ class thread_pool {
     for (auto& w : workers_) w.join();
   }
 
+  /// Threads taking part in a call, the caller included.
   int concurrency() const { return threads_; }
 
+  /// Runs fn(i) for i in [0, n) on the workers and the caller and returns when all have returned;
+  /// rethrows the first exception a task threw.
   template <class F>
   void parallel_for(std::int64_t n, F&& fn) {
     if (n <= 0) return;

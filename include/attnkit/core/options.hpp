@@ -29,6 +29,8 @@ enum class tile_strategy { automatic, streaming, gemm };
 ///         computes as f32. No effect on float and f16 caches.
 enum class product_math { f32, bf16 };
 
+/// Per-call attention options: scale, masks, score modifiers, optional outputs and how the
+/// kernel computes. Every attend* call takes one; the defaults are causal softmax attention.
 struct attention_options {
   /// Softmax scale applied to q . k; default 1/sqrt(width of the q . k dot product the kernel
   /// sees): d_qk for attend, d_c + d_R for attend_latent, d for attend_factorized. MLA layers
@@ -48,16 +50,16 @@ struct attention_options {
   /// of every row over the Tk keys the call reads (0 for masked keys; with sinks a row sums to
   /// less than 1). A shared-attention donor's materialised form (kernels/shared.hpp).
   tensor3_view<float> weights{};
-  tile_strategy strategy = tile_strategy::automatic;
-  product_math products = product_math::f32;
+  tile_strategy strategy = tile_strategy::automatic;  ///< how work is split (default: planned)
+  product_math products = product_math::f32;          ///< the precision of the products
 };
 
 /// Optional outputs of a layer's attention call, beside its y: what a shared-attention donor
 /// hands its followers (layers/shared_stack.hpp). weights [T, H, Tk] (Tk: the cache's size after
 /// the call appends), lse [T, H]; empty = not wanted.
 struct attention_outputs {
-  tensor3_view<float> weights{};
-  matrix_view<float> lse{};
+  tensor3_view<float> weights{};  ///< [T, H, Tk] normalised attention weights, or empty
+  matrix_view<float> lse{};       ///< [T, H] log-sum-exp per row, or empty
   /// The layer's attention options with these outputs added.
   attention_options added_to(attention_options opt) const {
     opt.weights = weights, opt.lse = lse;

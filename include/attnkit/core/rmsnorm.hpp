@@ -7,6 +7,8 @@
 
 namespace attnkit {
 
+/// In place: x[i] <- x[i] / sqrt(mean(x^2) + eps) * weight[i] for x [n] (weight empty: 1),
+/// accumulated in double.
 inline void rms_norm(float* x, std::int64_t n, std::span<const float> weight, float eps) {
   double ss = 0;
   for (std::int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];

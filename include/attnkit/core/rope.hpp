@@ -39,14 +39,19 @@
 
 namespace attnkit {
 
+/// Pairing of the rotated coordinates: (i, i + d/2) as in Llama (half_split), (2i, 2i + 1) as in
+/// GPT-J and DeepSeek checkpoints (interleaved).
 enum class rope_layout { half_split, interleaved };
 
+/// "half_split" or "interleaved".
 inline const char* to_string(rope_layout l) {
   return l == rope_layout::half_split ? "half_split" : "interleaved";
 }
 
+/// Context-extension rule of transformers' rope_scaling.
 enum class rope_scaling_type { none, linear, dynamic_ntk, yarn, llama3 };
 
+/// The rule's name as transformers spells it.
 inline const char* to_string(rope_scaling_type t) {
   switch (t) {
     case rope_scaling_type::none: return "none";
@@ -60,16 +65,19 @@ inline const char* to_string(rope_scaling_type t) {
 
 /// Context-extension scaling of the frequencies (transformers' rope_scaling / rope_parameters).
 struct rope_scaling {
-  rope_scaling_type type = rope_scaling_type::none;
-  double factor = 1.0;
+  rope_scaling_type type = rope_scaling_type::none;  ///< none, linear, dynamic_ntk, yarn, llama3
+  double factor = 1.0;                               ///< s: the context extension factor
   /// yarn, llama3: the pretraining context (original_max_position_embeddings); dynamic_ntk:
   /// the length past which the base grows (transformers: max_position_embeddings).
   std::int64_t original_context = 0;
-  double beta_fast = 32.0, beta_slow = 1.0;  ///< yarn ramp, in rotations
+  double beta_fast = 32.0;                   ///< yarn ramp start, in rotations
+  double beta_slow = 1.0;                    ///< yarn ramp end, in rotations
   bool truncate = true;                      ///< yarn: floor/ceil the correction dims
   std::optional<double> attention_factor{};  ///< yarn: m, else derived (see above)
-  double mscale = 0.0, mscale_all_dim = 0.0;  ///< yarn, DeepSeek: 0 = absent
-  double low_freq_factor = 1.0, high_freq_factor = 4.0;  ///< llama3
+  double mscale = 0.0;                       ///< yarn, DeepSeek: 0 = absent
+  double mscale_all_dim = 0.0;               ///< yarn, DeepSeek: 0 = absent
+  double low_freq_factor = 1.0;              ///< llama3
+  double high_freq_factor = 4.0;             ///< llama3
 };
 
 /// YaRN's magnitude rule: 0.1 mscale ln(s) + 1 for s > 1, else 1.
@@ -94,14 +102,15 @@ inline double deepseek_softmax_mscale(const rope_scaling& s) {
   return m * m;
 }
 
+/// RoPE of one layer: base, pairing layout, partial rotation, frequency tables and scaling.
 struct rope_config {
-  double theta = 10000.0;
-  rope_layout layout = rope_layout::half_split;
+  double theta = 10000.0;  ///< the base: frequency f of d rotates by theta^(-2f/d) per position
+  rope_layout layout = rope_layout::half_split;  ///< pairs (i, i + d/2) or (2i, 2i + 1)
   std::int64_t rotary_dim = 0;     ///< rotated leading coordinates; 0 = the whole head
   std::int64_t frequency_dim = 0;  ///< the d in theta^(-2f/d); 0 = rotary_dim
   /// Frequency index per pair: empty (f = p), one table for all heads, or one table per head.
   std::vector<std::vector<std::int64_t>> frequency_index{};
-  rope_scaling scaling{};
+  rope_scaling scaling{};  ///< context extension (default none)
 };
 
 /// RoPE for heads of a fixed width, validated once; apply() is check-free.
@@ -146,10 +155,10 @@ class rope {
     compute(length_);
   }
 
-  std::int64_t head_dim() const { return head_dim_; }
-  std::int64_t rotary_dim() const { return rotary_dim_; }
-  rope_layout layout() const { return layout_; }
-  const rope_scaling& scaling() const { return scaling_; }
+  std::int64_t head_dim() const { return head_dim_; }       ///< width of the heads it rotates
+  std::int64_t rotary_dim() const { return rotary_dim_; }   ///< rotated leading coordinates
+  rope_layout layout() const { return layout_; }            ///< the pairing
+  const rope_scaling& scaling() const { return scaling_; }  ///< the frequency scaling
   /// m: the factor on the rotated coordinates (YaRN), so m^2 on their share of every logit.
   double attention_factor() const { return factor_; }
   /// Dynamic NTK only (a no-op otherwise): the frequencies for a call whose largest position

@@ -25,8 +25,9 @@ namespace attnkit {
 
 /// Running max and sum of `rows` softmax rows (non-owning).
 struct softmax_state {
-  float* max = nullptr;
-  float* sum = nullptr;
+  float* max = nullptr;  ///< [rows] running maxima of the scores
+  float* sum = nullptr;  ///< [rows] running sums of exp(score - max)
+  /// Starts `rows` empty rows: max -inf, sum 0.
   void reset(std::int64_t rows) const {
     for (std::int64_t r = 0; r < rows; ++r)
       max[r] = -std::numeric_limits<float>::infinity(), sum[r] = 0.f;
@@ -103,6 +104,7 @@ inline float softmax_finalize(float max, float sum, const float* acc, float* out
 /// state and row primitives; this class is the public, self-contained form (tests, custom kernels).
 class online_softmax {
  public:
+  /// `rows` empty rows with [rows, dim] zero accumulators (allocated now).
   online_softmax(std::int64_t rows, std::int64_t dim) : rows_(rows), dim_(dim) {
     detail::require(rows >= 0 && dim >= 0,
                     "online_softmax: rows and dim must be >= 0, got rows=", rows, ", dim=", dim);
@@ -111,10 +113,11 @@ class online_softmax {
     sum_.assign(static_cast<std::size_t>(rows), 0.f);
     acc_.assign(static_cast<std::size_t>(acc), 0.f);
   }
-  std::int64_t rows() const { return rows_; }
-  std::int64_t dim() const { return dim_; }
-  /// Row r's running max and sum.
+  std::int64_t rows() const { return rows_; }  ///< independent softmax rows
+  std::int64_t dim() const { return dim_; }    ///< width of each row's value accumulator
+  /// Row r's running max.
   float max(std::int64_t r) const { return max_[static_cast<std::size_t>(r)]; }
+  /// Row r's running sum of exp(score - max).
   float sum(std::int64_t r) const { return sum_[static_cast<std::size_t>(r)]; }
 
   /// Absorbs n keys for row r: scores[n] (use -inf to mask) and values[n][dim] (row stride

@@ -9,17 +9,19 @@ static_assert(EIGEN_VERSION_AT_LEAST(3, 4, 0), "attnkit needs Eigen >= 3.4");
 
 namespace attnkit {
 
-using bf16 = Eigen::bfloat16;
-using half = Eigen::half;
+using bf16 = Eigen::bfloat16;  ///< bfloat16 storage (8-bit exponent, 8-bit significand).
+using half = Eigen::half;      ///< IEEE half storage (5-bit exponent, 11-bit significand).
 
 /// The element types a cache may store. Both 16-bit types are bit-compatible with uint16_t.
 template <class S>
 concept storage_type = std::same_as<S, float> || std::same_as<S, bf16> || std::same_as<S, half>;
 
+/// x as float (exact for every storage type).
 template <storage_type S>
 inline float to_float(S x) {
   return static_cast<float>(x);
 }
+/// x rounded to S (round to nearest even).
 template <storage_type S>
 inline S from_float(float x) {
   return static_cast<S>(x);  // round to nearest even for bf16 and half
@@ -37,6 +39,7 @@ constexpr double unit_roundoff() {
     return 0x1p-11;
 }
 
+/// "f32", "bf16" or "f16".
 template <storage_type S>
 constexpr const char* storage_name() {
   if constexpr (std::same_as<S, float>)

@@ -12,14 +12,16 @@
 
 namespace attnkit {
 
-using index_t = std::int64_t;
+using index_t = std::int64_t;  ///< extents, strides and indices: 64-bit, so sizes never overflow.
 
+/// A non-owning Rank-dimensional view of T over caller memory: extents and strides in
+/// elements (64-bit), element (i0, ..., i_{Rank-1}) at data + sum_r i_r stride(r).
 template <class T, std::size_t Rank>
 class strided_view {
  public:
-  using element_type = T;
-  using value_type = std::remove_cv_t<T>;
-  static constexpr std::size_t rank() { return Rank; }
+  using element_type = T;                               ///< T, const-qualified for read-only views
+  using value_type = std::remove_cv_t<T>;               ///< T without const
+  static constexpr std::size_t rank() { return Rank; }  ///< dimensions
 
   constexpr strided_view() = default;
 
@@ -32,6 +34,7 @@ class strided_view {
       s *= extents_[r];
     }
   }
+  /// Any strides (in elements; 0 repeats a row, e.g. one query broadcast over heads).
   constexpr strided_view(T* data, const std::array<index_t, Rank>& extents,
                          const std::array<index_t, Rank>& strides)
       : data_(data), extents_(extents), strides_(strides) {}
@@ -42,18 +45,21 @@ class strided_view {
            !std::is_same_v<U, T>) constexpr strided_view(const strided_view<U, Rank>& other)
       : data_(other.data_handle()), extents_(other.extents()), strides_(other.strides()) {}
 
-  constexpr T* data_handle() const { return data_; }
-  constexpr index_t extent(std::size_t r) const { return extents_[r]; }
-  constexpr index_t stride(std::size_t r) const { return strides_[r]; }
-  constexpr const std::array<index_t, Rank>& extents() const { return extents_; }
-  constexpr const std::array<index_t, Rank>& strides() const { return strides_; }
+  constexpr T* data_handle() const { return data_; }                     ///< element (0, ..., 0)
+  constexpr index_t extent(std::size_t r) const { return extents_[r]; }  ///< size of dimension r
+  constexpr index_t stride(std::size_t r) const { return strides_[r]; }  ///< step of dimension r
+  constexpr const std::array<index_t, Rank>& extents() const { return extents_; }  ///< all sizes
+  constexpr const std::array<index_t, Rank>& strides() const { return strides_; }  ///< all steps
+  /// Elements viewed: the product of the extents.
   constexpr index_t size() const {
     index_t n = 1;
     for (auto e : extents_) n *= e;
     return n;
   }
+  /// No data or no elements: what optional view arguments pass for "not given".
   constexpr bool empty() const { return data_ == nullptr || size() == 0; }
 
+  /// Element (idx...), unchecked.
   template <class... I>
   requires(sizeof...(I) == Rank) constexpr T& operator()(I... idx) const {
     const std::array<index_t, Rank> i{static_cast<index_t>(idx)...};
@@ -72,14 +78,15 @@ class strided_view {
 };
 
 template <class T>
-using matrix_view = strided_view<T, 2>;
+using matrix_view = strided_view<T, 2>;  ///< 2-D view [rows, cols].
 template <class T>
-using tensor3_view = strided_view<T, 3>;
+using tensor3_view = strided_view<T, 3>;  ///< 3-D view, e.g. [tokens, heads, dim].
 
 /// Row-major Eigen matrix type and the Map type a 2-D view converts to.
 template <class T>
 using row_matrix =
     Eigen::Matrix<std::remove_const_t<T>, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+/// Eigen Map of a 2-D view of T (const T: read-only), any strides.
 template <class T>
 using eigen_map =
     Eigen::Map<std::conditional_t<std::is_const_v<T>, const row_matrix<T>, row_matrix<T>>,
@@ -113,6 +120,7 @@ auto view_of(Eigen::PlainObjectBase<Derived>& m) {
                         {row_major ? m.outerStride() : m.innerStride(),
                          row_major ? m.innerStride() : m.outerStride()});
 }
+/// A read-only 2-D view of a const Eigen matrix (no copy).
 template <class Derived>
 auto view_of(const Eigen::PlainObjectBase<Derived>& m) {
   using T = const typename Derived::Scalar;
@@ -121,6 +129,7 @@ auto view_of(const Eigen::PlainObjectBase<Derived>& m) {
                         {row_major ? m.outerStride() : m.innerStride(),
                          row_major ? m.innerStride() : m.outerStride()});
 }
+/// A read-only 2-D view of a read-only Eigen Map or Block (no copy).
 template <class Derived>
 auto view_of(const Eigen::MapBase<Derived, Eigen::ReadOnlyAccessors>& m) {
   using T = std::remove_pointer_t<decltype(m.data())>;

@@ -11,6 +11,8 @@ namespace detail {
 struct workspace_access;
 }  // namespace detail
 
+/// Scratch memory reused across attention calls (see the file comment); pass the same one to
+/// every call of a decode loop and a steady-state step allocates nothing.
 class attention_workspace {
  public:
   attention_workspace() = default;

@@ -27,8 +27,10 @@
 
 namespace attnkit::io {
 
+/// The checkpoint families config.json's model_type names.
 enum class model_family { llama, mistral, qwen2, qwen3, deepseek_v2, deepseek_v3 };
 
+/// model_type as config.json spells it.
 inline const char* to_string(model_family f) {
   constexpr const char* names[] = {"llama", "mistral", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3"};
   return names[static_cast<int>(f)];
@@ -36,25 +38,31 @@ inline const char* to_string(model_family f) {
 
 /// What a dense decoder needs to know about a checkpoint.
 struct model_config {
-  model_family family = model_family::llama;
-  std::int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, layers = 0;
-  std::int64_t max_position_embeddings = 0;
-  float rms_eps = 1e-6f;
-  bool tie_word_embeddings = false;
-  bool mlp_bias = false;
+  model_family family = model_family::llama;  ///< from config.json's model_type
+  std::int64_t vocab_size = 0;                ///< V: rows of the embedding and lm_head
+  std::int64_t hidden_size = 0;               ///< D
+  std::int64_t intermediate_size = 0;         ///< the SwiGLU MLP's width
+  std::int64_t layers = 0;                    ///< decoder layers
+  std::int64_t max_position_embeddings = 0;   ///< as the checkpoint states it
+  float rms_eps = 1e-6f;                      ///< every RMSNorm's epsilon
+  bool tie_word_embeddings = false;           ///< lm_head is the embedding
+  bool mlp_bias = false;                      ///< the MLP projections have biases
   /// GQA families: q/k/v biases, o_proj bias, QK-norm. MLA: biases of q_a/kv_a/o (attention_bias).
-  bool qkv_bias = false, o_bias = false, qk_norm = false;
+  bool qkv_bias = false;
+  bool o_bias = false;   ///< o_proj has a bias
+  bool qk_norm = false;  ///< per-head RMSNorm of q and k (Qwen3)
   /// One attention config per layer (GQA families: windows may differ per layer).
   std::vector<gqa_config> gqa;
-  std::vector<mla_config> mla;
+  std::vector<mla_config> mla;  ///< one per layer for MLA families (then gqa is empty)
   /// A checkpoint written by attnkit-convert in its own format (config.json's "attnkit" block):
   /// MLA layers of any layout the library runs, optional tensors present or not (biases, the
   /// latent norm, q/k rope norms) as the conversion made them.
   bool attnkit_format = false;
-  bool is_mla() const { return !mla.empty(); }
+  bool is_mla() const { return !mla.empty(); }  ///< the layers are MLA (DeepSeek families)
 };
 
 /// rope_config and mla_config as JSON (the "attnkit" block of a converted checkpoint).
+/// A rope_config as the JSON attnkit-convert writes into config.json's "attnkit" block.
 inline nlohmann::json to_json(const rope_config& r) {
   const auto& s = r.scaling;
   nlohmann::json j = {{"theta", r.theta},
@@ -76,6 +84,7 @@ inline nlohmann::json to_json(const rope_config& r) {
   if (s.attention_factor) j["scaling"]["attention_factor"] = *s.attention_factor;
   return j;
 }
+/// An mla_config as the JSON attnkit-convert writes into config.json's "attnkit" block.
 inline nlohmann::json to_json(const mla_config& c) {
   nlohmann::json j = {{"model_dim", c.model_dim}, {"heads", c.heads},         {"q_lora_rank", c.q_lora_rank},
                       {"latent_dim", c.latent_dim}, {"nope_dim", c.nope_dim},   {"rope_dim", c.rope_dim},

@@ -45,13 +45,16 @@ namespace attnkit::io {
 
 namespace fs = std::filesystem;
 
+/// The safetensors element types.
 enum class dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean };
 
+/// "F32", "BF16", ... as the header spells them.
 inline const char* to_string(dtype t) {
   constexpr const char* names[] = {"F64", "F32", "F16", "BF16", "I64",
                                    "I32", "I16", "I8",  "U8",   "BOOL"};
   return names[static_cast<int>(t)];
 }
+/// Bytes per element.
 inline std::int64_t size_of(dtype t) {
   constexpr std::int64_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1};
   return sizes[static_cast<int>(t)];
@@ -65,10 +68,12 @@ inline bool parse_dtype(std::string_view s, dtype& out) {
 
 /// One tensor of a file: where its bytes are in the data area and what they hold.
 struct tensor_info {
-  std::string name;
-  dtype type = dtype::f32;
-  std::vector<std::int64_t> shape;
-  std::uint64_t begin = 0, end = 0;  ///< byte range in the data area
+  std::string name;                 ///< the tensor's key in the header
+  dtype type = dtype::f32;          ///< element type as stored
+  std::vector<std::int64_t> shape;  ///< dimensions, outermost first (empty: a scalar)
+  std::uint64_t begin = 0;          ///< first byte in the data area
+  std::uint64_t end = 0;            ///< one past the last byte in the data area
+  /// Elements: the product of the shape.
   std::int64_t elements() const {
     std::int64_t n = 1;
     for (auto e : shape) n *= e;  // checked when the header is read
@@ -156,11 +161,15 @@ inline void convert_to_float(dtype t, const std::byte* src, std::int64_t n, floa
 class float_tensor {
  public:
   float_tensor() = default;
+  /// Borrows `borrowed` [product of shape], kept alive by `owner` (the file mapping).
   float_tensor(std::vector<std::int64_t> shape, const float* borrowed, std::shared_ptr<const void> owner)
       : shape_(std::move(shape)), owner_(std::move(owner)), data_(borrowed) {}
+  /// Owns `owned` [product of shape].
   float_tensor(std::vector<std::int64_t> shape, std::vector<float> owned)
       : shape_(std::move(shape)), owned_(std::move(owned)), data_(owned_.data()) {}
+  /// Takes o's data; o is left empty.
   float_tensor(float_tensor&& o) noexcept { *this = std::move(o); }
+  /// Takes o's data; o is left empty.
   float_tensor& operator=(float_tensor&& o) noexcept {
     const bool borrowed = o.borrowed(), empty = o.empty();
     shape_ = std::move(o.shape_);
@@ -173,15 +182,18 @@ class float_tensor {
   float_tensor(const float_tensor&) = delete;
   float_tensor& operator=(const float_tensor&) = delete;
 
-  bool empty() const { return data_ == nullptr; }
+  bool empty() const { return data_ == nullptr; }  ///< holds no tensor
+  /// Points into the mapped file (zero copy) rather than owned memory.
   bool borrowed() const { return data_ != nullptr && owned_.empty(); }
-  const std::vector<std::int64_t>& shape() const { return shape_; }
+  const std::vector<std::int64_t>& shape() const { return shape_; }  ///< dimensions
+  /// Elements (0 when empty).
   std::int64_t elements() const {
     std::int64_t n = 1;
     for (auto e : shape_) n *= e;
     return data_ ? n : 0;
   }
-  const float* data() const { return data_; }
+  const float* data() const { return data_; }  ///< the elements [elements()], row-major
+  /// The elements as a span [elements()].
   std::span<const float> span() const { return {data_, static_cast<std::size_t>(elements())}; }
   /// The tensor as a row-major matrix (1-D: one row).
   matrix_view<const float> matrix() const {
@@ -200,6 +212,8 @@ class float_tensor {
 /// One .safetensors file, memory-mapped, its header parsed and validated.
 class safetensors_file {
  public:
+  /// Maps `path` and validates its header (JSON, dtypes, shapes, byte ranges inside the file
+  /// and not overlapping); attnkit::invalid_argument naming the file otherwise.
   explicit safetensors_file(const fs::path& path) : map_(std::make_shared<const detail::mapped_file>(path)) {
     using detail::require;
     const std::string file = path.string();
@@ -238,13 +252,17 @@ class safetensors_file {
     for (std::size_t i = 0; i < tensors_.size(); ++i) index_[tensors_[i].name] = i;
   }
 
-  const fs::path& path() const { return map_->path(); }
+  const fs::path& path() const { return map_->path(); }  ///< the file
+  /// The header's __metadata__ string entries.
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  /// Every tensor, in data-area order.
   const std::vector<tensor_info>& tensors() const { return tensors_; }
+  /// The tensor called `name`, or nullptr.
   const tensor_info* find(std::string_view name) const {
     const auto it = index_.find(std::string(name));
     return it == index_.end() ? nullptr : &tensors_[it->second];
   }
+  /// The tensor called `name`; attnkit::invalid_argument naming the file when absent.
   const tensor_info& info(std::string_view name) const {
     const tensor_info* t = find(name);
     if (!t) detail::throw_invalid("safetensors: '", path().string(), "' has no tensor '", name, "'");
@@ -319,6 +337,9 @@ class safetensors_file {
 /// model.safetensors.index.json and its shards (each opened once).
 class checkpoint {
  public:
+  /// Opens a .safetensors file, or a directory with model.safetensors or a sharded
+  /// model.safetensors.index.json (every shard mapped and validated, the index checked against
+  /// the shards).
   explicit checkpoint(const fs::path& path) {
     using detail::require;
     require(fs::exists(path), "checkpoint: '", path.string(), "' does not exist");
@@ -342,18 +363,22 @@ class checkpoint {
     }
   }
 
+  /// Some shard holds a tensor called `name`.
   bool contains(std::string_view name) const { return where_.count(std::string(name)) != 0; }
+  /// Every tensor name, sorted.
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const auto& [n, f] : where_) out.push_back(n);
     return out;
   }
+  /// The shard holding `name`; attnkit::invalid_argument when no shard does.
   const safetensors_file& file_of(std::string_view name) const {
     const auto it = where_.find(std::string(name));
     if (it == where_.end())
       detail::throw_invalid("checkpoint: tensor '", name, "' is missing (", describe(), ")");
     return *files_[it->second];
   }
+  /// The header entry of `name`; attnkit::invalid_argument when absent.
   const tensor_info& info(std::string_view name) const { return file_of(name).info(name); }
 
   /// The tensor `name` as float, checked against `shape` (empty: any). Zero copy where the file
@@ -383,11 +408,13 @@ class checkpoint {
     return contains(name) ? load(name, shape) : float_tensor{};
   }
 
+  /// "DIR, N tensors in M files", for messages.
   std::string describe() const {
     std::string s = files_.size() == 1 ? files_[0]->path().string() : dir_.string();
     return s + ", " + std::to_string(where_.size()) + " tensors in " + std::to_string(files_.size()) +
            (files_.size() == 1 ? " file" : " files");
   }
+  /// "[a, b, c]".
   static std::string shape_string(const std::vector<std::int64_t>& s) {
     std::string o = "[";
     for (std::size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
@@ -439,6 +466,7 @@ class checkpoint {
 /// and writes model.safetensors.index.json. Memory: one shard.
 class checkpoint_writer {
  public:
+  /// Writes into `dir` (created), shards of at most max_shard_bytes, with the header metadata.
   explicit checkpoint_writer(fs::path dir, std::uint64_t max_shard_bytes = 2'000'000'000ull,
                              std::map<std::string, std::string> metadata = {{"format", "pt"}})
       : dir_(std::move(dir)), max_shard_(max_shard_bytes), metadata_(std::move(metadata)) {

@@ -45,12 +45,12 @@ inline const char* name_of(batch_kind k) {
 class batch_plan {
  public:
   batch_plan() = default;
-  std::int64_t sequences() const { return static_cast<std::int64_t>(seq_.size()); }
+  std::int64_t sequences() const { return static_cast<std::int64_t>(seq_.size()); }  ///< batch size
   /// Work items of the whole batch (sequence x query tile x head group x key split).
   std::int64_t items() const { return static_cast<std::int64_t>(items_.size()); }
   /// Key splits planned for sequence s.
   std::int64_t splits(std::int64_t s) const { return seq_.at(static_cast<std::size_t>(s)).splits; }
-  int workers() const { return workers_; }
+  int workers() const { return workers_; }  ///< the executor concurrency it was planned for
 
  private:
   friend struct detail::batch_access;

@@ -453,6 +453,7 @@ void attend_mha(tensor3_view<const float> q, std::span<const std::int64_t> q_pos
                   " must equal kv_heads=", v.kv_heads());
   detail::run_gqa("attend_mha", q, q_positions, v, out, opt, exec, ws, mask);
 }
+/// MQA: attend with kv_heads = 1, checked.
 template <kv_source KV, class Exec = serial_executor, mask_predicate Mask = no_mask>
 void attend_mqa(tensor3_view<const float> q, std::span<const std::int64_t> q_positions,
                 const KV& kv, tensor3_view<float> out, const attention_options& opt = {},

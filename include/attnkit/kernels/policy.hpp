@@ -22,7 +22,11 @@ namespace attnkit {
 /// What a mask predicate is asked: query token q_index (its row in the call's queries) at
 /// q_pos, key k_index (its token in the view) at k_pos, query head `head`.
 struct mask_args {
-  std::int64_t q_index, q_pos, k_index, k_pos, head;
+  std::int64_t q_index;  ///< the query's row in the call
+  std::int64_t q_pos;    ///< the query's position
+  std::int64_t k_index;  ///< the key's token in the view
+  std::int64_t k_pos;    ///< the key's position
+  std::int64_t head;     ///< query head
 };
 
 /// A caller-supplied mask: true where the key is visible. It narrows the position rule (causal,
@@ -34,23 +38,27 @@ concept mask_predicate = std::copy_constructible<M> && requires(const M& m, cons
 
 /// The default predicate: every key the position rule allows.
 struct no_mask {
-  constexpr bool operator()(const mask_args&) const { return true; }
+  constexpr bool operator()(const mask_args&) const { return true; }  ///< always visible
 };
 
+/// How many keys of a block a block of queries sees: none (skip), some (mask per key) or all.
 enum class block_visibility { none, partial, full };
 
 /// Causal rule and sliding window. With q >= k the distance q - k is exact in uint64, so no
 /// pair of int64 positions overflows.
 struct position_mask {
-  bool causal = true;
+  bool causal = true;       ///< keys after the query are hidden
   std::int64_t window = 0;  ///< 0: none
 
-  static std::uint64_t distance(std::int64_t q, std::int64_t k) {  // requires k <= q
+  /// q - k for k <= q, exact for any int64 pair.
+  static std::uint64_t distance(std::int64_t q, std::int64_t k) {
     return static_cast<std::uint64_t>(q) - static_cast<std::uint64_t>(k);
   }
+  /// The window keeps key k for query q (future keys are the causal rule's business).
   bool in_window(std::int64_t q, std::int64_t k) const {
     return window == 0 || k > q || distance(q, k) < static_cast<std::uint64_t>(window);
   }
+  /// Query at q sees the key at k.
   bool visible(std::int64_t q, std::int64_t k) const {
     return (!causal || k <= q) && in_window(q, k);
   }
@@ -80,7 +88,8 @@ struct position_mask {
 struct logit_transform {
   float softcap = 0.f;                    ///< 0: none
   std::span<const float> alibi_slopes{};  ///< per query head; empty: none
-  bool active() const { return softcap != 0.f || !alibi_slopes.empty(); }
+  bool active() const { return softcap != 0.f || !alibi_slopes.empty(); }  ///< changes any score
+  /// The transformed score of query head `head` at q_pos against the key at k_pos.
   float operator()(float s, std::int64_t q_pos, std::int64_t k_pos, std::int64_t head) const {
     if (!alibi_slopes.empty())
       s -= alibi_slopes[static_cast<std::size_t>(head)] *

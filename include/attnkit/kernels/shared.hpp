@@ -51,20 +51,22 @@ concept value_source = is_value_view<X>::value ||
 /// GQA family: roped queries q [Tq, H, d_qk] and the donor's kv_view.
 template <storage_type S>
 struct gqa_scores {
-  tensor3_view<const float> q;
-  kv_view<S> kv;
+  tensor3_view<const float> q;  ///< [Tq, H, d_qk], roped
+  kv_view<S> kv;                ///< the donor's keys and values
 };
 /// Absorbed MLA: q_latent [Tq, H, d_c], roped q_rope [Tq, H, d_R] and the latent view.
 template <storage_type S>
 struct latent_scores {
-  tensor3_view<const float> q_latent, q_rope;
-  kv_view<S> kv;
+  tensor3_view<const float> q_latent;  ///< [Tq, H, d_c]
+  tensor3_view<const float> q_rope;    ///< [Tq, H, d_R], roped
+  kv_view<S> kv;                       ///< the donor's latent rows
 };
 /// TPA: query factors a_q [Tq, R_Q, H], b_q [Tq, R_Q, d] and the donor's factor_view.
 template <storage_type S>
 struct factor_scores {
-  tensor3_view<const float> a_q, b_q;
-  factor_view<S> kv;
+  tensor3_view<const float> a_q;  ///< [Tq, R_Q, H]
+  tensor3_view<const float> b_q;  ///< [Tq, R_Q, d], roped
+  factor_view<S> kv;              ///< the donor's factors
 };
 
 namespace detail {

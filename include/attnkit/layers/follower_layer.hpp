@@ -20,21 +20,27 @@
 
 namespace attnkit {
 
+/// Geometry of a follower_layer; validated at construction.
 struct follower_config {
-  std::int64_t model_dim = 0;
+  std::int64_t model_dim = 0;  ///< D
   std::int64_t heads = 0;     ///< H: the donor's query-head count
   std::int64_t kv_heads = 0;  ///< value heads; query head h reads value head h / (H / kv_heads)
-  std::int64_t v_head_dim = 0;
+  std::int64_t v_head_dim = 0;  ///< d_v
 };
 
 /// nn.Linear-layout weights: v_proj [H_kv d_v, D], o_proj [D, H d_v]; biases optional.
 struct follower_weights {
-  matrix_view<const float> v_proj, o_proj;
-  std::span<const float> v_proj_bias{}, o_proj_bias{};
+  matrix_view<const float> v_proj;       ///< [H_kv d_v, D]
+  matrix_view<const float> o_proj;       ///< [D, H d_v]
+  std::span<const float> v_proj_bias{};  ///< [H_kv d_v] or empty
+  std::span<const float> o_proj_bias{};  ///< [D] or empty
 };
 
+/// A shared-attention follower layer (see the file comment): v_proj and o_proj over a
+/// value-only cache, attending with a donor layer's attention weights.
 class follower_layer {
  public:
+  /// Checks the weights' shapes against cfg (attnkit::invalid_argument); keeps views of them.
   follower_layer(const follower_config& cfg, const follower_weights& w) : cfg_(validated(cfg)), w_(w) {
     using detail::require;
     const std::int64_t d = cfg_.model_dim, h = cfg_.heads, hkv = cfg_.kv_heads, dv = cfg_.v_head_dim;
@@ -49,8 +55,9 @@ class follower_layer {
     (void)as_eigen(w.v_proj, "v_proj"), (void)as_eigen(w.o_proj, "o_proj");
   }
 
-  const follower_config& config() const { return cfg_; }
-  const follower_weights& weights() const { return w_; }
+  const follower_config& config() const { return cfg_; }  ///< the geometry
+  const follower_weights& weights() const { return w_; }  ///< the weight views
+  /// A value cache of `capacity` tokens that fits this layer.
   template <storage_type S>
   value_cache<S> make_cache(std::int64_t capacity) const {
     return value_cache<S>({cfg_.kv_heads, cfg_.v_head_dim, capacity});

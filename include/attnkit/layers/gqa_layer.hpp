@@ -23,13 +23,15 @@
 
 namespace attnkit {
 
+/// Geometry of a gqa_layer (MHA: kv_heads = heads; MQA: kv_heads = 1); validated at
+/// construction.
 struct gqa_config {
-  std::int64_t model_dim = 0;
-  std::int64_t heads = 0;
-  std::int64_t kv_heads = 0;
+  std::int64_t model_dim = 0;   ///< D
+  std::int64_t heads = 0;       ///< query heads H
+  std::int64_t kv_heads = 0;    ///< KV heads H_kv, dividing H
   std::int64_t head_dim = 0;    ///< d_qk
   std::int64_t v_head_dim = 0;  ///< d_v; 0 = head_dim
-  rope_config rope{};
+  rope_config rope{};           ///< RoPE of q and k
   std::optional<float> scale{};          ///< default 1/sqrt(head_dim)
   std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
   float rms_eps = 1e-6f;                 ///< epsilon of the optional q/k RMSNorm (QK-norm)
@@ -38,15 +40,24 @@ struct gqa_config {
 /// nn.Linear-layout weights with transformers' names: q_proj [H*d, D], k_proj [H_kv*d, D],
 /// v_proj [H_kv*d_v, D], o_proj [D, H*d_v]; biases optional (empty span = none).
 struct gqa_weights {
-  matrix_view<const float> q_proj, k_proj, v_proj, o_proj;
-  std::span<const float> q_proj_bias{}, k_proj_bias{}, v_proj_bias{}, o_proj_bias{};
+  matrix_view<const float> q_proj;       ///< [H d, D]
+  matrix_view<const float> k_proj;       ///< [H_kv d, D]
+  matrix_view<const float> v_proj;       ///< [H_kv d_v, D]
+  matrix_view<const float> o_proj;       ///< [D, H d_v]
+  std::span<const float> q_proj_bias{};  ///< [H d] or empty
+  std::span<const float> k_proj_bias{};  ///< [H_kv d] or empty
+  std::span<const float> v_proj_bias{};  ///< [H_kv d_v] or empty
+  std::span<const float> o_proj_bias{};  ///< [D] or empty
   /// QK-norm (Qwen3 style): per-head RMSNorm weights [head_dim] applied to every query / key
   /// head after the projection and before RoPE. Empty = none.
-  std::span<const float> q_norm{}, k_norm{};
+  std::span<const float> q_norm{};
+  std::span<const float> k_norm{};  ///< [head_dim] or empty (see q_norm)
 };
 
+/// A full GQA/MHA/MQA attention layer (see the file comment) over any dense cache.
 class gqa_layer {
  public:
+  /// Checks the weights' shapes against cfg (attnkit::invalid_argument); keeps views of them.
   gqa_layer(const gqa_config& cfg, const gqa_weights& w) : cfg_(validated(cfg)), w_(w) {
     using detail::require;
     const std::int64_t d = cfg_.model_dim, h = cfg_.heads, hkv = cfg_.kv_heads, dq = cfg_.head_dim,
@@ -74,8 +85,8 @@ class gqa_layer {
     q_rope_ = rope(query_tables(cfg_.rope, h / hkv), dq, h);
   }
 
-  const gqa_config& config() const { return cfg_; }
-  const gqa_weights& weights() const { return w_; }
+  const gqa_config& config() const { return cfg_; }  ///< the geometry, defaults resolved
+  const gqa_weights& weights() const { return w_; }  ///< the weight views
   /// A dense cache that fits this layer.
   template <storage_type S>
   dense_cache<S> make_cache(std::int64_t capacity) const {

@@ -37,9 +37,10 @@
 
 namespace attnkit {
 
+/// Geometry of an mla_layer (DeepSeek-V2/V3 names in parentheses); validated at construction.
 struct mla_config {
-  std::int64_t model_dim = 0;
-  std::int64_t heads = 0;
+  std::int64_t model_dim = 0;    ///< D (hidden_size)
+  std::int64_t heads = 0;        ///< H (num_attention_heads)
   std::int64_t q_lora_rank = 0;  ///< 0: plain q_proj; else q_a_proj -> RMSNorm -> q_b_proj
   std::int64_t latent_dim = 0;   ///< d_c (kv_lora_rank)
   std::int64_t nope_dim = 0;     ///< d_nope (qk_nope_head_dim)
@@ -49,10 +50,10 @@ struct mla_config {
   /// RoPE of the rope parts; DeepSeek checkpoints store them as interleaved pairs. rotary_dim:
   /// 0 (= rope_dim) or less (a converted partial-RoPE model); tables may be one per rope head.
   rope_config rope{.theta = 10000.0, .layout = rope_layout::interleaved};
-  float rms_eps = 1e-6f;
+  float rms_eps = 1e-6f;         ///< epsilon of the q-LoRA and latent RMSNorms
   std::optional<float> scale{};  ///< default 1/sqrt(nope_dim + rope_dim) * mscale^2
   float mscale = 1.f;            ///< YaRN attention factor: scale *= mscale^2
-  std::optional<std::int64_t> window{};
+  std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
   bool fold_uv_into_o = false;  ///< absorbed path: precompute W_O W_UV (more memory, fewer steps)
 };
 
@@ -66,17 +67,29 @@ struct mla_weights {
   std::span<const float> kv_a_layernorm{};        ///< [d_c]; empty: no latent norm
   matrix_view<const float> kv_b_proj{};  ///< [H (d_nope + d_v), d_c]: per head [W_UK ; W_UV]
   matrix_view<const float> o_proj{};     ///< [D, H d_v]
-  std::span<const float> q_proj_bias{}, q_a_proj_bias{}, q_b_proj_bias{}, kv_a_proj_bias{},
-      kv_b_proj_bias{}, o_proj_bias{};
+  std::span<const float> q_proj_bias{};  ///< [H (d_nope + d_R)] or empty
+  std::span<const float> q_a_proj_bias{};   ///< [q_lora_rank] or empty
+  std::span<const float> q_b_proj_bias{};   ///< [H (d_nope + d_R)] or empty
+  std::span<const float> kv_a_proj_bias{};  ///< [d_c + rope_heads d_R] or empty
+  std::span<const float> kv_b_proj_bias{};  ///< [H (d_nope + d_v)] or empty
+  std::span<const float> o_proj_bias{};     ///< [D] or empty
   /// RMSNorm weights [d_R] applied to every head's q_pe and every rope key's k_pe before RoPE
   /// (what a converted QK-norm model needs; DeepSeek checkpoints have none). Empty = none.
-  std::span<const float> q_rope_norm{}, k_rope_norm{};
+  std::span<const float> q_rope_norm{};
+  std::span<const float> k_rope_norm{};  ///< [d_R] or empty (see q_rope_norm)
 };
 
+/// Which MLA path a call takes: by the FLOP rule (automatic), naive or absorbed (see the file
+/// comment).
 enum class mla_path { automatic, naive, absorbed };
 
+/// A full MLA attention layer (see the file comment): projections, latent cache append and
+/// either the naive path (K/V up-projected per head) or the absorbed one (attention in the
+/// latent space), chosen per call.
 class mla_layer {
  public:
+  /// Checks the weights' shapes against cfg (attnkit::invalid_argument); keeps views of them
+  /// (fold_uv_into_o: computes and owns W_O W_UV now).
   mla_layer(const mla_config& cfg, const mla_weights& w) : cfg_(validated(cfg)), w_(w) {
     validate_weights();
     const std::int64_t h = cfg_.heads, dr = cfg_.rope_dim;
@@ -93,8 +106,9 @@ class mla_layer {
     q_rope_ = rope(rc, dr, h);
   }
 
-  const mla_config& config() const { return cfg_; }
-  const mla_weights& weights() const { return w_; }
+  const mla_config& config() const { return cfg_; }  ///< the geometry
+  const mla_weights& weights() const { return w_; }  ///< the weight views
+  /// The softmax scale: config's scale or 1/sqrt(d_nope + d_R), times mscale^2.
   float scale() const {
     return cfg_.scale.value_or(1.f / std::sqrt(static_cast<float>(cfg_.nope_dim + cfg_.rope_dim))) *
            cfg_.mscale * cfg_.mscale;
@@ -109,6 +123,7 @@ class mla_layer {
   }
   /// The attention options of this layer's kernel calls (scale and window).
   attention_options options() const { return {.scale = scale(), .window = cfg_.window}; }
+  /// A latent cache of `capacity` tokens that fits this layer.
   template <storage_type S>
   latent_cache<S> make_cache(std::int64_t capacity) const {
     return latent_cache<S>({cfg_.latent_dim, cfg_.rope_dim, cfg_.rope_heads, capacity});

@@ -39,19 +39,24 @@
 
 namespace attnkit {
 
+/// Any layer a shared_stack may hold.
 using stack_layer = std::variant<gqa_layer, mla_layer, tpa_layer, follower_layer>;
 
+/// The cache of any stack_layer, in storage type S.
 template <storage_type S>
 using stack_cache = std::variant<dense_cache<S>, latent_cache<S>, factorized_cache<S>, value_cache<S>>;
 
 /// Followers first..last (inclusive) reuse the attention weights of layer `donor`.
 struct sharing_span {
-  std::int64_t donor = 0, first = 0, last = 0;
+  std::int64_t donor = 0;  ///< the layer whose attention weights are reused
+  std::int64_t first = 0;  ///< first follower, after the donor
+  std::int64_t last = 0;   ///< last follower (inclusive)
 };
 
 /// How a donor hands its weights to its followers (kernels/shared.hpp).
 enum class weights_form { automatic, materialised, flash };
 
+/// Options of a shared_stack.
 struct shared_stack_options {
   /// The automatic rule's limit on a donor's materialised weights for one block of tokens.
   std::int64_t materialise_max_bytes = std::int64_t{64} << 20;
@@ -59,11 +64,15 @@ struct shared_stack_options {
 
 /// A per-layer callback that does nothing (forward's default).
 struct no_layer_callback {
-  void operator()(std::int64_t, matrix_view<float>) const {}
+  void operator()(std::int64_t, matrix_view<float>) const {}  ///< ignores layer i's output
 };
 
+/// A stack of attention layers (any variant) in which follower layers reuse a donor's attention
+/// weights (see the file comment); forward runs the whole stack and routes the donors' weights.
 class shared_stack {
  public:
+  /// Takes the layers and the sharing plan, checked: spans inside the stack, followers after
+  /// their donor, every follower_layer covered, equal model widths.
   shared_stack(std::vector<stack_layer> layers, std::vector<sharing_span> plan,
                shared_stack_options opt = {})
       : layers_(std::move(layers)), plan_(std::move(plan)), opt_(opt) {
@@ -83,10 +92,10 @@ class shared_stack {
                     opt_.materialise_max_bytes);
   }
 
-  std::int64_t size() const { return static_cast<std::int64_t>(layers_.size()); }
-  const stack_layer& layer(std::int64_t i) const { return layers_[index(i)]; }
-  const std::vector<sharing_span>& plan() const { return plan_; }
-  const shared_stack_options& options() const { return opt_; }
+  std::int64_t size() const { return static_cast<std::int64_t>(layers_.size()); }  ///< layers
+  const stack_layer& layer(std::int64_t i) const { return layers_[index(i)]; }     ///< layer i
+  const std::vector<sharing_span>& plan() const { return plan_; }  ///< the sharing spans
+  const shared_stack_options& options() const { return opt_; }     ///< the options
   /// The donor whose weights layer i reuses, or -1 for a layer that computes its own.
   std::int64_t donor_of(std::int64_t i) const { return donor_of_[index(i)]; }
 

@@ -35,47 +35,63 @@ namespace attnkit {
 
 /// The explicit 1/R factors of TPA (T6 uses 1/R_Q, 1/R_K, 1/R_V); any values may be given.
 struct tpa_scales {
-  float q = 1.f, k = 1.f, v = 1.f;
+  float q = 1.f;  ///< on the query factors
+  float k = 1.f;  ///< on the key factors
+  float v = 1.f;  ///< on the value factors
 };
 
+/// Geometry of a tpa_layer (TPA, T6); validated at construction.
 struct tpa_config {
-  std::int64_t model_dim = 0;
-  std::int64_t heads = 0;
+  std::int64_t model_dim = 0;   ///< D
+  std::int64_t heads = 0;       ///< H
   std::int64_t head_dim = 0;    ///< d (q and k)
   std::int64_t v_head_dim = 0;  ///< 0 = head_dim
   std::int64_t q_rank = 0;      ///< R_Q; 0 = TPA-KVonly (plain q_proj)
-  std::int64_t k_rank = 0;
-  std::int64_t v_rank = 0;
+  std::int64_t k_rank = 0;      ///< R_K
+  std::int64_t v_rank = 0;      ///< R_V
   rope_config rope{};                  ///< one table (B rows are shared by all heads)
   std::optional<tpa_scales> scales{};  ///< default {1/R_Q, 1/R_K, 1/R_V} (q: 1 for KV-only)
   std::optional<float> scale{};        ///< softmax scale, default 1/sqrt(head_dim)
-  std::optional<std::int64_t> window{};
+  std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
 };
 
 /// nn.Linear-layout weights (views; the caller keeps them alive). W_A_* [H R, D] with output
 /// index h R + r; W_B_* [R d, D]. Fixed head factors a_* [R, H] replace W_A_* when given.
 struct tpa_weights {
-  matrix_view<const float> w_a_q{}, w_b_q{}, q_proj{};
-  matrix_view<const float> w_a_k{}, w_b_k{};
-  matrix_view<const float> w_a_v{}, w_b_v{};
-  matrix_view<const float> o_proj{};
-  matrix_view<const float> a_q{}, a_k{}, a_v{};
+  matrix_view<const float> w_a_q{};   ///< [H R_Q, D] (or a_q, or q_proj for KV-only)
+  matrix_view<const float> w_b_q{};   ///< [R_Q d, D]
+  matrix_view<const float> q_proj{};  ///< [H d, D]: TPA-KVonly's plain query projection
+  matrix_view<const float> w_a_k{};   ///< [H R_K, D] (or a_k)
+  matrix_view<const float> w_b_k{};   ///< [R_K d, D]
+  matrix_view<const float> w_a_v{};   ///< [H R_V, D] (or a_v)
+  matrix_view<const float> w_b_v{};   ///< [R_V d_v, D]
+  matrix_view<const float> o_proj{};  ///< [D, H d_v]
+  matrix_view<const float> a_q{};     ///< [R_Q, H] fixed query head factors, or empty
+  matrix_view<const float> a_k{};     ///< [R_K, H] fixed key head factors, or empty
+  matrix_view<const float> a_v{};     ///< [R_V, H] fixed value head factors, or empty
 };
 
+/// Which TPA path a call takes: attention on the cached factors (factorized), on K and V
+/// materialised from them (materialized), or by the automatic rule.
 enum class tpa_path { automatic, factorized, materialized };
 
+/// A full TPA attention layer (see the file comment): factor projections, RoPE on the B
+/// factors, factorized cache append and attention on the factors or on materialised K/V.
 class tpa_layer {
  public:
+  /// Checks the weights' shapes against cfg (attnkit::invalid_argument); keeps views of them.
   tpa_layer(const tpa_config& cfg, const tpa_weights& w) : cfg_(validated(cfg)), w_(w) {
     validate_weights();
     rope_config rc = cfg_.rope;
     rope_ = rope(rc, cfg_.head_dim, 1);
   }
-  const tpa_config& config() const { return cfg_; }
+  const tpa_config& config() const { return cfg_; }  ///< the geometry
+  /// The 1/R factors in use: config's, or {1/R_Q, 1/R_K, 1/R_V}.
   tpa_scales scales() const {
     return cfg_.scales.value_or(tpa_scales{cfg_.q_rank ? 1.f / float(cfg_.q_rank) : 1.f,
                                            1.f / float(cfg_.k_rank), 1.f / float(cfg_.v_rank)});
   }
+  /// A factorized cache of `capacity` tokens that fits this layer.
   template <storage_type S>
   factorized_cache<S> make_cache(std::int64_t capacity) const {
     const tpa_scales sc = scales();

@@ -36,11 +36,16 @@ namespace attnkit::model {
 /// Where a call's time went: the attention layers (projections, RoPE, cache, kernel) and the
 /// rest (embedding, norms, MLPs, lm_head). Accumulates over calls.
 struct time_split {
-  double attention_s = 0, other_s = 0;
+  double attention_s = 0;  ///< seconds in the attention layers
+  double other_s = 0;      ///< seconds in everything else
 };
 
+/// A dense decoder-only model (embedding, per layer RMSNorm + attention of any variant the
+/// checkpoint holds + RMSNorm + SwiGLU MLP, final norm, lm_head) loaded from a Hugging Face
+/// checkpoint; forward, next-token NLL and per-layer hooks for conversion calibration.
 class decoder {
  public:
+  /// One layer's cache: dense (GQA families) or latent (MLA).
   using cache = std::variant<dense_cache<float>, latent_cache<float>>;
   /// Called with each layer's attention input (the normed hidden state) [T, D].
   using observer = std::function<void(std::int64_t layer, matrix_view<const float> x)>;
@@ -88,7 +93,7 @@ class decoder {
     }
   }
 
-  const io::model_config& config() const { return cfg_; }
+  const io::model_config& config() const { return cfg_; }  ///< what config.json said
 
   /// One float cache per layer, for `capacity` tokens.
   std::vector<cache> make_caches(std::int64_t capacity) const {

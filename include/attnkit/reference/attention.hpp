@@ -17,8 +17,9 @@
 
 namespace attnkit::reference {
 
-using matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using vector = Eigen::VectorXd;
+using matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic,
+                             Eigen::RowMajor>;  ///< Row-major double matrix of the references.
+using vector = Eigen::VectorXd;                 ///< Double vector of the references.
 
 /// RoPE from its definition as a complex rotation: pair p is the complex number
 /// z_p = x_i + i x_j, multiplied by exp(i * pos * theta^(-2 f_p / frequency_dim)).
@@ -54,6 +55,7 @@ inline void rope_rows(matrix& x, std::int64_t heads, std::int64_t head_dim,
                   cfg, h);
 }
 
+/// What attention() returns.
 struct attention_result {
   matrix out;  ///< [Tq, H*d_v]
   matrix lse;  ///< [Tq, H], natural log; -inf for fully masked rows
@@ -61,14 +63,15 @@ struct attention_result {
 
 /// The reference's mask and logit rules, written independently of the kernels' policy code.
 struct attention_rules {
-  bool causal = true;
-  std::optional<std::int64_t> window{};
+  bool causal = true;                    ///< keys after the query are hidden
+  std::optional<std::int64_t> window{};  ///< keep keys with q_pos - k_pos < window
   std::optional<double> softcap{};     ///< s <- cap tanh(s / cap)
   std::vector<double> alibi_slopes{};  ///< s <- s - slope_h (q_pos - k_pos)
   std::vector<double> sinks{};         ///< per-head logit in the denominator
   /// Extra mask (q_index, q_pos, k_index, k_pos, head) -> visible; empty = none.
   std::function<bool(std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t)> mask{};
 
+  /// Query qi at qp sees key ki at kp in head h.
   bool visible(std::int64_t qi, std::int64_t qp, std::int64_t ki, std::int64_t kp,
                std::int64_t h) const {
     if (causal && kp > qp) return false;
@@ -79,6 +82,7 @@ struct attention_rules {
       return false;
     return !mask || mask(qi, qp, ki, kp, h);
   }
+  /// The scaled score s after ALiBi and soft-capping.
   double logit(double s, std::int64_t qp, std::int64_t kp, std::int64_t h) const {
     if (!alibi_slopes.empty())
       s -= alibi_slopes[static_cast<std::size_t>(h)] * (double(qp) - double(kp));
@@ -90,9 +94,9 @@ struct attention_rules {
 /// The normalised weights of one attention row: p[u] for every key (0 where masked), whether
 /// each key is visible, and the row's LSE.
 struct row_weights {
-  vector p;
-  std::vector<char> seen;
-  double lse = 0;
+  vector p;                ///< [Tk] weights, 0 where masked
+  std::vector<char> seen;  ///< [Tk] 1 where visible
+  double lse = 0;          ///< natural-log log-sum-exp of the visible logits (and the sink)
 };
 
 /// Row (t, h) of softmax(rules(q k^T * scale)): query head h reads KV head h / (H / H_kv).
@@ -210,11 +214,17 @@ inline attention_result attention(const matrix& q, std::span<const std::int64_t>
 
 /// A GQA layer's weights in double, nn.Linear layout. Empty bias vectors mean no bias.
 struct gqa_weights {
-  matrix q, k, v, o;
-  vector q_bias, k_bias, v_bias, o_bias;
-  vector q_norm,
-      k_norm;  ///< QK-norm weights [head_dim], RMSNorm per head before RoPE; empty = none
-  double rms_eps = 1e-6;
+  matrix q;       ///< [H d, D]
+  matrix k;       ///< [H_kv d, D]
+  matrix v;       ///< [H_kv d_v, D]
+  matrix o;       ///< [D, H d_v]
+  vector q_bias;  ///< [H d] or empty
+  vector k_bias;  ///< [H_kv d] or empty
+  vector v_bias;  ///< [H_kv d_v] or empty
+  vector o_bias;  ///< [D] or empty
+  vector q_norm;  ///< QK-norm weights [head_dim], RMSNorm per head before RoPE; empty = none
+  vector k_norm;  ///< QK-norm weights [head_dim], RMSNorm per head before RoPE; empty = none
+  double rms_eps = 1e-6;  ///< the QK-norm's epsilon
 };
 
 /// RMSNorm of every head_dim-wide head of every row of x, with weight w.
@@ -231,7 +241,9 @@ inline void rms_norm_heads(matrix& x, std::int64_t head_dim, const vector& w, do
 /// Per-head queries, keys (both roped) and values of a layer's tokens: [T, H d_qk],
 /// [T, H_kv d_qk], [T, H_kv d_v].
 struct attention_heads {
-  matrix q, k, v;
+  matrix q;  ///< [T, H d_qk], roped
+  matrix k;  ///< [T, H_kv d_qk], roped
+  matrix v;  ///< [T, H_kv d_v]
 };
 
 /// The GQA layer's heads: RoPE(norm(W_q x)), RoPE(norm(W_k x)), W_v x.

@@ -9,18 +9,38 @@
 
 namespace attnkit::reference {
 
+/// DeepSeek's MLA tensors in double, nn.Linear layout (shapes as in attnkit::mla_weights).
 struct mla_weights {
-  matrix q_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj;  ///< empty = absent
-  vector q_a_layernorm, kv_a_layernorm;                                      ///< empty = absent
-  vector q_proj_bias, q_a_proj_bias, q_b_proj_bias, kv_a_proj_bias, kv_b_proj_bias, o_proj_bias;
-  vector q_rope_norm, k_rope_norm;  ///< RMSNorm of q_pe / k_pe before RoPE; empty = none
+  matrix q_proj;              ///< [H (d_nope + d_R), D]; empty with q-LoRA
+  matrix q_a_proj;            ///< [q_lora_rank, D]; empty without q-LoRA
+  matrix q_b_proj;            ///< [H (d_nope + d_R), q_lora_rank]; empty without q-LoRA
+  matrix kv_a_proj_with_mqa;  ///< [d_c + rope_heads d_R, D]
+  matrix kv_b_proj;           ///< [H (d_nope + d_v), d_c]
+  matrix o_proj;              ///< [D, H d_v]
+  vector q_a_layernorm;       ///< [q_lora_rank] or empty
+  vector kv_a_layernorm;      ///< [d_c] or empty
+  vector q_proj_bias;         ///< or empty
+  vector q_a_proj_bias;       ///< or empty
+  vector q_b_proj_bias;       ///< or empty
+  vector kv_a_proj_bias;      ///< or empty
+  vector kv_b_proj_bias;      ///< or empty
+  vector o_proj_bias;         ///< or empty
+  vector q_rope_norm;         ///< [d_R] RMSNorm of q_pe before RoPE; empty = none
+  vector k_rope_norm;         ///< [d_R] RMSNorm of k_pe before RoPE; empty = none
 };
 
+/// The MLA geometry the reference needs.
 struct mla_shape {
-  std::int64_t heads, latent_dim, nope_dim, rope_dim, v_head_dim, rope_heads = 1;
-  double rms_eps = 1e-6;
+  std::int64_t heads;           ///< H
+  std::int64_t latent_dim;      ///< d_c
+  std::int64_t nope_dim;        ///< d_nope
+  std::int64_t rope_dim;        ///< d_R
+  std::int64_t v_head_dim;      ///< d_v
+  std::int64_t rope_heads = 1;  ///< rope keys per token
+  double rms_eps = 1e-6;        ///< the RMSNorms' epsilon
 };
 
+/// RMSNorm of every row of x [T, n] with weight w [n] (empty: 1).
 inline matrix rms_norm_rows(matrix x, const vector& w, double eps) {
   for (std::int64_t i = 0; i < x.rows(); ++i) {
     const double inv = 1.0 / std::sqrt(x.row(i).squaredNorm() / double(x.cols()) + eps);

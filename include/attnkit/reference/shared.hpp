@@ -13,18 +13,21 @@
 
 namespace attnkit::reference {
 
+/// One layer of the reference shared-attention stack: a full layer (heads set) or a follower
+/// (donor >= 0, v_proj set).
 struct shared_layer {
   /// A full layer: its per-head Q, K, V of the tokens x at positions (gqa_heads,
   /// mla_materialise, tpa_heads); empty for a follower.
   std::function<attention_heads(const matrix&, std::span<const std::int64_t>)> heads{};
-  std::int64_t query_heads = 0, kv_heads = 0;
+  std::int64_t query_heads = 0;           ///< H
+  std::int64_t kv_heads = 0;              ///< H_kv (a follower's value heads)
   double scale = 1;                       ///< full layers
   std::optional<std::int64_t> window{};   ///< full layers
   std::int64_t donor = -1;                ///< followers: the layer whose weights they reuse
   matrix v_proj{};                        ///< followers: [H_kv d_v, D]
-  vector v_bias{};
+  vector v_bias{};                        ///< followers: [H_kv d_v] or empty
   matrix o_proj{};                        ///< [D, H d_v]
-  vector o_bias{};
+  vector o_bias{};                        ///< [D] or empty
 };
 
 /// x [T, D] after the stack: x += y_i for every layer i in order.

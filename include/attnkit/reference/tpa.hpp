@@ -23,13 +23,30 @@ inline matrix tpa_materialise(const matrix& a, const matrix& b, std::int64_t ran
 /// T6 weights in double (nn.Linear layout). W_A_* output index is h * R + r (T6's view(H, R));
 /// fixed factors a_* are [R, H]. Empty = absent; q_proj replaces the query factors (KV-only).
 struct tpa_weights {
-  matrix w_a_q, w_b_q, q_proj, w_a_k, w_b_k, w_a_v, w_b_v, o_proj;
-  matrix a_q, a_k, a_v;
+  matrix w_a_q;   ///< [H R_Q, D]
+  matrix w_b_q;   ///< [R_Q d, D]
+  matrix q_proj;  ///< [H d, D] (KV-only) or empty
+  matrix w_a_k;   ///< [H R_K, D]
+  matrix w_b_k;   ///< [R_K d, D]
+  matrix w_a_v;   ///< [H R_V, D]
+  matrix w_b_v;   ///< [R_V d_v, D]
+  matrix o_proj;  ///< [D, H d_v]
+  matrix a_q;     ///< [R_Q, H] fixed factors or empty
+  matrix a_k;     ///< [R_K, H] fixed factors or empty
+  matrix a_v;     ///< [R_V, H] fixed factors or empty
 };
 
+/// The TPA geometry and 1/R scales the reference needs.
 struct tpa_shape {
-  std::int64_t heads, head_dim, v_head_dim, q_rank, k_rank, v_rank;
-  double q_scale, k_scale, v_scale;
+  std::int64_t heads;       ///< H
+  std::int64_t head_dim;    ///< d
+  std::int64_t v_head_dim;  ///< d_v
+  std::int64_t q_rank;      ///< R_Q
+  std::int64_t k_rank;      ///< R_K
+  std::int64_t v_rank;      ///< R_V
+  double q_scale;           ///< on the query factors
+  double k_scale;           ///< on the key factors
+  double v_scale;           ///< on the value factors
 };
 
 /// The factor matrix A [T, R*H] (index r*H + h) of tokens x: from W_A (T6 layout) or fixed.
