@@ -995,16 +995,28 @@ void write_plot(const options& o, const std::vector<sweep_point>& points, const 
     << "set grid\nset key outside right top\nset xtics (";
   for (std::size_t i = 0; i < o.plot_contexts.size(); ++i)
     g << (i ? ", " : "") << o.plot_contexts[i];
-  g << ")\n";
+  const auto [lo, hi] = std::minmax_element(o.plot_contexts.begin(), o.plot_contexts.end());
+  g << ")\nset xrange [" << double(*lo) / 1.15 << ":" << double(*hi) * 1.15 << "]\n";
   for (std::size_t v = 0; v < variants.size(); ++v) {
     g << "$d" << v << " << EOD\n";
     for (const auto& p : points)
       if (p.variant == variants[v]) g << p.context << ' ' << p.decode_us << '\n';
     g << "EOD\n";
   }
+  // One dash pattern per family (GQA solid, MLA dashed, TPA dotted, shared dash-dot) and a
+  // colour per row, so 14 rows stay tellable apart.
+  const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+                           "#e377c2", "#17becf", "#7f7f7f", "#bcbd22", "#000000", "#393b79"};
+  auto dash = [](const std::string& v) {
+    return v.rfind("MLA", 0) == 0      ? 2
+           : v.rfind("TPA", 0) == 0    ? 3
+           : v.rfind("Shared", 0) == 0 ? 4
+                                       : 1;
+  };
   g << "plot ";
   for (std::size_t v = 0; v < variants.size(); ++v)
-    g << (v ? ", " : "") << "$d" << v << " using 1:2 with linespoints lw 2 title '" << variants[v]
+    g << (v ? ", " : "") << "$d" << v << " using 1:2 with linespoints lw 2 dt " << dash(variants[v])
+      << " pt " << v % 13 + 1 << " lc rgb '" << colours[v % 12] << "' title '" << variants[v]
       << "'";
   g << "\n";
   FILE* pipe = popen("gnuplot", "w");
