@@ -2,7 +2,7 @@
 # Runs the measurements behind the charts of docs/benchmarks.md with JSON output and draws them
 # (gnuplot, PNG and SVG): decode time vs context for every variant, KV bytes per token, prefill
 # GFLOP/s vs length, batch-decode bandwidth share vs batch size, and conversion error and NLL on
-# the trained tiny model vs kv_lora_rank for TransMLA and MHA2MLA. About 10 minutes here.
+# the trained tiny model vs kv_lora_rank for TransMLA and MHA2MLA. About 25 minutes here.
 #   bash scripts/plots.sh [--quick] [--bin BUILD_DIR] [--threads N] [OUT_DIR]
 # OUT_DIR: docs/img (the charts; the JSON they are drawn from goes to OUT_DIR/data). --bin: use the binaries of an existing build instead of building one.
 # --quick: tiny shapes, for the test that keeps this script working (seconds, not minutes).
