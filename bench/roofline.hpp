@@ -87,7 +87,9 @@ inline void BM_read_bandwidth(benchmark::State& state) {
 }
 
 /// 12 independent FMA chains of `lanes` floats for `iters` steps: the FLOP/s peak of the active
-/// target (ATTNKIT_TARGET), compiled for it like the kernels.
+/// target (ATTNKIT_TARGET), compiled for it like the kernels. Every chain feeds the result: a
+/// chain whose value is never used is dead code to the compiler, which then times one chain's
+/// latency instead of the FMA units' throughput.
 #if ATTNKIT_X86_TARGETS
 __attribute__((target("avx512f"))) inline float fma_chains_avx512(std::int64_t iters) {
   __m512 a[12];
@@ -95,6 +97,7 @@ __attribute__((target("avx512f"))) inline float fma_chains_avx512(std::int64_t i
   const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
   for (std::int64_t it = 0; it < iters; ++it)
     for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
+  for (int i = 1; i < 12; ++i) a[0] = _mm512_add_ps(a[0], a[i]);
   float out[16];
   _mm512_storeu_ps(out, a[0]);
   return out[0];
@@ -105,6 +108,7 @@ __attribute__((target("avx2,fma"))) inline float fma_chains_avx2(std::int64_t it
   const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
   for (std::int64_t it = 0; it < iters; ++it)
     for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+  for (int i = 1; i < 12; ++i) a[0] = _mm256_add_ps(a[0], a[i]);
   float out[8];
   _mm256_storeu_ps(out, a[0]);
   return out[0];
@@ -123,7 +127,9 @@ inline float fma_chains(std::int64_t iters) {
   for (int i = 0; i < 12; ++i) a[i] = 1.f + 0.001f * static_cast<float>(i);
   for (std::int64_t it = 0; it < iters; ++it)
     for (float& x : a) x = x * 0.999999f + 1e-7f;
-  return a[0];
+  float sum = 0;
+  for (const float x : a) sum += x;
+  return sum;
 }
 
 inline void BM_fma_peak(benchmark::State& state) {
