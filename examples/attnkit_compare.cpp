@@ -172,6 +172,9 @@ options parse(int argc, char** argv) {
       if (!ends(".png") && !ends(".svg"))
         throw ak::invalid_argument("attnkit-compare: --plot FILE must end in .png or .svg, got '" +
                                    f + "'");
+      if (f.find('\'') != std::string::npos)  // it is quoted that way in the gnuplot script
+        throw ak::invalid_argument("attnkit-compare: --plot FILE may not contain a ' (got " + f +
+                                   ")");
       o.plots.push_back(f);
     } else if (a == "--plot-contexts") {
       o.plot_contexts.clear();
