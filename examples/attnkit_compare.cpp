@@ -119,6 +119,17 @@ const char* usage =
     "  --prefills N    prefill chunks (2)          --chunk N      tokens per chunk (512)\n"
     "  --page-size N   tokens per page (16)\n";
 
+/// "a,b,,c" -> {"a", "b", "", "c"}.
+std::vector<std::string> split_commas(const std::string& list) {
+  std::vector<std::string> out;
+  for (std::size_t p = 0; p <= list.size();) {
+    const std::size_t q = std::min(list.find(',', p), list.size());
+    out.push_back(list.substr(p, q - p));
+    p = q + 1;
+  }
+  return out;
+}
+
 options parse(int argc, char** argv) {
   options o;
   auto need = [&](int& i) -> std::string {
@@ -178,17 +189,13 @@ options parse(int argc, char** argv) {
       o.plots.push_back(f);
     } else if (a == "--plot-contexts") {
       o.plot_contexts.clear();
-      const std::string list = need(i);
-      for (std::size_t p = 0; p <= list.size();) {
-        const std::size_t q = std::min(list.find(',', p), list.size());
-        const std::string v = list.substr(p, q - p);
+      for (const std::string& v : split_commas(need(i))) {
         char* end = nullptr;
         const long long x = std::strtoll(v.c_str(), &end, 10);
         if (v.empty() || *end || x < 1)
           throw ak::invalid_argument(
               "attnkit-compare: --plot-contexts must be positive integers, got '" + v + "'");
         o.plot_contexts.push_back(x);
-        p = q + 1;
       }
     }
     else if (a == "--batch")
@@ -207,10 +214,7 @@ options parse(int argc, char** argv) {
       o.batch_opt.page_size = integer(i);
     else if (a == "--rows") {
       o.rows.clear();
-      std::string list = need(i);
-      for (std::size_t p = 0; p <= list.size();) {
-        const std::size_t q = std::min(list.find(',', p), list.size());
-        const std::string r = list.substr(p, q - p);
+      for (const std::string& r : split_commas(need(i))) {
         const options all;
         if (!all.wants(r))
           throw ak::invalid_argument("attnkit-compare: --rows: unknown row '" + r +
@@ -218,7 +222,6 @@ options parse(int argc, char** argv) {
                                      "TPA-T6-small, GQA->MLA-exact, GQA->TransMLA, "
                                      "GQA->MHA2MLA, Shared-L2-7B, Shared-L3-8B)");
         o.rows.push_back(r);
-        p = q + 1;
       }
     } else if (a == "--help" || a == "-h") {
       std::cout << usage;
@@ -940,6 +943,13 @@ void print_table(const options& o, const std::vector<row>& rows) {
         "double.\n");
 }
 
+/// all_rows for the storage type named by --storage.
+std::vector<row> rows_in_storage(const options& o, ak::thread_pool& pool) {
+  return o.storage == "bf16"  ? all_rows<ak::bf16>(o, pool)
+         : o.storage == "f16" ? all_rows<ak::half>(o, pool)
+                              : all_rows<float>(o, pool);
+}
+
 /// The decode of every row again at each context of the sweep (attention core only; rows
 /// without one, the conversions, are skipped).
 std::vector<sweep_point> decode_sweep(const options& o, ak::thread_pool& pool) {
@@ -950,10 +960,7 @@ std::vector<sweep_point> decode_sweep(const options& o, ak::thread_pool& pool) {
     at.context = c;
     at.decode_only = true;
     at.announce = false;
-    const auto rows = at.storage == "bf16"  ? all_rows<ak::bf16>(at, pool)
-                      : at.storage == "f16" ? all_rows<ak::half>(at, pool)
-                                            : all_rows<float>(at, pool);
-    for (const auto& r : rows)
+    for (const auto& r : rows_in_storage(at, pool))
       if (!std::isnan(r.decode_us)) points.push_back({r.variant, c, r.decode_us});
   }
   return points;
@@ -1097,9 +1104,7 @@ int main(int argc, char** argv) {
       compare_batch::print(o.batch_opt, o.storage, bandwidth, rows);
       return 0;
     }
-    std::vector<row> rows = o.storage == "bf16"  ? all_rows<ak::bf16>(o, pool)
-                            : o.storage == "f16" ? all_rows<ak::half>(o, pool)
-                                                 : all_rows<float>(o, pool);
+    const std::vector<row> rows = rows_in_storage(o, pool);
     const std::vector<sweep_point> sweep =
         o.plots.empty() ? std::vector<sweep_point>{} : decode_sweep(o, pool);
     for (const auto& f : o.plots) write_plot(o, sweep, f);
