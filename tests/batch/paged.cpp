@@ -87,6 +87,70 @@ TEST_CASE("paged GQA cache: equal to the contiguous cache for page sizes 1, 16, 
   check_paged_gqa<half>(rng);
 }
 
+TEST_CASE(
+    "paged GQA decode (one item for all KV heads): per-head options, LSE, weights and key splits "
+    "equal the contiguous cache's") {
+  // A paged streaming decode step walks every KV head in one work item (gqa_products::
+  // merges_heads); the contiguous cache runs one item per KV head. Each row's math is the same,
+  // the key splits differ: equal within the kernels' tolerance, per-head options included.
+  std::mt19937_64 rng(107);
+  thread_pool pool3(3);
+  for (const std::int64_t ps : {1, 16, 48}) {
+    for (const std::int64_t kv_heads : {2, 4}) {
+      gqa_case c{.heads = 4 * kv_heads,
+                 .kv_heads = kv_heads,
+                 .tk = 500 + static_cast<std::int64_t>(rng() % 300),
+                 .tq = 1,
+                 .window = 300,
+                 .strategy = tile_strategy::streaming};
+      const gqa_data x = make_gqa_data(rng, c);
+      page_pool<bf16> pool({.num_pages = c.tk / ps + 8,
+                            .page_size = ps,
+                            .token_elements = c.kv_heads * (c.head_dim + c.v_head_dim)});
+      shuffle_free_pages(pool, rng);
+      const auto paged = paged_copy(pool, c, x);
+      dense_cache<bf16> flat({.kv_heads = c.kv_heads,
+                              .head_dim = c.head_dim,
+                              .v_head_dim = c.v_head_dim,
+                              .capacity = c.tk});
+      flat.append(tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.head_dim}),
+                  tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_head_dim}), x.k_pos);
+      std::vector<float> slopes, sinks;
+      for (std::int64_t h = 0; h < c.heads; ++h)
+        slopes.push_back(0.01f * static_cast<float>(h + 1)), sinks.push_back(0.5f - 0.1f * h);
+      auto run = [&](const auto& cache, fmat& out, fmat& lse, std::vector<float>& w) {
+        out.resize(c.tq, c.heads * c.v_head_dim), lse.resize(c.tq, c.heads);
+        w.assign(static_cast<std::size_t>(c.tq * c.heads * c.tk), -1.f);
+        attend(tensor3_view<const float>(x.q.data(), {c.tq, c.heads, c.head_dim}), x.q_pos, cache,
+               tensor3_view<float>(out.data(), {c.tq, c.heads, c.v_head_dim}),
+               {.window = c.window,
+                .logit_softcap = 20.f,
+                .alibi_slopes = slopes,
+                .sinks = sinks,
+                .lse = matrix_view<float>(lse.data(), {c.tq, c.heads}),
+                .weights = tensor3_view<float>(w.data(), {c.tq, c.heads, c.tk}),
+                .strategy = c.strategy},
+               pool3);
+      };
+      fmat o_flat, o_paged, l_flat, l_paged;
+      std::vector<float> w_flat, w_paged;
+      run(flat, o_flat, l_flat, w_flat);
+      run(paged, o_paged, l_paged, w_paged);
+      INFO(describe(c) << " page_size=" << ps);
+      const double v_max = x.v.cwiseAbs().maxCoeff(), a = x.a_max(c.head_dim);
+      // Both answers are float computations on the same stored K/V: twice the kernel's tolerance.
+      CHECK(max_abs_diff(to_double(o_paged), to_double(o_flat)) <=
+            2 * float_tolerance(c.head_dim, c.tk, a, v_max));
+      CHECK(max_abs_diff(to_double(l_paged), to_double(l_flat)) <=
+            0x1p-24 * 8 * (1 + 2 * a + l_flat.cwiseAbs().maxCoeff()));
+      double w_diff = 0;
+      for (std::size_t i = 0; i < w_flat.size(); ++i)
+        w_diff = std::max(w_diff, std::abs(double(w_paged[i]) - double(w_flat[i])));
+      CHECK(w_diff <= 2 * float_tolerance(c.head_dim, c.tk, a, 1.0));
+    }
+  }
+}
+
 TEST_CASE("paged bf16 cache with bf16 products: bitwise the contiguous cache's answer", "[bf16]") {
   // Both read the same key blocks; the products pair rows through their page pointers.
   std::mt19937_64 rng(103);

@@ -65,57 +65,39 @@ struct gqa_problem {
   bool bf16_products = false;  ///< product_math::bf16 asked for
 };
 
-/// The K and V rows of a view's tokens [begin, end) of KV head j, prefetched into L2 a few
-/// tokens per step() of a micro-kernel's inner loop (see no_prefetch). For paged views: their
-/// next rows are on other pages, where the micro-kernels' own prefetch (a fixed distance down
-/// the current run) does not reach.
-template <storage_type S>
-class view_prefetcher {
- public:
-  view_prefetcher(const kv_view<S>& kv, std::int64_t j, std::int64_t begin, std::int64_t end,
-                  std::int64_t per_step)
-      : kv_(kv), j_(j), t_(begin), end_(end), per_step_(per_step),
-        k_bytes_(kv.head_dim() * static_cast<std::int64_t>(sizeof(S))),
-        v_bytes_(kv.values_in_keys() ? 0 : kv.v_head_dim() * static_cast<std::int64_t>(sizeof(S))) {}
-  void step() {
-    for (std::int64_t i = 0; i < per_step_ && t_ < end_; ++i, ++t_) {
-      if (t_ >= run_end_) {  // a new page: one table lookup per run, not per row
-        k_ = reinterpret_cast<const char*>(kv_.keys().row(j_, t_));
-        v_ = reinterpret_cast<const char*>(kv_.values().row(j_, t_));
-        run_end_ = kv_.run_end(t_);
-      }
-      for (std::int64_t b = 0; b < k_bytes_; b += 64) prefetch_line(k_ + b);
-      for (std::int64_t b = 0; b < v_bytes_; b += 64) prefetch_line(v_ + b);
-      k_ += kv_.keys().row_stride * static_cast<std::int64_t>(sizeof(S));
-      v_ += kv_.values().row_stride * static_cast<std::int64_t>(sizeof(S));
-    }
-  }
-
- private:
-  const kv_view<S>& kv_;
-  std::int64_t j_, t_, end_, per_step_, k_bytes_, v_bytes_, run_end_ = 0;
-  const char *k_ = nullptr, *v_ = nullptr;
-};
-
 template <storage_type S>
 class gqa_products {
  public:
   using problem = gqa_problem<S>;
   static attention_shape shape(const problem& pb) {
-    return shape_of(pb.q.extent(0), pb.q.extent(1), pb.kv, pb.streaming);
+    return shape_of(pb.q.extent(0), pb.q.extent(1), pb.kv, pb.streaming, pb.keys_only);
   }
   /// The shape of Tq tokens of H query heads against kv.
   static attention_shape shape_of(std::int64_t tq, std::int64_t h, const kv_view<S>& kv,
-                                  bool streaming) {
-    return {tq,        kv.kv_heads(),     h / kv.kv_heads(),    kv.size(),
-            kv.v_head_dim(), streaming ? 32 : 128, streaming ? 64 : 128};
+                                  bool streaming, bool keys_only = false) {
+    const std::int64_t groups = merges_heads(tq, kv, streaming, keys_only) ? 1 : kv.kv_heads();
+    return {tq,
+            groups,
+            h / groups,
+            kv.size(),
+            kv.v_head_dim(),
+            streaming ? 32 : 128,
+            streaming ? 64 : 128};
+  }
+  /// A paged decode step (one query token, streaming) makes one item of all KV heads, which
+  /// walks each key block's pages head after head: the item reads whole pages ([H_kv, page_size,
+  /// d] of keys, then of values) instead of one head's page_size rows of each, which this
+  /// machine's memory serves much more slowly (docs/benchmarks.md, "Serving"). Not for a
+  /// follower's donor (keys_only), whose value heads follow the item's KV head.
+  static bool merges_heads(std::int64_t tq, const kv_view<S>& kv, bool streaming, bool keys_only) {
+    return streaming && tq == 1 && kv.kv_heads() > 1 && kv.keys().table.paged() && !keys_only;
   }
   static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
     // Rows rounded up to whole AMX tiles; the bf16 products' P pairs and a partial tile's A rows.
     const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
                        dv = pb.kv.v_head_dim();
     return static_cast<std::size_t>(
-        m * (dqk + nb) + nb * (dqk + dv) +
+        (listed(pb) ? 4 * nb * pointer_floats : 0) + m * (dqk + nb) + nb * (dqk + dv) +
         (engine_of(pb) != pair_engine::none ? m * (nb / 2 + 16) + 8 * std::max(dqk, nb + 32) : 0));
   }
   /// What runs the GEMM tiles' bf16 products (product_math::bf16) on a bf16 cache: AMX tiles
@@ -133,6 +115,11 @@ class gqa_products {
   gqa_products(const problem& pb, const attention_plan& pl, float* f) : pb_(pb), pl_(pl) {
     const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
                        dv = pb.kv.v_head_dim();
+    if (listed(pb)) {  // first: the worker's scratch is aligned for pointers
+      auto* rows = reinterpret_cast<const S**>(f);
+      k_rows_ = rows, k_ahead_ = rows + nb, v_rows_ = rows + 2 * nb, v_ahead_ = rows + 3 * nb;
+      f += 4 * nb * pointer_floats;
+    }
     q_ = f, f += m * dqk;    // [m][d_qk], or Q^T [d_qk][m], or Q^T's pairs [d_qk / 2][m16]
     s_ = f, f += m * nb;     // scores / probabilities: [m][block], or [nb][m(16)] transposed
     kf_ = f, f += nb * dqk;  // a block of K widened to float, or gathered as bf16 (paged AMX)
@@ -175,21 +162,15 @@ class gqa_products {
     if (pb_.streaming) {
       if (!paged()) {
         detail::scores(q_, dqk, m_, pb_.kv.keys().row(j, b0), ks, nb, dqk, s_, pl_.block);
-        return {s_, pl_.block, 1};
+      } else {  // a call per KV head for the whole block, its rows listed across its pages
+        k_end_ = k_end;
+        const std::int64_t rows = m_ / item_heads_;
+        for (std::int64_t i = 0; i < item_heads_; ++i) {
+          list_rows(pb_.kv.keys(), kv_head(j, i), b0, nb, k_rows_, k_ahead_);
+          detail::scores(q_ + i * rows * dqk, dqk, rows, listed_rows<S>{k_rows_, k_ahead_}, nb, dqk,
+                         s_ + i * rows * pl_.block, pl_.block);
+        }
       }
-      // Paged: the K and V rows as far ahead (in tokens) as the contiguous stream prefetches,
-      // found through the page table, spread over the block's work instead of leaving in one
-      // burst: the kernel steps once per vector group of 4 keys' columns (4 steps per 4 keys for
-      // d_qk 128 on AVX-512), so a token per step, more where the rows are short.
-      constexpr std::int64_t ahead_bytes = 65536;
-      const std::int64_t ahead =
-          std::max(nb, ahead_bytes / (dqk * static_cast<std::int64_t>(sizeof(S))));
-      view_prefetcher<S> pf(pb_.kv, j, b0 + ahead, std::min(b0 + ahead + nb, k_end),
-                            std::max<std::int64_t>(1, 128 / dqk));
-      for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
-        detail::scores(q_, dqk, m_, pb_.kv.keys().row(j, t), ks, n, dqk, s_ + (t - b0), pl_.block,
-                       false, pf);
-      });
       return {s_, pl_.block, 1};
     }
     if constexpr (std::same_as<S, bf16>)
@@ -234,10 +215,17 @@ class gqa_products {
                   float* acc) {
     const std::int64_t dv = pb_.kv.v_head_dim(), vs = pb_.kv.values().row_stride;
     if (pb_.streaming) {
-      for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
-        accumulate_pv(p.data + (t - b0), p.row_stride, m_, pb_.kv.values().row(j, t), vs, n, dv,
-                      acc, dv, !paged());
-      });
+      if (!paged()) {
+        accumulate_pv(p.data, p.row_stride, m_, pb_.kv.values().row(j, b0), vs, nb, dv, acc, dv);
+      } else {
+        const std::int64_t rows = m_ / item_heads_;
+        const S** ahead = pb_.kv.values_in_keys() ? nullptr : v_ahead_;  // MLA: with the keys
+        for (std::int64_t i = 0; i < item_heads_; ++i) {
+          list_rows(pb_.kv.values(), kv_head(j, i), b0, nb, v_rows_, ahead);
+          accumulate_pv(p.data + i * rows * p.row_stride, p.row_stride, rows,
+                        listed_rows<S>{v_rows_, ahead}, nb, dv, acc + i * rows * dv, dv);
+        }
+      }
       return;
     }
     if constexpr (std::same_as<S, bf16>)
@@ -268,9 +256,9 @@ class gqa_products {
     }
   }
 
-  const float* value_row(std::int64_t j, std::int64_t /*head*/, std::int64_t t, float* buf) const {
+  const float* value_row(std::int64_t j, std::int64_t head, std::int64_t t, float* buf) const {
     const std::int64_t dv = pb_.kv.v_head_dim();
-    to_float_row(pb_.kv.values().row(j, t), buf, dv);
+    to_float_row(pb_.kv.values().row(item_heads_ > 1 ? head / real_g_ : j, t), buf, dv);
     if (paired()) permute_pairs(buf, dv, pair_group_);
     return buf;
   }
@@ -292,6 +280,30 @@ class gqa_products {
       f(t, n);
       t += n;
     }
+  }
+  /// KV head of the item's i-th head group (merges_heads: the item covers all of them).
+  std::int64_t kv_head(std::int64_t j, std::int64_t i) const { return item_heads_ > 1 ? i : j; }
+  /// Streaming over a paged view: blocks span pages, their rows listed (list_rows).
+  static bool listed(const problem& pb) { return pb.streaming && pb.kv.keys().table.paged(); }
+  static constexpr std::int64_t pointer_floats = sizeof(const S*) / sizeof(float);
+  /// rows[i] = row b0 + i of KV head j for i < nb, and (ahead not null) ahead[i] = the row
+  /// as far on as the contiguous kernels prefetch (ATTNKIT_PREFETCH_BYTES of rows), found through
+  /// the page table, or rows[i] itself past the item's keys (k_end_): one page lookup per run.
+  void list_rows(const row_set<S>& rs, std::int64_t j, std::int64_t b0, std::int64_t nb,
+                 const S** rows, const S** ahead) const {
+    auto fill = [&](std::int64_t begin, std::int64_t end, const S** out) {
+      for_each_run(begin, end - begin, [&](std::int64_t t, std::int64_t n) {
+        const S* r = rs.row(j, t);
+        for (std::int64_t i = 0; i < n; ++i) out[t - begin + i] = r + i * rs.row_stride;
+      });
+    };
+    fill(b0, b0 + nb, rows);
+    if (!ahead) return;
+    const std::int64_t dist =
+        std::max(nb, prefetch_rows(rs.width * static_cast<std::int64_t>(sizeof(S))));
+    const std::int64_t n = std::clamp<std::int64_t>(k_end_ - b0 - dist, 0, nb);
+    fill(b0 + dist, b0 + dist + n, ahead);
+    std::copy(rows + n, rows + nb, ahead + n);
   }
   bool transposed() const { return vector_gemm_ && !pb_.streaming; }
   static std::int64_t round16(std::int64_t n) { return (n + 15) / 16 * 16; }
@@ -374,6 +386,11 @@ class gqa_products {
   const problem& pb_;
   const attention_plan& pl_;
   std::int64_t m_ = 0;
+  const S** k_rows_ = nullptr;  // listed(): the block's K rows [block], their prefetch rows
+  const S** k_ahead_ = nullptr;
+  const S** v_rows_ = nullptr;  // the same for V
+  const S** v_ahead_ = nullptr;
+  std::int64_t k_end_ = 0;  // the current item's key end (scores())
   float *q_, *s_, *kf_, *vf_;
   std::uint32_t* pp_ = nullptr;
   bf16* tile_a_ = nullptr;
@@ -384,6 +401,10 @@ class gqa_products {
   const bool vector_gemm_ = simd_vector_target();
   const std::int64_t pair_group_ = std::same_as<S, bf16> && pb_.streaming ? bf16_pair_group() : 0;
   const pair_engine pairs_ = engine_of(pb_);  // bf16 products (product_math::bf16)
+  // KV heads per item (merges_heads: all of them) and query heads per KV head.
+  const std::int64_t item_heads_ =
+      merges_heads(pb_.q.extent(0), pb_.kv, pb_.streaming, pb_.keys_only) ? pb_.kv.kv_heads() : 1;
+  const std::int64_t real_g_ = pb_.q.extent(1) / pb_.kv.kv_heads();
 };
 
 /// Streaming micro-kernels for tiles of fewer than 16 query rows (g heads x Tq tokens). On the

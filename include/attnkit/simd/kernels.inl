@@ -84,23 +84,26 @@ inline float row_max(const float* s, std::int64_t n) {
 
 // ---- streaming score and value products ----
 
-template <int RB, storage_type S, class Prefetch>
-inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t rows, const S* k,
-                         std::int64_t k_stride, std::int64_t keys, std::int64_t d, float* s,
-                         std::int64_t s_stride, bool prefetch_k, Prefetch& pf) {
+template <int RB, class Rows, class Prefetch>
+inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t rows, const Rows& k,
+                         std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride,
+                         Prefetch& pf) {
+  using S = typename Rows::element;
   const float* qr[RB];
   ATTNKIT_UNROLL
   for (int r = 0; r < RB; ++r) qr[r] = q + std::min<std::int64_t>(r, rows - 1) * q_stride;
   const vmask tail = V::first(d % L);
   const std::int64_t d_full = d - d % L;
-  const std::int64_t ahead = prefetch_rows(k_stride * static_cast<std::int64_t>(sizeof(S)));
   for (std::int64_t t0 = 0; t0 < keys; t0 += 4) {
+    std::int64_t tu[4];
     const S* kr[4];
     ATTNKIT_UNROLL
-    for (int u = 0; u < 4; ++u) kr[u] = k + std::min<std::int64_t>(t0 + u, keys - 1) * k_stride;
-    ATTNKIT_UNROLL
-    for (int u = 0; u < 4 && prefetch_k; ++u)
-      prefetch_row(k + (t0 + u + ahead) * k_stride, d * static_cast<std::int64_t>(sizeof(S)));
+    for (int u = 0; u < 4; ++u) tu[u] = std::min<std::int64_t>(t0 + u, keys - 1), kr[u] = k.row(tu[u]);
+    if (k.prefetches()) {
+      ATTNKIT_UNROLL
+      for (int u = 0; u < 4; ++u)
+        prefetch_row(k.ahead_row(tu[u]), d * static_cast<std::int64_t>(sizeof(S)));
+    }
     vec acc[RB][4];
     ATTNKIT_UNROLL
     for (int r = 0; r < RB; ++r) {
@@ -160,26 +163,25 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
   }
 }
 
-/// S[rows][keys] = Q K^T (see detail::scores in simd/targets.hpp).
-template <storage_type S, class Prefetch>
-inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, const S* k,
-                   std::int64_t k_stride, std::int64_t keys, std::int64_t d, float* s,
-                   std::int64_t s_stride, bool prefetch_k, Prefetch& pf) {
+/// S[rows][keys] = Q K^T (see detail::scores in simd/targets.hpp); k: strided_rows or
+/// listed_rows.
+template <class Rows, class Prefetch>
+inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, const Rows& k,
+                   std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride,
+                   Prefetch& pf) {
   constexpr int R = V::score_rows;
   std::int64_t r = 0;
   // R - 1 leftover rows also take an R-row block (one clamped row) when R is 4.
   for (; rows - r >= (R == 4 ? 3 : R); r += R)
-    scores_block<R>(q + r * q_stride, q_stride, std::min<std::int64_t>(R, rows - r), k, k_stride,
-                    keys, d, s + r * s_stride, s_stride, prefetch_k, pf);
+    scores_block<R>(q + r * q_stride, q_stride, std::min<std::int64_t>(R, rows - r), k, keys, d,
+                       s + r * s_stride, s_stride, pf);
   if constexpr (R > 2)
     if (rows - r == 2) {
-      scores_block<2>(q + r * q_stride, q_stride, 2, k, k_stride, keys, d, s + r * s_stride,
-                      s_stride, prefetch_k, pf);
+      scores_block<2>(q + r * q_stride, q_stride, 2, k, keys, d, s + r * s_stride, s_stride, pf);
       r += 2;
     }
   if (rows - r == 1)
-    scores_block<1>(q + r * q_stride, q_stride, 1, k, k_stride, keys, d, s + r * s_stride, s_stride,
-                    prefetch_k, pf);
+    scores_block<1>(q + r * q_stride, q_stride, 1, k, keys, d, s + r * s_stride, s_stride, pf);
 }
 
 /// Row pointers of an RB-row block of P and O; rows past `rows` repeat the last valid one
@@ -199,18 +201,18 @@ struct pv_rows {
   }
 };
 
-/// O[rows][width] += P V over `width` <= V::pv_vectors * L columns.
-template <int RB, storage_type S>
-inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
-                     std::int64_t v_stride, std::int64_t keys, std::int64_t width, float* o,
-                     std::int64_t o_stride, bool prefetch_v) {
+/// O[rows][width] += P V over `width` <= V::pv_vectors * L columns: columns [c0, c0 + width) of
+/// the rows v (strided_rows or listed_rows).
+template <int RB, class Rows>
+inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
+                     std::int64_t c0, std::int64_t keys, std::int64_t width, float* o,
+                     std::int64_t o_stride) {
+  using S = typename Rows::element;
   constexpr int NV = V::pv_vectors;
   vmask m[NV];
   ATTNKIT_UNROLL
   for (int i = 0; i < NV; ++i) m[i] = V::first(width - L * i);
   const pv_rows<RB> rw(p, p_stride, o, o_stride, rows);
-  const std::int64_t ahead =
-      prefetch_v ? prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(S))) : 0;
   vec acc[RB][NV];
   ATTNKIT_UNROLL
   for (int r = 0; r < RB; ++r) {
@@ -218,8 +220,9 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
     for (int i = 0; i < NV; ++i) acc[r][i] = V::load(m[i], rw.o[r] + L * i);
   }
   for (std::int64_t t = 0; t < keys; ++t) {
-    const S* vr = v + t * v_stride;
-    if (ahead) prefetch_row(vr + ahead * v_stride, width * static_cast<std::int64_t>(sizeof(S)));
+    const S* vr = v.row(t) + c0;
+    if (v.prefetches())
+      prefetch_row(v.ahead_row(t) + c0, width * static_cast<std::int64_t>(sizeof(S)));
     vec vv[NV];
     ATTNKIT_UNROLL
     for (int i = 0; i < NV; ++i) vv[i] = V::load_as_float(m[i], vr + L * i);
@@ -239,13 +242,11 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
 }
 
 /// The same over exactly NV * L columns (NV even): unmasked; bf16 with V::pairs in paired order.
-template <int RB, int NV, storage_type S>
-inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
-                          std::int64_t v_stride, std::int64_t keys, float* o,
-                          std::int64_t o_stride, bool prefetch_v) {
+template <int RB, int NV, class Rows>
+inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
+                          std::int64_t c0, std::int64_t keys, float* o, std::int64_t o_stride) {
+  using S = typename Rows::element;
   const pv_rows<RB> rw(p, p_stride, o, o_stride, rows);
-  const std::int64_t ahead =
-      prefetch_v ? prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(S))) : 0;
   vec acc[RB][NV];
   ATTNKIT_UNROLL
   for (int r = 0; r < RB; ++r) {
@@ -253,9 +254,9 @@ inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t ro
     for (int i = 0; i < NV; ++i) acc[r][i] = V::load(rw.o[r] + L * i);
   }
   for (std::int64_t t = 0; t < keys; ++t) {
-    const S* vr = v + t * v_stride;
-    if (ahead)
-      prefetch_row(vr + ahead * v_stride, NV * L * static_cast<std::int64_t>(sizeof(S)));
+    const S* vr = v.row(t) + c0;
+    if (v.prefetches())
+      prefetch_row(v.ahead_row(t) + c0, NV * L * static_cast<std::int64_t>(sizeof(S)));
     vec vv[NV];
     if constexpr (V::pairs && std::same_as<S, bf16>) {  // NV / 2 groups of 2 L paired columns
       ATTNKIT_UNROLL
@@ -279,39 +280,36 @@ inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t ro
   }
 }
 
-template <int RB, storage_type S>
-inline void pv_block(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
-                     std::int64_t v_stride, std::int64_t keys, std::int64_t dv, float* o,
-                     std::int64_t o_stride, bool prefetch_v) {
+template <int RB, class Rows>
+inline void pv_block(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
+                     std::int64_t keys, std::int64_t dv, float* o, std::int64_t o_stride) {
   constexpr std::int64_t W = V::pv_vectors * L;
   static_assert(V::pv_vectors % 2 == 0, "paired bf16 chunks take whole (even, odd) groups");
   std::int64_t c = 0;
   for (; c + W <= dv; c += W)
-    pv_chunk_full<RB, V::pv_vectors>(p, p_stride, rows, v + c, v_stride, keys, o + c, o_stride,
-                                     prefetch_v);
-  if constexpr (V::pairs && std::same_as<S, bf16>)  // paired order covers every full group
+    pv_chunk_full<RB, V::pv_vectors>(p, p_stride, rows, v, c, keys, o + c, o_stride);
+  if constexpr (V::pairs && std::same_as<typename Rows::element, bf16>)  // paired order: whole groups
     for (; c + 2 * L <= dv; c += 2 * L)
-      pv_chunk_full<RB, 2>(p, p_stride, rows, v + c, v_stride, keys, o + c, o_stride, prefetch_v);
-  if (c < dv)
-    pv_chunk<RB>(p, p_stride, rows, v + c, v_stride, keys, dv - c, o + c, o_stride, prefetch_v);
+      pv_chunk_full<RB, 2>(p, p_stride, rows, v, c, keys, o + c, o_stride);
+  if (c < dv) pv_chunk<RB>(p, p_stride, rows, v, c, keys, dv - c, o + c, o_stride);
 }
 
-/// O[rows][dv] += P[rows][keys] V[keys][dv] (see detail::accumulate_pv in simd/targets.hpp).
-template <storage_type S>
-inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
-                          std::int64_t v_stride, std::int64_t keys, std::int64_t dv, float* o,
-                          std::int64_t o_stride, bool prefetch_v) {
+/// O[rows][dv] += P[rows][keys] V[keys][dv] (see detail::accumulate_pv in simd/targets.hpp); v:
+/// strided_rows or listed_rows.
+template <class Rows>
+inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
+                          std::int64_t keys, std::int64_t dv, float* o, std::int64_t o_stride) {
   if (rows == 1) {
-    pv_block<1>(p, p_stride, 1, v, v_stride, keys, dv, o, o_stride, prefetch_v);
+    pv_block<1>(p, p_stride, 1, v, keys, dv, o, o_stride);
     return;
   }
   if (rows == 2) {
-    pv_block<2>(p, p_stride, 2, v, v_stride, keys, dv, o, o_stride, prefetch_v);
+    pv_block<2>(p, p_stride, 2, v, keys, dv, o, o_stride);
     return;
   }
   for (std::int64_t r = 0; r < rows; r += 4)
-    pv_block<4>(p + r * p_stride, p_stride, std::min<std::int64_t>(4, rows - r), v, v_stride, keys,
-                dv, o + r * o_stride, o_stride, prefetch_v);
+    pv_block<4>(p + r * p_stride, p_stride, std::min<std::int64_t>(4, rows - r), v, keys, dv,
+                o + r * o_stride, o_stride);
 }
 
 // ---- register-blocked GEMM ----

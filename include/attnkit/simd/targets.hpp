@@ -73,6 +73,30 @@ inline void prefetch_row(const S* row, std::int64_t bytes) {
   for (std::int64_t b = 0; b < bytes; b += 64) prefetch_line(p + b);
 }
 
+/// The K or V rows t = 0, 1, ... of a block that a streaming micro-kernel reads: one run at a
+/// fixed stride, prefetching the row `ahead` rows on while it reads row t (ahead 0: none) ...
+template <class S>
+struct strided_rows {
+  using element = S;
+  const S* base;
+  std::int64_t stride;
+  std::int64_t ahead = 0;
+  const S* row(std::int64_t t) const { return base + t * stride; }
+  const S* ahead_row(std::int64_t t) const { return base + (t + ahead) * stride; }
+  bool prefetches() const { return ahead != 0; }
+};
+/// ... or rows found through a list of pointers (a block spanning pages: one kernel call for the
+/// whole block), prefetching ahead[t] while reading rows[t] (ahead null: none).
+template <class S>
+struct listed_rows {
+  using element = S;
+  const S* const* rows;             // [keys]
+  const S* const* ahead = nullptr;  // [keys] or null
+  const S* row(std::int64_t t) const { return rows[t]; }
+  const S* ahead_row(std::int64_t t) const { return ahead[t]; }
+  bool prefetches() const { return ahead != nullptr; }
+};
+
 /// TPA's head combination (tpa_score_rows): A_Q [q_rank][heads_padded] (scaled, zero past
 /// heads), D [q_rank][dots_stride] ((s, u) = s * k_rank + u), A_K rows of the block [keys][k_rank]
 /// [heads]; out: scores [keys][heads_padded], block_max [heads_padded].
@@ -242,18 +266,36 @@ template <storage_type S, class Prefetch = no_prefetch>
 inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, const S* k,
                    std::int64_t k_stride, std::int64_t keys, std::int64_t d, float* s,
                    std::int64_t s_stride, bool prefetch_k = true, Prefetch&& pf = {}) {
-  ATTNKIT_SIMD_DISPATCH(scores(q, q_stride, rows, k, k_stride, keys, d, s, s_stride, prefetch_k, pf))
+  const strided_rows<S> kr{
+      k, k_stride, prefetch_k ? prefetch_rows(k_stride * static_cast<std::int64_t>(sizeof(S))) : 0};
+  ATTNKIT_SIMD_DISPATCH(scores(q, q_stride, rows, kr, keys, d, s, s_stride, pf))
+}
+/// The same over K rows found through pointers (a block that spans pages).
+template <storage_type S>
+inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows,
+                   const listed_rows<S>& k, std::int64_t keys, std::int64_t d, float* s,
+                   std::int64_t s_stride) {
+  no_prefetch pf;
+  ATTNKIT_SIMD_DISPATCH(scores(q, q_stride, rows, k, keys, d, s, s_stride, pf))
 }
 
 /// O[rows][dv] += P[rows][keys] V[keys][dv] (streaming path; O in paired order for bf16).
 /// prefetch_v: prefetch the V rows ATTNKIT_PREFETCH_BYTES ahead (off where the rows ahead are not
-/// the next ones: paged views).
+/// the next ones).
 template <storage_type S>
 inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const S* v,
                           std::int64_t v_stride, std::int64_t keys, std::int64_t dv, float* o,
                           std::int64_t o_stride, bool prefetch_v = true) {
-  ATTNKIT_SIMD_DISPATCH(
-      accumulate_pv(p, p_stride, rows, v, v_stride, keys, dv, o, o_stride, prefetch_v))
+  const strided_rows<S> vr{
+      v, v_stride, prefetch_v ? prefetch_rows(v_stride * static_cast<std::int64_t>(sizeof(S))) : 0};
+  ATTNKIT_SIMD_DISPATCH(accumulate_pv(p, p_stride, rows, vr, keys, dv, o, o_stride))
+}
+/// The same over V rows found through pointers (a block that spans pages).
+template <storage_type S>
+inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t rows,
+                          const listed_rows<S>& v, std::int64_t keys, std::int64_t dv, float* o,
+                          std::int64_t o_stride) {
+  ATTNKIT_SIMD_DISPATCH(accumulate_pv(p, p_stride, rows, v, keys, dv, o, o_stride))
 }
 
 /// C[rows, cols] (+)= A B, with A(i, k) = a[i * a_rs + k * a_cs] (any strides: every element is
