@@ -159,16 +159,18 @@ class gqa_products {
 
   score_tile scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
     const std::int64_t dqk = pb_.kv.head_dim(), ks = pb_.kv.keys().row_stride;
-    if (pb_.streaming) {
-      if (!paged()) {
-        detail::scores(q_, dqk, m_, pb_.kv.keys().row(j, b0), ks, nb, dqk, s_, pl_.block);
-      } else {  // a call per KV head for the whole block, its rows listed across its pages
-        k_end_ = k_end;
-        const std::int64_t rows = m_ / item_heads_;
-        for (std::int64_t i = 0; i < item_heads_; ++i) {
+    if (pb_.streaming) {  // a call per KV head of the item for the whole block
+      k_end_ = k_end;
+      const std::int64_t rows = m_ / item_heads_;
+      for (std::int64_t i = 0; i < item_heads_; ++i) {
+        const float* q = q_ + i * rows * dqk;
+        float* s = s_ + i * rows * pl_.block;
+        if (!paged()) {
+          detail::scores(q, dqk, rows, pb_.kv.keys().row(kv_head(j, i), b0), ks, nb, dqk, s,
+                         pl_.block);
+        } else {  // its rows listed across its pages
           list_rows(pb_.kv.keys(), kv_head(j, i), b0, nb, k_rows_, k_ahead_);
-          detail::scores(q_ + i * rows * dqk, dqk, rows, listed_rows<S>{k_rows_, k_ahead_}, nb, dqk,
-                         s_ + i * rows * pl_.block, pl_.block);
+          detail::scores(q, dqk, rows, listed_rows<S>{k_rows_, k_ahead_}, nb, dqk, s, pl_.block);
         }
       }
       return {s_, pl_.block, 1};
@@ -215,15 +217,17 @@ class gqa_products {
                   float* acc) {
     const std::int64_t dv = pb_.kv.v_head_dim(), vs = pb_.kv.values().row_stride;
     if (pb_.streaming) {
-      if (!paged()) {
-        accumulate_pv(p.data, p.row_stride, m_, pb_.kv.values().row(j, b0), vs, nb, dv, acc, dv);
-      } else {
-        const std::int64_t rows = m_ / item_heads_;
-        const S** ahead = pb_.kv.values_in_keys() ? nullptr : v_ahead_;  // MLA: with the keys
-        for (std::int64_t i = 0; i < item_heads_; ++i) {
+      const std::int64_t rows = m_ / item_heads_;
+      const S** ahead = pb_.kv.values_in_keys() ? nullptr : v_ahead_;  // MLA: with the keys
+      for (std::int64_t i = 0; i < item_heads_; ++i) {
+        const float* pr = p.data + i * rows * p.row_stride;
+        float* o = acc + i * rows * dv;
+        if (!paged()) {
+          accumulate_pv(pr, p.row_stride, rows, pb_.kv.values().row(kv_head(j, i), b0), vs, nb, dv,
+                        o, dv);
+        } else {
           list_rows(pb_.kv.values(), kv_head(j, i), b0, nb, v_rows_, ahead);
-          accumulate_pv(p.data + i * rows * p.row_stride, p.row_stride, rows,
-                        listed_rows<S>{v_rows_, ahead}, nb, dv, acc + i * rows * dv, dv);
+          accumulate_pv(pr, p.row_stride, rows, listed_rows<S>{v_rows_, ahead}, nb, dv, o, dv);
         }
       }
       return;
