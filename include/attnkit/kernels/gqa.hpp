@@ -159,18 +159,19 @@ class gqa_products {
 
   score_tile scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
     const std::int64_t dqk = pb_.kv.head_dim(), ks = pb_.kv.keys().row_stride;
-    if (pb_.streaming) {  // a call per KV head of the item for the whole block
+    if (pb_.streaming) {  // a call per KV head j + i of the item (merges_heads: j = 0) per block
       k_end_ = k_end;
       const std::int64_t rows = m_ / item_heads_;
       for (std::int64_t i = 0; i < item_heads_; ++i) {
         const float* q = q_ + i * rows * dqk;
         float* s = s_ + i * rows * pl_.block;
         if (!paged()) {
-          detail::scores(q, dqk, rows, pb_.kv.keys().row(kv_head(j, i), b0), ks, nb, dqk, s,
-                         pl_.block);
-        } else {  // its rows listed across its pages
-          list_rows(pb_.kv.keys(), kv_head(j, i), b0, nb, k_rows_, k_ahead_);
-          detail::scores(q, dqk, rows, listed_rows<S>{k_rows_, k_ahead_}, nb, dqk, s, pl_.block);
+          detail::scores(q, dqk, rows, pb_.kv.keys().row(j + i, b0), ks, nb, dqk, s, pl_.block);
+        } else {  // its rows listed across its pages, once for all the item's heads
+          if (i == 0) list_rows(pb_.kv.keys(), j, b0, nb, k_rows_, k_ahead_);
+          detail::scores(q, dqk, rows,
+                         listed_rows<S>{k_rows_, k_ahead_, head_offset(pb_.kv.keys(), i)}, nb, dqk,
+                         s, pl_.block);
         }
       }
       return {s_, pl_.block, 1};
@@ -223,11 +224,12 @@ class gqa_products {
         const float* pr = p.data + i * rows * p.row_stride;
         float* o = acc + i * rows * dv;
         if (!paged()) {
-          accumulate_pv(pr, p.row_stride, rows, pb_.kv.values().row(kv_head(j, i), b0), vs, nb, dv,
-                        o, dv);
+          accumulate_pv(pr, p.row_stride, rows, pb_.kv.values().row(j + i, b0), vs, nb, dv, o, dv);
         } else {
-          list_rows(pb_.kv.values(), kv_head(j, i), b0, nb, v_rows_, ahead);
-          accumulate_pv(pr, p.row_stride, rows, listed_rows<S>{v_rows_, ahead}, nb, dv, o, dv);
+          if (i == 0) list_rows(pb_.kv.values(), j, b0, nb, v_rows_, ahead);
+          accumulate_pv(pr, p.row_stride, rows,
+                        listed_rows<S>{v_rows_, ahead, head_offset(pb_.kv.values(), i)}, nb, dv, o,
+                        dv);
         }
       }
       return;
@@ -260,9 +262,9 @@ class gqa_products {
     }
   }
 
-  const float* value_row(std::int64_t j, std::int64_t head, std::int64_t t, float* buf) const {
+  const float* value_row(std::int64_t /*j*/, std::int64_t head, std::int64_t t, float* buf) const {
     const std::int64_t dv = pb_.kv.v_head_dim();
-    to_float_row(pb_.kv.values().row(item_heads_ > 1 ? head / real_g_ : j, t), buf, dv);
+    to_float_row(pb_.kv.values().row(head / real_g_, t), buf, dv);
     if (paired()) permute_pairs(buf, dv, pair_group_);
     return buf;
   }
@@ -285,8 +287,10 @@ class gqa_products {
       t += n;
     }
   }
-  /// KV head of the item's i-th head group (merges_heads: the item covers all of them).
-  std::int64_t kv_head(std::int64_t j, std::int64_t i) const { return item_heads_ > 1 ? i : j; }
+  /// Elements from the item's first KV head's rows to its i-th head's (the same pages).
+  static std::int64_t head_offset(const row_set<S>& rs, std::int64_t i) {
+    return i * rs.head_stride;
+  }
   /// Streaming over a paged view: blocks span pages, their rows listed (list_rows).
   static bool listed(const problem& pb) { return pb.streaming && pb.kv.keys().table.paged(); }
   static constexpr std::int64_t pointer_floats = sizeof(const S*) / sizeof(float);
@@ -304,7 +308,7 @@ class gqa_products {
     fill(b0, b0 + nb, rows);
     if (!ahead) return;
     const std::int64_t dist =
-        std::max(nb, prefetch_rows(rs.width * static_cast<std::int64_t>(sizeof(S))));
+        std::max(nb, prefetch_rows(rs.width * static_cast<std::int64_t>(sizeof(S))) / item_heads_);
     const std::int64_t n = std::clamp<std::int64_t>(k_end_ - b0 - dist, 0, nb);
     fill(b0 + dist, b0 + dist + n, ahead);
     std::copy(rows + n, rows + nb, ahead + n);
@@ -405,7 +409,7 @@ class gqa_products {
   const bool vector_gemm_ = simd_vector_target();
   const std::int64_t pair_group_ = std::same_as<S, bf16> && pb_.streaming ? bf16_pair_group() : 0;
   const pair_engine pairs_ = engine_of(pb_);  // bf16 products (product_math::bf16)
-  // KV heads per item (merges_heads: all of them) and query heads per KV head.
+  // KV heads per item (merges_heads: all of them, else one) and query heads per KV head.
   const std::int64_t item_heads_ =
       merges_heads(pb_.q.extent(0), pb_.kv, pb_.streaming, pb_.keys_only) ? pb_.kv.kv_heads() : 1;
   const std::int64_t real_g_ = pb_.q.extent(1) / pb_.kv.kv_heads();

@@ -86,14 +86,16 @@ struct strided_rows {
   bool prefetches() const { return ahead != 0; }
 };
 /// ... or rows found through a list of pointers (a block spanning pages: one kernel call for the
-/// whole block), prefetching ahead[t] while reading rows[t] (ahead null: none).
+/// whole block), each moved by `offset` elements (another KV head of the same pages),
+/// prefetching ahead[t] + offset while reading rows[t] + offset (ahead null: none).
 template <class S>
 struct listed_rows {
   using element = S;
   const S* const* rows;             // [keys]
   const S* const* ahead = nullptr;  // [keys] or null
-  const S* row(std::int64_t t) const { return rows[t]; }
-  const S* ahead_row(std::int64_t t) const { return ahead[t]; }
+  std::int64_t offset = 0;
+  const S* row(std::int64_t t) const { return rows[t] + offset; }
+  const S* ahead_row(std::int64_t t) const { return ahead[t] + offset; }
   bool prefetches() const { return ahead != nullptr; }
 };
 
