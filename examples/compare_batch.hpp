@@ -13,6 +13,8 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace compare_batch {
@@ -43,6 +45,22 @@ inline double median_us(int reps, const std::function<void()>& fn) {
   }
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
+}
+
+/// Medians of `reps` runs of a and of b, alternated (a, b, a, b, ...): on a machine whose speed
+/// drifts, both see the same conditions.
+inline std::pair<double, double> median_pair_us(int reps, const std::function<void()>& a,
+                                                const std::function<void()>& b) {
+  auto time = [](const std::function<void()>& fn) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  };
+  a(), b();
+  std::vector<double> ta, tb;
+  for (int r = 0; r < reps; ++r) ta.push_back(time(a)), tb.push_back(time(b));
+  std::sort(ta.begin(), ta.end()), std::sort(tb.begin(), tb.end());
+  return {ta[ta.size() / 2], tb[tb.size() / 2]};
 }
 
 /// Read bandwidth of `threads` threads streaming a 1 GiB buffer (GB/s, median of 5): each
@@ -131,8 +149,8 @@ batch_row measure(const batch_options& o, const step_shape& st, std::string name
   using view_t = decltype(caches[0].view());
   std::vector<view_t> views;
   for (const auto& c : caches) views.push_back(c.view());
-  r.batch_us = median_us(7, [&] { run(views, true); });
-  r.loop_us = median_us(7, [&] { run(views, false); });
+  std::tie(r.batch_us, r.loop_us) = median_pair_us(
+      7, [&] { run(views, true); }, [&] { run(views, false); });
   return r;
 }
 
@@ -273,8 +291,10 @@ inline void print(const batch_options& o, const std::string& storage, double ban
               ATTNKIT_VERSION_STRING, (long long)o.decodes, (long long)o.min_context,
               (long long)o.max_context, (long long)o.prefills, (long long)o.chunk,
               (long long)o.page_size, storage.c_str(), o.threads);
-  std::printf("read bandwidth measured now: %.1f GB/s. Medians of 7 steps; batch = plan_batch + "
-              "attend_batch, loop = one call per sequence.\n\n", bandwidth);
+  std::printf(
+      "read bandwidth measured now: %.1f GB/s. Medians of 7 steps, batch and loop "
+      "alternated; batch = plan_batch + attend_batch, loop = one call per sequence.\n\n",
+      bandwidth);
   std::printf("%-12s %-30s %6s %10s %10s %8s %12s %10s %8s\n", "variant", "shape", "tokens",
               "batch ms", "loop ms", "speedup", "tokens/s", "KV GB/s", "of BW");
   for (const auto& r : rows) {

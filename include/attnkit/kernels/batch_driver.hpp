@@ -195,6 +195,11 @@ void run_attention_batch(const batch_plan& bp, SequenceOf&& sequence, Exec& exec
   using access = batch_access;
   const std::int64_t n = bp.sequences(), n_items = bp.items();
   if (n_items == 0) return;
+  if (n == 1) {  // the single-sequence driver: the same split rule without the batch's bookkeeping
+    const batch_sequence<Variant, Mask> e = sequence(0);
+    run_attention<Variant>(e.pb, e.call, exec, &ws);
+    return;
+  }
   std::size_t floats = 0;
   std::int64_t rows = 0;
   for (std::int64_t s = 0; s < n; ++s) {
