@@ -171,6 +171,25 @@ TEST_CASE("GQA batch: each sequence's rows equal its single attend call and the 
   run_mixed_batch<half>(rng, pool, 16);
 }
 
+TEST_CASE("GQA batch of one sequence: bitwise its single attend call") {
+  // A batch of one runs the single-sequence driver: the same blocks and splits.
+  std::mt19937_64 rng(205);
+  for (const sequence_spec& one :
+       {sequence_spec{5000, 1, true}, sequence_spec{700, 96, false}, sequence_spec{300, 3, true}}) {
+    gqa_batch_data<float> x(rng, {one}, 16);
+    const attention_options opt{.causal = true};
+    fmat out(x.q.rows(), x.h * x.d), lse(x.q.rows(), x.h);
+    attention_options with_lse = opt;
+    with_lse.lse = matrix_view<float>(lse.data(), {lse.rows(), x.h});
+    attend_batch(plan_batch(x.batch(), opt), x.batch(),
+                 tensor3_view<float>(out.data(), {out.rows(), x.h, x.d}), with_lse);
+    const auto [single, single_lse] = x.single(0, opt);
+    INFO("keys " << one.keys << " queries " << one.queries << " paged " << one.paged);
+    CHECK((out.array() == single.array()).all());
+    CHECK((lse.array() == single_lse.array()).all());
+  }
+}
+
 TEST_CASE("GQA batch: the plan splits a long sequence beside short ones and is balanced") {
   std::mt19937_64 rng(202);
   std::vector<sequence_spec> spec(40, {200, 1, true});
