@@ -295,8 +295,9 @@ class gqa_products {
   static bool listed(const problem& pb) { return pb.streaming && pb.kv.keys().table.paged(); }
   static constexpr std::int64_t pointer_floats = sizeof(const S*) / sizeof(float);
   /// rows[i] = row b0 + i of KV head j for i < nb, and (ahead not null) ahead[i] = the row
-  /// as far on as the contiguous kernels prefetch (ATTNKIT_PREFETCH_BYTES of rows), found through
-  /// the page table, or rows[i] itself past the item's keys (k_end_): one page lookup per run.
+  /// as far on as the contiguous kernels prefetch (ATTNKIT_PREFETCH_BYTES of rows, shared among
+  /// the item's KV heads so that the lines in flight stay within L2), found through the page
+  /// table, or rows[i] itself past the item's keys (k_end_): one page lookup per run.
   void list_rows(const row_set<S>& rs, std::int64_t j, std::int64_t b0, std::int64_t nb,
                  const S** rows, const S** ahead) const {
     auto fill = [&](std::int64_t begin, std::int64_t end, const S** out) {
