@@ -25,6 +25,13 @@ void shuffle_free_pages(page_pool<S>& pool, std::mt19937_64& rng) {
   for (const auto p : all) pool.release(p);
 }
 
+/// A pool with room for case c's keys at page size ps (and a few pages more).
+page_pool_config pool_for(const gqa_case& c, std::int64_t ps) {
+  return {.num_pages = c.tk / ps + 8,
+          .page_size = ps,
+          .token_elements = c.kv_heads * (c.head_dim + c.v_head_dim)};
+}
+
 template <storage_type S>
 paged_cache<S, paged_dense> paged_copy(page_pool<S>& pool, const gqa_case& c, const gqa_data& x) {
   paged_cache<S, paged_dense> cache(pool, {c.kv_heads, c.head_dim, c.v_head_dim});
@@ -56,9 +63,7 @@ void check_paged_gqa(std::mt19937_64& rng) {
       c.tk = 200 + static_cast<std::int64_t>(rng() % 200), c.tq = tq;
       c.strategy = static_cast<tile_strategy>(rng() % 3);
       const gqa_data x = make_gqa_data(rng, c);
-      page_pool<S> pool({.num_pages = c.tk / ps + 8,
-                         .page_size = ps,
-                         .token_elements = c.kv_heads * (c.head_dim + c.v_head_dim)});
+      page_pool<S> pool(pool_for(c, ps));
       shuffle_free_pages(pool, rng);
       const auto paged = paged_copy(pool, c, x);
       REQUIRE(paged.size() == c.tk);
@@ -104,9 +109,7 @@ TEST_CASE(
                  .window = 300,
                  .strategy = tile_strategy::streaming};
       const gqa_data x = make_gqa_data(rng, c);
-      page_pool<bf16> pool({.num_pages = c.tk / ps + 8,
-                            .page_size = ps,
-                            .token_elements = c.kv_heads * (c.head_dim + c.v_head_dim)});
+      page_pool<bf16> pool(pool_for(c, ps));
       shuffle_free_pages(pool, rng);
       const auto paged = paged_copy(pool, c, x);
       dense_cache<bf16> flat({.kv_heads = c.kv_heads,
@@ -160,9 +163,7 @@ TEST_CASE("paged bf16 cache with bf16 products: bitwise the contiguous cache's a
                .strategy = tile_strategy::gemm,
                .products = product_math::bf16};
     const gqa_data x = make_gqa_data(rng, c);
-    page_pool<bf16> pool({.num_pages = c.tk / ps + 8,
-                          .page_size = ps,
-                          .token_elements = c.kv_heads * (c.head_dim + c.v_head_dim)});
+    page_pool<bf16> pool(pool_for(c, ps));
     shuffle_free_pages(pool, rng);
     INFO(describe(c) << " page_size=" << ps);
     CHECK(
