@@ -65,6 +65,30 @@ struct gqa_problem {
   bool bf16_products = false;  ///< product_math::bf16 asked for
 };
 
+/// The rows of KV head j that keys [begin, end) read, as byte ranges (range_prefetcher): the key
+/// rows, then (values true) the value rows; a run of rows at a dense stride is one range.
+template <storage_type S>
+struct block_ranges {
+  const kv_view<S>* kv = nullptr;
+  std::int64_t j = 0, begin = 0, end = 0;
+  bool values = false;
+  std::int64_t t = begin;
+  int set = 0;  // 0: keys, 1: values
+  bool next(const char*& b, const char*& e) {
+    for (; set < (values ? 2 : 1); ++set, t = begin) {
+      if (t >= end) continue;
+      const row_set<S>& rs = set == 0 ? kv->keys() : kv->values();
+      const std::int64_t n = rs.row_stride == rs.width ? std::min(end, kv->run_end(t)) - t : 1;
+      const S* r = rs.row(j, t);
+      b = reinterpret_cast<const char*>(r);
+      e = reinterpret_cast<const char*>(r + (n - 1) * rs.row_stride + rs.width);
+      t += n;
+      return true;
+    }
+    return false;
+  }
+};
+
 template <storage_type S>
 class gqa_products {
  public:
@@ -180,6 +204,12 @@ class gqa_products {
       if (pairs_ != pair_engine::none) return pair_scores(j, b0, nb);
     // The GEMM tiles read the block's K (and V) as float rows: in place for a contiguous float
     // view, else widened or gathered once into kf_ / vf_ and reused by all m rows.
+    // The next block's rows stream in while this one computes (range_prefetcher).
+    if (transposed()) {
+      const std::int64_t next = b0 + nb;
+      pf_.start(block_ranges<S>{&pb_.kv, j, next, std::min(next + pl_.block, k_end),
+                                !pb_.keys_only && !pb_.kv.values_in_keys()});
+    }
     const float* kf = reinterpret_cast<const float*>(pb_.kv.keys().row(j, b0));
     std::int64_t kfs = ks;
     vfp_ = reinterpret_cast<const float*>(pb_.kv.values().row(j, b0)),
@@ -203,7 +233,7 @@ class gqa_products {
       }
     }
     if (transposed()) {  // S^T = K Q^T
-      gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_);
+      gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_, pf_);
       return {s_, 1, m_};
     }
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
@@ -237,7 +267,7 @@ class gqa_products {
     if constexpr (std::same_as<S, bf16>)
       if (pairs_ != pair_engine::none) return pair_accumulate(j, b0, nb, p, acc);
     if (transposed()) {  // O += P V, P(r, t) = S^T[t][r]
-      gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv);
+      gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv, pf_);
       return;
     }
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
@@ -400,6 +430,7 @@ class gqa_products {
   const S** v_rows_ = nullptr;  // the same for V
   const S** v_ahead_ = nullptr;
   std::int64_t k_end_ = 0;  // the current item's key end (scores())
+  range_prefetcher<block_ranges<S>> pf_;  // the GEMM tiles' next block
   float *q_, *s_, *kf_, *vf_;
   std::uint32_t* pp_ = nullptr;
   bf16* tile_a_ = nullptr;

@@ -41,56 +41,28 @@ concept factor_source = is_factor_view<X>::value ||
 
 namespace detail {
 
-/// The factor rows of the next key block, prefetched one cache line per inner-loop step of the
-/// kernels (see no_prefetch): the four factor arrays of a block of tokens are four contiguous
-/// byte ranges, walked in the order the block reads them. Spread this way the DRAM reads overlap
-/// all of a block's work; issued in one burst per block they stall the core and leave the memory
-/// idle during the value GEMM (docs/benchmarks.md, TPA).
+/// The factor rows of tokens [begin, begin + n), prefetched one cache line per inner-loop step
+/// of the kernels (range_prefetcher): the four factor arrays of a block of tokens are four
+/// contiguous byte ranges, walked in the order the block reads them. Spread this way the DRAM
+/// reads overlap all of a block's work; issued in one burst per block they stall the core and
+/// leave the memory idle during the value GEMM (docs/benchmarks.md, TPA).
 template <storage_type S>
-class factor_prefetcher {
- public:
-  explicit factor_prefetcher(const factor_view<S>& c) : c_(c) {}
-
-  /// Starts on tokens [begin, end) (possibly empty), issuing what is left of the previous range.
-  void start(std::int64_t begin, std::int64_t end) {
-    finish();
-    const std::int64_t n = std::max<std::int64_t>(end - begin, 0), h = c_.heads, rk = c_.k_rank,
-                       rv = c_.v_rank;
-    // (An empty range looks no row up: token `begin` may be past the view's last page.)
-    set(0, n ? c_.b_k_row(begin) : nullptr, n * rk * c_.head_dim);
-    set(1, n ? c_.a_k_row(begin) : nullptr, n * rk * h);
-    set(2, n ? c_.a_v_row(begin) : nullptr, n * rv * h);
-    set(3, n ? c_.b_v_row(begin) : nullptr, n * rv * c_.v_head_dim);
-    range_ = 0;
-    next_ = begin_[0], end_ = end_of_[0];
+struct factor_ranges {
+  const factor_view<S>* c = nullptr;
+  std::int64_t begin = 0, n = 0;
+  int next_array = 0;
+  bool next(const char*& b, const char*& e) {
+    if (n <= 0 || next_array == 4) return false;  // (no row looked up past the view's last page)
+    const int a = next_array++;
+    const S* p = a == 0   ? c->b_k_row(begin)
+                 : a == 1 ? c->a_k_row(begin)
+                 : a == 2 ? c->a_v_row(begin)
+                          : c->b_v_row(begin);
+    const std::int64_t per_token[4] = {c->k_rank * c->head_dim, c->k_rank * c->heads,
+                                       c->v_rank * c->heads, c->v_rank * c->v_head_dim};
+    b = reinterpret_cast<const char*>(p), e = reinterpret_cast<const char*>(p + n * per_token[a]);
+    return true;
   }
-  /// One line, or (once per range) the move to the next range.
-  void step() {
-    if (next_ < end_) {
-      prefetch_line(next_);
-      next_ += 64;
-    } else if (range_ < 3) {
-      ++range_;
-      next_ = begin_[range_], end_ = end_of_[range_];
-    }
-  }
-  /// Every line not yet issued.
-  void finish() {
-    while (range_ < 4) {
-      for (; next_ < end_; next_ += 64) prefetch_line(next_);
-      if (++range_ < 4) next_ = begin_[range_], end_ = end_of_[range_];
-    }
-  }
-
- private:
-  void set(int i, const S* p, std::int64_t elems) {
-    begin_[i] = reinterpret_cast<const char*>(p);
-    end_of_[i] = begin_[i] + elems * static_cast<std::int64_t>(sizeof(S));
-  }
-  const factor_view<S>& c_;
-  const char *begin_[4] = {}, *end_of_[4] = {};
-  const char *next_ = nullptr, *end_ = nullptr;
-  int range_ = 4;
 };
 
 template <storage_type S>
@@ -116,7 +88,7 @@ class tpa_products {
     return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * hp + hp + nb * rv * hp +
                                     nb * rv * dv);
   }
-  tpa_products(const problem& p, const attention_plan& pl, float* f) : p_(p), pl_(pl), pf_(p_.kv) {
+  tpa_products(const problem& p, const attention_plan& pl, float* f) : p_(p), pl_(pl) {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, nb = pl.block, rk = p.kv.k_rank,
                        rv = p.kv.v_rank;
     const std::int64_t hp = p.hp;
@@ -147,7 +119,9 @@ class tpa_products {
     // block's time before it is read; two blocks ahead crowd L2 (docs/benchmarks.md, TPA).
     // (Within the next block's run: the factor rows beyond it are on another page.)
     const std::int64_t next = b0 + nb;
-    pf_.start(next, next < k_end ? std::min({next + pl_.block, k_end, run_end(next)}) : next);
+    const std::int64_t end =
+        next < k_end ? std::min({next + pl_.block, k_end, run_end(next)}) : next;
+    pf_.start(factor_ranges<S>{&p_.kv, next, end - next});
     const std::int64_t rq = p_.a_q.extent(1), d = p_.kv.head_dim, rk = p_.kv.k_rank;
     // D[r][(s, u)] = B_Q[r] . B_K(s)[u]
     detail::scores(bq_, d, rq, p_.kv.b_k_row(b0), d, nb * rk, d, dots_, dots_stride(), false, pf_);
@@ -201,7 +175,7 @@ class tpa_products {
 
   const problem& p_;
   const attention_plan& pl_;
-  factor_prefetcher<S> pf_;
+  range_prefetcher<factor_ranges<S>> pf_;
   float *aq_, *bq_, *dots_, *st_, *bmax_, *wt_, *bv_;
   const S* av_ = nullptr;  // the current block's A_V rows
   const std::int64_t pair_group_ = std::same_as<S, bf16> ? bf16_pair_group() : 0;

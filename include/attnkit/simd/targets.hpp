@@ -73,6 +73,49 @@ inline void prefetch_row(const S* row, std::int64_t bytes) {
   for (std::int64_t b = 0; b < bytes; b += 64) prefetch_line(p + b);
 }
 
+/// A prefetch stream (see no_prefetch) over the byte ranges a kernel's next key block will read:
+/// step() issues the current range's next cache line, or (once per range) moves to the next
+/// range, which `Ranges::next(begin, end)` yields until it returns false. Kernels start it on
+/// their next block as they begin a block, so each line is issued about a block's time before
+/// it is read: spread over the block's work, the DRAM reads overlap it.
+template <class Ranges>
+class range_prefetcher {
+ public:
+  /// Starts on `ranges`, first issuing every line left of the previous ones.
+  void start(const Ranges& ranges) {
+    finish();
+    ranges_ = ranges, more_ = true;
+  }
+  void step() {
+    if (next_ < end_) {
+      prefetch_line(next_);
+      next_ += 64;
+    } else if (more_) {
+      advance();
+    }
+  }
+  /// Every line not yet issued.
+  void finish() {
+    for (;;) {
+      for (; next_ < end_; next_ += 64) prefetch_line(next_);
+      if (!more_) return;
+      advance();
+    }
+  }
+
+ private:
+  void advance() {
+    const char *b = nullptr, *e = nullptr;
+    more_ = ranges_.next(b, e);
+    if (!more_) return;
+    // From the line that holds b, so the range's last partial line is issued too.
+    next_ = b - (reinterpret_cast<std::uintptr_t>(b) & 63), end_ = e;
+  }
+  Ranges ranges_{};
+  const char *next_ = nullptr, *end_ = nullptr;
+  bool more_ = false;
+};
+
 /// The K or V rows t = 0, 1, ... of a block that a streaming micro-kernel reads: one run at a
 /// fixed stride, prefetching the row `ahead` rows on while it reads row t (ahead 0: none) ...
 template <class S>
