@@ -205,7 +205,7 @@ class gqa_products {
     // The GEMM tiles read the block's K (and V) as float rows: in place for a contiguous float
     // view, else widened or gathered once into kf_ / vf_ and reused by all m rows.
     // The next block's rows stream in while this one computes (range_prefetcher).
-    if (transposed()) {
+    if (prefetches()) {
       const std::int64_t next = b0 + nb;
       pf_.start(block_ranges<S>{&pb_.kv, j, next, std::min(next + pl_.block, k_end),
                                 !pb_.keys_only && !pb_.kv.values_in_keys()});
@@ -233,7 +233,10 @@ class gqa_products {
       }
     }
     if (transposed()) {  // S^T = K Q^T
-      gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_, pf_);
+      if (prefetches())
+        gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_, pf_);
+      else
+        gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_);
       return {s_, 1, m_};
     }
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
@@ -267,7 +270,10 @@ class gqa_products {
     if constexpr (std::same_as<S, bf16>)
       if (pairs_ != pair_engine::none) return pair_accumulate(j, b0, nb, p, acc);
     if (transposed()) {  // O += P V, P(r, t) = S^T[t][r]
-      gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv, pf_);
+      if (prefetches())
+        gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv, pf_);
+      else
+        gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv);
       return;
     }
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
@@ -345,6 +351,10 @@ class gqa_products {
     std::copy(rows + n, rows + nb, ahead + n);
   }
   bool transposed() const { return vector_gemm_ && !pb_.streaming; }
+  /// GEMM tiles of at most 16 rows (an MLA decode step's heads) compute a block in about the time
+  /// its rows take to arrive from DRAM, so they prefetch the next block; taller tiles compute
+  /// long enough for the hardware prefetchers, and the stream's step would cost them time.
+  bool prefetches() const { return transposed() && m_ <= 16; }
   static std::int64_t round16(std::int64_t n) { return (n + 15) / 16 * 16; }
   /// Columns of Q^T and S^T: the query rows, whole 16-row tiles on AMX.
   std::int64_t q_cols() const { return pairs_ == pair_engine::amx ? round16(m_) : m_; }
