@@ -332,3 +332,50 @@ TEST_CASE("bf16 products: absorbed MLA (values = the latent columns of the key r
   INFO(describe(c) << " bf16 products available: " << bf16_products_available());
   CHECK(bf16_products_error_ratio(c, x, out) <= 1.0);
 }
+
+TEMPLATE_TEST_CASE(
+    "narrow GEMM tiles (16 rows or fewer) read K in depth panels: partial panels, GQA values and "
+    "absorbed MLA values read from the panels",
+    "[gqa][mla]", float, bf16) {
+  std::mt19937_64 rng(61);
+  // GQA: the values widened as rows beside K's panels; d_qk 48 and 80 end in a partial panel.
+  for (const auto& [dqk, dv] : {std::pair{48, 32}, {80, 48}, {200, 136}})
+    for (const auto& [heads, kv_heads, tq] :
+         {std::tuple{16, 1, 1}, {4, 1, 3}, {8, 2, 2}, {3, 3, 1}}) {
+      const gqa_case c{.heads = heads,
+                       .kv_heads = kv_heads,
+                       .head_dim = dqk,
+                       .v_head_dim = dv,
+                       .tk = 300,  // two whole key blocks and a partial one: the prefetch crosses
+                       .tq = tq,
+                       .strategy = tile_strategy::gemm};
+      check_against_reference<TestType>(c, rng);
+    }
+  // MLA: the values are K's leading columns, read from K's panels by the P V product.
+  for (const auto& [dc, dr] : {std::pair{64, 16}, {136, 64}, {512, 64}})
+    for (const auto& [heads, tq] : {std::pair{16, 1}, {5, 3}}) {
+      const gqa_case c{.heads = heads,
+                       .kv_heads = 1,
+                       .head_dim = dc + dr,
+                       .v_head_dim = dc,
+                       .tk = 300,
+                       .tq = tq,
+                       .strategy = tile_strategy::gemm};
+      gqa_data x = make_gqa_data(rng, c);
+      x.v = x.k.leftCols(dc);
+      std::vector<TestType> rows(static_cast<std::size_t>(c.tk * (dc + dr)));
+      for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = TestType(x.k.data()[i]);
+      const auto kv = kv_view<TestType>::latent(rows.data(), dc + dr, dc, dc + dr, x.k_pos);
+      fmat out(c.tq, heads * dc);
+      const std::int64_t w = dc + dr;  // x.q [Tq][H * w]: q_latent and q_rope side by side
+      attend_latent(
+          tensor3_view<const float>(x.q.data(), {c.tq, heads, dc}, {heads * w, w, 1}),
+          tensor3_view<const float>(x.q.data() + dc, {c.tq, heads, dr}, {heads * w, w, 1}), x.q_pos,
+          kv, tensor3_view<float>(out.data(), {c.tq, heads, dc}),
+          {.strategy = tile_strategy::gemm});
+      const auto ref = run_reference<TestType>(c, x);
+      INFO(describe(c));
+      CHECK(max_abs_diff(to_double(out), ref.out) <=
+            float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff()));
+    }
+}

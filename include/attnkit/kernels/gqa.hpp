@@ -121,7 +121,7 @@ class gqa_products {
     const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
                        dv = pb.kv.v_head_dim();
     return static_cast<std::size_t>(
-        (listed(pb) ? 4 * nb * pointer_floats : 0) + m * (dqk + nb) + nb * (dqk + dv) +
+        (listed(pb) ? 4 * nb * pointer_floats : 0) + m * (dqk + nb) + nb * (panels(dqk) + dv) +
         (engine_of(pb) != pair_engine::none ? m * (nb / 2 + 16) + 8 * std::max(dqk, nb + 32) : 0));
   }
   /// What runs the GEMM tiles' bf16 products (product_math::bf16) on a bf16 cache: AMX tiles
@@ -146,7 +146,8 @@ class gqa_products {
     }
     q_ = f, f += m * dqk;    // [m][d_qk], or Q^T [d_qk][m], or Q^T's pairs [d_qk / 2][m16]
     s_ = f, f += m * nb;     // scores / probabilities: [m][block], or [nb][m(16)] transposed
-    kf_ = f, f += nb * dqk;  // a block of K widened to float, or gathered as bf16 (paged AMX)
+    kf_ = f, f += nb * panels(dqk);  // a block of K widened to float (rows or panels), or gathered
+                                     // as bf16 (paged AMX)
     vf_ = f, f += nb * dv;   // a block of V widened to float, or its pairs [nb32 / 2][d_v]
     if (pairs_ == pair_engine::none) return;
     pp_ = reinterpret_cast<std::uint32_t*>(f);  // P^T's pairs [nb / 2][m], or P's [m16][nb32 / 2]
@@ -202,41 +203,29 @@ class gqa_products {
     }
     if constexpr (std::same_as<S, bf16>)
       if (pairs_ != pair_engine::none) return pair_scores(j, b0, nb);
+    if (narrow()) return panel_scores(j, b0, nb, k_end);
     // The GEMM tiles read the block's K (and V) as float rows: in place for a contiguous float
     // view, else widened or gathered once into kf_ / vf_ and reused by all m rows.
-    // The next block's rows stream in while this one computes (range_prefetcher).
-    if (prefetches()) {
-      const std::int64_t next = b0 + nb;
-      pf_.start(block_ranges<S>{&pb_.kv, j, next, std::min(next + pl_.block, k_end),
-                                !pb_.keys_only && !pb_.kv.values_in_keys()});
-    }
     const float* kf = reinterpret_cast<const float*>(pb_.kv.keys().row(j, b0));
     std::int64_t kfs = ks;
     vfp_ = reinterpret_cast<const float*>(pb_.kv.values().row(j, b0)),
     vfs_ = pb_.kv.values().row_stride;
     if (!std::same_as<S, float> || paged()) {
-      const std::int64_t dv = pb_.kv.v_head_dim(), vs = vfs_;
-      const bool own_values = !pb_.keys_only && !pb_.kv.values_in_keys();
       for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
         const S* k = pb_.kv.keys().row(j, t);
         for (std::int64_t i = 0; i < n; ++i) to_float_row(k + i * ks, kf_ + (t - b0 + i) * dqk, dqk);
-        if (!own_values || !simd_vector_target()) return;  // the Eigen path widens V later
-        const S* v = pb_.kv.values().row(j, t);
-        for (std::int64_t i = 0; i < n; ++i) to_float_row(v + i * vs, vf_ + (t - b0 + i) * dv, dv);
+        if (simd_vector_target()) widen_values(j, t, n, b0);  // the Eigen path widens V later
       });
       kf = kf_, kfs = dqk;
       if (pb_.keys_only) {
       } else if (pb_.kv.values_in_keys()) {  // MLA: the values are the leading columns of the widened keys
         vfp_ = kf_, vfs_ = dqk;
       } else {
-        vfp_ = vf_, vfs_ = dv;
+        vfp_ = vf_, vfs_ = pb_.kv.v_head_dim();
       }
     }
     if (transposed()) {  // S^T = K Q^T
-      if (prefetches())
-        gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_, pf_);
-      else
-        gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_);
+      gemm_bcast<false>(nb, m_, dqk, kf, kfs, 1, q_, m_, s_, m_);
       return {s_, 1, m_};
     }
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
@@ -269,11 +258,15 @@ class gqa_products {
     }
     if constexpr (std::same_as<S, bf16>)
       if (pairs_ != pair_engine::none) return pair_accumulate(j, b0, nb, p, acc);
-    if (transposed()) {  // O += P V, P(r, t) = S^T[t][r]
-      if (prefetches())
-        gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv, pf_);
-      else
+    if (transposed()) {  // O += P V, P(r, t) = S^T[t][r]; V's panels (MLA, narrow) one by one
+      if (!narrow()) {
         gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv);
+        return;
+      }
+      const std::int64_t step = pb_.kv.values_in_keys() ? panel_width : dv;
+      for (std::int64_t c = 0; c < dv; c += step)
+        gemm_bcast<true, 1>(m_, std::min(step, dv - c), nb, p.data, 1, m_, vfp_ + c * nb, vfs_,
+                            acc + c, dv, pf_);
       return;
     }
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
@@ -351,13 +344,53 @@ class gqa_products {
     std::copy(rows + n, rows + nb, ahead + n);
   }
   bool transposed() const { return vector_gemm_ && !pb_.streaming; }
-  /// GEMM tiles of at most 16 rows (an MLA decode step's heads) compute a block in about the time
-  /// its rows take to arrive from DRAM, so they prefetch the next block; taller tiles compute
-  /// long enough for the hardware prefetchers, and the stream's step would cost them time.
-  bool prefetches() const { return transposed() && m_ <= 16; }
+  /// GEMM tiles of at most 16 rows (an MLA decode step's heads) over a block they widen compute it
+  /// in about the time its rows take to arrive from DRAM, so they prefetch the next block (taller
+  /// tiles compute long enough for the hardware prefetchers, and the stream's step would cost
+  /// them time), and widen K into depth panels [d_qk / 64][nb][64]: a tile's rows then lie a
+  /// constant 64 floats apart, which its broadcasts address from one pointer (a runtime row
+  /// stride needs a register per row, more than x86 has). A contiguous float cache is read in
+  /// place: copying it into panels cost more than the panels gained.
+  bool narrow() const { return transposed() && m_ <= 16 && (!std::same_as<S, float> || paged()); }
   static std::int64_t round16(std::int64_t n) { return (n + 15) / 16 * 16; }
+  /// Columns of d_qk's whole depth panels.
+  static std::int64_t panels(std::int64_t dqk) {
+    return (dqk + panel_width - 1) / panel_width * panel_width;
+  }
   /// Columns of Q^T and S^T: the query rows, whole 16-row tiles on AMX.
   std::int64_t q_cols() const { return pairs_ == pair_engine::amx ? round16(m_) : m_; }
+  /// Narrow tiles (narrow()): while the next block's rows stream in, K widened into depth panels
+  /// [d_qk / 64][nb][64] and S^T = K Q^T panel by panel; own values widened as rows into vf_, an
+  /// MLA's read from K's panels (accumulate).
+  score_tile panel_scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
+    const std::int64_t dqk = pb_.kv.head_dim(), ks = pb_.kv.keys().row_stride, next = b0 + nb;
+    pf_.start(ranges_, block_ranges<S>{&pb_.kv, j, next, std::min(next + pl_.block, k_end),
+                                       !pb_.keys_only && !pb_.kv.values_in_keys()});
+    for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {  // panel c / 64 at kf_ + c nb
+      to_float_panels(pb_.kv.keys().row(j, t), ks, n, dqk, kf_ + (t - b0) * panel_width,
+                      nb * panel_width);
+      widen_values(j, t, n, b0);
+    });
+    for (std::int64_t c = 0; c < dqk; c += panel_width) {
+      const std::int64_t w = std::min<std::int64_t>(panel_width, dqk - c);
+      if (c == 0)
+        gemm_bcast<false, panel_width>(nb, m_, w, kf_, panel_width, 1, q_, m_, s_, m_, pf_);
+      else
+        gemm_bcast<true, panel_width>(nb, m_, w, kf_ + c * nb, panel_width, 1, q_ + c * m_, m_, s_,
+                                      m_, pf_);
+    }
+    vfp_ = pb_.kv.values_in_keys() ? kf_ : vf_;
+    vfs_ = pb_.kv.values_in_keys() ? panel_width : pb_.kv.v_head_dim();
+    return {s_, 1, m_};
+  }
+  /// Value rows [t, t + n) of KV head j widened into vf_ (from row t - b0), unless the item reads
+  /// no values of its own (keys_only, or an MLA's in its keys).
+  void widen_values(std::int64_t j, std::int64_t t, std::int64_t n, std::int64_t b0) {
+    if (pb_.keys_only || pb_.kv.values_in_keys()) return;
+    const std::int64_t dv = pb_.kv.v_head_dim(), vs = pb_.kv.values().row_stride;
+    const S* v = pb_.kv.values().row(j, t);
+    for (std::int64_t i = 0; i < n; ++i) to_float_row(v + i * vs, vf_ + (t - b0 + i) * dv, dv);
+  }
   // bf16 products (engine_of): S^T = K Q^T with the cache's K rows in place, then O += P V
   // with P^T's and V's rows paired by key.
   score_tile pair_scores(std::int64_t j, std::int64_t b0, std::int64_t nb) {
@@ -440,7 +473,8 @@ class gqa_products {
   const S** v_rows_ = nullptr;  // the same for V
   const S** v_ahead_ = nullptr;
   std::int64_t k_end_ = 0;  // the current item's key end (scores())
-  range_prefetcher<block_ranges<S>> pf_;  // the GEMM tiles' next block
+  range_prefetcher pf_;     // the narrow GEMM tiles' next block
+  block_ranges<S> ranges_;  // pf_'s ranges
   float *q_, *s_, *kf_, *vf_;
   std::uint32_t* pp_ = nullptr;
   bf16* tile_a_ = nullptr;

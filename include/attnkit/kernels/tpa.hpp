@@ -121,7 +121,7 @@ class tpa_products {
     const std::int64_t next = b0 + nb;
     const std::int64_t end =
         next < k_end ? std::min({next + pl_.block, k_end, run_end(next)}) : next;
-    pf_.start(factor_ranges<S>{&p_.kv, next, end - next});
+    pf_.start(ranges_, factor_ranges<S>{&p_.kv, next, end - next});
     const std::int64_t rq = p_.a_q.extent(1), d = p_.kv.head_dim, rk = p_.kv.k_rank;
     // D[r][(s, u)] = B_Q[r] . B_K(s)[u]
     detail::scores(bq_, d, rq, p_.kv.b_k_row(b0), d, nb * rk, d, dots_, dots_stride(), false, pf_);
@@ -143,7 +143,7 @@ class tpa_products {
       for (std::int64_t k = 0; k < nb * rv; ++k) to_float_row(bv + k * dv, bv_ + k * dv, dv);
       bvf = bv_;
     }
-    gemm_bcast<true>(h, dv, nb * rv, wt_, 1, p_.hp, bvf, dv, acc, dv, pf_);
+    gemm_bcast<true, 1>(h, dv, nb * rv, wt_, 1, p_.hp, bvf, dv, acc, dv, pf_);
   }
 
   /// sum_v A_V(t)[v, head] B_V(t)[v] (v_scale is applied in finish).
@@ -175,7 +175,8 @@ class tpa_products {
 
   const problem& p_;
   const attention_plan& pl_;
-  range_prefetcher<factor_ranges<S>> pf_;
+  range_prefetcher pf_;
+  factor_ranges<S> ranges_;  // pf_'s ranges
   float *aq_, *bq_, *dots_, *st_, *bmax_, *wt_, *bv_;
   const S* av_ = nullptr;  // the current block's A_V rows
   const std::int64_t pair_group_ = std::same_as<S, bf16> ? bf16_pair_group() : 0;

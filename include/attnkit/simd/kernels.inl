@@ -61,6 +61,17 @@ inline void to_float_row(const S* src, float* dst, std::int64_t n) {
   }
 }
 
+/// Rows [rows][width] at src_stride, widened into depth panels: (i, c) to
+/// dst[c / panel_width * panel_stride + i * panel_width + c % panel_width].
+template <storage_type S>
+inline void to_float_panels(const S* src, std::int64_t src_stride, std::int64_t rows,
+                            std::int64_t width, float* dst, std::int64_t panel_stride) {
+  for (std::int64_t i = 0; i < rows; ++i, src += src_stride, dst += panel_width)
+    for (std::int64_t c = 0; c < width; c += panel_width)
+      to_float_row(src + c, dst + c / panel_width * panel_stride,
+                   std::min<std::int64_t>(panel_width, width - c));
+}
+
 /// s[i] = exp(s[i] - shift) in place; returns the sum.
 inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
   const vec vs = V::set1(shift);
@@ -316,10 +327,11 @@ inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t ro
 
 /// One MR x L*NV micro-tile of C (+)= A B at rows [i0, i0 + MR) (clamped to the last row; the
 /// clamped rows are computed, then discarded) and columns [j0, j0 + L NV) under masks mk.
-/// UnitRows: A's rows are adjacent (a_rs == 1) and the tile is full, so the MR broadcasts of a
-/// step read one pointer at constant offsets instead of MR pointers (which spill when inlined:
-/// the TPA value GEMM ran measurably slower that way; docs/benchmarks.md, TPA).
-template <bool Accumulate, int MR, int NV, bool UnitRows, bool Full, class Prefetch>
+/// RowStep > 0: A's rows are RowStep elements apart (a_rs == RowStep: adjacent rows, or a
+/// panel's; see panel_width) and the tile is full, so the MR broadcasts of a step read one
+/// pointer at constant offsets instead of MR pointers (which spill when inlined: the TPA value
+/// GEMM ran measurably slower that way; docs/benchmarks.md, TPA). RowStep 0: any a_rs.
+template <bool Accumulate, int MR, int NV, int RowStep, bool Full, class Prefetch>
 inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, std::int64_t rows,
                             std::int64_t depth, const float* a, std::int64_t a_rs,
                             std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c,
@@ -327,7 +339,7 @@ inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, s
   const float* ar[MR];
   ATTNKIT_UNROLL
   for (int r = 0; r < MR; ++r)
-    ar[r] = UnitRows ? a + i0 + r : a + std::min<std::int64_t>(i0 + r, rows - 1) * a_rs;
+    ar[r] = a + (RowStep ? i0 + r : std::min<std::int64_t>(i0 + r, rows - 1)) * a_rs;
   vec acc[MR][NV];
   ATTNKIT_UNROLL
   for (int r = 0; r < MR; ++r) {
@@ -337,7 +349,7 @@ inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, s
       acc[r][v] = !Accumulate ? V::zero() : Full ? V::load(cr + L * v) : V::load(mk[v], cr + L * v);
   }
   const float* bk = b + j0;
-  const float* ak = a + i0;
+  const float* ak = a + i0 * RowStep;
   for (std::int64_t k = 0; k < depth; ++k, bk += b_rs) {
     pf.step();
     vec bv[NV];
@@ -345,11 +357,11 @@ inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, s
     for (int v = 0; v < NV; ++v) bv[v] = Full ? V::load(bk + L * v) : V::load(mk[v], bk + L * v);
     ATTNKIT_UNROLL
     for (int r = 0; r < MR; ++r) {
-      const vec av = V::set1(UnitRows ? ak[r] : ar[r][k * a_cs]);
+      const vec av = V::set1(RowStep ? ak[r * RowStep] : ar[r][k * a_cs]);
       ATTNKIT_UNROLL
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bv[v], acc[r][v]);
     }
-    if constexpr (UnitRows) ak += a_cs;
+    if constexpr (RowStep > 0) ak += a_cs;
   }
   ATTNKIT_UNROLL
   for (int r = 0; r < MR; ++r) {
@@ -365,26 +377,26 @@ inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, s
   }
 }
 
-/// Rows [i0, rows) of A with adjacent rows (a_rs == 1): full MR-row tiles, then the remainder
-/// in tiles of MR/2, MR/4, ... rows, so a ragged edge (34 heads = 4 x 8 + 2) costs what it
-/// computes instead of a whole clamped tile.
-template <bool Accumulate, int MR, int NV, bool Full, class Prefetch>
-inline void gemm_bcast_unit_rows(std::int64_t i0, std::int64_t j0, const vmask* mk,
+/// Rows [i0, rows) of A with rows RowStep apart (a_rs == RowStep): full MR-row tiles, then the
+/// remainder in tiles of MR/2, MR/4, ... rows, so a ragged edge (34 heads = 4 x 8 + 2) costs
+/// what it computes instead of a whole clamped tile.
+template <bool Accumulate, int MR, int NV, int RowStep, bool Full, class Prefetch>
+inline void gemm_bcast_step_rows(std::int64_t i0, std::int64_t j0, const vmask* mk,
                                  std::int64_t rows, std::int64_t depth, const float* a,
                                  std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c,
                                  std::int64_t ldc, Prefetch& pf) {
   for (; i0 + MR <= rows; i0 += MR)
-    gemm_bcast_tile<Accumulate, MR, NV, true, Full>(i0, j0, mk, rows, depth, a, 1, a_cs, b, b_rs,
-                                                    c, ldc, pf);
+    gemm_bcast_tile<Accumulate, MR, NV, RowStep, Full>(i0, j0, mk, rows, depth, a, RowStep, a_cs,
+                                                       b, b_rs, c, ldc, pf);
   if constexpr (MR > 1)
     if (i0 < rows)
-      gemm_bcast_unit_rows<Accumulate, MR / 2, NV, Full>(i0, j0, mk, rows, depth, a, a_cs, b, b_rs,
-                                                         c, ldc, pf);
+      gemm_bcast_step_rows<Accumulate, MR / 2, NV, RowStep, Full>(i0, j0, mk, rows, depth, a, a_cs,
+                                                                  b, b_rs, c, ldc, pf);
 }
 
 /// The column blocks [j0, j0 + L NV) of C in rows [0, rows); Full: every block is whole
 /// (unmasked loads and stores: without mask registers a masked access is dearer).
-template <bool Accumulate, int MR, int NV, bool Full, class Prefetch>
+template <bool Accumulate, int MR, int NV, int RowStep, bool Full, class Prefetch>
 inline void gemm_bcast_columns(std::int64_t j_begin, std::int64_t j_end, std::int64_t rows,
                                std::int64_t cols, std::int64_t depth, const float* a,
                                std::int64_t a_rs, std::int64_t a_cs, const float* b,
@@ -393,45 +405,48 @@ inline void gemm_bcast_columns(std::int64_t j_begin, std::int64_t j_end, std::in
     vmask mk[NV];
     ATTNKIT_UNROLL
     for (int v = 0; v < NV; ++v) mk[v] = V::first(cols - j0 - L * v);
-    if (a_rs == 1) {
-      gemm_bcast_unit_rows<Accumulate, MR, NV, Full>(0, j0, mk, rows, depth, a, a_cs, b, b_rs, c,
-                                                     ldc, pf);
-      continue;
+    if constexpr (RowStep > 0) {
+      gemm_bcast_step_rows<Accumulate, MR, NV, RowStep, Full>(0, j0, mk, rows, depth, a, a_cs, b,
+                                                              b_rs, c, ldc, pf);
+    } else if (a_rs == 1) {
+      gemm_bcast_step_rows<Accumulate, MR, NV, 1, Full>(0, j0, mk, rows, depth, a, a_cs, b, b_rs, c,
+                                                        ldc, pf);
+    } else {
+      for (std::int64_t i0 = 0; i0 < rows; i0 += MR)
+        gemm_bcast_tile<Accumulate, MR, NV, 0, Full>(i0, j0, mk, rows, depth, a, a_rs, a_cs, b,
+                                                     b_rs, c, ldc, pf);
     }
-    for (std::int64_t i0 = 0; i0 < rows; i0 += MR)
-      gemm_bcast_tile<Accumulate, MR, NV, false, Full>(i0, j0, mk, rows, depth, a, a_rs, a_cs, b,
-                                                       b_rs, c, ldc, pf);
   }
 }
 
-template <bool Accumulate, int MR, int NV, class Prefetch>
+template <bool Accumulate, int MR, int NV, int RowStep, class Prefetch>
 inline void gemm_bcast_tiles(std::int64_t rows, std::int64_t cols, std::int64_t depth,
                              const float* a, std::int64_t a_rs, std::int64_t a_cs, const float* b,
                              std::int64_t b_rs, float* c, std::int64_t ldc, Prefetch& pf) {
   if constexpr (V::mask_registers) {  // masked loads cost what plain ones do: one path
-    gemm_bcast_columns<Accumulate, MR, NV, false>(0, cols, rows, cols, depth, a, a_rs, a_cs, b,
+    gemm_bcast_columns<Accumulate, MR, NV, RowStep, false>(0, cols, rows, cols, depth, a, a_rs, a_cs, b,
                                                   b_rs, c, ldc, pf);
     return;
   }
   const std::int64_t full = cols / (L * NV) * (L * NV);
-  gemm_bcast_columns<Accumulate, MR, NV, true>(0, full, rows, cols, depth, a, a_rs, a_cs, b, b_rs,
+  gemm_bcast_columns<Accumulate, MR, NV, RowStep, true>(0, full, rows, cols, depth, a, a_rs, a_cs, b, b_rs,
                                                c, ldc, pf);
-  gemm_bcast_columns<Accumulate, MR, NV, false>(full, cols, rows, cols, depth, a, a_rs, a_cs, b,
+  gemm_bcast_columns<Accumulate, MR, NV, RowStep, false>(full, cols, rows, cols, depth, a, a_rs, a_cs, b,
                                                 b_rs, c, ldc, pf);
 }
 
 /// C[rows, cols] (+)= A B (see detail::gemm_bcast in simd/targets.hpp): V::gemm_mr x
 /// V::gemm_nv vectors, or V::narrow_mr x 1 when C is at most one vector wide (e.g. the 16 query
 /// heads of an MLA decode step on AVX-512), so narrow products do not compute half-empty vectors.
-template <bool Accumulate, class Prefetch>
+template <bool Accumulate, int RowStep, class Prefetch>
 inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth, const float* a,
                        std::int64_t a_rs, std::int64_t a_cs, const float* b, std::int64_t b_rs,
                        float* c, std::int64_t ldc, Prefetch& pf) {
   if (cols <= L)
-    gemm_bcast_tiles<Accumulate, V::narrow_mr, 1>(rows, cols, depth, a, a_rs, a_cs, b, b_rs, c,
+    gemm_bcast_tiles<Accumulate, V::narrow_mr, 1, RowStep>(rows, cols, depth, a, a_rs, a_cs, b, b_rs, c,
                                                   ldc, pf);
   else
-    gemm_bcast_tiles<Accumulate, V::gemm_mr, V::gemm_nv>(rows, cols, depth, a, a_rs, a_cs, b, b_rs,
+    gemm_bcast_tiles<Accumulate, V::gemm_mr, V::gemm_nv, RowStep>(rows, cols, depth, a, a_rs, a_cs, b, b_rs,
                                                          c, ldc, pf);
 }
 

@@ -56,6 +56,11 @@ struct no_prefetch {
   void step() {}
 };
 
+/// The width of a GEMM panel: A rows this many floats apart are addressed at constant offsets
+/// from one pointer (gemm_bcast_tile's RowStep), so narrow GEMM tiles lay K out in depth panels
+/// of this width (kernels/gqa.hpp).
+inline constexpr int panel_width = 64;
+
 /// Prefetches the cache line at p into L2 (T1); a no-op where the compiler has no builtin.
 inline void prefetch_line(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
@@ -75,16 +80,23 @@ inline void prefetch_row(const S* row, std::int64_t bytes) {
 
 /// A prefetch stream (see no_prefetch) over the byte ranges a kernel's next key block will read:
 /// step() issues the current range's next cache line, or (once per range) moves to the next
-/// range, which `Ranges::next(begin, end)` yields until it returns false. Kernels start it on
-/// their next block as they begin a block, so each line is issued about a block's time before
-/// it is read: spread over the block's work, the DRAM reads overlap it.
-template <class Ranges>
+/// range, which the Ranges object given to start() yields through `next(begin, end)` until it
+/// returns false. Kernels start it on their next block as they begin a block, so each line is
+/// issued about a block's time before it is read: spread over the block's work, the DRAM reads
+/// overlap it. One type for every kind of ranges (reached through a function pointer once per
+/// range), so the GEMM tiles it is stepped in are compiled once for all of them.
 class range_prefetcher {
  public:
-  /// Starts on `ranges`, first issuing every line left of the previous ones.
-  void start(const Ranges& ranges) {
+  /// Issues every line left of the previous ranges, then starts on `ranges` (stored in `slot`,
+  /// which outlives the stream's use).
+  template <class Ranges>
+  void start(Ranges& slot, const Ranges& ranges) {
     finish();
-    ranges_ = ranges, more_ = true;
+    slot = ranges;
+    ranges_ = &slot, more_ = true;
+    next_range_ = [](void* r, const char*& b, const char*& e) {
+      return static_cast<Ranges*>(r)->next(b, e);
+    };
   }
   void step() {
     if (next_ < end_) {
@@ -106,12 +118,13 @@ class range_prefetcher {
  private:
   void advance() {
     const char *b = nullptr, *e = nullptr;
-    more_ = ranges_.next(b, e);
+    more_ = next_range_(ranges_, b, e);
     if (!more_) return;
     // From the line that holds b, so the range's last partial line is issued too.
     next_ = b - (reinterpret_cast<std::uintptr_t>(b) & 63), end_ = e;
   }
-  Ranges ranges_{};
+  void* ranges_ = nullptr;
+  bool (*next_range_)(void*, const char*&, const char*&) = nullptr;
   const char *next_ = nullptr, *end_ = nullptr;
   bool more_ = false;
 };
@@ -296,6 +309,14 @@ inline void to_float_row(const S* src, float* dst, std::int64_t n) {
   ATTNKIT_SIMD_DISPATCH(to_float_row(src, dst, n))
 }
 
+/// Rows [rows][width] at src_stride, widened into depth panels of panel_width columns: element
+/// (i, c) to dst[c / panel_width * panel_stride + i * panel_width + c % panel_width].
+template <storage_type S>
+inline void to_float_panels(const S* src, std::int64_t src_stride, std::int64_t rows,
+                            std::int64_t width, float* dst, std::int64_t panel_stride) {
+  ATTNKIT_SIMD_DISPATCH(to_float_panels(src, src_stride, rows, width, dst, panel_stride))
+}
+
 /// s[i] = exp(s[i] - shift) in place; returns the sum. exp(-inf) is 0.
 inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
   ATTNKIT_SIMD_DISPATCH(exp_shift_sum(s, n, shift))
@@ -346,12 +367,14 @@ inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t ro
 /// C[rows, cols] (+)= A B, with A(i, k) = a[i * a_rs + k * a_cs] (any strides: every element is
 /// broadcast) and B(k, j) = b[k * b_rs + j] (unit column stride), C row-major (ldc). The B panel
 /// stays in L1 while the row blocks of A stream past it. pf is stepped once per depth step.
-template <bool Accumulate, class Prefetch = no_prefetch>
+/// RowStep > 0 promises a_rs == RowStep (1: adjacent rows; panel_width: a panel's rows), which
+/// the tiles then address from one pointer; 0: any a_rs (adjacent rows are found at run time).
+template <bool Accumulate, int RowStep = 0, class Prefetch = no_prefetch>
 inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth, const float* a,
                        std::int64_t a_rs, std::int64_t a_cs, const float* b, std::int64_t b_rs,
                        float* c, std::int64_t ldc, Prefetch&& pf = {}) {
   ATTNKIT_SIMD_DISPATCH(
-      gemm_bcast<Accumulate>(rows, cols, depth, a, a_rs, a_cs, b, b_rs, c, ldc, pf))
+      gemm_bcast<Accumulate, RowStep>(rows, cols, depth, a, a_rs, a_cs, b, b_rs, c, ldc, pf))
 }
 
 /// Column form of the online softmax over the tile st[t * ld + r] (keys t, rows r): the
