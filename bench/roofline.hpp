@@ -95,8 +95,10 @@ __attribute__((target("avx512f"))) inline float fma_chains_avx512(std::int64_t i
   __m512 a[12];
   for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(1.f + 0.001f * static_cast<float>(i));
   const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
-  for (std::int64_t it = 0; it < iters; ++it)
-    for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
+  for (std::int64_t it = 0; it < iters; ++it) {
+    ATTNKIT_UNROLL  // (at -O2 GCC keeps a rolled loop's chains in memory: a store-load per FMA)
+        for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
+  }
   for (int i = 1; i < 12; ++i) a[0] = _mm512_add_ps(a[0], a[i]);
   float out[16];
   _mm512_storeu_ps(out, a[0]);
@@ -106,8 +108,10 @@ __attribute__((target("avx2,fma"))) inline float fma_chains_avx2(std::int64_t it
   __m256 a[12];
   for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(1.f + 0.001f * static_cast<float>(i));
   const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-  for (std::int64_t it = 0; it < iters; ++it)
-    for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+  for (std::int64_t it = 0; it < iters; ++it) {
+    ATTNKIT_UNROLL  // (at -O2 GCC keeps a rolled loop's chains in memory: a store-load per FMA)
+        for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+  }
   for (int i = 1; i < 12; ++i) a[0] = _mm256_add_ps(a[0], a[i]);
   float out[8];
   _mm256_storeu_ps(out, a[0]);
@@ -125,8 +129,10 @@ inline float fma_chains(std::int64_t iters) {
 #endif
   float a[12];
   for (int i = 0; i < 12; ++i) a[i] = 1.f + 0.001f * static_cast<float>(i);
-  for (std::int64_t it = 0; it < iters; ++it)
+  for (std::int64_t it = 0; it < iters; ++it) {
+    ATTNKIT_UNROLL
     for (float& x : a) x = x * 0.999999f + 1e-7f;
+  }
   float sum = 0;
   for (const float x : a) sum += x;
   return sum;
