@@ -334,11 +334,12 @@ TEST_CASE("bf16 products: absorbed MLA (values = the latent columns of the key r
 }
 
 TEMPLATE_TEST_CASE(
-    "narrow GEMM tiles (16 rows or fewer) read K in depth panels: partial panels, GQA values and "
-    "absorbed MLA values read from the panels",
+    "narrow tiles (16 rows or fewer) read the cache in place: scores in column form, row and "
+    "column remainders, GQA values and absorbed MLA values from the latent rows",
     "[gqa][mla]", float, bf16) {
   std::mt19937_64 rng(61);
-  // GQA: the values widened as rows beside K's panels; d_qk 48 and 80 end in a partial panel.
+  // GQA: d_qk 48, 80 and 200 end in a partial bf16 pair group (read in natural order), d_v 48
+  // and 136 in a partial value tile; 16, 12, 8 and 1 rows: whole and partial score blocks.
   for (const auto& [dqk, dv] : {std::pair{48, 32}, {80, 48}, {200, 136}})
     for (const auto& [heads, kv_heads, tq] :
          {std::tuple{16, 1, 1}, {4, 1, 3}, {8, 2, 2}, {3, 3, 1}}) {
@@ -351,7 +352,8 @@ TEMPLATE_TEST_CASE(
                        .strategy = tile_strategy::gemm};
       check_against_reference<TestType>(c, rng);
     }
-  // MLA: the values are K's leading columns, read from K's panels by the P V product.
+  // MLA: the values are the latent rows' leading columns, read in place by the P V product;
+  // 15 rows: value tiles of 8, 4, 2 and 1 heads.
   for (const auto& [dc, dr] : {std::pair{64, 16}, {136, 64}, {512, 64}})
     for (const auto& [heads, tq] : {std::pair{16, 1}, {5, 3}}) {
       const gqa_case c{.heads = heads,

@@ -121,7 +121,7 @@ class gqa_products {
     const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
                        dv = pb.kv.v_head_dim();
     return static_cast<std::size_t>(
-        (listed(pb) ? 4 * nb * pointer_floats : 0) + m * (dqk + nb) + nb * (panels(dqk) + dv) +
+        (listed(pb) ? 4 * nb * pointer_floats : 0) + m * (dqk + nb) + nb * (dqk + dv) +
         (engine_of(pb) != pair_engine::none ? m * (nb / 2 + 16) + 8 * std::max(dqk, nb + 32) : 0));
   }
   /// What runs the GEMM tiles' bf16 products (product_math::bf16) on a bf16 cache: AMX tiles
@@ -146,8 +146,7 @@ class gqa_products {
     }
     q_ = f, f += m * dqk;    // [m][d_qk], or Q^T [d_qk][m], or Q^T's pairs [d_qk / 2][m16]
     s_ = f, f += m * nb;     // scores / probabilities: [m][block], or [nb][m(16)] transposed
-    kf_ = f, f += nb * panels(dqk);  // a block of K widened to float (rows or panels), or gathered
-                                     // as bf16 (paged AMX)
+    kf_ = f, f += nb * dqk;  // a block of K widened to float, or gathered as bf16 (paged AMX)
     vf_ = f, f += nb * dv;   // a block of V widened to float, or its pairs [nb32 / 2][d_v]
     if (pairs_ == pair_engine::none) return;
     pp_ = reinterpret_cast<std::uint32_t*>(f);  // P^T's pairs [nb / 2][m], or P's [m16][nb32 / 2]
@@ -165,7 +164,7 @@ class gqa_products {
     if (pairs_ != pair_engine::none) return load_query_pairs(t0, j);
     const std::int64_t cs = pb_.q.stride(2);
     auto row = [&](std::int64_t r) { return &pb_.q(t0 + r / g, j * g + r % g, 0); };
-    if (transposed()) {  // Q^T [d_qk][m]: 16 rows at a time, so each write is a run of 16
+    if (transposed() && !narrow()) {  // Q^T [d_qk][m]: 16 rows at a time (runs of 16 writes)
       for (std::int64_t r0 = 0; r0 < m_; r0 += 16) {
         const std::int64_t n = std::min<std::int64_t>(16, m_ - r0);
         const float* src[16];
@@ -178,7 +177,8 @@ class gqa_products {
     for (std::int64_t r = 0; r < m_; ++r) {
       const float* src = row(r);
       for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * cs] * pb_.scale;
-      if (paired()) permute_pairs(q_ + r * dqk, dqk, pair_group_);
+      if (paired() || (narrow() && std::same_as<S, bf16>))  // the score block reads bf16 as pairs
+        permute_pairs(q_ + r * dqk, dqk, bf16_pair_group());
     }
   }
 
@@ -203,7 +203,7 @@ class gqa_products {
     }
     if constexpr (std::same_as<S, bf16>)
       if (pairs_ != pair_engine::none) return pair_scores(j, b0, nb);
-    if (narrow()) return panel_scores(j, b0, nb, k_end);
+    if (narrow()) return narrow_scores(j, b0, nb, k_end);
     // The GEMM tiles read the block's K (and V) as float rows: in place for a contiguous float
     // view, else widened or gathered once into kf_ / vf_ and reused by all m rows.
     const float* kf = reinterpret_cast<const float*>(pb_.kv.keys().row(j, b0));
@@ -258,15 +258,17 @@ class gqa_products {
     }
     if constexpr (std::same_as<S, bf16>)
       if (pairs_ != pair_engine::none) return pair_accumulate(j, b0, nb, p, acc);
-    if (transposed()) {  // O += P V, P(r, t) = S^T[t][r]; V's panels (MLA, narrow) one by one
+    if (transposed()) {  // O += P V, P(r, t) = S^T[t][r]
       if (!narrow()) {
         gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv);
-        return;
+      } else if (!paged()) {  // the value rows in place (an MLA's: the latent rows' leading
+                              // columns)
+        pv_columns(p.data, m_, strided_rows<S>{pb_.kv.values().row(j, b0), vs}, nb, dv, acc, dv,
+                   pf_);
+      } else {
+        list_rows(pb_.kv.values(), j, b0, nb, v_rows_, nullptr);
+        pv_columns(p.data, m_, listed_rows<S>{v_rows_}, nb, dv, acc, dv, pf_);
       }
-      const std::int64_t step = pb_.kv.values_in_keys() ? panel_width : dv;
-      for (std::int64_t c = 0; c < dv; c += step)
-        gemm_bcast<true, 1>(m_, std::min(step, dv - c), nb, p.data, 1, m_, vfp_ + c * nb, vfs_,
-                            acc + c, dv, pf_);
       return;
     }
     using map_c = Eigen::Map<const row_matrix<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
@@ -320,8 +322,9 @@ class gqa_products {
   static std::int64_t head_offset(const row_set<S>& rs, std::int64_t i) {
     return i * rs.head_stride;
   }
-  /// Streaming over a paged view: blocks span pages, their rows listed (list_rows).
-  static bool listed(const problem& pb) { return pb.streaming && pb.kv.keys().table.paged(); }
+  /// A paged view: blocks span pages, and the kernels that read a block in place (streaming,
+  /// narrow tiles) find its rows through a list (list_rows).
+  static bool listed(const problem& pb) { return pb.kv.keys().table.paged(); }
   static constexpr std::int64_t pointer_floats = sizeof(const S*) / sizeof(float);
   /// rows[i] = row b0 + i of KV head j for i < nb, and (ahead not null) ahead[i] = the row
   /// as far on as the contiguous kernels prefetch (ATTNKIT_PREFETCH_BYTES of rows, shared among
@@ -344,43 +347,31 @@ class gqa_products {
     std::copy(rows + n, rows + nb, ahead + n);
   }
   bool transposed() const { return vector_gemm_ && !pb_.streaming; }
-  /// GEMM tiles of at most 16 rows (an MLA decode step's heads) over a block they widen compute it
-  /// in about the time its rows take to arrive from DRAM, so they prefetch the next block (taller
-  /// tiles compute long enough for the hardware prefetchers, and the stream's step would cost
-  /// them time), and widen K into depth panels [d_qk / 64][nb][64]: a tile's rows then lie a
-  /// constant 64 floats apart, which its broadcasts address from one pointer (a runtime row
-  /// stride needs a register per row, more than x86 has). A contiguous float cache is read in
-  /// place: copying it into panels cost more than the panels gained.
+  /// Tiles of at most 16 rows (an MLA decode step's heads) over a block the GEMM tiles would
+  /// widen first: they read the block in place instead (the scores with the streaming score
+  /// block, written in column form; P V with pv_columns), and prefetch the next block while they
+  /// compute (they take about as long as its rows take to arrive from DRAM; taller tiles compute
+  /// long enough for the hardware prefetchers). Widening the block cost as much as either
+  /// product, and the broadcast GEMM's scores one load per FMA (docs/benchmarks.md, "Serving").
+  /// A contiguous float cache keeps the GEMM tiles, which read it in place.
   bool narrow() const { return transposed() && m_ <= 16 && (!std::same_as<S, float> || paged()); }
   static std::int64_t round16(std::int64_t n) { return (n + 15) / 16 * 16; }
-  /// Columns of d_qk's whole depth panels.
-  static std::int64_t panels(std::int64_t dqk) {
-    return (dqk + panel_width - 1) / panel_width * panel_width;
-  }
   /// Columns of Q^T and S^T: the query rows, whole 16-row tiles on AMX.
   std::int64_t q_cols() const { return pairs_ == pair_engine::amx ? round16(m_) : m_; }
-  /// Narrow tiles (narrow()): while the next block's rows stream in, K widened into depth panels
-  /// [d_qk / 64][nb][64] and S^T = K Q^T panel by panel; own values widened as rows into vf_, an
-  /// MLA's read from K's panels (accumulate).
-  score_tile panel_scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
-    const std::int64_t dqk = pb_.kv.head_dim(), ks = pb_.kv.keys().row_stride, next = b0 + nb;
+  /// Narrow tiles (narrow()): S^T = K Q^T straight from the cache's rows, while the next
+  /// block's rows stream in.
+  score_tile narrow_scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
+    const std::int64_t dqk = pb_.kv.head_dim(), next = b0 + nb;
     pf_.start(ranges_, block_ranges<S>{&pb_.kv, j, next, std::min(next + pl_.block, k_end),
                                        !pb_.keys_only && !pb_.kv.values_in_keys()});
-    for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {  // panel c / 64 at kf_ + c nb
-      to_float_panels(pb_.kv.keys().row(j, t), ks, n, dqk, kf_ + (t - b0) * panel_width,
-                      nb * panel_width);
-      widen_values(j, t, n, b0);
-    });
-    for (std::int64_t c = 0; c < dqk; c += panel_width) {
-      const std::int64_t w = std::min<std::int64_t>(panel_width, dqk - c);
-      if (c == 0)
-        gemm_bcast<false, panel_width>(nb, m_, w, kf_, panel_width, 1, q_, m_, s_, m_, pf_);
-      else
-        gemm_bcast<true, panel_width>(nb, m_, w, kf_ + c * nb, panel_width, 1, q_ + c * m_, m_, s_,
-                                      m_, pf_);
+    if (!paged()) {
+      scores_columns(q_, dqk, m_,
+                     strided_rows<S>{pb_.kv.keys().row(j, b0), pb_.kv.keys().row_stride}, nb, dqk,
+                     s_, m_, pf_);
+    } else {
+      list_rows(pb_.kv.keys(), j, b0, nb, k_rows_, nullptr);
+      scores_columns(q_, dqk, m_, listed_rows<S>{k_rows_}, nb, dqk, s_, m_, pf_);
     }
-    vfp_ = pb_.kv.values_in_keys() ? kf_ : vf_;
-    vfs_ = pb_.kv.values_in_keys() ? panel_width : pb_.kv.v_head_dim();
     return {s_, 1, m_};
   }
   /// Value rows [t, t + n) of KV head j widened into vf_ (from row t - b0), unless the item reads

@@ -61,17 +61,6 @@ inline void to_float_row(const S* src, float* dst, std::int64_t n) {
   }
 }
 
-/// Rows [rows][width] at src_stride, widened into depth panels: (i, c) to
-/// dst[c / panel_width * panel_stride + i * panel_width + c % panel_width].
-template <storage_type S>
-inline void to_float_panels(const S* src, std::int64_t src_stride, std::int64_t rows,
-                            std::int64_t width, float* dst, std::int64_t panel_stride) {
-  for (std::int64_t i = 0; i < rows; ++i, src += src_stride, dst += panel_width)
-    for (std::int64_t c = 0; c < width; c += panel_width)
-      to_float_row(src + c, dst + c / panel_width * panel_stride,
-                   std::min<std::int64_t>(panel_width, width - c));
-}
-
 /// s[i] = exp(s[i] - shift) in place; returns the sum.
 inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
   const vec vs = V::set1(shift);
@@ -95,7 +84,9 @@ inline float row_max(const float* s, std::int64_t n) {
 
 // ---- streaming score and value products ----
 
-template <int RB, class Rows, class Prefetch>
+/// S for RB query rows (rows past `rows` clamped: computed, not stored) x 4 keys at a time; S
+/// row-major (s[r * s_stride + t]) or, Columns, in column form (s[t * s_stride + r]).
+template <int RB, bool Columns, class Rows, class Prefetch>
 inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t rows, const Rows& k,
                          std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride,
                          Prefetch& pf) {
@@ -164,35 +155,44 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
         for (int r = 0; r < RB; ++r) acc[r][u] = V::fmadd(qv[r], kv, acc[r][u]);
       }
     }
-    // Constant trip count with a guard (not `r < rows` in the loop condition): a runtime bound
-    // makes GCC keep acc[][] in memory and store it on every iteration of the hot loop.
-    ATTNKIT_UNROLL
-    for (int r = 0; r < RB; ++r)
-      if (r < rows)
-        V::store_sums4(s + r * s_stride + t0, std::min<std::int64_t>(4, keys - t0), acc[r][0],
-                       acc[r][1], acc[r][2], acc[r][3]);
+    if constexpr (Columns) {  // key u's sums of the RB rows, one store of `rows` floats
+      ATTNKIT_UNROLL
+      for (int u = 0; u < 4; ++u)
+        if (t0 + u < keys)
+          V::store_sums4(s + (t0 + u) * s_stride, rows, acc[0][u], acc[std::min(1, RB - 1)][u],
+                         acc[std::min(2, RB - 1)][u], acc[std::min(3, RB - 1)][u]);
+    } else {
+      // Constant trip count with a guard (not `r < rows` in the loop condition): a runtime bound
+      // makes GCC keep acc[][] in memory and store it on every iteration of the hot loop.
+      ATTNKIT_UNROLL
+      for (int r = 0; r < RB; ++r)
+        if (r < rows)
+          V::store_sums4(s + r * s_stride + t0, std::min<std::int64_t>(4, keys - t0), acc[r][0],
+                         acc[r][1], acc[r][2], acc[r][3]);
+    }
   }
 }
 
-/// S[rows][keys] = Q K^T (see detail::scores in simd/targets.hpp); k: strided_rows or
-/// listed_rows.
-template <class Rows, class Prefetch>
+/// S[rows][keys] = Q K^T (see detail::scores in simd/targets.hpp), or its column form S^T
+/// (Columns: s[t * s_stride + r]); k: strided_rows or listed_rows.
+template <bool Columns = false, class Rows, class Prefetch>
 inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, const Rows& k,
                    std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride,
                    Prefetch& pf) {
   constexpr int R = V::score_rows;
+  auto at = [&](std::int64_t r) { return Columns ? s + r : s + r * s_stride; };
   std::int64_t r = 0;
   // R - 1 leftover rows also take an R-row block (one clamped row) when R is 4.
   for (; rows - r >= (R == 4 ? 3 : R); r += R)
-    scores_block<R>(q + r * q_stride, q_stride, std::min<std::int64_t>(R, rows - r), k, keys, d,
-                       s + r * s_stride, s_stride, pf);
+    scores_block<R, Columns>(q + r * q_stride, q_stride, std::min<std::int64_t>(R, rows - r), k,
+                             keys, d, at(r), s_stride, pf);
   if constexpr (R > 2)
     if (rows - r == 2) {
-      scores_block<2>(q + r * q_stride, q_stride, 2, k, keys, d, s + r * s_stride, s_stride, pf);
+      scores_block<2, Columns>(q + r * q_stride, q_stride, 2, k, keys, d, at(r), s_stride, pf);
       r += 2;
     }
   if (rows - r == 1)
-    scores_block<1>(q + r * q_stride, q_stride, 1, k, keys, d, s + r * s_stride, s_stride, pf);
+    scores_block<1, Columns>(q + r * q_stride, q_stride, 1, k, keys, d, at(r), s_stride, pf);
 }
 
 /// Row pointers of an RB-row block of P and O; rows past `rows` repeat the last valid one
@@ -323,12 +323,83 @@ inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t ro
                 o + r * o_stride, o_stride);
 }
 
+/// One MR-head x NV-vector tile of O += P V for heads [i0, i0 + MR) (all < m) and columns
+/// [j0, j0 + L NV) (masks mk unless Full), P in column form (p[t * m + h]). Each value vector is
+/// widened in a register once for the MR heads, whose broadcasts sit at constant offsets.
+template <int MR, int NV, bool Full, class Rows, class Prefetch>
+inline void pv_columns_tile(const float* p, std::int64_t m, std::int64_t i0, const Rows& v,
+                            std::int64_t keys, std::int64_t j0, const vmask* mk, float* o,
+                            std::int64_t ldo, Prefetch& pf) {
+  vec acc[MR][NV];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    ATTNKIT_UNROLL
+    for (int i = 0; i < NV; ++i) {
+      const float* src = o + (i0 + r) * ldo + j0 + L * i;
+      acc[r][i] = Full ? V::load(src) : V::load(mk[i], src);
+    }
+  }
+  const float* pt = p + i0;
+  for (std::int64_t t = 0; t < keys; ++t, pt += m) {
+    pf.step();
+    const auto* vr = v.row(t) + j0;
+    vec vv[NV];
+    ATTNKIT_UNROLL
+    for (int i = 0; i < NV; ++i)
+      vv[i] = Full ? V::load_as_float(vr + L * i) : V::load_as_float(mk[i], vr + L * i);
+    ATTNKIT_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const vec a = V::set1(pt[r]);
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NV; ++i) acc[r][i] = V::fmadd(a, vv[i], acc[r][i]);
+    }
+  }
+  ATTNKIT_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    ATTNKIT_UNROLL
+    for (int i = 0; i < NV; ++i) {
+      float* dst = o + (i0 + r) * ldo + j0 + L * i;
+      if (Full)
+        V::store(dst, acc[r][i]);
+      else
+        V::store(mk[i], dst, acc[r][i]);
+    }
+  }
+}
+
+/// Heads [i0, m) of one column block: whole MR-head tiles, then MR/2, MR/4, ... heads.
+template <int MR, int NV, bool Full, class Rows, class Prefetch>
+inline void pv_columns_heads(const float* p, std::int64_t m, std::int64_t i0, const Rows& v,
+                             std::int64_t keys, std::int64_t j0, const vmask* mk, float* o,
+                             std::int64_t ldo, Prefetch& pf) {
+  for (; i0 + MR <= m; i0 += MR)
+    pv_columns_tile<MR, NV, Full>(p, m, i0, v, keys, j0, mk, o, ldo, pf);
+  if constexpr (MR > 1)
+    if (i0 < m) pv_columns_heads<MR / 2, NV, Full>(p, m, i0, v, keys, j0, mk, o, ldo, pf);
+}
+
+/// O[m][dv] += P V, P in column form (see detail::pv_columns in simd/targets.hpp).
+template <class Rows, class Prefetch>
+inline void pv_columns(const float* p, std::int64_t m, const Rows& v, std::int64_t keys,
+                       std::int64_t dv, float* o, std::int64_t ldo, Prefetch& pf) {
+  constexpr int MR = L >= 16 ? 8 : 4, NV = 2;
+  for (std::int64_t j0 = 0; j0 < dv; j0 += L * NV) {
+    vmask mk[NV];
+    ATTNKIT_UNROLL
+    for (int i = 0; i < NV; ++i) mk[i] = V::first(dv - j0 - L * i);
+    if (j0 + L * NV <= dv)
+      pv_columns_heads<MR, NV, true>(p, m, 0, v, keys, j0, mk, o, ldo, pf);
+    else
+      pv_columns_heads<MR, NV, false>(p, m, 0, v, keys, j0, mk, o, ldo, pf);
+  }
+}
+
 // ---- register-blocked GEMM ----
 
 /// One MR x L*NV micro-tile of C (+)= A B at rows [i0, i0 + MR) (clamped to the last row; the
 /// clamped rows are computed, then discarded) and columns [j0, j0 + L NV) under masks mk.
-/// RowStep > 0: A's rows are RowStep elements apart (a_rs == RowStep: adjacent rows, or a
-/// panel's; see panel_width) and the tile is full, so the MR broadcasts of a step read one
+/// RowStep > 0: A's rows are RowStep elements apart (a_rs == RowStep; 1: adjacent rows) and the
+/// tile is full, so the MR broadcasts of a step read one
 /// pointer at constant offsets instead of MR pointers (which spill when inlined: the TPA value
 /// GEMM ran measurably slower that way; docs/benchmarks.md, TPA). RowStep 0: any a_rs.
 template <bool Accumulate, int MR, int NV, int RowStep, bool Full, class Prefetch>

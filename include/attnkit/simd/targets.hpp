@@ -56,11 +56,6 @@ struct no_prefetch {
   void step() {}
 };
 
-/// The width of a GEMM panel: A rows this many floats apart are addressed at constant offsets
-/// from one pointer (gemm_bcast_tile's RowStep), so narrow GEMM tiles lay K out in depth panels
-/// of this width (kernels/gqa.hpp).
-inline constexpr int panel_width = 64;
-
 /// Prefetches the cache line at p into L2 (T1); a no-op where the compiler has no builtin.
 inline void prefetch_line(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
@@ -309,14 +304,6 @@ inline void to_float_row(const S* src, float* dst, std::int64_t n) {
   ATTNKIT_SIMD_DISPATCH(to_float_row(src, dst, n))
 }
 
-/// Rows [rows][width] at src_stride, widened into depth panels of panel_width columns: element
-/// (i, c) to dst[c / panel_width * panel_stride + i * panel_width + c % panel_width].
-template <storage_type S>
-inline void to_float_panels(const S* src, std::int64_t src_stride, std::int64_t rows,
-                            std::int64_t width, float* dst, std::int64_t panel_stride) {
-  ATTNKIT_SIMD_DISPATCH(to_float_panels(src, src_stride, rows, width, dst, panel_stride))
-}
-
 /// s[i] = exp(s[i] - shift) in place; returns the sum. exp(-inf) is 0.
 inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
   ATTNKIT_SIMD_DISPATCH(exp_shift_sum(s, n, shift))
@@ -345,6 +332,27 @@ inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows,
   ATTNKIT_SIMD_DISPATCH(scores(q, q_stride, rows, k, keys, d, s, s_stride, pf))
 }
 
+/// S^T[keys][rows] (s[t * ld + r]) = K Q^T for a block's K rows k (strided_rows or listed_rows,
+/// any storage type) read in place by the streaming score block (4 query rows x 4 keys, bf16 as
+/// pairs: the query rows in paired order), written in the column form the GEMM tiles' softmax
+/// reads; pf is stepped once per inner iteration.
+template <class Rows, class Prefetch>
+inline void scores_columns(const float* q, std::int64_t q_stride, std::int64_t rows, const Rows& k,
+                           std::int64_t keys, std::int64_t d, float* s, std::int64_t ld,
+                           Prefetch& pf) {
+  ATTNKIT_SIMD_DISPATCH(scores<true>(q, q_stride, rows, k, keys, d, s, ld, pf))
+}
+
+/// O[m][dv] += P V for P in column form (p[t * m + h]: key t, query row h < m) and value rows v
+/// (strided_rows or listed_rows, any storage type) read in place: each value vector is widened
+/// in a register once per tile of query rows, so a block is never written out as float. O in
+/// natural column order; pf is stepped once per key of each tile.
+template <class Rows, class Prefetch>
+inline void pv_columns(const float* p, std::int64_t m, const Rows& v, std::int64_t keys,
+                       std::int64_t dv, float* o, std::int64_t ldo, Prefetch& pf) {
+  ATTNKIT_SIMD_DISPATCH(pv_columns(p, m, v, keys, dv, o, ldo, pf))
+}
+
 /// O[rows][dv] += P[rows][keys] V[keys][dv] (streaming path; O in paired order for bf16).
 /// prefetch_v: prefetch the V rows ATTNKIT_PREFETCH_BYTES ahead (off where the rows ahead are not
 /// the next ones).
@@ -367,7 +375,7 @@ inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t ro
 /// C[rows, cols] (+)= A B, with A(i, k) = a[i * a_rs + k * a_cs] (any strides: every element is
 /// broadcast) and B(k, j) = b[k * b_rs + j] (unit column stride), C row-major (ldc). The B panel
 /// stays in L1 while the row blocks of A stream past it. pf is stepped once per depth step.
-/// RowStep > 0 promises a_rs == RowStep (1: adjacent rows; panel_width: a panel's rows), which
+/// RowStep > 0 promises a_rs == RowStep (1: adjacent rows), which
 /// the tiles then address from one pointer; 0: any a_rs (adjacent rows are found at run time).
 template <bool Accumulate, int RowStep = 0, class Prefetch = no_prefetch>
 inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth, const float* a,
