@@ -139,7 +139,8 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
       for (int r = 0; r < RB; ++r) qv[r] = V::load(qr[r] + c), V::hold(qv[r]);
       ATTNKIT_UNROLL
       for (int u = 0; u < 4; ++u) {
-        const vec kv = V::load_as_float(kr[u] + c);
+        vec kv = V::load_as_float(kr[u] + c);
+        V::hold(kv);  // one load for the RB rows (else a float row is re-read by every FMA)
         ATTNKIT_UNROLL
         for (int r = 0; r < RB; ++r) acc[r][u] = V::fmadd(qv[r], kv, acc[r][u]);
       }
