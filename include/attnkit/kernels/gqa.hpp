@@ -261,8 +261,7 @@ class gqa_products {
     if (transposed()) {  // O += P V, P(r, t) = S^T[t][r]
       if (!narrow()) {
         gemm_bcast<true>(m_, dv, nb, p.data, 1, m_, vfp_, vfs_, acc, dv);
-      } else if (!paged()) {  // the value rows in place (an MLA's: the latent rows' leading
-                              // columns)
+      } else if (!paged()) {  // value rows in place (an MLA's: its latent rows' first d_v)
         pv_columns(p.data, m_, strided_rows<S>{pb_.kv.values().row(j, b0), vs}, nb, dv, acc, dv,
                    pf_);
       } else {
@@ -347,14 +346,13 @@ class gqa_products {
     std::copy(rows + n, rows + nb, ahead + n);
   }
   bool transposed() const { return vector_gemm_ && !pb_.streaming; }
-  /// Tiles of at most 16 rows (an MLA decode step's heads) over a block the GEMM tiles would
-  /// widen first: they read the block in place instead (the scores with the streaming score
-  /// block, written in column form; P V with pv_columns), and prefetch the next block while they
-  /// compute (they take about as long as its rows take to arrive from DRAM; taller tiles compute
-  /// long enough for the hardware prefetchers). Widening the block cost as much as either
-  /// product, and the broadcast GEMM's scores one load per FMA (docs/benchmarks.md, "Serving").
-  /// A contiguous float cache keeps the GEMM tiles, which read it in place.
-  bool narrow() const { return transposed() && m_ <= 16 && (!std::same_as<S, float> || paged()); }
+  /// Tiles of at most 16 rows (an MLA decode step's heads) read the block in place (the scores
+  /// with the streaming score block, written in column form; P V with pv_columns) instead of
+  /// widening it for the GEMM tiles, and prefetch the next block while they compute (they take
+  /// about as long as its rows take to arrive from DRAM; taller tiles compute long enough for the
+  /// hardware prefetchers). Widening cost as much as either product, and the broadcast GEMM's
+  /// scores a load per FMA (docs/benchmarks.md, "Serving").
+  bool narrow() const { return transposed() && m_ <= 16; }
   static std::int64_t round16(std::int64_t n) { return (n + 15) / 16 * 16; }
   /// Columns of Q^T and S^T: the query rows, whole 16-row tiles on AMX.
   std::int64_t q_cols() const { return pairs_ == pair_engine::amx ? round16(m_) : m_; }

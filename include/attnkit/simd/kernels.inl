@@ -400,9 +400,9 @@ inline void pv_columns(const float* p, std::int64_t m, const Rows& v, std::int64
 /// One MR x L*NV micro-tile of C (+)= A B at rows [i0, i0 + MR) (clamped to the last row; the
 /// clamped rows are computed, then discarded) and columns [j0, j0 + L NV) under masks mk.
 /// RowStep > 0: A's rows are RowStep elements apart (a_rs == RowStep; 1: adjacent rows) and the
-/// tile is full, so the MR broadcasts of a step read one
-/// pointer at constant offsets instead of MR pointers (which spill when inlined: the TPA value
-/// GEMM ran measurably slower that way; docs/benchmarks.md, TPA). RowStep 0: any a_rs.
+/// tile is full, so the MR broadcasts of a step read one pointer at constant offsets instead of
+/// MR pointers (which spill when inlined: the TPA value GEMM ran measurably slower that way;
+/// docs/benchmarks.md, TPA). RowStep 0: any a_rs.
 template <bool Accumulate, int MR, int NV, int RowStep, bool Full, class Prefetch>
 inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, std::int64_t rows,
                             std::int64_t depth, const float* a, std::int64_t a_rs,
