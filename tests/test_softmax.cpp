@@ -94,3 +94,21 @@ TEST_CASE("vectorised exp matches std::exp to a few ulp over the softmax range",
   CHECK(e.back() == 0.f);
   CHECK(std::abs(sum - ref_sum) <= 1e-5 * ref_sum);
 }
+
+TEST_CASE("vectorised exp is 0, not subnormal, below ln(FLT_MIN) on the vector targets",
+          "[softmax]") {
+  if (!detail::simd_vector_target()) return;  // the scalar target is std::exp
+  std::vector<float> xs;
+  for (float x = -104.f; x < -87.3366f; x += 0.0731f) xs.push_back(x);
+  const std::vector<float> just_above = {-87.3365f, -87.2f, -86.9f};
+  xs.insert(xs.end(), just_above.begin(), just_above.end());
+  std::vector<float> e = xs;
+  detail::exp_shift_sum(e.data(), static_cast<std::int64_t>(e.size()), 0.f);
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    INFO("x=" << xs[i] << " exp=" << e[i]);
+    if (i + just_above.size() < xs.size())
+      CHECK(e[i] == 0.f);
+    else  // normal floats from ln(FLT_MIN) up, within 4 ulp
+      CHECK(std::abs(e[i] - std::exp(double(xs[i]))) <= 4 * 0x1p-24 * std::exp(double(xs[i])));
+  }
+}

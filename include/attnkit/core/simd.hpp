@@ -38,7 +38,7 @@ inline float max_nan(float a, float b) { return a != a || a > b ? a : b; }
 
 /// x[i] *= a.
 inline void scale_row(float* x, std::int64_t n, float a) {
-  for (std::int64_t i = 0; i < n; ++i) x[i] *= a;
+  ATTNKIT_SIMD_DISPATCH(scale_row(x, n, a))
 }
 
 }  // namespace attnkit::detail

@@ -94,7 +94,10 @@ inline float softmax_finalize(float max, float sum, const float* acc, float* out
     return neg_inf;
   }
   const float inv = factor / sum;
-  for (std::int64_t i = 0; i < d; ++i) out[i * out_stride] = acc[i] * inv;
+  if (out_stride == 1)
+    scale_row_to(acc, out, d, inv);
+  else
+    for (std::int64_t i = 0; i < d; ++i) out[i * out_stride] = acc[i] * inv;
   return max + std::log(sum);
 }
 }  // namespace detail

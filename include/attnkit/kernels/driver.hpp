@@ -315,6 +315,41 @@ class attention_worker {
   }
   void apply_mask(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0,
                   std::int64_t nb, std::int64_t m) const {
+    const std::int64_t* kp = var_.positions().data() + b0;
+    if (std::same_as<Mask, no_mask> && std::is_sorted(row_pos_, row_pos_ + m) &&
+        std::is_sorted(kp, kp + nb)) {
+      // The position rule alone over positions in order (a prefill's diagonal blocks): a row's
+      // visible keys, and a key's visible rows, are one interval (in_window and the causal rule
+      // are monotone in either position), so the rest is filled rather than tested pair by pair.
+      const position_mask& pm = call_.policy.positions;
+      if (s.key_stride == 1) {
+        for (std::int64_t r = 0; r < m; ++r) {
+          const std::int64_t q = row_pos_[r];
+          const std::int64_t* lo = std::partition_point(
+              kp, kp + nb, [&](std::int64_t k) { return !pm.in_window(q, k); });
+          const std::int64_t* hi =
+              pm.causal ? std::partition_point(lo, kp + nb, [&](std::int64_t k) { return k <= q; })
+                        : kp + nb;
+          float* row = s.data + r * s.row_stride;
+          fill_row(row, lo - kp, neg_inf);
+          fill_row(row + (hi - kp), kp + nb - hi, neg_inf);
+        }
+      } else {  // column layout: row_stride 1
+        const std::int64_t* rp = row_pos_;
+        for (std::int64_t t = 0; t < nb; ++t) {
+          const std::int64_t k = kp[t];
+          const std::int64_t* lo =
+              pm.causal ? std::partition_point(rp, rp + m, [&](std::int64_t q) { return q < k; })
+                        : rp;
+          const std::int64_t* hi =
+              std::partition_point(lo, rp + m, [&](std::int64_t q) { return pm.in_window(q, k); });
+          float* col = s.data + t * s.key_stride;
+          fill_row(col, lo - rp, neg_inf);
+          fill_row(col + (hi - rp), rp + m - hi, neg_inf);
+        }
+      }
+      return;
+    }
     for_each_score(s, t0, j, b0, nb, m, [&](float& x, const mask_args& a) {
       if (!visible(a)) x = neg_inf;
     });
@@ -350,6 +385,7 @@ class attention_worker {
   void repair_masked_rows(const score_tile& s, std::int64_t t0, std::int64_t j, std::int64_t b0,
                           std::int64_t nb, std::int64_t m, bool fixed) {
     const std::int64_t dv = pl_.v_head_dim, g = pl_.g;
+    if (!any_non_finite(acc_, m * dv)) return;  // the common case: one vector scan
     const std::int64_t* kp = var_.positions().data() + b0;
     constexpr bool sink = requires { var_.value_weights(); };
     for (std::int64_t r = 0; r < m; ++r) {

@@ -24,7 +24,9 @@ constexpr std::int64_t pair_group = V::pairs ? 2 * L : 0;
 /// exp(x) per lane: std::exp on the scalar target; else x = n ln2 + r with |r| <= ln2/2
 /// (Cody-Waite: ln2 split in a part exact in float and a small one, so r carries no error from
 /// n ln2), e^r by its degree-7 Taylor series (truncation < 6e-9 relative), times 2^n. Within
-/// ~2 ulp; exp(-inf) = 0, exp(NaN) = NaN, finite for x <= 88.
+/// ~2 ulp; exp(-inf) = 0, exp(NaN) = NaN, finite for x <= 88. Results below the smallest normal
+/// float (x < ln(FLT_MIN)) are 0 on every vector target: forming a subnormal costs a microcode
+/// assist per instruction on Intel cores, and a masked tile's -inf scores would all take one.
 template <class W = V>
 inline typename W::vec vexp(typename W::vec x) {
   if constexpr (W::lanes == 1) {
@@ -72,6 +74,39 @@ inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
     acc = V::add_masked(m, acc, e);
   }
   return V::hsum(acc);
+}
+
+/// x[i] *= a.
+inline void scale_row(float* x, std::int64_t n, float a) {
+  const vec va = V::set1(a);
+  for (std::int64_t i = 0; i < n; i += L) {
+    const vmask m = V::first(n - i);
+    V::store(m, x + i, V::mul(V::load(m, x + i), va));
+  }
+}
+
+/// dst[i] = src[i] * a.
+inline void scale_row_to(const float* src, float* dst, std::int64_t n, float a) {
+  const vec va = V::set1(a);
+  for (std::int64_t i = 0; i < n; i += L) {
+    const vmask m = V::first(n - i);
+    V::store(m, dst + i, V::mul(V::load(m, src + i), va));
+  }
+}
+
+/// x[i] = value.
+inline void fill_row(float* x, std::int64_t n, float value) {
+  const vec v = V::set1(value);
+  for (std::int64_t i = 0; i < n; i += L) V::store(V::first(n - i), x + i, v);
+}
+
+/// Whether some x[i] is inf or NaN: x * 0 is NaN exactly for those, and a NaN makes the sum NaN.
+inline bool any_non_finite(const float* x, std::int64_t n) {
+  vec acc = V::zero();
+  const vec zero = V::zero();
+  for (std::int64_t i = 0; i < n; i += L) acc = V::add(acc, V::mul(V::load(V::first(n - i), x + i), zero));
+  const float sum = V::hsum(acc);
+  return sum != sum;
 }
 
 /// max over s[0, n), NaN if any element is NaN; -inf for n == 0.

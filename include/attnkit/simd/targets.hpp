@@ -309,6 +309,21 @@ inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
   ATTNKIT_SIMD_DISPATCH(exp_shift_sum(s, n, shift))
 }
 
+/// dst[i] = src[i] * a.
+inline void scale_row_to(const float* src, float* dst, std::int64_t n, float a) {
+  ATTNKIT_SIMD_DISPATCH(scale_row_to(src, dst, n, a))
+}
+
+/// x[i] = value.
+inline void fill_row(float* x, std::int64_t n, float value) {
+  ATTNKIT_SIMD_DISPATCH(fill_row(x, n, value))
+}
+
+/// Whether some x[i] is inf or NaN.
+inline bool any_non_finite(const float* x, std::int64_t n) {
+  ATTNKIT_SIMD_DISPATCH(any_non_finite(x, n))
+}
+
 /// max over s[0, n), NaN if any element is NaN; -inf for n == 0.
 inline float row_max(const float* s, std::int64_t n) { ATTNKIT_SIMD_DISPATCH(row_max(s, n)) }
 

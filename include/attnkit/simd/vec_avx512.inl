@@ -119,10 +119,14 @@ struct V {
     return _mm512_maskz_roundscale_ps(0xFFFF, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
   // exp (kernels.inl): the argument clamped (a NaN kept: vmaxps / vminps return the second
-  // operand when either is NaN), then p 2^n by vscalefps, which underflows to 0 by itself.
+  // operand when either is NaN), then p 2^n by vscalefps.
   static vec exp_clamp(vec x) {
     x = _mm512_maskz_max_ps(0xFFFF, _mm512_set1_ps(-150.f), x);
     return _mm512_maskz_min_ps(0xFFFF, _mm512_set1_ps(88.7f), x);
   }
-  static vec exp_scale(vec p, vec n, vec /*x*/) { return _mm512_maskz_scalef_ps(0xFFFF, p, n); }
+  /// p 2^n, 0 where x < ln(FLT_MIN) (NaN kept): the masked lanes never form a subnormal.
+  static vec exp_scale(vec p, vec n, vec x) {
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ), p,
+                                  n);
+  }
 };
