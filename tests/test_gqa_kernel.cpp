@@ -155,6 +155,10 @@ TEST_CASE(
   for (std::int64_t t = 0; t < c.tq; ++t)
     for (std::int64_t h = 0; h < c.heads; ++h)
       if (std::isinf(ref.lse(t, h))) CHECK(lse(t, h) == -INFINITY);
+  if (st == tile_strategy::gemm && bf16_products_available()) {  // AMX or vdpbf16ps tiles
+    c.products = product_math::bf16;
+    CHECK(bf16_products_error_ratio(c, x, run_kernel<bf16>(c, x)) <= 1.0);
+  }
 }
 
 TEST_CASE("results with 1, 2 and 3 workers agree within tolerance", "[gqa][executor]") {
