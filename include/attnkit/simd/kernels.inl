@@ -7,6 +7,8 @@
 //   accumulate_pv  O[r][c] += sum_t P[r][t] V[t][c]  streaming path
 //   gemm_bcast     C (+)= A B, register-blocked      GEMM tiles (prefill) and TPA's value product
 //   softmax_columns, exp_given_columns, exp_shift_sum, row_max: the softmax's vector loops
+//   scale_row, scale_row_to, fill_row, any_non_finite: the driver's row loops (rescale, output,
+//                  masking, the repair check), vectorised whatever the includer's -O level
 //   tpa_score_rows TPA's per-key head combination
 // K and V are read in their storage type and widened to float in registers, so bf16/f16 caches
 // are never converted in memory. Register blocks: out-of-range rows and keys are clamped to the
