@@ -88,13 +88,46 @@ TEMPLATE_TEST_CASE("long-context decode (Tk = 4096) for every group size g divid
 
 TEST_CASE("a decode whose key-split merge runs on the workers (H 128 on one KV head, d_v 256)",
           "[gqa][executor]") {
-  // 8 splits of 128 rows x 256 columns: above the size from which the driver merges the splits
-  // on the workers, 8 rows at a time.
+  // 8 splits of 128 rows x 256 columns: above the size from which all workers merge the splits,
+  // a few rows each, after the items.
   std::mt19937_64 rng(128);
   gqa_case c{.heads = 128, .kv_heads = 1, .head_dim = 64, .v_head_dim = 256, .tk = 4096, .tq = 1};
   thread_pool pool(2);
   check_against_reference<float>(c, rng, pool);
   check_against_reference<bf16>(c, rng, pool);
+}
+
+TEST_CASE(
+    "key splits merged by the worker that finishes a pair's last split: the reference's result, "
+    "bitwise the same whichever worker merges",
+    "[gqa][executor]") {
+  // 4 workers: a decode of 4 KV heads gets 4 key splits per head, a 3-token step of 2 KV heads
+  // 8, each (tile, head group) merged by whichever worker ends its last split. A callable
+  // executor that claims 4 workers but runs them one after another has the same plan and so the
+  // same splits, merged in another order of finishing: the results must agree bit for bit.
+  const std::int64_t tq = GENERATE(1, 3);
+  std::mt19937_64 rng(static_cast<std::uint64_t>(700 + tq));
+  gqa_case c{.heads = 16,
+             .kv_heads = tq == 1 ? 4 : 2,
+             .head_dim = 64,
+             .v_head_dim = 48,
+             .tk = 2500,
+             .tq = tq};
+  const gqa_data x = make_gqa_data(rng, c);
+  thread_pool pool(4);
+  check_data_against_reference<float>(c, x, pool);
+  callable_executor in_turn(
+      [](std::int64_t n, const std::function<void(std::int64_t)>& fn) {
+        for (std::int64_t i = n - 1; i >= 0; --i) fn(i);
+      },
+      4);
+  fmat lse_ref, lse;
+  const fmat ref = run_kernel<float>(c, x, in_turn, &lse_ref);
+  for (int rep = 0; rep < 10; ++rep) {
+    const fmat out = run_kernel<float>(c, x, pool, &lse);
+    CHECK(out == ref);
+    CHECK(lse == lse_ref);
+  }
 }
 
 TEST_CASE("prefill tiles for every g dividing H = 24, both strategies, d_qk != d_v", "[gqa]") {

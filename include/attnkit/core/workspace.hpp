@@ -1,6 +1,7 @@
 #pragma once
 // attention_workspace: scratch memory reused across attention calls, so a steady-state decode
 // step does not allocate. One call at a time per workspace; without one, a call allocates its own.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -18,7 +19,8 @@ class attention_workspace {
   attention_workspace() = default;
   /// Bytes currently held (grows to the largest call's need, never shrinks).
   std::size_t bytes() const {
-    std::size_t n = (partial_.size() + query_.size() + lse_.size()) * sizeof(float);
+    std::size_t n = (partial_.size() + query_.size() + lse_.size()) * sizeof(float) +
+                    counts_.size() * sizeof(std::int64_t);
     for (const auto& w : workers_)
       n += w.floats.size() * sizeof(float) + w.ints.size() * sizeof(std::int64_t);
     return n;
@@ -32,6 +34,7 @@ class attention_workspace {
   };
   std::vector<worker> workers_;
   std::vector<float> partial_, query_, lse_;
+  std::vector<std::int64_t> counts_;
 };
 
 namespace detail {
@@ -57,6 +60,12 @@ struct workspace_access {
   static float* partial(attention_workspace& ws, std::size_t floats) {
     if (ws.partial_.size() < floats) ws.partial_.resize(floats);
     return ws.partial_.data();
+  }
+  /// Per-call counters of finished key splits, one per (query tile, head group), zeroed.
+  static std::int64_t* split_counts(attention_workspace& ws, std::size_t n) {
+    if (ws.counts_.size() < n) ws.counts_.resize(n);
+    std::fill(ws.counts_.begin(), ws.counts_.begin() + static_cast<std::ptrdiff_t>(n), 0);
+    return ws.counts_.data();
   }
   /// Per-call query staging (e.g. MLA's [q_latent ; q_rope] rows).
   static float* query(attention_workspace& ws, std::size_t floats) {

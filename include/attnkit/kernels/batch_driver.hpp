@@ -1,8 +1,8 @@
 #pragma once
 // The attention driver over a batch of sequences: one plan for the whole batch, one parallel
-// loop over every sequence's work items, the key splits merged per sequence. The per-item work
-// is the single-sequence driver's (attention_worker in kernels/driver.hpp); only the planning
-// and the item list are the batch's.
+// loop over every sequence's work items, each (query tile, head group)'s key splits merged by the
+// worker that finishes its last one. The per-item work is the single-sequence driver's
+// (attention_worker in kernels/driver.hpp); only the planning and the item list are the batch's.
 //
 // Planning (plan_batch_shapes) sees every sequence's shape: its query tiles x head groups are
 // its base items, each with an estimated cost (rows plus a fixed memory term, times the keys
@@ -10,8 +10,8 @@
 // tokens). A base item larger than a quarter of a worker's fair share of the batch is cut into
 // key splits (each at least 256 keys), so one long sequence does not leave workers idle beside
 // many short ones; items then run from one atomic counter, the sequences with the largest items
-// first, each sequence's items together (they share its keys in cache) and largest first. For one sequence the
-// rule gives the single-sequence planner's split counts.
+// first, each sequence's items together (they share its keys in cache) and largest first. For one
+// sequence the rule gives the single-sequence planner's split counts.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -61,8 +61,10 @@ class batch_plan {
   std::vector<detail::attention_shape> shape_;  // [n]: as planned (keys as seen then)
   std::vector<detail::attention_plan> seq_;     // [n]
   std::vector<std::int64_t> partial_at_;        // [n]: floats into the partial buffer
+  std::vector<std::int64_t> pairs_at_;          // [n]: its first split counter
   std::vector<item> items_;                     // largest estimated cost first
   std::int64_t partial_floats_ = 0;
+  std::int64_t split_pairs_ = 0;  // (query tile, head group) pairs with key splits, all sequences
   int workers_ = 1;
 };
 
@@ -106,8 +108,9 @@ struct batch_access {
     }
     // Split a sequence's items when its largest is above a quarter of a worker's share.
     const double target = total / (4.0 * bp.workers_);
-    std::int64_t partial = 0;
+    std::int64_t partial = 0, pairs = 0;
     bp.partial_at_.assign(n, 0);
+    bp.pairs_at_.assign(n, 0);
     for (std::size_t s = 0; s < n; ++s) {
       attention_plan& pl = bp.seq_[s];
       if (target > 0 && largest[s] > target) {
@@ -118,9 +121,12 @@ struct batch_access {
       if (pl.splits > 1) {
         bp.partial_at_[s] = partial;
         partial += pl.items * pl.partial_stride();
+        bp.pairs_at_[s] = pairs;
+        pairs += pl.qtiles * pl.groups;
       }
     }
     bp.partial_floats_ = partial;
+    bp.split_pairs_ = pairs;
     // Largest items first, but a sequence's items together (they read the same keys): the
     // sequences by their largest item, within one its items by cost.
     struct ranked {
@@ -176,6 +182,10 @@ struct batch_access {
   static std::int64_t partial_at(const batch_plan& bp, std::int64_t s) {
     return bp.partial_at_[static_cast<std::size_t>(s)];
   }
+  static std::int64_t split_pairs(const batch_plan& bp) { return bp.split_pairs_; }
+  static std::int64_t pairs_at(const batch_plan& bp, std::int64_t s) {
+    return bp.pairs_at_[static_cast<std::size_t>(s)];
+  }
 };
 
 /// One sequence of a batch as the driver runs it.
@@ -215,6 +225,10 @@ void run_attention_batch(const batch_plan& bp, SequenceOf&& sequence, Exec& exec
                        : nullptr;
   workspace_access::reserve_workers(ws, static_cast<std::size_t>(want), floats,
                                     static_cast<std::size_t>(rows));
+  // As in run_attention, the worker that finishes a pair's last key split merges it.
+  std::int64_t* finished = partial ? workspace_access::split_counts(
+                                         ws, static_cast<std::size_t>(access::split_pairs(bp)))
+                                   : nullptr;
   const auto items = access::items(bp);
   std::atomic<std::int64_t> next{0};
   exec.parallel_for(workers, [&](std::int64_t w) {
@@ -234,17 +248,17 @@ void run_attention_batch(const batch_plan& bp, SequenceOf&& sequence, Exec& exec
         worker.emplace(e->pb, pl, e->call, workspace_access::worker_floats(ws, wi),
                        workspace_access::worker_ints(ws, wi));
       }
-      worker->run(it.qt, it.j, it.ks,
-                  pl.splits > 1 ? pl.partial_of(partial + access::partial_at(bp, current), it.qt,
-                                                it.j, it.ks)
-                                : nullptr);
+      if (pl.splits == 1) {
+        worker->run(it.qt, it.j, it.ks, nullptr);
+        continue;
+      }
+      float* seq_partial = partial + access::partial_at(bp, current);
+      worker->run(it.qt, it.j, it.ks, pl.partial_of(seq_partial, it.qt, it.j, it.ks));
+      const std::int64_t pair = it.qt * pl.groups + it.j;
+      if (std::atomic_ref(finished[access::pairs_at(bp, current) + pair])
+              .fetch_add(1, std::memory_order_acq_rel) == pl.splits - 1)
+        merge_split_rows(pl, e->call, seq_partial, false, pair * pl.rows, (pair + 1) * pl.rows);
     }
-  });
-  if (!partial) return;
-  exec.parallel_for(n, [&](std::int64_t s) {
-    const attention_plan& pl = access::seq(bp, s);
-    if (pl.splits > 1)
-      merge_splits(pl, sequence(s).call, partial + access::partial_at(bp, s), false);
   });
 }
 

@@ -26,7 +26,9 @@
 // KV heads (GQA family, MLA: one group) or all heads at once (TPA). Blocks of keys stream through
 // the policy (kernels/policy.hpp) and the online softmax (core/softmax.hpp); with one key split
 // the item finalises its rows into out/lse, otherwise its (max, sum, acc) rows go to a partial
-// buffer merged after the parallel loop. Per row of a partial: max, sum, acc[v_head_dim].
+// buffer, merged in split order by the worker that finishes the (tile, group)'s last split (or,
+// for large merges, by all workers after the loop). Per row of a partial: max, sum,
+// acc[v_head_dim].
 //
 // Normalisation has three modes. Online (every attention call): the running max and sum of the
 // online softmax. Given LSE (a shared-attention follower recomputing its donor's scores): each
@@ -442,13 +444,6 @@ void merge_split_rows(const attention_plan& pl, const attention_call<Mask>& call
   }
 }
 
-/// Every row's split merge (see merge_split_rows).
-template <class Mask>
-void merge_splits(const attention_plan& pl, const attention_call<Mask>& call, float* partial,
-                  bool fixed) {
-  merge_split_rows(pl, call, partial, fixed, 0, pl.qtiles * pl.groups * pl.rows);
-}
-
 /// call.weights holds every row's masked logits: weights = exp(logit - lse), which sum to 1
 /// over the row (less the sink's share); 0 for masked keys and for rows that saw no key.
 template <class Mask, class Exec>
@@ -498,6 +493,18 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
   workspace_access::reserve_workers(ws, static_cast<std::size_t>(want), floats,
                                     static_cast<std::size_t>(pl.rows));
 
+  // Key splits are merged on the workers. As a rule the worker that finishes a (query tile, head
+  // group) pair's last split merges that pair (the counter's acquire makes the other splits'
+  // states visible), so merges overlap the remaining items and need no second hand-off. A pair
+  // whose merge is large (absorbed MLA with many heads: every split holds full accumulator rows)
+  // is instead merged by all workers, a few rows each, after the items.
+  const bool merge_after = pl.splits > 1 && workers > 1 &&
+                           pl.rows * (pl.splits - 1) * pl.v_head_dim >= (std::int64_t{1} << 15);
+  // Sized like `partial`, for the most splits, so that a growing decode loop never allocates.
+  std::int64_t* counts = most.splits > 1 ? workspace_access::split_counts(
+                                               ws, static_cast<std::size_t>(pl.qtiles * pl.groups))
+                                         : nullptr;
+  std::int64_t* finished = pl.splits > 1 && !merge_after ? counts : nullptr;
   std::atomic<std::int64_t> next{0};
   exec.parallel_for(workers, [&](std::int64_t w) {
     const auto wi = static_cast<std::size_t>(w);
@@ -507,18 +514,18 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
       std::int64_t qt, j, ks;
       pl.item(i, qt, j, ks);
       worker.run(qt, j, ks, partial ? pl.partial_of(partial, qt, j, ks) : nullptr);
+      const std::int64_t pair = qt * pl.groups + j;
+      if (finished &&
+          std::atomic_ref(finished[pair]).fetch_add(1, std::memory_order_acq_rel) == pl.splits - 1)
+        merge_split_rows(pl, call, partial, fixed, pair * pl.rows, (pair + 1) * pl.rows);
     }
   });
-  if (pl.splits > 1) {
-    // On the workers when the merge is large (absorbed MLA with many heads merges every split's
-    // full accumulator rows), on the caller when another hand-off would cost more than it saves.
-    const std::int64_t rows = pl.qtiles * pl.groups * pl.rows, chunk = 8;
-    if (workers > 1 && rows * (pl.splits - 1) * pl.v_head_dim >= (std::int64_t{1} << 17))
-      exec.parallel_for((rows + chunk - 1) / chunk, [&](std::int64_t c) {
-        merge_split_rows(pl, call, partial, fixed, c * chunk, std::min(rows, (c + 1) * chunk));
-      });
-    else
-      merge_splits(pl, call, partial, fixed);
+  if (merge_after) {
+    const std::int64_t rows = pl.qtiles * pl.groups * pl.rows;
+    const std::int64_t chunk = (rows + workers - 1) / workers;
+    exec.parallel_for((rows + chunk - 1) / chunk, [&](std::int64_t c) {
+      merge_split_rows(pl, call, partial, fixed, c * chunk, std::min(rows, (c + 1) * chunk));
+    });
   }
   if (!call.weights.empty()) normalise_weights(call, exec);
 }
