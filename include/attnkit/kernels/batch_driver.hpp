@@ -255,9 +255,8 @@ void run_attention_batch(const batch_plan& bp, SequenceOf&& sequence, Exec& exec
       float* seq_partial = partial + access::partial_at(bp, current);
       worker->run(it.qt, it.j, it.ks, pl.partial_of(seq_partial, it.qt, it.j, it.ks));
       const std::int64_t pair = it.qt * pl.groups + it.j;
-      if (std::atomic_ref(finished[access::pairs_at(bp, current) + pair])
-              .fetch_add(1, std::memory_order_acq_rel) == pl.splits - 1)
-        merge_split_rows(pl, e->call, seq_partial, false, pair * pl.rows, (pair + 1) * pl.rows);
+      finish_split(finished[access::pairs_at(bp, current) + pair], pl, e->call, seq_partial, false,
+                   pair);
     }
   });
 }

@@ -444,6 +444,15 @@ void merge_split_rows(const attention_plan& pl, const attention_call<Mask>& call
   }
 }
 
+/// Counts one finished key split of (query tile, head group) pair `pair`; the worker that finishes
+/// the pair's last split merges it (the acquire makes the other splits' states visible).
+template <class Mask>
+void finish_split(std::int64_t& finished, const attention_plan& pl,
+                  const attention_call<Mask>& call, float* partial, bool fixed, std::int64_t pair) {
+  if (std::atomic_ref(finished).fetch_add(1, std::memory_order_acq_rel) == pl.splits - 1)
+    merge_split_rows(pl, call, partial, fixed, pair * pl.rows, (pair + 1) * pl.rows);
+}
+
 /// call.weights holds every row's masked logits: weights = exp(logit - lse), which sum to 1
 /// over the row (less the sink's share); 0 for masked keys and for rows that saw no key.
 template <class Mask, class Exec>
@@ -494,10 +503,10 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
                                     static_cast<std::size_t>(pl.rows));
 
   // Key splits are merged on the workers. As a rule the worker that finishes a (query tile, head
-  // group) pair's last split merges that pair (the counter's acquire makes the other splits'
-  // states visible), so merges overlap the remaining items and need no second hand-off. A pair
-  // whose merge is large (absorbed MLA with many heads: every split holds full accumulator rows)
-  // is instead merged by all workers, a few rows each, after the items.
+  // group) pair's last split merges that pair (finish_split), so merges overlap the remaining items
+  // and need no second hand-off. A pair whose merge is large (absorbed MLA with many heads: every
+  // split holds full accumulator rows) is instead merged by all workers, a few rows each, after the
+  // items.
   const bool merge_after = pl.splits > 1 && workers > 1 &&
                            pl.rows * (pl.splits - 1) * pl.v_head_dim >= (std::int64_t{1} << 15);
   // Sized like `partial`, for the most splits, so that a growing decode loop never allocates.
@@ -514,10 +523,10 @@ void run_attention(const typename Variant::problem& pb, const attention_call<Mas
       std::int64_t qt, j, ks;
       pl.item(i, qt, j, ks);
       worker.run(qt, j, ks, partial ? pl.partial_of(partial, qt, j, ks) : nullptr);
-      const std::int64_t pair = qt * pl.groups + j;
-      if (finished &&
-          std::atomic_ref(finished[pair]).fetch_add(1, std::memory_order_acq_rel) == pl.splits - 1)
-        merge_split_rows(pl, call, partial, fixed, pair * pl.rows, (pair + 1) * pl.rows);
+      if (finished) {
+        const std::int64_t pair = qt * pl.groups + j;
+        finish_split(finished[pair], pl, call, partial, fixed, pair);
+      }
     }
   });
   if (merge_after) {
