@@ -130,6 +130,66 @@ TEST_CASE(
   }
 }
 
+TEST_CASE(
+    "gemm_bcast, the GEMM tiles' product: B packed a panel at a time, bitwise the in-order FMA "
+    "chain of every element, on every target",
+    "[gqa][simd]") {
+  // Depths that span one panel, a panel and a step, and several (a panel is 192 to 6144 steps
+  // by target and tile width); rows past two micro-tiles (packed) and at most two (not);
+  // ragged column strips. Each C element is one FMA chain over k in order, whatever the
+  // panels, so the expected value is that chain, computed here with the target's rounding rule.
+  struct shape {
+    std::int64_t rows, cols, depth;
+  };
+  const shape shapes[] = {{1, 1, 1},     {17, 33, 193}, {45, 100, 577}, {45, 13, 1600},
+                          {3, 1, 6200},  {40, 32, 192}, {33, 70, 385},  {16, 16, 100},
+                          {50, 1, 3100}, {9, 40, 800}};
+  std::mt19937_64 rng(303);
+  const simd_target before = active_target();
+  for (simd_target t : supported_targets()) {
+    set_target(t);
+    const bool fused = t != simd_target::scalar;
+#ifdef FP_FAST_FMAF
+    const bool fused_scalar = true;
+#else
+    const bool fused_scalar = false;
+#endif
+    auto fma_rule = [&](float a, float b, float c) {
+      return fused || fused_scalar ? std::fma(a, b, c) : a * b + c;
+    };
+    for (const auto& [rows, cols, depth] : shapes)
+      for (bool accumulate : {false, true})
+        for (bool row_step : {false, true}) {  // A [rows][depth], or A^T [depth][rows] (P's form)
+          const std::int64_t b_rs = cols + 3, a_rs = row_step ? 1 : depth,
+                             a_cs = row_step ? rows : 1;
+          const fmat a = random_matrix(rng, rows * depth, 1), b = random_matrix(rng, depth, b_rs),
+                     c0 = random_matrix(rng, rows, cols);
+          fmat c = c0;  // [rows][cols], row-major, ldc = cols
+          if (accumulate && row_step)
+            detail::gemm_bcast<true, 1>(rows, cols, depth, a.data(), a_rs, a_cs, b.data(), b_rs,
+                                        c.data(), cols);
+          else if (accumulate)
+            detail::gemm_bcast<true>(rows, cols, depth, a.data(), a_rs, a_cs, b.data(), b_rs,
+                                     c.data(), cols);
+          else
+            detail::gemm_bcast<false>(rows, cols, depth, a.data(), a_rs, a_cs, b.data(), b_rs,
+                                      c.data(), cols);
+          std::int64_t wrong = 0;
+          for (std::int64_t i = 0; i < rows; ++i)
+            for (std::int64_t j = 0; j < cols; ++j) {
+              float e = accumulate ? c0(i, j) : 0.f;
+              for (std::int64_t k = 0; k < depth; ++k)
+                e = fma_rule(a.data()[i * a_rs + k * a_cs], b.data()[k * b_rs + j], e);
+              wrong += c(i, j) != e;
+            }
+          INFO("target " << target_name(t) << " rows " << rows << " cols " << cols << " depth "
+                         << depth << " accumulate " << accumulate << " row_step " << row_step);
+          CHECK(wrong == 0);
+        }
+  }
+  set_target(before);
+}
+
 TEST_CASE("prefill tiles for every g dividing H = 24, both strategies, d_qk != d_v", "[gqa]") {
   const std::int64_t g = GENERATE(1, 2, 3, 4, 6, 8, 12, 24);
   const tile_strategy st = GENERATE(tile_strategy::streaming, tile_strategy::gemm);

@@ -12,6 +12,7 @@
 // NaN too), and so does a +inf logit (exp(inf - inf)); either way the row finalises to NaN
 // output and NaN LSE, as the reference and PyTorch give: one input, one answer on every path
 // (docs/math.md, "Special values").
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -68,12 +69,12 @@ inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b,
   if (sum_b == 0.f) return;
   if (sum_a == 0.f) {
     max_a = max_b, sum_a = sum_b;
-    for (std::int64_t i = 0; i < d; ++i) acc_a[i] = acc_b[i];
+    std::copy(acc_b, acc_b + d, acc_a);
     return;
   }
   const float m = max_nan(max_a, max_b);
   const float fa = std::exp(max_a - m), fb = std::exp(max_b - m);
-  for (std::int64_t i = 0; i < d; ++i) acc_a[i] = acc_a[i] * fa + acc_b[i] * fb;
+  scale_add_row(acc_a, fa, acc_b, fb, d);
   sum_a = sum_a * fa + sum_b * fb;
   max_a = m;
 }

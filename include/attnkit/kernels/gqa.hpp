@@ -161,6 +161,10 @@ class gqa_products {
   void load_queries(std::int64_t t0, std::int64_t tn, std::int64_t j) {
     const std::int64_t g = pl_.g, dqk = pb_.kv.head_dim();
     m_ = tn * g;
+    // The worker's previous item was another key split of this tile: q_ holds it already
+    // (only load_queries writes q_).
+    if (t0 == loaded_[0] && tn == loaded_[1] && j == loaded_[2]) return;
+    loaded_[0] = t0, loaded_[1] = tn, loaded_[2] = j;
     if (pairs_ != pair_engine::none) return load_query_pairs(t0, j);
     const std::int64_t cs = pb_.q.stride(2);
     auto row = [&](std::int64_t r) { return &pb_.q(t0 + r / g, j * g + r % g, 0); };
@@ -457,6 +461,7 @@ class gqa_products {
   const problem& pb_;
   const attention_plan& pl_;
   std::int64_t m_ = 0;
+  std::int64_t loaded_[3] = {-1, -1, -1};  // the (t0, tn, j) whose queries q_ holds
   const S** k_rows_ = nullptr;  // listed(): the block's K rows [block], their prefetch rows
   const S** k_ahead_ = nullptr;
   const S** v_rows_ = nullptr;  // the same for V

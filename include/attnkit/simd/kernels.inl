@@ -7,8 +7,9 @@
 //   accumulate_pv  O[r][c] += sum_t P[r][t] V[t][c]  streaming path
 //   gemm_bcast     C (+)= A B, register-blocked      GEMM tiles (prefill) and TPA's value product
 //   softmax_columns, exp_given_columns, exp_shift_sum, row_max: the softmax's vector loops
-//   scale_row, scale_row_to, fill_row, any_non_finite: the driver's row loops (rescale, output,
-//                  masking, the repair check), vectorised whatever the includer's -O level
+//   scale_row, scale_row_to, scale_add_row, fill_row, any_non_finite: the driver's row loops
+//                  (rescale, output, split merge, masking, the repair check), vectorised
+//                  whatever the includer's -O level
 //   tpa_score_rows TPA's per-key head combination
 // K and V are read in their storage type and widened to float in registers, so bf16/f16 caches
 // are never converted in memory. Register blocks: out-of-range rows and keys are clamped to the
@@ -93,6 +94,15 @@ inline void scale_row_to(const float* src, float* dst, std::int64_t n, float a) 
   for (std::int64_t i = 0; i < n; i += L) {
     const vmask m = V::first(n - i);
     V::store(m, dst + i, V::mul(V::load(m, src + i), va));
+  }
+}
+
+/// a[i] = a[i] * fa + b[i] * fb (two softmax states' accumulators merged).
+inline void scale_add_row(float* a, float fa, const float* b, float fb, std::int64_t n) {
+  const vec va = V::set1(fa), vb = V::set1(fb);
+  for (std::int64_t i = 0; i < n; i += L) {
+    const vmask m = V::first(n - i);
+    V::store(m, a + i, V::fmadd(V::load(m, a + i), va, V::mul(V::load(m, b + i), vb)));
   }
 }
 
@@ -435,7 +445,8 @@ inline void pv_columns(const float* p, std::int64_t m, const Rows& v, std::int64
 // ---- register-blocked GEMM ----
 
 /// One MR x L*NV micro-tile of C (+)= A B at rows [i0, i0 + MR) (clamped to the last row; the
-/// clamped rows are computed, then discarded) and columns [j0, j0 + L NV) under masks mk.
+/// clamped rows are computed, then discarded) and columns [j0, j0 + L NV) under masks mk; b
+/// points at B's column j0.
 /// RowStep > 0: A's rows are RowStep elements apart (a_rs == RowStep; 1: adjacent rows) and the
 /// tile is full, so the MR broadcasts of a step read one pointer at constant offsets instead of
 /// MR pointers (which spill when inlined: the TPA value GEMM ran measurably slower that way;
@@ -457,7 +468,7 @@ inline void gemm_bcast_tile(std::int64_t i0, std::int64_t j0, const vmask* mk, s
     for (int v = 0; v < NV; ++v)
       acc[r][v] = !Accumulate ? V::zero() : Full ? V::load(cr + L * v) : V::load(mk[v], cr + L * v);
   }
-  const float* bk = b + j0;
+  const float* bk = b;
   const float* ak = a + i0 * RowStep;
   for (std::int64_t k = 0; k < depth; ++k, bk += b_rs) {
     pf.step();
@@ -503,6 +514,29 @@ inline void gemm_bcast_step_rows(std::int64_t i0, std::int64_t j0, const vmask* 
                                                                   b, b_rs, c, ldc, pf);
 }
 
+/// Depth steps per pass over a column strip: its B panel (L NV floats a step) fits in L1 with room
+/// for A's rows, so the row tiles after the first read it from there.
+template <int NV>
+constexpr std::int64_t gemm_panel_depth = 24 * 1024 / (4 * L * NV);
+
+/// One column strip [j0, j0 + L NV) of C over all rows, depth steps of A and B.
+template <bool Accumulate, int MR, int NV, int RowStep, bool Full, class Prefetch>
+inline void gemm_bcast_rows(std::int64_t j0, const vmask* mk, std::int64_t rows, std::int64_t depth,
+                            const float* a, std::int64_t a_rs, std::int64_t a_cs, const float* b,
+                            std::int64_t b_rs, float* c, std::int64_t ldc, Prefetch& pf) {
+  if constexpr (RowStep > 0) {
+    gemm_bcast_step_rows<Accumulate, MR, NV, RowStep, Full>(0, j0, mk, rows, depth, a, a_cs, b,
+                                                            b_rs, c, ldc, pf);
+  } else if (a_rs == 1) {
+    gemm_bcast_step_rows<Accumulate, MR, NV, 1, Full>(0, j0, mk, rows, depth, a, a_cs, b, b_rs, c,
+                                                      ldc, pf);
+  } else {
+    for (std::int64_t i0 = 0; i0 < rows; i0 += MR)
+      gemm_bcast_tile<Accumulate, MR, NV, 0, Full>(i0, j0, mk, rows, depth, a, a_rs, a_cs, b, b_rs,
+                                                   c, ldc, pf);
+  }
+}
+
 /// The column blocks [j0, j0 + L NV) of C in rows [0, rows); Full: every block is whole
 /// (unmasked loads and stores: without mask registers a masked access is dearer).
 template <bool Accumulate, int MR, int NV, int RowStep, bool Full, class Prefetch>
@@ -514,16 +548,30 @@ inline void gemm_bcast_columns(std::int64_t j_begin, std::int64_t j_end, std::in
     vmask mk[NV];
     ATTNKIT_UNROLL
     for (int v = 0; v < NV; ++v) mk[v] = V::first(cols - j0 - L * v);
-    if constexpr (RowStep > 0) {
-      gemm_bcast_step_rows<Accumulate, MR, NV, RowStep, Full>(0, j0, mk, rows, depth, a, a_cs, b,
-                                                              b_rs, c, ldc, pf);
-    } else if (a_rs == 1) {
-      gemm_bcast_step_rows<Accumulate, MR, NV, 1, Full>(0, j0, mk, rows, depth, a, a_cs, b, b_rs, c,
-                                                        ldc, pf);
-    } else {
-      for (std::int64_t i0 = 0; i0 < rows; i0 += MR)
-        gemm_bcast_tile<Accumulate, MR, NV, 0, Full>(i0, j0, mk, rows, depth, a, a_rs, a_cs, b,
-                                                     b_rs, c, ldc, pf);
+    // Few row tiles read the strip too few times to repay packing it.
+    if (rows <= 2 * MR) {
+      gemm_bcast_rows<Accumulate, MR, NV, RowStep, Full>(j0, mk, rows, depth, a, a_rs, a_cs, b + j0,
+                                                         b_rs, c, ldc, pf);
+      continue;
+    }
+    // Otherwise B's strip is packed a panel at a time: contiguous (a strided strip maps onto
+    // few L1 sets) and short enough to stay in L1 across the row tiles.
+    const std::int64_t chunks = (depth + gemm_panel_depth<NV> - 1) / gemm_panel_depth<NV>;
+    alignas(64) float panel[gemm_panel_depth<NV> * L * NV];  // [kn][L NV]
+    for (std::int64_t q = 0; q < chunks; ++q) {
+      const std::int64_t k0 = depth * q / chunks, kn = depth * (q + 1) / chunks - k0;
+      for (std::int64_t k = 0; k < kn; ++k) {
+        const float* src = b + (k0 + k) * b_rs + j0;
+        ATTNKIT_UNROLL
+        for (int v = 0; v < NV; ++v)
+          V::store(panel + (k * NV + v) * L, Full ? V::load(src + L * v) : V::load(mk[v], src + L * v));
+      }
+      if (q == 0)  // the later panels add to what the first wrote
+        gemm_bcast_rows<Accumulate, MR, NV, RowStep, Full>(j0, mk, rows, kn, a, a_rs, a_cs, panel,
+                                                           L * NV, c, ldc, pf);
+      else
+        gemm_bcast_rows<true, MR, NV, RowStep, Full>(j0, mk, rows, kn, a + k0 * a_cs, a_rs, a_cs,
+                                                     panel, L * NV, c, ldc, pf);
     }
   }
 }

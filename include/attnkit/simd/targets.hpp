@@ -314,6 +314,11 @@ inline void scale_row_to(const float* src, float* dst, std::int64_t n, float a) 
   ATTNKIT_SIMD_DISPATCH(scale_row_to(src, dst, n, a))
 }
 
+/// a[i] = a[i] * fa + b[i] * fb.
+inline void scale_add_row(float* a, float fa, const float* b, float fb, std::int64_t n) {
+  ATTNKIT_SIMD_DISPATCH(scale_add_row(a, fa, b, fb, n))
+}
+
 /// x[i] = value.
 inline void fill_row(float* x, std::int64_t n, float value) {
   ATTNKIT_SIMD_DISPATCH(fill_row(x, n, value))
@@ -388,8 +393,10 @@ inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t ro
 }
 
 /// C[rows, cols] (+)= A B, with A(i, k) = a[i * a_rs + k * a_cs] (any strides: every element is
-/// broadcast) and B(k, j) = b[k * b_rs + j] (unit column stride), C row-major (ldc). The B panel
-/// stays in L1 while the row blocks of A stream past it. pf is stepped once per depth step.
+/// broadcast) and B(k, j) = b[k * b_rs + j] (unit column stride), C row-major (ldc). Each column
+/// strip of B is packed into contiguous L1-sized panels (a few hundred depth steps) that the row
+/// blocks of A then stream past; each C element is still one FMA chain over k in order. pf is
+/// stepped once per depth step.
 /// RowStep > 0 promises a_rs == RowStep (1: adjacent rows), which
 /// the tiles then address from one pointer; 0: any a_rs (adjacent rows are found at run time).
 template <bool Accumulate, int RowStep = 0, class Prefetch = no_prefetch>
