@@ -506,8 +506,8 @@ inline void gemm_bcast_step_rows(std::int64_t i0, std::int64_t j0, const vmask* 
                                  std::int64_t a_cs, const float* b, std::int64_t b_rs, float* c,
                                  std::int64_t ldc, Prefetch& pf) {
   for (; i0 + MR <= rows; i0 += MR)
-    gemm_bcast_tile<Accumulate, MR, NV, RowStep, Full>(i0, j0, mk, rows, depth, a, RowStep, a_cs,
-                                                       b, b_rs, c, ldc, pf);
+    gemm_bcast_tile<Accumulate, MR, NV, RowStep, Full>(i0, j0, mk, rows, depth, a, RowStep, a_cs, b,
+                                                       b_rs, c, ldc, pf);
   if constexpr (MR > 1)
     if (i0 < rows)
       gemm_bcast_step_rows<Accumulate, MR / 2, NV, RowStep, Full>(i0, j0, mk, rows, depth, a, a_cs,
@@ -564,7 +564,8 @@ inline void gemm_bcast_columns(std::int64_t j_begin, std::int64_t j_end, std::in
         const float* src = b + (k0 + k) * b_rs + j0;
         ATTNKIT_UNROLL
         for (int v = 0; v < NV; ++v)
-          V::store(panel + (k * NV + v) * L, Full ? V::load(src + L * v) : V::load(mk[v], src + L * v));
+          V::store(panel + (k * NV + v) * L,
+                   Full ? V::load(src + L * v) : V::load(mk[v], src + L * v));
       }
       if (q == 0)  // the later panels add to what the first wrote
         gemm_bcast_rows<Accumulate, MR, NV, RowStep, Full>(j0, mk, rows, kn, a, a_rs, a_cs, panel,
@@ -581,15 +582,15 @@ inline void gemm_bcast_tiles(std::int64_t rows, std::int64_t cols, std::int64_t 
                              const float* a, std::int64_t a_rs, std::int64_t a_cs, const float* b,
                              std::int64_t b_rs, float* c, std::int64_t ldc, Prefetch& pf) {
   if constexpr (V::mask_registers) {  // masked loads cost what plain ones do: one path
-    gemm_bcast_columns<Accumulate, MR, NV, RowStep, false>(0, cols, rows, cols, depth, a, a_rs, a_cs, b,
-                                                  b_rs, c, ldc, pf);
+    gemm_bcast_columns<Accumulate, MR, NV, RowStep, false>(0, cols, rows, cols, depth, a, a_rs,
+                                                           a_cs, b, b_rs, c, ldc, pf);
     return;
   }
   const std::int64_t full = cols / (L * NV) * (L * NV);
-  gemm_bcast_columns<Accumulate, MR, NV, RowStep, true>(0, full, rows, cols, depth, a, a_rs, a_cs, b, b_rs,
-                                               c, ldc, pf);
-  gemm_bcast_columns<Accumulate, MR, NV, RowStep, false>(full, cols, rows, cols, depth, a, a_rs, a_cs, b,
-                                                b_rs, c, ldc, pf);
+  gemm_bcast_columns<Accumulate, MR, NV, RowStep, true>(0, full, rows, cols, depth, a, a_rs, a_cs,
+                                                        b, b_rs, c, ldc, pf);
+  gemm_bcast_columns<Accumulate, MR, NV, RowStep, false>(full, cols, rows, cols, depth, a, a_rs,
+                                                         a_cs, b, b_rs, c, ldc, pf);
 }
 
 /// C[rows, cols] (+)= A B (see detail::gemm_bcast in simd/targets.hpp): V::gemm_mr x
@@ -600,11 +601,11 @@ inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth,
                        std::int64_t a_rs, std::int64_t a_cs, const float* b, std::int64_t b_rs,
                        float* c, std::int64_t ldc, Prefetch& pf) {
   if (cols <= L)
-    gemm_bcast_tiles<Accumulate, V::narrow_mr, 1, RowStep>(rows, cols, depth, a, a_rs, a_cs, b, b_rs, c,
-                                                  ldc, pf);
+    gemm_bcast_tiles<Accumulate, V::narrow_mr, 1, RowStep>(rows, cols, depth, a, a_rs, a_cs, b,
+                                                           b_rs, c, ldc, pf);
   else
-    gemm_bcast_tiles<Accumulate, V::gemm_mr, V::gemm_nv, RowStep>(rows, cols, depth, a, a_rs, a_cs, b, b_rs,
-                                                         c, ldc, pf);
+    gemm_bcast_tiles<Accumulate, V::gemm_mr, V::gemm_nv, RowStep>(rows, cols, depth, a, a_rs, a_cs,
+                                                                  b, b_rs, c, ldc, pf);
 }
 
 // ---- softmax, column form ----
@@ -632,9 +633,9 @@ struct into_value_weights {
 /// exp(s - max') to sink, the running max / sum updated, alpha[r] = the rescale factor of row r.
 /// block_max, when given, is each row's max over the block.
 template <class Sink>
-inline void softmax_columns_to(const float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
-                            float* state_max, float* state_sum, float* alpha,
-                            const float* block_max, const Sink& sink) {
+inline void softmax_columns_to(const float* st, std::int64_t ld, std::int64_t keys,
+                               std::int64_t rows, float* state_max, float* state_sum, float* alpha,
+                               const float* block_max, const Sink& sink) {
   const float ninf = -std::numeric_limits<float>::infinity();
   for (std::int64_t m0 = 0; m0 < rows; m0 += L) {
     const vmask mm = V::first(rows - m0);
