@@ -190,6 +190,35 @@ TEST_CASE(
   set_target(before);
 }
 
+TEST_CASE(
+    "transpose_scaled: a query tile's rows into Q^T, exactly rows[i][c] * scale, nothing "
+    "else written, on every target",
+    "[gqa][simd]") {
+  std::mt19937_64 rng(404);
+  const simd_target before = active_target();
+  for (simd_target t : supported_targets()) {
+    set_target(t);
+    for (std::int64_t n : {1, 3, 8, 15, 16, 21})
+      for (std::int64_t cols : {1, 5, 16, 17, 64, 579}) {
+        const std::int64_t stride = cols + 7, ld = n + 5;  // source rows apart; dst rows
+        const fmat src = random_matrix(rng, n, stride);
+        std::vector<const float*> rows(static_cast<std::size_t>(n));
+        for (std::int64_t i = 0; i < n; ++i) rows[static_cast<std::size_t>(i)] = &src(n - 1 - i, 0);
+        const float scale = 0.0883883f, sentinel = 12345.f;
+        std::vector<float> dst(static_cast<std::size_t>(cols * ld), sentinel);
+        detail::transpose_scaled(rows.data(), n, cols, scale, dst.data(), ld);
+        std::int64_t wrong = 0;
+        for (std::int64_t c = 0; c < cols; ++c)
+          for (std::int64_t i = 0; i < ld; ++i)
+            wrong += dst[static_cast<std::size_t>(c * ld + i)] !=
+                     (i < n ? src(n - 1 - i, c) * scale : sentinel);
+        INFO("target " << target_name(t) << " rows " << n << " cols " << cols);
+        CHECK(wrong == 0);
+      }
+  }
+  set_target(before);
+}
+
 TEST_CASE("prefill tiles for every g dividing H = 24, both strategies, d_qk != d_v", "[gqa]") {
   const std::int64_t g = GENERATE(1, 2, 3, 4, 6, 8, 12, 24);
   const tile_strategy st = GENERATE(tile_strategy::streaming, tile_strategy::gemm);

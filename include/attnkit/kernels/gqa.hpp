@@ -168,11 +168,15 @@ class gqa_products {
     if (pairs_ != pair_engine::none) return load_query_pairs(t0, j);
     const std::int64_t cs = pb_.q.stride(2);
     auto row = [&](std::int64_t r) { return &pb_.q(t0 + r / g, j * g + r % g, 0); };
-    if (transposed() && !narrow()) {  // Q^T [d_qk][m]: 16 rows at a time (runs of 16 writes)
+    if (transposed() && !narrow()) {  // Q^T [d_qk][m], 16 rows at a time
       for (std::int64_t r0 = 0; r0 < m_; r0 += 16) {
         const std::int64_t n = std::min<std::int64_t>(16, m_ - r0);
         const float* src[16];
         for (std::int64_t i = 0; i < n; ++i) src[i] = row(r0 + i);
+        if (cs == 1) {
+          transpose_scaled(src, n, dqk, pb_.scale, q_ + r0, m_);
+          continue;
+        }
         for (std::int64_t c = 0; c < dqk; ++c)
           for (std::int64_t i = 0; i < n; ++i) q_[c * m_ + r0 + i] = src[i][c * cs] * pb_.scale;
       }

@@ -128,7 +128,7 @@ inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_
                                         : _mm512_setzero_si512();
         w[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
       }
-      transpose_words16(w);
+      V::transpose_words(w);
       for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + (r0 + r) * dst_stride + k0, w[r]);
     }
 }

@@ -22,32 +22,6 @@ inline __m512i bf16_bits(const float* p, __mmask16 m) {
   return bf16_bits(_mm512_maskz_loadu_ps(m, p));
 }
 
-/// x[i] <- column i of the 16 x 16 matrix of 32-bit words whose row r is x[r].
-inline void transpose_words16(__m512i* x) {
-  // The zero-masked forms with every lane on: see hsum in vec_avx512.inl (GCC bug 105593).
-  __m512i a[16], b[16];
-  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: (r0 c0, r1 c0, r0 c1, r1 c1) ...
-    a[2 * k] = _mm512_maskz_unpacklo_epi32(0xFFFF, x[2 * k], x[2 * k + 1]);
-    a[2 * k + 1] = _mm512_maskz_unpackhi_epi32(0xFFFF, x[2 * k], x[2 * k + 1]);
-  }
-  for (int k = 0; k < 4; ++k) {  // b[4k + j], lane L: column 4L + j of rows 4k .. 4k + 3
-    b[4 * k] = _mm512_maskz_unpacklo_epi64(0xFF, a[4 * k], a[4 * k + 2]);
-    b[4 * k + 1] = _mm512_maskz_unpackhi_epi64(0xFF, a[4 * k], a[4 * k + 2]);
-    b[4 * k + 2] = _mm512_maskz_unpacklo_epi64(0xFF, a[4 * k + 1], a[4 * k + 3]);
-    b[4 * k + 3] = _mm512_maskz_unpackhi_epi64(0xFF, a[4 * k + 1], a[4 * k + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {  // column 4L + j: lane L of b[j], b[4 + j], b[8 + j], b[12 + j]
-    const __m512i u01 = _mm512_maskz_shuffle_i32x4(0xFFFF, b[j], b[4 + j], 0x44),
-                  v01 = _mm512_maskz_shuffle_i32x4(0xFFFF, b[8 + j], b[12 + j], 0x44),
-                  u23 = _mm512_maskz_shuffle_i32x4(0xFFFF, b[j], b[4 + j], 0xEE),
-                  v23 = _mm512_maskz_shuffle_i32x4(0xFFFF, b[8 + j], b[12 + j], 0xEE);
-    x[j] = _mm512_maskz_shuffle_i32x4(0xFFFF, u01, v01, 0x88);
-    x[4 + j] = _mm512_maskz_shuffle_i32x4(0xFFFF, u01, v01, 0xDD);
-    x[8 + j] = _mm512_maskz_shuffle_i32x4(0xFFFF, u23, v23, 0x88);
-    x[12 + j] = _mm512_maskz_shuffle_i32x4(0xFFFF, u23, v23, 0xDD);
-  }
-}
-
 /// Q^T as pairs: dst[k * ld + r] = (bf16(scale x_r[2k]), bf16(scale x_r[2k + 1])) for the rows
 /// x_r = rows[r], r < n <= 16 (rows n .. width - 1 written as 0), k < pairs; `width` <= 16 words
 /// stored per k. Each 16-row block is converted row by row and transposed in registers.
@@ -68,7 +42,7 @@ inline void pack_query_pairs(const float* const* rows, std::int64_t n, std::int6
       const __m512 hi = _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(V::first(cols - 16), x + 16));
       w[r] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
     }
-    transpose_words16(w);
+    V::transpose_words(w);
     for (std::int64_t i = 0; i < cols / 2; ++i)
       _mm512_mask_storeu_epi32(dst + (k0 + i) * ld, store, w[i]);
   }

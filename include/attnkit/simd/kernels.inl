@@ -10,6 +10,7 @@
 //   scale_row, scale_row_to, scale_add_row, fill_row, any_non_finite: the driver's row loops
 //                  (rescale, output, split merge, masking, the repair check), vectorised
 //                  whatever the includer's -O level
+//   transpose_scaled  a query tile's rows into Q^T
 //   tpa_score_rows TPA's per-key head combination
 // K and V are read in their storage type and widened to float in registers, so bf16/f16 caches
 // are never converted in memory. Register blocks: out-of-range rows and keys are clamped to the
@@ -103,6 +104,25 @@ inline void scale_add_row(float* a, float fa, const float* b, float fb, std::int
   for (std::int64_t i = 0; i < n; i += L) {
     const vmask m = V::first(n - i);
     V::store(m, a + i, V::fmadd(V::load(m, a + i), va, V::mul(V::load(m, b + i), vb)));
+  }
+}
+
+/// dst[c * ld + i] = rows[i][c] * scale for i < n, c < cols: rows turned into columns (a query
+/// tile's Q^T), L x L blocks transposed in registers.
+inline void transpose_scaled(const float* const* rows, std::int64_t n, std::int64_t cols,
+                             float scale, float* dst, std::int64_t ld) {
+  const vec s = V::set1(scale);
+  for (std::int64_t i0 = 0; i0 < n; i0 += L) {
+    const std::int64_t nr = std::min<std::int64_t>(L, n - i0);
+    for (std::int64_t c0 = 0; c0 < cols; c0 += L) {
+      const std::int64_t nc = std::min<std::int64_t>(L, cols - c0);
+      vec x[L];
+      ATTNKIT_UNROLL
+      for (int i = 0; i < L; ++i)
+        x[i] = i < nr ? V::mul(V::load(V::first(nc), rows[i0 + i] + c0), s) : V::zero();
+      V::transpose(x);
+      for (std::int64_t k = 0; k < nc; ++k) V::store(V::first(nr), dst + (c0 + k) * ld + i0, x[k]);
+    }
   }
 }
 

@@ -319,6 +319,12 @@ inline void scale_add_row(float* a, float fa, const float* b, float fb, std::int
   ATTNKIT_SIMD_DISPATCH(scale_add_row(a, fa, b, fb, n))
 }
 
+/// dst[c * ld + i] = rows[i][c] * scale for i < n, c < cols.
+inline void transpose_scaled(const float* const* rows, std::int64_t n, std::int64_t cols,
+                             float scale, float* dst, std::int64_t ld) {
+  ATTNKIT_SIMD_DISPATCH(transpose_scaled(rows, n, cols, scale, dst, ld))
+}
+
 /// x[i] = value.
 inline void fill_row(float* x, std::int64_t n, float value) {
   ATTNKIT_SIMD_DISPATCH(fill_row(x, n, value))

@@ -79,6 +79,26 @@ struct V {
   static vec add_masked(mask m, vec a, vec b) {
     return _mm256_add_ps(a, _mm256_and_ps(b, _mm256_castsi256_ps(bits(m))));
   }
+  /// x[0, 8) transposed in place (lane i of x[k] <-> lane k of x[i]). Within each 128-bit half,
+  /// u[4 b + k] gathers column k of rows 4b..4b+3; the halves are then paired.
+  static void transpose(vec* x) {
+    vec t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(x[2 * i], x[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(x[2 * i], x[2 * i + 1]);
+    }
+    for (int b = 0; b < 2; ++b)
+      for (int k = 0; k < 4; ++k) {
+        const __m256d lo = _mm256_castps_pd(t[4 * b + k / 2]),
+                      hi = _mm256_castps_pd(t[4 * b + 2 + k / 2]);
+        u[4 * b + k] =
+            _mm256_castpd_ps(k % 2 ? _mm256_unpackhi_pd(lo, hi) : _mm256_unpacklo_pd(lo, hi));
+      }
+    for (int k = 0; k < 4; ++k) {
+      x[k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x20);
+      x[4 + k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x31);
+    }
+  }
   static float hsum(vec x) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

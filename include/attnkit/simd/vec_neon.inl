@@ -68,6 +68,14 @@ struct V {
   static vec add_masked(mask m, vec a, vec b) {
     return vaddq_f32(a, vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(b), bits(m))));
   }
+  /// x[0, 4) transposed in place (lane i of x[k] <-> lane k of x[i]).
+  static void transpose(vec* x) {
+    const float32x4x2_t a = vtrnq_f32(x[0], x[1]), b = vtrnq_f32(x[2], x[3]);
+    x[0] = vcombine_f32(vget_low_f32(a.val[0]), vget_low_f32(b.val[0]));
+    x[1] = vcombine_f32(vget_low_f32(a.val[1]), vget_low_f32(b.val[1]));
+    x[2] = vcombine_f32(vget_high_f32(a.val[0]), vget_high_f32(b.val[0]));
+    x[3] = vcombine_f32(vget_high_f32(a.val[1]), vget_high_f32(b.val[1]));
+  }
   static float hsum(vec x) { return vaddvq_f32(x); }
   static float hmax_nan(vec x) { return vmaxvq_f32(x); }
   static void store_sums4(float* dst, std::int64_t n, vec a, vec b, vec c, vec d) {

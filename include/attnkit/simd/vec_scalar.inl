@@ -51,6 +51,8 @@ struct V {
     return x == -std::numeric_limits<float>::infinity() ? y : x;
   }
   static vec add_masked(mask m, vec a, vec b) { return m ? a + b : a; }
+  /// x[0, lanes) transposed in place (lane i of x[k] <-> lane k of x[i]).
+  static void transpose(vec*) {}
   static float hsum(vec x) { return x; }
   static float hmax_nan(vec x) { return x; }
   static void store_sums4(float* dst, std::int64_t n, vec a, vec b, vec c, vec d) {
