@@ -55,6 +55,14 @@ auto kv_view_of(const X& x) {
     return x.view();
 }
 
+/// dst[c] = src[c * stride], c < n (a memmove for unit stride).
+inline void copy_strided(const float* src, std::int64_t stride, std::int64_t n, float* dst) {
+  if (stride == 1)
+    std::copy(src, src + n, dst);
+  else
+    for (std::int64_t c = 0; c < n; ++c) dst[c] = src[c * stride];
+}
+
 template <storage_type S>
 struct gqa_problem {
   tensor3_view<const float> q;  // [Tq, H, d_qk]
@@ -171,14 +179,9 @@ class gqa_products {
     if (transposed() && !narrow()) {  // Q^T [d_qk][m], 16 rows at a time
       for (std::int64_t r0 = 0; r0 < m_; r0 += 16) {
         const std::int64_t n = std::min<std::int64_t>(16, m_ - r0);
-        const float* src[16];
-        for (std::int64_t i = 0; i < n; ++i) src[i] = row(r0 + i);
-        if (cs == 1) {
-          transpose_scaled(src, n, dqk, pb_.scale, q_ + r0, m_);
-          continue;
-        }
-        for (std::int64_t c = 0; c < dqk; ++c)
-          for (std::int64_t i = 0; i < n; ++i) q_[c * m_ + r0 + i] = src[i][c * cs] * pb_.scale;
+        const float* rows[16];
+        query_rows(t0, j, r0, n, rows);
+        transpose_scaled(rows, n, dqk, pb_.scale, q_ + r0, m_);
       }
       return;
     }
@@ -431,21 +434,27 @@ class gqa_products {
     gemm_pairs<true>(m_, dv, (nb + 1) / 2, reinterpret_cast<const bf16*>(pp_), 2, 2 * m_, vp, dv,
                      acc, dv);
   }
+  /// rows[i] = the query row r0 + i (i < n <= 16) of tile (t0, j), contiguous: strided columns
+  /// are copied into kf_ (free until the first block).
+  void query_rows(std::int64_t t0, std::int64_t j, std::int64_t r0, std::int64_t n,
+                  const float** rows) {
+    const std::int64_t g = pl_.g, dqk = pb_.kv.head_dim(), cs = pb_.q.stride(2);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float* src = &pb_.q(t0 + (r0 + i) / g, j * g + (r0 + i) % g, 0);
+      if (cs != 1) {
+        copy_strided(src, cs, dqk, kf_ + i * dqk);
+        src = kf_ + i * dqk;
+      }
+      rows[i] = src;
+    }
+  }
   /// Q^T as bf16 pairs of adjacent columns [d_qk / 2][q_cols()]; the AMX tiles' padding columns 0.
   void load_query_pairs(std::int64_t t0, std::int64_t j) {
-    const std::int64_t g = pl_.g, dqk = pb_.kv.head_dim(), cs = pb_.q.stride(2);
+    const std::int64_t dqk = pb_.kv.head_dim();
     for (std::int64_t r0 = 0; r0 < q_cols(); r0 += 16) {
       const std::int64_t n = std::clamp<std::int64_t>(m_ - r0, 0, 16);
       const float* rows[16];
-      for (std::int64_t i = 0; i < n; ++i) {
-        const float* src = &pb_.q(t0 + (r0 + i) / g, j * g + (r0 + i) % g, 0);
-        if (cs != 1) {  // strided columns: a contiguous copy (kf_ is free until the first block)
-          float* row = kf_ + i * dqk;
-          for (std::int64_t c = 0; c < dqk; ++c) row[c] = src[c * cs];
-          src = row;
-        }
-        rows[i] = src;
-      }
+      query_rows(t0, j, r0, n, rows);
       pack_query_pairs(rows, n, dqk / 2, pb_.scale, std::min<std::int64_t>(16, q_cols() - r0),
                        reinterpret_cast<std::uint32_t*>(q_) + r0, q_cols());
     }

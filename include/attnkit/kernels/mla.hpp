@@ -21,14 +21,6 @@ namespace attnkit {
 
 namespace detail {
 
-/// dst[c] = src[c * stride], c < n (a memmove for unit stride).
-inline void copy_row(const float* src, std::int64_t stride, std::int64_t n, float* dst) {
-  if (stride == 1)
-    std::copy(src, src + n, dst);
-  else
-    for (std::int64_t c = 0; c < n; ++c) dst[c] = src[c * stride];
-}
-
 /// The kernel's query rows [q_latent ; rope slots] of q_latent [Tq, H, d_c] and q_rope
 /// [Tq, H, d_R] against the latent view v (checked), staged in the workspace: [Tq, H, key width].
 template <storage_type S>
@@ -49,9 +41,10 @@ tensor3_view<const float> latent_queries(const char* who, tensor3_view<const flo
   for (std::int64_t t = 0; t < tq; ++t)
     for (std::int64_t i = 0; i < h; ++i) {
       float* row = qx + (t * h + i) * w;
-      copy_row(&q_latent(t, i, 0), q_latent.stride(2), dc, row);
+      copy_strided(&q_latent(t, i, 0), q_latent.stride(2), dc, row);
       std::fill(row + dc, row + w, 0.f);
-      if (dr > 0) copy_row(&q_rope(t, i, 0), q_rope.stride(2), dr, row + dc + (i / per_group) * dr);
+      if (dr > 0)
+        copy_strided(&q_rope(t, i, 0), q_rope.stride(2), dr, row + dc + (i / per_group) * dr);
     }
   return tensor3_view<const float>(qx, {tq, h, w});
 }
