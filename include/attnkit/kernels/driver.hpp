@@ -44,6 +44,7 @@
 #include <cstring>
 #include <limits>
 #include <span>
+#include <tuple>
 
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
@@ -230,7 +231,16 @@ class attention_worker {
                        k_end = pl_.keys * (ks + 1) / pl_.splits;
     for (std::int64_t b0 = k_begin, nb; b0 < k_end; b0 += nb) {
       nb = std::min({pl_.block, k_end - b0, var_.run_end(b0) - b0});
-      const auto [lo, hi] = std::minmax_element(kp + b0, kp + b0 + nb);
+      auto [lo, hi] = std::minmax_element(kp + b0, kp + b0 + nb);
+      if (call_.policy.positions.causal && !given_p && *hi > qmax && *lo <= qmax) {
+        // The block ends at its first key (after the first) that follows every query of the
+        // tile: the causal rule hides it, and in a prefill's diagonal block all keys after it,
+        // from every row, so no row computes them here; the next block starts there. Any block
+        // boundary is correct (the online softmax takes blocks of any length).
+        nb = std::find_if(kp + b0 + 1, kp + b0 + nb, [&](std::int64_t p) { return p > qmax; }) -
+             (kp + b0);
+        std::tie(lo, hi) = std::minmax_element(kp + b0, kp + b0 + nb);
+      }
       const block_visibility vis = call_.policy.positions.block(qmin, qmax, *lo, *hi);
       if (vis == block_visibility::none) {
         if (!call_.weights.empty()) fill_weights(t0, j, b0, nb, m);
