@@ -2,7 +2,8 @@
 # The whole test suite: install what is missing, then
 #   1. Release build (-O2) with -march=native, all tests via CTest on the best SIMD target of this CPU
 #      (the command-line tools and their tests included), then the kernel suites again on every
-#      other target it runs (ATTNKIT_TARGET: avx2, scalar; core/cpu.hpp);
+#      other target it runs (ATTNKIT_TARGET: avx2, scalar; core/cpu.hpp), and the bf16-product
+#      tests on every other engine it runs (ATTNKIT_BF16_ENGINE=dot: vdpbf16ps beside AMX);
 #   2. AddressSanitizer + UndefinedBehaviorSanitizer build at -Og without -march (every target's
 #      kernels are in it, chosen at run time): every Catch2 suite on the scalar target (the
 #      compiler's baseline, Eigen's GEMM tiles), then the suites that drive the vector kernels
@@ -30,12 +31,20 @@ echo "== attnkit: Release build and tests =="
 # compiles the kernels once per SIMD target).
 cmake -S "$root" -B "$root/build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O2 -DNDEBUG" >/dev/null
 cmake --build "$root/build" -j"$jobs"
-read -r -a targets < <("$root/build/tests/attnkit_targets")
+# attnkit_targets: the targets this CPU runs; the automatic one; the bf16-product engines it runs
+# besides the automatic one (vdpbf16ps on a CPU with AMX).
+mapfile -t found < <("$root/build/tests/attnkit_targets")
+read -r -a targets <<<"${found[0]}"
+read -r -a engines <<<"${found[2]:-}"
 (cd "$root/build" && ctest --output-on-failure -j"$jobs")
 for t in "${targets[@]}"; do
-  [ "$t" = "$("$root/build/tests/attnkit_targets" | tail -n 1)" ] && continue
+  [ "$t" = "${found[1]}" ] && continue
   echo "== attnkit: the kernel suites on ATTNKIT_TARGET=$t =="
   (cd "$root/build" && ATTNKIT_TARGET=$t ctest --output-on-failure -j"$jobs" -E "$once_only")
+done
+for e in "${engines[@]}"; do
+  echo "== attnkit: the bf16-product tests on ATTNKIT_BF16_ENGINE=$e =="
+  (cd "$root/build" && ATTNKIT_BF16_ENGINE=$e ctest --output-on-failure -j"$jobs" -R 'bf16 products')
 done
 
 echo "== attnkit: ASan + UBSan build and tests (-Og, every target) =="
@@ -58,6 +67,10 @@ for t in "${targets[@]}"; do
   [ "$t" = scalar ] && continue
   echo "== attnkit: ASan + UBSan, the vector kernels on ATTNKIT_TARGET=$t =="
   sanitized_ctest "$t" -R '^(test_gqa_kernel|test_policy|test_robustness|test_shared|test_tpa|test_softmax):'
+done
+for e in "${engines[@]}"; do
+  echo "== attnkit: ASan + UBSan, the bf16-product tests on ATTNKIT_BF16_ENGINE=$e =="
+  ATTNKIT_BF16_ENGINE=$e sanitized_ctest avx512 -R 'bf16 products'
 done
 
 echo "== attnkit: AArch64 cross build, the kernel suites on the NEON target under qemu-user =="

@@ -102,6 +102,39 @@ TEST_CASE("SIMD targets: detection, names, forcing one", "[core][simd]") {
     }
 }
 
+TEST_CASE("bf16 products: the engine ATTNKIT_BF16_ENGINE forces is the one that runs",
+          "[core][simd]") {
+  using detail::bf16_engine;
+  const char* what = "ATTNKIT_BF16_ENGINE";
+  CHECK(detail::parse_bf16_engine("", what) == bf16_engine::automatic);
+  CHECK(detail::parse_bf16_engine("f32", what) == bf16_engine::f32);
+  ATTNKIT_CHECK_INVALID(detail::parse_bf16_engine("avx", what),
+                        "ATTNKIT_BF16_ENGINE=avx: unknown engine");
+  if (detail::cpu_has_amx_bf16())
+    CHECK(detail::parse_bf16_engine("amx", what) == bf16_engine::amx);
+  else
+    ATTNKIT_CHECK_INVALID(detail::parse_bf16_engine("amx", what), "no AMX-BF16");
+  if (detail::cpu_has_bf16_dot())
+    CHECK(detail::parse_bf16_engine("dot", what) == bf16_engine::dot);
+  else
+    ATTNKIT_CHECK_INVALID(detail::parse_bf16_engine("dot", what), "no AVX-512 BF16");
+
+  // This process's engine (scripts/test.sh runs the bf16-product tests once per engine).
+  const simd_target before = active_target();
+  if (cpu_supports(simd_target::avx512)) {
+    set_target(simd_target::avx512);
+    const bf16_engine e = detail::forced_bf16_engine();
+    INFO("ATTNKIT_BF16_ENGINE=" << (std::getenv("ATTNKIT_BF16_ENGINE")
+                                        ? std::getenv("ATTNKIT_BF16_ENGINE")
+                                        : ""));
+    CHECK(detail::bf16_amx_available() ==
+          (detail::cpu_has_amx_bf16() && (e == bf16_engine::automatic || e == bf16_engine::amx)));
+    if (e == bf16_engine::dot) CHECK(detail::bf16_dot_available());
+    if (e == bf16_engine::f32) CHECK(!bf16_products_available());
+    set_target(before);
+  }
+}
+
 TEST_CASE("SIMD targets: permute_pairs round trip for every group size", "[core][simd]") {
   for (std::int64_t group : {0, 2, 8, 16, 32})
     for (std::int64_t n : {0, 5, 16, 40, 64, 70}) {

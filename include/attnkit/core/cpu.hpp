@@ -131,6 +131,16 @@ inline bool cpu_has_fast_bf16_dot() {
 #endif
 }
 
+/// vdpbf16ps executes here (AVX-512 BF16), whether or not it beats f32.
+inline bool cpu_has_bf16_dot() {
+#if ATTNKIT_X86_TARGETS
+  static const bool has = detect_x86().avx512_bf16;
+  return has;
+#else
+  return false;
+#endif
+}
+
 /// AMX-BF16 usable by this process: the CPU has it, and (Linux) the kernel granted the process
 /// the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once).
 inline bool cpu_has_amx_bf16() {
@@ -201,13 +211,42 @@ inline simd_target active_target() {
 }
 
 namespace detail {
+/// The engine of product_math::bf16 that the environment variable ATTNKIT_BF16_ENGINE forces, so
+/// that tests and benchmarks reach each engine the CPU runs: "amx", "dot" (vdpbf16ps, also where
+/// it is slower than f32) or "f32"; unset or empty: the fastest (automatic).
+enum class bf16_engine { automatic, amx, dot, f32 };
+/// The engine named s ("" automatic); attnkit::invalid_argument naming `what` for an unknown
+/// name or an engine this CPU lacks.
+inline bf16_engine parse_bf16_engine(std::string_view s, const char* what) {
+  if (s.empty()) return bf16_engine::automatic;
+  if (s == "f32") return bf16_engine::f32;
+  if (s == "amx") {
+    require(cpu_has_amx_bf16(), what, "=amx: this CPU (or OS) offers no AMX-BF16");
+    return bf16_engine::amx;
+  }
+  require(s == "dot", what, "=", s, ": unknown engine (amx, dot, f32)");
+  require(cpu_has_bf16_dot(), what, "=dot: this CPU has no AVX-512 BF16");
+  return bf16_engine::dot;
+}
+inline bf16_engine forced_bf16_engine() {
+  static const bf16_engine e = [] {
+    const char* env = std::getenv("ATTNKIT_BF16_ENGINE");
+    return parse_bf16_engine(env ? env : "", "environment variable ATTNKIT_BF16_ENGINE");
+  }();
+  return e;
+}
 /// The engines of product_math::bf16 on the active target (the avx512 one): AMX tiles, and
-/// AVX-512 BF16's vdpbf16ps where it is faster than f32 (cpu_has_fast_bf16_dot).
+/// AVX-512 BF16's vdpbf16ps where it is faster than f32 (cpu_has_fast_bf16_dot); or the one
+/// ATTNKIT_BF16_ENGINE forces.
 inline bool bf16_amx_available() {
-  return active_target() == simd_target::avx512 && cpu_has_amx_bf16();
+  const bf16_engine e = forced_bf16_engine();
+  return active_target() == simd_target::avx512 &&
+         (e == bf16_engine::automatic || e == bf16_engine::amx) && cpu_has_amx_bf16();
 }
 inline bool bf16_dot_available() {
-  return active_target() == simd_target::avx512 && cpu_has_fast_bf16_dot();
+  const bf16_engine e = forced_bf16_engine();
+  return active_target() == simd_target::avx512 &&
+         (e == bf16_engine::dot || (e == bf16_engine::automatic && cpu_has_fast_bf16_dot()));
 }
 }  // namespace detail
 
