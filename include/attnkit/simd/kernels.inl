@@ -249,18 +249,22 @@ inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, con
                    Prefetch& pf) {
   constexpr int R = V::score_rows;
   auto at = [&](std::int64_t r) { return Columns ? s + r : s + r * s_stride; };
+  // Only the first row block prefetches: the later ones read the same K rows.
+  const Rows k_again = k.without_prefetch();
   std::int64_t r = 0;
   // R - 1 leftover rows also take an R-row block (one clamped row) when R is 4.
   for (; rows - r >= (R == 4 ? 3 : R); r += R)
-    scores_block<R, Columns>(q + r * q_stride, q_stride, std::min<std::int64_t>(R, rows - r), k,
-                             keys, d, at(r), s_stride, pf);
+    scores_block<R, Columns>(q + r * q_stride, q_stride, std::min<std::int64_t>(R, rows - r),
+                             r == 0 ? k : k_again, keys, d, at(r), s_stride, pf);
   if constexpr (R > 2)
     if (rows - r == 2) {
-      scores_block<2, Columns>(q + r * q_stride, q_stride, 2, k, keys, d, at(r), s_stride, pf);
+      scores_block<2, Columns>(q + r * q_stride, q_stride, 2, r == 0 ? k : k_again, keys, d, at(r),
+                               s_stride, pf);
       r += 2;
     }
   if (rows - r == 1)
-    scores_block<1, Columns>(q + r * q_stride, q_stride, 1, k, keys, d, at(r), s_stride, pf);
+    scores_block<1, Columns>(q + r * q_stride, q_stride, 1, r == 0 ? k : k_again, keys, d, at(r),
+                             s_stride, pf);
 }
 
 /// Row pointers of an RB-row block of P and O; rows past `rows` repeat the last valid one
@@ -285,7 +289,7 @@ struct pv_rows {
 template <int RB, class Rows>
 inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
                      std::int64_t c0, std::int64_t keys, std::int64_t width, float* o,
-                     std::int64_t o_stride) {
+                     std::int64_t o_stride, std::int64_t pf_bytes) {
   using S = typename Rows::element;
   constexpr int NV = V::pv_vectors;
   vmask m[NV];
@@ -300,8 +304,7 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
   }
   for (std::int64_t t = 0; t < keys; ++t) {
     const S* vr = v.row(t) + c0;
-    if (v.prefetches())
-      prefetch_row(v.ahead_row(t) + c0, width * static_cast<std::int64_t>(sizeof(S)));
+    if (v.prefetches()) prefetch_row(v.ahead_row(t) + c0, pf_bytes);
     vec vv[NV];
     ATTNKIT_UNROLL
     for (int i = 0; i < NV; ++i) vv[i] = V::load_as_float(m[i], vr + L * i);
@@ -323,7 +326,8 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
 /// The same over exactly NV * L columns (NV even): unmasked; bf16 with V::pairs in paired order.
 template <int RB, int NV, class Rows>
 inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
-                          std::int64_t c0, std::int64_t keys, float* o, std::int64_t o_stride) {
+                          std::int64_t c0, std::int64_t keys, float* o, std::int64_t o_stride,
+                          std::int64_t pf_bytes) {
   using S = typename Rows::element;
   const pv_rows<RB> rw(p, p_stride, o, o_stride, rows);
   vec acc[RB][NV];
@@ -334,8 +338,7 @@ inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t ro
   }
   for (std::int64_t t = 0; t < keys; ++t) {
     const S* vr = v.row(t) + c0;
-    if (v.prefetches())
-      prefetch_row(v.ahead_row(t) + c0, NV * L * static_cast<std::int64_t>(sizeof(S)));
+    if (v.prefetches()) prefetch_row(v.ahead_row(t) + c0, pf_bytes);
     vec vv[NV];
     if constexpr (V::pairs && std::same_as<S, bf16>) {  // NV / 2 groups of 2 L paired columns
       ATTNKIT_UNROLL
@@ -359,18 +362,29 @@ inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t ro
   }
 }
 
+/// Bytes of the row ahead that the pv chunk of `width` columns at column c0 prefetches: its own
+/// where it starts a cache line, else none (chunks narrower than a line share one: each line is
+/// requested once).
+template <class S>
+constexpr std::int64_t chunk_prefetch_bytes(std::int64_t c0, std::int64_t width) {
+  constexpr auto size = static_cast<std::int64_t>(sizeof(S));
+  return c0 * size % 64 == 0 ? width * size : 0;
+}
+
 template <int RB, class Rows>
 inline void pv_block(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
                      std::int64_t keys, std::int64_t dv, float* o, std::int64_t o_stride) {
   constexpr std::int64_t W = V::pv_vectors * L;
   static_assert(V::pv_vectors % 2 == 0, "paired bf16 chunks take whole (even, odd) groups");
+  using S = typename Rows::element;
+  constexpr auto pf = chunk_prefetch_bytes<S>;
   std::int64_t c = 0;
   for (; c + W <= dv; c += W)
-    pv_chunk_full<RB, V::pv_vectors>(p, p_stride, rows, v, c, keys, o + c, o_stride);
-  if constexpr (V::pairs && std::same_as<typename Rows::element, bf16>)  // paired order: whole groups
+    pv_chunk_full<RB, V::pv_vectors>(p, p_stride, rows, v, c, keys, o + c, o_stride, pf(c, W));
+  if constexpr (V::pairs && std::same_as<S, bf16>)  // paired order: whole groups
     for (; c + 2 * L <= dv; c += 2 * L)
-      pv_chunk_full<RB, 2>(p, p_stride, rows, v, c, keys, o + c, o_stride);
-  if (c < dv) pv_chunk<RB>(p, p_stride, rows, v, c, keys, dv - c, o + c, o_stride);
+      pv_chunk_full<RB, 2>(p, p_stride, rows, v, c, keys, o + c, o_stride, pf(c, 2 * L));
+  if (c < dv) pv_chunk<RB>(p, p_stride, rows, v, c, keys, dv - c, o + c, o_stride, pf(c, dv - c));
 }
 
 /// O[rows][dv] += P[rows][keys] V[keys][dv] (see detail::accumulate_pv in simd/targets.hpp); v:
@@ -386,9 +400,10 @@ inline void accumulate_pv(const float* p, std::int64_t p_stride, std::int64_t ro
     pv_block<2>(p, p_stride, 2, v, keys, dv, o, o_stride);
     return;
   }
+  const Rows v_again = v.without_prefetch();  // the later row blocks read the same V rows
   for (std::int64_t r = 0; r < rows; r += 4)
-    pv_block<4>(p + r * p_stride, p_stride, std::min<std::int64_t>(4, rows - r), v, keys, dv,
-                o + r * o_stride, o_stride);
+    pv_block<4>(p + r * p_stride, p_stride, std::min<std::int64_t>(4, rows - r),
+                r == 0 ? v : v_again, keys, dv, o + r * o_stride, o_stride);
 }
 
 /// One MR-head x NV-vector tile of O += P V for heads [i0, i0 + MR) (all < m) and columns

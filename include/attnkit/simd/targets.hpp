@@ -135,6 +135,7 @@ struct strided_rows {
   const S* row(std::int64_t t) const { return base + t * stride; }
   const S* ahead_row(std::int64_t t) const { return base + (t + ahead) * stride; }
   bool prefetches() const { return ahead != 0; }
+  strided_rows without_prefetch() const { return {base, stride, 0}; }
 };
 /// ... or rows found through a list of pointers (a block spanning pages: one kernel call for the
 /// whole block), each moved by `offset` elements (another KV head of the same pages),
@@ -148,6 +149,7 @@ struct listed_rows {
   const S* row(std::int64_t t) const { return rows[t] + offset; }
   const S* ahead_row(std::int64_t t) const { return ahead[t] + offset; }
   bool prefetches() const { return ahead != nullptr; }
+  listed_rows without_prefetch() const { return {rows, nullptr, offset}; }
 };
 
 /// TPA's head combination (tpa_score_rows): A_Q [q_rank][heads_padded] (scaled, zero past
