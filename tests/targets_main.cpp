@@ -12,12 +12,10 @@ int main() {
     for (attnkit::simd_target t : attnkit::supported_targets())
       std::printf("%s ", attnkit::target_name(t));
     std::printf("\n%s\n", attnkit::target_name(attnkit::active_target()));
-    // AMX, where present, is always the automatic choice; vdpbf16ps only where it is fast and
-    // there is no AMX.
     namespace d = attnkit::detail;
-    const bool dot_is_automatic = d::cpu_has_fast_bf16_dot() && !d::cpu_has_amx_bf16();
     std::printf("%s\n", attnkit::cpu_supports(attnkit::simd_target::avx512) &&
-                                d::cpu_has_bf16_dot() && !dot_is_automatic
+                                d::cpu_has_bf16_dot() &&
+                                d::automatic_bf16_engine() != d::bf16_engine::dot
                             ? "dot"
                             : "");
   } catch (const std::exception& e) {

@@ -235,18 +235,24 @@ inline bf16_engine forced_bf16_engine() {
   }();
   return e;
 }
-/// The engines of product_math::bf16 on the active target (the avx512 one): AMX tiles, and
-/// AVX-512 BF16's vdpbf16ps where it is faster than f32 (cpu_has_fast_bf16_dot); or the one
-/// ATTNKIT_BF16_ENGINE forces.
-inline bool bf16_amx_available() {
+/// The engine product_math::bf16 picks by itself on the avx512 target: AMX tiles where the CPU
+/// has them, else AVX-512 BF16's vdpbf16ps where it is faster than f32 (cpu_has_fast_bf16_dot),
+/// else f32.
+inline bf16_engine automatic_bf16_engine() {
+  return cpu_has_amx_bf16()        ? bf16_engine::amx
+         : cpu_has_fast_bf16_dot() ? bf16_engine::dot
+                                   : bf16_engine::f32;
+}
+/// The engine in use on the avx512 target: the one ATTNKIT_BF16_ENGINE forces, else the automatic.
+inline bf16_engine active_bf16_engine() {
   const bf16_engine e = forced_bf16_engine();
-  return active_target() == simd_target::avx512 &&
-         (e == bf16_engine::automatic || e == bf16_engine::amx) && cpu_has_amx_bf16();
+  return e == bf16_engine::automatic ? automatic_bf16_engine() : e;
+}
+inline bool bf16_amx_available() {
+  return active_target() == simd_target::avx512 && active_bf16_engine() == bf16_engine::amx;
 }
 inline bool bf16_dot_available() {
-  const bf16_engine e = forced_bf16_engine();
-  return active_target() == simd_target::avx512 &&
-         (e == bf16_engine::dot || (e == bf16_engine::automatic && cpu_has_fast_bf16_dot()));
+  return active_target() == simd_target::avx512 && active_bf16_engine() == bf16_engine::dot;
 }
 }  // namespace detail
 
