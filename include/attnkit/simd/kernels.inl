@@ -151,6 +151,15 @@ inline float row_max(const float* s, std::int64_t n) {
 
 // ---- streaming score and value products ----
 
+/// Prefetches the line at column c of each of the 4 rows where c is a multiple of 64 bytes into
+/// the row (any c where `any`).
+template <class S>
+inline void prefetch_column_lines(const S* const (&rows)[4], std::int64_t c, bool any = false) {
+  if (!any && c * static_cast<std::int64_t>(sizeof(S)) % 64 != 0) return;
+  ATTNKIT_UNROLL
+  for (int u = 0; u < 4; ++u) prefetch_line(rows[u] + c);
+}
+
 /// S for RB query rows (rows past `rows` clamped: computed, not stored) x 4 keys at a time; S
 /// row-major (s[r * s_stride + t]) or, Columns, in column form (s[t * s_stride + r]).
 template <int RB, bool Columns, class Rows, class Prefetch>
@@ -168,11 +177,13 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
     const S* kr[4];
     ATTNKIT_UNROLL
     for (int u = 0; u < 4; ++u) tu[u] = std::min<std::int64_t>(t0 + u, keys - 1), kr[u] = k.row(tu[u]);
-    if (k.prefetches()) {
-      ATTNKIT_UNROLL
-      for (int u = 0; u < 4; ++u)
-        prefetch_row(k.ahead_row(tu[u]), d * static_cast<std::int64_t>(sizeof(S)));
-    }
+    // The 4 keys' rows `ahead` on, prefetched a line of each per 64 bytes of columns as the
+    // columns are read: all their lines at once make a burst that fills the core's miss
+    // buffers, and DRAM then streams slower than with the same lines spread (docs/benchmarks.md).
+    const bool k_pf = k.prefetches();
+    const S* ka[4];
+    ATTNKIT_UNROLL
+    for (int u = 0; u < 4; ++u) ka[u] = k_pf ? k.ahead_row(tu[u]) : nullptr;
     vec acc[RB][4];
     ATTNKIT_UNROLL
     for (int r = 0; r < RB; ++r) {
@@ -183,6 +194,7 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
     if constexpr (V::pairs && std::same_as<S, bf16>) {
       for (; c0 + 2 * L <= d; c0 += 2 * L) {
         pf.step();
+        if (k_pf) prefetch_column_lines(ka, c0);
         vec qe[RB], qo[RB];
         ATTNKIT_UNROLL
         for (int r = 0; r < RB; ++r) {
@@ -201,6 +213,7 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
     }
     for (std::int64_t c = c0; c < d_full; c += L) {
       pf.step();
+      if (k_pf) prefetch_column_lines(ka, c);
       vec qv[RB];
       ATTNKIT_UNROLL
       for (int r = 0; r < RB; ++r) qv[r] = V::load(qr[r] + c), V::hold(qv[r]);
@@ -213,6 +226,7 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
       }
     }
     if (d_full < d) {
+      if (k_pf) prefetch_column_lines(ka, d - 1, true);  // the rows' last lines
       vec qv[RB];
       ATTNKIT_UNROLL
       for (int r = 0; r < RB; ++r) qv[r] = V::load(tail, qr[r] + d_full);
