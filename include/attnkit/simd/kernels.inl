@@ -427,13 +427,21 @@ template <int MR, int NV, bool Full, class Rows, class Prefetch>
 inline void pv_columns_tile(const float* p, std::int64_t m, std::int64_t i0, const Rows& v,
                             std::int64_t keys, std::int64_t j0, const vmask* mk, float* o,
                             std::int64_t ldo, Prefetch& pf) {
+  using S = typename Rows::element;
+  // A full tile of 2 L bf16 columns widens them as one (even, odd) pair: half the widening
+  // instructions, which share the FMAs' ports on Intel cores; O's columns are split the same
+  // way for the tile and joined back at its end.
+  constexpr bool paired = V::pairs && std::same_as<S, bf16> && Full && NV == 2;
   vec acc[MR][NV];
   ATTNKIT_UNROLL
   for (int r = 0; r < MR; ++r) {
-    ATTNKIT_UNROLL
-    for (int i = 0; i < NV; ++i) {
-      const float* src = o + (i0 + r) * ldo + j0 + L * i;
-      acc[r][i] = Full ? V::load(src) : V::load(mk[i], src);
+    const float* src = o + (i0 + r) * ldo + j0;
+    if constexpr (paired) {
+      V::split_pairs(src, acc[r][0], acc[r][1]);
+    } else {
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NV; ++i)
+        acc[r][i] = Full ? V::load(src + L * i) : V::load(mk[i], src + L * i);
     }
   }
   const float* pt = p + i0;
@@ -441,9 +449,13 @@ inline void pv_columns_tile(const float* p, std::int64_t m, std::int64_t i0, con
     pf.step();
     const auto* vr = v.row(t) + j0;
     vec vv[NV];
-    ATTNKIT_UNROLL
-    for (int i = 0; i < NV; ++i)
-      vv[i] = Full ? V::load_as_float(vr + L * i) : V::load_as_float(mk[i], vr + L * i);
+    if constexpr (paired) {
+      V::load_bf16_pairs(vr, vv[0], vv[1]);
+    } else {
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NV; ++i)
+        vv[i] = Full ? V::load_as_float(vr + L * i) : V::load_as_float(mk[i], vr + L * i);
+    }
     ATTNKIT_UNROLL
     for (int r = 0; r < MR; ++r) {
       const vec a = V::set1(pt[r]);
@@ -453,13 +465,17 @@ inline void pv_columns_tile(const float* p, std::int64_t m, std::int64_t i0, con
   }
   ATTNKIT_UNROLL
   for (int r = 0; r < MR; ++r) {
-    ATTNKIT_UNROLL
-    for (int i = 0; i < NV; ++i) {
-      float* dst = o + (i0 + r) * ldo + j0 + L * i;
-      if (Full)
-        V::store(dst, acc[r][i]);
-      else
-        V::store(mk[i], dst, acc[r][i]);
+    float* dst = o + (i0 + r) * ldo + j0;
+    if constexpr (paired) {
+      V::join_pairs(dst, acc[r][0], acc[r][1]);
+    } else {
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NV; ++i) {
+        if (Full)
+          V::store(dst + L * i, acc[r][i]);
+        else
+          V::store(mk[i], dst + L * i, acc[r][i]);
+      }
     }
   }
 }

@@ -55,6 +55,13 @@ struct V {
     odd = vreinterpretq_f32_u32(vandq_u32(raw, vdupq_n_u32(0xFFFF0000u)));
   }
 
+  /// 8 floats as their even and odd columns (the order of load_bf16_pairs), and back.
+  static void split_pairs(const float* p, vec& even, vec& odd) {
+    const float32x4x2_t x = vld2q_f32(p);
+    even = x.val[0], odd = x.val[1];
+  }
+  static void join_pairs(float* p, vec even, vec odd) { vst2q_f32(p, float32x4x2_t{{even, odd}}); }
+
   static vec add(vec a, vec b) { return vaddq_f32(a, b); }
   static vec sub(vec a, vec b) { return vsubq_f32(a, b); }
   static vec mul(vec a, vec b) { return vmulq_f32(a, b); }

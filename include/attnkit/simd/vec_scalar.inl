@@ -31,6 +31,8 @@ struct V {
   static void load_bf16_pairs(const bf16* p, vec& even, vec& odd) {  // (unused: pairs is off)
     even = static_cast<float>(p[0]), odd = static_cast<float>(p[1]);
   }
+  static void split_pairs(const float* p, vec& even, vec& odd) { even = p[0], odd = p[1]; }
+  static void join_pairs(float* p, vec even, vec odd) { p[0] = even, p[1] = odd; }
 
   static vec add(vec a, vec b) { return a + b; }
   static vec sub(vec a, vec b) { return a - b; }
