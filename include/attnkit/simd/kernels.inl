@@ -17,7 +17,8 @@
 // last valid one (computed, then discarded) so there is one code path. With V::pairs, bf16 rows
 // are widened 2 * lanes columns at a time as (even, odd) vectors without a cross-lane shuffle;
 // the float operands they meet (query tile, output accumulator) then hold every full group of
-// 2 * lanes columns in that order (permute_pairs).
+// 2 * lanes columns in that order (permute_pairs), except in pv_columns, whose tiles split and
+// join their own output columns (V::split_pairs / V::join_pairs) so O stays in natural order.
 
 using vec = V::vec;
 using vmask = V::mask;
