@@ -4,8 +4,11 @@
 // (roofline.hpp). Bytes are the KV bytes the step reads (every sequence's whole cache).
 //   BM_{batch,loop}_gqa/page_size/threads:  Llama-3-8B attention (H 32, H_kv 8, d 128);
 //                                           page_size 0 is contiguous caches.
-//   BM_{batch,loop}_mla/page_size/threads:  DeepSeek-V2-Lite absorbed MLA (H 16, d_c 512,
-//                                           d_R 64: one latent row of 576 per token).
+//   BM_{batch,loop}_mla/page_size/threads/products:
+//                                           DeepSeek-V2-Lite absorbed MLA (H 16, d_c 512,
+//                                           d_R 64: one latent row of 576 per token), f32 (0)
+//                                           or bf16 products (1: AMX or vdpbf16ps where the
+//                                           CPU has them).
 //   BM_plan_gqa/threads:                    plan_batch for the same batch (once per step).
 #include <attnkit/attention.hpp>
 #include <benchmark/benchmark.h>
@@ -183,6 +186,7 @@ void BM_loop_gqa(benchmark::State& state) { BM_gqa(state, false); }
 
 void BM_mla(benchmark::State& state, bool batched) {
   const std::int64_t ps = state.range(0), threads = state.range(1), h = 16, dc = 512, dr = 64;
+  const auto products = state.range(2) ? ak::product_math::bf16 : ak::product_math::f32;
   const mla_caches& c = mla_batch_caches(ps);
   const auto views = c.views<ak::kv_view<bf16>>();
   const decode_step step(c.len);
@@ -190,7 +194,7 @@ void BM_mla(benchmark::State& state, bool batched) {
   std::vector<float> out(static_cast<std::size_t>(SEQS * h * dc));
   ak::thread_pool pool(static_cast<int>(threads));
   ak::attention_workspace ws;
-  const ak::attention_options opt{.causal = true};
+  const ak::attention_options opt{.causal = true, .products = products};
   const ak::latent_batch<bf16> b{ak::tensor3_view<const float>(ql.data(), {SEQS, h, dc}),
                                  ak::tensor3_view<const float>(qr.data(), {SEQS, h, dr}),
                                  step.qpos, step.indptr, views};
@@ -236,13 +240,19 @@ void args(benchmark::internal::Benchmark* b) {
   for (std::int64_t ps : {0, 16, 64}) b->Args({ps, 2});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
+// page size, threads, products (0: f32, 1: bf16)
+void mla_args(benchmark::internal::Benchmark* b) {
+  for (std::int64_t products : {0, 1})
+    for (std::int64_t ps : {0, 16, 64}) b->Args({ps, 2, products});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
 
 }  // namespace
 
 BENCHMARK(BM_batch_gqa)->Apply(args);
 BENCHMARK(BM_loop_gqa)->Apply(args);
-BENCHMARK(BM_batch_mla)->Apply(args);
-BENCHMARK(BM_loop_mla)->Apply(args);
+BENCHMARK(BM_batch_mla)->Apply(mla_args);
+BENCHMARK(BM_loop_mla)->Apply(mla_args);
 BENCHMARK(BM_plan_gqa)->Arg(2)->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

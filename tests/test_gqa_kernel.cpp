@@ -469,15 +469,19 @@ TEST_CASE("bf16 products: the streaming path, odd d_qk and float caches compute 
 
 TEST_CASE("bf16 products: absorbed MLA (values = the latent columns of the key rows)",
           "[gqa][mla][bf16]") {
-  const std::int64_t heads = GENERATE(16, 40);
-  std::mt19937_64 rng(static_cast<std::uint64_t>(heads));
-  const std::int64_t dc = 64, dr = 16, tk = 333;
+  // 3 tokens of 16 and 40 heads: tall tiles; decode steps of 16 heads with d_qk a multiple of
+  // 32: one row tile, whose values AMX reads in place.
+  const auto [heads, tq, dc, dr] =
+      GENERATE(std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>{16, 3, 64, 16},
+               std::tuple{40, 3, 64, 16}, std::tuple{16, 1, 64, 32}, std::tuple{16, 1, 512, 64});
+  std::mt19937_64 rng(static_cast<std::uint64_t>(heads * tq + dc));
+  const std::int64_t tk = 333;
   gqa_case c{.heads = heads,
              .kv_heads = 1,
              .head_dim = dc + dr,
              .v_head_dim = dc,
              .tk = tk,
-             .tq = 3,
+             .tq = tq,
              .products = product_math::bf16};
   gqa_data x = make_gqa_data(rng, c);
   x.v = x.k.leftCols(dc);
@@ -492,6 +496,30 @@ TEST_CASE("bf16 products: absorbed MLA (values = the latent columns of the key r
                 {.products = product_math::bf16});
   INFO(describe(c) << " bf16 products available: " << bf16_products_available());
   CHECK(bf16_products_error_ratio(c, x, out) <= 1.0);
+}
+
+TEST_CASE(
+    "bf16 products on a single row tile (16 rows or fewer): AMX reads the value rows in place, "
+    "key remainders, a last single value group, other value widths paired",
+    "[gqa][mla][bf16]") {
+  std::mt19937_64 rng(83);
+  // 16, 12 and 1 rows; d_v 96 ends in one 32-column group, 48 is no multiple of 32 (the values
+  // are paired instead); 7 keys are fewer than a tile's 16, 300 end in 12 after whole blocks.
+  for (const auto& [dqk, dv] : {std::pair{64, 64}, {128, 96}, {64, 48}})
+    for (const auto& [heads, kv_heads, tq] : {std::tuple{16, 1, 1}, {4, 1, 3}, {3, 3, 1}})
+      for (const std::int64_t tk : {7, 300}) {
+        const gqa_case c{.heads = heads,
+                         .kv_heads = kv_heads,
+                         .head_dim = dqk,
+                         .v_head_dim = dv,
+                         .tk = tk,
+                         .tq = tq,
+                         .strategy = tile_strategy::gemm,
+                         .products = product_math::bf16};
+        const gqa_data x = make_gqa_data(rng, c);
+        INFO(describe(c) << " bf16 products available: " << bf16_products_available());
+        CHECK(bf16_products_error_ratio(c, x, run_kernel<bf16>(c, x)) <= 1.0);
+      }
 }
 
 TEMPLATE_TEST_CASE(

@@ -156,19 +156,51 @@ TEST_CASE(
 
 TEST_CASE("paged bf16 cache with bf16 products: bitwise the contiguous cache's answer", "[bf16]") {
   // Both read the same key blocks; the products pair rows through their page pointers.
+  // Tiles of 80 rows, and single row tiles (4 and 16 rows: AMX reads their value rows in place).
   std::mt19937_64 rng(103);
+  for (const std::int64_t ps : {1, 16, 48})
+    for (const auto& [heads, kv_heads, tq] : {std::tuple{8, 2, 40}, {8, 2, 1}, {16, 1, 1}}) {
+      gqa_case c{.heads = heads,
+                 .kv_heads = kv_heads,
+                 .tk = 300 + static_cast<std::int64_t>(rng() % 50),
+                 .tq = tq,
+                 .strategy = tile_strategy::gemm,
+                 .products = product_math::bf16};
+      const gqa_data x = make_gqa_data(rng, c);
+      page_pool<bf16> pool(pool_for(c, ps));
+      shuffle_free_pages(pool, rng);
+      INFO(describe(c) << " page_size=" << ps);
+      CHECK((attend_over<bf16>(c, x, paged_copy(pool, c, x)).array() ==
+             run_kernel<bf16>(c, x).array())
+                .all());
+    }
+}
+
+TEST_CASE("paged latent cache with bf16 products: bitwise the contiguous cache's answer",
+          "[bf16][mla]") {
+  // An MLA decode step's 16 heads: one row tile, whose values are the gathered key rows.
+  std::mt19937_64 rng(104);
+  const std::int64_t h = 16, dc = 64, dr = 32, tk = 333, tq = 1;  // AMX: d_qk a multiple of 32
+  std::vector<std::int64_t> kp(static_cast<std::size_t>(tk)), qp{tk - 1};
+  std::iota(kp.begin(), kp.end(), 0);
+  const fmat c = random_matrix(rng, tk, dc), kr = random_matrix(rng, tk, dr);
+  const fmat ql = random_matrix(rng, tq, h * dc, 0.3f), qr = random_matrix(rng, tq, h * dr);
+  latent_cache<bf16> flat({.latent_dim = dc, .rope_dim = dr, .capacity = tk});
+  const latent_append a{view_of(c), tensor3_view<const float>(kr.data(), {tk, 1, dr}), kp};
+  flat.append(a);
+  const tensor3_view<const float> qlv(ql.data(), {tq, h, dc}), qrv(qr.data(), {tq, h, dr});
+  const attention_options opt{.products = product_math::bf16};
+  fmat o1(tq, h * dc);
+  attend_latent(qlv, qrv, qp, flat, tensor3_view<float>(o1.data(), {tq, h, dc}), opt);
   for (const std::int64_t ps : {1, 16, 48}) {
-    gqa_case c{.tk = 300 + static_cast<std::int64_t>(rng() % 50),
-               .tq = 40,
-               .strategy = tile_strategy::gemm,
-               .products = product_math::bf16};
-    const gqa_data x = make_gqa_data(rng, c);
-    page_pool<bf16> pool(pool_for(c, ps));
+    page_pool<bf16> pool({.num_pages = tk / ps + 4, .page_size = ps, .token_elements = dc + dr});
     shuffle_free_pages(pool, rng);
-    INFO(describe(c) << " page_size=" << ps);
-    CHECK(
-        (attend_over<bf16>(c, x, paged_copy(pool, c, x)).array() == run_kernel<bf16>(c, x).array())
-            .all());
+    paged_cache<bf16, paged_latent> paged(pool, {dc, dr, 1});
+    paged.append(a);
+    fmat o2(tq, h * dc);
+    attend_latent(qlv, qrv, qp, paged, tensor3_view<float>(o2.data(), {tq, h, dc}), opt);
+    INFO("page_size=" << ps);
+    CHECK((o1.array() == o2.array()).all());
   }
 }
 

@@ -4,12 +4,29 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 namespace attnkit {
 
 namespace detail {
 struct workspace_access;
+
+/// std::allocator's contract, 64-byte aligned: the kernels' scratch buffers start on cache lines
+/// (a vector load or AMX tile row that straddles two lines reads both).
+template <class T>
+struct cache_line_allocator {
+  using value_type = T;
+  static constexpr std::align_val_t alignment{64};
+  cache_line_allocator() = default;
+  template <class U>
+  cache_line_allocator(const cache_line_allocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), alignment)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, alignment); }
+  friend bool operator==(const cache_line_allocator&, const cache_line_allocator&) { return true; }
+};
+template <class T>
+using scratch_vector = std::vector<T, cache_line_allocator<T>>;
 }  // namespace detail
 
 /// Scratch memory reused across attention calls (see the file comment); pass the same one to
@@ -29,11 +46,11 @@ class attention_workspace {
  private:
   friend struct detail::workspace_access;
   struct worker {
-    std::vector<float> floats;
+    detail::scratch_vector<float> floats;
     std::vector<std::int64_t> ints;
   };
   std::vector<worker> workers_;
-  std::vector<float> partial_, query_, lse_;
+  detail::scratch_vector<float> partial_, query_, lse_;
   std::vector<std::int64_t> counts_;
 };
 

@@ -130,7 +130,9 @@ class gqa_products {
                        dv = pb.kv.v_head_dim();
     return static_cast<std::size_t>(
         (listed(pb) ? 4 * nb * pointer_floats : 0) + m * (dqk + nb) + nb * (dqk + dv) +
-        (engine_of(pb) != pair_engine::none ? m * (nb / 2 + 16) + 8 * std::max(dqk, nb + 32) : 0));
+        (engine_of(pb) != pair_engine::none
+             ? std::max(m * (nb / 2 + 16), 32 * round16(nb)) + 8 * std::max(dqk, nb + 32)
+             : 0));
   }
   /// What runs the GEMM tiles' bf16 products (product_math::bf16) on a bf16 cache: AMX tiles
   /// (whole 32-column query tiles and 16-column value tiles), vdpbf16ps (whole pairs of query
@@ -157,8 +159,9 @@ class gqa_products {
     kf_ = f, f += nb * dqk;  // a block of K widened to float, or gathered as bf16 (paged AMX)
     vf_ = f, f += nb * dv;   // a block of V widened to float, or its pairs [nb32 / 2][d_v]
     if (pairs_ == pair_engine::none) return;
-    pp_ = reinterpret_cast<std::uint32_t*>(f);  // P^T's pairs [nb / 2][m], or P's [m16][nb32 / 2]
-    f += m * (nb / 2 + 16);
+    // P^T's pairs [nb / 2][m], or P's [m16][nb32 / 2], or (amx_pv_rows) its halves [2][nb16][16]
+    pp_ = reinterpret_cast<std::uint32_t*>(f);
+    f += std::max(m * (nb / 2 + 16), 32 * round16(nb));
     tile_a_ = reinterpret_cast<bf16*>(f);  // AMX: a partial tile's A rows [16][depth]
   }
 
@@ -213,7 +216,7 @@ class gqa_products {
       return {s_, pl_.block, 1};
     }
     if constexpr (std::same_as<S, bf16>)
-      if (pairs_ != pair_engine::none) return pair_scores(j, b0, nb);
+      if (pairs_ != pair_engine::none) return pair_scores(j, b0, nb, k_end);
     if (narrow()) return narrow_scores(j, b0, nb, k_end);
     // The GEMM tiles read the block's K (and V) as float rows: in place for a contiguous float
     // view, else widened or gathered once into kf_ / vf_ and reused by all m rows.
@@ -306,18 +309,26 @@ class gqa_products {
   const float* value_row(std::int64_t /*j*/, std::int64_t head, std::int64_t t, float* buf) const {
     const std::int64_t dv = pb_.kv.v_head_dim();
     to_float_row(pb_.kv.values().row(head / real_g_, t), buf, dv);
-    if (paired()) permute_pairs(buf, dv, pair_group_);
+    permute_pairs(buf, dv, acc_group());
     return buf;
   }
 
   void finish(float* acc, std::int64_t rows) {
-    if (paired())
+    if (acc_group() > 0)
       for (std::int64_t r = 0; r < rows; ++r)
-        unpermute_pairs(acc + r * pb_.kv.v_head_dim(), pb_.kv.v_head_dim(), pair_group_);
+        unpermute_pairs(acc + r * pb_.kv.v_head_dim(), pb_.kv.v_head_dim(), acc_group());
   }
 
  private:
   bool paired() const { return pair_group_ > 0; }
+  /// A single AMX row tile with whole 32-column value groups: P V reads the value rows in place
+  /// (amx_pv_rows) and the scores' tiles stream the next block in.
+  bool amx_rows() const {
+    return pairs_ == pair_engine::amx && m_ <= 16 && pb_.kv.v_head_dim() % 32 == 0;
+  }
+  /// Columns per (even, odd) group of the accumulators' layout, 0 for natural order: the bf16
+  /// streaming kernels' (bf16_pair_group), or amx_pv_rows' 32.
+  std::int64_t acc_group() const { return paired() ? pair_group_ : amx_rows() ? 32 : 0; }
   bool paged() const { return pb_.kv.keys().table.paged(); }
   /// Calls f(t, n) for each run of rows [t, t + n) that makes up keys [b0, b0 + nb).
   template <class F>
@@ -393,20 +404,16 @@ class gqa_products {
   }
   // bf16 products (engine_of): S^T = K Q^T with the cache's K rows in place, then O += P V
   // with P^T's and V's rows paired by key.
-  score_tile pair_scores(std::int64_t j, std::int64_t b0, std::int64_t nb) {
+  score_tile pair_scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
     const std::int64_t dqk = pb_.kv.head_dim(), ks = pb_.kv.keys().row_stride;
     const auto* qp = reinterpret_cast<const std::uint32_t*>(q_);
+    if (amx_rows()) return amx_row_scores(j, b0, nb, k_end);
     if (pairs_ == pair_engine::amx) {  // the K rows in place, or gathered from their pages
       const S* k = pb_.kv.keys().row(j, b0);
       std::int64_t k_stride = ks;
       if (paged()) {
-        auto* kb = reinterpret_cast<S*>(kf_);
-        for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
-          const S* src = pb_.kv.keys().row(j, t);
-          for (std::int64_t i = 0; i < n; ++i)
-            std::copy(src + i * ks, src + i * ks + dqk, kb + (t - b0 + i) * dqk);
-        });
-        k = kb, k_stride = dqk;
+        k = gather_rows(pb_.kv.keys(), j, b0, nb, reinterpret_cast<S*>(kf_));
+        k_stride = dqk;
       }
       amx_gemm<false>(nb, q_cols(), dqk, k, k_stride, qp, q_cols(), s_, q_cols(), tile_a_);
       return {s_, 1, q_cols()};
@@ -420,6 +427,14 @@ class gqa_products {
   void pair_accumulate(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p,
                        float* acc) {
     const std::int64_t dv = pb_.kv.v_head_dim();
+    if (amx_rows()) {  // the value rows in place (an MLA's: the key groups' leading columns)
+      if (!pb_.kv.values_in_keys())
+        key_groups(pb_.kv.values(), j, b0, nb, reinterpret_cast<S*>(vf_), v_groups_);
+      pack_probability_halves(p.data, p.key_stride, nb, pp_);
+      amx_pv_rows(m_, dv, pp_, pb_.kv.values_in_keys() ? k_groups_ : v_groups_, acc, dv, &pf_,
+                  pf_steps_);
+      return;
+    }
     auto* vp = reinterpret_cast<std::uint32_t*>(vf_);
     pack_pairs<S>([&](std::int64_t t) { return pb_.kv.values().row(j, b0 + t); }, nb, dv, vp, dv);
     if (pairs_ == pair_engine::amx) {  // keys padded with zeros to whole 32-key tiles
@@ -433,6 +448,46 @@ class gqa_products {
     pack_pairs<float>([&](std::int64_t t) { return p.data + t * p.key_stride; }, nb, m_, pp_, m_);
     gemm_pairs<true>(m_, dv, (nb + 1) / 2, reinterpret_cast<const bf16*>(pp_), 2, 2 * m_, vp, dv,
                      acc, dv);
+  }
+  /// Rows [b0, b0 + nb) of KV head j copied from their pages into dst [nb][width]; returns dst.
+  const S* gather_rows(const row_set<S>& rs, std::int64_t j, std::int64_t b0, std::int64_t nb,
+                       S* dst) const {
+    for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
+      const S* src = rs.row(j, t);
+      for (std::int64_t i = 0; i < n; ++i)
+        std::copy(src + i * rs.row_stride, src + i * rs.row_stride + rs.width,
+                  dst + (t - b0 + i) * rs.width);
+    });
+    return dst;
+  }
+  /// Rows [b0, b0 + nb) of KV head j in rs as 16-key groups (out): in place where a group's rows
+  /// lie in one run, else copied into scratch (16 rows of rs.width per group).
+  void key_groups(const row_set<S>& rs, std::int64_t j, std::int64_t b0, std::int64_t nb,
+                  S* scratch, amx_key_groups& out) const {
+    out.keys = nb;
+    for (std::int64_t i = 0; 16 * i < nb; ++i) {
+      const std::int64_t t = b0 + 16 * i, n = std::min<std::int64_t>(16, nb - 16 * i);
+      const bool in_place = pb_.kv.run_end(t) - t >= n;
+      out.base[i] = in_place ? rs.row(j, t) : gather_rows(rs, j, t, n, scratch + 16 * i * rs.width);
+      out.stride[i] = in_place ? rs.row_stride : rs.width;
+    }
+  }
+  /// amx_rows(): S^T [nb][16] from the key rows in place, while pf_ streams the next block's rows
+  /// in, spread over this block's steps of tile products: the scores' (two 16-key groups x 32 of
+  /// depth) and P V's (a group x 64 value columns).
+  score_tile amx_row_scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
+    const std::int64_t dqk = pb_.kv.head_dim(), dv = pb_.kv.v_head_dim(), next = b0 + nb;
+    const bool values = !pb_.keys_only && !pb_.kv.values_in_keys();
+    pf_.start(ranges_,
+              block_ranges<S>{&pb_.kv, j, next, std::min(next + pl_.block, k_end), values});
+    const std::int64_t groups = (nb + 15) / 16,
+                       lines = nb * (dqk + (values ? dv : 0)) * std::int64_t{sizeof(S)} / 64,
+                       products = (groups + 1) / 2 * (dqk / 32) + groups * ((dv + 63) / 64);
+    pf_steps_ = static_cast<int>((lines + products - 1) / products);
+    key_groups(pb_.kv.keys(), j, b0, nb, reinterpret_cast<S*>(kf_), k_groups_);
+    amx_group_scores(k_groups_, dqk, reinterpret_cast<const std::uint32_t*>(q_), s_, &pf_,
+                     pf_steps_);
+    return {s_, 1, 16};
   }
   /// rows[i] = the query row r0 + i (i < n <= 16) of tile (t0, j), contiguous: strided columns
   /// are copied into kf_ (free until the first block).
@@ -481,6 +536,8 @@ class gqa_products {
   const S** v_ahead_ = nullptr;
   std::int64_t k_end_ = 0;  // the current item's key end (scores())
   range_prefetcher pf_;     // the narrow GEMM tiles' next block
+  int pf_steps_ = 0;        // amx_rows(): pf_'s steps per tile product
+  amx_key_groups k_groups_, v_groups_;  // amx_rows(): the block's key and value rows
   block_ranges<S> ranges_;  // pf_'s ranges
   float *q_, *s_, *kf_, *vf_;
   std::uint32_t* pp_ = nullptr;

@@ -8,18 +8,29 @@
 // tmm4-5 hold A, tmm6-7 hold B. The configuration is loaded at each call (the tile state belongs
 // to the thread, and other code on it may configure its own) and released after.
 
-/// The compiler does not see the tile loads read memory (GCC's intrinsics are asm statements
-/// without memory operands): the buffers packed before a load must be written first.
+/// The compiler does not see the tile loads and stores access memory (GCC's intrinsics are asm
+/// statements without memory operands): the buffers packed before a load must be written first,
+/// and the stores done before the caller reads.
 inline void amx_memory_barrier() { __asm__ volatile("" ::: "memory"); }
 
-inline void amx_configure() {
+/// Every tile 16 rows x 64 bytes, or (amx_pv_rows) tmm0-3 and tmm4-5 `rows` rows, tmm4-5 of
+/// `a_bytes` each and tmm6-7 of `b_rows` rows. Loading a configuration zeroes every tile.
+inline void amx_configure(int rows = 16, int a_bytes = 64, int b_rows = 16) {
   alignas(64) unsigned char cfg[64] = {};
   cfg[0] = 1;  // palette 1
   for (int t = 0; t < 8; ++t) {
-    cfg[16 + 2 * t] = 64;  // bytes per row (little-endian uint16)
-    cfg[48 + t] = 16;      // rows
+    cfg[16 + 2 * t] = static_cast<unsigned char>(t == 4 || t == 5 ? a_bytes : 64);  // bytes per
+    cfg[48 + t] = static_cast<unsigned char>(t < 6 ? rows : b_rows);  // row (uint16 LE), rows
   }
-  _tile_loadconfig(cfg);
+  // Not _tile_loadconfig: GCC's tells the compiler it reads 8 bytes of cfg, which then may drop
+  // the stores of the rest (an invalid configuration faults).
+  __asm__ volatile("ldtilecfg %0" ::"m"(*reinterpret_cast<const unsigned char(*)[64]>(cfg)));
+}
+
+/// pf->step() `steps` times (a narrow tile's prefetch stream, spread over its tile products).
+inline void amx_prefetch(range_prefetcher* pf, int steps) {
+  if (pf)
+    for (int s = 0; s < steps; ++s) pf->step();
 }
 
 /// An R x C block of 16 x 16 C tiles (R, C in {1, 2}) over `depth` (a multiple of 32): A rows at
@@ -108,6 +119,7 @@ inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, c
     }
     if (!two_cols) break;  // j0 + 16 == cols
   }
+  amx_memory_barrier();  // the C tiles stored before the caller reads them
   _tile_release();
 }
 
@@ -131,4 +143,119 @@ inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_
       V::transpose_words(w);
       for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + (r0 + r) * dst_stride + k0, w[r]);
     }
+}
+
+/// A row tile's scores against 16-key groups, S^T[t][r] = sum_d K[t][d] Q[r][d] for t < k.keys:
+/// A tiles the groups' key rows in place, B = Q^T's pairs qp [depth / 2][16] words, C = s
+/// [k.keys][16]. The last group (keys % 16 rows) runs under its own tile configuration, so no
+/// row past k.keys is read. pf (optional): stepped pf_steps times per 32 of depth.
+inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const std::uint32_t* qp,
+                             float* s, range_prefetcher* pf, int pf_steps) {
+  const int full = static_cast<int>(k.keys / 16), groups = static_cast<int>((k.keys + 15) / 16);
+  amx_memory_barrier();
+  amx_configure();
+  for (int g = 0, step; g < groups; g += step) {
+    if (g == full) amx_configure(static_cast<int>(k.keys - 16 * full), 64, 16);  // the last keys
+    const bool two = g + 1 < full;  // two whole groups, or one (whole or the last)
+    step = two ? 2 : 1;
+    _tile_zero(0);
+    if (two) _tile_zero(2);
+    for (std::int64_t d = 0; d < depth; d += 32) {
+      _tile_loadd(4, k.base[g] + d, k.stride[g] * 2);
+      if (two) _tile_loadd(5, k.base[g + 1] + d, k.stride[g + 1] * 2);
+      _tile_loadd(6, qp + d / 2 * 16, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if (two) _tile_dpbf16ps(2, 5, 6);
+      amx_prefetch(pf, pf_steps);
+    }
+    _tile_stored(0, s + g * 256, 64);
+    if (two) _tile_stored(2, s + (g + 1) * 256, 64);
+  }
+  amx_memory_barrier();  // the C tiles stored before the caller reads them
+  _tile_release();
+}
+
+/// P's rows for amx_pv_rows from the column tile x[t] = src + t * ld (t < keys; later keys 0):
+/// per 16 keys k0, [2][16][16] words at halves + k0 * 32: row r's (bf16(x[k0 + i][r]), 0) for
+/// i < 16, then the same with the probability in the high half.
+inline void pack_probability_halves(const float* src, std::int64_t ld, std::int64_t keys,
+                                    std::uint32_t* halves) {
+  for (std::int64_t k0 = 0; k0 < keys; k0 += 16) {
+    __m512i w[16];  // w[i]: key k0 + i's probabilities of rows 0 .. 15
+    for (int i = 0; i < 16; ++i)
+      w[i] =
+          k0 + i < keys ? bf16_bits(_mm512_loadu_ps(src + (k0 + i) * ld)) : _mm512_setzero_si512();
+    V::transpose_words(w);
+    std::uint32_t* dst = halves + k0 * 32;
+    for (int r = 0; r < 16; ++r) {
+      _mm512_storeu_si512(dst + r * 16, w[r]);
+      _mm512_storeu_si512(dst + 256 + r * 16, _mm512_slli_epi32(w[r], 16));
+    }
+  }
+}
+
+/// One pass of amx_pv_rows over the value groups [g0, g1) (the configured B rows each).
+inline void amx_pv_pass(std::int64_t dv, int g0, int g1, const std::uint32_t* halves,
+                        const amx_key_groups& v, float* acc, std::int64_t ldacc,
+                        range_prefetcher* pf, int pf_steps) {
+  const std::int64_t cs = ldacc * 4;
+  for (std::int64_t c0 = 0; c0 < dv; c0 += 64) {
+    const bool two = c0 + 64 <= dv;  // two 32-column groups, or the last single one
+    float* c = acc + c0;
+    _tile_loadd(0, c, cs);
+    _tile_loadd(1, c + 16, cs);
+    if (two) {
+      _tile_loadd(2, c + 32, cs);
+      _tile_loadd(3, c + 48, cs);
+    }
+    for (int g = g0; g < g1; ++g) {
+      _tile_loadd(4, halves + g * 512, 64);        // (p, 0): the even columns
+      _tile_loadd(5, halves + g * 512 + 256, 64);  // (0, p): the odd columns
+      const bf16* vr = v.base[g] + c0;
+      const std::int64_t vs = v.stride[g] * 2;
+      _tile_loadd(6, vr, vs);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+      if (two) {
+        _tile_loadd(7, vr + 32, vs);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      amx_prefetch(pf, pf_steps);
+    }
+    _tile_stored(0, c, cs);
+    _tile_stored(1, c + 16, cs);
+    if (two) {
+      _tile_stored(2, c + 32, cs);
+      _tile_stored(3, c + 48, cs);
+    }
+  }
+}
+
+/// O[rows][dv] += P V for one tile of rows <= 16, with the value rows of 16-key groups read in
+/// place (v: the groups' bf16 rows); dv a multiple of 32; halves from pack_probability_halves.
+/// Each tile product takes a group's value rows as they lie for its B tile (adjacent columns are
+/// its pairs) against P's rows with each probability in one half of its pair and 0 in the other,
+/// so a 32-column group's even columns collect in one C tile and its odd columns in another: acc
+/// holds each group as its 16 even columns, then its 16 odd ones (permute_pairs' order, group
+/// 32). Half the products are zeros; a single row tile saves the pairing of V's rows by key,
+/// which costs it more than its products. The last group (keys % 16 rows) runs under its own
+/// tile configuration, so no row past v.keys is read. pf (optional): stepped per group and 64
+/// columns.
+inline void amx_pv_rows(std::int64_t rows, std::int64_t dv, const std::uint32_t* halves,
+                        const amx_key_groups& v, float* acc, std::int64_t ldacc,
+                        range_prefetcher* pf, int pf_steps) {
+  const int full = static_cast<int>(v.keys / 16), r = static_cast<int>(rows);
+  amx_memory_barrier();
+  if (full > 0) {
+    amx_configure(r, 64, 16);
+    amx_pv_pass(dv, 0, full, halves, v, acc, ldacc, pf, pf_steps);
+  }
+  if (v.keys > 16 * full) {
+    const int n = static_cast<int>(v.keys - 16 * full);
+    amx_configure(r, 4 * n, n);
+    amx_pv_pass(dv, full, full + 1, halves, v, acc, ldacc, pf, pf_steps);
+  }
+  amx_memory_barrier();  // the C tiles stored before the caller reads them
+  _tile_release();
 }

@@ -73,6 +73,16 @@ inline void prefetch_row(const S* row, std::int64_t bytes) {
   for (std::int64_t b = 0; b < bytes; b += 64) prefetch_line(p + b);
 }
 
+/// A key block's rows in groups of 16 keys for the AMX kernels of a single row tile: group i's
+/// rows at base[i] + r * stride[i] (bf16 elements; r < 16, in the last group r < keys % 16 when
+/// keys is no multiple of 16), each group in place or gathered where its rows cross pages.
+struct amx_key_groups {
+  static constexpr int capacity = 16;  // keys <= 256
+  const bf16* base[capacity];
+  std::int64_t stride[capacity];
+  std::int64_t keys = 0;
+};
+
 /// A prefetch stream (see no_prefetch) over the byte ranges a kernel's next key block will read:
 /// step() issues the current range's next cache line, or (once per range) moves to the next
 /// range, which the Ranges object given to start() yields through `next(begin, end)` until it
@@ -490,6 +500,45 @@ inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, c
 #else
   (void)rows, (void)cols, (void)depth, (void)a, (void)a_stride, (void)b, (void)ldb, (void)c,
       (void)ldc, (void)a_scratch;
+  std::abort();  // unreachable: bf16_amx_available() is false
+#endif
+}
+
+/// AMX: a row tile's scores S^T [k.keys][16] against 16-key groups k (in place), B = Q^T's pairs
+/// [depth / 2][16] words; depth a multiple of 32. pf (optional): stepped pf_steps times per 32 of
+/// depth.
+inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const std::uint32_t* qp,
+                             float* s, range_prefetcher* pf, int pf_steps) {
+#if ATTNKIT_X86_TARGETS
+  simd_amx::amx_group_scores(k, depth, qp, s, pf, pf_steps);
+#else
+  (void)k, (void)depth, (void)qp, (void)s, (void)pf, (void)pf_steps;
+  std::abort();  // unreachable: bf16_amx_available() is false
+#endif
+}
+
+/// AMX: a row tile's probabilities for amx_pv_rows, [keys rounded up to 16 / 16][2][16][16]
+/// words, from the column tile x[t] = src + t * ld (t < keys, 16 rows each).
+inline void pack_probability_halves(const float* src, std::int64_t ld, std::int64_t keys,
+                                    std::uint32_t* halves) {
+#if ATTNKIT_X86_TARGETS
+  simd_amx::pack_probability_halves(src, ld, keys, halves);
+#else
+  (void)src, (void)ld, (void)keys, (void)halves;
+  std::abort();  // unreachable: bf16_amx_available() is false
+#endif
+}
+
+/// AMX: O[rows][dv] += P V for rows <= 16 with the value rows of 16-key groups v read in place;
+/// O's 32-column groups held as even columns, then odd (permute_pairs, group 32); dv a multiple
+/// of 32. pf (optional): stepped pf_steps times per group and 64 columns.
+inline void amx_pv_rows(std::int64_t rows, std::int64_t dv, const std::uint32_t* halves,
+                        const amx_key_groups& v, float* acc, std::int64_t ldacc,
+                        range_prefetcher* pf, int pf_steps) {
+#if ATTNKIT_X86_TARGETS
+  simd_amx::amx_pv_rows(rows, dv, halves, v, acc, ldacc, pf, pf_steps);
+#else
+  (void)rows, (void)dv, (void)halves, (void)v, (void)acc, (void)ldacc, (void)pf, (void)pf_steps;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
