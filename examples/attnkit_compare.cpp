@@ -117,7 +117,10 @@ const char* usage =
     "                  tokens/s, KV GB/s and the share of the read bandwidth. With it:\n"
     "  --decodes N     decode sequences (32)       --min-context N / --max-context N (1024 / 16384)\n"
     "  --prefills N    prefill chunks (2)          --chunk N      tokens per chunk (512)\n"
-    "  --page-size N   tokens per page (16)\n";
+    "  --page-size N   tokens per page (16)\n"
+    "  --products P    f32 (default) or bf16: the products over bf16 caches (--storage bf16), bf16\n"
+    "                  on AMX tiles or vdpbf16ps where the CPU has them (queries and probabilities\n"
+    "                  rounded to bf16)\n";
 
 /// "a,b,,c" -> {"a", "b", "", "c"}.
 std::vector<std::string> split_commas(const std::string& list) {
@@ -212,6 +215,13 @@ options parse(int argc, char** argv) {
       o.batch_opt.chunk = integer(i);
     else if (a == "--page-size")
       o.batch_opt.page_size = integer(i);
+    else if (a == "--products") {
+      const std::string v = need(i);
+      if (v != "f32" && v != "bf16")
+        throw ak::invalid_argument("attnkit-compare: --products must be f32 or bf16, got '" + v +
+                                   "'");
+      o.batch_opt.products = v == "bf16" ? ak::product_math::bf16 : ak::product_math::f32;
+    }
     else if (a == "--rows") {
       o.rows.clear();
       for (const std::string& r : split_commas(need(i))) {

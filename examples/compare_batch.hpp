@@ -27,6 +27,9 @@ struct batch_options {
   std::int64_t heads = 32, kv_heads = 8, head_dim = 128;  // the GQA row's geometry
   int threads = 2;
   bool json = false;
+  /// product_math::bf16: AMX or vdpbf16ps products over bf16 caches where the CPU has them.
+  ak::product_math products = ak::product_math::f32;
+  const char* products_name() const { return products == ak::product_math::bf16 ? "bf16" : "f32"; }
 };
 
 struct batch_row {
@@ -158,7 +161,7 @@ template <ak::storage_type S>
 std::vector<batch_row> run_all(const batch_options& o, ak::thread_pool& pool) {
   const step_shape st = make_step(o);
   const std::int64_t tokens = st.indptr.back();
-  const ak::attention_options opt{.causal = true};
+  const ak::attention_options opt{.causal = true, .products = o.products};
   ak::attention_workspace ws;
   std::vector<batch_row> rows;
   auto seq_rows = [&](std::size_t s) {
@@ -269,10 +272,11 @@ inline void print(const batch_options& o, const std::string& storage, double ban
   if (o.json) {
     std::printf("{\n  \"batch\": {\"decodes\": %lld, \"min_context\": %lld, \"max_context\": %lld, "
                 "\"prefills\": %lld, \"chunk\": %lld, \"page_size\": %lld, \"threads\": %d, "
-                "\"storage\": \"%s\", \"read_bandwidth_gbs\": %.2f},\n  \"rows\": [\n",
+                "\"storage\": \"%s\", \"products\": \"%s\", \"read_bandwidth_gbs\": %.2f},\n"
+                "  \"rows\": [\n",
                 (long long)o.decodes, (long long)o.min_context, (long long)o.max_context,
                 (long long)o.prefills, (long long)o.chunk, (long long)o.page_size, o.threads,
-                storage.c_str(), bandwidth);
+                storage.c_str(), o.products_name(), bandwidth);
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const auto& r = rows[i];
       std::printf("    {\"variant\": \"%s\", \"shape\": \"%s\", \"sequences\": %lld, \"tokens\": %lld, "
@@ -287,10 +291,10 @@ inline void print(const batch_options& o, const std::string& storage, double ban
     return;
   }
   std::printf("attnkit %s  batch step: %lld decodes (context %lld-%lld) + %lld prefill chunks of %lld, "
-              "page size %lld, storage %s, %d threads\n",
+              "page size %lld, storage %s (%s products), %d threads\n",
               ATTNKIT_VERSION_STRING, (long long)o.decodes, (long long)o.min_context,
               (long long)o.max_context, (long long)o.prefills, (long long)o.chunk,
-              (long long)o.page_size, storage.c_str(), o.threads);
+              (long long)o.page_size, storage.c_str(), o.products_name(), o.threads);
   std::printf(
       "read bandwidth measured now: %.1f GB/s. Medians of 7 steps, batch and loop "
       "alternated; batch = plan_batch + attend_batch, loop = one call per sequence.\n\n",
