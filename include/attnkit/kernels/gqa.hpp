@@ -403,7 +403,7 @@ class gqa_products {
     for (std::int64_t i = 0; i < n; ++i) to_float_row(v + i * vs, vf_ + (t - b0 + i) * dv, dv);
   }
   // bf16 products (engine_of): S^T = K Q^T with the cache's K rows in place, then O += P V
-  // with P^T's and V's rows paired by key.
+  // with P^T's and V's rows paired by key (a single AMX row tile: V's rows in place).
   score_tile pair_scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
     const std::int64_t dqk = pb_.kv.head_dim(), ks = pb_.kv.keys().row_stride;
     const auto* qp = reinterpret_cast<const std::uint32_t*>(q_);
@@ -535,7 +535,7 @@ class gqa_products {
   const S** v_rows_ = nullptr;  // the same for V
   const S** v_ahead_ = nullptr;
   std::int64_t k_end_ = 0;  // the current item's key end (scores())
-  range_prefetcher pf_;     // the narrow GEMM tiles' next block
+  range_prefetcher pf_;     // the narrow GEMM tiles' (and AMX row tiles') next block
   int pf_steps_ = 0;        // amx_rows(): pf_'s steps per tile product
   amx_key_groups k_groups_, v_groups_;  // amx_rows(): the block's key and value rows
   block_ranges<S> ranges_;  // pf_'s ranges

@@ -4,17 +4,19 @@
 // simd/targets.hpp inside namespace attnkit::detail::simd_amx, after vec_avx512.inl and
 // bf16_dot.inl, under the AVX-512 attributes plus avx512bf16, amx-tile and amx-bf16.
 //
-// Every tile is configured 16 rows x 64 bytes: tmm0-3 accumulate a 2 x 2 block of C tiles,
-// tmm4-5 hold A, tmm6-7 hold B. The configuration is loaded at each call (the tile state belongs
-// to the thread, and other code on it may configure its own) and released after.
+// tmm0-3 accumulate a 2 x 2 block of C tiles, tmm4-5 hold A, tmm6-7 hold B, all 16 rows x 64
+// bytes, except in the kernels of a single row tile (amx_group_scores, amx_pv_rows), whose C and
+// A tiles have the tile's rows and whose last keys shorten A's rows and B's columns. The
+// configuration is loaded at each call (the tile state belongs to the thread, and other code on
+// it may configure its own) and released after.
 
 /// The compiler does not see the tile loads and stores access memory (GCC's intrinsics are asm
 /// statements without memory operands): the buffers packed before a load must be written first,
 /// and the stores done before the caller reads.
 inline void amx_memory_barrier() { __asm__ volatile("" ::: "memory"); }
 
-/// Every tile 16 rows x 64 bytes, or (amx_pv_rows) tmm0-3 and tmm4-5 `rows` rows, tmm4-5 of
-/// `a_bytes` each and tmm6-7 of `b_rows` rows. Loading a configuration zeroes every tile.
+/// tmm0-5 (C and A) of `rows` rows, tmm6-7 (B) of `b_rows`; rows of 64 bytes, tmm4-5's of
+/// `a_bytes`. The default is every tile 16 x 64. Loading a configuration zeroes every tile.
 inline void amx_configure(int rows = 16, int a_bytes = 64, int b_rows = 16) {
   alignas(64) unsigned char cfg[64] = {};
   cfg[0] = 1;  // palette 1
