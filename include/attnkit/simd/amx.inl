@@ -155,7 +155,7 @@ inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const 
                              float* s, range_prefetcher* pf, int pf_steps) {
   const int full = static_cast<int>(k.keys / 16), groups = static_cast<int>((k.keys + 15) / 16);
   amx_memory_barrier();
-  amx_configure();
+  if (full > 0) amx_configure();
   for (int g = 0, step; g < groups; g += step) {
     if (g == full) amx_configure(static_cast<int>(k.keys - 16 * full), 64, 16);  // the last keys
     const bool two = g + 1 < full;  // two whole groups, or one (whole or the last)
