@@ -190,6 +190,65 @@ TEST_CASE(
   set_target(before);
 }
 
+TEMPLATE_TEST_CASE(
+    "score blocks: every row count and key remainder, row and column form, against a double "
+    "dot product, nothing else written, on every target",
+    "[gqa][simd]", float, bf16, half) {
+  // Row counts 1-9 take 4-row blocks (one clamped row at 3 and 7) and 2- and 1-row blocks; key
+  // counts leave every remainder of 2 and 4 keys a step; depths with and without (even, odd)
+  // groups and masked tails. K holds values exact in float, so only the float sum errs: a chain
+  // of d rounded products and additions, |error| <= 2 d u sum |q k| (u = 2^-24); query operands
+  // rounded to bf16 would exceed it about 2^15 / d times over.
+  using S = TestType;
+  std::mt19937_64 rng(505);
+  const simd_target before = active_target();
+  for (simd_target t : supported_targets()) {
+    set_target(t);
+    const std::int64_t group = std::same_as<S, bf16> ? detail::bf16_pair_group() : 0;
+    for (std::int64_t d : {16, 40, 71, 128})
+      for (std::int64_t rows = 1; rows <= 9; ++rows)
+        for (std::int64_t keys : {1, 2, 3, 5, 8, 13}) {
+          const std::int64_t k_stride = d + 3, s_stride = keys + 2, ld = rows + 3;
+          const fmat q = random_matrix(rng, rows, d);
+          const fmat kf = round_trip<S>(random_matrix(rng, keys, k_stride));
+          std::vector<S> k(static_cast<std::size_t>(keys * k_stride));
+          for (std::int64_t i = 0; i < keys * k_stride; ++i)
+            k[static_cast<std::size_t>(i)] = static_cast<S>(kf.data()[i]);
+          fmat qp = q;  // the kernel's order: (even, odd) groups for bf16
+          for (std::int64_t r = 0; r < rows; ++r) detail::permute_pairs(&qp(r, 0), d, group);
+          const float sentinel = 12345.f;
+          std::vector<float> s_rows(static_cast<std::size_t>(rows * s_stride), sentinel),
+              s_cols(static_cast<std::size_t>(keys * ld), sentinel);
+          detail::scores(qp.data(), d, rows, k.data(), k_stride, keys, d, s_rows.data(), s_stride,
+                         rows % 2 == 0);
+          detail::no_prefetch pf;
+          detail::scores_columns(qp.data(), d, rows, detail::strided_rows<S>{k.data(), k_stride},
+                                 keys, d, s_cols.data(), ld, pf);
+          std::int64_t wrong = 0;
+          for (std::int64_t r = 0; r < rows; ++r)
+            for (std::int64_t j = 0; j < keys; ++j) {
+              double ref = 0, mag = 0;
+              for (std::int64_t c = 0; c < d; ++c) {
+                const double x = double(q(r, c)) * double(kf(j, c));
+                ref += x, mag += std::abs(x);
+              }
+              const double tol = 2.0 * double(d) * 0x1p-24 * mag;
+              wrong += !(std::abs(s_rows[static_cast<std::size_t>(r * s_stride + j)] - ref) <= tol);
+              wrong += !(std::abs(s_cols[static_cast<std::size_t>(j * ld + r)] - ref) <= tol);
+            }
+          for (std::int64_t r = 0; r < rows; ++r)
+            for (std::int64_t j = keys; j < s_stride; ++j)
+              wrong += s_rows[static_cast<std::size_t>(r * s_stride + j)] != sentinel;
+          for (std::int64_t j = 0; j < keys; ++j)
+            for (std::int64_t r = rows; r < ld; ++r)
+              wrong += s_cols[static_cast<std::size_t>(j * ld + r)] != sentinel;
+          INFO("target " << target_name(t) << " d " << d << " rows " << rows << " keys " << keys);
+          CHECK(wrong == 0);
+        }
+  }
+  set_target(before);
+}
+
 TEST_CASE(
     "transpose_scaled: a query tile's rows into Q^T, exactly rows[i][c] * scale, nothing "
     "else written, on every target",

@@ -152,134 +152,203 @@ inline float row_max(const float* s, std::int64_t n) {
 
 // ---- streaming score and value products ----
 
-/// Prefetches the line at column c of each of the 4 rows where c is a multiple of 64 bytes into
+/// Prefetches the line at column c of each of the N rows where c is a multiple of 64 bytes into
 /// the row (any c where `any`).
-template <class S>
-inline void prefetch_column_lines(const S* const (&rows)[4], std::int64_t c, bool any = false) {
+template <int N, class S>
+inline void prefetch_column_lines(const S* const (&rows)[N], std::int64_t c, bool any = false) {
   if (!any && c * static_cast<std::int64_t>(sizeof(S)) % 64 != 0) return;
   ATTNKIT_UNROLL
-  for (int u = 0; u < 4; ++u) prefetch_line(rows[u] + c);
+  for (int u = 0; u < N; ++u) prefetch_line(rows[u] + c);
 }
 
-/// S for RB query rows (rows past `rows` clamped: computed, not stored) x 4 keys at a time; S
-/// row-major (s[r * s_stride + t]) or, Columns, in column form (s[t * s_stride + r]).
-template <int RB, bool Columns, class Rows, class Prefetch>
+/// One step of a score block: acc[r][u] += the products of the RB rows' query vectors q(r, i)
+/// (i < NQ: NQ vectors per row and step) with the KB keys' vectors kv[u][i]. The operand with
+/// fewer vectors per step is held in registers (the query vectors, or the keys' widened ones)
+/// and the other streamed past it, so the block's sums and operands fit the registers.
+template <int RB, int KB, int NQ, class QLoad, class KLoad>
+ATTNKIT_INLINE void score_step(vec (&acc)[RB][KB], const QLoad& q, const KLoad& k) {
+  if constexpr (KB >= RB) {
+    vec qv[RB][NQ];
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NQ; ++i) qv[r][i] = q(r, i), V::hold(qv[r][i]);
+    }
+    ATTNKIT_UNROLL
+    for (int u = 0; u < KB; ++u) {
+      vec kv[NQ];
+      k(u, kv);
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NQ; ++i) V::hold(kv[i]);  // one load for the RB rows
+      ATTNKIT_UNROLL
+      for (int r = 0; r < RB; ++r) {
+        ATTNKIT_UNROLL
+        for (int i = 0; i < NQ; ++i) acc[r][u] = V::fmadd(qv[r][i], kv[i], acc[r][u]);
+      }
+    }
+  } else {
+    vec kv[KB][NQ];
+    ATTNKIT_UNROLL
+    for (int u = 0; u < KB; ++u) {
+      k(u, kv[u]);
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NQ; ++i) V::hold(kv[u][i]);
+    }
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      vec qv[NQ];
+      ATTNKIT_UNROLL
+      for (int i = 0; i < NQ; ++i) qv[i] = q(r, i), V::hold(qv[i]);  // one load for the KB keys
+      ATTNKIT_UNROLL
+      for (int u = 0; u < KB; ++u) {
+        ATTNKIT_UNROLL
+        for (int i = 0; i < NQ; ++i) acc[r][u] = V::fmadd(qv[i], kv[u][i], acc[r][u]);
+      }
+    }
+  }
+}
+
+/// Query and key operands of score_step: function objects, not lambdas (see the file comment).
+struct query_vectors {
+  const float* const* rows;
+  std::int64_t c;
+  ATTNKIT_INLINE vec operator()(int r, int i) const { return V::load(rows[r] + c + L * i); }
+};
+struct query_tail {
+  const float* const* rows;
+  std::int64_t c;
+  vmask m;
+  ATTNKIT_INLINE vec operator()(int r, int) const { return V::load(m, rows[r] + c); }
+};
+template <class S>
+struct key_pairs {  // 2 L bf16 columns as (even, odd) vectors
+  const S* const* rows;
+  std::int64_t c;
+  ATTNKIT_INLINE void operator()(int u, vec (&kv)[2]) const {
+    V::load_bf16_pairs(rows[u] + c, kv[0], kv[1]);
+  }
+};
+template <class S>
+struct key_vectors {
+  const S* const* rows;
+  std::int64_t c;
+  ATTNKIT_INLINE void operator()(int u, vec (&kv)[1]) const {
+    kv[0] = V::load_as_float(rows[u] + c);
+  }
+};
+template <class S>
+struct key_tail {
+  const S* const* rows;
+  std::int64_t c;
+  vmask m;
+  ATTNKIT_INLINE void operator()(int u, vec (&kv)[1]) const {
+    kv[0] = V::load_as_float(m, rows[u] + c);
+  }
+};
+
+/// S for RB query rows x KB keys at a time (rows and keys past the end clamped: computed, not
+/// stored); S row-major (s[r * s_stride + t]) or, Columns, in column form (s[t * s_stride + r]).
+/// The RB x KB sums are reduced L at a time by V::sums, in the order they are stored.
+template <int RB, int KB, bool Columns, class Rows, class Prefetch>
 inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t rows, const Rows& k,
                          std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride,
                          Prefetch& pf) {
   using S = typename Rows::element;
+  constexpr int N = RB * KB, NL = (N + L - 1) / L * L;  // the sums, padded to whole vectors
   const float* qr[RB];
   ATTNKIT_UNROLL
   for (int r = 0; r < RB; ++r) qr[r] = q + std::min<std::int64_t>(r, rows - 1) * q_stride;
   const vmask tail = V::first(d % L);
   const std::int64_t d_full = d - d % L;
-  for (std::int64_t t0 = 0; t0 < keys; t0 += 4) {
-    std::int64_t tu[4];
-    const S* kr[4];
+  for (std::int64_t t0 = 0; t0 < keys; t0 += KB) {
+    std::int64_t tu[KB];
+    const S* kr[KB];
     ATTNKIT_UNROLL
-    for (int u = 0; u < 4; ++u) tu[u] = std::min<std::int64_t>(t0 + u, keys - 1), kr[u] = k.row(tu[u]);
-    // The 4 keys' rows `ahead` on, prefetched a line of each per 64 bytes of columns as the
+    for (int u = 0; u < KB; ++u)
+      tu[u] = std::min<std::int64_t>(t0 + u, keys - 1), kr[u] = k.row(tu[u]);
+    // The keys' rows `ahead` on, prefetched a line of each per 64 bytes of columns as the
     // columns are read: all their lines at once make a burst that fills the core's miss
     // buffers, and DRAM then streams slower than with the same lines spread (docs/benchmarks.md).
     const bool k_pf = k.prefetches();
-    const S* ka[4];
+    const S* ka[KB];
     ATTNKIT_UNROLL
-    for (int u = 0; u < 4; ++u) ka[u] = k_pf ? k.ahead_row(tu[u]) : nullptr;
-    vec acc[RB][4];
+    for (int u = 0; u < KB; ++u) ka[u] = k_pf ? k.ahead_row(tu[u]) : nullptr;
+    vec acc[RB][KB];
     ATTNKIT_UNROLL
     for (int r = 0; r < RB; ++r) {
       ATTNKIT_UNROLL
-      for (int u = 0; u < 4; ++u) acc[r][u] = V::zero();
+      for (int u = 0; u < KB; ++u) acc[r][u] = V::zero();
     }
     std::int64_t c0 = 0;
     if constexpr (V::pairs && std::same_as<S, bf16>) {
       for (; c0 + 2 * L <= d; c0 += 2 * L) {
         pf.step();
         if (k_pf) prefetch_column_lines(ka, c0);
-        vec qe[RB], qo[RB];
-        ATTNKIT_UNROLL
-        for (int r = 0; r < RB; ++r) {
-          qe[r] = V::load(qr[r] + c0), qo[r] = V::load(qr[r] + c0 + L);
-          V::hold(qe[r]), V::hold(qo[r]);
-        }
-        ATTNKIT_UNROLL
-        for (int u = 0; u < 4; ++u) {
-          vec ke, ko;
-          V::load_bf16_pairs(kr[u] + c0, ke, ko);
-          ATTNKIT_UNROLL
-          for (int r = 0; r < RB; ++r)
-            acc[r][u] = V::fmadd(qo[r], ko, V::fmadd(qe[r], ke, acc[r][u]));
-        }
+        score_step<RB, KB, 2>(acc, query_vectors{qr, c0}, key_pairs<S>{kr, c0});
       }
     }
     for (std::int64_t c = c0; c < d_full; c += L) {
       pf.step();
       if (k_pf) prefetch_column_lines(ka, c);
-      vec qv[RB];
-      ATTNKIT_UNROLL
-      for (int r = 0; r < RB; ++r) qv[r] = V::load(qr[r] + c), V::hold(qv[r]);
-      ATTNKIT_UNROLL
-      for (int u = 0; u < 4; ++u) {
-        vec kv = V::load_as_float(kr[u] + c);
-        V::hold(kv);  // one load for the RB rows (else a float row is re-read by every FMA)
-        ATTNKIT_UNROLL
-        for (int r = 0; r < RB; ++r) acc[r][u] = V::fmadd(qv[r], kv, acc[r][u]);
-      }
+      score_step<RB, KB, 1>(acc, query_vectors{qr, c}, key_vectors<S>{kr, c});
     }
     if (d_full < d) {
       if (k_pf) prefetch_column_lines(ka, d - 1, true);  // the rows' last lines
-      vec qv[RB];
-      ATTNKIT_UNROLL
-      for (int r = 0; r < RB; ++r) qv[r] = V::load(tail, qr[r] + d_full);
-      ATTNKIT_UNROLL
-      for (int u = 0; u < 4; ++u) {
-        const vec kv = V::load_as_float(tail, kr[u] + d_full);
-        ATTNKIT_UNROLL
-        for (int r = 0; r < RB; ++r) acc[r][u] = V::fmadd(qv[r], kv, acc[r][u]);
-      }
+      score_step<RB, KB, 1>(acc, query_tail{qr, d_full, tail}, key_tail<S>{kr, d_full, tail});
     }
-    if constexpr (Columns) {  // key u's sums of the RB rows, one store of `rows` floats
+    // Column form: key u's RB sums adjacent; row form: row r's KB sums.
+    vec flat[NL];
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) {
       ATTNKIT_UNROLL
-      for (int u = 0; u < 4; ++u)
-        if (t0 + u < keys)
-          V::store_sums4(s + (t0 + u) * s_stride, rows, acc[0][u], acc[std::min(1, RB - 1)][u],
-                         acc[std::min(2, RB - 1)][u], acc[std::min(3, RB - 1)][u]);
-    } else {
-      // Constant trip count with a guard (not `r < rows` in the loop condition): a runtime bound
-      // makes GCC keep acc[][] in memory and store it on every iteration of the hot loop.
-      ATTNKIT_UNROLL
-      for (int r = 0; r < RB; ++r)
-        if (r < rows)
-          V::store_sums4(s + r * s_stride + t0, std::min<std::int64_t>(4, keys - t0), acc[r][0],
-                         acc[r][1], acc[r][2], acc[r][3]);
+      for (int u = 0; u < KB; ++u) flat[Columns ? u * RB + r : r * KB + u] = acc[r][u];
+    }
+    ATTNKIT_UNROLL
+    for (int f = N; f < NL; ++f) flat[f] = V::zero();
+    alignas(64) float sum[NL];
+    ATTNKIT_UNROLL
+    for (int g = 0; g < NL; g += L) V::store(sum + g, V::sums(flat + g));
+    // Constant trip counts with guards (not `r < rows` in the loop condition): a runtime bound
+    // makes GCC keep acc[][] in memory and store it on every iteration of the hot loop.
+    const bool whole = rows == RB && t0 + KB <= keys;
+    constexpr int outer = Columns ? KB : RB, inner = Columns ? RB : KB;
+    ATTNKIT_UNROLL
+    for (int a = 0; a < outer; ++a) {
+      float* dst = Columns ? s + (t0 + a) * s_stride : s + a * s_stride + t0;
+      const float* src = sum + a * inner;
+      if (whole) {
+        std::copy_n(src, inner, dst);
+      } else if (Columns ? t0 + a < keys : a < rows) {
+        const std::int64_t n = Columns ? rows : std::min<std::int64_t>(KB, keys - t0);
+        for (std::int64_t b = 0; b < n; ++b) dst[b] = src[b];
+      }
     }
   }
 }
 
 /// S[rows][keys] = Q K^T (see detail::scores in simd/targets.hpp), or its column form S^T
-/// (Columns: s[t * s_stride + r]); k: strided_rows or listed_rows.
+/// (Columns: s[t * s_stride + r]); k: strided_rows or listed_rows. Blocks of 4 query rows (3
+/// take one clamped row) x V::score_keys keys, then of 2 or 1 row x 4 keys.
 template <bool Columns = false, class Rows, class Prefetch>
 inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, const Rows& k,
                    std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride,
                    Prefetch& pf) {
-  constexpr int R = V::score_rows;
   auto at = [&](std::int64_t r) { return Columns ? s + r : s + r * s_stride; };
   // Only the first row block prefetches: the later ones read the same K rows.
   const Rows k_again = k.without_prefetch();
   std::int64_t r = 0;
-  // R - 1 leftover rows also take an R-row block (one clamped row) when R is 4.
-  for (; rows - r >= (R == 4 ? 3 : R); r += R)
-    scores_block<R, Columns>(q + r * q_stride, q_stride, std::min<std::int64_t>(R, rows - r),
-                             r == 0 ? k : k_again, keys, d, at(r), s_stride, pf);
-  if constexpr (R > 2)
-    if (rows - r == 2) {
-      scores_block<2, Columns>(q + r * q_stride, q_stride, 2, r == 0 ? k : k_again, keys, d, at(r),
-                               s_stride, pf);
-      r += 2;
-    }
+  for (; rows - r >= 3; r += 4)
+    scores_block<4, V::score_keys, Columns>(q + r * q_stride, q_stride,
+                                            std::min<std::int64_t>(4, rows - r),
+                                            r == 0 ? k : k_again, keys, d, at(r), s_stride, pf);
+  if (rows - r == 2) {
+    scores_block<2, 4, Columns>(q + r * q_stride, q_stride, 2, r == 0 ? k : k_again, keys, d, at(r),
+                                s_stride, pf);
+    r += 2;
+  }
   if (rows - r == 1)
-    scores_block<1, Columns>(q + r * q_stride, q_stride, 1, r == 0 ? k : k_again, keys, d, at(r),
-                             s_stride, pf);
+    scores_block<1, 4, Columns>(q + r * q_stride, q_stride, 1, r == 0 ? k : k_again, keys, d, at(r),
+                                s_stride, pf);
 }
 
 /// Row pointers of an RB-row block of P and O; rows past `rows` repeat the last valid one

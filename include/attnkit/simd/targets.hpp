@@ -39,6 +39,14 @@
 #define ATTNKIT_UNROLL
 #endif
 
+// The small pieces of a register-blocked kernel (a step, a reduction) must be inlined into its
+// loop: in a large translation unit GCC may leave them calls, and the register block spills.
+#if defined(__GNUC__)
+#define ATTNKIT_INLINE inline __attribute__((always_inline))
+#else
+#define ATTNKIT_INLINE inline
+#endif
+
 /// Software prefetch into L2, this many bytes of rows ahead. One core streaming K/V rows from
 /// DRAM while it computes needs more misses in flight than its hardware prefetchers issue; 64 KiB
 /// ahead brought K+V streaming close to a plain read (docs/benchmarks.md, GQA decode).
@@ -371,9 +379,9 @@ inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows,
 }
 
 /// S^T[keys][rows] (s[t * ld + r]) = K Q^T for a block's K rows k (strided_rows or listed_rows,
-/// any storage type) read in place by the streaming score block (4 query rows x 4 keys, bf16 as
-/// pairs: the query rows in paired order), written in the column form the GEMM tiles' softmax
-/// reads; pf is stepped once per inner iteration.
+/// any storage type) read in place by the streaming score block (4 query rows x V::score_keys
+/// keys, bf16 as pairs: the query rows in paired order), written in the column form the GEMM
+/// tiles' softmax reads; pf is stepped once per inner iteration.
 template <class Rows, class Prefetch>
 inline void scores_columns(const float* q, std::int64_t q_stride, std::int64_t rows, const Rows& k,
                            std::int64_t keys, std::int64_t d, float* s, std::int64_t ld,

@@ -7,7 +7,7 @@ struct V {
   static constexpr int lanes = 8;
   static constexpr bool mask_registers = false;  // masked loads/stores as cheap as plain ones
   static constexpr bool pairs = true;
-  static constexpr int score_rows = 2;
+  static constexpr int score_keys = 2;  // 8 sums + 2 keys' and 1 row's vector pairs: 14 registers
   static constexpr int pv_vectors = 2;
   static constexpr int gemm_mr = 6, gemm_nv = 2, narrow_mr = 8;
   using vec = __m256;
@@ -127,16 +127,18 @@ struct V {
     x = max_nan(x, _mm256_permute_ps(x, _MM_SHUFFLE(2, 3, 0, 1)));
     return _mm256_cvtss_f32(x);
   }
-  static void store_sums4(float* dst, std::int64_t n, vec a, vec b, vec c, vec d) {
-    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    if (n >= 4) {
-      _mm_storeu_ps(dst, s);
-    } else {
-      alignas(16) float t[4];
-      _mm_store_ps(t, s);
-      for (std::int64_t i = 0; i < n; ++i) dst[i] = t[i];
-    }
+  /// Lane i = the sum of x[i]'s lanes, for x[0, 8): lane-halving shuffles on pairs, lanes out in
+  /// the order idx (an involution: see vec_avx512.inl).
+  ATTNKIT_INLINE static vec sums(const vec* x) {
+    constexpr int idx[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+    vec a[4], b[2];
+    for (int i = 0; i < 4; ++i)
+      a[i] = _mm256_add_ps(_mm256_permute2f128_ps(x[idx[i]], x[idx[i + 4]], 0x20),
+                           _mm256_permute2f128_ps(x[idx[i]], x[idx[i + 4]], 0x31));
+    for (int i = 0; i < 2; ++i)
+      b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[i], a[i + 2], 0x44),
+                           _mm256_shuffle_ps(a[i], a[i + 2], 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
   }
   static vec round(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // exp (kernels.inl): 2^n is built in the exponent field, so n stays in [-126, 127]: the argument

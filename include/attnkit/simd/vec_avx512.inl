@@ -5,7 +5,7 @@ struct V {
   static constexpr int lanes = 16;
   static constexpr bool mask_registers = true;  // masked loads/stores as cheap as plain ones
   static constexpr bool pairs = true;     // bf16 rows widened as (even, odd) columns
-  static constexpr int score_rows = 4;    // query rows x 4 keys of the score block
+  static constexpr int score_keys = 4;    // keys x 4 query rows of the score block
   static constexpr int pv_vectors = 4;    // value columns per pv chunk, in vectors
   static constexpr int gemm_mr = 8, gemm_nv = 2, narrow_mr = 16;  // GEMM micro-tile
   using vec = __m512;
@@ -144,19 +144,23 @@ struct V {
     x = max_nan(x, _mm512_maskz_shuffle_ps(0xFFFF, x, x, _MM_SHUFFLE(2, 3, 0, 1)));
     return _mm512_cvtss_f32(x);
   }
-  /// dst[0, n) (n <= 4) = [sum(a), sum(b), sum(c), sum(d)].
-  static void store_sums4(float* dst, std::int64_t n, vec a, vec b, vec c, vec d) {
-    const __m512 ab = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, a, b, 0x44),
-                                    _mm512_maskz_shuffle_f32x4(0xFFFF, a, b, 0xEE));
-    const __m512 cd = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, c, d, 0x44),
-                                    _mm512_maskz_shuffle_f32x4(0xFFFF, c, d, 0xEE));
-    __m512 u = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, ab, cd, 0x88),
-                             _mm512_maskz_shuffle_f32x4(0xFFFF, ab, cd, 0xDD));
-    u = _mm512_add_ps(u, _mm512_maskz_shuffle_ps(0xFFFF, u, u, _MM_SHUFFLE(2, 3, 0, 1)));
-    u = _mm512_add_ps(u, _mm512_maskz_shuffle_ps(0xFFFF, u, u, _MM_SHUFFLE(1, 0, 3, 2)));
-    const __m128 s = _mm512_maskz_extractf32x4_ps(0xF, _mm512_maskz_permutexvar_ps(
-        0xFFFF, _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u), 0);
-    _mm_mask_storeu_ps(dst, static_cast<__mmask8>((1u << n) - 1u), s);
+  /// Lane i = the sum of x[i]'s lanes, for x[0, 16). A tree of lane-halving shuffles on pairs
+  /// (45 operations for the 16 sums); its lanes come out in the order `idx`, an involution, so
+  /// reading the inputs in that order puts sum i in lane i.
+  ATTNKIT_INLINE static vec sums(const vec* x) {
+    constexpr int idx[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+    vec a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)  // 256-bit halves: y_i in the low half, y_{i+8} in the high
+      a[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, x[idx[i]], x[idx[i + 8]], 0x44),
+                           _mm512_maskz_shuffle_f32x4(0xFFFF, x[idx[i]], x[idx[i + 8]], 0xEE));
+    for (int i = 0; i < 4; ++i)  // 128-bit chunks: y_i, y_{i+8}, y_{i+4}, y_{i+12}
+      b[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, a[i], a[i + 4], 0x88),
+                           _mm512_maskz_shuffle_f32x4(0xFFFF, a[i], a[i + 4], 0xDD));
+    for (int i = 0; i < 2; ++i)  // pairs of lanes
+      c[i] = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xFFFF, b[i], b[i + 2], 0x44),
+                           _mm512_maskz_shuffle_ps(0xFFFF, b[i], b[i + 2], 0xEE));
+    return _mm512_add_ps(_mm512_maskz_shuffle_ps(0xFFFF, c[0], c[1], 0x88),
+                         _mm512_maskz_shuffle_ps(0xFFFF, c[0], c[1], 0xDD));
   }
 
   static vec fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }

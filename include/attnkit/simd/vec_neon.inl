@@ -6,7 +6,7 @@ struct V {
   static constexpr int lanes = 4;
   static constexpr bool mask_registers = false;  // masked loads/stores as cheap as plain ones
   static constexpr bool pairs = true;
-  static constexpr int score_rows = 4;
+  static constexpr int score_keys = 4;
   static constexpr int pv_vectors = 4;
   static constexpr int gemm_mr = 8, gemm_nv = 3, narrow_mr = 16;
   using vec = float32x4_t;
@@ -85,8 +85,9 @@ struct V {
   }
   static float hsum(vec x) { return vaddvq_f32(x); }
   static float hmax_nan(vec x) { return vmaxvq_f32(x); }
-  static void store_sums4(float* dst, std::int64_t n, vec a, vec b, vec c, vec d) {
-    store(static_cast<mask>(n), dst, vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d)));
+  /// Lane i = the sum of x[i]'s lanes, for x[0, 4).
+  ATTNKIT_INLINE static vec sums(const vec* x) {
+    return vpaddq_f32(vpaddq_f32(x[0], x[1]), vpaddq_f32(x[2], x[3]));
   }
   static vec round(vec x) { return vrndnq_f32(x); }
   // exp (kernels.inl): as on AVX2, 2^n in the exponent field, n in [-126, 127].

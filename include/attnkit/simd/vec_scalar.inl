@@ -6,7 +6,7 @@ struct V {
   static constexpr int lanes = 1;
   static constexpr bool mask_registers = false;  // masked loads/stores as cheap as plain ones
   static constexpr bool pairs = false;
-  static constexpr int score_rows = 4;
+  static constexpr int score_keys = 4;
   static constexpr int pv_vectors = 4;
   static constexpr int gemm_mr = 4, gemm_nv = 4, narrow_mr = 4;
   using vec = float;
@@ -57,8 +57,5 @@ struct V {
   static void transpose(vec*) {}
   static float hsum(vec x) { return x; }
   static float hmax_nan(vec x) { return x; }
-  static void store_sums4(float* dst, std::int64_t n, vec a, vec b, vec c, vec d) {
-    const float s[4] = {a, b, c, d};
-    for (std::int64_t i = 0; i < n; ++i) dst[i] = s[i];
-  }
+  ATTNKIT_INLINE static vec sums(const vec* x) { return x[0]; }
 };
