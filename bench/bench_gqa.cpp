@@ -16,6 +16,7 @@
 namespace {
 namespace ak = attnkit;
 using attnkit::bench::BM_gqa_decode;
+using attnkit::bench::BM_gqa_decode_model_step;
 using attnkit::bench::BM_gqa_prefill_causal;
 using attnkit::bench::D;
 using attnkit::bench::filled_cache;
@@ -51,6 +52,16 @@ BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16, true)
     ->ArgNames({"T", "threads", "target"})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gqa_decode_model_step, float)
+    ->ArgsProduct({{4096, 16384}, {1, 2}, ak::bench::target_args()})
+    ->ArgNames({"T", "threads", "target"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_gqa_decode_model_step, ak::bf16)
+    ->ArgsProduct({{4096, 16384}, {1, 2}, ak::bench::target_args()})
+    ->ArgNames({"T", "threads", "target"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, float)
     ->ArgsProduct({{512, 2048}, {1, 2}, ak::bench::target_args()})
     ->ArgNames({"T", "threads", "target"})

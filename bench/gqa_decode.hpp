@@ -62,6 +62,51 @@ void BM_gqa_decode(benchmark::State& state) {
                  ak::target_name(ak::active_target()));
 }
 
+/// A model step's decode: one query token against each of LAYERS layers' caches of T tokens in
+/// turn, each layer's cache in memory of its own (a copy of one filled cache). Repeating one
+/// layer's decode (BM_gqa_decode) keeps its cache in the last-level cache wherever that holds it
+/// (64 MiB at T 16384 in bf16), which a model step never does: between two visits of a layer the
+/// other layers' caches stream past. Bytes: every layer's KV read. Args: T, threads, target.
+constexpr std::int64_t LAYERS = 32;  // Llama-3-8B's layer count
+
+template <ak::storage_type S>
+void BM_gqa_decode_model_step(benchmark::State& state) {
+  const std::int64_t t = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  const target_scope target(state, 2);
+  if (!target.ok()) return;  // skipped: the caches are gigabytes
+  const std::int64_t elements = HKV * t * D;  // one layer's K (or V) [H_kv, T, d]
+  std::vector<std::int64_t> positions(static_cast<std::size_t>(t));
+  std::vector<ak::dense_cache<S>> layers;
+  std::vector<decltype(ak::detail::aligned_alloc_array<S>(0))> memory;  // [LAYERS * 2]
+  {
+    const auto first = filled_cache<S>(t);
+    std::copy(first.positions().begin(), first.positions().end(), positions.begin());
+    const auto view = first.view();
+    for (std::int64_t l = 0; l < LAYERS; ++l) {
+      for (const auto& rows : {view.keys(), view.values()}) {
+        memory.push_back(ak::detail::aligned_alloc_array<S>(elements));
+        std::copy_n(rows.row(0, 0), elements, memory.back().get());
+      }
+      layers.emplace_back(first.config(), memory[memory.size() - 2].get(), memory.back().get(),
+                          positions.data(), t);
+    }
+  }
+  std::vector<float> q(H * D, 0.01f), out(H * D);
+  const std::int64_t qpos = t - 1;
+  ak::thread_pool pool(threads);
+  ak::attention_workspace ws;
+  for (auto _ : state) {
+    for (const auto& cache : layers)
+      ak::attend(ak::tensor3_view<const float>(q.data(), {1, H, D}), std::span(&qpos, 1), cache,
+                 ak::tensor3_view<float>(out.data(), {1, H, D}), {}, pool, &ws);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetBytesProcessed(state.iterations() * LAYERS * t * layers.front().bytes_per_token());
+  state.SetLabel(std::to_string(LAYERS) + " layers, " + ak::storage_name<S>() + ", " +
+                 target.name());
+}
+
 /// Causal prefill of T tokens. Products: product_math::bf16 (bf16 caches; skipped where the
 /// target has no bf16 products).
 template <ak::storage_type S, bool Products = false, bool TargetArg = true>

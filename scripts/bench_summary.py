@@ -179,6 +179,16 @@ def main():
                 if k != best:
                     r = us(f"BM_gqa_decode<{s}, true>/T:16384/threads:{th}/target:{k}") / ref
                     print(f"  {s:9s} T=16384 threads={th}: {names[k]} / {names[best]} time {r:.2f}x")
+    print("\nGQA decode in a model step (32 layers' caches in turn, streamed from memory), per step:")
+    for s in ("float", "ak::bf16"):
+        for t in (4096, 16384):
+            for th in (1, 2):
+                ref = f"BM_gqa_decode_model_step<{s}>/T:{t}/threads:{th}/target:{best}"
+                for k in gqa:
+                    n = f"BM_gqa_decode_model_step<{s}>/T:{t}/threads:{th}/target:{k}"
+                    bw = bw1 if th == 1 else bw2
+                    print(f"  {s:9s} T={t:5d} threads={th} {names[k]:6s}: {us(n) / 1e3:8.1f} ms  {gbs(n):6.1f} GB/s  "
+                          f"{100 * gbs(n) / bw:5.1f}% of read BW  {us(n) / us(ref):5.2f}x {names[best]}")
     for th in (1, 2):
         f32 = us(f"BM_gqa_decode<float, true>/T:16384/threads:{th}/target:{best}")
         b16 = us(f"BM_gqa_decode<ak::bf16, true>/T:16384/threads:{th}/target:{best}")
