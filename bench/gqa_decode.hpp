@@ -74,7 +74,8 @@ void BM_gqa_decode_model_step(benchmark::State& state) {
   const std::int64_t t = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   const target_scope target(state, 2);
-  if (!target.ok()) return;  // skipped: the caches are gigabytes
+  if (!target.ok()) return;  // skipped: spare the gigabytes of caches
+
   const std::int64_t elements = HKV * t * D;  // one layer's K (or V) [H_kv, T, d]
   std::vector<std::int64_t> positions(static_cast<std::size_t>(t));
   std::vector<ak::dense_cache<S>> layers;
