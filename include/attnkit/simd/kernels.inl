@@ -351,6 +351,24 @@ inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, con
                                 s_stride, pf);
 }
 
+/// What a pv chunk of `width` columns at column c0 prefetches of the row ahead of key t: its own
+/// bytes. Chunks narrower than a line share it, and each line is requested once: by the n chunks
+/// of a line in turn, one key in n each (a single chunk requesting the line of every key sends
+/// them in bursts that fill the core's miss buffers while the other chunks send none); a chunk
+/// that does not tile its line requests it where it starts the line.
+struct chunk_prefetch {
+  std::int64_t bytes = 0, mask = 0, phase = 0;  // keys t with (t & mask) == phase, bytes > 0
+  bool at(std::int64_t t) const { return bytes > 0 && (t & mask) == phase; }
+};
+template <class S>
+constexpr chunk_prefetch chunk_prefetch_of(std::int64_t c0, std::int64_t width) {
+  constexpr auto size = static_cast<std::int64_t>(sizeof(S));
+  const std::int64_t bytes = width * size, offset = c0 * size % 64;
+  if (bytes < 64 && 64 % bytes == 0 && offset % bytes == 0)
+    return {bytes, 64 / bytes - 1, offset / bytes};
+  return {offset == 0 ? bytes : 0, 0, 0};
+}
+
 /// Row pointers of an RB-row block of P and O; rows past `rows` repeat the last valid one
 /// (computed, never stored), so every block size runs one code path.
 template <int RB>
@@ -373,7 +391,7 @@ struct pv_rows {
 template <int RB, class Rows>
 inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
                      std::int64_t c0, std::int64_t keys, std::int64_t width, float* o,
-                     std::int64_t o_stride, std::int64_t pf_bytes) {
+                     std::int64_t o_stride, chunk_prefetch pf) {
   using S = typename Rows::element;
   constexpr int NV = V::pv_vectors;
   vmask m[NV];
@@ -388,7 +406,7 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
   }
   for (std::int64_t t = 0; t < keys; ++t) {
     const S* vr = v.row(t) + c0;
-    if (v.prefetches()) prefetch_row(v.ahead_row(t) + c0, pf_bytes);
+    if (v.prefetches() && pf.at(t)) prefetch_row(v.ahead_row(t) + c0, pf.bytes);
     vec vv[NV];
     ATTNKIT_UNROLL
     for (int i = 0; i < NV; ++i) vv[i] = V::load_as_float(m[i], vr + L * i);
@@ -411,7 +429,7 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
 template <int RB, int NV, class Rows>
 inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
                           std::int64_t c0, std::int64_t keys, float* o, std::int64_t o_stride,
-                          std::int64_t pf_bytes) {
+                          chunk_prefetch pf) {
   using S = typename Rows::element;
   const pv_rows<RB> rw(p, p_stride, o, o_stride, rows);
   vec acc[RB][NV];
@@ -422,7 +440,7 @@ inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t ro
   }
   for (std::int64_t t = 0; t < keys; ++t) {
     const S* vr = v.row(t) + c0;
-    if (v.prefetches()) prefetch_row(v.ahead_row(t) + c0, pf_bytes);
+    if (v.prefetches() && pf.at(t)) prefetch_row(v.ahead_row(t) + c0, pf.bytes);
     vec vv[NV];
     if constexpr (V::pairs && std::same_as<S, bf16>) {  // NV / 2 groups of 2 L paired columns
       ATTNKIT_UNROLL
@@ -446,22 +464,13 @@ inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t ro
   }
 }
 
-/// Bytes of the row ahead that the pv chunk of `width` columns at column c0 prefetches: its own
-/// where it starts a cache line, else none (chunks narrower than a line share one: each line is
-/// requested once).
-template <class S>
-constexpr std::int64_t chunk_prefetch_bytes(std::int64_t c0, std::int64_t width) {
-  constexpr auto size = static_cast<std::int64_t>(sizeof(S));
-  return c0 * size % 64 == 0 ? width * size : 0;
-}
-
 template <int RB, class Rows>
 inline void pv_block(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
                      std::int64_t keys, std::int64_t dv, float* o, std::int64_t o_stride) {
   constexpr std::int64_t W = V::pv_vectors * L;
   static_assert(V::pv_vectors % 2 == 0, "paired bf16 chunks take whole (even, odd) groups");
   using S = typename Rows::element;
-  constexpr auto pf = chunk_prefetch_bytes<S>;
+  constexpr auto pf = chunk_prefetch_of<S>;
   std::int64_t c = 0;
   for (; c + W <= dv; c += W)
     pv_chunk_full<RB, V::pv_vectors>(p, p_stride, rows, v, c, keys, o + c, o_stride, pf(c, W));

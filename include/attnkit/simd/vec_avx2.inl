@@ -57,7 +57,8 @@ struct V {
   }
   /// 16 bf16 as (even, odd) columns: see vec_avx512.inl.
   static void load_bf16_pairs(const bf16* p, vec& even, vec& odd) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    __asm__("" : "+v"(raw));  // one load, not one per use: see vec_avx512.inl
     even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
     odd = _mm256_castsi256_ps(
         _mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));

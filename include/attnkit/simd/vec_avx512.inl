@@ -56,7 +56,10 @@ struct V {
   /// 32 bf16 as two vectors without a cross-lane shuffle: each dword holds an (even, odd) pair;
   /// << 16 gives the even columns, masking the low half the odd ones.
   static void load_bf16_pairs(const bf16* p, vec& even, vec& odd) {
-    const __m512i raw = _mm512_loadu_si512(p);
+    __m512i raw = _mm512_loadu_si512(p);
+    // Kept in a register: else GCC folds the load into both the shift and the and, and the
+    // score and P V loops (short of load slots beside their FMAs) read every line twice.
+    __asm__("" : "+v"(raw));
     even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
     odd = _mm512_castsi512_ps(
         _mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
