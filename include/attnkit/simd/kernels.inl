@@ -773,37 +773,71 @@ struct into_value_weights {
   }
 };
 
+/// Rows [m0, m0 + G L) of softmax_columns_to (masks mm): the G vectors of a key's row side by
+/// side, so each pass reads the tile's rows in address order, once for the max and once for the
+/// exponentials (a G L-column strip stays in L1 between them).
+template <int G, class Sink>
+ATTNKIT_INLINE void softmax_column_strip(const float* st, std::int64_t ld, std::int64_t keys,
+                                         std::int64_t m0, const vmask* mm, float* state_max,
+                                         float* state_sum, float* alpha, const float* block_max,
+                                         const Sink& sink) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  vec colmax[G], shift[G], colsum[G], scale[G];
+  ATTNKIT_UNROLL
+  for (int g = 0; g < G; ++g)
+    colmax[g] = block_max ? V::load_or(mm[g], block_max + m0 + g * L, ninf) : V::set1(ninf);
+  if (!block_max)
+    for (std::int64_t t = 0; t < keys; ++t) {
+      ATTNKIT_UNROLL
+      for (int g = 0; g < G; ++g)
+        // The plain max here (the per-key hot loop): a NaN it drops still makes its p, and so
+        // the row's sum, NaN; the merge and finalisation key on the sum.
+        colmax[g] = V::max(colmax[g], V::load(mm[g], st + t * ld + m0 + g * L));
+    }
+  ATTNKIT_UNROLL
+  for (int g = 0; g < G; ++g) {
+    const std::int64_t r = m0 + g * L;
+    const vec old = V::load_or(mm[g], state_max + r, ninf);
+    const vec mx = V::max_nan(old, colmax[g]);
+    shift[g] = V::replace_neg_inf(mx, V::zero());
+    scale[g] = vexp(V::sub(old, shift[g]));  // exp(-inf - finite) = 0
+    V::store(mm[g], state_max + r, mx);
+    V::store(mm[g], alpha + r, scale[g]);
+    colsum[g] = V::zero();
+  }
+  for (std::int64_t t = 0; t < keys; ++t) {
+    ATTNKIT_UNROLL
+    for (int g = 0; g < G; ++g) {
+      const vec p = vexp(V::sub(V::load(mm[g], st + t * ld + m0 + g * L), shift[g]));
+      sink(t, m0 + g * L, p, mm[g]);
+      colsum[g] = V::add(colsum[g], p);
+    }
+  }
+  ATTNKIT_UNROLL
+  for (int g = 0; g < G; ++g) {
+    const std::int64_t r = m0 + g * L;
+    V::store(mm[g], state_sum + r, V::fmadd(V::load(mm[g], state_sum + r), scale[g], colsum[g]));
+  }
+}
+
 /// For keys t < keys and rows r < rows of the column tile st[t * ld + r]: the probabilities
 /// exp(s - max') to sink, the running max / sum updated, alpha[r] = the rescale factor of row r.
-/// block_max, when given, is each row's max over the block.
+/// block_max, when given, is each row's max over the block. Strips of G vectors of rows (AVX2's
+/// 16 registers hold the state of 2 beside the exponential's temporaries), then single vectors.
 template <class Sink>
 inline void softmax_columns_to(const float* st, std::int64_t ld, std::int64_t keys,
                                std::int64_t rows, float* state_max, float* state_sum, float* alpha,
                                const float* block_max, const Sink& sink) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  for (std::int64_t m0 = 0; m0 < rows; m0 += L) {
-    const vmask mm = V::first(rows - m0);
-    vec colmax = V::set1(ninf);
-    if (block_max)
-      colmax = V::load_or(mm, block_max + m0, ninf);
-    else
-      for (std::int64_t t = 0; t < keys; ++t)
-        // The plain max here (the per-key hot loop): a NaN it drops still makes its p, and so
-        // the row's sum, NaN; the merge and finalisation key on the sum.
-        colmax = V::max(colmax, V::load(mm, st + t * ld + m0));
-    const vec old = V::load_or(mm, state_max + m0, ninf);
-    const vec mx = V::max_nan(old, colmax);
-    const vec shift = V::replace_neg_inf(mx, V::zero());
-    const vec a = vexp(V::sub(old, shift));  // exp(-inf - finite) = 0
-    vec colsum = V::zero();
-    for (std::int64_t t = 0; t < keys; ++t) {
-      const vec p = vexp(V::sub(V::load(mm, st + t * ld + m0), shift));
-      sink(t, m0, p, mm);
-      colsum = V::add(colsum, p);
-    }
-    V::store(mm, state_sum + m0, V::fmadd(V::load(mm, state_sum + m0), a, colsum));
-    V::store(mm, state_max + m0, mx);
-    V::store(mm, alpha + m0, a);
+  constexpr int G = L >= 16 ? 4 : 2;
+  std::int64_t m0 = 0;
+  for (; m0 + G * L <= rows; m0 += G * L) {
+    vmask mm[G];
+    for (int g = 0; g < G; ++g) mm[g] = V::first(L);
+    softmax_column_strip<G>(st, ld, keys, m0, mm, state_max, state_sum, alpha, block_max, sink);
+  }
+  for (; m0 < rows; m0 += L) {
+    const vmask mm[1] = {V::first(rows - m0)};
+    softmax_column_strip<1>(st, ld, keys, m0, mm, state_max, state_sum, alpha, block_max, sink);
   }
 }
 
