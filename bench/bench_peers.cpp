@@ -42,19 +42,29 @@ void add(const std::string& name, Fn fn, std::vector<std::int64_t> args,
 /// the column softmax, the packing of P and V. Skipped where the CPU has no bf16 products.
 struct block_data {
   static constexpr std::int64_t n = 128;
-  std::vector<ak::bf16> k = std::vector<ak::bf16>(n * n),
-                        scratch = std::vector<ak::bf16>(16 * n * 2);
-  std::vector<float> q = std::vector<float>(n * n), s = std::vector<float>(n * n),
-                     acc = std::vector<float>(n * n, 0.f), mx = std::vector<float>(n),
-                     sum = std::vector<float>(n), alpha = std::vector<float>(n);
-  std::vector<std::uint32_t> qp = std::vector<std::uint32_t>(n * n / 2),
-                             pp = std::vector<std::uint32_t>(n * n / 2);
+  // On cache lines, as the kernels' own buffers are (a tile row split over two lines would
+  // double the AMX tile loads' lines).
+  template <class T>
+  using buffer = ak::detail::scratch_vector<T>;
+  buffer<ak::bf16> k = buffer<ak::bf16>(n * n), scratch = buffer<ak::bf16>(16 * n * 2);
+  buffer<float> q = buffer<float>(n * n), s = buffer<float>(n * n), acc = buffer<float>(n * n, 0.f),
+                mx = buffer<float>(n), sum = buffer<float>(n), alpha = buffer<float>(n);
+  buffer<std::uint32_t> qp = buffer<std::uint32_t>(n * n / 2),
+                        pp = buffer<std::uint32_t>(n * n / 2);
   block_data() {
     std::mt19937 rng(1);
     std::normal_distribution<float> nd;
     for (auto& x : k) x = ak::bf16(nd(rng));
     for (auto& x : q) x = nd(rng);
     for (auto& x : s) x = nd(rng);
+    // Q's pairs for the score GEMM (zeros would time the tiles on data they take faster),
+    // where this CPU has bf16 products.
+    if (!ak::detail::bf16_amx_available() && !ak::detail::bf16_dot_available()) return;
+    const float* rows[16];
+    for (std::int64_t r0 = 0; r0 < n; r0 += 16) {
+      for (int i = 0; i < 16; ++i) rows[i] = q.data() + (r0 + i) * n;
+      ak::detail::pack_query_pairs(rows, 16, n / 2, 0.1f, 16, qp.data() + r0, n);
+    }
   }
 };
 void BM_block_piece(benchmark::State& state) {
