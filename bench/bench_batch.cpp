@@ -2,8 +2,11 @@
 // over 1k-16k tokens against a loop of single-sequence calls over the same caches, bf16 caches,
 // contiguous or paged, with the machine's read bandwidth measured in the same run
 // (roofline.hpp). Bytes are the KV bytes the step reads (every sequence's whole cache).
-//   BM_{batch,loop}_gqa/page_size/threads:  Llama-3-8B attention (H 32, H_kv 8, d 128);
-//                                           page_size 0 is contiguous caches.
+//   BM_{batch,loop}_gqa/page_size/threads/products:
+//                                           Llama-3-8B attention (H 32, H_kv 8, d 128);
+//                                           page_size 0 is contiguous caches; f32 (0) or bf16
+//                                           products (1: the scores on vdpbf16ps where the CPU
+//                                           runs it faster than f32; elsewhere f32).
 //   BM_{batch,loop}_mla/page_size/threads/products:
 //                                           DeepSeek-V2-Lite absorbed MLA (H 16, d_c 512,
 //                                           d_R 64: one latent row of 576 per token), f32 (0)
@@ -154,6 +157,7 @@ struct decode_step {
 
 void BM_gqa(benchmark::State& state, bool batched) {
   const std::int64_t ps = state.range(0), threads = state.range(1), h = 32, d = 128;
+  const auto products = state.range(2) ? ak::product_math::bf16 : ak::product_math::f32;
   const gqa_caches& c = gqa_batch_caches(ps);
   const auto views = c.views<ak::kv_view<bf16>>();
   const decode_step step(c.len);
@@ -161,7 +165,7 @@ void BM_gqa(benchmark::State& state, bool batched) {
   std::vector<float> out(static_cast<std::size_t>(SEQS * h * d));
   ak::thread_pool pool(static_cast<int>(threads));
   ak::attention_workspace ws;
-  const ak::attention_options opt{.causal = true};
+  const ak::attention_options opt{.causal = true, .products = products};
   const ak::gqa_batch<bf16> b{ak::tensor3_view<const float>(q.data(), {SEQS, h, d}), step.qpos,
                               step.indptr, views};
   const ak::batch_plan plan = ak::plan_batch(b, opt, pool);
@@ -235,13 +239,8 @@ void BM_plan_gqa(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(ak::plan_batch(b, {.causal = true}, pool));
 }
 
-// page size (0: contiguous caches), threads
-void args(benchmark::internal::Benchmark* b) {
-  for (std::int64_t ps : {0, 16, 64}) b->Args({ps, 2});
-  b->Unit(benchmark::kMillisecond)->UseRealTime();
-}
 // page size, threads, products (0: f32, 1: bf16)
-void mla_args(benchmark::internal::Benchmark* b) {
+void args(benchmark::internal::Benchmark* b) {
   for (std::int64_t products : {0, 1})
     for (std::int64_t ps : {0, 16, 64}) b->Args({ps, 2, products});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -251,8 +250,8 @@ void mla_args(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_batch_gqa)->Apply(args);
 BENCHMARK(BM_loop_gqa)->Apply(args);
-BENCHMARK(BM_batch_mla)->Apply(mla_args);
-BENCHMARK(BM_loop_mla)->Apply(mla_args);
+BENCHMARK(BM_batch_mla)->Apply(args);
+BENCHMARK(BM_loop_mla)->Apply(args);
 BENCHMARK(BM_plan_gqa)->Arg(2)->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

@@ -52,6 +52,11 @@ BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16, true)
     ->ArgNames({"T", "threads", "target"})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16, true, true)
+    ->ArgsProduct({{1024, 4096, 16384}, {1, 2}, ak::bench::target_args()})
+    ->ArgNames({"T", "threads", "target"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_gqa_decode_model_step, float)
     ->ArgsProduct({{4096, 16384}, {1, 2}, ak::bench::target_args()})
     ->ArgNames({"T", "threads", "target"})

@@ -37,13 +37,19 @@ ak::dense_cache<S> filled_cache(std::int64_t t) {
   return cache;
 }
 
-template <ak::storage_type S, bool TargetArg = false>
+/// One decode step of H query heads against a cache of T tokens. Products: product_math::bf16
+/// (bf16 caches; skipped where the target has no bf16 products).
+template <ak::storage_type S, bool TargetArg = false, bool Products = false>
 void BM_gqa_decode(benchmark::State& state) {
   const std::int64_t t = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   // The target argument where the benchmark has one (bench_gqa), else the default target.
   std::optional<target_scope> target;
   if constexpr (TargetArg) target.emplace(state, 2);
+  if (Products && (!target || target->ok()) && !ak::bf16_products_available())
+    state.SkipWithError("no bf16 products on this target");
+  const ak::attention_options opt{.products =
+                                      Products ? ak::product_math::bf16 : ak::product_math::f32};
   const auto cache = filled_cache<S>(t);
   std::vector<float> q(H * D, 0.01f), out(H * D);
   const std::int64_t qpos = t - 1;
@@ -51,15 +57,15 @@ void BM_gqa_decode(benchmark::State& state) {
   ak::attention_workspace ws;
   for (auto _ : state) {
     ak::attend(ak::tensor3_view<const float>(q.data(), {1, H, D}), std::span(&qpos, 1), cache,
-               ak::tensor3_view<float>(out.data(), {1, H, D}), {}, pool, &ws);
+               ak::tensor3_view<float>(out.data(), {1, H, D}), opt, pool, &ws);
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());
   state.counters["FLOPS"] =
       benchmark::Counter(2.0 * H * (D + D) * t, benchmark::Counter::kIsIterationInvariantRate,
                          benchmark::Counter::OneK::kIs1000);
-  state.SetLabel(std::string("memory-bound, ") + ak::storage_name<S>() + ", " +
-                 ak::target_name(ak::active_target()));
+  state.SetLabel(std::string("memory-bound, ") + ak::storage_name<S>() +
+                 (Products ? " products" : "") + ", " + ak::target_name(ak::active_target()));
 }
 
 /// A model step's decode: one query token against each of LAYERS layers' caches of T tokens in

@@ -117,17 +117,20 @@ def shared(m, us, bw2, fma2):
 
 def batch(m, us, bw2, fma2):
     print("\nBatched decode: 32 sequences of 1k-16k tokens, bf16, 2 threads, one attend_batch vs a loop "
-          "of single calls (targets: >= 80% (GQA) / 70% (MLA) of the read bandwidth, >= 1.3x the loop, "
-          "page size 16 <= 10% over contiguous):")
+          "of single calls (targets: >= 80% (GQA) of the read bandwidth, >= 70% (MLA) of the roofline, "
+          ">= 1.3x the loop, page size 16 <= 10% over contiguous); f32 and bf16 products:")
     for v in ("gqa", "mla"):
-        for ps in (0, 16, 64):
-            b, l = f"BM_batch_{v}/{ps}/2", f"BM_loop_{v}/{ps}/2"
-            gbs = m[b]["bytes_per_second"] / 1e9
-            what = "contiguous" if ps == 0 else f"page {ps:2d}  "
-            print(f"  {v.upper()} {what}: batch {us(b) / 1e3:7.2f} ms ({gbs:5.1f} GB/s, {100 * gbs / bw2:3.0f}% of read BW), "
-                  f"loop {us(l) / 1e3:7.2f} ms: {us(l) / us(b):.2f}x")
-        c, p16 = us(f"BM_batch_{v}/0/2"), us(f"BM_batch_{v}/16/2")
-        print(f"  {v.upper()} page 16 vs contiguous: {100 * (p16 / c - 1):+.0f}%")
+        for p, products in ((0, "f32"), (1, "bf16")):
+            for ps in (0, 16, 64):
+                b, l = f"BM_batch_{v}/{ps}/2/{p}", f"BM_loop_{v}/{ps}/2/{p}"
+                gbs = m[b]["bytes_per_second"] / 1e9
+                what = "contiguous" if ps == 0 else f"page {ps:2d}  "
+                flops = (f", {m[b]['FLOPS'] / 1e9:5.0f} GFLOP/s = {100 * m[b]['FLOPS'] / 1e9 / fma2:3.0f}% of the FMA peak"
+                         if "FLOPS" in m[b] else "")
+                print(f"  {v.upper()} {products:4s} {what}: batch {us(b) / 1e3:7.2f} ms ({gbs:5.1f} GB/s, "
+                      f"{100 * gbs / bw2:3.0f}% of read BW{flops}), loop {us(l) / 1e3:7.2f} ms: {us(l) / us(b):.2f}x")
+            c, p16 = us(f"BM_batch_{v}/0/2/{p}"), us(f"BM_batch_{v}/16/2/{p}")
+            print(f"  {v.upper()} {products:4s} page 16 vs contiguous: {100 * (p16 / c - 1):+.0f}%")
     print(f"  plan_batch for the 32 sequences: {us('BM_plan_gqa/2'):.1f} us")
 
 

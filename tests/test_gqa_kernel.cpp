@@ -506,10 +506,12 @@ TEST_CASE(
   }
 }
 
-TEST_CASE("bf16 products: the streaming path, odd d_qk and float caches compute as f32",
-          "[gqa][bf16]") {
+TEST_CASE(
+    "bf16 products: odd d_qk, d_qk not whole 32s on the streaming path, and float caches "
+    "compute as f32",
+    "[gqa][bf16]") {
   std::mt19937_64 rng(71);
-  for (gqa_case c : {gqa_case{.heads = 8, .kv_heads = 2, .head_dim = 64, .tk = 300, .tq = 1},
+  for (gqa_case c : {gqa_case{.heads = 8, .kv_heads = 2, .head_dim = 48, .tk = 300, .tq = 1},
                      gqa_case{.heads = 8,
                      .kv_heads = 2,
                      .head_dim = 33,
@@ -523,6 +525,38 @@ TEST_CASE("bf16 products: the streaming path, odd d_qk and float caches compute 
     INFO(describe(c));
     CHECK(run_kernel<bf16>(c, x) == f32_bf16);
     CHECK(run_kernel<float>(c, x) == f32_float);
+  }
+}
+
+TEST_CASE(
+    "bf16 products on the streaming path: the reference on rounded queries, to float "
+    "round-off",
+    "[gqa][bf16]") {
+  // Decode steps and short multi-token steps (g Tq < 16 rows: the streaming kernels), d_qk a
+  // multiple of 32; key counts that end blocks of 4 keys and of 64 anywhere. Where vdpbf16ps
+  // runs, the scores take the queries rounded to bf16 and nothing else is rounded; elsewhere the
+  // answer is the f32 path's, bit for bit.
+  const std::uint64_t seed = GENERATE(range(1, 9));
+  std::mt19937_64 rng(seed * 7919);
+  gqa_case c;
+  c.kv_heads = 1 + static_cast<std::int64_t>(rng() % 3);
+  c.heads = c.kv_heads * (1 + static_cast<std::int64_t>(rng() % 8));
+  c.head_dim = 32 * (1 + static_cast<std::int64_t>(rng() % 4));
+  c.v_head_dim = 16 * (1 + static_cast<std::int64_t>(rng() % 8));
+  c.tq = 1 + static_cast<std::int64_t>(rng() % (15 / (c.heads / c.kv_heads)));
+  c.tk = c.tq + static_cast<std::int64_t>(rng() % 700);
+  if (seed % 4 == 0) c.window = 1 + static_cast<std::int64_t>(rng() % 200);
+  c.products = product_math::bf16;
+  const gqa_data x = make_gqa_data(rng, c);
+  INFO(describe(c) << " vdpbf16ps: " << detail::bf16_dot_available());
+  thread_pool pool(2);
+  const fmat out = run_kernel<bf16>(c, x, pool);
+  if (detail::bf16_dot_available()) {
+    CHECK(bf16_products_error_ratio(c, x, out, false) <= 1.0);
+  } else {
+    gqa_case f = c;
+    f.products = product_math::f32;
+    CHECK(out == run_kernel<bf16>(f, x, pool));
   }
 }
 

@@ -156,15 +156,20 @@ TEST_CASE(
 
 TEST_CASE("paged bf16 cache with bf16 products: bitwise the contiguous cache's answer", "[bf16]") {
   // Both read the same key blocks; the products pair rows through their page pointers.
-  // Tiles of 80 rows, and single row tiles (4 and 16 rows: AMX reads their value rows in place).
+  // Tiles of 80 rows, and single row tiles (4 and 16 rows: AMX reads their value rows in place);
+  // a streaming decode step (vdpbf16ps scores where it runs).
   std::mt19937_64 rng(103);
+  constexpr auto gemm = tile_strategy::gemm;
   for (const std::int64_t ps : {1, 16, 48})
-    for (const auto& [heads, kv_heads, tq] : {std::tuple{8, 2, 40}, {8, 2, 1}, {16, 1, 1}}) {
+    for (const auto& [heads, kv_heads, tq, strategy] : {std::tuple{8, 2, 40, gemm},
+                                                        {8, 2, 1, gemm},
+                                                        {16, 1, 1, gemm},
+                                                        {8, 2, 1, tile_strategy::streaming}}) {
       gqa_case c{.heads = heads,
                  .kv_heads = kv_heads,
                  .tk = 300 + static_cast<std::int64_t>(rng() % 50),
                  .tq = tq,
-                 .strategy = tile_strategy::gemm,
+                 .strategy = strategy,
                  .products = product_math::bf16};
       const gqa_data x = make_gqa_data(rng, c);
       page_pool<bf16> pool(pool_for(c, ps));

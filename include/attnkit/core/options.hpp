@@ -16,17 +16,21 @@ namespace attnkit {
 /// The TPA kernel has one path and accepts automatic and streaming.
 enum class tile_strategy { automatic, streaming, gemm };
 
-/// The arithmetic of the GEMM tiles (prefill, absorbed MLA with many heads) over bf16 caches.
+/// The arithmetic of the products over bf16 caches.
 ///   f32   the cache's bf16 values widened exactly; queries and probabilities stay float: the
 ///         result carries float round-off only.
 ///   bf16  the scaled queries and the probabilities are rounded to bf16 as well (relative error
 ///         <= 2^-8 each; what oneDNN and PyTorch's CPU flash attention do with bf16 inputs), so
-///         the tiles run on the CPU's bf16 dot products with float accumulation: AVX-512 BF16
-///         vdpbf16ps where it runs at twice the f32 FMA rate (AMD Zen 4/5). The output error
-///         grows to about 2^-8 max|v| per probability-weighted sum (docs/math.md, "bf16
-///         products"). Where the CPU has no such products (bf16_products_available() in
-///         core/cpu.hpp), with an odd d_qk, and on the streaming path (bandwidth-bound decode) it
-///         computes as f32. No effect on float and f16 caches.
+///         the GEMM tiles (prefill, absorbed MLA with many heads) run on the CPU's bf16 dot
+///         products with float accumulation: AMX tiles (Intel Sapphire Rapids and later), or
+///         AVX-512 BF16 vdpbf16ps where it runs at twice the f32 FMA rate (AMD Zen 4/5). The
+///         output error grows to about 2^-8 max|v| per probability-weighted sum (docs/math.md,
+///         "bf16 products"). On vdpbf16ps the streaming path (decode, short chunks; d_qk a
+///         multiple of 32) takes the rounded queries against the keys as stored and keeps the
+///         probabilities float: float round-off on the rounded queries, and no key widened.
+///         Where the CPU has no such products (bf16_products_available() in core/cpu.hpp), with
+///         an odd d_qk, and on the streaming path of an AMX CPU it computes as f32. No effect on
+///         float and f16 caches.
 enum class product_math { f32, bf16 };
 
 /// Per-call attention options: scale, masks, score modifiers, optional outputs and how the

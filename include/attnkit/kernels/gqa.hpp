@@ -145,6 +145,15 @@ class gqa_products {
     if (detail::bf16_dot_available() && dqk % 2 == 0) return pair_engine::dot;
     return pair_engine::none;
   }
+  /// product_math::bf16 on the streaming path (a decode step's few rows) of a bf16 cache where
+  /// vdpbf16ps runs (bf16_dot_available) and d_qk is whole 32-column vectors: the score block
+  /// takes the queries as bf16 pairs and the key rows as they are (stream_pair_scores), so no key
+  /// is widened. P V stays f32: it widens each value vector once for all of a tile's rows, and
+  /// unrounded probabilities keep the output's error to the scores'.
+  static bool streams_pairs(const problem& pb) {
+    return std::same_as<S, bf16> && pb.streaming && pb.bf16_products &&
+           detail::bf16_dot_available() && pb.kv.head_dim() % 32 == 0;
+  }
 
   gqa_products(const problem& pb, const attention_plan& pl, float* f) : pb_(pb), pl_(pl) {
     const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
@@ -188,6 +197,12 @@ class gqa_products {
       }
       return;
     }
+    if (stream_pairs_) {  // [m][d_qk] bf16: row r's pairs in natural column order
+      auto* qp = reinterpret_cast<bf16*>(q_);
+      for (std::int64_t r = 0; r < m_; ++r)
+        for (std::int64_t c = 0; c < dqk; ++c) qp[r * dqk + c] = bf16(row(r)[c * cs] * pb_.scale);
+      return;
+    }
     for (std::int64_t r = 0; r < m_; ++r) {
       const float* src = row(r);
       for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * cs] * pb_.scale;
@@ -202,8 +217,13 @@ class gqa_products {
       k_end_ = k_end;
       const std::int64_t rows = m_ / item_heads_;
       for (std::int64_t i = 0; i < item_heads_; ++i) {
-        const float* q = q_ + i * rows * dqk;
         float* s = s_ + i * rows * pl_.block;
+        if constexpr (std::same_as<S, bf16>)
+          if (stream_pairs_) {
+            stream_pair_scores(i, rows, j, b0, nb, s);
+            continue;
+          }
+        const float* q = q_ + i * rows * dqk;
         if (!paged()) {
           detail::scores(q, dqk, rows, pb_.kv.keys().row(j + i, b0), ks, nb, dqk, s, pl_.block);
         } else {  // its rows listed across its pages, once for all the item's heads
@@ -321,6 +341,23 @@ class gqa_products {
 
  private:
   bool paired() const { return pair_group_ > 0; }
+  /// streams_pairs: the scores of the item's i-th KV head (j + i), `rows` query rows, into s.
+  void stream_pair_scores(std::int64_t i, std::int64_t rows, std::int64_t j, std::int64_t b0,
+                          std::int64_t nb, float* s) {
+    const std::int64_t dqk = pb_.kv.head_dim();
+    const auto* q = reinterpret_cast<const std::uint32_t*>(q_) + i * rows * (dqk / 2);
+    const row_set<S>& keys = pb_.kv.keys();
+    if (!paged()) {
+      const strided_rows<S> k{keys.row(j + i, b0), keys.row_stride,
+                              prefetch_rows(keys.row_stride * std::int64_t{sizeof(S)})};
+      detail::stream_pair_scores(q, dqk / 2, rows, k, nb, dqk, s, pl_.block);
+    } else {  // its rows listed across its pages, once for all the item's heads
+      if (i == 0) list_rows(keys, j, b0, nb, k_rows_, k_ahead_);
+      detail::stream_pair_scores(q, dqk / 2, rows,
+                                 listed_rows<S>{k_rows_, k_ahead_, head_offset(keys, i)}, nb, dqk,
+                                 s, pl_.block);
+    }
+  }
   /// A single AMX row tile with whole 32-column value groups: P V reads the value rows in place
   /// (amx_pv_rows) and the scores' tiles stream the next block in.
   bool amx_rows() const {
@@ -549,6 +586,7 @@ class gqa_products {
   const bool vector_gemm_ = simd_vector_target();
   const std::int64_t pair_group_ = std::same_as<S, bf16> && pb_.streaming ? bf16_pair_group() : 0;
   const pair_engine pairs_ = engine_of(pb_);  // bf16 products (product_math::bf16)
+  const bool stream_pairs_ = streams_pairs(pb_);  // bf16 products on the streaming path
   // KV heads per item (merges_heads: all of them, else one) and query heads per KV head.
   const std::int64_t item_heads_ =
       merges_heads(pb_.q.extent(0), pb_.kv, pb_.streaming, pb_.keys_only) ? pb_.kv.kv_heads() : 1;

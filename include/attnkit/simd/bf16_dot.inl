@@ -148,3 +148,71 @@ inline void gemm_pairs(std::int64_t rows, std::int64_t cols, std::int64_t pairs,
     dot_tiles<Accumulate, 8, 2, false>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
   }
 }
+
+/// The streaming score block on pairs (a decode step's few query rows, product_math::bf16):
+/// S[r][t] = sum_c Q[r][c] K[t][c] for rows r < rows of query pairs q (pair k of row r at
+/// q[r * q_stride + k]: natural column order) and K rows k (strided_rows / listed_rows of bf16)
+/// read in place, d a multiple of 32. Blocks of 4 rows x 4 keys: each vdpbf16ps takes 32 columns
+/// of a key, so no key is widened, and the 16 sums are reduced together by V::sums. Rows and
+/// keys past the ends are clamped (computed, not stored); each key line ahead is prefetched as
+/// its columns are read, as the f32 score block does.
+template <class Rows>
+inline void stream_pair_scores(const std::uint32_t* q, std::int64_t q_stride, std::int64_t rows,
+                               const Rows& k, std::int64_t keys, std::int64_t d, float* s,
+                               std::int64_t s_stride) {
+  constexpr int RB = 4, KB = 4;
+  for (std::int64_t r0 = 0; r0 < rows; r0 += RB) {
+    const std::uint32_t* qr[RB];
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) qr[r] = q + std::min<std::int64_t>(r0 + r, rows - 1) * q_stride;
+    const bool k_pf = r0 == 0 && k.prefetches();  // the later row blocks read the same K rows
+    for (std::int64_t t0 = 0; t0 < keys; t0 += KB) {
+      const bf16* kr[KB];
+      const bf16* ka[KB];
+      ATTNKIT_UNROLL
+      for (int u = 0; u < KB; ++u) {
+        const std::int64_t t = std::min<std::int64_t>(t0 + u, keys - 1);
+        kr[u] = k.row(t), ka[u] = k_pf ? k.ahead_row(t) : nullptr;
+      }
+      __m512 acc[KB][RB];
+      ATTNKIT_UNROLL
+      for (int u = 0; u < KB; ++u) {
+        ATTNKIT_UNROLL
+        for (int r = 0; r < RB; ++r) acc[u][r] = _mm512_setzero_ps();
+      }
+      for (std::int64_t c = 0; c < d; c += 32) {
+        __m512i kv[KB];
+        ATTNKIT_UNROLL
+        for (int u = 0; u < KB; ++u) {
+          if (k_pf) prefetch_line(ka[u] + c);
+          kv[u] = _mm512_loadu_si512(kr[u] + c);
+        }
+        ATTNKIT_UNROLL
+        for (int r = 0; r < RB; ++r) {
+          const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qr[r] + c / 2));
+          ATTNKIT_UNROLL
+          for (int u = 0; u < KB; ++u)
+            acc[u][r] = _mm512_dpbf16_ps(acc[u][r], qv, reinterpret_cast<__m512bh>(kv[u]));
+        }
+      }
+      __m512 flat[KB * RB];  // key u's RB sums adjacent
+      ATTNKIT_UNROLL
+      for (int u = 0; u < KB; ++u) {
+        ATTNKIT_UNROLL
+        for (int r = 0; r < RB; ++r) flat[u * RB + r] = acc[u][r];
+      }
+      alignas(64) float sum[KB * RB];
+      _mm512_store_ps(sum, V::sums(flat));
+      // Constant trip counts with guards: a runtime bound in the loop condition makes GCC keep
+      // the sums in memory through the hot loop (as in kernels.inl's score block).
+      const bool whole = r0 + RB <= rows && t0 + KB <= keys;
+      ATTNKIT_UNROLL
+      for (int r = 0; r < RB; ++r) {
+        ATTNKIT_UNROLL
+        for (int u = 0; u < KB; ++u)
+          if (whole || (r0 + r < rows && t0 + u < keys))
+            s[(r0 + r) * s_stride + t0 + u] = sum[u * RB + r];
+      }
+    }
+  }
+}

@@ -496,6 +496,22 @@ inline void gemm_pairs(std::int64_t rows, std::int64_t cols, std::int64_t pairs,
 #endif
 }
 
+/// vdpbf16ps (bf16_dot_available()): S[rows][keys] = Q K^T for the streaming path's query rows
+/// as bf16 pairs in natural column order (row r's pair k at q[r * q_stride + k]) against bf16 K
+/// rows (strided_rows or listed_rows) read in place, d a multiple of 32; the K rows ahead
+/// prefetched where k prefetches.
+template <class Rows>
+inline void stream_pair_scores(const std::uint32_t* q, std::int64_t q_stride, std::int64_t rows,
+                               const Rows& k, std::int64_t keys, std::int64_t d, float* s,
+                               std::int64_t s_stride) {
+#if ATTNKIT_X86_TARGETS
+  simd_avx512_bf16::stream_pair_scores(q, q_stride, rows, k, keys, d, s, s_stride);
+#else
+  (void)q, (void)q_stride, (void)rows, (void)k, (void)keys, (void)d, (void)s, (void)s_stride;
+  std::abort();  // unreachable: bf16_products_available() is false
+#endif
+}
+
 /// AMX (bf16_amx_available()): C[rows][cols] (+)= A B on tiles, A rows of `depth` bf16 at
 /// a + i * a_stride, B pair rows at b + k * ldb (words), C rows c + i * ldc; cols a multiple of
 /// 16, depth of 32; a_scratch holds 16 * depth elements (a partial last row tile).
