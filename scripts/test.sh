@@ -4,11 +4,13 @@
 #      (the command-line tools and their tests included), then the kernel suites again on every
 #      other target it runs (ATTNKIT_TARGET: avx2, scalar; core/cpu.hpp), and the bf16-product
 #      tests on every other engine it runs (ATTNKIT_BF16_ENGINE=dot: vdpbf16ps beside AMX);
-#   2. AddressSanitizer + UndefinedBehaviorSanitizer build at -Og without -march (every target's
-#      kernels are in it, chosen at run time): every Catch2 suite on the scalar target (the
-#      compiler's baseline, Eigen's GEMM tiles), then the suites that drive the vector kernels
-#      hardest on each vector target (the examples' and tools' end-to-end runs stay in step 1:
-#      the suites cover the library code they drive). Any sanitizer report fails the run.
+#   2. AddressSanitizer + UndefinedBehaviorSanitizer build at -Og without -march: every Catch2
+#      suite on the scalar target (the compiler's baseline, Eigen's GEMM tiles), then the suites
+#      that drive the vector kernels hardest on each vector target (the examples' and tools'
+#      end-to-end runs stay in step 1: the suites cover the library code they drive). Those
+#      suites have every target's kernels, chosen at run time; the others are compiled for the
+#      scalar target alone (ATTNKIT_SCALAR_ONLY), which they run here. Any sanitizer report fails
+#      the run.
 #      Line tables only (-g1): sanitizer reports keep file:line, the build is a third faster;
 #      -Og rather than -O1: a quarter less compile time for a tenth more test time;
 #   3. the kernel suites cross-compiled for AArch64 (g++-aarch64-linux-gnu) and run under
@@ -47,13 +49,16 @@ for e in "${engines[@]}"; do
   (cd "$root/build" && ATTNKIT_BF16_ENGINE=$e ctest --output-on-failure -j"$jobs" -R 'bf16 products')
 done
 
-echo "== attnkit: ASan + UBSan build and tests (-Og, every target) =="
+echo "== attnkit: ASan + UBSan build and tests (-Og) =="
+# The suites run on every vector target below (test_core and test_batch hold bf16-product tests).
+vector_suites=(test_core test_softmax test_gqa_kernel test_policy test_tpa test_robustness test_shared test_batch)
+vector_regex="^($(IFS='|'; echo "${vector_suites[*]}")):"
 san="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 dir=build-sanitize
 cmake -S "$root" -B "$root/$dir" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-Og -g1" \
   -DCMAKE_CXX_FLAGS="$san" -DCMAKE_EXE_LINKER_FLAGS="$san" -DATTNKIT_NATIVE=OFF \
   -DATTNKIT_BUILD_BENCHMARKS=OFF -DATTNKIT_BUILD_EXAMPLES=OFF -DATTNKIT_BUILD_TOOLS=OFF \
-  -DATTNKIT_PRECISION_LOSS_TESTS=OFF >/dev/null
+  -DATTNKIT_PRECISION_LOSS_TESTS=OFF -DATTNKIT_VECTOR_TESTS="$(IFS=';'; echo "${vector_suites[*]}")" >/dev/null
 cmake --build "$root/$dir" -j"$jobs"
 sanitized_ctest() {  # sanitized_ctest TARGET [ctest args...]
   local t=$1
@@ -66,11 +71,11 @@ sanitized_ctest scalar
 for t in "${targets[@]}"; do
   [ "$t" = scalar ] && continue
   echo "== attnkit: ASan + UBSan, the vector kernels on ATTNKIT_TARGET=$t =="
-  sanitized_ctest "$t" -R '^(test_gqa_kernel|test_policy|test_robustness|test_shared|test_tpa|test_softmax):'
+  sanitized_ctest "$t" -R "$vector_regex"
 done
 for e in "${engines[@]}"; do
   echo "== attnkit: ASan + UBSan, the bf16-product tests on ATTNKIT_BF16_ENGINE=$e =="
-  ATTNKIT_BF16_ENGINE=$e sanitized_ctest avx512 -R 'bf16 products'
+  ATTNKIT_BF16_ENGINE=$e sanitized_ctest avx512 -R "$vector_regex.*bf16 products"
 done
 
 echo "== attnkit: AArch64 cross build, the kernel suites on the NEON target under qemu-user =="

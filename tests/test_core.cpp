@@ -76,6 +76,11 @@ TEST_CASE("SIMD targets: detection, names, forcing one", "[core][simd]") {
   const auto targets = supported_targets();
   REQUIRE(!targets.empty());
   CHECK(targets.front() == simd_target::scalar);
+#ifdef ATTNKIT_SCALAR_ONLY
+  CHECK(targets.size() == 1);
+  CHECK(!target_compiled(simd_target::avx2));
+  CHECK(!target_compiled(simd_target::neon));
+#endif
   CHECK(cpu_supports(best_target()));
   CHECK(std::find(targets.begin(), targets.end(), best_target()) != targets.end());
   CHECK(parse_target("best") == best_target());
@@ -97,7 +102,7 @@ TEST_CASE("SIMD targets: detection, names, forcing one", "[core][simd]") {
   ATTNKIT_CHECK_INVALID(parse_target("avx9"), "target=avx9: unknown target");
   for (simd_target t : all_simd_targets)
     if (!target_compiled(t)) {
-      ATTNKIT_CHECK_INVALID(parse_target(target_name(t)), "not compiled for this architecture");
+      ATTNKIT_CHECK_INVALID(parse_target(target_name(t)), "not compiled in this build");
       ATTNKIT_CHECK_INVALID(set_target(t), "is not supported here");
     }
 }

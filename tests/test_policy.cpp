@@ -15,8 +15,6 @@ using namespace attnkit::test;
 
 namespace {
 
-constexpr double u = 0x1p-24;
-
 /// A random policy of the kind a model family uses, as kernel options and as reference rules.
 struct policy_case {
   std::string name;

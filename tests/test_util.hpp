@@ -17,6 +17,9 @@ namespace attnkit::test {
 using dmat = reference::matrix;
 using fmat = row_matrix<float>;
 
+/// float's unit roundoff, the unit of the derived tolerances.
+inline constexpr double u = 0x1p-24;
+
 /// Entries with mean 0 and standard deviation sigma: the sum of the four 16-bit uniforms of one
 /// 64-bit draw (Irwin-Hall, close to normal and bounded by 3.46 sigma), several times cheaper than
 /// std::normal_distribution, which dominated the long-context tests' time.

@@ -14,8 +14,6 @@ using namespace attnkit::test;
 
 namespace {
 
-constexpr double u = 0x1p-24;
-
 /// Largest LSE difference, equal infinities (rows that saw no key) counting as 0.
 double lse_diff(const fmat& got, const dmat& ref) {
   double m = 0;

@@ -11,8 +11,6 @@ using namespace attnkit::test;
 
 namespace {
 
-constexpr double u = 0x1p-24;
-
 /// A donor call of any variant, as the kernels see it and as the reference sees it (the same
 /// attention written as a GQA over materialised double Q and K).
 struct donor_case {

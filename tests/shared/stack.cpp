@@ -15,7 +15,6 @@ using namespace attnkit::test;
 
 namespace {
 
-constexpr double u = 0x1p-24;
 constexpr std::int64_t D = 64, H = 4;
 
 struct follower_data {

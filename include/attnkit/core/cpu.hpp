@@ -5,6 +5,11 @@
 // best target the CPU supports, or the one named by the environment variable ATTNKIT_TARGET
 // (scalar, avx2, avx512, neon; "best" or unset: automatic). set_target() forces one from code
 // (tests, benchmarks); it must not run while kernels run on other threads.
+//
+// Defining ATTNKIT_SCALAR_ONLY before the first attnkit include compiles the scalar target alone:
+// no vector kernels and no CPU detection, so much less code to compile (a sanitizer or debug
+// build, or a compiler whose target attributes misbehave). Every translation unit of a program
+// must agree on it.
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -14,7 +19,8 @@
 
 #include "error.hpp"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#if !defined(ATTNKIT_SCALAR_ONLY) && (defined(__x86_64__) || defined(_M_X64)) && \
+    (defined(__GNUC__) || defined(__clang__))
 #define ATTNKIT_X86_TARGETS 1
 #include <cpuid.h>
 #if defined(__linux__)
@@ -24,7 +30,7 @@
 #else
 #define ATTNKIT_X86_TARGETS 0
 #endif
-#if defined(__aarch64__) && defined(__ARM_NEON)
+#if !defined(ATTNKIT_SCALAR_ONLY) && defined(__aarch64__) && defined(__ARM_NEON)
 #define ATTNKIT_NEON_TARGET 1
 #else
 #define ATTNKIT_NEON_TARGET 0
@@ -182,10 +188,10 @@ inline simd_target parse_target(std::string_view s, const char* what = "target")
   for (simd_target t : supported_targets()) names += std::string(names.empty() ? "" : ", ") + target_name(t);
   for (simd_target t : all_simd_targets)
     if (s == target_name(t)) {
-      detail::require(cpu_supports(t), what, "=", s, ": ",
-                      target_compiled(t) ? "this CPU does not support it"
-                                         : "not compiled for this architecture",
-                      " (supported here: ", names, ")");
+      detail::require(
+          cpu_supports(t), what, "=", s, ": ",
+          target_compiled(t) ? "this CPU does not support it" : "not compiled in this build",
+          " (supported here: ", names, ")");
       return t;
     }
   detail::throw_invalid(what, "=", s, ": unknown target (supported here: ", names, ", best)");
