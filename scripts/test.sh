@@ -15,9 +15,9 @@
 #      -Og rather than -O1: a quarter less compile time for a tenth more test time;
 #   3. the kernel suites cross-compiled for AArch64 (g++-aarch64-linux-gnu) and run under
 #      qemu-user on the NEON target (the scalar target's code is the same C++ as on x86);
-#   4. the differential fuzz target (clang, libFuzzer + ASan + UBSan) for a bounded time on the
-#      best target (scripts/fuzz.sh; ATTNKIT_FUZZ_SECONDS, default 60; the corpus replay of
-#      each further target would cost another minute of the CI budget).
+#   4. the differential fuzz target (clang, libFuzzer + ASan + UBSan; built while step 3 runs) for
+#      a bounded time on the best target (scripts/fuzz.sh; ATTNKIT_FUZZ_SECONDS, default 60; the
+#      corpus replay of each further target would cost another minute of the CI budget).
 # Benchmarks are built in step 1 (so they keep compiling) but not run.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -51,7 +51,7 @@ done
 
 echo "== attnkit: ASan + UBSan build and tests (-Og) =="
 # The suites run on every vector target below (test_core and test_batch hold bf16-product tests).
-vector_suites=(test_core test_softmax test_gqa_kernel test_policy test_tpa test_robustness test_shared test_batch)
+vector_suites=(test_core test_kernels test_policy test_robustness test_shared test_batch)
 vector_regex="^($(IFS='|'; echo "${vector_suites[*]}")):"
 san="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 dir=build-sanitize
@@ -79,9 +79,15 @@ for e in "${engines[@]}"; do
 done
 
 echo "== attnkit: AArch64 cross build, the kernel suites on the NEON target under qemu-user =="
+# Meanwhile the fuzz target builds (step 4): one clang process, on the core that the cross build's
+# last translation unit and the qemu runs leave idle.
+mkdir -p "$root/build-fuzz"
+bash "$root/scripts/fuzz.sh" build >"$root/build-fuzz/build.log" 2>&1 &
+fuzz_build=$!
+trap 'kill "$fuzz_build" 2>/dev/null || true' EXIT
 # The suites of the vector code (kernels.inl): streaming and GEMM tiles of every storage type,
 # softmax and exp, TPA's head combination; the driver above it is the same C++ as on x86.
-neon_suites=(test_softmax test_gqa_kernel test_tpa)
+neon_suites=(test_kernels)
 cmake -S "$root" -B "$root/build-aarch64" -DCMAKE_TOOLCHAIN_FILE="$root/cmake/aarch64-linux-gnu.cmake" \
   -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O2 -DNDEBUG" -DATTNKIT_NATIVE=OFF -DATTNKIT_BUILD_BENCHMARKS=OFF \
   -DATTNKIT_BUILD_EXAMPLES=OFF -DATTNKIT_BUILD_TOOLS=OFF -DATTNKIT_PRECISION_LOSS_TESTS=OFF >/dev/null
@@ -90,4 +96,8 @@ cmake --build "$root/build-aarch64" -j"$jobs" --target "${neon_suites[@]}"
   -R "^($(IFS='|'; echo "${neon_suites[*]}")):")
 
 echo "== attnkit: differential fuzzing (libFuzzer, ASan + UBSan) =="
+fuzz_built=0
+wait "$fuzz_build" || fuzz_built=$?
+cat "$root/build-fuzz/build.log"
+[ "$fuzz_built" = 0 ] || exit "$fuzz_built"
 bash "$root/scripts/fuzz.sh" "${ATTNKIT_FUZZ_SECONDS:-60}"  # the best target
