@@ -26,13 +26,22 @@ struct V {
   /// that uses it, re-reading memory once per use (a score block's query vectors meet 4 keys).
   static void hold(vec& x) { __asm__("" : "+v"(x)); }
   static vec load(const float* p) { return _mm256_loadu_ps(p); }
-  static vec load(mask m, const float* p) { return _mm256_maskload_ps(p, bits(m)); }
+  // A whole vector takes the plain instruction: vmaskmovps is microcoded on AMD cores, its store
+  // many times a plain store's cost, and most masked calls are whole vectors of a row's body.
+  static vec load(mask m, const float* p) {
+    return m == lanes ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, bits(m));
+  }
   static vec load_or(mask m, const float* p, float fill) {
     const __m256i b = bits(m);
     return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, b), _mm256_castsi256_ps(b));
   }
   static void store(float* p, vec x) { _mm256_storeu_ps(p, x); }
-  static void store(mask m, float* p, vec x) { _mm256_maskstore_ps(p, bits(m), x); }
+  static void store(mask m, float* p, vec x) {
+    if (m == lanes)
+      _mm256_storeu_ps(p, x);
+    else
+      _mm256_maskstore_ps(p, bits(m), x);
+  }
 
   template <storage_type S>
   static vec load_as_float(const S* p) {
