@@ -32,6 +32,7 @@ struct V {
     return m == lanes ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, bits(m));
   }
   static vec load_or(mask m, const float* p, float fill) {
+    if (m == lanes) return _mm256_loadu_ps(p);
     const __m256i b = bits(m);
     return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, b), _mm256_castsi256_ps(b));
   }

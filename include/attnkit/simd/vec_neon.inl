@@ -22,13 +22,16 @@ struct V {
   static void hold(vec&) {}  // AArch64 FMAs take no memory operand
   static vec load(const float* p) { return vld1q_f32(p); }
   static vec load(mask m, const float* p) { return load_or(m, p, 0.f); }
+  // A whole vector is a plain access; a partial one goes through a copy on the stack.
   static vec load_or(mask m, const float* p, float fill) {
+    if (m == lanes) return vld1q_f32(p);
     float t[4] = {fill, fill, fill, fill};
     for (int i = 0; i < m; ++i) t[i] = p[i];
     return vld1q_f32(t);
   }
   static void store(float* p, vec x) { vst1q_f32(p, x); }
   static void store(mask m, float* p, vec x) {
+    if (m == lanes) return vst1q_f32(p, x);
     float t[4];
     vst1q_f32(t, x);
     for (int i = 0; i < m; ++i) p[i] = t[i];
