@@ -26,8 +26,9 @@ enum class tile_strategy { automatic, streaming, gemm };
 ///         AVX-512 BF16 vdpbf16ps where it runs at twice the f32 FMA rate (AMD Zen 4/5). The
 ///         output error grows to about 2^-8 max|v| per probability-weighted sum (docs/math.md,
 ///         "bf16 products"). On vdpbf16ps the streaming path (decode, short chunks; d_qk a
-///         multiple of 32) takes the rounded queries against the keys as stored and keeps the
-///         probabilities float: float round-off on the rounded queries, and no key widened.
+///         multiple of 32) takes the rounded queries against the keys as stored, and its P V the
+///         rounded probabilities against two keys' values as stored where d_v is a multiple of
+///         32 (else float probabilities): no key or value widened.
 ///         Where the CPU has no such products (bf16_products_available() in core/cpu.hpp), with
 ///         an odd d_qk, and on the streaming path of an AMX CPU it computes as f32. No effect on
 ///         float and f16 caches.

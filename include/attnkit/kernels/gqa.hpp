@@ -148,8 +148,8 @@ class gqa_products {
   /// product_math::bf16 on the streaming path (a decode step's few rows) of a bf16 cache where
   /// vdpbf16ps runs (bf16_dot_available) and d_qk is whole 32-column vectors: the score block
   /// takes the queries as bf16 pairs and the key rows as they are (stream_pair_scores), so no key
-  /// is widened. P V stays f32: it widens each value vector once for all of a tile's rows, and
-  /// unrounded probabilities keep the output's error to the scores'.
+  /// is widened. P V takes the probabilities rounded to bf16 and two keys' value rows per
+  /// vdpbf16ps (stream_pair_pv) where d_v is whole 32-column groups, else stays f32.
   static bool streams_pairs(const problem& pb) {
     return std::same_as<S, bf16> && pb.streaming && pb.bf16_products &&
            detail::bf16_dot_available() && pb.kv.head_dim() % 32 == 0;
@@ -280,12 +280,20 @@ class gqa_products {
         const float* pr = p.data + i * rows * p.row_stride;
         float* o = acc + i * rows * dv;
         if (!paged()) {
-          accumulate_pv(pr, p.row_stride, rows, pb_.kv.values().row(j + i, b0), vs, nb, dv, o, dv);
+          const S* v = pb_.kv.values().row(j + i, b0);
+          if (pairs_pv_)
+            stream_pair_pv(pr, p.row_stride, rows,
+                           strided_rows<S>{v, vs, prefetch_rows(vs * std::int64_t{sizeof(S)})}, nb,
+                           dv, o);
+          else
+            accumulate_pv(pr, p.row_stride, rows, v, vs, nb, dv, o, dv);
         } else {
           if (i == 0) list_rows(pb_.kv.values(), j, b0, nb, v_rows_, ahead);
-          accumulate_pv(pr, p.row_stride, rows,
-                        listed_rows<S>{v_rows_, ahead, head_offset(pb_.kv.values(), i)}, nb, dv, o,
-                        dv);
+          const listed_rows<S> v{v_rows_, ahead, head_offset(pb_.kv.values(), i)};
+          if (pairs_pv_)
+            stream_pair_pv(pr, p.row_stride, rows, v, nb, dv, o);
+          else
+            accumulate_pv(pr, p.row_stride, rows, v, nb, dv, o, dv);
         }
       }
       return;
@@ -357,6 +365,13 @@ class gqa_products {
                                  listed_rows<S>{k_rows_, k_ahead_, head_offset(keys, i)}, nb, dqk,
                                  s, pl_.block);
     }
+  }
+  /// pairs_pv_: the streaming P V of `rows` rows on pairs into o (rows of d_v).
+  template <class Rows>
+  void stream_pair_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
+                      std::int64_t nb, std::int64_t dv, float* o) const {
+    if constexpr (std::same_as<S, bf16>)
+      detail::stream_pair_pv(p, p_stride, rows, v, nb, dv, o, dv);
   }
   /// A single AMX row tile with whole 32-column value groups: P V reads the value rows in place
   /// (amx_pv_rows) and the scores' tiles stream the next block in.
@@ -587,6 +602,8 @@ class gqa_products {
   const std::int64_t pair_group_ = std::same_as<S, bf16> && pb_.streaming ? bf16_pair_group() : 0;
   const pair_engine pairs_ = engine_of(pb_);  // bf16 products (product_math::bf16)
   const bool stream_pairs_ = streams_pairs(pb_);  // bf16 products on the streaming path
+  // ... and their P V on pairs (stream_pair_pv) where d_v is whole 32-column groups
+  const bool pairs_pv_ = stream_pairs_ && pb_.kv.v_head_dim() % 32 == 0;
   // KV heads per item (merges_heads: all of them, else one) and query heads per KV head.
   const std::int64_t item_heads_ =
       merges_heads(pb_.q.extent(0), pb_.kv, pb_.streaming, pb_.keys_only) ? pb_.kv.kv_heads() : 1;

@@ -10,6 +10,8 @@
 //            columns are already pairs), B = Q^T as pairs [d_qk / 2][rows] (pack_query_pairs)
 //   values   O[r][c] += sum_t P[r][t] V[t][c]: A = P^T's rows paired by key [keys / 2][rows]
 //            (pack_row_pairs), B = V's rows paired by key [keys / 2][d_v] (pack_row_pairs)
+// and the streaming path's (a decode step's few rows) score block (stream_pair_scores: K rows
+// in place) and P V (stream_pair_pv: two keys' V rows in place, paired in registers).
 
 /// 16 floats rounded to bf16 (nearest even; NaN stays NaN), each in the low half of a lane.
 inline __m512i bf16_bits(__m512 x) {
@@ -215,4 +217,101 @@ inline void stream_pair_scores(const std::uint32_t* q, std::int64_t q_stride, st
       }
     }
   }
+}
+
+/// One chunk of NG groups of 32 value columns [c0, c0 + 32 NG) of the streaming P V on pairs
+/// (stream_pair_pv) for a block of RB rows and keys [t0, t0 + keys), keys <= 64: pp holds each
+/// row's probability pairs ([RB][32] words, zero past the last key). Two keys' value rows make, per
+/// group, the pairs of its 16 even and its 16 odd columns (a shift and a word blend each), so
+/// one vdpbf16ps adds both keys' products to 16 accumulators in the paired order of the f32
+/// kernels (load_bf16_pairs). An odd last key pairs with a zero row.
+template <int RB, int NG, class Rows>
+inline void pair_pv_chunk(const std::uint32_t* pp, std::int64_t rows, const Rows& v,
+                          std::int64_t t0, std::int64_t keys, std::int64_t c0, float* o,
+                          std::int64_t o_stride) {
+  float* orow[RB];
+  __m512 acc[RB][2 * NG];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < RB; ++r) {
+    orow[r] = o + std::min<std::int64_t>(r, rows - 1) * o_stride + c0;
+    ATTNKIT_UNROLL
+    for (int i = 0; i < 2 * NG; ++i) acc[r][i] = _mm512_loadu_ps(orow[r] + 16 * i);
+  }
+  constexpr __mmask32 high_words = 0xAAAAAAAAu;
+  auto step = [&](const bf16* ra, const bf16* rb, std::int64_t k) {
+    __m512i pair[2 * NG];
+    ATTNKIT_UNROLL
+    for (int g = 0; g < NG; ++g) {
+      const __m512i a = _mm512_loadu_si512(ra + 32 * g);
+      const __m512i b = rb ? _mm512_loadu_si512(rb + 32 * g) : _mm512_setzero_si512();
+      pair[2 * g] = _mm512_mask_blend_epi16(high_words, a, _mm512_slli_epi32(b, 16));
+      pair[2 * g + 1] = _mm512_mask_blend_epi16(high_words, _mm512_srli_epi32(a, 16), b);
+    }
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      const __m512bh pw =
+          reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pp[r * 32 + k])));
+      ATTNKIT_UNROLL
+      for (int i = 0; i < 2 * NG; ++i)
+        acc[r][i] = _mm512_dpbf16_ps(acc[r][i], reinterpret_cast<__m512bh>(pair[i]), pw);
+    }
+  };
+  const bool pf = v.prefetches();
+  std::int64_t t = t0;
+  for (; t + 1 < t0 + keys; t += 2) {
+    if (pf)
+      for (int u = 0; u < 2; ++u)
+        for (int g = 0; g < NG; ++g) prefetch_line(v.ahead_row(t + u) + c0 + 32 * g);
+    step(v.row(t) + c0, v.row(t + 1) + c0, (t - t0) / 2);
+  }
+  if (t < t0 + keys) {
+    if (pf)
+      for (int g = 0; g < NG; ++g) prefetch_line(v.ahead_row(t) + c0 + 32 * g);
+    step(v.row(t) + c0, nullptr, (t - t0) / 2);
+  }
+  ATTNKIT_UNROLL
+  for (int r = 0; r < RB; ++r) {  // constant trip count: see stream_pair_scores
+    ATTNKIT_UNROLL
+    for (int i = 0; i < 2 * NG; ++i)
+      if (r < rows) _mm512_storeu_ps(orow[r] + 16 * i, acc[r][i]);
+  }
+}
+
+/// rows <= RB rows of the streaming P V on pairs over keys [0, keys), in key blocks of 64.
+template <int RB, class Rows>
+inline void pair_pv_rows(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
+                         std::int64_t keys, std::int64_t dv, float* o, std::int64_t o_stride) {
+  alignas(64) std::uint32_t pp[RB * 32];  // [RB][32]: a block's probability pairs
+  for (std::int64_t t0 = 0; t0 < keys; t0 += 64) {
+    const std::int64_t kn = std::min<std::int64_t>(64, keys - t0);
+    ATTNKIT_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      const float* pr = p + std::min<std::int64_t>(r, rows - 1) * p_stride + t0;
+      for (std::int64_t k = 0; k < 64; k += 32) {
+        const __m512 lo = _mm512_maskz_loadu_ps(V::first(kn - k), pr + k);
+        const __m512 hi = _mm512_maskz_loadu_ps(V::first(kn - k - 16), pr + k + 16);
+        _mm512_store_si512(pp + r * 32 + k / 2,
+                           reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      }
+    }
+    std::int64_t c = 0;
+    for (; c + 64 <= dv; c += 64) pair_pv_chunk<RB, 2>(pp, rows, v, t0, kn, c, o, o_stride);
+    if (c < dv) pair_pv_chunk<RB, 1>(pp, rows, v, t0, kn, c, o, o_stride);
+  }
+}
+
+/// The streaming P V with bf16 products (product_math::bf16 with stream_pair_scores):
+/// O[r][c] += sum_t P[r][t] V[t][c] for rows r < rows, the probabilities rounded to bf16 and
+/// each vdpbf16ps taking two keys' values as they are stored (no widening); O in the f32
+/// kernels' paired order, d_v a multiple of 32. Rows in blocks of 4 (1 or 2 alone); the later
+/// blocks read the value rows the first prefetched.
+template <class Rows>
+inline void stream_pair_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
+                           std::int64_t keys, std::int64_t dv, float* o, std::int64_t o_stride) {
+  if (rows == 1) return pair_pv_rows<1>(p, p_stride, 1, v, keys, dv, o, o_stride);
+  if (rows == 2) return pair_pv_rows<2>(p, p_stride, 2, v, keys, dv, o, o_stride);
+  const Rows v_again = v.without_prefetch();
+  for (std::int64_t r = 0; r < rows; r += 4)
+    pair_pv_rows<4>(p + r * p_stride, p_stride, std::min<std::int64_t>(4, rows - r),
+                    r == 0 ? v : v_again, keys, dv, o + r * o_stride, o_stride);
 }

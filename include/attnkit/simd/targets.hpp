@@ -512,6 +512,20 @@ inline void stream_pair_scores(const std::uint32_t* q, std::int64_t q_stride, st
 #endif
 }
 
+/// vdpbf16ps (bf16_dot_available()): O[rows][dv] += P V for the streaming path with the
+/// probabilities rounded to bf16 and two keys' bf16 value rows (strided_rows or listed_rows) per
+/// product, read in place; O in the paired order of accumulate_pv, dv a multiple of 32.
+template <class Rows>
+inline void stream_pair_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
+                           std::int64_t keys, std::int64_t dv, float* o, std::int64_t o_stride) {
+#if ATTNKIT_X86_TARGETS
+  simd_avx512_bf16::stream_pair_pv(p, p_stride, rows, v, keys, dv, o, o_stride);
+#else
+  (void)p, (void)p_stride, (void)rows, (void)v, (void)keys, (void)dv, (void)o, (void)o_stride;
+  std::abort();  // unreachable: bf16_products_available() is false
+#endif
+}
+
 /// AMX (bf16_amx_available()): C[rows][cols] (+)= A B on tiles, A rows of `depth` bf16 at
 /// a + i * a_stride, B pair rows at b + k * ldb (words), C rows c + i * ldc; cols a multiple of
 /// 16, depth of 32; a_scratch holds 16 * depth elements (a partial last row tile).
