@@ -219,6 +219,31 @@ inline void stream_pair_scores(const std::uint32_t* q, std::int64_t q_stride, st
   }
 }
 
+/// Two keys' rows ra, rb (rb null: a zero row) of NG groups of 32 value columns as pairs, each
+/// group's 16 even and 16 odd columns (a shift and a word blend each), added to RB rows'
+/// accumulators with the rows' probability pairs pp[r * 32 + k].
+template <int RB, int NG>
+ATTNKIT_INLINE void pair_pv_step(const bf16* ra, const bf16* rb, const std::uint32_t* pp,
+                                 std::int64_t k, __m512 (&acc)[RB][2 * NG]) {
+  constexpr __mmask32 high_words = 0xAAAAAAAAu;
+  __m512i pair[2 * NG];
+  ATTNKIT_UNROLL
+  for (int g = 0; g < NG; ++g) {
+    const __m512i a = _mm512_loadu_si512(ra + 32 * g);
+    const __m512i b = rb ? _mm512_loadu_si512(rb + 32 * g) : _mm512_setzero_si512();
+    pair[2 * g] = _mm512_mask_blend_epi16(high_words, a, _mm512_slli_epi32(b, 16));
+    pair[2 * g + 1] = _mm512_mask_blend_epi16(high_words, _mm512_srli_epi32(a, 16), b);
+  }
+  ATTNKIT_UNROLL
+  for (int r = 0; r < RB; ++r) {
+    const __m512bh pw =
+        reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pp[r * 32 + k])));
+    ATTNKIT_UNROLL
+    for (int i = 0; i < 2 * NG; ++i)
+      acc[r][i] = _mm512_dpbf16_ps(acc[r][i], reinterpret_cast<__m512bh>(pair[i]), pw);
+  }
+}
+
 /// One chunk of NG groups of 32 value columns [c0, c0 + 32 NG) of the streaming P V on pairs
 /// (stream_pair_pv) for a block of RB rows and keys [t0, t0 + keys), keys <= 64: pp holds each
 /// row's probability pairs ([RB][32] words, zero past the last key). Two keys' value rows make, per
@@ -237,37 +262,18 @@ inline void pair_pv_chunk(const std::uint32_t* pp, std::int64_t rows, const Rows
     ATTNKIT_UNROLL
     for (int i = 0; i < 2 * NG; ++i) acc[r][i] = _mm512_loadu_ps(orow[r] + 16 * i);
   }
-  constexpr __mmask32 high_words = 0xAAAAAAAAu;
-  auto step = [&](const bf16* ra, const bf16* rb, std::int64_t k) {
-    __m512i pair[2 * NG];
-    ATTNKIT_UNROLL
-    for (int g = 0; g < NG; ++g) {
-      const __m512i a = _mm512_loadu_si512(ra + 32 * g);
-      const __m512i b = rb ? _mm512_loadu_si512(rb + 32 * g) : _mm512_setzero_si512();
-      pair[2 * g] = _mm512_mask_blend_epi16(high_words, a, _mm512_slli_epi32(b, 16));
-      pair[2 * g + 1] = _mm512_mask_blend_epi16(high_words, _mm512_srli_epi32(a, 16), b);
-    }
-    ATTNKIT_UNROLL
-    for (int r = 0; r < RB; ++r) {
-      const __m512bh pw =
-          reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pp[r * 32 + k])));
-      ATTNKIT_UNROLL
-      for (int i = 0; i < 2 * NG; ++i)
-        acc[r][i] = _mm512_dpbf16_ps(acc[r][i], reinterpret_cast<__m512bh>(pair[i]), pw);
-    }
-  };
   const bool pf = v.prefetches();
   std::int64_t t = t0;
   for (; t + 1 < t0 + keys; t += 2) {
     if (pf)
       for (int u = 0; u < 2; ++u)
         for (int g = 0; g < NG; ++g) prefetch_line(v.ahead_row(t + u) + c0 + 32 * g);
-    step(v.row(t) + c0, v.row(t + 1) + c0, (t - t0) / 2);
+    pair_pv_step<RB, NG>(v.row(t) + c0, v.row(t + 1) + c0, pp, (t - t0) / 2, acc);
   }
   if (t < t0 + keys) {
     if (pf)
       for (int g = 0; g < NG; ++g) prefetch_line(v.ahead_row(t) + c0 + 32 * g);
-    step(v.row(t) + c0, nullptr, (t - t0) / 2);
+    pair_pv_step<RB, NG>(v.row(t) + c0, nullptr, pp, (t - t0) / 2, acc);
   }
   ATTNKIT_UNROLL
   for (int r = 0; r < RB; ++r) {  // constant trip count: see stream_pair_scores
