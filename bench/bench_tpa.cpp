@@ -31,8 +31,11 @@ double decode_flops(const shape& s, std::int64_t t) {
                       2.0 * s.h * s.rv * s.d);
 }
 
-template <ak::storage_type S>
+/// Products: product_math::bf16 (the value GEMM on vdpbf16ps where it runs; skipped elsewhere).
+template <ak::storage_type S, bool Products = false>
 void BM_tpa_decode(benchmark::State& state) {
+  if (Products && !ak::detail::bf16_dot_available())
+    return state.SkipWithError("no vdpbf16ps products for TPA on this CPU");
   const shape s = shape_of(state.range(0));
   const std::int64_t t = state.range(1);
   const int threads = static_cast<int>(state.range(2));
@@ -65,10 +68,11 @@ void BM_tpa_decode(benchmark::State& state) {
   ak::thread_pool pool(threads);
   ak::attention_workspace ws;
   for (auto _ : state) {
-    ak::attend_factorized(ak::tensor3_view<const float>(aq.data(), {1, s.rq, s.h}),
-                          ak::tensor3_view<const float>(bq.data(), {1, s.rq, s.d}),
-                          std::span(&qpos, 1), cache,
-                          ak::tensor3_view<float>(out.data(), {1, s.h, s.d}), {}, pool, &ws);
+    ak::attend_factorized(
+        ak::tensor3_view<const float>(aq.data(), {1, s.rq, s.h}),
+        ak::tensor3_view<const float>(bq.data(), {1, s.rq, s.d}), std::span(&qpos, 1), cache,
+        ak::tensor3_view<float>(out.data(), {1, s.h, s.d}),
+        {.products = Products ? ak::product_math::bf16 : ak::product_math::f32}, pool, &ws);
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());
@@ -77,8 +81,9 @@ void BM_tpa_decode(benchmark::State& state) {
                          benchmark::Counter::OneK::kIs1000);
   // Regime: FLOP per byte against this machine's balance (~7 FLOP/byte at 2 threads).
   const double intensity = decode_flops(s, t) / double(t * cache.bytes_per_token());
-  state.SetLabel(std::string(name_of(state.range(0))) + ", " + ak::storage_name<S>() + ", " +
-                 std::to_string(intensity).substr(0, 4) + " FLOP/B");
+  state.SetLabel(std::string(name_of(state.range(0))) + ", " + ak::storage_name<S>() +
+                 (Products ? " products, " : ", ") + std::to_string(intensity).substr(0, 4) +
+                 " FLOP/B");
 }
 
 /// Causal prefill through tpa_layer (Llama-shaped, R 2, D 4096) on one path: arg 0 = factorized
@@ -131,6 +136,11 @@ BENCHMARK_TEMPLATE(BM_tpa_decode, float)
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_tpa_decode, ak::bf16)
+    ->ArgsProduct({{0, 1, 2}, {1024, 4096, 16384}, {2}})
+    ->ArgNames({"shape", "T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_tpa_decode, ak::bf16, true)
     ->ArgsProduct({{0, 1, 2}, {1024, 4096, 16384}, {2}})
     ->ArgNames({"shape", "T", "threads"})
     ->UseRealTime()

@@ -12,7 +12,8 @@
 // down the heads, whose probabilities go straight into the value weights
 // W[h, (s, v)] = p[h, s] A_V(s)[v, h] (value_weights); then the values as one GEMM
 // O[H, d_v] += W[H, keys * R_V] B_V[keys * R_V, d_v]. The next block's factor rows are
-// prefetched a line per inner-loop step. One path on every target (simd/targets.hpp).
+// prefetched a line per inner-loop step. One path on every target (simd/targets.hpp); with
+// product_math::bf16 on vdpbf16ps the value GEMM runs on bf16 pairs (tpa_products::pairs_of).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -69,8 +70,9 @@ template <storage_type S>
 struct tpa_problem {
   tensor3_view<const float> a_q, b_q;  // [Tq, R_Q, H], [Tq, R_Q, d]
   factor_view<S> kv;
-  float score_scale = 1.f;  // softmax scale x k_scale
-  std::int64_t hp = 0;      // heads rounded up to 16
+  float score_scale = 1.f;     // softmax scale x k_scale
+  std::int64_t hp = 0;         // heads rounded up to 16
+  bool bf16_products = false;  // product_math::bf16 asked for
 };
 
 template <storage_type S>
@@ -82,23 +84,42 @@ class tpa_products {
     const std::int64_t h = p.kv.heads;
     return {p.a_q.extent(0), 1, h, p.kv.size(), p.kv.v_head_dim, h, block};
   }
+  /// product_math::bf16 on a bf16 cache where vdpbf16ps runs (bf16_dot_available): the value
+  /// GEMM takes the value weights rounded to bf16 and B_V's rows as stored, both paired by
+  /// depth (pack_row_pairs), on gemm_pairs. Elsewhere (AMX CPUs included) f32.
+  static bool pairs_of(const problem& p) {
+    return std::same_as<S, bf16> && p.bf16_products && detail::bf16_dot_available();
+  }
   static std::size_t scratch_floats(const problem& p, const attention_plan& pl) {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, dv = p.kv.v_head_dim, nb = pl.block;
     const std::int64_t rk = p.kv.k_rank, rv = p.kv.v_rank, hp = p.hp;
+    const std::int64_t pairs =
+        pairs_of(p) ? 2 * nb * rv * pointer_floats + (nb * rv + 1) / 2 * (hp + dv) : 0;
     return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * hp + hp + nb * rv * hp +
-                                    nb * rv * dv);
+                                    nb * rv * dv + pairs);
   }
   tpa_products(const problem& p, const attention_plan& pl, float* f) : p_(p), pl_(pl) {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, nb = pl.block, rk = p.kv.k_rank,
                        rv = p.kv.v_rank;
-    const std::int64_t hp = p.hp;
+    const std::int64_t hp = p.hp, dv = p.kv.v_head_dim;
+    if (pairs_) {  // first: the worker's scratch is aligned for pointers
+      w_rows_ = reinterpret_cast<const float**>(f);  // [nb R_V]
+      f += nb * rv * pointer_floats;
+      bv_rows_ = reinterpret_cast<const S**>(f);  // [nb R_V]
+      f += nb * rv * pointer_floats;
+    }
     aq_ = f, f += rq * hp;         // [R_Q][hp], scaled
     bq_ = f, f += rq * d;          // [R_Q][d]
     dots_ = f, f += rq * nb * rk;  // D [R_Q][(s, u)]
     st_ = f, f += nb * hp;         // scores [s][hp]
     bmax_ = f, f += hp;            // the block's max per head
     wt_ = f, f += nb * rv * hp;    // value weights [(s, v)][hp]
-    bv_ = f;                       // a block of B_V widened to float [(s, v)][d_v]
+    bv_ = f, f += nb * rv * dv;    // a block of B_V widened to float [(s, v)][d_v]
+    if (pairs_) {
+      const std::int64_t depth_pairs = (nb * rv + 1) / 2;
+      w_pairs_ = reinterpret_cast<std::uint32_t*>(f);  // [depth pairs][hp] (pairs_)
+      bv_pairs_ = w_pairs_ + depth_pairs * hp;         // [depth pairs][d_v] (pairs_)
+    }
   }
 
   std::span<const std::int64_t> positions() const { return p_.kv.positions; }
@@ -138,6 +159,15 @@ class tpa_products {
     const std::int64_t h = p_.kv.heads, dv = p_.kv.v_head_dim, rv = p_.kv.v_rank;
     // O += W B_V with W^T[(s, v)][h] = p[s][h] A_V(s)[v, h].
     const S* bv = p_.kv.b_v_row(b0);
+    if (pairs_) {
+      const std::int64_t depth = nb * rv, hp = p_.hp;
+      for (std::int64_t k = 0; k < depth; ++k) w_rows_[k] = wt_ + k * hp, bv_rows_[k] = bv + k * dv;
+      pack_row_pairs(w_rows_, depth, h, w_pairs_, hp);  // rows past h are not read
+      pack_row_pairs(bv_rows_, depth, dv, bv_pairs_, dv);
+      gemm_pairs<true>(h, dv, (depth + 1) / 2, reinterpret_cast<const bf16*>(w_pairs_), 2, 2 * hp,
+                       bv_pairs_, dv, acc, dv);
+      return;
+    }
     const float* bvf = reinterpret_cast<const float*>(bv);
     if constexpr (!std::same_as<S, float>) {
       for (std::int64_t k = 0; k < nb * rv; ++k) to_float_row(bv + k * dv, bv_ + k * dv, dv);
@@ -177,7 +207,12 @@ class tpa_products {
   const attention_plan& pl_;
   range_prefetcher pf_;
   factor_ranges<S> ranges_;  // pf_'s ranges
+  static constexpr std::int64_t pointer_floats = sizeof(const S*) / sizeof(float);
+  const bool pairs_ = pairs_of(p_);
   float *aq_, *bq_, *dots_, *st_, *bmax_, *wt_, *bv_;
+  const float** w_rows_ = nullptr;  // pairs_: the value weights' rows, B_V's rows
+  const S** bv_rows_ = nullptr;
+  std::uint32_t *w_pairs_ = nullptr, *bv_pairs_ = nullptr;
   const S* av_ = nullptr;  // the current block's A_V rows
   const std::int64_t pair_group_ = std::same_as<S, bf16> ? bf16_pair_group() : 0;
 };
@@ -204,7 +239,7 @@ tpa_problem<S> tpa_problem_of(const char* who, tensor3_view<const float> a_q,
           ": strategy gemm is not available (the TPA kernel has one path: automatic or "
           "streaming)");
   const float scale = opt.scale.value_or(1.f / std::sqrt(static_cast<float>(d))) * f.k_scale;
-  return {a_q, b_q, f, scale, (h + 15) / 16 * 16};
+  return {a_q, b_q, f, scale, (h + 15) / 16 * 16, opt.products == product_math::bf16};
 }
 
 }  // namespace detail
