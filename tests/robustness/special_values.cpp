@@ -234,3 +234,41 @@ TEST_CASE("special values: a row already NaN in one column keeps masked values o
     check_same(out, lse, ref);
   }
 }
+
+TEST_CASE(
+    "special values: a key split whose visible keys all have logit -inf passes their 0 * inf on "
+    "to the merge",
+    "[robustness][nan]") {
+  // Key 5 is the only visible key of the first key split (a mask predicate hides keys 0-255
+  // but it) and its logit is -inf (an infinite key element against a negative query element);
+  // its value has an inf in column 7. Its weight is 0 beside the later keys, so column 7 is
+  // 0 * inf = NaN, as one pass over the keys gives; the split merge had dropped the split as
+  // empty (its sum is 0) and with it the NaN. Found by the fuzz target.
+  constexpr std::int64_t d = 16, tk = 1024;
+  std::mt19937_64 rng(59);
+  fmat q = random_matrix(rng, 1, d, 0.5f), k = random_matrix(rng, tk, d),
+       v = random_matrix(rng, tk, d);
+  q(0, 3) = -1.f;
+  k(5, 3) = inf_f;
+  v(5, 7) = inf_f;
+  const auto kpos = iota(tk), qpos = iota(1, tk - 1);
+  auto visible = [](const mask_args& a) { return a.k_index == 5 || a.k_index >= 256; };
+  reference::attention_rules rules;
+  rules.mask = [&](std::int64_t, std::int64_t, std::int64_t ki, std::int64_t, std::int64_t) {
+    return ki == 5 || ki >= 256;
+  };
+  const auto ref =
+      reference::attention(to_double(q), qpos, to_double(k), to_double(v), kpos, 1, 1, 0.25, rules);
+  REQUIRE(std::isnan(ref.out(0, 7)));
+  for (int threads : {1, 2}) {
+    INFO("threads " << threads);
+    fmat out(1, d), lse(1, 1);
+    thread_pool pool(threads);
+    attend(tensor3_view<const float>(q.data(), {1, 1, d}), qpos,
+           kv_view<float>(tensor3_view<const float>(k.data(), {tk, 1, d}),
+                          tensor3_view<const float>(v.data(), {tk, 1, d}), kpos),
+           tensor3_view<float>(out.data(), {1, 1, d}),
+           {.scale = 0.25f, .lse = matrix_view<float>(lse.data(), {1, 1})}, pool, nullptr, visible);
+    check_same(out, lse, ref);
+  }
+}

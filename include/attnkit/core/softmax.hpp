@@ -65,11 +65,16 @@ inline void exp_given_row(float* s, std::int64_t n, float lse) {
 /// (max_a, sum_a, acc_a) <- merge with (max_b, sum_b, acc_b) over a disjoint key set (d floats).
 inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b, float sum_b,
                           const float* acc_b, std::int64_t d) {
-  // A row that saw no key has sum 0 (a NaN sum, from a NaN score, is not empty).
-  if (sum_b == 0.f) return;
+  // A side with sum 0 saw no key, or only keys of logit -inf (a NaN sum, from a NaN score, is
+  // not empty): its accumulator holds their 0 * v terms, 0 or NaN (0 * inf), and the NaNs
+  // join the other side's as one pass over all keys would have them (docs/math.md 3.1).
+  if (sum_b == 0.f) {
+    scale_add_row(acc_a, 1.f, acc_b, 0.f, d);
+    return;
+  }
   if (sum_a == 0.f) {
     max_a = max_b, sum_a = sum_b;
-    std::copy(acc_b, acc_b + d, acc_a);
+    scale_add_row(acc_a, 0.f, acc_b, 1.f, d);
     return;
   }
   const float m = max_nan(max_a, max_b);
