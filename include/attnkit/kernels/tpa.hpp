@@ -159,15 +159,8 @@ class tpa_products {
     const std::int64_t h = p_.kv.heads, dv = p_.kv.v_head_dim, rv = p_.kv.v_rank;
     // O += W B_V with W^T[(s, v)][h] = p[s][h] A_V(s)[v, h].
     const S* bv = p_.kv.b_v_row(b0);
-    if (pairs_) {
-      const std::int64_t depth = nb * rv, hp = p_.hp;
-      for (std::int64_t k = 0; k < depth; ++k) w_rows_[k] = wt_ + k * hp, bv_rows_[k] = bv + k * dv;
-      pack_row_pairs(w_rows_, depth, h, w_pairs_, hp);  // rows past h are not read
-      pack_row_pairs(bv_rows_, depth, dv, bv_pairs_, dv);
-      gemm_pairs<true>(h, dv, (depth + 1) / 2, reinterpret_cast<const bf16*>(w_pairs_), 2, 2 * hp,
-                       bv_pairs_, dv, acc, dv);
-      return;
-    }
+    if constexpr (std::same_as<S, bf16>)
+      if (pairs_) return pair_accumulate(bv, nb, acc);
     const float* bvf = reinterpret_cast<const float*>(bv);
     if constexpr (!std::same_as<S, float>) {
       for (std::int64_t k = 0; k < nb * rv; ++k) to_float_row(bv + k * dv, bv_ + k * dv, dv);
@@ -193,6 +186,16 @@ class tpa_products {
   }
 
  private:
+  /// pairs_: O += W B_V on bf16 pairs (W rounded; B_V's rows as stored), natural column order.
+  void pair_accumulate(const S* bv, std::int64_t nb, float* acc) {
+    const std::int64_t h = p_.kv.heads, dv = p_.kv.v_head_dim, depth = nb * p_.kv.v_rank,
+                       hp = p_.hp;
+    for (std::int64_t k = 0; k < depth; ++k) w_rows_[k] = wt_ + k * hp, bv_rows_[k] = bv + k * dv;
+    pack_row_pairs(w_rows_, depth, h, w_pairs_, hp);  // rows past h are not read
+    pack_row_pairs(bv_rows_, depth, dv, bv_pairs_, dv);
+    gemm_pairs<true>(h, dv, (depth + 1) / 2, reinterpret_cast<const bf16*>(w_pairs_), 2, 2 * hp,
+                     bv_pairs_, dv, acc, dv);
+  }
   std::int64_t dots_stride() const { return pl_.block * p_.kv.k_rank; }
 
   /// st_[s][h] = score of the block's key s for head h and bmax_[h] = the block's max
