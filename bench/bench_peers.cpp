@@ -46,7 +46,7 @@ struct block_data {
   // double the AMX tile loads' lines).
   template <class T>
   using buffer = ak::detail::scratch_vector<T>;
-  buffer<ak::bf16> k = buffer<ak::bf16>(n * n), scratch = buffer<ak::bf16>(16 * n * 2);
+  buffer<ak::bf16> k = buffer<ak::bf16>(n * n);
   buffer<float> q = buffer<float>(n * n), s = buffer<float>(n * n), acc = buffer<float>(n * n, 0.f),
                 mx = buffer<float>(n), sum = buffer<float>(n), alpha = buffer<float>(n);
   buffer<std::uint32_t> qp = buffer<std::uint32_t>(n * n / 2),
@@ -83,8 +83,7 @@ void BM_block_piece(benchmark::State& state) {
     switch (piece) {
       case 0:
         if (amx)
-          d::amx_gemm<false>(n, n, n, b.k.data(), n, b.qp.data(), n, b.s.data(), n,
-                             b.scratch.data());
+          d::amx_gemm<false>(n, n, n, b.k.data(), n, b.qp.data(), n, b.s.data(), n);
         else
           d::gemm_pairs<false>(n, n, n / 2, b.k.data(), n, 2, b.qp.data(), n, b.s.data(), n);
         break;

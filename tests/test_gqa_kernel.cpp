@@ -664,3 +664,57 @@ TEMPLATE_TEST_CASE(
             float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff()));
     }
 }
+
+TEST_CASE(
+    "amx_gemm: every row remainder, C (+)= A B to float round-off, nothing outside C's "
+    "rows and columns written",
+    "[gqa][bf16][amx]") {
+  if (!detail::bf16_amx_available()) {
+    SUCCEED("no AMX engine on this CPU (ATTNKIT_BF16_ENGINE=amx on an AMX host runs this)");
+    return;
+  }
+  std::mt19937_64 rng(97);
+  std::normal_distribution<float> nd;
+  const float sentinel = 12345.f;
+  for (const std::int64_t rows : {1, 5, 16, 17, 31, 32, 40, 48, 63})
+    for (const std::int64_t cols : {16, 48, 64})
+      for (const std::int64_t depth : {32, 96}) {
+        // A [rows + 16][depth + 8] bf16, the rows past `rows` NaN: read, they would show in C.
+        const std::int64_t as = depth + 8, ldb = cols + 16, ldc = cols + 16;
+        std::vector<bf16> a(static_cast<std::size_t>((rows + 16) * as),
+                            bf16(std::numeric_limits<float>::quiet_NaN()));
+        for (std::int64_t i = 0; i < rows; ++i)
+          for (std::int64_t k = 0; k < depth; ++k) a[i * as + k] = bf16(nd(rng));
+        // B's pairs [depth / 2][ldb]: (b[2k][j], b[2k + 1][j]) with the even row low.
+        std::vector<float> b(static_cast<std::size_t>(depth * cols));
+        for (auto& x : b) x = static_cast<float>(bf16(nd(rng)));
+        std::vector<std::uint32_t> bp(static_cast<std::size_t>(depth / 2 * ldb), 0x7fc07fc0u);
+        auto bits = [](float x) { return Eigen::numext::bit_cast<std::uint16_t>(bf16(x)); };
+        for (std::int64_t k = 0; k < depth / 2; ++k)
+          for (std::int64_t j = 0; j < cols; ++j)
+            bp[k * ldb + j] =
+                bits(b[2 * k * cols + j]) | std::uint32_t(bits(b[(2 * k + 1) * cols + j])) << 16;
+        std::vector<float> c(static_cast<std::size_t>((rows + 16) * ldc), sentinel), c0 = c;
+        for (std::int64_t i = 0; i < rows; ++i)
+          for (std::int64_t j = 0; j < cols; ++j) c0[i * ldc + j] = c[i * ldc + j] = nd(rng);
+        detail::amx_gemm<true>(rows, cols, depth, a.data(), as, bp.data(), ldb, c.data(), ldc);
+        INFO("rows=" << rows << " cols=" << cols << " depth=" << depth);
+        double worst = 0;
+        for (std::int64_t i = 0; i < rows + 16; ++i)
+          for (std::int64_t j = 0; j < ldc; ++j) {
+            const float got = c[i * ldc + j];
+            if (i >= rows || j >= cols) {
+              CHECK(got == sentinel);
+              continue;
+            }
+            // Exact products, float sums: |error| <= (depth + 1) u (|c0| + sum |a b|).
+            double sum = c0[i * ldc + j], mag = std::abs(sum);
+            for (std::int64_t k = 0; k < depth; ++k) {
+              const double p = double(static_cast<float>(a[i * as + k])) * b[k * cols + j];
+              sum += p, mag += std::abs(p);
+            }
+            worst = std::max(worst, std::abs(got - sum) / ((depth + 1) * 0x1p-24 * mag));
+          }
+        CHECK(worst <= 1.0);
+      }
+}

@@ -41,9 +41,10 @@ TEMPLATE_TEST_CASE("factorized_cache: (R_K (H + d) + R_V (H + d_v)) elements per
 TEMPLATE_TEST_CASE("attend_factorized matches attention on the materialised Q, K, V",
                    "[tpa][kernel]", float, bf16) {
   using S = TestType;
-  // bf16 products (bf16 caches): where vdpbf16ps runs, the value GEMM rounds the value weights
-  // p A_V to bf16, which adds the probability-rounding bound of gqa_fixture.hpp over the (s, v)
-  // terms; elsewhere the answer is the f32 path's, bit for bit.
+  // bf16 products (bf16 caches): where vdpbf16ps runs, or AMX with d_v whole 16-column tiles,
+  // the value GEMM rounds the value weights p A_V to bf16, which adds the probability-rounding
+  // bound of gqa_fixture.hpp over the (s, v) terms; elsewhere the answer is the f32 path's, bit
+  // for bit.
   const bool products = std::same_as<S, bf16> && GENERATE(false, true);
   std::mt19937_64 rng(GENERATE(1, 2, 3, 4, 5, 6, 7, 8));
   const std::int64_t h = 1 + static_cast<std::int64_t>(rng() % 40), d = rng() % 2 ? 64 : 40,
@@ -81,7 +82,8 @@ TEMPLATE_TEST_CASE("attend_factorized matches attention on the materialised Q, K
                       tensor3_view<float>(o.data(), {tq, h, dv}), opt, pool);
   };
   run(products ? product_math::bf16 : product_math::f32, out);
-  const bool rounded = products && detail::bf16_dot_available();
+  const bool rounded =
+      products && (detail::bf16_dot_available() || (detail::bf16_amx_available() && dv % 16 == 0));
   if (products && !rounded) {
     fmat f32(tq, h * dv);
     run(product_math::f32, f32);

@@ -125,14 +125,12 @@ class gqa_products {
     return streaming && tq == 1 && kv.kv_heads() > 1 && kv.keys().table.paged() && !keys_only;
   }
   static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
-    // Rows rounded up to whole AMX tiles; the bf16 products' P pairs and a partial tile's A rows.
+    // Rows rounded up to whole AMX tiles; the bf16 products' P pairs.
     const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
                        dv = pb.kv.v_head_dim();
     return static_cast<std::size_t>(
         (listed(pb) ? 4 * nb * pointer_floats : 0) + m * (dqk + nb) + nb * (dqk + dv) +
-        (engine_of(pb) != pair_engine::none
-             ? std::max(m * (nb / 2 + 16), 32 * round16(nb)) + 8 * std::max(dqk, nb + 32)
-             : 0));
+        (engine_of(pb) != pair_engine::none ? std::max(m * (nb / 2 + 16), 32 * round16(nb)) : 0));
   }
   /// What runs the GEMM tiles' bf16 products (product_math::bf16) on a bf16 cache: AMX tiles
   /// (whole 32-column query tiles and 16-column value tiles), vdpbf16ps (whole pairs of query
@@ -170,8 +168,6 @@ class gqa_products {
     if (pairs_ == pair_engine::none) return;
     // P^T's pairs [nb / 2][m], or P's [m16][nb32 / 2], or (amx_pv_rows) its halves [2][nb16][16]
     pp_ = reinterpret_cast<std::uint32_t*>(f);
-    f += std::max(m * (nb / 2 + 16), 32 * round16(nb));
-    tile_a_ = reinterpret_cast<bf16*>(f);  // AMX: a partial tile's A rows [16][depth]
   }
 
   std::span<const std::int64_t> positions() const { return pb_.kv.positions(); }
@@ -467,7 +463,7 @@ class gqa_products {
         k = gather_rows(pb_.kv.keys(), j, b0, nb, reinterpret_cast<S*>(kf_));
         k_stride = dqk;
       }
-      amx_gemm<false>(nb, q_cols(), dqk, k, k_stride, qp, q_cols(), s_, q_cols(), tile_a_);
+      amx_gemm<false>(nb, q_cols(), dqk, k, k_stride, qp, q_cols(), s_, q_cols());
       return {s_, 1, q_cols()};
     }
     for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
@@ -493,8 +489,7 @@ class gqa_products {
       const std::int64_t nb32 = (nb + 31) / 32 * 32;
       std::fill(vp + (nb + 1) / 2 * dv, vp + nb32 / 2 * dv, 0u);
       pack_pairs_transposed(p.data, p.key_stride, nb, q_cols(), nb32 / 2, pp_, nb32 / 2);
-      amx_gemm<true>(m_, dv, nb32, reinterpret_cast<const bf16*>(pp_), nb32, vp, dv, acc, dv,
-                     tile_a_);
+      amx_gemm<true>(m_, dv, nb32, reinterpret_cast<const bf16*>(pp_), nb32, vp, dv, acc, dv);
       return;
     }
     pack_pairs<float>([&](std::int64_t t) { return p.data + t * p.key_stride; }, nb, m_, pp_, m_);
@@ -593,7 +588,6 @@ class gqa_products {
   block_ranges<S> ranges_;  // pf_'s ranges
   float *q_, *s_, *kf_, *vf_;
   std::uint32_t* pp_ = nullptr;
-  bf16* tile_a_ = nullptr;
   const float* vfp_ = nullptr;  // the current block's values as float (transposed path)
   std::int64_t vfs_ = 0;
   // The active target's layout choices, read once per call: the transposed GEMM tiles (else

@@ -13,7 +13,8 @@
 // W[h, (s, v)] = p[h, s] A_V(s)[v, h] (value_weights); then the values as one GEMM
 // O[H, d_v] += W[H, keys * R_V] B_V[keys * R_V, d_v]. The next block's factor rows are
 // prefetched a line per inner-loop step. One path on every target (simd/targets.hpp); with
-// product_math::bf16 on vdpbf16ps the value GEMM runs on bf16 pairs (tpa_products::pairs_of).
+// product_math::bf16 the value GEMM runs on bf16 pairs, on AMX tiles or vdpbf16ps
+// (tpa_products::engine_of).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -84,17 +85,24 @@ class tpa_products {
     const std::int64_t h = p.kv.heads;
     return {p.a_q.extent(0), 1, h, p.kv.size(), p.kv.v_head_dim, h, block};
   }
-  /// product_math::bf16 on a bf16 cache where vdpbf16ps runs (bf16_dot_available): the value
-  /// GEMM takes the value weights rounded to bf16 and B_V's rows as stored, both paired by
-  /// depth (pack_row_pairs), on gemm_pairs. Elsewhere (AMX CPUs included) f32.
-  static bool pairs_of(const problem& p) {
-    return std::same_as<S, bf16> && p.bf16_products && detail::bf16_dot_available();
+  /// What runs the value GEMM of product_math::bf16 on a bf16 cache: the value weights rounded
+  /// to bf16 and B_V's rows as stored, both as bf16 pairs along the depth (s, v), on AMX tiles
+  /// (d_v whole 16-column tiles) or vdpbf16ps; else (none) the f32 GEMM.
+  enum class pair_engine { none, dot, amx };
+  static pair_engine engine_of(const problem& p) {
+    if (!std::same_as<S, bf16> || !p.bf16_products) return pair_engine::none;
+    if (detail::bf16_amx_available() && p.kv.v_head_dim % 16 == 0) return pair_engine::amx;
+    if (detail::bf16_dot_available()) return pair_engine::dot;
+    return pair_engine::none;
   }
   static std::size_t scratch_floats(const problem& p, const attention_plan& pl) {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, dv = p.kv.v_head_dim, nb = pl.block;
     const std::int64_t rk = p.kv.k_rank, rv = p.kv.v_rank, hp = p.hp;
-    const std::int64_t pairs =
-        pairs_of(p) ? 2 * nb * rv * pointer_floats + (nb * rv + 1) / 2 * (hp + dv) : 0;
+    // The pairs' depth padded to whole 32s (AMX tiles).
+    const std::int64_t depth = (nb * rv + 31) / 32 * 32;
+    const std::int64_t pairs = engine_of(p) == pair_engine::none
+                                   ? 0
+                                   : 2 * nb * rv * pointer_floats + depth / 2 * (hp + dv);
     return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * hp + hp + nb * rv * hp +
                                     nb * rv * dv + pairs);
   }
@@ -102,7 +110,7 @@ class tpa_products {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, nb = pl.block, rk = p.kv.k_rank,
                        rv = p.kv.v_rank;
     const std::int64_t hp = p.hp, dv = p.kv.v_head_dim;
-    if (pairs_) {  // first: the worker's scratch is aligned for pointers
+    if (pairs_ != pair_engine::none) {  // first: the worker's scratch is aligned for pointers
       w_rows_ = reinterpret_cast<const float**>(f);  // [nb R_V]
       f += nb * rv * pointer_floats;
       bv_rows_ = reinterpret_cast<const S**>(f);  // [nb R_V]
@@ -115,10 +123,11 @@ class tpa_products {
     bmax_ = f, f += hp;            // the block's max per head
     wt_ = f, f += nb * rv * hp;    // value weights [(s, v)][hp]
     bv_ = f, f += nb * rv * dv;    // a block of B_V widened to float [(s, v)][d_v]
-    if (pairs_) {
-      const std::int64_t depth_pairs = (nb * rv + 1) / 2;
-      w_pairs_ = reinterpret_cast<std::uint32_t*>(f);  // [depth pairs][hp] (pairs_)
-      bv_pairs_ = w_pairs_ + depth_pairs * hp;         // [depth pairs][d_v] (pairs_)
+    if (pairs_ != pair_engine::none) {
+      const std::int64_t depth_pairs = (nb * rv + 31) / 32 * 16;
+      // dot: [depth pairs][hp]; amx: the A rows [hp][depth pairs]
+      w_pairs_ = reinterpret_cast<std::uint32_t*>(f);
+      bv_pairs_ = w_pairs_ + depth_pairs * hp;  // [depth pairs][d_v]
     }
   }
 
@@ -160,7 +169,7 @@ class tpa_products {
     // O += W B_V with W^T[(s, v)][h] = p[s][h] A_V(s)[v, h].
     const S* bv = p_.kv.b_v_row(b0);
     if constexpr (std::same_as<S, bf16>)
-      if (pairs_) return pair_accumulate(bv, nb, acc);
+      if (pairs_ != pair_engine::none) return pair_accumulate(bv, nb, acc);
     const float* bvf = reinterpret_cast<const float*>(bv);
     if constexpr (!std::same_as<S, float>) {
       for (std::int64_t k = 0; k < nb * rv; ++k) to_float_row(bv + k * dv, bv_ + k * dv, dv);
@@ -186,13 +195,23 @@ class tpa_products {
   }
 
  private:
-  /// pairs_: O += W B_V on bf16 pairs (W rounded; B_V's rows as stored), natural column order.
+  /// O += W B_V on bf16 pairs (W rounded; B_V's rows as stored), natural column order.
   void pair_accumulate(const S* bv, std::int64_t nb, float* acc) {
     const std::int64_t h = p_.kv.heads, dv = p_.kv.v_head_dim, depth = nb * p_.kv.v_rank,
                        hp = p_.hp;
-    for (std::int64_t k = 0; k < depth; ++k) w_rows_[k] = wt_ + k * hp, bv_rows_[k] = bv + k * dv;
-    pack_row_pairs(w_rows_, depth, h, w_pairs_, hp);  // rows past h are not read
+    for (std::int64_t k = 0; k < depth; ++k) bv_rows_[k] = bv + k * dv;
     pack_row_pairs(bv_rows_, depth, dv, bv_pairs_, dv);
+    if (pairs_ == pair_engine::amx) {
+      // A = W's rows [hp][padded depth] as pairs, from its column form; B's pairs past the depth
+      // are zeros (0 x whatever lies there could be a NaN).
+      const std::int64_t padded = (depth + 31) / 32 * 32, stored = (depth + 1) / 2;
+      pack_pairs_transposed(wt_, hp, depth, hp, padded / 2, w_pairs_, padded / 2);
+      std::fill(bv_pairs_ + stored * dv, bv_pairs_ + padded / 2 * dv, 0u);
+      return amx_gemm<true>(h, dv, padded, reinterpret_cast<const bf16*>(w_pairs_), padded,
+                            bv_pairs_, dv, acc, dv);
+    }
+    for (std::int64_t k = 0; k < depth; ++k) w_rows_[k] = wt_ + k * hp;
+    pack_row_pairs(w_rows_, depth, h, w_pairs_, hp);  // rows past h are not read
     gemm_pairs<true>(h, dv, (depth + 1) / 2, reinterpret_cast<const bf16*>(w_pairs_), 2, 2 * hp,
                      bv_pairs_, dv, acc, dv);
   }
@@ -211,7 +230,7 @@ class tpa_products {
   range_prefetcher pf_;
   factor_ranges<S> ranges_;  // pf_'s ranges
   static constexpr std::int64_t pointer_floats = sizeof(const S*) / sizeof(float);
-  const bool pairs_ = pairs_of(p_);
+  const pair_engine pairs_ = engine_of(p_);
   float *aq_, *bq_, *dots_, *st_, *bmax_, *wt_, *bv_;
   const float** w_rows_ = nullptr;  // pairs_: the value weights' rows, B_V's rows
   const S** bv_rows_ = nullptr;

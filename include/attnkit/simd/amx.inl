@@ -5,10 +5,10 @@
 // bf16_dot.inl, under the AVX-512 attributes plus avx512bf16, amx-tile and amx-bf16.
 //
 // tmm0-3 accumulate a 2 x 2 block of C tiles, tmm4-5 hold A, tmm6-7 hold B, all 16 rows x 64
-// bytes, except in the kernels of a single row tile (amx_group_scores, amx_pv_rows), whose C and
-// A tiles have the tile's rows and whose last keys shorten A's rows and B's columns. The
-// configuration is loaded at each call (the tile state belongs to the thread, and other code on
-// it may configure its own) and released after.
+// bytes, except for a last partial row tile (amx_gemm) and in the kernels of a single row tile
+// (amx_group_scores, amx_pv_rows), whose C and A tiles have the tile's rows and whose last keys
+// shorten A's rows and B's columns. The configuration is loaded at each call (the tile state
+// belongs to the thread, and other code on it may configure its own) and released after.
 
 /// The compiler does not see the tile loads and stores access memory (GCC's intrinsics are asm
 /// statements without memory operands): the buffers packed before a load must be written first,
@@ -70,56 +70,41 @@ inline void amx_block(const bf16* a, std::int64_t a_stride, const std::uint32_t*
   if constexpr (R > 1 && C > 1) _tile_stored(3, c + 16 * ldc + 16, cs);
 }
 
+/// R row tiles (R in {1, 2}) of A rows at a against every column of B, 32 at a time (cols a
+/// multiple of 16): C rows at c.
+template <int R>
+inline void amx_row_tiles(std::int64_t cols, std::int64_t depth, const bf16* a,
+                          std::int64_t a_stride, const std::uint32_t* b, std::int64_t ldb, float* c,
+                          std::int64_t ldc, bool accumulate) {
+  std::int64_t j0 = 0;
+  for (; j0 + 32 <= cols; j0 += 32)
+    amx_block<R, 2>(a, a_stride, b + j0, ldb, c + j0, ldc, depth, accumulate);
+  if (j0 < cols) amx_block<R, 1>(a, a_stride, b + j0, ldb, c + j0, ldc, depth, accumulate);
+}
+
 /// C[rows][cols] (+)= A B on tiles: A rows of `depth` bf16 at a + i * a_stride (i < rows), B pair
-/// rows b + k * ldb (k < depth / 2), C rows c + i * ldc. cols a multiple of 16, depth of 32. A
-/// last partial row tile goes through zero-padded copies of its A rows (a_scratch: 16 * depth
-/// elements) and C rows (rows past `rows` are neither read nor written).
+/// rows b + k * ldb (k < depth / 2), C rows c + i * ldc. cols a multiple of 16, depth of 32. The
+/// last rows (rows % 16) run under a configuration of that many rows, so no row past `rows` is
+/// read or written.
 template <bool Accumulate>
 inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, const bf16* a,
                      std::int64_t a_stride, const std::uint32_t* b, std::int64_t ldb, float* c,
-                     std::int64_t ldc, bf16* a_scratch) {
-  amx_configure();
+                     std::int64_t ldc) {
   const std::int64_t full = rows / 16 * 16;
-  for (std::int64_t j0 = 0; j0 < cols; j0 += 32) {
-    const bool two_cols = j0 + 32 <= cols;
-    std::int64_t i0 = 0;
-    for (; i0 + 32 <= full; i0 += 32)
-      if (two_cols)
-        amx_block<2, 2>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth,
-                        Accumulate);
-      else
-        amx_block<2, 1>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth,
-                        Accumulate);
-    if (i0 < full) {
-      if (two_cols)
-        amx_block<1, 2>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth,
-                        Accumulate);
-      else
-        amx_block<1, 1>(a + i0 * a_stride, a_stride, b + j0, ldb, c + i0 * ldc + j0, ldc, depth,
-                        Accumulate);
-      i0 += 16;
-    }
-    if (i0 < rows) {  // the partial tile: rows [i0, rows)
-      const std::int64_t n = rows - i0, w = two_cols ? 32 : 16;
-      alignas(64) float ct[16 * 32] = {};  // [16][32]
-      bf16* at = a_scratch;
-      std::memset(static_cast<void*>(at), 0, static_cast<std::size_t>(16 * depth) * sizeof(bf16));
-      for (std::int64_t i = 0; i < n; ++i) {
-        std::memcpy(static_cast<void*>(at + i * depth), a + (i0 + i) * a_stride,
-                    static_cast<std::size_t>(depth) * sizeof(bf16));
-        if (Accumulate)
-          std::memcpy(ct + i * 32, c + (i0 + i) * ldc + j0,
-                      static_cast<std::size_t>(w) * sizeof(float));
-      }
-      if (two_cols)
-        amx_block<1, 2>(at, depth, b + j0, ldb, ct, 32, depth, Accumulate);
-      else
-        amx_block<1, 1>(at, depth, b + j0, ldb, ct, 32, depth, Accumulate);
-      for (std::int64_t i = 0; i < n; ++i)
-        std::memcpy(c + (i0 + i) * ldc + j0, ct + i * 32,
-                    static_cast<std::size_t>(w) * sizeof(float));
-    }
-    if (!two_cols) break;  // j0 + 16 == cols
+  if (full > 0) amx_configure();
+  std::int64_t i0 = 0;
+  for (; i0 + 32 <= full; i0 += 32)
+    amx_row_tiles<2>(cols, depth, a + i0 * a_stride, a_stride, b, ldb, c + i0 * ldc, ldc,
+                     Accumulate);
+  if (i0 < full) {
+    amx_row_tiles<1>(cols, depth, a + i0 * a_stride, a_stride, b, ldb, c + i0 * ldc, ldc,
+                     Accumulate);
+    i0 += 16;
+  }
+  if (i0 < rows) {
+    amx_configure(static_cast<int>(rows - i0));
+    amx_row_tiles<1>(cols, depth, a + i0 * a_stride, a_stride, b, ldb, c + i0 * ldc, ldc,
+                     Accumulate);
   }
   amx_memory_barrier();  // the C tiles stored before the caller reads them
   _tile_release();

@@ -528,16 +528,16 @@ inline void stream_pair_pv(const float* p, std::int64_t p_stride, std::int64_t r
 
 /// AMX (bf16_amx_available()): C[rows][cols] (+)= A B on tiles, A rows of `depth` bf16 at
 /// a + i * a_stride, B pair rows at b + k * ldb (words), C rows c + i * ldc; cols a multiple of
-/// 16, depth of 32; a_scratch holds 16 * depth elements (a partial last row tile).
+/// 16, depth of 32; no row past `rows` is read or written.
 template <bool Accumulate>
 inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, const bf16* a,
                      std::int64_t a_stride, const std::uint32_t* b, std::int64_t ldb, float* c,
-                     std::int64_t ldc, bf16* a_scratch) {
+                     std::int64_t ldc) {
 #if ATTNKIT_X86_TARGETS
-  simd_amx::amx_gemm<Accumulate>(rows, cols, depth, a, a_stride, b, ldb, c, ldc, a_scratch);
+  simd_amx::amx_gemm<Accumulate>(rows, cols, depth, a, a_stride, b, ldb, c, ldc);
 #else
   (void)rows, (void)cols, (void)depth, (void)a, (void)a_stride, (void)b, (void)ldb, (void)c,
-      (void)ldc, (void)a_scratch;
+      (void)ldc;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
