@@ -423,7 +423,6 @@ class gqa_products {
   /// hardware prefetchers). Widening cost as much as either product, and the broadcast GEMM's
   /// scores a load per FMA (docs/benchmarks.md, "Serving").
   bool narrow() const { return transposed() && m_ <= 16; }
-  static std::int64_t round16(std::int64_t n) { return (n + 15) / 16 * 16; }
   /// Columns of Q^T and S^T: the query rows, whole 16-row tiles on AMX.
   std::int64_t q_cols() const { return pairs_ == pair_engine::amx ? round16(m_) : m_; }
   /// Narrow tiles (narrow()): S^T = K Q^T straight from the cache's rows, while the next

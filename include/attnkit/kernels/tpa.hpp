@@ -95,6 +95,12 @@ class tpa_products {
     if (detail::bf16_dot_available()) return pair_engine::dot;
     return pair_engine::none;
   }
+  /// product_math::bf16 on AMX with d whole 32-column tiles: D on tiles too, D^T = B_K B_Q^T with
+  /// B_Q rounded to bf16 (its pairs [d / 2][R_Q rounded up to 16]) and B_K's rows as stored.
+  static bool dots_on_tiles(const problem& p) {
+    return std::same_as<S, bf16> && p.bf16_products && detail::bf16_amx_available() &&
+           p.kv.head_dim % 32 == 0;
+  }
   static std::size_t scratch_floats(const problem& p, const attention_plan& pl) {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, dv = p.kv.v_head_dim, nb = pl.block;
     const std::int64_t rk = p.kv.k_rank, rv = p.kv.v_rank, hp = p.hp;
@@ -103,7 +109,9 @@ class tpa_products {
     const std::int64_t pairs = engine_of(p) == pair_engine::none
                                    ? 0
                                    : 2 * nb * rv * pointer_floats + depth / 2 * (hp + dv);
-    return static_cast<std::size_t>(rq * hp + rq * d + rq * nb * rk + nb * hp + hp + nb * rv * hp +
+    const std::int64_t dots =
+        dots_on_tiles(p) ? nb * rk * round16(rq) + d / 2 * round16(rq) : rq * nb * rk;
+    return static_cast<std::size_t>(rq * hp + rq * d + dots + nb * hp + hp + nb * rv * hp +
                                     nb * rv * dv + pairs);
   }
   tpa_products(const problem& p, const attention_plan& pl, float* f) : p_(p), pl_(pl) {
@@ -116,9 +124,14 @@ class tpa_products {
       bv_rows_ = reinterpret_cast<const S**>(f);  // [nb R_V]
       f += nb * rv * pointer_floats;
     }
-    aq_ = f, f += rq * hp;         // [R_Q][hp], scaled
-    bq_ = f, f += rq * d;          // [R_Q][d]
-    dots_ = f, f += rq * nb * rk;  // D [R_Q][(s, u)]
+    aq_ = f, f += rq * hp;  // [R_Q][hp], scaled
+    bq_ = f, f += rq * d;   // [R_Q][d]
+    dots_ = f;              // D [R_Q][(s, u)], or on tiles D^T [(s, u)][round16(R_Q)]
+    f += dots_tiles_ ? nb * rk * round16(rq) : rq * nb * rk;
+    if (dots_tiles_) {
+      bq_pairs_ = reinterpret_cast<std::uint32_t*>(f);  // B_Q^T's pairs [d / 2][round16(R_Q)]
+      f += d / 2 * round16(rq);
+    }
     st_ = f, f += nb * hp;         // scores [s][hp]
     bmax_ = f, f += hp;            // the block's max per head
     wt_ = f, f += nb * rv * hp;    // value weights [(s, v)][hp]
@@ -140,8 +153,15 @@ class tpa_products {
       for (std::int64_t i = 0; i < hp; ++i)
         aq_[r * hp + i] = i < h ? p_.a_q(t, r, i) * p_.score_scale : 0.f;
       for (std::int64_t e = 0; e < d; ++e) bq_[r * d + e] = p_.b_q(t, r, e);
-      permute_pairs(bq_ + r * d, d, pair_group_);
+      if (!dots_tiles_) permute_pairs(bq_ + r * d, d, pair_group_);
     }
+    if (dots_tiles_)  // rows past R_Q are zeros
+      for (std::int64_t r0 = 0; r0 < rq; r0 += 16) {
+        const float* rows[16];
+        const std::int64_t n = std::min<std::int64_t>(16, rq - r0);
+        for (std::int64_t i = 0; i < n; ++i) rows[i] = bq_ + (r0 + i) * d;
+        pack_query_pairs(rows, n, d / 2, 1.f, 16, bq_pairs_ + r0, round16(rq));
+      }
   }
 
   score_tile scores(std::int64_t /*j*/, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
@@ -154,7 +174,11 @@ class tpa_products {
     pf_.start(ranges_, factor_ranges<S>{&p_.kv, next, end - next});
     const std::int64_t rq = p_.a_q.extent(1), d = p_.kv.head_dim, rk = p_.kv.k_rank;
     // D[r][(s, u)] = B_Q[r] . B_K(s)[u]
-    detail::scores(bq_, d, rq, p_.kv.b_k_row(b0), d, nb * rk, d, dots_, dots_stride(), false, pf_);
+    if (dots_tiles_)
+      tile_dots(p_.kv.b_k_row(b0), nb * rk);
+    else
+      detail::scores(bq_, d, rq, p_.kv.b_k_row(b0), d, nb * rk, d, dots_, dots_stride(), false,
+                     pf_);
     score_rows(p_.kv.a_k_row(b0), nb);
     av_ = p_.kv.a_v_row(b0);
     return {st_, 1, p_.hp, bmax_};
@@ -195,6 +219,13 @@ class tpa_products {
   }
 
  private:
+  /// dots_tiles_: D^T [keys][round16(R_Q)] = B_K B_Q^T for the block's `keys` B_K rows.
+  void tile_dots(const S* bk, std::int64_t keys) {
+    if constexpr (std::same_as<S, bf16>) {
+      const std::int64_t qc = round16(p_.a_q.extent(1));
+      amx_gemm<false>(keys, qc, p_.kv.head_dim, bk, p_.kv.head_dim, bq_pairs_, qc, dots_, qc);
+    }
+  }
   /// O += W B_V on bf16 pairs (W rounded; B_V's rows as stored), natural column order.
   void pair_accumulate(const S* bv, std::int64_t nb, float* acc) {
     const std::int64_t h = p_.kv.heads, dv = p_.kv.v_head_dim, depth = nb * p_.kv.v_rank,
@@ -220,9 +251,11 @@ class tpa_products {
   /// st_[s][h] = score of the block's key s for head h and bmax_[h] = the block's max
   /// (simd/kernels.inl, tpa_score_rows).
   void score_rows(const S* ak, std::int64_t nb) {
-    tpa_score_rows(tpa_scores<S>{aq_, dots_, dots_stride(), ak, nb, p_.kv.heads, p_.hp,
-                                 p_.kv.k_rank, p_.a_q.extent(1), st_, bmax_},
-                   pf_);
+    const std::int64_t rq = p_.a_q.extent(1);
+    tpa_score_rows(
+        tpa_scores<S>{aq_, dots_, dots_tiles_ ? 1 : dots_stride(), dots_tiles_ ? round16(rq) : 1,
+                      ak, nb, p_.kv.heads, p_.hp, p_.kv.k_rank, p_.a_q.extent(1), st_, bmax_},
+        pf_);
   }
 
   const problem& p_;
@@ -231,10 +264,12 @@ class tpa_products {
   factor_ranges<S> ranges_;  // pf_'s ranges
   static constexpr std::int64_t pointer_floats = sizeof(const S*) / sizeof(float);
   const pair_engine pairs_ = engine_of(p_);
+  const bool dots_tiles_ = dots_on_tiles(p_);
   float *aq_, *bq_, *dots_, *st_, *bmax_, *wt_, *bv_;
   const float** w_rows_ = nullptr;  // pairs_: the value weights' rows, B_V's rows
   const S** bv_rows_ = nullptr;
   std::uint32_t *w_pairs_ = nullptr, *bv_pairs_ = nullptr;
+  std::uint32_t* bq_pairs_ = nullptr;  // dots_tiles_
   const S* av_ = nullptr;  // the current block's A_V rows
   const std::int64_t pair_group_ = std::same_as<S, bf16> ? bf16_pair_group() : 0;
 };

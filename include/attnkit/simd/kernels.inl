@@ -875,7 +875,8 @@ inline void exp_given_columns(float* st, std::int64_t ld, std::int64_t keys, std
 template <storage_type S, class Prefetch>
 inline void tpa_score_rows(const tpa_scores<S>& p, Prefetch& pf) {
   constexpr int G = L >= 16 ? 8 : L >= 4 ? 6 : 4;
-  const std::int64_t nb = p.keys, h = p.heads, hp = p.heads_padded, rk = p.k_rank;
+  const std::int64_t nb = p.keys, h = p.heads, hp = p.heads_padded, rk = p.k_rank,
+                     ks = rk * p.dots_key_stride;
   std::fill(p.block_max, p.block_max + hp, -std::numeric_limits<float>::infinity());
   for (std::int64_t s0 = 0; s0 < nb; s0 += G) {
     std::int64_t sk[G];  // keys past the block repeat the last one (computed, never stored)
@@ -894,9 +895,9 @@ inline void tpa_score_rows(const tpa_scores<S>& p, Prefetch& pf) {
         for (int j = 0; j < G; ++j) t[j] = V::zero();
         for (std::int64_t r = 0; r < p.q_rank; ++r) {
           const vec a = V::load(p.a_q + r * hp + i0);
-          const float* dr = p.dots + r * p.dots_stride + u;
+          const float* dr = p.dots + r * p.dots_stride + u * p.dots_key_stride;
           ATTNKIT_UNROLL
-          for (int j = 0; j < G; ++j) t[j] = V::fmadd(a, V::set1(dr[sk[j] * rk]), t[j]);
+          for (int j = 0; j < G; ++j) t[j] = V::fmadd(a, V::set1(dr[sk[j] * ks]), t[j]);
         }
         ATTNKIT_UNROLL
         for (int j = 0; j < G; ++j)

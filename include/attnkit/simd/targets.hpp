@@ -81,6 +81,9 @@ inline void prefetch_row(const S* row, std::int64_t bytes) {
   for (std::int64_t b = 0; b < bytes; b += 64) prefetch_line(p + b);
 }
 
+/// n rounded up to whole 16-row (or 16-column) AMX tiles.
+constexpr std::int64_t round16(std::int64_t n) { return (n + 15) / 16 * 16; }
+
 /// A key block's rows in groups of 16 keys for the AMX kernels of a single row tile: group i's
 /// rows at base[i] + r * stride[i] (bf16 elements; r < 16, in the last group r < keys % 16 when
 /// keys is no multiple of 16), each group in place or gathered where its rows cross pages.
@@ -171,13 +174,14 @@ struct listed_rows {
 };
 
 /// TPA's head combination (tpa_score_rows): A_Q [q_rank][heads_padded] (scaled, zero past
-/// heads), D [q_rank][dots_stride] ((s, u) = s * k_rank + u), A_K rows of the block [keys][k_rank]
+/// heads), D[r][(s, u)] = dots[r * dots_stride + (s * k_rank + u) * dots_key_stride] (row form:
+/// key stride 1; column form D^T: stride 1 along r), A_K rows of the block [keys][k_rank]
 /// [heads]; out: scores [keys][heads_padded], block_max [heads_padded].
 template <storage_type S>
 struct tpa_scores {
   const float* a_q;
   const float* dots;
-  std::int64_t dots_stride;
+  std::int64_t dots_stride, dots_key_stride;
   const S* a_k;
   std::int64_t keys, heads, heads_padded, k_rank, q_rank;
   float* scores;
