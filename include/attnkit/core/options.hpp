@@ -30,7 +30,8 @@ enum class tile_strategy { automatic, streaming, gemm };
 ///         rounded probabilities against two keys' values as stored where d_v is a multiple of
 ///         32 (else float probabilities): no key or value widened.
 ///         TPA (attend_factorized) rounds its value weights p A_V to bf16 and runs its value
-///         GEMM on AMX tiles (d_v a multiple of 16) or vdpbf16ps.
+///         GEMM on AMX tiles (d_v a multiple of 16) or vdpbf16ps; on AMX also its D dots, with
+///         B_Q rounded (d a multiple of 32).
 ///         Where the CPU has no such products (bf16_products_available() in core/cpu.hpp), with
 ///         an odd d_qk, and on the streaming path of an AMX CPU it computes as f32. No effect on
 ///         float and f16 caches.
