@@ -14,7 +14,7 @@
 // O[H, d_v] += W[H, keys * R_V] B_V[keys * R_V, d_v]. The next block's factor rows are
 // prefetched a line per inner-loop step. One path on every target (simd/targets.hpp); with
 // product_math::bf16 the value GEMM runs on bf16 pairs, on AMX tiles or vdpbf16ps
-// (tpa_products::engine_of).
+// (tpa_products::engine_of), and on AMX the D dots too (dots_on_tiles).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -254,7 +254,7 @@ class tpa_products {
     const std::int64_t rq = p_.a_q.extent(1);
     tpa_score_rows(
         tpa_scores<S>{aq_, dots_, dots_tiles_ ? 1 : dots_stride(), dots_tiles_ ? round16(rq) : 1,
-                      ak, nb, p_.kv.heads, p_.hp, p_.kv.k_rank, p_.a_q.extent(1), st_, bmax_},
+                      ak, nb, p_.kv.heads, p_.hp, p_.kv.k_rank, rq, st_, bmax_},
         pf_);
   }
 
