@@ -59,6 +59,21 @@ ak::factorized_cache<S> random_cache(const shape& s, std::int64_t t) {
   return cache;
 }
 
+/// One attend_factorized call of tq query tokens (factors aq [tq, R_Q, H], bq [tq, R_Q, d]) at
+/// positions pos into out [tq, H, d], with f32 or bf16 products.
+template <bool Products, ak::storage_type S>
+void attend_once(const shape& s, std::int64_t tq, const std::vector<float>& aq,
+                 const std::vector<float>& bq, std::span<const std::int64_t> pos,
+                 const ak::factorized_cache<S>& cache, std::vector<float>& out,
+                 ak::thread_pool& pool, ak::attention_workspace& ws) {
+  ak::attend_factorized(ak::tensor3_view<const float>(aq.data(), {tq, s.rq, s.h}),
+                        ak::tensor3_view<const float>(bq.data(), {tq, s.rq, s.d}), pos, cache,
+                        ak::tensor3_view<float>(out.data(), {tq, s.h, s.d}),
+                        {.products = Products ? ak::product_math::bf16 : ak::product_math::f32},
+                        pool, &ws);
+  benchmark::DoNotOptimize(out.data());
+}
+
 /// Products: product_math::bf16 (the value GEMM on AMX tiles or vdpbf16ps where they run;
 /// skipped elsewhere).
 template <ak::storage_type S, bool Products = false>
@@ -74,14 +89,8 @@ void BM_tpa_decode(benchmark::State& state) {
   const std::int64_t qpos = t - 1;
   ak::thread_pool pool(threads);
   ak::attention_workspace ws;
-  for (auto _ : state) {
-    ak::attend_factorized(
-        ak::tensor3_view<const float>(aq.data(), {1, s.rq, s.h}),
-        ak::tensor3_view<const float>(bq.data(), {1, s.rq, s.d}), std::span(&qpos, 1), cache,
-        ak::tensor3_view<float>(out.data(), {1, s.h, s.d}),
-        {.products = Products ? ak::product_math::bf16 : ak::product_math::f32}, pool, &ws);
-    benchmark::DoNotOptimize(out.data());
-  }
+  for (auto _ : state)
+    attend_once<Products>(s, 1, aq, bq, std::span(&qpos, 1), cache, out, pool, ws);
   state.SetBytesProcessed(state.iterations() * t * cache.bytes_per_token());
   state.counters["FLOPS"] =
       benchmark::Counter(decode_flops(s, t), benchmark::Counter::kIsIterationInvariantRate,
@@ -112,14 +121,7 @@ void BM_tpa_prefill(benchmark::State& state) {
   for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
   ak::thread_pool pool(static_cast<int>(state.range(2)));
   ak::attention_workspace ws;
-  for (auto _ : state) {
-    ak::attend_factorized(ak::tensor3_view<const float>(aq.data(), {t, s.rq, s.h}),
-                          ak::tensor3_view<const float>(bq.data(), {t, s.rq, s.d}), pos, cache,
-                          ak::tensor3_view<float>(out.data(), {t, s.h, s.d}),
-                          {.products = Products ? ak::product_math::bf16 : ak::product_math::f32},
-                          pool, &ws);
-    benchmark::DoNotOptimize(out.data());
-  }
+  for (auto _ : state) attend_once<Products>(s, t, aq, bq, pos, cache, out, pool, ws);
   // Each query token sees its own position and the earlier ones: T (T + 1) / 2 pairs.
   state.counters["FLOPS"] = benchmark::Counter(decode_flops(s, t * (t + 1) / 2),
                                                benchmark::Counter::kIsIterationInvariantRate,
