@@ -70,7 +70,8 @@ inline gqa_layer_data make_layer_data(std::mt19937_64& rng, const gqa_config& cf
 /// Norm-wise tolerance for a layer output against the double reference: float GEMMs of inner
 /// length n contribute ~sqrt(n) u relative each (statistical rounding-error growth), attention
 /// ~(2 sqrt(d) A + sqrt(T)) u (see gqa_fixture.hpp); safety factor 4. Storage S adds its own
-/// rounding of K and V, 2 u_S A + u_S (rigorous, relative to the values' scale).
+/// rounding of K and V, 2 u_S A + u_S (rigorous, relative to the values' scale), and bf16
+/// products as much again (rounding_terms).
 template <storage_type S>
 double layer_rel_tolerance(const gqa_config& c, std::int64_t t, double a_max) {
   const double u = 0x1p-24;
@@ -78,7 +79,7 @@ double layer_rel_tolerance(const gqa_config& c, std::int64_t t, double a_max) {
   const double f = 4 * u *
                    (std::sqrt(double(c.model_dim)) + std::sqrt(double(c.heads * dv)) +
                     2 * std::sqrt(double(c.head_dim)) * a_max + std::sqrt(double(t)) + 8);
-  return f + (std::same_as<S, float> ? 0.0 : unit_roundoff<S>() * (1 + 2 * a_max));
+  return f + unit_roundoff<S>() * (1 + 2 * a_max) * rounding_terms<S>(c.products);
 }
 
 /// A for the layer's roped queries and keys, computed in double.

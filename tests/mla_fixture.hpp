@@ -98,7 +98,8 @@ inline mla_config random_mla_config(std::mt19937_64& rng) {
 
 /// Norm-wise relative tolerance of an MLA layer output vs the double reference: as for the GQA
 /// layer (layer_fixture.hpp), with the extra float GEMMs of inner length d_c (up/absorb) and
-/// q_lora_rank, and A bounding scale |q||k| of the materialised heads; u_S (1 + 2 A) for storage.
+/// q_lora_rank, and A bounding scale |q||k| of the materialised heads; u_S (1 + 2 A) for storage
+/// (rounding_terms: twice with bf16 products).
 template <storage_type S>
 double mla_rel_tolerance(const mla_config& c, std::int64_t t, double a_max) {
   const double u = 0x1p-24;
@@ -108,7 +109,7 @@ double mla_rel_tolerance(const mla_config& c, std::int64_t t, double a_max) {
        std::sqrt(double(std::max<std::int64_t>(c.q_lora_rank, 1))) +
        std::sqrt(double(c.heads * c.v_head_dim)) +
        2 * std::sqrt(double(c.nope_dim + c.rope_dim)) * a_max + std::sqrt(double(t)) + 8);
-  return f + (std::same_as<S, float> ? 0.0 : unit_roundoff<S>() * (1 + 2 * a_max) * 2);
+  return f + unit_roundoff<S>() * (1 + 2 * a_max) * 2 * rounding_terms<S>(c.products);
 }
 
 }  // namespace attnkit::test

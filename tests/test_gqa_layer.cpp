@@ -1,7 +1,10 @@
-// gqa_layer against the double reference layer; configuration and weight-shape errors.
+// gqa_layer against the double reference layer; configuration and weight-shape errors; every
+// layer's product_math reaching its kernel.
 #include <numeric>
 
 #include "layer_fixture.hpp"
+#include "mla_fixture.hpp"
+#include "tpa_fixture.hpp"
 
 using namespace attnkit;
 using namespace attnkit::test;
@@ -22,6 +25,9 @@ TEMPLATE_TEST_CASE("gqa_layer matches the double reference layer", "[layer]", fl
   if (rng() % 2) cfg.rope.rotary_dim = cfg.head_dim / 2;
   if (rng() % 3 == 0) cfg.window = 5 + static_cast<std::int64_t>(rng() % 20);
   const bool biases = rng() % 2, qk_norm = rng() % 3 == 0;
+  // bf16 caches also with bf16 products (the queries and probabilities rounded as well).
+  const bool products = std::same_as<S, bf16> && GENERATE(false, true);
+  if (products) cfg.products = product_math::bf16;
   const auto w = make_layer_data(rng, cfg, biases, qk_norm);
   const std::int64_t t = 1 + static_cast<std::int64_t>(rng() % 60);
   const fmat x = random_matrix(rng, t, cfg.model_dim);
@@ -40,8 +46,8 @@ TEMPLATE_TEST_CASE("gqa_layer matches the double reference layer", "[layer]", fl
                                                 cfg.kv_heads, cfg.head_dim, cfg.rope,
                                                 1.0 / std::sqrt(double(cfg.head_dim)), cfg.window);
   const double tol = layer_rel_tolerance<S>(cfg, t, layer_a_max(w, x));
-  INFO("storage=" << storage_name<S>() << " H=" << cfg.heads << " H_kv=" << hkv
-                  << " biases=" << biases << " qk_norm=" << qk_norm << " tol=" << tol);
+  INFO("storage=" << storage_name<S>() << " products=" << products << " H=" << cfg.heads << " H_kv="
+                  << hkv << " biases=" << biases << " qk_norm=" << qk_norm << " tol=" << tol);
   CHECK(rel_error(to_double(y), ref) <= tol);
 }
 
@@ -76,6 +82,54 @@ TEST_CASE("gqa_layer with per-KV-head RoPE frequency tables matches the referenc
   const auto a = reference::attention(q, pos, k, v, pos, 4, 2, 0.25);
   const reference::matrix ref = a.out * to_double(w.o).transpose();
   CHECK(rel_error(to_double(y), ref) <= layer_rel_tolerance<float>(cfg, 12, layer_a_max(w, x)));
+}
+
+TEST_CASE("layers: product_math reaches the GQA, MLA (absorbed) and TPA kernels", "[layer][bf16]") {
+  // A 40-token prefill over bf16 caches: the GEMM tiles, whose shapes here (d_qk whole 32s, d_v
+  // whole 16s) both bf16 engines take. Where the CPU runs bf16 products the rounded queries
+  // must change the output; elsewhere (scalar and AVX2 targets, CPUs without them) the layer
+  // must compute as f32, bit for bit. The random layer tests above bound the change.
+  std::mt19937_64 rng(21);
+  const std::int64_t t = 40, dm = 64;
+  const fmat x = random_matrix(rng, t, dm);
+  std::vector<std::int64_t> pos(t);
+  std::iota(pos.begin(), pos.end(), 0);
+  thread_pool pool(2);
+  auto check = [&]<class Layer>(std::type_identity<Layer>, const char* name, const auto& cfg,
+                                const auto& weights, auto... path) {
+    auto forward = [&](product_math p) {
+      auto c = cfg;
+      c.products = p;
+      Layer layer(c, weights);
+      auto cache = layer.template make_cache<bf16>(t);
+      fmat y(t, dm);
+      layer.forward(view_of(x), pos, cache, view_of(y), pool, path...);
+      return y;
+    };
+    const fmat f32 = forward(product_math::f32), b16 = forward(product_math::bf16);
+    INFO(name << ": bf16 products available " << bf16_products_available());
+    if (bf16_products_available()) {
+      CHECK(f32 != b16);
+      CHECK(rel_error(to_double(b16), to_double(f32)) <= 0.05);
+    } else {
+      CHECK(f32 == b16);
+    }
+  };
+  const gqa_config gc{.model_dim = dm, .heads = 4, .kv_heads = 2, .head_dim = 32};
+  check(std::type_identity<gqa_layer>{}, "gqa_layer", gc,
+        make_layer_data(rng, gc, false).weights());
+  const mla_config mc{.model_dim = dm,
+                      .heads = 4,
+                      .latent_dim = 64,
+                      .nope_dim = 16,
+                      .rope_dim = 32,
+                      .v_head_dim = 16};
+  check(std::type_identity<mla_layer>{}, "mla_layer", mc, make_mla(rng, mc, false, false).weights(),
+        mla_path::absorbed);
+  const tpa_config tc{
+      .model_dim = dm, .heads = 4, .head_dim = 32, .q_rank = 2, .k_rank = 2, .v_rank = 2};
+  check(std::type_identity<tpa_layer>{}, "tpa_layer", tc, make_tpa(rng, tc, false).weights(),
+        tpa_path::factorized);
 }
 
 TEST_CASE("gqa_layer: invalid configurations and weights throw naming the tensor and shapes",

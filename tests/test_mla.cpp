@@ -42,7 +42,11 @@ TEMPLATE_TEST_CASE("mla_layer matches the double reference on both paths", "[mla
   using S = TestType;
   const std::uint64_t seed = GENERATE(range(1, 9));
   std::mt19937_64 rng(seed * 31);
-  const mla_config cfg = random_mla_config(rng);
+  mla_config cfg = random_mla_config(rng);
+  // bf16 caches also with bf16 products (the absorbed path's latent queries and probabilities
+  // rounded as well; the naive path attends over float K and V).
+  const bool products = std::same_as<S, bf16> && GENERATE(false, true);
+  if (products) cfg.products = product_math::bf16;
   const bool biases = rng() % 2, norm = rng() % 2;
   const auto w = make_mla(rng, cfg, biases, norm);
   const std::int64_t t = 1 + static_cast<std::int64_t>(rng() % 40);
@@ -57,9 +61,9 @@ TEMPLATE_TEST_CASE("mla_layer matches the double reference on both paths", "[mla
     auto cache = layer.make_cache<S>(t);
     fmat y(t, cfg.model_dim);
     layer.forward(view_of(x), pos, cache, view_of(y), pool, path);
-    INFO("path=" << (path == mla_path::naive ? "naive" : "absorbed") << " H=" << cfg.heads
-                 << " rope_heads=" << cfg.rope_heads << " q_lora=" << cfg.q_lora_rank
-                 << " biases=" << biases << " norm=" << norm
+    INFO("path=" << (path == mla_path::naive ? "naive" : "absorbed") << " products=" << products
+                 << " H=" << cfg.heads << " rope_heads=" << cfg.rope_heads
+                 << " q_lora=" << cfg.q_lora_rank << " biases=" << biases << " norm=" << norm
                  << " layout=" << to_string(cfg.rope.layout) << " tol=" << tol);
     CHECK(rel_error(to_double(y), ref) <= tol);
   }

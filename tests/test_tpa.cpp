@@ -145,7 +145,10 @@ TEMPLATE_TEST_CASE("tpa_layer matches the double reference (full, KV-only, fixed
                    "[tpa][layer]", float, bf16) {
   using S = TestType;
   std::mt19937_64 rng(GENERATE(range(11, 19)));
-  const tpa_config cfg = random_tpa_config(rng);
+  tpa_config cfg = random_tpa_config(rng);
+  // bf16 caches also with bf16 products (value weights, on AMX also B_Q, rounded as well).
+  const bool products = std::same_as<S, bf16> && GENERATE(false, true);
+  if (products) cfg.products = product_math::bf16;
   const bool fixed = rng() % 3 == 0;
   const auto w = make_tpa(rng, cfg, fixed);
   const std::int64_t t = 1 + static_cast<std::int64_t>(rng() % 40);
@@ -162,8 +165,8 @@ TEMPLATE_TEST_CASE("tpa_layer matches the double reference (full, KV-only, fixed
     fmat y(t, cfg.model_dim);
     layer.forward(view_of(x), pos, cache, view_of(y), pool, path);
     INFO("path=" << (path == tpa_path::factorized ? "factorized" : "materialized")
-                 << " H=" << cfg.heads << " R=" << cfg.q_rank << "/" << cfg.k_rank << "/"
-                 << cfg.v_rank << " fixed=" << fixed << " tol=" << tol);
+                 << " products=" << products << " H=" << cfg.heads << " R=" << cfg.q_rank << "/"
+                 << cfg.k_rank << "/" << cfg.v_rank << " fixed=" << fixed << " tol=" << tol);
     CHECK(rel_error(to_double(y), ref) <= tol);
   }
 }

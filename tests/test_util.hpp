@@ -39,6 +39,16 @@ inline fmat random_matrix(std::mt19937_64& rng, std::int64_t rows, std::int64_t 
 }
 inline dmat to_double(const fmat& m) { return m.cast<double>(); }
 
+/// How many times a layer's tolerance takes the 16-bit rounding term u_S (1 + 2 A) (A: scale
+/// max|q| max|k|): once for the cache's rounded K and V, once more for bf16 products on a bf16
+/// cache (product_math::bf16), whose rounded queries move each score by at most u A and whose
+/// rounded probabilities add u, as the rounded keys and values do.
+template <storage_type S>
+double rounding_terms(product_math products) {
+  if (std::same_as<S, float>) return 0;
+  return std::same_as<S, bf16> && products == product_math::bf16 ? 2 : 1;
+}
+
 /// Rounds every element through storage type S (what a cache of S stores).
 template <storage_type S>
 fmat round_trip(const fmat& m) {

@@ -99,7 +99,8 @@ inline double tpa_a_max(const tpa_data& w, const tpa_layer& layer, const fmat& x
   return qn * kn / std::sqrt(double(sh.head_dim));
 }
 
-/// Norm-wise tolerance: the GQA layer's (layer_fixture.hpp) plus the rank sums (R terms each).
+/// Norm-wise tolerance: the GQA layer's (layer_fixture.hpp) plus the rank sums (R terms each);
+/// the 16-bit terms doubled, as for MLA (mla_fixture.hpp).
 template <storage_type S>
 double tpa_rel_tolerance(const tpa_config& c, std::int64_t t, double a_max) {
   const double u = 0x1p-24;
@@ -109,7 +110,7 @@ double tpa_rel_tolerance(const tpa_config& c, std::int64_t t, double a_max) {
                    (std::sqrt(double(c.model_dim)) + std::sqrt(double(c.heads * dv)) +
                     2 * std::sqrt(double(c.head_dim)) * a_max + std::sqrt(double(t)) +
                     double(rq + c.k_rank + c.v_rank) + 8);
-  return f + (std::same_as<S, float> ? 0.0 : unit_roundoff<S>() * (1 + 2 * a_max) * 2);
+  return f + unit_roundoff<S>() * (1 + 2 * a_max) * 2 * rounding_terms<S>(c.products);
 }
 
 }  // namespace attnkit::test

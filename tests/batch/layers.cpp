@@ -30,17 +30,17 @@ void prefill(gqa_layer& layer, Cache& cache, std::int64_t history, std::mt19937_
 /// caches of its own (the same history in both), for two steps; a second layer of each step (the
 /// same weights, caches forked from the first's history) reuses the step's plan and gives the
 /// same answer bitwise. single_forward(layer, x, positions, cache, y); tolerance(t, x_rows).
-template <class Layer, class Layout, class SingleForward, class Tolerance>
+template <storage_type S, class Layer, class Layout, class SingleForward, class Tolerance>
 void check_batch_step(std::mt19937_64& rng, Layer& layer, Layer& single, const Layout& layout,
                       std::int64_t model_dim, SingleForward&& single_forward,
                       Tolerance&& tolerance) {
-  using cache_t = paged_cache<float, Layout>;
+  using cache_t = paged_cache<S, Layout>;
   // history (tokens already cached), new tokens this step
   const std::vector<std::pair<std::int64_t, std::int64_t>> seqs = {
       {40, 1}, {0, 12}, {130, 4}, {7, 1}, {300, 1}, {64, 33}};
   Layout l = layout;
   l.validate();
-  page_pool<float> pool({.num_pages = 400, .page_size = 16, .token_elements = l.token_elements()});
+  page_pool<S> pool({.num_pages = 400, .page_size = 16, .token_elements = l.token_elements()});
   std::vector<cache_t> batch_caches, single_caches;
   for (const auto& [hist, add] : seqs) {
     batch_caches.emplace_back(pool, layout);
@@ -92,29 +92,38 @@ void check_batch_step(std::mt19937_64& rng, Layer& layer, Layer& single, const L
   }
 }
 
-TEST_CASE("layer batch step: GQA, MLA and TPA layers equal one forward call per sequence, over paged caches") {
+// bf16 caches with bf16 products: the batch must reach the products the single calls use (a
+// batch on f32 products would miss the float tolerance by far).
+TEMPLATE_TEST_CASE(
+    "layer batch step: GQA, MLA and TPA layers equal one forward call per sequence, "
+    "over paged caches",
+    "", float, bf16) {
+  using S = TestType;
+  const product_math products = std::same_as<S, bf16> ? product_math::bf16 : product_math::f32;
   std::mt19937_64 rng(301);
   {
-    gqa_config cfg{.model_dim = 96, .heads = 6, .kv_heads = 2, .head_dim = 16};
+    gqa_config cfg{.model_dim = 96, .heads = 6, .kv_heads = 2, .head_dim = 32};
     cfg.rope.theta = 10000;
+    cfg.products = products;
     const gqa_layer_data w = make_layer_data(rng, cfg, true, true);
     gqa_layer layer(cfg, w.weights()), single(cfg, w.weights());
     INFO("GQA");
-    check_batch_step(
-        rng, layer, single, paged_dense{2, 16, 16}, cfg.model_dim,
+    check_batch_step<S>(
+        rng, layer, single, paged_dense{2, 32, 32}, cfg.model_dim,
         [](gqa_layer& l, auto x, auto p, auto& c, auto y) { l.forward(x, p, c, y); },
         [&](std::int64_t t, const fmat& x) {
           return layer_rel_tolerance<float>(cfg, t, layer_a_max(w, x));
         });
   }
   for (int i = 0; i < 3; ++i) {
-    const mla_config cfg = random_mla_config(rng);
+    mla_config cfg = random_mla_config(rng);
+    cfg.products = products;
     const mla_data w = make_mla(rng, cfg, i == 1, i != 2);
     mla_layer layer(cfg, w.weights()), single(cfg, w.weights());
     INFO("MLA: H " << cfg.heads << " d_c " << cfg.latent_dim << " rope heads " << cfg.rope_heads);
-    check_batch_step(
-        rng, layer, single,
-        paged_latent{cfg.latent_dim, cfg.rope_dim, cfg.rope_heads}, cfg.model_dim,
+    check_batch_step<S>(
+        rng, layer, single, paged_latent{cfg.latent_dim, cfg.rope_dim, cfg.rope_heads},
+        cfg.model_dim,
         [](mla_layer& l, auto x, auto p, auto& c, auto y) {
           l.forward(x, p, c, y, serial_executor{}, mla_path::absorbed);
         },
@@ -125,14 +134,18 @@ TEST_CASE("layer batch step: GQA, MLA and TPA layers equal one forward call per 
         });
   }
   for (int i = 0; i < 3; ++i) {
-    const tpa_config cfg = random_tpa_config(rng);
+    tpa_config cfg = random_tpa_config(rng);
+    cfg.products = products;
     const tpa_data w = make_tpa(rng, cfg, i == 2);
     tpa_layer layer(cfg, w.weights()), single(cfg, w.weights());
     INFO("TPA: H " << cfg.heads << " ranks " << cfg.q_rank << " " << cfg.k_rank << " " << cfg.v_rank);
-    check_batch_step(
+    check_batch_step<S>(
         rng, layer, single,
-        paged_factors{.heads = cfg.heads, .head_dim = cfg.head_dim, .v_head_dim = cfg.v_head_dim,
-                      .k_rank = cfg.k_rank, .v_rank = cfg.v_rank},
+        paged_factors{.heads = cfg.heads,
+                      .head_dim = cfg.head_dim,
+                      .v_head_dim = cfg.v_head_dim,
+                      .k_rank = cfg.k_rank,
+                      .v_rank = cfg.v_rank},
         cfg.model_dim,
         [](tpa_layer& l, auto x, auto p, auto& c, auto y) {
           l.forward(x, p, c, y, serial_executor{}, tpa_path::factorized);

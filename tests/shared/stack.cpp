@@ -36,6 +36,7 @@ struct stack_fixture {
   std::deque<follower_data> followers;
   std::vector<reference::shared_layer> ref;
   std::vector<double> a_max;  // per full layer: scale max|q| max|k| of the reference heads
+  product_math products = product_math::f32;  // of every full layer
 
   std::vector<stack_layer> layers(std::mt19937_64& rng, const std::string& kinds,
                                   const std::vector<sharing_span>& plan) {
@@ -45,6 +46,7 @@ struct stack_fixture {
       r.query_heads = H;
       if (kinds[i] == 'G') {
         gqa_config c{.model_dim = D, .heads = H, .kv_heads = 2, .head_dim = 16};
+        c.products = products;
         auto& w = gqa.emplace_back(make_layer_data(rng, c, true));
         w.o *= 0.25f;
         out.emplace_back(gqa_layer(c, w.weights()));
@@ -56,6 +58,7 @@ struct stack_fixture {
       } else if (kinds[i] == 'M') {
         mla_config c{.model_dim = D, .heads = H, .latent_dim = 32, .nope_dim = 16, .rope_dim = 8,
                      .v_head_dim = 16};
+        c.products = products;
         auto& w = mla.emplace_back(make_mla(rng, c, false, true));
         w.o_proj *= 0.25f;
         out.emplace_back(mla_layer(c, w.weights()));
@@ -68,6 +71,7 @@ struct stack_fixture {
       } else if (kinds[i] == 'T') {
         tpa_config c{.model_dim = D, .heads = H, .head_dim = 16, .q_rank = 2, .k_rank = 2,
                      .v_rank = 2};
+        c.products = products;
         auto& w = tpa.emplace_back(make_tpa(rng, c, false));
         w.o_proj *= 0.25f;
         const tpa_layer& l = std::get<tpa_layer>(out.emplace_back(tpa_layer(c, w.weights())));
@@ -131,6 +135,19 @@ struct stack_fixture {
       tol += 4 * u * (2 * std::sqrt(double(D)) + std::sqrt(double(H * 16)) + 2 * 4 * a +
                       std::sqrt(double(t)) + 8);
     }
+    return tol;
+  }
+
+  /// Norm-wise relative bound on the difference of the two weights forms over the same caches:
+  /// only the followers differ, taking the donor's P as its call wrote it, or exp(s - lse) with
+  /// the donor's scores recomputed by the same products (u (1 + 2 A) per probability), then
+  /// accumulating P V in their own orders (sqrt(T) u); safety factor 4.
+  double forms_tolerance(std::int64_t t) const {
+    double tol = 0;
+    for (const auto& r : ref)
+      if (!r.heads)
+        tol +=
+            4 * u * (1 + 2 * a_max[static_cast<std::size_t>(r.donor)] + std::sqrt(double(t)) + 8);
     return tol;
   }
 };
@@ -222,11 +239,15 @@ TEST_CASE("shared stack: GQA, MLA and TPA donors with followers equal the double
   CHECK(rel_error(run_stack<float>(stack, x, pos, 5, weights_form::automatic, pool), ref) <= tol);
 }
 
-TEST_CASE("shared stack: bf16 caches stay within the storage bound", "[shared][stack]") {
+TEST_CASE("shared stack: bf16 caches stay within the storage bound, with f32 and bf16 products",
+          "[shared][stack]") {
   std::mt19937_64 rng(77);
   stack_fixture fx;
-  const std::vector<sharing_span> plan{{0, 1, 2}};
-  shared_stack stack(fx.layers(rng, "GFFG", plan), plan);
+  const bool products = GENERATE(false, true);
+  if (products) fx.products = product_math::bf16;
+  // donor 0 (GQA) -> 1..2; donor 3 (MLA) -> 4; donor 5 (TPA) -> 6
+  const std::vector<sharing_span> plan{{0, 1, 2}, {3, 4, 4}, {5, 6, 6}};
+  shared_stack stack(fx.layers(rng, "GFFMFTFG", plan), plan);
   const std::int64_t t = 24;
   const fmat x = random_matrix(rng, t, D);
   const auto pos = gapped_positions(rng, t, 0, 1);
@@ -234,10 +255,21 @@ TEST_CASE("shared stack: bf16 caches stay within the storage bound", "[shared][s
   thread_pool pool(2);
   double a = 0;
   for (double v : fx.a_max) a = std::max(a, v);
-  // K and V rounded to bf16: u_bf16 (1 + 2 A) per layer reading them (layer_fixture.hpp).
-  const double tol = fx.tolerance(t) + 4 * unit_roundoff<bf16>() * (1 + 2 * a) * 4;
-  for (const weights_form form : {weights_form::materialised, weights_form::flash})
-    CHECK(rel_error(run_stack<bf16>(stack, x, pos, 6, form, pool), ref) <= tol);
+  // K and V rounded to bf16: u_bf16 (1 + 2 A) per layer reading them (layer_fixture.hpp), twice
+  // with bf16 products (rounding_terms); 8 layers.
+  const double tol = fx.tolerance(t) + 4 * unit_roundoff<bf16>() * (1 + 2 * a) * 8 *
+                                           rounding_terms<bf16>(fx.products);
+  for (const std::int64_t chunk : {t, std::int64_t{6}, std::int64_t{1}}) {
+    INFO("products " << products << ", blocks of " << chunk << " tokens; tolerance " << tol);
+    const fmat materialised =
+        run_stack<bf16>(stack, x, pos, chunk, weights_form::materialised, pool);
+    const fmat flash = run_stack<bf16>(stack, x, pos, chunk, weights_form::flash, pool);
+    CHECK(rel_error(materialised, ref) <= tol);
+    CHECK(rel_error(flash, ref) <= tol);
+    // The flash follower recomputes its donor's scores with the donor's options, products
+    // included: the two forms differ by float round-off only, as with f32 products.
+    CHECK(rel_error(flash, to_double(materialised)) <= fx.forms_tolerance(t));
+  }
 }
 
 TEST_CASE("shared stack: cache bytes per token (Llama-2-7B shape, followers 23-26 of donor 22)",

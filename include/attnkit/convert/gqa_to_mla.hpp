@@ -96,6 +96,7 @@ inline std::pair<mla_checkpoint, conversion_report> gqa_to_mla_exact(
   m.config.nope_dim = 0;
   m.config.v_head_dim = dv;
   m.config.window = cfg.window;
+  m.config.products = cfg.products;
   const float gqa_scale = cfg.scale.value_or(1.f / std::sqrt(static_cast<float>(d)));
   // kv_b_proj: per head i, rows [W_UK (none) ; W_UV_i = select KV head j(i) of the latent].
   m.kv_b_proj = row_matrix<float>::Zero(h * dv, hkv * dv);

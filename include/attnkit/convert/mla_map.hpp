@@ -136,7 +136,8 @@ mla_checkpoint assemble(const gqa_config& cfg, const gqa_weights& w, const mla_m
                           .rope_heads = m.rope_heads,
                           .rope = m.rope,
                           .scale = m.scale,
-                          .window = cfg.window};
+                          .window = cfg.window,
+                          .products = cfg.products};
   const dmatrix kv = detail::kv_weights(w);
   dmatrix maps(dc + m.rope_heads * dr, kv.rows());  // [latent ; rope_key (on the k part)]
   maps << m.latent, m.rope_key, dmatrix::Zero(m.rope_key.rows(), kv.rows() - hkv * d);

@@ -34,7 +34,7 @@ enum class tile_strategy { automatic, streaming, gemm };
 ///         B_Q rounded (d a multiple of 32).
 ///         Where the CPU has no such products (bf16_products_available() in core/cpu.hpp), with
 ///         an odd d_qk, and on the streaming path of an AMX CPU it computes as f32. No effect on
-///         float and f16 caches.
+///         float and f16 caches. The layers take it as their configs' `products` field.
 enum class product_math { f32, bf16 };
 
 /// Per-call attention options: scale, masks, score modifiers, optional outputs and how the

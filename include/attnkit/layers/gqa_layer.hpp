@@ -35,6 +35,10 @@ struct gqa_config {
   std::optional<float> scale{};          ///< default 1/sqrt(head_dim)
   std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
   float rms_eps = 1e-6f;                 ///< epsilon of the optional q/k RMSNorm (QK-norm)
+  /// The arithmetic of the kernel's products over bf16 caches (core/options.hpp): f32 (the
+  /// cache's values widened exactly) or bf16 (queries and probabilities rounded too, on AMX
+  /// tiles or vdpbf16ps where the CPU has them). No effect on float and f16 caches.
+  product_math products = product_math::f32;
 };
 
 /// nn.Linear-layout weights with transformers' names: q_proj [H*d, D], k_proj [H_kv*d, D],
@@ -92,8 +96,10 @@ class gqa_layer {
   dense_cache<S> make_cache(std::int64_t capacity) const {
     return dense_cache<S>({cfg_.kv_heads, cfg_.head_dim, cfg_.v_head_dim, capacity});
   }
-  /// The attention options of this layer's kernel call.
-  attention_options options() const { return {.scale = cfg_.scale, .window = cfg_.window}; }
+  /// The attention options of this layer's kernel call (scale, window, products).
+  attention_options options() const {
+    return {.scale = cfg_.scale, .window = cfg_.window, .products = cfg_.products};
+  }
 
   /// Calls f(score source) with the roped queries of the last forward call over `cache` (which
   /// that call appended to): what a shared-attention follower's flash form recomputes this

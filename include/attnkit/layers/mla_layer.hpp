@@ -55,6 +55,10 @@ struct mla_config {
   float mscale = 1.f;            ///< YaRN attention factor: scale *= mscale^2
   std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
   bool fold_uv_into_o = false;  ///< absorbed path: precompute W_O W_UV (more memory, fewer steps)
+  /// The arithmetic of the kernel's products over bf16 caches (core/options.hpp): f32 (the
+  /// cache's values widened exactly) or bf16 (queries and probabilities rounded too, on AMX
+  /// tiles or vdpbf16ps where the CPU has them). No effect on float and f16 caches.
+  product_math products = product_math::f32;
 };
 
 /// DeepSeek's tensors, nn.Linear layout, as views (kept alive by the caller). Empty = absent.
@@ -121,8 +125,10 @@ class mla_layer {
     return extra <= 0 ? std::numeric_limits<std::int64_t>::max()
                       : dc * (cfg_.nope_dim + cfg_.v_head_dim) / extra;
   }
-  /// The attention options of this layer's kernel calls (scale and window).
-  attention_options options() const { return {.scale = scale(), .window = cfg_.window}; }
+  /// The attention options of this layer's kernel calls (scale, window, products).
+  attention_options options() const {
+    return {.scale = scale(), .window = cfg_.window, .products = cfg_.products};
+  }
   /// A latent cache of `capacity` tokens that fits this layer.
   template <storage_type S>
   latent_cache<S> make_cache(std::int64_t capacity) const {

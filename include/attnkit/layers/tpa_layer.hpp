@@ -53,6 +53,10 @@ struct tpa_config {
   std::optional<tpa_scales> scales{};  ///< default {1/R_Q, 1/R_K, 1/R_V} (q: 1 for KV-only)
   std::optional<float> scale{};        ///< softmax scale, default 1/sqrt(head_dim)
   std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
+  /// The arithmetic of the kernel's products over bf16 caches (core/options.hpp): f32 (the
+  /// cache's values widened exactly) or bf16 (queries and probabilities rounded too, on AMX
+  /// tiles or vdpbf16ps where the CPU has them). No effect on float and f16 caches.
+  product_math products = product_math::f32;
 };
 
 /// nn.Linear-layout weights (views; the caller keeps them alive). W_A_* [H R, D] with output
@@ -122,8 +126,10 @@ class tpa_layer {
     }
   }
 
-  /// The attention options of this layer's kernel calls (scale and window).
-  attention_options options() const { return {.scale = cfg_.scale, .window = cfg_.window}; }
+  /// The attention options of this layer's kernel calls (scale, window, products).
+  attention_options options() const {
+    return {.scale = cfg_.scale, .window = cfg_.window, .products = cfg_.products};
+  }
 
   /// Any cache taking factorized_append payloads whose view is a factor_view. `outputs`: the
   /// attention weights or LSE of the call as well (a shared-attention donor). A call that throws
