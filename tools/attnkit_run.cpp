@@ -32,6 +32,9 @@ const char* usage =
     "  --decode N        then time N single-token decode steps after a prompt (default 0)\n"
     "  --prompt N        prompt tokens before the decode steps (default 512)\n"
     "  --threads N       worker threads (default: all hardware threads)\n"
+    "  --cache S         KV-cache storage: f32 (default) | bf16 | f16\n"
+    "  --products P      f32 (default) | bf16: over a bf16 cache, queries and probabilities\n"
+    "                    rounded to bf16 too, on AMX tiles or vdpbf16ps where the CPU has them\n"
     "  --synthetic S     random weights of shape S instead of a checkpoint: llama3-8b\n"
     "  --layers N        layers of the synthetic model (default 4)\n"
     "  --json            machine-readable summary on stdout\n";
@@ -44,6 +47,8 @@ struct options {
   int threads = 0;
   std::string synthetic;
   std::int64_t layers = 4;
+  ak::model::decoder_options decoder;
+  std::string cache = "f32", products = "f32";
   bool json = false;
 };
 
@@ -64,7 +69,22 @@ options parse(int argc, char** argv) {
     else if (a.is("--decode")) o.decode = a.integer(0);
     else if (a.is("--prompt")) o.prompt = a.integer(1);
     else if (a.is("--threads")) o.threads = static_cast<int>(a.integer(1, 1024));
-    else if (a.is("--synthetic")) o.synthetic = a.value();
+    else if (a.is("--cache")) {
+      o.cache = a.value();
+      if (o.cache == "bf16")
+        o.decoder.storage = ak::model::cache_storage::bf16;
+      else if (o.cache == "f16")
+        o.decoder.storage = ak::model::cache_storage::f16;
+      else if (o.cache != "f32")
+        a.fail("--cache must be f32, bf16 or f16, got '" + o.cache + "'");
+    } else if (a.is("--products")) {
+      o.products = a.value();
+      if (o.products == "bf16")
+        o.decoder.products = ak::product_math::bf16;
+      else if (o.products != "f32")
+        a.fail("--products must be f32 or bf16, got '" + o.products + "'");
+    } else if (a.is("--synthetic"))
+      o.synthetic = a.value();
     else if (a.is("--layers")) o.layers = a.integer(1, 1024);
     else if (a.is("--json")) o.json = true;
     else if (a.positional() && o.model.empty()) o.model = a.current();
@@ -77,7 +97,7 @@ options parse(int argc, char** argv) {
 
 /// Llama-3-8B's shapes (D 4096, H 32, H_kv 8, d 128, F 14336, vocab 128256, theta 5e5 with the
 /// llama3 scaling) with `layers` layers and random weights (N(0, 0.02), norms 1).
-ak::model::decoder synthetic_llama3_8b(std::int64_t layers) {
+ak::model::decoder synthetic_llama3_8b(std::int64_t layers, const ak::model::decoder_options& opt) {
   ak::io::model_config c;
   c.family = ak::io::model_family::llama;
   c.vocab_size = 128256, c.hidden_size = 4096, c.intermediate_size = 14336, c.layers = layers;
@@ -86,17 +106,20 @@ ak::model::decoder synthetic_llama3_8b(std::int64_t layers) {
   g.rope = {.theta = 500000.0,
             .scaling = {.type = ak::rope_scaling_type::llama3, .factor = 8.0, .original_context = 8192}};
   c.gqa.assign(static_cast<std::size_t>(layers), g);
-  return ak::model::decoder(c, [](const std::string& name, const std::vector<std::int64_t>& shape, bool) {
-    std::int64_t n = 1;
-    for (auto e : shape) n *= e;
-    std::vector<float> w(static_cast<std::size_t>(n), 1.f);
-    if (shape.size() == 2) {
-      std::mt19937_64 rng(std::hash<std::string>{}(name));
-      std::normal_distribution<float> normal(0.f, 0.02f);
-      for (auto& x : w) x = normal(rng);
-    }
-    return ak::io::float_tensor(shape, std::move(w));
-  });
+  return ak::model::decoder(
+      c,
+      [](const std::string& name, const std::vector<std::int64_t>& shape, bool) {
+        std::int64_t n = 1;
+        for (auto e : shape) n *= e;
+        std::vector<float> w(static_cast<std::size_t>(n), 1.f);
+        if (shape.size() == 2) {
+          std::mt19937_64 rng(std::hash<std::string>{}(name));
+          std::normal_distribution<float> normal(0.f, 0.02f);
+          for (auto& x : w) x = normal(rng);
+        }
+        return ak::io::float_tensor(shape, std::move(w));
+      },
+      opt);
 }
 
 /// Sequences of token ids from the file (or random ones for a synthetic model).
@@ -117,10 +140,11 @@ int main(int argc, char** argv) {
     const options o = parse(argc, argv);
     ak::thread_pool pool(o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
     const auto t_load = std::chrono::steady_clock::now();
-    auto dec = o.synthetic.empty() ? ak::model::decoder::load(o.model)
+    auto dec = o.synthetic.empty() ? ak::model::decoder::load(o.model, o.decoder)
                : o.synthetic == "llama3-8b"
-                   ? synthetic_llama3_8b(o.layers)
-                   : throw ak::invalid_argument("attnkit-run: --synthetic must be llama3-8b, got '" + o.synthetic + "'");
+                   ? synthetic_llama3_8b(o.layers, o.decoder)
+                   : throw ak::invalid_argument(
+                         "attnkit-run: --synthetic must be llama3-8b, got '" + o.synthetic + "'");
     const double load_s = tools::seconds_since(t_load);
     const auto& cfg = dec.config();
     const auto rows = read_tokens(o, cfg.vocab_size);
@@ -183,6 +207,8 @@ int main(int argc, char** argv) {
     out.add("layers", cfg.layers);
     out.add("threads", static_cast<std::int64_t>(pool.concurrency()));
     out.add("kv_elements_per_token", dec.cache_elements_per_token());
+    out.add("cache", o.cache);
+    out.add("products", o.products);
     if (evaluate) {
       out.add("sequences", end - o.row_begin);
       out.add("predicted_tokens", predicted);

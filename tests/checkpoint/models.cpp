@@ -145,6 +145,101 @@ TEST_CASE("decoder: the tiny model's NLL equals transformers' float32 NLL, rows 
   check_tiny_nll(72, 100);
 }
 
+TEST_CASE(
+    "decoder: 16-bit caches and bf16 products move the tiny model's log-likelihoods by their "
+    "rounding only") {
+  // Rows 64-67 (2044 predicted tokens, prefilled in chunks of 128) over caches of each storage:
+  // every cached K and V value is rounded once (relative u_S: 2^-8 for bf16, 2^-11 for f16);
+  // bf16 products round the queries and probabilities to bf16 too. The change of each token's
+  // log-likelihood is proportional to u_S: its root mean square, measured at 1.2 u_S for both
+  // storages and 1.3 u_bf16 with bf16 products (docs/math.md, "16-bit caches in a trained
+  // model"), must stay below 3 u_S, which a tenfold precision loss breaks.
+  std::ifstream data(source_path("models/tiny-llama-bytes/data.bin"), std::ios::binary);
+  const std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(data)), {});
+  REQUIRE(bytes.size() == 80 * 512);
+  ak::thread_pool pool(2);
+  auto log_likelihoods = [&](ak::model::decoder_options opt) {
+    auto dec = ak::model::decoder::load(source_path("models/tiny-llama-bytes"), opt);
+    const std::int64_t t = 512, chunk = 128, v = dec.config().vocab_size;
+    std::vector<std::int64_t> pos(t);
+    for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
+    std::vector<double> out;
+    ak::row_matrix<float> logits(chunk, v);
+    for (int r = 64; r < 68; ++r) {
+      const std::vector<std::int32_t> row(bytes.begin() + r * 512, bytes.begin() + (r + 1) * 512);
+      auto caches = dec.make_caches(t);
+      for (std::int64_t c0 = 0; c0 < t; c0 += chunk) {
+        dec.forward(std::span(row).subspan(static_cast<std::size_t>(c0), chunk),
+                    std::span<const std::int64_t>(pos).subspan(static_cast<std::size_t>(c0), chunk),
+                    caches, ak::matrix_view<float>(logits.data(), {chunk, v}), pool);
+        for (std::int64_t i = 0; i < chunk && c0 + i + 1 < t; ++i) {
+          const auto l = logits.row(i).cast<double>();
+          const double m = l.maxCoeff();
+          out.push_back(l(row[static_cast<std::size_t>(c0 + i + 1)]) - m -
+                        std::log((l.array() - m).exp().sum()));
+        }
+      }
+    }
+    return out;
+  };
+  using ak::model::cache_storage;
+  const auto f32 = log_likelihoods({});
+  auto rms_change = [&](const std::vector<double>& x) {
+    double s = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) s += (x[i] - f32[i]) * (x[i] - f32[i]);
+    return std::sqrt(s / static_cast<double>(x.size()));
+  };
+  const auto bf16 = log_likelihoods({.storage = cache_storage::bf16});
+  const auto f16 = log_likelihoods({.storage = cache_storage::f16});
+  const auto products =
+      log_likelihoods({.storage = cache_storage::bf16, .products = ak::product_math::bf16});
+  const double u_bf16 = 0x1p-8, u_f16 = 0x1p-11;
+  const double r_bf16 = rms_change(bf16) / u_bf16, r_f16 = rms_change(f16) / u_f16,
+               r_products = rms_change(products) / u_bf16;
+  CAPTURE(r_bf16, r_f16, r_products);
+  CHECK(f32.size() == 4 * 511);
+  CHECK(r_bf16 > 0);  // the caches hold bf16
+  CHECK(r_f16 > 0);
+  CHECK(r_bf16 <= 3);
+  CHECK(r_f16 <= 3);
+  CHECK(r_products <= 3);
+  if (ak::bf16_products_available())
+    CHECK(products != bf16);
+  else
+    CHECK(products == bf16);  // computed as f32 over the same bf16 cache
+}
+
+TEST_CASE("decoder: every family runs over bf16 caches with bf16 products") {
+  // The random test checkpoints (dense and latent caches): logits within a few bf16 roundings
+  // of the float cache's, measured 1.3-2.6 u_bf16 of the largest logit; bound 8.
+  ak::thread_pool pool(2);
+  for (const char* family : {"llama", "qwen3", "deepseek_v2", "deepseek_v3"}) {
+    CAPTURE(family);
+    const auto dir = source_path("tests/data/checkpoints") / family;
+    const auto ref = read_reference(dir);
+    const std::int64_t t = static_cast<std::int64_t>(ref.tokens.size());
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
+    for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(i)] = i;
+    auto logits = [&](ak::model::decoder_options opt) {
+      auto dec = ak::model::decoder::load(dir, opt);
+      const std::int64_t v = dec.config().vocab_size;
+      ak::row_matrix<float> out(t, v);
+      auto caches = dec.make_caches(t);
+      CHECK(caches[0].index() == (opt.storage == ak::model::cache_storage::bf16 ? 2u : 0u) +
+                                     (dec.config().is_mla() ? 1u : 0u));
+      dec.forward(ref.tokens, pos, caches, ak::matrix_view<float>(out.data(), {t, v}), pool);
+      return out;
+    };
+    const auto f32 = logits({});
+    const auto b16 =
+        logits({.storage = ak::model::cache_storage::bf16, .products = ak::product_math::bf16});
+    const auto [d, m] = max_diff(b16.data(), f32.data(), f32.size());
+    CAPTURE(d / (0x1p-8 * m));
+    CHECK(d > 0);
+    CHECK(d <= 8 * 0x1p-8 * m);
+  }
+}
+
 TEST_CASE("decoder: bad calls throw and name what is wrong") {
   auto dec = ak::model::decoder::load(source_path("tests/data/checkpoints/qwen3"));
   auto caches = dec.make_caches(8);

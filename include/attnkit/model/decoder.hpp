@@ -5,9 +5,9 @@
 //   per layer: h += attention(RMSNorm(h)); h += down(silu(gate(n)) * up(n)), n = RMSNorm(h)
 //   logits = lm_head(RMSNorm(h))
 // with the attention of each layer a gqa_layer (Llama, Mistral, Qwen2, Qwen3) or an mla_layer
-// (DeepSeek-V2/V3) over a float cache. Weights stay in the mapped checkpoint where they are f32
-// (zero copy) and are converted to float once otherwise. Not thread-safe: one decoder per
-// thread of control (the executor parallelises inside each call).
+// (DeepSeek-V2/V3) over a cache of float, bf16 or f16 (decoder_options). Weights stay in the mapped
+// checkpoint where they are f32 (zero copy) and are converted to float once otherwise. Not
+// thread-safe: one decoder per thread of control (the executor parallelises inside each call).
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -40,13 +40,25 @@ struct time_split {
   double other_s = 0;      ///< seconds in everything else
 };
 
+/// The storage of the decoder's KV caches: float, or bf16 / f16 (half the bytes; each cached value
+/// rounded once, when appended: docs/integration.md, "Storage types and their accuracy").
+enum class cache_storage { f32, bf16, f16 };
+
+/// How the decoder's attention keeps and reads its past: the caches' storage and the arithmetic
+/// of the products over bf16 caches (core/options.hpp; the layers' configs take it).
+struct decoder_options {
+  cache_storage storage = cache_storage::f32;  ///< what make_caches makes
+  product_math products = product_math::f32;   ///< every attention layer's products
+};
+
 /// A dense decoder-only model (embedding, per layer RMSNorm + attention of any variant the
 /// checkpoint holds + RMSNorm + SwiGLU MLP, final norm, lm_head) loaded from a Hugging Face
 /// checkpoint; forward, next-token NLL and per-layer hooks for conversion calibration.
 class decoder {
  public:
-  /// One layer's cache: dense (GQA families) or latent (MLA).
-  using cache = std::variant<dense_cache<float>, latent_cache<float>>;
+  /// One layer's cache: dense (GQA families) or latent (MLA), of any storage.
+  using cache = std::variant<dense_cache<float>, latent_cache<float>, dense_cache<bf16>,
+                             latent_cache<bf16>, dense_cache<half>, latent_cache<half>>;
   /// Called with each layer's attention input (the normed hidden state) [T, D].
   using observer = std::function<void(std::int64_t layer, matrix_view<const float> x)>;
 
@@ -56,18 +68,20 @@ class decoder {
       const std::string& name, const std::vector<std::int64_t>& shape, bool optional)>;
 
   /// A checkpoint folder: config.json + model.safetensors or a sharded index.
-  static decoder load(const std::filesystem::path& dir) {
+  static decoder load(const std::filesystem::path& dir, const decoder_options& options = {}) {
     auto ckpt = std::make_shared<io::checkpoint>(dir);
-    return decoder(io::read_model_config(dir),
-                   [ckpt](const std::string& name, const std::vector<std::int64_t>& shape, bool optional) {
-                     return optional ? ckpt->load_optional(name, shape) : ckpt->load(name, shape);
-                   });
+    return decoder(
+        io::read_model_config(dir),
+        [ckpt](const std::string& name, const std::vector<std::int64_t>& shape, bool optional) {
+          return optional ? ckpt->load_optional(name, shape) : ckpt->load(name, shape);
+        },
+        options);
   }
 
   /// Weights from any source (a checkpoint, a conversion in memory, synthetic ones). The
   /// decoder keeps the source, and with it whatever borrowed tensors point into.
-  decoder(io::model_config cfg, tensor_source source)
-      : cfg_(std::move(cfg)), source_(std::move(source)) {
+  decoder(io::model_config cfg, tensor_source source, const decoder_options& options = {})
+      : cfg_(std::move(cfg)), source_(std::move(source)), options_(options) {
     const std::int64_t d = cfg_.hidden_size, v = cfg_.vocab_size, f = cfg_.intermediate_size;
     embed_ = keep("model.embed_tokens.weight", {v, d});
     final_norm_ = keep("model.norm.weight", {d});
@@ -87,26 +101,39 @@ class decoder {
       }
       layers_.push_back(w);
       if (cfg_.is_mla())
-        attention_.emplace_back(make_mla(p + "self_attn.", cfg_.mla[static_cast<std::size_t>(i)]));
+        attention_.emplace_back(
+            make_mla(p + "self_attn.", with_options(cfg_.mla[static_cast<std::size_t>(i)])));
       else
-        attention_.emplace_back(make_gqa(p + "self_attn.", cfg_.gqa[static_cast<std::size_t>(i)]));
+        attention_.emplace_back(
+            make_gqa(p + "self_attn.", with_options(cfg_.gqa[static_cast<std::size_t>(i)])));
     }
   }
 
   const io::model_config& config() const { return cfg_; }  ///< what config.json said
+  const decoder_options& options() const { return options_; }  ///< caches' storage, products
 
-  /// One float cache per layer, for `capacity` tokens.
+  /// One cache per layer of options().storage, for `capacity` tokens.
   std::vector<cache> make_caches(std::int64_t capacity) const {
     std::vector<cache> out;
     for (std::int64_t l = 0; l < cfg_.layers; ++l) out.push_back(make_cache(l, capacity));
     return out;
   }
-  /// The float cache of layer l alone (a caller running one layer at a time).
+  /// The cache of layer l alone (a caller running one layer at a time).
   cache make_cache(std::int64_t l, std::int64_t capacity) const {
     ::attnkit::detail::require(l >= 0 && l < cfg_.layers, "decoder::make_cache: layer ", l, " outside [0, ",
                                cfg_.layers, ")");
-    return std::visit([&](const auto& a) { return cache(a.template make_cache<float>(capacity)); },
-                      attention_[static_cast<std::size_t>(l)]);
+    return std::visit(
+        [&](const auto& a) {
+          switch (options_.storage) {
+            case cache_storage::bf16:
+              return cache(a.template make_cache<bf16>(capacity));
+            case cache_storage::f16:
+              return cache(a.template make_cache<half>(capacity));
+            default:
+              return cache(a.template make_cache<float>(capacity));
+          }
+        },
+        attention_[static_cast<std::size_t>(l)]);
   }
   /// KV-cache elements per token summed over the layers (what the cache holds).
   std::int64_t cache_elements_per_token() const {
@@ -231,6 +258,13 @@ class decoder {
     return i < 0 ? matrix_view<const float>{} : tensor(i).matrix();
   }
 
+  /// A layer's config (from config.json) with the decoder's products.
+  template <class Config>
+  Config with_options(Config c) const {
+    c.products = options_.products;
+    return c;
+  }
+
   gqa_layer make_gqa(const std::string& p, const gqa_config& c) {
     const std::int64_t d = c.model_dim, h = c.heads, hkv = c.kv_heads, dq = c.head_dim,
                        dv = c.v_head_dim ? c.v_head_dim : c.head_dim;
@@ -314,14 +348,18 @@ class decoder {
     a_.resize(h_.rows(), h_.cols());
     const auto t1 = clock::now();
     std::visit(
-        [&](auto& layer) {
+        [&](auto& layer, auto& kv) {
           using L = std::decay_t<decltype(layer)>;
-          using C = std::conditional_t<std::is_same_v<L, gqa_layer>, dense_cache<float>, latent_cache<float>>;
-          ::attnkit::detail::require(std::holds_alternative<C>(c), "decoder: the cache of layer ", l,
-                                     " does not fit its attention (make_caches makes the right ones)");
-          layer.forward(view_of(n_), positions, std::get<C>(c), mut_view_of(a_), exec);
+          using C = std::decay_t<decltype(kv)>;
+          if constexpr (std::is_same_v<L, gqa_layer> ==
+                        std::is_same_v<C, dense_cache<typename C::storage_type>>)
+            layer.forward(view_of(n_), positions, kv, mut_view_of(a_), exec);
+          else
+            ::attnkit::detail::throw_invalid(
+                "decoder: the cache of layer ", l,
+                " does not fit its attention (make_caches makes the right ones)");
         },
-        attention_[static_cast<std::size_t>(l)]);
+        attention_[static_cast<std::size_t>(l)], c);
     const auto t2 = clock::now();
     h_ += a_;
     norm(h_, tensor(w.post_norm).span(), n_);
@@ -356,6 +394,7 @@ class decoder {
 
   io::model_config cfg_;
   tensor_source source_;
+  decoder_options options_;
   std::vector<io::float_tensor> tensors_;  // every weight used, borrowed or converted
   std::int64_t embed_ = -1, final_norm_ = -1, lm_head_ = -1;
   std::vector<layer_weights> layers_;
