@@ -40,15 +40,50 @@ TEMPLATE_TEST_CASE("gqa_layer matches the double reference layer", "[layer]", fl
   layer.forward(view_of(x), pos, cache, view_of(y), pool);
   CHECK(cache.size() == t);
 
-  const std::int64_t dv = cfg.v_head_dim ? cfg.v_head_dim : cfg.head_dim;
-  (void)dv;
-  const auto ref = reference::gqa_layer_forward(to_double(x), pos, w.reference_weights(), cfg.heads,
-                                                cfg.kv_heads, cfg.head_dim, cfg.rope,
-                                                1.0 / std::sqrt(double(cfg.head_dim)), cfg.window);
-  const double tol = layer_rel_tolerance<S>(cfg, t, layer_a_max(w, x));
+  const double scale = 1.0 / std::sqrt(double(cfg.head_dim)), a = layer_a_max(w, x);
+  const auto ref =
+      reference::gqa_layer_forward(to_double(x), pos, w.reference_weights(), cfg.heads,
+                                   cfg.kv_heads, cfg.head_dim, cfg.rope, scale, cfg.window);
+  const double tol = layer_rel_tolerance<S>(cfg, t, a);
   INFO("storage=" << storage_name<S>() << " products=" << products << " H=" << cfg.heads << " H_kv="
                   << hkv << " biases=" << biases << " qk_norm=" << qk_norm << " tol=" << tol);
   CHECK(rel_error(to_double(y), ref) <= tol);
+
+  if constexpr (!std::same_as<S, float>) {
+    // The storage term above is a worst case, far above the errors a 16-bit cache makes, so
+    // the two halves are also checked tightly. The cache holds the reference's K and V each
+    // rounded once to S: within u_S of the element, plus the float layer's own projection and
+    // RoPE error (64 u of the largest element: a fraction of a 16-bit rounding).
+    const auto heads = reference::gqa_heads(to_double(x), pos, w.reference_weights(), cfg.heads,
+                                            hkv, cfg.head_dim, cfg.rope);
+    const std::int64_t dq = cfg.head_dim, dv = cfg.v_head_dim ? cfg.v_head_dim : dq;
+    dmat k(t, hkv * dq), v(t, hkv * dv);
+    const auto kv = cache.view();
+    for (std::int64_t i = 0; i < t; ++i)
+      for (std::int64_t j = 0; j < hkv; ++j) {
+        for (std::int64_t c = 0; c < dq; ++c)
+          k(i, j * dq + c) = static_cast<float>(kv.keys().row(j, i)[c]);
+        for (std::int64_t c = 0; c < dv; ++c)
+          v(i, j * dv + c) = static_cast<float>(kv.values().row(j, i)[c]);
+      }
+    auto worst_rounding = [](const dmat& stored, const dmat& exact) {
+      const double slack = 64 * u * exact.cwiseAbs().maxCoeff();
+      return ((stored - exact).cwiseAbs().array() /
+              (unit_roundoff<S>() * exact.cwiseAbs().array() + slack))
+          .maxCoeff();
+    };
+    CHECK(worst_rounding(k, heads.k) <= 1);
+    CHECK(worst_rounding(v, heads.v) <= 1);
+    // The layer's output is the reference's attention over what the cache holds, to float
+    // round-off (with f32 products: bf16 products round the queries too).
+    if (!products) {
+      const auto r =
+          reference::attention(heads.q, pos, k, v, pos, cfg.heads, hkv, scale, true, cfg.window);
+      dmat over_cache = r.out * w.reference_weights().o.transpose();
+      if (!w.ob.empty()) over_cache.rowwise() += w.reference_weights().o_bias.transpose();
+      CHECK(rel_error(to_double(y), over_cache) <= layer_rel_tolerance<float>(cfg, t, a));
+    }
+  }
 }
 
 TEST_CASE("gqa_layer with per-KV-head RoPE frequency tables matches the reference",
