@@ -256,6 +256,9 @@ TEST_CASE("decoder: bad calls throw and name what is wrong") {
   CHECK_THROWS_WITH(dec.forward(tok, pos, caches, ak::matrix_view<float>(wrong.data(), {1, 3})),
                     contains("logits must be"));
   CHECK_THROWS_AS(dec.nll(std::vector<std::int32_t>{1}), ak::invalid_argument);
+  const auto odd = ak::model::decoder::load(source_path("tests/data/checkpoints/qwen3"),
+                                            {.storage = static_cast<ak::model::cache_storage>(7)});
+  CHECK_THROWS_WITH(odd.make_caches(8), contains("storage 7 is none of f32, bf16, f16"));
   // A checkpoint whose tensor has the wrong shape for its config.
   const test_dir dir("decoder-shape");
   std::filesystem::copy(source_path("tests/data/checkpoints/qwen3/config.json"), dir.path / "config.json");

@@ -35,9 +35,8 @@ struct gqa_config {
   std::optional<float> scale{};          ///< default 1/sqrt(head_dim)
   std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
   float rms_eps = 1e-6f;                 ///< epsilon of the optional q/k RMSNorm (QK-norm)
-  /// The arithmetic of the kernel's products over bf16 caches (core/options.hpp): f32 (the
-  /// cache's values widened exactly) or bf16 (queries and probabilities rounded too, on AMX
-  /// tiles or vdpbf16ps where the CPU has them). No effect on float and f16 caches.
+  /// The products' arithmetic over bf16 caches (core/options.hpp): f32, or bf16 on AMX tiles or
+  /// vdpbf16ps where the CPU has them.
   product_math products = product_math::f32;
 };
 

@@ -55,9 +55,8 @@ struct mla_config {
   float mscale = 1.f;            ///< YaRN attention factor: scale *= mscale^2
   std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
   bool fold_uv_into_o = false;  ///< absorbed path: precompute W_O W_UV (more memory, fewer steps)
-  /// The arithmetic of the kernel's products over bf16 caches (core/options.hpp): f32 (the
-  /// cache's values widened exactly) or bf16 (queries and probabilities rounded too, on AMX
-  /// tiles or vdpbf16ps where the CPU has them). No effect on float and f16 caches.
+  /// The products' arithmetic over bf16 caches (core/options.hpp): f32, or bf16 on AMX tiles or
+  /// vdpbf16ps where the CPU has them.
   product_math products = product_math::f32;
 };
 

@@ -53,9 +53,8 @@ struct tpa_config {
   std::optional<tpa_scales> scales{};  ///< default {1/R_Q, 1/R_K, 1/R_V} (q: 1 for KV-only)
   std::optional<float> scale{};        ///< softmax scale, default 1/sqrt(head_dim)
   std::optional<std::int64_t> window{};  ///< sliding window (keys with q_pos - k_pos < window)
-  /// The arithmetic of the kernel's products over bf16 caches (core/options.hpp): f32 (the
-  /// cache's values widened exactly) or bf16 (queries and probabilities rounded too, on AMX
-  /// tiles or vdpbf16ps where the CPU has them). No effect on float and f16 caches.
+  /// The products' arithmetic over bf16 caches (core/options.hpp): f32, or bf16 on AMX tiles or
+  /// vdpbf16ps where the CPU has them.
   product_math products = product_math::f32;
 };
 

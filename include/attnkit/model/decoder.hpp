@@ -125,13 +125,16 @@ class decoder {
     return std::visit(
         [&](const auto& a) {
           switch (options_.storage) {
+            case cache_storage::f32:
+              return cache(a.template make_cache<float>(capacity));
             case cache_storage::bf16:
               return cache(a.template make_cache<bf16>(capacity));
             case cache_storage::f16:
               return cache(a.template make_cache<half>(capacity));
-            default:
-              return cache(a.template make_cache<float>(capacity));
           }
+          ::attnkit::detail::throw_invalid("decoder_options: storage ",
+                                           static_cast<int>(options_.storage),
+                                           " is none of f32, bf16, f16");
         },
         attention_[static_cast<std::size_t>(l)]);
   }
