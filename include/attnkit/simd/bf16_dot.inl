@@ -69,21 +69,34 @@ inline void pack_row_pairs(const T* const* src_rows, std::int64_t rows, std::int
   }
 }
 
+/// How a micro-tile reaches its MR rows of A: `unit` (a_rs == 2: the rows' words adjacent),
+/// `strided` (a whole tile at any row stride: MR / 4 base pointers, each reaching its four rows
+/// through the addressing modes base + {0, 1, 2, 3} x stride, where a pointer per row would
+/// spill), `clamped` (the last, partial tile: a pointer per row, rows past the end repeating
+/// the last one).
+enum class a_rows { unit, strided, clamped };
+
 /// One MR x 16 NV micro-tile of C (+)= A B over `pairs` depth pairs: A's pair (i, k) is the word
-/// at a + i * a_rs + k * a_cs (bf16 elements; UnitRows: a_rs == 2, the rows' words adjacent),
-/// B's pair (k, j) is b[k * b_rs + j]. Rows past `rows` repeat the last one (computed, not
-/// stored), columns past `cols` are masked.
-template <bool Accumulate, int MR, int NV, bool UnitRows>
+/// at a + i * a_rs + k * a_cs (bf16 elements), B's pair (k, j) is b[k * b_rs + j]. Rows past
+/// `rows` (a_rows::clamped) repeat the last one (computed, not stored), columns past `cols` are
+/// masked.
+template <bool Accumulate, int MR, int NV, a_rows Rows>
 inline void dot_tile(std::int64_t i0, std::int64_t j0, std::int64_t rows, std::int64_t cols,
                      std::int64_t pairs, const bf16* a, std::int64_t a_rs, std::int64_t a_cs,
                      const std::uint32_t* b, std::int64_t b_rs, float* c, std::int64_t ldc) {
+  static_assert(Rows != a_rows::strided || MR % 4 == 0);
   __mmask16 mk[NV];
   ATTNKIT_UNROLL
   for (int v = 0; v < NV; ++v) mk[v] = V::first(cols - j0 - 16 * v);
-  const bf16* ar[MR];
+  // unit: ar[0], row i0's; strided: ar[q], row i0 + 4 q's, stepped by a_cs; clamped: ar[r].
+  constexpr int pointers = Rows == a_rows::unit ? 1 : Rows == a_rows::strided ? MR / 4 : MR;
+  const bf16* ar[pointers];
   ATTNKIT_UNROLL
-  for (int r = 0; r < MR; ++r)
-    ar[r] = a + (UnitRows ? 2 * (i0 + r) : std::min<std::int64_t>(i0 + r, rows - 1) * a_rs);
+  for (int q = 0; q < pointers; ++q)
+    ar[q] = a + (Rows == a_rows::unit      ? 2 * i0
+                 : Rows == a_rows::strided ? (i0 + 4 * q) * a_rs
+                                           : std::min<std::int64_t>(i0 + q, rows - 1) * a_rs);
+  const std::int64_t rs = a_rs, rs3 = 3 * a_rs;
   __m512 acc[MR][NV];
   ATTNKIT_UNROLL
   for (int r = 0; r < MR; ++r) {
@@ -99,13 +112,22 @@ inline void dot_tile(std::int64_t i0, std::int64_t j0, std::int64_t rows, std::i
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_epi32(mk[v], bk + 16 * v);
     ATTNKIT_UNROLL
     for (int r = 0; r < MR; ++r) {
-      std::uint32_t w;
-      std::memcpy(&w, (UnitRows ? ar[0] + 2 * r : ar[r]) + k * a_cs, sizeof w);
-      const __m512i av = _mm512_set1_epi32(static_cast<int>(w));
+      const bf16* p = Rows == a_rows::unit      ? ar[0] + 2 * r + k * a_cs
+                      : Rows == a_rows::clamped ? ar[r % pointers] + k * a_cs
+                      : r % 4 == 3              ? ar[r / 4 % pointers] + rs3
+                                                : ar[r / 4 % pointers] + (r % 4) * rs;
+      // The pair broadcast by the product's memory operand ({1to16}): written with the
+      // intrinsics, GCC issues a separate vpbroadcastd per pair, an instruction as costly as the
+      // product on Zen 4, where the one-vector-wide tiles take one pair per product.
       ATTNKIT_UNROLL
       for (int v = 0; v < NV; ++v)
-        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], reinterpret_cast<__m512bh>(av),
-                                     reinterpret_cast<__m512bh>(bv[v]));
+        asm("vdpbf16ps %[a]%{1to16%}, %[b], %[acc]"
+            : [acc] "+v"(acc[r][v])
+            : [b] "v"(bv[v]), [a] "m"(*reinterpret_cast<const char(*)[4]>(p)));
+    }
+    if constexpr (Rows == a_rows::strided) {
+      ATTNKIT_UNROLL
+      for (int q = 0; q < pointers; ++q) ar[q] += a_cs;
     }
   }
   ATTNKIT_UNROLL
@@ -117,19 +139,24 @@ inline void dot_tile(std::int64_t i0, std::int64_t j0, std::int64_t rows, std::i
   }
 }
 
-template <bool Accumulate, int MR, int NV, bool UnitRows>
+template <bool Accumulate, int MR, int NV>
 inline void dot_tiles(std::int64_t rows, std::int64_t cols, std::int64_t pairs, const bf16* a,
                       std::int64_t a_rs, std::int64_t a_cs, const std::uint32_t* b,
                       std::int64_t b_rs, float* c, std::int64_t ldc) {
   for (std::int64_t j0 = 0; j0 < cols; j0 += 16 * NV) {
     std::int64_t i0 = 0;
-    if constexpr (UnitRows) {  // whole tiles read adjacent words; the rest as a general A
+    if (a_rs == 2) {
       for (; i0 + MR <= rows; i0 += MR)
-        dot_tile<Accumulate, MR, NV, true>(i0, j0, rows, cols, pairs, a, 2, a_cs, b, b_rs, c, ldc);
+        dot_tile<Accumulate, MR, NV, a_rows::unit>(i0, j0, rows, cols, pairs, a, 2, a_cs, b, b_rs,
+                                                   c, ldc);
+    } else {
+      for (; i0 + MR <= rows; i0 += MR)
+        dot_tile<Accumulate, MR, NV, a_rows::strided>(i0, j0, rows, cols, pairs, a, a_rs, a_cs, b,
+                                                      b_rs, c, ldc);
     }
     for (; i0 < rows; i0 += MR)
-      dot_tile<Accumulate, MR, NV, false>(i0, j0, rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c,
-                                          ldc);
+      dot_tile<Accumulate, MR, NV, a_rows::clamped>(i0, j0, rows, cols, pairs, a, a_rs, a_cs, b,
+                                                    b_rs, c, ldc);
   }
 }
 
@@ -139,16 +166,10 @@ template <bool Accumulate>
 inline void gemm_pairs(std::int64_t rows, std::int64_t cols, std::int64_t pairs, const bf16* a,
                        std::int64_t a_rs, std::int64_t a_cs, const std::uint32_t* b,
                        std::int64_t b_rs, float* c, std::int64_t ldc) {
-  if (a_rs == 2) {
-    if (cols <= 16)
-      dot_tiles<Accumulate, 16, 1, true>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
-    else
-      dot_tiles<Accumulate, 8, 2, true>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
-  } else if (cols <= 16) {
-    dot_tiles<Accumulate, 16, 1, false>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
-  } else {
-    dot_tiles<Accumulate, 8, 2, false>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
-  }
+  if (cols <= 16)
+    dot_tiles<Accumulate, 16, 1>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
+  else
+    dot_tiles<Accumulate, 8, 2>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
 }
 
 /// The streaming score block on pairs (a decode step's few query rows, product_math::bf16):
