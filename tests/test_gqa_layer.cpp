@@ -51,29 +51,15 @@ TEMPLATE_TEST_CASE("gqa_layer matches the double reference layer", "[layer]", fl
 
   if constexpr (!std::same_as<S, float>) {
     // The storage term above is a worst case, far above the errors a 16-bit cache makes, so
-    // the two halves are also checked tightly. The cache holds the reference's K and V each
-    // rounded once to S: within u_S of the element, plus the float layer's own projection and
-    // RoPE error (64 u of the largest element: a fraction of a 16-bit rounding).
+    // the two halves are also checked tightly: the cache holds the reference's K and V each
+    // rounded once to S (worst_rounding), and the output is the reference's attention over them.
     const auto heads = reference::gqa_heads(to_double(x), pos, w.reference_weights(), cfg.heads,
                                             hkv, cfg.head_dim, cfg.rope);
-    const std::int64_t dq = cfg.head_dim, dv = cfg.v_head_dim ? cfg.v_head_dim : dq;
-    dmat k(t, hkv * dq), v(t, hkv * dv);
     const auto kv = cache.view();
-    for (std::int64_t i = 0; i < t; ++i)
-      for (std::int64_t j = 0; j < hkv; ++j) {
-        for (std::int64_t c = 0; c < dq; ++c)
-          k(i, j * dq + c) = static_cast<float>(kv.keys().row(j, i)[c]);
-        for (std::int64_t c = 0; c < dv; ++c)
-          v(i, j * dv + c) = static_cast<float>(kv.values().row(j, i)[c]);
-      }
-    auto worst_rounding = [](const dmat& stored, const dmat& exact) {
-      const double slack = 64 * u * exact.cwiseAbs().maxCoeff();
-      return ((stored - exact).cwiseAbs().array() /
-              (unit_roundoff<S>() * exact.cwiseAbs().array() + slack))
-          .maxCoeff();
-    };
-    CHECK(worst_rounding(k, heads.k) <= 1);
-    CHECK(worst_rounding(v, heads.v) <= 1);
+    const dmat k = cached_rows(kv.keys(), t, hkv, cfg.head_dim),
+               v = cached_rows(kv.values(), t, hkv, cfg.v_head_dim ? cfg.v_head_dim : cfg.head_dim);
+    CHECK(worst_rounding<S>(k, heads.k) <= 1);
+    CHECK(worst_rounding<S>(v, heads.v) <= 1);
     // The layer's output is the reference's attention over what the cache holds, to float
     // round-off (with f32 products: bf16 products round the queries too).
     if (!products) {

@@ -66,6 +66,24 @@ TEMPLATE_TEST_CASE("mla_layer matches the double reference on both paths", "[mla
                  << " q_lora=" << cfg.q_lora_rank << " biases=" << biases << " norm=" << norm
                  << " layout=" << to_string(cfg.rope.layout) << " tol=" << tol);
     CHECK(rel_error(to_double(y), ref) <= tol);
+    if constexpr (!std::same_as<S, float>) {
+      // The storage term above is a worst case: the cache must also hold the reference's latent
+      // rows [c | k_rope of each rope group], each element rounded once to S.
+      const auto rw = w.reference_weights();
+      const std::int64_t dc = cfg.latent_dim, dr = cfg.rope_dim, nr = cfg.rope_heads,
+                         dqk = cfg.nope_dim + dr, g = cfg.heads / nr;
+      reference::matrix kva = to_double(x) * rw.kv_a_proj_with_mqa.transpose();
+      if (rw.kv_a_proj_bias.size()) kva.rowwise() += rw.kv_a_proj_bias.transpose();
+      reference::matrix want(t, dc + nr * dr);
+      want.leftCols(dc) =
+          rw.kv_a_layernorm.size()
+              ? reference::rms_norm_rows(kva.leftCols(dc), rw.kv_a_layernorm, w.shape().rms_eps)
+              : reference::matrix(kva.leftCols(dc));
+      const auto heads = reference::mla_materialise(to_double(x), pos, rw, w.shape(), cfg.rope);
+      for (std::int64_t grp = 0; grp < nr; ++grp)  // the group's first head holds its k_rope
+        want.middleCols(dc + grp * dr, dr) = heads.k.middleCols(grp * g * dqk + cfg.nope_dim, dr);
+      CHECK(worst_rounding<S>(cached_rows(cache.view().keys(), t, 1, dc + nr * dr), want) <= 1);
+    }
   }
 }
 

@@ -49,6 +49,29 @@ double rounding_terms(product_math products) {
   return std::same_as<S, bf16> && products == product_math::bf16 ? 2 : 1;
 }
 
+/// A cache's rows as double [T, heads * width]: row (t, j * width + c) = rows.row(j, t)[c].
+template <storage_type S>
+dmat cached_rows(const row_set<S>& rows, std::int64_t t, std::int64_t heads, std::int64_t width) {
+  dmat m(t, heads * width);
+  for (std::int64_t i = 0; i < t; ++i)
+    for (std::int64_t j = 0; j < heads; ++j)
+      for (std::int64_t c = 0; c < width; ++c)
+        m(i, j * width + c) = static_cast<float>(rows.row(j, i)[c]);
+  return m;
+}
+
+/// The largest |stored - exact| / (u_S |exact| + 64 u max|exact|): at most 1 where every stored
+/// element is the exact one rounded once to S after a float computation's own error (well under
+/// 64 u of the largest element for the layers' projections, norms and RoPE). A tenfold loss of
+/// the storage's precision breaks it.
+template <storage_type S>
+double worst_rounding(const dmat& stored, const dmat& exact) {
+  const double slack = 64 * u * exact.cwiseAbs().maxCoeff();
+  return ((stored - exact).cwiseAbs().array() /
+          (unit_roundoff<S>() * exact.cwiseAbs().array() + slack))
+      .maxCoeff();
+}
+
 /// Rounds every element through storage type S (what a cache of S stores).
 template <storage_type S>
 fmat round_trip(const fmat& m) {
