@@ -82,7 +82,27 @@ TEMPLATE_TEST_CASE("mla_layer matches the double reference on both paths", "[mla
       const auto heads = reference::mla_materialise(to_double(x), pos, rw, w.shape(), cfg.rope);
       for (std::int64_t grp = 0; grp < nr; ++grp)  // the group's first head holds its k_rope
         want.middleCols(dc + grp * dr, dr) = heads.k.middleCols(grp * g * dqk + cfg.nope_dim, dr);
-      CHECK(worst_rounding<S>(cached_rows(cache.view().keys(), t, 1, dc + nr * dr), want) <= 1);
+      const dmat rows = cached_rows(cache.view().keys(), t, 1, dc + nr * dr);
+      CHECK(worst_rounding<S>(rows, want) <= 1);
+      // And the output is the reference's attention over the per-head K and V those rows form
+      // (W_UK c and the group's k_rope; W_UV c), to float round-off with f32 products.
+      if (!products) {
+        const std::int64_t dn = cfg.nope_dim, dv = cfg.v_head_dim;
+        reference::matrix kv = rows.leftCols(dc) * rw.kv_b_proj.transpose();
+        if (rw.kv_b_proj_bias.size()) kv.rowwise() += rw.kv_b_proj_bias.transpose();
+        reference::matrix k(t, cfg.heads * dqk), v(t, cfg.heads * dv);
+        for (std::int64_t hh = 0; hh < cfg.heads; ++hh) {
+          k.middleCols(hh * dqk, dn) = kv.middleCols(hh * (dn + dv), dn);
+          k.middleCols(hh * dqk + dn, dr) = rows.middleCols(dc + hh / g * dr, dr);
+          v.middleCols(hh * dv, dv) = kv.middleCols(hh * (dn + dv) + dn, dv);
+        }
+        const auto r =
+            reference::attention(heads.q, pos, k, v, pos, cfg.heads, cfg.heads, w.scale());
+        reference::matrix over_cache = r.out * rw.o_proj.transpose();
+        if (rw.o_proj_bias.size()) over_cache.rowwise() += rw.o_proj_bias.transpose();
+        CHECK(rel_error(to_double(y), over_cache) <=
+              mla_rel_tolerance<float>(cfg, t, mla_a_max(w, x, pos)));
+      }
     }
   }
 }

@@ -168,6 +168,39 @@ TEMPLATE_TEST_CASE("tpa_layer matches the double reference (full, KV-only, fixed
                  << " products=" << products << " H=" << cfg.heads << " R=" << cfg.q_rank << "/"
                  << cfg.k_rank << "/" << cfg.v_rank << " fixed=" << fixed << " tol=" << tol);
     CHECK(rel_error(to_double(y), ref) <= tol);
+    if constexpr (!std::same_as<S, float>) {
+      // The storage term above is a worst case, far above what a 16-bit cache costs, so the two
+      // halves are also checked tightly: the cache holds the reference's factors each rounded
+      // once to S, and the output is the reference's attention over the K and V they form.
+      const auto rw = w.reference_weights();
+      const auto sh = w.shape(layer.scales());
+      const auto want = reference::tpa_cache_factors(to_double(x), pos, rw, sh, cfg.rope);
+      const auto fv = cache.view();
+      auto stored = [&](auto row_of, std::int64_t width) {  // [T, width] as double
+        dmat m(t, width);
+        for (std::int64_t i = 0; i < t; ++i)
+          for (std::int64_t c = 0; c < width; ++c) m(i, c) = static_cast<float>(row_of(i)[c]);
+        return m;
+      };
+      const std::int64_t h = cfg.heads, rk = sh.k_rank, rv = sh.v_rank;
+      const dmat ak = stored([&](std::int64_t i) { return fv.a_k_row(i); }, rk * h),
+                 bk = stored([&](std::int64_t i) { return fv.b_k_row(i); }, rk * sh.head_dim),
+                 av = stored([&](std::int64_t i) { return fv.a_v_row(i); }, rv * h),
+                 bv = stored([&](std::int64_t i) { return fv.b_v_row(i); }, rv * sh.v_head_dim);
+      CHECK(worst_rounding<S>(ak, want.a_k) <= 1);
+      CHECK(worst_rounding<S>(bk, want.b_k) <= 1);
+      CHECK(worst_rounding<S>(av, want.a_v) <= 1);
+      CHECK(worst_rounding<S>(bv, want.b_v) <= 1);
+      if (!products) {  // bf16 products round the queries and value weights too
+        const auto q = reference::tpa_heads(to_double(x), pos, rw, sh, cfg.rope).q;
+        const auto r =
+            reference::attention(q, pos, reference::tpa_materialise(ak, bk, rk, h, sh.k_scale),
+                                 reference::tpa_materialise(av, bv, rv, h, sh.v_scale), pos, h, h,
+                                 1 / std::sqrt(double(cfg.head_dim)));
+        CHECK(rel_error(to_double(y), dmat(r.out * rw.o_proj.transpose())) <=
+              tpa_rel_tolerance<float>(cfg, t, tpa_a_max(w, layer, x)));
+      }
+    }
   }
 }
 

@@ -3,6 +3,7 @@
 // scaled sums of rank-one tensor products, then plain attention.
 #include <optional>
 #include <span>
+#include <utility>
 
 #include "attention.hpp"
 
@@ -61,6 +62,33 @@ inline matrix tpa_factor_a(const matrix& x, const matrix& w_a, const matrix& fix
   return a;
 }
 
+/// Rows of m [T, blocks * d] rotated block by block at the tokens' positions: TPA's B rows (or
+/// materialised heads) all take the first KV head's frequency table.
+inline matrix rope_blocks(matrix m, std::int64_t blocks, std::int64_t d,
+                          std::span<const std::int64_t> positions, const rope_config& rope) {
+  rope_config r = rope;
+  r.frequency_index.clear();
+  if (!rope.frequency_index.empty()) r.frequency_index = {rope.frequency_index[0]};
+  for (std::int64_t i = 0; i < m.rows(); ++i)
+    for (std::int64_t b = 0; b < blocks; ++b)
+      rope_rotate(m.row(i).data() + b * d, d, positions[static_cast<std::size_t>(i)], r);
+  return m;
+}
+
+/// What a factorized cache holds for tokens x: A_K [T, R_K H], B_K [T, R_K d] (roped),
+/// A_V [T, R_V H], B_V [T, R_V d_v] (A's index r H + h).
+struct tpa_kv_factors {
+  matrix a_k, b_k, a_v, b_v;
+};
+
+inline tpa_kv_factors tpa_cache_factors(const matrix& x, std::span<const std::int64_t> positions,
+                                        const tpa_weights& w, const tpa_shape& s,
+                                        const rope_config& rope) {
+  return {tpa_factor_a(x, w.w_a_k, w.a_k, s.k_rank, s.heads),
+          rope_blocks(x * w.w_b_k.transpose(), s.k_rank, s.head_dim, positions, rope),
+          tpa_factor_a(x, w.w_a_v, w.a_v, s.v_rank, s.heads), x * w.w_b_v.transpose()};
+}
+
 /// The materialised per-head Q, K (roped) and V [T, H d] of tokens x. rope_on_b: rotate the
 /// rows of B_Q and B_K (as attnkit does) or, if false, the materialised Q and K heads (the
 /// paper's Theorem: the same).
@@ -69,15 +97,9 @@ inline attention_heads tpa_heads(const matrix& x, std::span<const std::int64_t> 
                                  bool rope_on_b = true) {
   const std::int64_t h = s.heads, d = s.head_dim;
   auto rope_rows_of = [&](matrix m, std::int64_t blocks) {
-    rope_config r = rope;
-    r.frequency_index.clear();
-    if (!rope.frequency_index.empty()) r.frequency_index = {rope.frequency_index[0]};
-    for (std::int64_t i = 0; i < m.rows(); ++i)
-      for (std::int64_t b = 0; b < blocks; ++b)
-        rope_rotate(m.row(i).data() + b * d, d, positions[static_cast<std::size_t>(i)], r);
-    return m;
+    return rope_blocks(std::move(m), blocks, d, positions, rope);
   };
-  matrix q, k;
+  matrix q;
   if (w.q_proj.size()) {
     q = rope_rows_of(x * w.q_proj.transpose(), h);
   } else {
@@ -87,8 +109,8 @@ inline attention_heads tpa_heads(const matrix& x, std::span<const std::int64_t> 
     if (!rope_on_b) q = rope_rows_of(q, h);
   }
   const matrix bk = x * w.w_b_k.transpose();
-  k = tpa_materialise(tpa_factor_a(x, w.w_a_k, w.a_k, s.k_rank, h),
-                      rope_on_b ? rope_rows_of(bk, s.k_rank) : bk, s.k_rank, h, s.k_scale);
+  matrix k = tpa_materialise(tpa_factor_a(x, w.w_a_k, w.a_k, s.k_rank, h),
+                             rope_on_b ? rope_rows_of(bk, s.k_rank) : bk, s.k_rank, h, s.k_scale);
   if (!rope_on_b) k = rope_rows_of(k, h);
   const matrix v = tpa_materialise(tpa_factor_a(x, w.w_a_v, w.a_v, s.v_rank, h),
                                    x * w.w_b_v.transpose(), s.v_rank, h, s.v_scale);
