@@ -75,12 +75,15 @@ inline matrix rope_blocks(matrix m, std::int64_t blocks, std::int64_t d,
   return m;
 }
 
-/// What a factorized cache holds for tokens x: A_K [T, R_K H], B_K [T, R_K d] (roped),
-/// A_V [T, R_V H], B_V [T, R_V d_v] (A's index r H + h).
+/// What a factorized cache holds for T tokens (A's index r H + h).
 struct tpa_kv_factors {
-  matrix a_k, b_k, a_v, b_v;
+  matrix a_k;  ///< [T, R_K H]
+  matrix b_k;  ///< [T, R_K d], roped
+  matrix a_v;  ///< [T, R_V H]
+  matrix b_v;  ///< [T, R_V d_v]
 };
 
+/// The factors a factorized cache holds for tokens x at positions.
 inline tpa_kv_factors tpa_cache_factors(const matrix& x, std::span<const std::int64_t> positions,
                                         const tpa_weights& w, const tpa_shape& s,
                                         const rope_config& rope) {
