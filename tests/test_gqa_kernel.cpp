@@ -95,6 +95,33 @@ TEST_CASE("a decode whose key-split merge runs on the workers (H 128 on one KV h
   thread_pool pool(2);
   check_against_reference<float>(c, rng, pool);
   check_against_reference<bf16>(c, rng, pool);
+  // 24 workers: 32 splits of 128 keys (a tall item's smallest split), merged after the items.
+  thread_pool wide(24);
+  check_against_reference<float>(c, rng, wide);
+}
+
+TEST_CASE("key splits: enough items for the workers, at least 256 keys each, 128 for tall items",
+          "[gqa][executor]") {
+  // A decode step of 128 heads on one KV head (absorbed MLA's shape) over 4096 keys; the same
+  // with 4 heads (a GQA group), whose splits stay at 256 keys or more.
+  const detail::attention_shape tall{.q_tokens = 1,
+                                     .groups = 1,
+                                     .group_heads = 128,
+                                     .keys = 4096,
+                                     .v_head_dim = 512,
+                                     .tile_rows = 128,
+                                     .block = 64};
+  detail::attention_shape narrow = tall;
+  narrow.group_heads = 4;
+  for (const int workers : {1, 2, 8, 16, 32, 64}) {
+    INFO("workers " << workers);
+    const std::int64_t wanted = 4 * workers;  // about four items per worker
+    CHECK(detail::plan_attention(tall, workers).splits == std::min<std::int64_t>(wanted, 32));
+    CHECK(detail::plan_attention(narrow, workers).splits == std::min<std::int64_t>(wanted, 16));
+  }
+  detail::attention_shape short_keys = tall;
+  short_keys.keys = 200;  // fewer keys than one split's least: no split
+  CHECK(detail::plan_attention(short_keys, 16).splits == 1);
 }
 
 TEST_CASE(

@@ -8,10 +8,10 @@
 // its base items, each with an estimated cost (rows plus a fixed memory term, times the keys
 // it sees under the causal rule and window, assuming the queries are the sequence's newest
 // tokens). A base item larger than a quarter of a worker's fair share of the batch is cut into
-// key splits (each at least 256 keys), so one long sequence does not leave workers idle beside
-// many short ones; items then run from one atomic counter, the sequences with the largest items
-// first, each sequence's items together (they share its keys in cache) and largest first. For one
-// sequence the rule gives the single-sequence planner's split counts.
+// key splits (each at least min_split_keys), so one long sequence does not leave workers idle
+// beside many short ones; items then run from one atomic counter, the sequences with the largest
+// items first, each sequence's items together (they share its keys in cache) and largest first. For
+// one sequence the rule gives the single-sequence planner's split counts.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -115,7 +115,8 @@ struct batch_access {
       attention_plan& pl = bp.seq_[s];
       if (target > 0 && largest[s] > target) {
         const auto want = static_cast<std::int64_t>(std::ceil(largest[s] / target));
-        pl.splits = std::clamp<std::int64_t>(want, 1, std::max<std::int64_t>(1, pl.keys / 256));
+        pl.splits = std::clamp<std::int64_t>(
+            want, 1, std::max<std::int64_t>(1, pl.keys / min_split_keys(pl)));
       }
       pl.items = pl.qtiles * pl.groups * pl.splits;
       if (pl.splits > 1) {

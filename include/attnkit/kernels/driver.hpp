@@ -117,14 +117,20 @@ inline attention_plan tile_attention(const attention_shape& s) {
   return p;
 }
 
+/// The fewest keys a key split of a plan's items takes: 256, or 128 for tall items (64 rows or
+/// more: absorbed MLA with many heads), whose work per key is so large that the split's merge
+/// stays small beside it, and which are so few that 256 keys would leave workers idle (a 128-head
+/// decode step over 4096 keys would feed at most 16 workers; late vCPUs then set the time).
+inline std::int64_t min_split_keys(const attention_plan& p) { return p.rows >= 64 ? 128 : 256; }
+
 /// Key splits only when the items without them would leave workers idle: about four items per
-/// worker, each split at least 256 keys. (Tq > 0.)
+/// worker, each split at least min_split_keys. (Tq > 0.)
 inline attention_plan plan_attention(const attention_shape& s, int workers) {
   attention_plan p = tile_attention(s);
   const std::int64_t base = p.items;
   if (base < 2 * workers || base % workers != 0)
     p.splits = std::clamp<std::int64_t>((4 * workers + base - 1) / base, 1,
-                                        std::max<std::int64_t>(1, s.keys / 256));
+                                        std::max<std::int64_t>(1, s.keys / min_split_keys(p)));
   p.items = base * p.splits;
   return p;
 }
