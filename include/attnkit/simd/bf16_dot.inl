@@ -119,11 +119,16 @@ inline void dot_tile(std::int64_t i0, std::int64_t j0, std::int64_t rows, std::i
       // The pair broadcast by the product's memory operand ({1to16}): written with the
       // intrinsics, GCC issues a separate vpbroadcastd per pair, an instruction as costly as the
       // product on Zen 4, where the one-vector-wide tiles take one pair per product.
+      // The asm's operand is a local copy: an array element as an asm output makes the whole
+      // array addressable, and GCC then keeps every accumulator on the stack.
       ATTNKIT_UNROLL
-      for (int v = 0; v < NV; ++v)
+      for (int v = 0; v < NV; ++v) {
+        __m512 x = acc[r][v];
         asm("vdpbf16ps %[a]%{1to16%}, %[b], %[acc]"
-            : [acc] "+v"(acc[r][v])
+            : [acc] "+v"(x)
             : [b] "v"(bv[v]), [a] "m"(*reinterpret_cast<const char(*)[4]>(p)));
+        acc[r][v] = x;
+      }
     }
     if constexpr (Rows == a_rows::strided) {
       ATTNKIT_UNROLL
