@@ -4,9 +4,11 @@
 // read bandwidth and FMA peak measured in the same run (roofline.hpp).
 //   BM_span_decode_{unshared,shared}/T/H_kv/threads: one decode step through the span; bytes:
 //     the KV read (and for the shared span the weights P [H, T] written once, read 4 times).
-//   BM_span_prefill_{unshared,flash,materialised}/T/H_kv/threads: a causal prefill of T tokens
-//     through the span; counters: handoff_bytes (what the donor hands on: LSE [T, H] in the
-//     flash form, P [T, H, T] materialised) and workspace_bytes (the followers' scratch).
+//   BM_span_prefill_{unshared,flash,materialised}/T/T/H_kv/threads/products: a causal prefill
+//     of T tokens through the span, f32 (0) or bf16 products (1: every layer's, the followers'
+//     P V included, where the CPU runs them faster than f32; elsewhere f32); counters:
+//     handoff_bytes (what the donor hands on: LSE [T, H] in the flash form, P [T, H, T]
+//     materialised) and workspace_bytes (the followers' scratch).
 //   BM_span_chunk_{flash,materialised}/Tq/T/H_kv/threads: a chunk of Tq queries at the end of a
 //     T-token context through the shared span in each form: the data behind the automatic rule
 //     of shared_stack (materialised while P of the block fits its byte limit).
@@ -115,24 +117,27 @@ void BM_span_prefill(benchmark::State& state, prefill_kind kind) {
   std::vector<std::int64_t> pos(static_cast<std::size_t>(tq));
   for (std::int64_t i = 0; i < tq; ++i) pos[static_cast<std::size_t>(i)] = t - tq + i;
   ak::thread_pool pool(static_cast<int>(state.range(3)));
+  const auto products = state.range(4) ? ak::product_math::bf16 : ak::product_math::f32;
   ak::attention_workspace ws, follower_ws;
   const ak::tensor3_view<const float> qv(q.data(), {tq, H, D});
   const ak::tensor3_view<float> ov(out.data(), {tq, H, D});
   const ak::matrix_view<float> lv(lse.data(), {tq, H});
   for (auto _ : state) {
     if (kind == prefill_kind::unshared) {
-      for (const auto& c : s.dense) ak::attend(qv, pos, c, ov, {}, pool, &ws);
+      for (const auto& c : s.dense) ak::attend(qv, pos, c, ov, {.products = products}, pool, &ws);
     } else if (kind == prefill_kind::flash) {
-      ak::attend(qv, pos, s.dense[0], ov, {.lse = lv}, pool, &ws);
+      ak::attend(qv, pos, s.dense[0], ov, {.lse = lv, .products = products}, pool, &ws);
       for (const auto& v : s.values)
         ak::attend_shared(ak::gqa_scores<bf16>{qv, s.dense[0].view()}, pos,
-                          ak::matrix_view<const float>(lv), v, ov, {}, pool, &follower_ws);
+                          ak::matrix_view<const float>(lv), v, ov, {.products = products}, pool,
+                          &follower_ws);
     } else {
       ak::attend(qv, pos, s.dense[0], ov,
-                 {.weights = ak::tensor3_view<float>(p.data(), {tq, H, t})}, pool, &ws);
+                 {.weights = ak::tensor3_view<float>(p.data(), {tq, H, t}), .products = products},
+                 pool, &ws);
       for (const auto& v : s.values)
         ak::attend_shared(ak::tensor3_view<const float>(p.data(), {tq, H, t}), v, ov, pool,
-                          &follower_ws);
+                          &follower_ws, ak::tile_strategy::automatic, products);
     }
     benchmark::DoNotOptimize(out.data());
   }
@@ -162,12 +167,13 @@ void decode_args(benchmark::internal::Benchmark* b) {
     for (std::int64_t t : {4096, 16384}) b->Args({t, hkv, 2});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
+// Tq, T, H_kv, threads, products
 void prefill_args(benchmark::internal::Benchmark* b) {
-  b->Args({2048, 2048, 32, 2})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
+  for (std::int64_t products : {0, 1}) b->Args({2048, 2048, 32, 2, products});
+  b->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
 }
-// Tq, T, H_kv, threads
 void chunk_args(benchmark::internal::Benchmark* b) {
-  for (std::int64_t tq : {1, 16, 128, 512}) b->Args({tq, 4096, 32, 2});
+  for (std::int64_t tq : {1, 16, 128, 512}) b->Args({tq, 4096, 32, 2, 0});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 

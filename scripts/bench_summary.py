@@ -105,13 +105,15 @@ def shared(m, us, bw2, fma2):
                   f"shared {us(sh) / 1e3:7.2f} ms ({m[sh]['kv_bytes'] / 1e6:6.0f} MB KV): {us(u) / us(sh):.2f}x")
     print("\nCausal prefill T=2048, H_kv 32: time and what the donor hands on (flash: O(T H)):")
     for kind in ("unshared", "flash", "materialised"):
-        n = f"BM_span_prefill_{kind}/2048/2048/32/2/iterations:2"
-        print(f"  {kind:12s}: {us(n) / 1e3:8.1f} ms  hand-off {m[n]['handoff_bytes'] / 1e6:8.2f} MB  "
-              f"followers' workspace {m[n]['workspace_bytes'] / 1e6:6.2f} MB")
+        for p, products in ((0, "f32"), (1, "bf16")):
+            n = f"BM_span_prefill_{kind}/2048/2048/32/2/{p}/iterations:2"
+            print(f"  {kind:12s} {products} products: {us(n) / 1e3:8.1f} ms  "
+                  f"hand-off {m[n]['handoff_bytes'] / 1e6:8.2f} MB  "
+                  f"followers' workspace {m[n]['workspace_bytes'] / 1e6:6.2f} MB")
     print("\nChunk of Tq queries over 4096 keys: materialised / flash time (the automatic rule's data):")
     for tq in (1, 16, 128, 512):
-        a = us(f"BM_span_chunk_materialised/{tq}/4096/32/2")
-        b = us(f"BM_span_chunk_flash/{tq}/4096/32/2")
+        a = us(f"BM_span_chunk_materialised/{tq}/4096/32/2/0")
+        b = us(f"BM_span_chunk_flash/{tq}/4096/32/2/0")
         print(f"  Tq={tq:4d}: materialised {a / 1e3:8.2f} ms, flash {b / 1e3:8.2f} ms, ratio {a / b:.2f}")
 
 

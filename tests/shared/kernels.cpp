@@ -290,6 +290,73 @@ TEST_CASE("follower kernel: 16-bit value caches, every tile strategy", "[shared]
   check(half{});
 }
 
+TEST_CASE(
+    "follower kernel: bf16 products on bf16 value caches round the probabilities only, "
+    "in both forms",
+    "[shared][kernel][bf16]") {
+  // Where vdpbf16ps runs, P V takes P rounded to bf16 against the stored values: per output the
+  // float tolerance plus 6 u_bf16 |P_row o V_col|_2 (each product off by at most u_bf16 of
+  // itself, the errors adding like a random walk; the GQA kernel's bf16 products test uses the
+  // same bound), so a tenfold coarser rounding fails. Streaming tiles (decode, few rows) and
+  // GEMM tiles; d_v 64 (whole 32-column groups) and 40 (the streaming P V stays f32 then).
+  // Elsewhere the answer is the f32 products' bit for bit.
+  const int kind = GENERATE(0, 1, 2);
+  const std::int64_t tq = GENERATE(1, 3, 24);
+  const std::int64_t dv = GENERATE(64, 40);
+  std::mt19937_64 rng(static_cast<std::uint64_t>(1100 + kind * 31 + tq * 3 + dv));
+  const std::int64_t tk = tq == 1 ? 1500 : 1 + static_cast<std::int64_t>(rng() % 400);
+  donor_case c = make_donor(kind, rng, tq, tk);
+  const std::int64_t hkv = rng() % 2 ? 1 : (c.heads == 20 ? 5 : 2);
+  INFO(c.name << " Tq=" << tq << " Tk=" << tk << " follower H_kv=" << hkv << " d_v=" << dv
+              << " vdpbf16ps: " << detail::bf16_dot_available());
+  thread_pool pool(2);  // decode at Tk 1500: key splits
+  const auto [p, lse] = run_donor_handing_on(c, pool);
+  const fmat v = random_matrix(rng, tk, hkv * dv);
+  value_cache<bf16> values({.kv_heads = hkv, .v_head_dim = dv, .capacity = tk});
+  values.append(tensor3_view<const float>(v.data(), {tk, hkv, dv}), c.k_pos);
+  const tensor3_view<const float> weights(p.data(), {tq, c.heads, tk});
+  auto both_forms = [&](product_math products) {
+    fmat mat(tq, c.heads * dv), flash(tq, c.heads * dv);
+    attend_shared(weights, values, tensor3_view<float>(mat.data(), {tq, c.heads, dv}), pool,
+                  nullptr, tile_strategy::automatic, products);
+    c.opt.products = products;  // the flash form takes the donor's options
+    run_flash(c, lse, values, tensor3_view<float>(flash.data(), {tq, c.heads, dv}), pool);
+    return std::pair{mat, flash};
+  };
+  const auto [mat32, flash32] = both_forms(product_math::f32);
+  const auto [mat, flash] = both_forms(product_math::bf16);
+  if (!detail::bf16_dot_available()) {
+    CHECK(mat == mat32);
+    CHECK(flash == flash32);
+    return;
+  }
+  const auto pref = reference::attention_weights(c.q, c.q_pos, c.k, c.k_pos, c.heads,
+                                                 c.ref_kv_heads, c.scale, c.rules);
+  const reference::matrix vr = to_double(round_trip<bf16>(v));
+  const auto ref = reference::weighted_values(pref, vr, c.heads, hkv);
+  const double tol = u * vr.cwiseAbs().maxCoeff() * (4 + 3 * c.a_max), ub = unit_roundoff<bf16>();
+  double worst_mat = 0, worst_flash = 0;
+  for (std::int64_t t = 0; t < tq; ++t)
+    for (std::int64_t h = 0; h < c.heads; ++h) {
+      const std::int64_t j = h / (c.heads / hkv);
+      for (std::int64_t i = 0; i < dv; ++i) {
+        const double bound =
+            tol +
+            6 * ub * pref.row(t * c.heads + h).transpose().cwiseProduct(vr.col(j * dv + i)).norm();
+        const std::int64_t o = h * dv + i;
+        worst_mat = std::max(worst_mat, std::abs(mat(t, o) - ref(t, o)) / bound);
+        worst_flash = std::max(worst_flash, std::abs(flash(t, o) - ref(t, o)) / bound);
+      }
+    }
+  INFO("worst error / bound: materialised " << worst_mat << ", flash " << worst_flash);
+  CHECK(worst_mat <= 1.0);
+  CHECK(worst_flash <= 1.0);
+  if (dv % 32 == 0) {  // every path rounds P: the bf16 products ran
+    CHECK(mat != mat32);
+    CHECK(flash != flash32);
+  }
+}
+
 TEST_CASE("follower kernel: the donor's policies (window, soft-cap, sinks, ALiBi, a mask "
           "predicate) carry over to the flash form",
           "[shared][kernel][policy]") {

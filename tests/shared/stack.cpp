@@ -267,8 +267,15 @@ TEST_CASE("shared stack: bf16 caches stay within the storage bound, with f32 and
     CHECK(rel_error(materialised, ref) <= tol);
     CHECK(rel_error(flash, ref) <= tol);
     // The flash follower recomputes its donor's scores with the donor's options, products
-    // included: the two forms differ by float round-off only, as with f32 products.
-    CHECK(rel_error(flash, to_double(materialised)) <= fx.forms_tolerance(t));
+    // included: with f32 products the two forms differ by float round-off only. With bf16
+    // products each follower's P V may also round its probabilities to bf16 in one form and not
+    // in the other (the forms pick their tiles differently, and the streaming P V keeps float
+    // probabilities unless d_v is whole 32-column groups: 16 here): at most u_bf16 of the
+    // follower's output each. The rounding's own precision is tested per element in
+    // shared/kernels.cpp.
+    CHECK(rel_error(flash, to_double(materialised)) <=
+          fx.forms_tolerance(t) +
+              (products ? double(fx.followers.size()) * unit_roundoff<bf16>() : 0.0));
   }
 }
 

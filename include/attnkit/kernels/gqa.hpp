@@ -483,7 +483,8 @@ class gqa_products {
       return;
     }
     auto* vp = reinterpret_cast<std::uint32_t*>(vf_);
-    pack_pairs<S>([&](std::int64_t t) { return pb_.kv.values().row(j, b0 + t); }, nb, dv, vp, dv);
+    pack_row_pairs_of<S>([&](std::int64_t t) { return pb_.kv.values().row(j, b0 + t); }, nb, dv, vp,
+                         dv);
     if (pairs_ == pair_engine::amx) {  // keys padded with zeros to whole 32-key tiles
       const std::int64_t nb32 = (nb + 31) / 32 * 32;
       std::fill(vp + (nb + 1) / 2 * dv, vp + nb32 / 2 * dv, 0u);
@@ -491,7 +492,8 @@ class gqa_products {
       amx_gemm<true>(m_, dv, nb32, reinterpret_cast<const bf16*>(pp_), nb32, vp, dv, acc, dv);
       return;
     }
-    pack_pairs<float>([&](std::int64_t t) { return p.data + t * p.key_stride; }, nb, m_, pp_, m_);
+    pack_row_pairs_of<float>([&](std::int64_t t) { return p.data + t * p.key_stride; }, nb, m_, pp_,
+                             m_);
     gemm_pairs<true>(m_, dv, (nb + 1) / 2, reinterpret_cast<const bf16*>(pp_), 2, 2 * m_, vp, dv,
                      acc, dv);
   }
@@ -558,17 +560,6 @@ class gqa_products {
       query_rows(t0, j, r0, n, rows);
       pack_query_pairs(rows, n, dqk / 2, pb_.scale, std::min<std::int64_t>(16, q_cols() - r0),
                        reinterpret_cast<std::uint32_t*>(q_) + r0, q_cols());
-    }
-  }
-  /// pack_row_pairs over rows row(t), t < n, a batch of row pointers at a time.
-  template <class T, class Row>
-  static void pack_pairs(Row&& row, std::int64_t n, std::int64_t cols, std::uint32_t* dst,
-                         std::int64_t dst_stride) {
-    const T* rows[64];
-    for (std::int64_t t0 = 0; t0 < n; t0 += 64) {
-      const std::int64_t c = std::min<std::int64_t>(64, n - t0);
-      for (std::int64_t i = 0; i < c; ++i) rows[i] = row(t0 + i);
-      pack_row_pairs(rows, c, cols, dst + t0 / 2 * dst_stride, dst_stride);
     }
   }
 

@@ -82,15 +82,25 @@ auto value_view_of(const X& x) {
 /// acc[rows][d_v] += P[rows][keys] V[keys][d_v] for a follower's KV heads: the streaming
 /// micro-kernel on row tiles (V read in its storage type; bf16 in the target's paired column
 /// order, undone by finish), otherwise a GEMM on V widened to float (the vector target's own
-/// GEMM for any tile layout, Eigen on the scalar target).
+/// GEMM for any tile layout, Eigen on the scalar target). With bf16 products
+/// (product_math::bf16) on a bf16 value cache where vdpbf16ps runs (bf16_dot_available), the
+/// probabilities are rounded to bf16 and multiplied by the stored values as they are: the
+/// streaming P V on pairs of value rows (stream_pair_pv, d_v whole 32-column groups), or
+/// otherwise the GEMM on P^T and V paired by key (gemm_pairs) that the GQA family's tiles use.
 template <storage_type S>
 class value_accumulator {
  public:
-  static std::size_t scratch_floats(std::int64_t block, std::int64_t dv) {
-    return static_cast<std::size_t>(block * dv);
+  /// A block of V widened to float (or its key pairs), and P's key pairs for `rows` rows.
+  static std::size_t scratch_floats(std::int64_t block, std::int64_t dv, std::int64_t rows) {
+    return static_cast<std::size_t>(block * dv + (block / 2 + 1) * rows);
   }
-  value_accumulator(const value_view<S>& v, bool streaming, float* f)
-      : v_(v), streaming_(streaming), vf_(f) {}
+  value_accumulator(const value_view<S>& v, bool streaming, bool bf16_products, std::int64_t block,
+                    float* f)
+      : v_(v),
+        streaming_(streaming),
+        vf_(f),
+        pp_(reinterpret_cast<std::uint32_t*>(f + block * v.v_head_dim())),
+        pairs_(pairs_of(streaming, bf16_products, v.v_head_dim())) {}
 
   /// Rows [r0, r0 + rows) of the tile p (its keys [b0, b0 + nb)) against KV head j.
   void add(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p, std::int64_t r0,
@@ -99,16 +109,32 @@ class value_accumulator {
     const S* v = v_.values().row(j, b0);
     const float* pr = p.data + r0 * p.row_stride;
     if (streaming_ && p.key_stride == 1) {
+      if constexpr (std::same_as<S, bf16>)
+        if (pairs_ == pair_math::stream) {
+          stream_pair_pv(pr, p.row_stride, rows,
+                         strided_rows<S>{v, vs, prefetch_rows(vs * std::int64_t{sizeof(S)})}, nb,
+                         dv, acc + r0 * dv, dv);
+          return;
+        }
       accumulate_pv(pr, p.row_stride, rows, v, vs, nb, dv, acc + r0 * dv, dv);
       return;
     }
+    if constexpr (std::same_as<S, bf16>)
+      if (pairs_ == pair_math::gemm) {
+        // P^T's and V's rows paired by key: vp [ceil(nb / 2)][d_v]
+        auto* vp = reinterpret_cast<std::uint32_t*>(vf_);
+        if (repack(j, b0, true))
+          pack_row_pairs_of<S>([&](std::int64_t t) { return v + t * vs; }, nb, dv, vp, dv);
+        pack_probability_pairs(p, pr, nb, rows);
+        gemm_pairs<true>(rows, dv, (nb + 1) / 2, reinterpret_cast<const bf16*>(pp_), 2, 2 * rows,
+                         vp, dv, acc + r0 * dv, dv);
+        return;
+      }
     const float* vf = reinterpret_cast<const float*>(v);
     std::int64_t vfs = vs;
     if constexpr (!std::same_as<S, float>) {
-      if (widened_j_ != j || widened_b0_ != b0) {  // once per block for all runs of a KV head
+      if (repack(j, b0, false))
         for (std::int64_t t = 0; t < nb; ++t) to_float_row(v + t * vs, vf_ + t * dv, dv);
-        widened_j_ = j, widened_b0_ = b0;
-      }
       vf = vf_, vfs = dv;
     }
     if (vector_gemm_) {
@@ -146,11 +172,48 @@ class value_accumulator {
   }
 
  private:
+  /// What computes P V with bf16 products: nothing (f32), the streaming kernel on value-row
+  /// pairs, or the GEMM on key pairs.
+  enum class pair_math { none, stream, gemm };
+  static pair_math pairs_of(bool streaming, bool bf16_products, std::int64_t dv) {
+    if (!std::same_as<S, bf16> || !bf16_products || !bf16_dot_available()) return pair_math::none;
+    if (!streaming) return pair_math::gemm;
+    return dv % 32 == 0 ? pair_math::stream : pair_math::none;
+  }
   bool paired() const { return pair_group_ > 0; }
+  /// pp_ = P^T's key pairs [ceil(nb / 2)][rows] of the tile rows at pr: a column tile's key rows
+  /// in place, or a row tile's (the materialised form's) adjacent columns, 16 rows at a time.
+  void pack_probability_pairs(const score_tile& p, const float* pr, std::int64_t nb,
+                              std::int64_t rows) {
+    if (p.row_stride == 1) {
+      pack_row_pairs_of<float>([&](std::int64_t t) { return pr + t * p.key_stride; }, nb, rows, pp_,
+                               rows);
+      return;
+    }
+    for (std::int64_t i0 = 0; i0 < rows; i0 += 16) {
+      const std::int64_t n = std::min<std::int64_t>(16, rows - i0);
+      const float* r[16];
+      for (std::int64_t i = 0; i < n; ++i) r[i] = pr + (i0 + i) * p.row_stride;
+      pack_query_pairs(r, n, nb / 2, 1.f, n, pp_ + i0, rows);
+    }
+    if (nb % 2)  // the last key pairs with 0; column nb of a row tile is not the block's
+      for (std::int64_t i = 0; i < rows; ++i)
+        pp_[nb / 2 * rows + i] =
+            Eigen::numext::bit_cast<std::uint16_t>(bf16(pr[i * p.row_stride + nb - 1]));
+  }
+  /// Whether vf_ must be filled with block (j, b0) as pairs or as float: once per block for
+  /// all runs of rows of a KV head.
+  bool repack(std::int64_t j, std::int64_t b0, bool pairs) {
+    if (packed_[0] == j && packed_[1] == b0 && packed_[2] == pairs) return false;
+    packed_[0] = j, packed_[1] = b0, packed_[2] = pairs;
+    return true;
+  }
   const value_view<S>& v_;
   bool streaming_;
-  float* vf_;  // [block][d_v]: a block of V widened to float
-  std::int64_t widened_j_ = -1, widened_b0_ = -1;
+  float* vf_;          // [block][d_v]: a block of V widened to float, or its key pairs
+  std::uint32_t* pp_;  // [block / 2 + 1][rows]: P^T's key pairs
+  pair_math pairs_;
+  std::int64_t packed_[3] = {-1, -1, -1};  // the block (j, b0) vf_ holds, and whether as pairs
   // The active target's layout choices, read once per call (see gqa_products).
   const bool vector_gemm_ = simd_vector_target();
   const std::int64_t pair_group_ = std::same_as<S, bf16> && streaming_ ? bf16_pair_group() : 0;
@@ -162,6 +225,7 @@ struct weights_problem {
   tensor3_view<const float> p;  // [Tq, H, Tk]
   value_view<S> v;
   bool streaming = true;
+  bool bf16_products = false;  // product_math::bf16
 };
 
 template <storage_type S>
@@ -176,10 +240,13 @@ class weights_products {
   }
   static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
     return static_cast<std::size_t>(pl.rows * pl.block) +
-           value_accumulator<S>::scratch_floats(pl.block, pb.v.v_head_dim());
+           value_accumulator<S>::scratch_floats(pl.block, pb.v.v_head_dim(), pl.rows);
   }
   weights_products(const problem& pb, const attention_plan& pl, float* f)
-      : pb_(pb), pl_(pl), tile_(f), values_(pb.v, pb.streaming, f + pl.rows * pl.block) {}
+      : pb_(pb),
+        pl_(pl),
+        tile_(f),
+        values_(pb.v, pb.streaming, pb.bf16_products, pl.block, f + pl.rows * pl.block) {}
 
   std::span<const std::int64_t> positions() const { return pb_.v.positions(); }
   std::int64_t run_end(std::int64_t t) const { return pb_.v.run_end(t); }
@@ -223,6 +290,7 @@ struct follower_problem {
   value_view<S> v;
   std::int64_t heads = 0;  // H
   bool streaming = false;  // the donor's tiles are row tiles of its streaming micro-kernels
+  bool bf16_products = false;  // product_math::bf16 for the follower's P V too
 };
 
 template <class Donor, storage_type S>
@@ -236,13 +304,14 @@ class follower_products {
   }
   static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
     return Donor::scratch_floats(pb.donor, pl) +
-           value_accumulator<S>::scratch_floats(pl.block, pb.v.v_head_dim());
+           value_accumulator<S>::scratch_floats(pl.block, pb.v.v_head_dim(), pl.rows);
   }
   follower_products(const problem& pb, const attention_plan& pl, float* f)
       : pb_(pb),
         pl_(pl),
         donor_(pb.donor, pl, f),
-        values_(pb.v, pb.streaming, f + Donor::scratch_floats(pb.donor, pl)),
+        values_(pb.v, pb.streaming, pb.bf16_products, pl.block,
+                f + Donor::scratch_floats(pb.donor, pl)),
         gf_(pb.heads / pb.v.kv_heads()) {}
 
   std::span<const std::int64_t> positions() const { return donor_.positions(); }
@@ -309,7 +378,7 @@ void run_follower(const char* who, const typename Donor::problem& donor, bool st
   const attention_policy policy =
       validate_call(who, tq, heads, v.v_head_dim(), keys, q_pos, out, opt);
   run_attention<follower_products<Donor, S>>(
-      follower_problem<Donor, S>{donor, v, heads, streaming},
+      follower_problem<Donor, S>{donor, v, heads, streaming, opt.products == product_math::bf16},
       attention_call<Mask>{q_pos, policy, mask, out, {}, {}, donor_lse}, exec, ws);
 }
 
@@ -318,11 +387,14 @@ void run_follower(const char* who, const typename Donor::problem& donor, bool st
 /// The materialised form: out [Tq, H, d_v] = weights [Tq, H, Tk] V, query head h reading KV head
 /// h / (H / kv_heads) of `values` (a value_view or a value_cache over the same Tk tokens). The
 /// weights are a donor's normalised attention weights (attention_options::weights); entries equal
-/// to 0 contribute nothing, whatever the value holds.
+/// to 0 contribute nothing, whatever the value holds. products: product_math::bf16 rounds the
+/// weights to bf16 for the products with a bf16 value cache where vdpbf16ps runs
+/// (core/options.hpp); elsewhere, and by default, f32.
 template <value_source VS, class Exec = serial_executor>
 void attend_shared(tensor3_view<const float> weights, const VS& values, tensor3_view<float> out,
                    Exec&& exec = Exec{}, attention_workspace* ws = nullptr,
-                   tile_strategy strategy = tile_strategy::automatic) {
+                   tile_strategy strategy = tile_strategy::automatic,
+                   product_math products = product_math::f32) {
   using S = typename VS::storage_type;
   const char* who = "attend_shared";
   const value_view<S> v = detail::value_view_of(values);
@@ -335,7 +407,7 @@ void attend_shared(tensor3_view<const float> weights, const VS& values, tensor3_
       strategy == tile_strategy::streaming ||
       (strategy == tile_strategy::automatic && detail::simd_vector_target() &&
        (h / v.kv_heads()) * tq < 16);
-  const detail::weights_problem<S> pb{weights, v, streaming};
+  const detail::weights_problem<S> pb{weights, v, streaming, products == product_math::bf16};
   detail::run_attention<detail::weights_products<S>>(
       pb,
       detail::attention_call<no_mask>{{}, detail::make_policy({.causal = false}, h, who), {}, out,
@@ -347,8 +419,10 @@ void attend_shared(tensor3_view<const float> weights, const VS& values, tensor3_
 /// from `donor` (its roped queries and cache: gqa_scores, latent_scores or factor_scores) and
 /// weighed by exp(s - donor_lse): donor_lse [Tq, H] is the LSE output of the donor's call, and
 /// q_positions, donor_options and mask must be that call's (scale, causal, window, soft-cap,
-/// ALiBi, sinks, strategy). `values` holds the follower's V over the donor's tokens (same
-/// positions). Memory O(Tq H): the Tq x Tk weights are never held.
+/// ALiBi, sinks, strategy, products). `values` holds the follower's V over the donor's tokens
+/// (same positions); the follower's P V takes the donor's products (product_math::bf16: the
+/// probabilities rounded to bf16 against a bf16 value cache where vdpbf16ps runs). Memory
+/// O(Tq H): the Tq x Tk weights are never held.
 template <class Donor, value_source VS, class Exec = serial_executor,
           mask_predicate Mask = no_mask>
 void attend_shared(const Donor& donor, std::span<const std::int64_t> q_positions,

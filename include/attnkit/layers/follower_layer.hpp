@@ -64,13 +64,15 @@ class follower_layer {
   }
 
   /// Materialised form: x [T, D] at positions -> y [T, D] with the donor's weights
-  /// [T, H, cache size + T] of this block. A call that throws changes nothing.
+  /// [T, H, cache size + T] of this block; products: P V's arithmetic (attend_shared; the donor's
+  /// products, as the flash form takes them). A call that throws changes nothing.
   template <class Cache, class Exec = serial_executor>
   requires cache_for<Cache, value_append> && value_source<Cache>
   void forward(matrix_view<const float> x, std::span<const std::int64_t> positions, Cache& cache,
-               tensor3_view<const float> weights, matrix_view<float> y, Exec&& exec = Exec{}) {
+               tensor3_view<const float> weights, matrix_view<float> y, Exec&& exec = Exec{},
+               product_math products = product_math::f32) {
     forward(x, positions, cache, y, exec, [&](const auto& values, tensor3_view<float> out) {
-      attend_shared(weights, values, out, exec, &ws_);
+      attend_shared(weights, values, out, exec, &ws_, tile_strategy::automatic, products);
     });
   }
 

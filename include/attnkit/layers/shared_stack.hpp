@@ -183,6 +183,7 @@ class shared_stack {
   struct donor_state {
     weights_form form = weights_form::materialised;
     std::int64_t heads = 0, keys = 0;
+    product_math products = product_math::f32;  // the donor's, for its followers' P V too
     std::vector<float> weights;  // [T, H, Tk] (materialised)
     std::vector<float> lse;      // [T, H] (flash)
   };
@@ -203,7 +204,7 @@ class shared_stack {
       if (st.form == weights_form::materialised) {
         layer.forward(in, positions, *cache,
                       tensor3_view<const float>(st.weights.data(), {t, st.heads, st.keys}), out,
-                      exec);
+                      exec, st.products);
       } else {
         const matrix_view<const float> lse(st.lse.data(), {t, st.heads});
         layer.forward(in, positions, *cache, out, exec,
@@ -288,6 +289,7 @@ class shared_stack {
       if (slot >= 0) {
         donor_state& st = donors_[static_cast<std::size_t>(slot)];
         st.heads = layer.config().heads;
+        st.products = layer.options().products;
         detail::require(t <= cache.capacity() - cache.size(), "shared_stack: appending ", t,
                         " tokens to layer ", i, "'s cache of size=", cache.size(),
                         " exceeds capacity=", cache.capacity());

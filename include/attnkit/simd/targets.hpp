@@ -472,6 +472,18 @@ inline void pack_row_pairs(const T* const* rows, std::int64_t n, std::int64_t co
 #endif
 }
 
+/// pack_row_pairs over the rows row(t), t < n (a callable), listed 64 at a time.
+template <class T, class Row>
+inline void pack_row_pairs_of(Row&& row, std::int64_t n, std::int64_t cols, std::uint32_t* dst,
+                              std::int64_t dst_stride) {
+  const T* rows[64];
+  for (std::int64_t t0 = 0; t0 < n; t0 += 64) {
+    const std::int64_t c = std::min<std::int64_t>(64, n - t0);
+    for (std::int64_t i = 0; i < c; ++i) rows[i] = row(t0 + i);
+    pack_row_pairs(rows, c, cols, dst + t0 / 2 * dst_stride, dst_stride);
+  }
+}
+
 /// Q^T as bf16 pairs: dst[k * ld + r] = (bf16(scale x_r[2k]), bf16(scale x_r[2k + 1])) for the
 /// rows x_r = rows[r], r < n <= 16, k < pairs; rows n .. width - 1 (width <= 16) stored as 0.
 inline void pack_query_pairs(const float* const* rows, std::int64_t n, std::int64_t pairs,
