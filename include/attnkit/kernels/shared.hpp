@@ -123,7 +123,7 @@ class value_accumulator {
       if (pairs_ == pair_math::gemm) {
         // P^T's and V's rows paired by key: vp [ceil(nb / 2)][d_v]
         auto* vp = reinterpret_cast<std::uint32_t*>(vf_);
-        if (repack(j, b0, true))
+        if (repack(j, b0, nb, true))
           pack_row_pairs_of<S>([&](std::int64_t t) { return v + t * vs; }, nb, dv, vp, dv);
         pack_probability_pairs(p, pr, nb, rows);
         gemm_pairs<true>(rows, dv, (nb + 1) / 2, reinterpret_cast<const bf16*>(pp_), 2, 2 * rows,
@@ -133,7 +133,7 @@ class value_accumulator {
     const float* vf = reinterpret_cast<const float*>(v);
     std::int64_t vfs = vs;
     if constexpr (!std::same_as<S, float>) {
-      if (repack(j, b0, false))
+      if (repack(j, b0, nb, false))
         for (std::int64_t t = 0; t < nb; ++t) to_float_row(v + t * vs, vf_ + t * dv, dv);
       vf = vf_, vfs = dv;
     }
@@ -203,9 +203,10 @@ class value_accumulator {
   }
   /// Whether vf_ must be filled with block (j, b0) as pairs or as float: once per block for
   /// all runs of rows of a KV head.
-  bool repack(std::int64_t j, std::int64_t b0, bool pairs) {
-    if (packed_[0] == j && packed_[1] == b0 && packed_[2] == pairs) return false;
-    packed_[0] = j, packed_[1] = b0, packed_[2] = pairs;
+  bool repack(std::int64_t j, std::int64_t b0, std::int64_t nb, bool pairs) {
+    const std::int64_t block[4] = {j, b0, nb, pairs};
+    if (std::equal(block, block + 4, packed_)) return false;
+    std::copy(block, block + 4, packed_);
     return true;
   }
   const value_view<S>& v_;
@@ -213,7 +214,9 @@ class value_accumulator {
   float* vf_;          // [block][d_v]: a block of V widened to float, or its key pairs
   std::uint32_t* pp_;  // [block / 2 + 1][rows]: P^T's key pairs
   pair_math pairs_;
-  std::int64_t packed_[3] = {-1, -1, -1};  // the block (j, b0) vf_ holds, and whether as pairs
+  // The block vf_ holds: (j, b0, nb), and whether as pairs. A causal item may end a block
+  // early, so a later item's block at the same b0 can hold more keys.
+  std::int64_t packed_[4] = {-1, -1, -1, -1};
   // The active target's layout choices, read once per call (see gqa_products).
   const bool vector_gemm_ = simd_vector_target();
   const std::int64_t pair_group_ = std::same_as<S, bf16> && streaming_ ? bf16_pair_group() : 0;
