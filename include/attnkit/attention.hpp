@@ -1,8 +1,8 @@
 #pragma once
 // attnkit's attention library: caches, views, kernels and layers of every variant (MHA / GQA /
-// MQA, MLA, TPA, shared attention), without the GQA -> MLA conversion tools. The conversions
-// instantiate Eigen's decompositions in every translation unit that includes them (about 25 s of
-// compile time each with g++ 12); an engine that only runs attention includes this header.
+// MQA, MLA, TPA, shared attention), without the GQA -> MLA conversion tools, whose code every
+// translation unit that includes them compiles; an engine that only runs attention includes this
+// header.
 #include "version.hpp"
 #include "core/error.hpp"
 #include "core/executor.hpp"

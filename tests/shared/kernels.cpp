@@ -316,7 +316,9 @@ TEST_CASE(
   INFO(c.name << " Tq=" << tq << " Tk=" << tk << " follower H_kv=" << hkv << " d_v=" << dv
               << " vdpbf16ps: " << detail::bf16_dot_available());
   thread_pool pool(2);  // decode at Tk 1500: key splits
-  const auto [p, lse] = run_donor_handing_on(c, pool);
+  const donor_outputs donor = run_donor_handing_on(c, pool);
+  // Named references, not a structured binding: the lambdas below capture lse (clang 14 cannot).
+  const fmat &p = donor.p, &lse = donor.lse;
   const fmat v = random_matrix(rng, tk, hkv * dv);
   value_cache<bf16> values({.kv_heads = hkv, .v_head_dim = dv, .capacity = tk});
   values.append(tensor3_view<const float>(v.data(), {tk, hkv, dv}), c.k_pos);

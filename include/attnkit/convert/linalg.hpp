@@ -113,13 +113,17 @@ dmatrix product(const A& a, const B& b, Exec& exec) {
 
 /// The `rank` leading principal axes of a symmetric PSD matrix (columns, descending eigenvalue),
 /// damped as TransMLA does: g + damping * mean(diag g) * I (the damping moves eigenvalues only).
-inline dmatrix principal_axes(const dmatrix& g, std::int64_t rank, double damping = 0.01) {
-  const std::int64_t n = g.rows();
-  ::attnkit::detail::require(g.cols() == n && rank >= 0 && rank <= n,
+/// g may be any Eigen expression (a product is evaluated once). A template, as Eigen's own
+/// functions are, so that only the translation units that call it compile the eigensolvers.
+template <class Derived>
+dmatrix principal_axes(const Eigen::MatrixBase<Derived>& g, std::int64_t rank,
+                       double damping = 0.01) {
+  dmatrix damped = g;
+  const std::int64_t n = damped.rows();
+  ::attnkit::detail::require(damped.cols() == n && rank >= 0 && rank <= n,
                              "principal_axes: rank must be in [0, ", n, "], got ", rank);
   if (rank == 0) return dmatrix(n, 0);
-  dmatrix damped = g;
-  damped.diagonal().array() += damping * g.diagonal().mean();
+  damped.diagonal().array() += damping * damped.diagonal().mean();
   Eigen::SelfAdjointEigenSolver<Eigen::MatrixXf> coarse(damped.cast<float>());
   ::attnkit::detail::require(coarse.info() == Eigen::Success,
                              "principal_axes: the eigensolver did not converge");

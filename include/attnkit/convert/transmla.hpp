@@ -53,9 +53,11 @@ namespace detail {
 /// RoRoPE rotation of the KV-head keys [H_kv d]: rows ordered as the new key, the `keep` leading
 /// components of every frequency group first (interleaved pairs, rope part), then the other
 /// components and the non-rotary coordinates. `frequency` receives each rope pair's frequency.
-inline dmatrix rorope_rotation(const gqa_config& cfg, const dmatrix& gram_k, std::int64_t freqfold,
-                               std::int64_t keep, double damping,
-                               std::vector<std::int64_t>& frequency) {
+/// gram_k: the keys' Gram [H_kv d, H_kv d], any Eigen expression (a template: see principal_axes).
+template <class Derived>
+dmatrix rorope_rotation(const gqa_config& cfg, const Eigen::MatrixBase<Derived>& gram_k,
+                        std::int64_t freqfold, std::int64_t keep, double damping,
+                        std::vector<std::int64_t>& frequency) {
   const rope_pairs rp{cfg};
   const std::int64_t hkv = cfg.kv_heads, d = cfg.head_dim, f = freqfold, groups = rp.count() / f,
                      nf = hkv * f;
