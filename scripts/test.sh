@@ -11,9 +11,8 @@
 #      suites have every target's kernels, chosen at run time; the others are compiled for the
 #      scalar target alone (ATTNKIT_SCALAR_ONLY), which they run here. Any sanitizer report fails
 #      the run. The slowest reference runs are left out here (step 1 runs them, the long-context
-#      decode on every target):
-#      the trained tiny model's log-likelihoods, and the long-context decode on the vector targets
-#      (and under qemu in step 3).
+#      decode on every target): the trained tiny model's log-likelihoods, and the long-context
+#      decode on the vector targets (and under qemu in step 3).
 #      Line tables only (-g1): sanitizer reports keep file:line, the build is a third faster;
 #      -Og rather than -O1: a quarter less compile time for a tenth more test time;
 #   3. the kernel suites cross-compiled for AArch64 (g++-aarch64-linux-gnu) and run under
@@ -87,11 +86,11 @@ cmake -S "$root" -B "$root/$dir" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBU
   -DATTNKIT_PRECISION_LOSS_TESTS=OFF -DATTNKIT_VECTOR_TESTS="$(IFS=';'; echo "${vector_suites[*]}")" >/dev/null
 cmake --build "$root/$dir" -j"$jobs"
 # The sanitizer runs leave out the slowest reference runs, which the Release run above checks (the
-# long-context decode on every target): the trained tiny model's log-likelihoods through the decoder (8 rows of 512 tokens
-# each, three times; the decoder's code runs under the sanitizers in the every-family decoder
-# tests), and on the vector targets the long-context decode over 4096 keys for six group sizes,
-# whose time there is the fixture's and the double reference's (the long-context key splits run
-# under the sanitizers in the decode of 128 heads over 4096 keys).
+# long-context decode on every target): the trained tiny model's log-likelihoods through the
+# decoder (8 rows of 512 tokens each, three times; the decoder's code runs under the sanitizers in
+# the every-family decoder tests), and on the vector targets the long-context decode over 4096
+# keys for six group sizes, whose time there is the fixture's and the double reference's (the
+# long-context key splits run under the sanitizers in the decode of 128 heads over 4096 keys).
 sanitized_ctest() {  # sanitized_ctest TARGET EXCLUDE [ctest args...]
   local t=$1 exclude=$2
   shift 2
