@@ -8,8 +8,12 @@
 //
 // Defining ATTNKIT_SCALAR_ONLY before the first attnkit include compiles the scalar target alone:
 // no vector kernels and no CPU detection, so much less code to compile (a sanitizer or debug
-// build, or a compiler whose target attributes misbehave). Every translation unit of a program
-// must agree on it.
+// build, or a compiler whose target attributes misbehave). Defining ATTNKIT_STATIC_TARGET_ONLY
+// instead compiles only the best target the compiler's own flags enable (-march=native on a
+// Zen 4: avx512, with the bf16 engines; on AArch64: neon; without such flags: scalar), as
+// Highway's HWY_COMPILE_ONLY_STATIC does: for a program built for the machine it runs on, the
+// same kernels with no other target to compile. Every translation unit of a program must agree
+// on both.
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -19,6 +23,8 @@
 
 #include "error.hpp"
 
+// ATTNKIT_X86_TARGETS: x86-64 with a compiler that takes per-function target attributes (CPU
+// detection, the bf16 engines' feature bits).
 #if !defined(ATTNKIT_SCALAR_ONLY) && (defined(__x86_64__) || defined(_M_X64)) && \
     (defined(__GNUC__) || defined(__clang__))
 #define ATTNKIT_X86_TARGETS 1
@@ -34,6 +40,29 @@
 #define ATTNKIT_NEON_TARGET 1
 #else
 #define ATTNKIT_NEON_TARGET 0
+#endif
+// The x86 targets compiled: each one, or (ATTNKIT_STATIC_TARGET_ONLY) the best the flags enable.
+#if ATTNKIT_X86_TARGETS && !defined(ATTNKIT_STATIC_TARGET_ONLY)
+#define ATTNKIT_AVX512_TARGET 1
+#define ATTNKIT_AVX2_TARGET 1
+#elif ATTNKIT_X86_TARGETS && defined(__AVX512F__) && defined(__AVX512BW__) &&                  \
+    defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX2__) && defined(__FMA__) && \
+    defined(__F16C__)
+#define ATTNKIT_AVX512_TARGET 1
+#define ATTNKIT_AVX2_TARGET 0
+#elif ATTNKIT_X86_TARGETS && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define ATTNKIT_AVX512_TARGET 0
+#define ATTNKIT_AVX2_TARGET 1
+#else
+#define ATTNKIT_AVX512_TARGET 0
+#define ATTNKIT_AVX2_TARGET 0
+#endif
+// The scalar target: always, except where ATTNKIT_STATIC_TARGET_ONLY has a vector one.
+#if defined(ATTNKIT_STATIC_TARGET_ONLY) && \
+    (ATTNKIT_AVX512_TARGET || ATTNKIT_AVX2_TARGET || ATTNKIT_NEON_TARGET)
+#define ATTNKIT_SCALAR_TARGET 0
+#else
+#define ATTNKIT_SCALAR_TARGET 1
 #endif
 
 namespace attnkit {
@@ -63,9 +92,12 @@ inline const char* target_name(simd_target t) {
 /// Whether this build contains kernels for t (the includer's architecture and compiler).
 constexpr bool target_compiled(simd_target t) {
   switch (t) {
-    case simd_target::scalar: return true;
+    case simd_target::scalar:
+      return ATTNKIT_SCALAR_TARGET;
     case simd_target::avx2:
-    case simd_target::avx512: return ATTNKIT_X86_TARGETS;
+      return ATTNKIT_AVX2_TARGET;
+    case simd_target::avx512:
+      return ATTNKIT_AVX512_TARGET;
     case simd_target::neon: return ATTNKIT_NEON_TARGET;
   }
   return false;
@@ -112,12 +144,14 @@ inline x86_features detect_x86() {
 /// Whether the running CPU (and OS) can execute target t.
 inline bool cpu_supports(simd_target t) {
   if (!target_compiled(t)) return false;
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_X86_TARGETS && !defined(ATTNKIT_STATIC_TARGET_ONLY)
   static const detail::x86_features f = detail::detect_x86();
   if (t == simd_target::avx2) return f.avx2;
   if (t == simd_target::avx512) return f.avx512;
 #endif
-  return true;  // scalar; NEON is part of every AArch64 CPU
+  // Scalar; NEON is part of every AArch64 CPU; a static target's instructions are the compiler's
+  // own (ATTNKIT_STATIC_TARGET_ONLY): the program runs only where the CPU has them.
+  return true;
 }
 
 namespace detail {

@@ -201,12 +201,14 @@ struct tpa_weights {
 
 // ---- the target copies ----
 
+#if ATTNKIT_SCALAR_TARGET
 namespace attnkit::detail::simd_scalar {
 #include "vec_scalar.inl"
 #include "kernels.inl"
 }  // namespace attnkit::detail::simd_scalar
+#endif
 
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX2_TARGET || ATTNKIT_AVX512_TARGET
 // The code between ATTNKIT_TARGET_BEGIN("isa,...") and ATTNKIT_TARGET_END() is compiled for
 // those instruction sets (functions only: clang applies the attribute to functions, not lambdas).
 #define ATTNKIT_PRAGMA(...) _Pragma(#__VA_ARGS__)
@@ -225,13 +227,16 @@ namespace attnkit::detail::simd_scalar {
 // clang-format on
 #define ATTNKIT_TARGET_END() ATTNKIT_PRAGMA(GCC diagnostic pop) ATTNKIT_PRAGMA(GCC pop_options)
 #endif
+#if ATTNKIT_AVX2_TARGET
 ATTNKIT_TARGET_BEGIN("avx2,fma,f16c")
 namespace attnkit::detail::simd_avx2 {
 #include "vec_avx2.inl"
 #include "kernels.inl"
 }  // namespace attnkit::detail::simd_avx2
 ATTNKIT_TARGET_END()
+#endif
 
+#if ATTNKIT_AVX512_TARGET
 ATTNKIT_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 namespace attnkit::detail::simd_avx512 {
 #include "vec_avx512.inl"
@@ -255,10 +260,11 @@ namespace attnkit::detail::simd_amx {
 #include "amx.inl"
 }  // namespace attnkit::detail::simd_amx
 ATTNKIT_TARGET_END()
+#endif  // ATTNKIT_AVX512_TARGET
 #undef ATTNKIT_TARGET_BEGIN
 #undef ATTNKIT_TARGET_END
 #undef ATTNKIT_PRAGMA
-#endif  // ATTNKIT_X86_TARGETS
+#endif  // ATTNKIT_AVX2_TARGET || ATTNKIT_AVX512_TARGET
 
 #if ATTNKIT_NEON_TARGET  // baseline on AArch64: no attributes needed
 namespace attnkit::detail::simd_neon {
@@ -269,25 +275,46 @@ namespace attnkit::detail::simd_neon {
 
 // ---- dispatch ----
 
-#if ATTNKIT_X86_TARGETS
-#define ATTNKIT_SIMD_X86_CASES(...)                                  \
-  case ::attnkit::simd_target::avx512: return simd_avx512::__VA_ARGS__; \
-  case ::attnkit::simd_target::avx2: return simd_avx2::__VA_ARGS__;
+// One case per compiled target; the last of scalar, avx512, avx2, neon that is compiled is the
+// default (the only one of ATTNKIT_STATIC_TARGET_ONLY).
+#if ATTNKIT_SCALAR_TARGET
+#define ATTNKIT_SIMD_DEFAULT simd_scalar
+#elif ATTNKIT_AVX512_TARGET
+#define ATTNKIT_SIMD_DEFAULT simd_avx512
+#elif ATTNKIT_AVX2_TARGET
+#define ATTNKIT_SIMD_DEFAULT simd_avx2
 #else
-#define ATTNKIT_SIMD_X86_CASES(...)
+#define ATTNKIT_SIMD_DEFAULT simd_neon
 #endif
-#if ATTNKIT_NEON_TARGET
-#define ATTNKIT_SIMD_NEON_CASES(...) \
-  case ::attnkit::simd_target::neon: return simd_neon::__VA_ARGS__;
+#if ATTNKIT_AVX512_TARGET && ATTNKIT_SCALAR_TARGET
+#define ATTNKIT_SIMD_AVX512_CASE(...)  \
+  case ::attnkit::simd_target::avx512: \
+    return simd_avx512::__VA_ARGS__;
 #else
-#define ATTNKIT_SIMD_NEON_CASES(...)
+#define ATTNKIT_SIMD_AVX512_CASE(...)
+#endif
+#if ATTNKIT_AVX2_TARGET && (ATTNKIT_SCALAR_TARGET || ATTNKIT_AVX512_TARGET)
+#define ATTNKIT_SIMD_AVX2_CASE(...)  \
+  case ::attnkit::simd_target::avx2: \
+    return simd_avx2::__VA_ARGS__;
+#else
+#define ATTNKIT_SIMD_AVX2_CASE(...)
+#endif
+#if ATTNKIT_NEON_TARGET && ATTNKIT_SCALAR_TARGET
+#define ATTNKIT_SIMD_NEON_CASE(...)  \
+  case ::attnkit::simd_target::neon: \
+    return simd_neon::__VA_ARGS__;
+#else
+#define ATTNKIT_SIMD_NEON_CASE(...)
 #endif
 /// `return <target namespace>::call` for the active target.
-#define ATTNKIT_SIMD_DISPATCH(...)                  \
-  switch (::attnkit::active_target()) {             \
-    ATTNKIT_SIMD_X86_CASES(__VA_ARGS__)             \
-    ATTNKIT_SIMD_NEON_CASES(__VA_ARGS__)            \
-    default: return simd_scalar::__VA_ARGS__;       \
+#define ATTNKIT_SIMD_DISPATCH(...)              \
+  switch (::attnkit::active_target()) {         \
+    ATTNKIT_SIMD_AVX512_CASE(__VA_ARGS__)       \
+    ATTNKIT_SIMD_AVX2_CASE(__VA_ARGS__)         \
+    ATTNKIT_SIMD_NEON_CASE(__VA_ARGS__)         \
+    default:                                    \
+      return ATTNKIT_SIMD_DEFAULT::__VA_ARGS__; \
   }
 
 namespace attnkit::detail {
@@ -464,7 +491,7 @@ inline void exp_given_columns(float* st, std::int64_t ld, std::int64_t keys, std
 template <class T>
 inline void pack_row_pairs(const T* const* rows, std::int64_t n, std::int64_t cols,
                            std::uint32_t* dst, std::int64_t dst_stride) {
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX512_TARGET
   simd_avx512_bf16::pack_row_pairs(rows, n, cols, dst, dst_stride);
 #else
   (void)rows, (void)n, (void)cols, (void)dst, (void)dst_stride;
@@ -488,7 +515,7 @@ inline void pack_row_pairs_of(Row&& row, std::int64_t n, std::int64_t cols, std:
 /// rows x_r = rows[r], r < n <= 16, k < pairs; rows n .. width - 1 (width <= 16) stored as 0.
 inline void pack_query_pairs(const float* const* rows, std::int64_t n, std::int64_t pairs,
                              float scale, std::int64_t width, std::uint32_t* dst, std::int64_t ld) {
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX512_TARGET
   simd_avx512_bf16::pack_query_pairs(rows, n, pairs, scale, width, dst, ld);
 #else
   (void)rows, (void)n, (void)pairs, (void)scale, (void)width, (void)dst, (void)ld;
@@ -503,7 +530,7 @@ template <bool Accumulate>
 inline void gemm_pairs(std::int64_t rows, std::int64_t cols, std::int64_t pairs, const bf16* a,
                        std::int64_t a_rs, std::int64_t a_cs, const std::uint32_t* b,
                        std::int64_t b_rs, float* c, std::int64_t ldc) {
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX512_TARGET
   simd_avx512_bf16::gemm_pairs<Accumulate>(rows, cols, pairs, a, a_rs, a_cs, b, b_rs, c, ldc);
 #else
   (void)rows, (void)cols, (void)pairs, (void)a, (void)a_rs, (void)a_cs, (void)b, (void)b_rs,
@@ -520,7 +547,7 @@ template <class Rows>
 inline void stream_pair_scores(const std::uint32_t* q, std::int64_t q_stride, std::int64_t rows,
                                const Rows& k, std::int64_t keys, std::int64_t d, float* s,
                                std::int64_t s_stride) {
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX512_TARGET
   simd_avx512_bf16::stream_pair_scores(q, q_stride, rows, k, keys, d, s, s_stride);
 #else
   (void)q, (void)q_stride, (void)rows, (void)k, (void)keys, (void)d, (void)s, (void)s_stride;
@@ -534,7 +561,7 @@ inline void stream_pair_scores(const std::uint32_t* q, std::int64_t q_stride, st
 template <class Rows>
 inline void stream_pair_pv(const float* p, std::int64_t p_stride, std::int64_t rows, const Rows& v,
                            std::int64_t keys, std::int64_t dv, float* o, std::int64_t o_stride) {
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX512_TARGET
   simd_avx512_bf16::stream_pair_pv(p, p_stride, rows, v, keys, dv, o, o_stride);
 #else
   (void)p, (void)p_stride, (void)rows, (void)v, (void)keys, (void)dv, (void)o, (void)o_stride;
@@ -549,7 +576,7 @@ template <bool Accumulate>
 inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, const bf16* a,
                      std::int64_t a_stride, const std::uint32_t* b, std::int64_t ldb, float* c,
                      std::int64_t ldc) {
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX512_TARGET
   simd_amx::amx_gemm<Accumulate>(rows, cols, depth, a, a_stride, b, ldb, c, ldc);
 #else
   (void)rows, (void)cols, (void)depth, (void)a, (void)a_stride, (void)b, (void)ldb, (void)c,
@@ -563,7 +590,7 @@ inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, c
 /// depth.
 inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const std::uint32_t* qp,
                              float* s, range_prefetcher* pf, int pf_steps) {
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX512_TARGET
   simd_amx::amx_group_scores(k, depth, qp, s, pf, pf_steps);
 #else
   (void)k, (void)depth, (void)qp, (void)s, (void)pf, (void)pf_steps;
@@ -575,7 +602,7 @@ inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const 
 /// words, from the column tile x[t] = src + t * ld (t < keys, 16 rows each).
 inline void pack_probability_halves(const float* src, std::int64_t ld, std::int64_t keys,
                                     std::uint32_t* halves) {
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX512_TARGET
   simd_amx::pack_probability_halves(src, ld, keys, halves);
 #else
   (void)src, (void)ld, (void)keys, (void)halves;
@@ -589,7 +616,7 @@ inline void pack_probability_halves(const float* src, std::int64_t ld, std::int6
 inline void amx_pv_rows(std::int64_t rows, std::int64_t dv, const std::uint32_t* halves,
                         const amx_key_groups& v, float* acc, std::int64_t ldacc,
                         range_prefetcher* pf, int pf_steps) {
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX512_TARGET
   simd_amx::amx_pv_rows(rows, dv, halves, v, acc, ldacc, pf, pf_steps);
 #else
   (void)rows, (void)dv, (void)halves, (void)v, (void)acc, (void)ldacc, (void)pf, (void)pf_steps;
@@ -603,7 +630,7 @@ inline void amx_pv_rows(std::int64_t rows, std::int64_t dv, const std::uint32_t*
 inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_t keys,
                                   std::int64_t rows, std::int64_t pairs, std::uint32_t* dst,
                                   std::int64_t dst_stride) {
-#if ATTNKIT_X86_TARGETS
+#if ATTNKIT_AVX512_TARGET
   simd_amx::pack_pairs_transposed(src, ld, keys, rows, pairs, dst, dst_stride);
 #else
   (void)src, (void)ld, (void)keys, (void)rows, (void)pairs, (void)dst, (void)dst_stride;
