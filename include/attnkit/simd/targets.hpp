@@ -275,8 +275,8 @@ namespace attnkit::detail::simd_neon {
 
 // ---- dispatch ----
 
-// One case per compiled target; the last of scalar, avx512, avx2, neon that is compiled is the
-// default (the only one of ATTNKIT_STATIC_TARGET_ONLY).
+// The first compiled of scalar, avx512, avx2, neon is the default (under
+// ATTNKIT_STATIC_TARGET_ONLY the only one); every other compiled target has a case.
 #if ATTNKIT_SCALAR_TARGET
 #define ATTNKIT_SIMD_DEFAULT simd_scalar
 #elif ATTNKIT_AVX512_TARGET
