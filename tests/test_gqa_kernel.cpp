@@ -535,6 +535,48 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "bf16 products: a worker's value blocks, packed once, serve every query tile of their KV "
+    "head",
+    "[gqa][bf16]") {
+  // Two query tiles per KV head and 9 whole key blocks and a partial one: with d_v 512 a worker
+  // keeps the value pairs of the first 8 whole blocks (1 MiB) for the next tile of the same head
+  // and packs the rest (and a causal tile's diagonal block) each time. One worker runs every item
+  // (each head's tiles, then the next head's blocks over the same cache slots), two interleave
+  // them: with no key splits in either plan, the answers agree bit for bit. Three workers split
+  // each item's keys in three (blocks that start between whole blocks are packed each time).
+  std::mt19937_64 rng(211);
+  const gqa_case c{.heads = 8,
+                   .kv_heads = 2,
+                   .head_dim = 32,
+                   .v_head_dim = 512,
+                   .tk = 9 * 128 + 24,
+                   .tq = 40,
+                   .strategy = tile_strategy::gemm,
+                   .products = product_math::bf16};
+  const gqa_data x = make_gqa_data(rng, c);
+  thread_pool pool(2);
+  callable_executor three(
+      [&](std::int64_t n, const std::function<void(std::int64_t)>& fn) {
+        pool.parallel_for(n, fn);
+      },
+      3);
+  const fmat one = run_kernel<bf16>(c, x), split = run_kernel<bf16>(c, x, three);
+  INFO(describe(c) << " bf16 products available: " << bf16_products_available());
+  CHECK(run_kernel<bf16>(c, x, pool) == one);
+  if (bf16_products_available()) {
+    CHECK(bf16_products_error_ratio(c, x, one) <= 1.0);
+    CHECK(bf16_products_error_ratio(c, x, split) <= 1.0);
+  } else {  // the f32 path, bit for bit; its key splits within float round-off
+    gqa_case f = c;
+    f.products = product_math::f32;
+    CHECK(one == run_kernel<bf16>(f, x));
+    const double tol =
+        float_tolerance(c.head_dim, c.tk, x.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff());
+    CHECK(max_abs_diff(to_double(one), to_double(split)) <= 2 * tol);
+  }
+}
+
+TEST_CASE(
     "bf16 products: odd d_qk, d_qk not whole 32s on the streaming path, and float caches "
     "compute as f32",
     "[gqa][bf16]") {

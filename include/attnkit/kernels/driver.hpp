@@ -95,10 +95,12 @@ struct attention_plan {
   std::int64_t q_tokens, groups, g, keys, v_head_dim, block;
   std::int64_t tq, rows, qtiles, splits, items;
   std::int64_t partial_stride() const { return rows * (v_head_dim + 2); }
-  /// Item i: later query tiles first (under a causal mask they carry more keys).
+  /// Item i: head group by head group, so that a worker's consecutive items read the same keys
+  /// (its caches, and the variants' packed blocks, serve the next query tile); within a group
+  /// later query tiles first (under a causal mask they carry more keys), then the key splits.
   void item(std::int64_t i, std::int64_t& qt, std::int64_t& j, std::int64_t& ks) const {
-    const std::int64_t per_tile = groups * splits;
-    qt = qtiles - 1 - i / per_tile, j = (i % per_tile) / splits, ks = i % splits;
+    const std::int64_t per_group = qtiles * splits;
+    j = i / per_group, qt = qtiles - 1 - i % per_group / splits, ks = i % splits;
   }
   float* partial_of(float* partial, std::int64_t qt, std::int64_t j, std::int64_t ks) const {
     return partial + ((qt * groups + j) * splits + ks) * partial_stride();

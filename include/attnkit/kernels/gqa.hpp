@@ -17,6 +17,7 @@
 // is "key position <= query position" on explicit int64 positions.
 #include <Eigen/Core>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -130,8 +131,21 @@ class gqa_products {
                        dv = pb.kv.v_head_dim();
     return static_cast<std::size_t>(
         (listed(pb) ? 4 * nb * pointer_floats : 0) + m * (dqk + nb) + nb * (dqk + dv) +
-        (engine_of(pb) != pair_engine::none ? std::max(m * (nb / 2 + 16), 32 * round16(nb)) : 0));
+        (engine_of(pb) != pair_engine::none ? std::max(m * (nb / 2 + 16), 32 * round16(nb)) : 0) +
+        cached_blocks(pb, pl) * nb / 2 * dv);
   }
+  /// Whole key blocks whose value pairs a worker keeps (value_pairs): with bf16 products on the
+  /// GEMM tiles (the AMX single row tile reads its values in place) and several query tiles,
+  /// which all read the same blocks of a KV head, the first blocks within cache_bytes.
+  static std::int64_t cached_blocks(const problem& pb, const attention_plan& pl) {
+    const pair_engine e = engine_of(pb);
+    if (e == pair_engine::none || (e == pair_engine::amx && pl.rows <= 16) || pl.qtiles < 2 ||
+        pl.block % 32 != 0)
+      return 0;
+    return std::min({(pl.keys + pl.block - 1) / pl.block, max_cached_blocks,
+                     cache_bytes / (2 * pl.block * pb.kv.v_head_dim())});
+  }
+  static constexpr std::int64_t max_cached_blocks = 32, cache_bytes = std::int64_t{1} << 20;
   /// What runs the GEMM tiles' bf16 products (product_math::bf16) on a bf16 cache: AMX tiles
   /// (whole 32-column query tiles and 16-column value tiles), vdpbf16ps (whole pairs of query
   /// columns), or nothing (f32 products).
@@ -165,9 +179,12 @@ class gqa_products {
     s_ = f, f += m * nb;     // scores / probabilities: [m][block], or [nb][m(16)] transposed
     kf_ = f, f += nb * dqk;  // a block of K widened to float, or gathered as bf16 (paged AMX)
     vf_ = f, f += nb * dv;   // a block of V widened to float, or its pairs [nb32 / 2][d_v]
+    cached_heads_.fill(-1);
     if (pairs_ == pair_engine::none) return;
     // P^T's pairs [nb / 2][m], or P's [m16][nb32 / 2], or (amx_pv_rows) its halves [2][nb16][16]
     pp_ = reinterpret_cast<std::uint32_t*>(f);
+    f += std::max(m * (nb / 2 + 16), 32 * round16(nb));
+    cache_ = reinterpret_cast<std::uint32_t*>(f);  // [cached blocks][nb / 2][d_v]
   }
 
   std::span<const std::int64_t> positions() const { return pb_.kv.positions(); }
@@ -482,12 +499,9 @@ class gqa_products {
                   pf_steps_);
       return;
     }
-    auto* vp = reinterpret_cast<std::uint32_t*>(vf_);
-    pack_row_pairs_of<S>([&](std::int64_t t) { return pb_.kv.values().row(j, b0 + t); }, nb, dv, vp,
-                         dv);
+    const std::uint32_t* vp = value_pairs(j, b0, nb);
     if (pairs_ == pair_engine::amx) {  // keys padded with zeros to whole 32-key tiles
       const std::int64_t nb32 = (nb + 31) / 32 * 32;
-      std::fill(vp + (nb + 1) / 2 * dv, vp + nb32 / 2 * dv, 0u);
       pack_pairs_transposed(p.data, p.key_stride, nb, q_cols(), nb32 / 2, pp_, nb32 / 2);
       amx_gemm<true>(m_, dv, nb32, reinterpret_cast<const bf16*>(pp_), nb32, vp, dv, acc, dv);
       return;
@@ -496,6 +510,24 @@ class gqa_products {
                              m_);
     gemm_pairs<true>(m_, dv, (nb + 1) / 2, reinterpret_cast<const bf16*>(pp_), 2, 2 * m_, vp, dv,
                      acc, dv);
+  }
+  /// V's rows [b0, b0 + nb) of KV head j paired by key, [(nb + 1) / 2][d_v] words (an odd last
+  /// key paired with 0; for AMX zeros up to whole 32-key tiles). A whole block among the first
+  /// cached_blocks comes from the worker's cache, packed by the first query tile of the KV head
+  /// that reads it (the driver runs a head group's items one after another); other blocks (a
+  /// causal tile's diagonal one, key splits' ends) are packed into vf_ each time.
+  const std::uint32_t* value_pairs(std::int64_t j, std::int64_t b0, std::int64_t nb) {
+    const std::int64_t dv = pb_.kv.v_head_dim(), slot = b0 / pl_.block;
+    const bool cached = nb == pl_.block && b0 % pl_.block == 0 && slot < cached_blocks_;
+    std::uint32_t* vp =
+        cached ? cache_ + slot * (pl_.block / 2) * dv : reinterpret_cast<std::uint32_t*>(vf_);
+    if (cached && cached_heads_[static_cast<std::size_t>(slot)] == j) return vp;
+    pack_row_pairs_of<S>([&](std::int64_t t) { return pb_.kv.values().row(j, b0 + t); }, nb, dv, vp,
+                         dv);
+    if (pairs_ == pair_engine::amx)
+      std::fill(vp + (nb + 1) / 2 * dv, vp + (nb + 31) / 32 * 16 * dv, 0u);
+    if (cached) cached_heads_[static_cast<std::size_t>(slot)] = j;
+    return vp;
   }
   /// Rows [b0, b0 + nb) of KV head j copied from their pages into dst [nb][width]; returns dst.
   const S* gather_rows(const row_set<S>& rs, std::int64_t j, std::int64_t b0, std::int64_t nb,
@@ -578,6 +610,8 @@ class gqa_products {
   block_ranges<S> ranges_;  // pf_'s ranges
   float *q_, *s_, *kf_, *vf_;
   std::uint32_t* pp_ = nullptr;
+  std::uint32_t* cache_ = nullptr;  // value_pairs' blocks [cached_blocks_][block / 2][d_v]
+  std::array<std::int64_t, max_cached_blocks> cached_heads_;  // the KV head each slot holds
   const float* vfp_ = nullptr;  // the current block's values as float (transposed path)
   std::int64_t vfs_ = 0;
   // The active target's layout choices, read once per call: the transposed GEMM tiles (else
@@ -585,6 +619,7 @@ class gqa_products {
   const bool vector_gemm_ = simd_vector_target();
   const std::int64_t pair_group_ = std::same_as<S, bf16> && pb_.streaming ? bf16_pair_group() : 0;
   const pair_engine pairs_ = engine_of(pb_);  // bf16 products (product_math::bf16)
+  const std::int64_t cached_blocks_ = cached_blocks(pb_, pl_);
   const bool stream_pairs_ = streams_pairs(pb_);  // bf16 products on the streaming path
   // ... and their P V on pairs (stream_pair_pv) where d_v is whole 32-column groups
   const bool pairs_pv_ = stream_pairs_ && pb_.kv.v_head_dim() % 32 == 0;
