@@ -368,17 +368,22 @@ TEST_CASE(
   }
 }
 
+/// An executor that plans for three workers and runs their tasks on a pool of two threads.
+inline auto three_workers(thread_pool& pool) {
+  return callable_executor(
+      [&pool](std::int64_t n, const std::function<void(std::int64_t)>& fn) {
+        pool.parallel_for(n, fn);
+      },
+      3);
+}
+
 TEST_CASE("results with 1, 2 and 3 workers agree within tolerance", "[gqa][executor]") {
   std::mt19937_64 rng(GENERATE(31, 32, 33));
   gqa_case c = random_case(rng);
   c.tq = rng() % 2 ? 1 : 40;
   const gqa_data x = make_gqa_data(rng, c);
   thread_pool pool(2);
-  callable_executor three(
-      [&](std::int64_t n, const std::function<void(std::int64_t)>& fn) {
-        pool.parallel_for(n, fn);
-      },
-      3);
+  auto three = three_workers(pool);
   const fmat a = run_kernel<float>(c, x), b = run_kernel<float>(c, x, pool),
              d = run_kernel<float>(c, x, three);
   const double tol =
@@ -555,11 +560,7 @@ TEST_CASE(
                    .products = product_math::bf16};
   const gqa_data x = make_gqa_data(rng, c);
   thread_pool pool(2);
-  callable_executor three(
-      [&](std::int64_t n, const std::function<void(std::int64_t)>& fn) {
-        pool.parallel_for(n, fn);
-      },
-      3);
+  auto three = three_workers(pool);
   const fmat one = run_kernel<bf16>(c, x), split = run_kernel<bf16>(c, x, three);
   INFO(describe(c) << " bf16 products available: " << bf16_products_available());
   CHECK(run_kernel<bf16>(c, x, pool) == one);
