@@ -95,6 +95,43 @@ TEST_CASE("vectorised exp matches std::exp to a few ulp over the softmax range",
   CHECK(std::abs(sum - ref_sum) <= 1e-5 * ref_sum);
 }
 
+TEST_CASE(
+    "the column softmax's coarse exp (bf16 products): within 6e-5 of exp, vexp's within 4 ulp",
+    "[softmax]") {
+  // One row of the column form (keys t at stride 1) whose max is its first key, 0: p_t = exp(x_t).
+  std::vector<float> xs{0.f};
+  for (float x = -100.f; x <= 0.f; x += 0.01237f) xs.push_back(x);
+  xs.push_back(-INFINITY);
+  const auto n = static_cast<std::int64_t>(xs.size());
+  for (const bool coarse : {false, true}) {
+    std::vector<float> p = xs;
+    float mx = -INFINITY, sum = 0.f, alpha = 0.f;
+    detail::softmax_columns<float>(p.data(), 1, n, 1, &mx, &sum, &alpha, nullptr, nullptr, coarse);
+    double worst = 0, ref_sum = 0;
+    for (std::int64_t t = 0; t < n; ++t) {
+      const double r = std::exp(double(xs[static_cast<std::size_t>(t)]));
+      ref_sum += r;
+      if (r >= 0x1p-126)
+        worst = std::max(worst, std::abs(p[static_cast<std::size_t>(t)] - r) / r);
+      else  // below the smallest normal float: 0 on the vector targets
+        CHECK(p[static_cast<std::size_t>(t)] <= 1.2e-38f);
+    }
+    INFO("coarse=" << coarse << " worst relative error=" << worst);
+    CHECK(mx == 0.f);
+    CHECK(alpha == 0.f);  // the empty row's rescale: exp(-inf)
+    CHECK(p.front() == 1.f);
+    CHECK(p.back() == 0.f);
+    const bool coarse_ran = coarse && detail::simd_vector_target();
+    CHECK(std::abs(sum - ref_sum) <= (coarse_ran ? 6e-5 : 1e-5) * ref_sum);
+    if (coarse_ran) {
+      CHECK(worst <= 6e-5);  // degree 4: 5.6e-5 at r = -ln2/2; a tenfold loss fails
+      CHECK(worst > 1e-5);   // and the coarse polynomial is the one that ran
+    } else {
+      CHECK(worst <= 4 * 0x1p-24);
+    }
+  }
+}
+
 TEST_CASE("vectorised exp is 0, not subnormal, below ln(FLT_MIN) on the vector targets",
           "[softmax]") {
   if (!detail::simd_vector_target()) return;  // the scalar target is std::exp

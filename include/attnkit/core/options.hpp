@@ -28,7 +28,8 @@ enum class tile_strategy { automatic, streaming, gemm };
 ///         "bf16 products"). On vdpbf16ps the streaming path (decode, short chunks; d_qk a
 ///         multiple of 32) takes the rounded queries against the keys as stored, and its P V the
 ///         rounded probabilities against two keys' values as stored where d_v is a multiple of
-///         32 (else float probabilities): no key or value widened.
+///         32 (else float probabilities): no key or value widened. The GEMM tiles compute the
+///         probabilities they round by a coarser exponential (relative error < 6e-5).
 ///         TPA (attend_factorized) rounds its value weights p A_V to bf16 and runs its value
 ///         GEMM on AMX tiles (d_v a multiple of 16) or vdpbf16ps; on AMX also its D dots, with
 ///         B_Q rounded (d a multiple of 32).

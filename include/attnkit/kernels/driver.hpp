@@ -285,6 +285,9 @@ class attention_worker {
           const auto w = var_.value_weights();
           softmax_columns(s.data, s.key_stride, nb, m, state_.max, state_.sum, alpha_,
                           unchanged ? s.block_max : nullptr, &w);
+        } else if constexpr (requires { var_.rounds_probabilities(); }) {
+          softmax_columns<float>(s.data, s.key_stride, nb, m, state_.max, state_.sum, alpha_,
+                                 nullptr, nullptr, var_.rounds_probabilities());
         } else {
           softmax_columns(s.data, s.key_stride, nb, m, state_.max, state_.sum, alpha_);
         }

@@ -188,6 +188,9 @@ class gqa_products {
   }
 
   std::span<const std::int64_t> positions() const { return pb_.kv.positions(); }
+  /// The GEMM tiles' P V rounds the probabilities to bf16 (pair_accumulate), so the softmax
+  /// computes them by the coarse exponential (docs/math.md).
+  bool rounds_probabilities() const { return pairs_ != pair_engine::none; }
   /// Key blocks may span page runs: scores and accumulate walk a block's runs themselves.
   std::int64_t run_end(std::int64_t /*t*/) const { return pb_.kv.size(); }
 

@@ -28,29 +28,34 @@ constexpr std::int64_t pair_group = V::pairs ? 2 * L : 0;
 
 /// exp(x) per lane: std::exp on the scalar target; else x = n ln2 + r with |r| <= ln2/2
 /// (Cody-Waite: ln2 split in a part exact in float and a small one, so r carries no error from
-/// n ln2), e^r by its degree-7 Taylor series (truncation < 6e-9 relative), times 2^n. Within
-/// ~2 ulp; exp(-inf) = 0, exp(NaN) = NaN, finite for x <= 88. Results below the smallest normal
-/// float (x < ln(FLT_MIN)) are 0 on every vector target: forming a subnormal costs a microcode
-/// assist per instruction on Intel cores, and a masked tile's -inf scores would all take one.
-template <class W = V>
+/// n ln2), e^r by its Taylor series of degree Degree, times 2^n. Degree 7 (vexp): truncation
+/// < 6e-9 relative, within ~2 ulp. Degree 4 (vexp_coarse): truncation < 5.6e-5 relative (at r =
+/// -ln2/2), for probabilities rounded to bf16 next (whose rounding, 2^-8, is 70 times larger):
+/// three fewer FMAs per vector. exp(-inf) = 0, exp(NaN) = NaN, finite for x <= 88. Results below
+/// the smallest normal float (x < ln(FLT_MIN)) are 0 on every vector target: forming a subnormal
+/// costs a microcode assist per instruction on Intel cores, and a masked tile's -inf scores would
+/// all take one.
+template <int Degree = 7, class W = V>
 inline typename W::vec vexp(typename W::vec x) {
   if constexpr (W::lanes == 1) {
     return std::exp(x);
   } else {
+    constexpr float inverse_factorial[8] = {1.f,        1.f,         0.5f,        1.f / 6.f,
+                                            1.f / 24.f, 1.f / 120.f, 1.f / 720.f, 1.f / 5040.f};
+    static_assert(Degree >= 1 && Degree <= 7);
     const vec xc = W::exp_clamp(x);
     const vec n = W::round(W::mul(xc, W::set1(1.44269504088896341f)));
     const vec r = W::fnmadd(n, W::set1(1.42860682e-06f),
                             W::fnmadd(n, W::set1(0.693145751953125f), xc));
-    vec p = W::set1(1.f / 5040.f);
-    p = W::fmadd(p, r, W::set1(1.f / 720.f));
-    p = W::fmadd(p, r, W::set1(1.f / 120.f));
-    p = W::fmadd(p, r, W::set1(1.f / 24.f));
-    p = W::fmadd(p, r, W::set1(1.f / 6.f));
-    p = W::fmadd(p, r, W::set1(0.5f));
-    p = W::fmadd(p, r, W::set1(1.f));
-    p = W::fmadd(p, r, W::set1(1.f));
+    vec p = W::set1(inverse_factorial[Degree]);
+    ATTNKIT_UNROLL
+    for (int k = Degree - 1; k >= 0; --k) p = W::fmadd(p, r, W::set1(inverse_factorial[k]));
     return W::exp_scale(p, n, x);
   }
+}
+template <class W = V>
+inline typename W::vec vexp_coarse(typename W::vec x) {
+  return vexp<4, W>(x);
 }
 
 /// n elements of storage type S to float.
@@ -776,7 +781,7 @@ struct into_value_weights {
 /// Rows [m0, m0 + G L) of softmax_columns_to (masks mm): the G vectors of a key's row side by
 /// side, so each pass reads the tile's rows in address order, once for the max and once for the
 /// exponentials (a G L-column strip stays in L1 between them).
-template <int G, class Sink>
+template <int G, bool CoarseExp, class Sink>
 ATTNKIT_INLINE void softmax_column_strip(const float* st, std::int64_t ld, std::int64_t keys,
                                          std::int64_t m0, const vmask* mm, float* state_max,
                                          float* state_sum, float* alpha, const float* block_max,
@@ -808,7 +813,8 @@ ATTNKIT_INLINE void softmax_column_strip(const float* st, std::int64_t ld, std::
   for (std::int64_t t = 0; t < keys; ++t) {
     ATTNKIT_UNROLL
     for (int g = 0; g < G; ++g) {
-      const vec p = vexp(V::sub(V::load(mm[g], st + t * ld + m0 + g * L), shift[g]));
+      const vec x = V::sub(V::load(mm[g], st + t * ld + m0 + g * L), shift[g]);
+      const vec p = CoarseExp ? vexp_coarse(x) : vexp(x);
       sink(t, m0 + g * L, p, mm[g]);
       colsum[g] = V::add(colsum[g], p);
     }
@@ -821,10 +827,11 @@ ATTNKIT_INLINE void softmax_column_strip(const float* st, std::int64_t ld, std::
 }
 
 /// For keys t < keys and rows r < rows of the column tile st[t * ld + r]: the probabilities
-/// exp(s - max') to sink, the running max / sum updated, alpha[r] = the rescale factor of row r.
-/// block_max, when given, is each row's max over the block. Strips of G vectors of rows (AVX2's
-/// 16 registers hold the state of 2 beside the exponential's temporaries), then single vectors.
-template <class Sink>
+/// exp(s - max') to sink (by vexp_coarse with CoarseExp), the running max / sum updated, alpha[r]
+/// = the rescale factor of row r. block_max, when given, is each row's max over the block.
+/// Strips of G vectors of rows (AVX2's 16 registers hold the state of 2 beside the
+/// exponential's temporaries), then single vectors.
+template <bool CoarseExp, class Sink>
 inline void softmax_columns_to(const float* st, std::int64_t ld, std::int64_t keys,
                                std::int64_t rows, float* state_max, float* state_sum, float* alpha,
                                const float* block_max, const Sink& sink) {
@@ -833,11 +840,13 @@ inline void softmax_columns_to(const float* st, std::int64_t ld, std::int64_t ke
   for (; m0 + G * L <= rows; m0 += G * L) {
     vmask mm[G];
     for (int g = 0; g < G; ++g) mm[g] = V::first(L);
-    softmax_column_strip<G>(st, ld, keys, m0, mm, state_max, state_sum, alpha, block_max, sink);
+    softmax_column_strip<G, CoarseExp>(st, ld, keys, m0, mm, state_max, state_sum, alpha, block_max,
+                                       sink);
   }
   for (; m0 < rows; m0 += L) {
     const vmask mm[1] = {V::first(rows - m0)};
-    softmax_column_strip<1>(st, ld, keys, m0, mm, state_max, state_sum, alpha, block_max, sink);
+    softmax_column_strip<1, CoarseExp>(st, ld, keys, m0, mm, state_max, state_sum, alpha, block_max,
+                                       sink);
   }
 }
 
@@ -845,13 +854,17 @@ inline void softmax_columns_to(const float* st, std::int64_t ld, std::int64_t ke
 template <storage_type S>
 inline void softmax_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
                             float* state_max, float* state_sum, float* alpha,
-                            const float* block_max, const tpa_weights<S>* weights) {
+                            const float* block_max, const tpa_weights<S>* weights,
+                            bool coarse_exp) {
   if (weights)
-    softmax_columns_to(st, ld, keys, rows, state_max, state_sum, alpha, block_max,
-                       into_value_weights<S>{*weights});
+    softmax_columns_to<false>(st, ld, keys, rows, state_max, state_sum, alpha, block_max,
+                              into_value_weights<S>{*weights});
+  else if (coarse_exp)
+    softmax_columns_to<true>(st, ld, keys, rows, state_max, state_sum, alpha, block_max,
+                             store_in_place{st, ld});
   else
-    softmax_columns_to(st, ld, keys, rows, state_max, state_sum, alpha, block_max,
-                       store_in_place{st, ld});
+    softmax_columns_to<false>(st, ld, keys, rows, state_max, state_sum, alpha, block_max,
+                              store_in_place{st, ld});
 }
 
 /// st[t * ld + r] <- exp(st[t * ld + r] - lse[r]), 0 where lse[r] is -inf.

@@ -467,14 +467,15 @@ inline void gemm_bcast(std::int64_t rows, std::int64_t cols, std::int64_t depth,
 /// Column form of the online softmax over the tile st[t * ld + r] (keys t, rows r): the
 /// probabilities written back into st, or (weights given) into TPA's value weights; the running
 /// max / sum updated; alpha[r] = the accumulator rescale factor of row r. block_max, when given,
-/// is each row's max over the block.
+/// is each row's max over the block. coarse_exp: the probabilities written back by vexp_coarse
+/// (relative error < 6e-5), for products that round them to bf16 next.
 template <storage_type S = float>
 inline void softmax_columns(float* st, std::int64_t ld, std::int64_t keys, std::int64_t rows,
                             float* state_max, float* state_sum, float* alpha,
                             const float* block_max = nullptr,
-                            const tpa_weights<S>* weights = nullptr) {
-  ATTNKIT_SIMD_DISPATCH(
-      softmax_columns(st, ld, keys, rows, state_max, state_sum, alpha, block_max, weights))
+                            const tpa_weights<S>* weights = nullptr, bool coarse_exp = false) {
+  ATTNKIT_SIMD_DISPATCH(softmax_columns(st, ld, keys, rows, state_max, state_sum, alpha, block_max,
+                                        weights, coarse_exp))
 }
 
 /// Column form: st[t * ld + r] <- exp(st[t * ld + r] - lse[r]) (0 where lse[r] is -inf).
