@@ -285,11 +285,12 @@ class attention_worker {
           const auto w = var_.value_weights();
           softmax_columns(s.data, s.key_stride, nb, m, state_.max, state_.sum, alpha_,
                           unchanged ? s.block_max : nullptr, &w);
-        } else if constexpr (requires { var_.rounds_probabilities(); }) {
-          softmax_columns<float>(s.data, s.key_stride, nb, m, state_.max, state_.sum, alpha_,
-                                 nullptr, nullptr, var_.rounds_probabilities());
         } else {
-          softmax_columns(s.data, s.key_stride, nb, m, state_.max, state_.sum, alpha_);
+          bool coarse_exp = false;  // the probabilities are rounded to bf16 next
+          if constexpr (requires { var_.rounds_probabilities(); })
+            coarse_exp = var_.rounds_probabilities();
+          softmax_columns<float>(s.data, s.key_stride, nb, m, state_.max, state_.sum, alpha_,
+                                 nullptr, nullptr, coarse_exp);
         }
         for (std::int64_t r = 0; r < m; ++r)
           if (alpha_[r] != 1.f) scale_row(acc_ + r * dv, dv, alpha_[r]);
