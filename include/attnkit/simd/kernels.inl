@@ -362,8 +362,10 @@ inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, con
 /// them in bursts that fill the core's miss buffers while the other chunks send none); a chunk
 /// that does not tile its line requests it where it starts the line.
 struct chunk_prefetch {
-  std::int64_t bytes = 0, mask = 0, phase = 0;  // keys t with (t & mask) == phase, bytes > 0
-  bool at(std::int64_t t) const { return bytes > 0 && (t & mask) == phase; }
+  // Keys t with (t & mask) == phase, bytes > 0. The loops count the next such key in a
+  // register rather than test each key: the bf16 decode on AVX-512 ran slower with the test
+  // (GCC 12 on Zen 5; docs/benchmarks.md, 2026-12-06).
+  std::int64_t bytes = 0, mask = 0, phase = 0;
 };
 template <class S>
 constexpr chunk_prefetch chunk_prefetch_of(std::int64_t c0, std::int64_t width) {
@@ -409,9 +411,13 @@ inline void pv_chunk(const float* p, std::int64_t p_stride, std::int64_t rows, c
     ATTNKIT_UNROLL
     for (int i = 0; i < NV; ++i) acc[r][i] = V::load(m[i], rw.o[r] + L * i);
   }
+  std::int64_t next_pf = pf.bytes > 0 ? pf.phase : keys;
   for (std::int64_t t = 0; t < keys; ++t) {
     const S* vr = v.row(t) + c0;
-    if (v.prefetches() && pf.at(t)) prefetch_row(v.ahead_row(t) + c0, pf.bytes);
+    if (v.prefetches() && t == next_pf) {
+      prefetch_row(v.ahead_row(t) + c0, pf.bytes);
+      next_pf += pf.mask + 1;
+    }
     vec vv[NV];
     ATTNKIT_UNROLL
     for (int i = 0; i < NV; ++i) vv[i] = V::load_as_float(m[i], vr + L * i);
@@ -443,9 +449,13 @@ inline void pv_chunk_full(const float* p, std::int64_t p_stride, std::int64_t ro
     ATTNKIT_UNROLL
     for (int i = 0; i < NV; ++i) acc[r][i] = V::load(rw.o[r] + L * i);
   }
+  std::int64_t next_pf = pf.bytes > 0 ? pf.phase : keys;
   for (std::int64_t t = 0; t < keys; ++t) {
     const S* vr = v.row(t) + c0;
-    if (v.prefetches() && pf.at(t)) prefetch_row(v.ahead_row(t) + c0, pf.bytes);
+    if (v.prefetches() && t == next_pf) {
+      prefetch_row(v.ahead_row(t) + c0, pf.bytes);
+      next_pf += pf.mask + 1;
+    }
     vec vv[NV];
     if constexpr (V::pairs && std::same_as<S, bf16>) {  // NV / 2 groups of 2 L paired columns
       ATTNKIT_UNROLL
