@@ -241,7 +241,8 @@ class gqa_products {
           }
         const float* q = q_ + i * rows * dqk;
         if (!paged()) {
-          detail::scores(q, dqk, rows, pb_.kv.keys().row(j + i, b0), ks, nb, dqk, s, pl_.block);
+          detail::scores(q, dqk, rows, pb_.kv.keys().row(j + i, b0), ks, nb, dqk, s, pl_.block,
+                         true, value_block_into_l1(j + i, b0, nb));
         } else {  // its rows listed across its pages, once for all the item's heads
           if (i == 0) list_rows(pb_.kv.keys(), j, b0, nb, k_rows_, k_ahead_);
           detail::scores(q, dqk, rows,
@@ -381,6 +382,16 @@ class gqa_products {
                                  listed_rows<S>{k_rows_, k_ahead_, head_offset(keys, i)}, nb, dqk,
                                  s, pl_.block);
     }
+  }
+  /// The contiguous view's value rows [b0, b0 + nb) of KV head `head`, for the score block to
+  /// bring into L1 while it runs (P V reads them next); none where the rows are not one run of
+  /// memory or the values are not read (keys only, MLA's values inside the keys).
+  l1_range_prefetch value_block_into_l1(std::int64_t head, std::int64_t b0, std::int64_t nb) const {
+    const auto& v = pb_.kv.values();
+    if (pb_.keys_only || pb_.kv.values_in_keys() || v.row_stride != v.width)
+      return {nullptr, nullptr};
+    const char* begin = reinterpret_cast<const char*>(v.row(head, b0));
+    return {begin, begin + nb * v.width * std::int64_t{sizeof(S)}};
   }
   /// pairs_pv_: the streaming P V of `rows` rows on pairs into o (rows of d_v).
   template <class Rows>

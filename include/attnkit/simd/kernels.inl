@@ -169,7 +169,11 @@ inline void prefetch_column_lines(const S* const (&rows)[N], std::int64_t c, boo
 /// One step of a score block: acc[r][u] += the products of the RB rows' query vectors q(r, i)
 /// (i < NQ: NQ vectors per row and step) with the KB keys' vectors kv[u][i]. The operand with
 /// fewer vectors per step is held in registers (the query vectors, or the keys' widened ones)
-/// and the other streamed past it, so the block's sums and operands fit the registers.
+/// and the other streamed past it, so the block's sums and operands fit the registers. Keys
+/// held (KB < RB: AVX2's 16 registers) are held one vector i at a time, each kept in a scalar
+/// through V::hold: an array of all NQ, or the hold applied to an array element, made GCC
+/// spill them to the stack in the loop (a store per vector and step). Either order adds the
+/// same products to each sum in the same order.
 template <int RB, int KB, int NQ, class QLoad, class KLoad>
 ATTNKIT_INLINE void score_step(vec (&acc)[RB][KB], const QLoad& q, const KLoad& k) {
   if constexpr (KB >= RB) {
@@ -192,22 +196,21 @@ ATTNKIT_INLINE void score_step(vec (&acc)[RB][KB], const QLoad& q, const KLoad& 
       }
     }
   } else {
-    vec kv[KB][NQ];
     ATTNKIT_UNROLL
-    for (int u = 0; u < KB; ++u) {
-      k(u, kv[u]);
-      ATTNKIT_UNROLL
-      for (int i = 0; i < NQ; ++i) V::hold(kv[u][i]);
-    }
-    ATTNKIT_UNROLL
-    for (int r = 0; r < RB; ++r) {
-      vec qv[NQ];
-      ATTNKIT_UNROLL
-      for (int i = 0; i < NQ; ++i) qv[i] = q(r, i), V::hold(qv[i]);  // one load for the KB keys
+    for (int i = 0; i < NQ; ++i) {
+      vec kv[KB];
       ATTNKIT_UNROLL
       for (int u = 0; u < KB; ++u) {
+        vec x = k.one(u, i);
+        V::hold(x);
+        kv[u] = x;
+      }
+      ATTNKIT_UNROLL
+      for (int r = 0; r < RB; ++r) {
+        vec qv = q(r, i);
+        V::hold(qv);  // one load for the KB keys
         ATTNKIT_UNROLL
-        for (int i = 0; i < NQ; ++i) acc[r][u] = V::fmadd(qv[i], kv[u][i], acc[r][u]);
+        for (int u = 0; u < KB; ++u) acc[r][u] = V::fmadd(qv, kv[u], acc[r][u]);
       }
     }
   }
@@ -232,6 +235,11 @@ struct key_pairs {  // 2 L bf16 columns as (even, odd) vectors
   ATTNKIT_INLINE void operator()(int u, vec (&kv)[2]) const {
     V::load_bf16_pairs(rows[u] + c, kv[0], kv[1]);
   }
+  ATTNKIT_INLINE vec one(int u, int i) const {  // one of the two: the other is not computed
+    vec kv[2];
+    V::load_bf16_pairs(rows[u] + c, kv[0], kv[1]);
+    return kv[i];
+  }
 };
 template <class S>
 struct key_vectors {
@@ -240,6 +248,7 @@ struct key_vectors {
   ATTNKIT_INLINE void operator()(int u, vec (&kv)[1]) const {
     kv[0] = V::load_as_float(rows[u] + c);
   }
+  ATTNKIT_INLINE vec one(int u, int) const { return V::load_as_float(rows[u] + c); }
 };
 template <class S>
 struct key_tail {
@@ -249,7 +258,18 @@ struct key_tail {
   ATTNKIT_INLINE void operator()(int u, vec (&kv)[1]) const {
     kv[0] = V::load_as_float(m, rows[u] + c);
   }
+  ATTNKIT_INLINE vec one(int u, int) const { return V::load_as_float(m, rows[u] + c); }
 };
+
+/// Whether the target stores part of a vector's lanes from the register (V::store_lanes).
+template <class W>
+constexpr bool stores_lanes = requires(float* p, typename W::vec x) {
+  W::store_lanes(p, x, 0, 1);
+};
+template <class W>
+ATTNKIT_INLINE void store_lanes(float* p, typename W::vec x, int first, int n) {
+  W::store_lanes(p, x, first, n);
+}
 
 /// S for RB query rows x KB keys at a time (rows and keys past the end clamped: computed, not
 /// stored); S row-major (s[r * s_stride + t]) or, Columns, in column form (s[t * s_stride + r]).
@@ -310,13 +330,25 @@ inline void scores_block(const float* q, std::int64_t q_stride, std::int64_t row
     }
     ATTNKIT_UNROLL
     for (int f = N; f < NL; ++f) flat[f] = V::zero();
-    alignas(64) float sum[NL];
+    vec sums[NL / L];
     ATTNKIT_UNROLL
-    for (int g = 0; g < NL; g += L) V::store(sum + g, V::sums(flat + g));
+    for (int g = 0; g < NL; g += L) sums[g / L] = V::sums(flat + g);
     // Constant trip counts with guards (not `r < rows` in the loop condition): a runtime bound
     // makes GCC keep acc[][] in memory and store it on every iteration of the hot loop.
     const bool whole = rows == RB && t0 + KB <= keys;
     constexpr int outer = Columns ? KB : RB, inner = Columns ? RB : KB;
+    if constexpr (stores_lanes<V>) {
+      if (whole && inner >= 2 && L % inner == 0) {  // each row's (key's) sums from the register
+        ATTNKIT_UNROLL
+        for (int a = 0; a < outer; ++a)
+          store_lanes<V>(Columns ? s + (t0 + a) * s_stride : s + a * s_stride + t0,
+                         sums[a * inner / L], a * inner % L, inner);
+        continue;
+      }
+    }
+    alignas(64) float sum[NL];
+    ATTNKIT_UNROLL
+    for (int g = 0; g < NL; g += L) V::store(sum + g, sums[g / L]);
     ATTNKIT_UNROLL
     for (int a = 0; a < outer; ++a) {
       float* dst = Columns ? s + (t0 + a) * s_stride : s + a * s_stride + t0;

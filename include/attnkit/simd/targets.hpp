@@ -80,6 +80,31 @@ inline void prefetch_line(const void* p) {
   (void)p;
 #endif
 }
+/// The same into L1 (T0).
+inline void prefetch_line_l1(const void* p) {
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+  __asm__ volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
+  __asm__ volatile("prfm pldl1keep, [%0]" : : "r"(p));
+#elif defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+/// A prefetch stream (see no_prefetch) of one byte range's lines into L1, a line per step: a
+/// streaming decode step's value block while the block's scores run, so that its P V, which
+/// follows, reads L1 (the rows were requested into L2 a prefetch distance before).
+struct l1_range_prefetch {
+  const char* next;
+  const char* end;
+  void step() {
+    if (next < end) {
+      prefetch_line_l1(next);
+      next += 64;
+    }
+  }
+};
 inline std::int64_t prefetch_rows(std::int64_t row_bytes) {
   return std::max<std::int64_t>(4, ATTNKIT_PREFETCH_BYTES / std::max<std::int64_t>(row_bytes, 1));
 }

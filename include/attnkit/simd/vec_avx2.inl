@@ -37,6 +37,18 @@ struct V {
     return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, b), _mm256_castsi256_ps(b));
   }
   static void store(float* p, vec x) { _mm256_storeu_ps(p, x); }
+  /// Lanes [first, first + n) of x to p (n 2, 4 or 8, first a multiple of n) from the register:
+  /// a score block's sums, stored whole and copied out in pieces, made each piece's reload wait
+  /// on store forwarding.
+  static void store_lanes(float* p, vec x, int first, int n) {
+    if (n == 8) return _mm256_storeu_ps(p, x);
+    const __m128 h = first < 4 ? _mm256_castps256_ps128(x) : _mm256_extractf128_ps(x, 1);
+    if (n == 4) return _mm_storeu_ps(p, h);
+    if (first % 4 == 0)
+      _mm_storel_pi(reinterpret_cast<__m64*>(p), h);
+    else
+      _mm_storeh_pi(reinterpret_cast<__m64*>(p), h);
+  }
   static void store(mask m, float* p, vec x) {
     if (m == lanes)
       _mm256_storeu_ps(p, x);
@@ -143,9 +155,12 @@ struct V {
   ATTNKIT_INLINE static vec sums(const vec* x) {
     constexpr int idx[8] = {0, 2, 1, 3, 4, 6, 5, 7};
     vec a[4], b[2];
+    // Unrolled, x[idx[i]] names registers; as a loop GCC read x through idx from memory.
+    ATTNKIT_UNROLL
     for (int i = 0; i < 4; ++i)
       a[i] = _mm256_add_ps(_mm256_permute2f128_ps(x[idx[i]], x[idx[i + 4]], 0x20),
                            _mm256_permute2f128_ps(x[idx[i]], x[idx[i + 4]], 0x31));
+    ATTNKIT_UNROLL
     for (int i = 0; i < 2; ++i)
       b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[i], a[i + 2], 0x44),
                            _mm256_shuffle_ps(a[i], a[i + 2], 0xEE));
