@@ -370,6 +370,11 @@ template <bool Columns = false, class Rows, class Prefetch>
 inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, const Rows& k,
                    std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride,
                    Prefetch& pf) {
+  if constexpr (std::same_as<Prefetch, l1_range_prefetch> && !V::value_block_l1) {
+    no_prefetch none;  // the target's P V keeps its loads' latency covered (V::value_block_l1)
+    scores<Columns>(q, q_stride, rows, k, keys, d, s, s_stride, none);
+    return;
+  }
   auto at = [&](std::int64_t r) { return Columns ? s + r : s + r * s_stride; };
   // Only the first row block prefetches: the later ones read the same K rows.
   const Rows k_again = k.without_prefetch();

@@ -94,7 +94,10 @@ inline void prefetch_line_l1(const void* p) {
 }
 /// A prefetch stream (see no_prefetch) of one byte range's lines into L1, a line per step: a
 /// streaming decode step's value block while the block's scores run, so that its P V, which
-/// follows, reads L1 (the rows were requested into L2 a prefetch distance before).
+/// follows, reads L1 (the rows were requested into L2 a prefetch distance before). Issued on
+/// targets with V::value_block_l1 only: AVX2, where it was measured faster (docs/benchmarks.md),
+/// whose P V chunks update 8 accumulators, one FMA chain each per key, so a value load from L2
+/// holds up the chains; on AVX-512 (16 accumulators) no gain was shown.
 struct l1_range_prefetch {
   const char* next;
   const char* end;

@@ -9,6 +9,7 @@ struct V {
   static constexpr bool pairs = true;
   static constexpr int score_keys = 2;  // 8 sums + 2 keys' and 1 row's vector pairs: 14 registers
   static constexpr int pv_vectors = 2;
+  static constexpr bool value_block_l1 = true;  // see l1_range_prefetch (simd/targets.hpp)
   static constexpr int gemm_mr = 6, gemm_nv = 2, narrow_mr = 8;
   using vec = __m256;
   using mask = int;  // lanes [0, mask) are on

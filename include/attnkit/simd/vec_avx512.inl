@@ -7,6 +7,7 @@ struct V {
   static constexpr bool pairs = true;     // bf16 rows widened as (even, odd) columns
   static constexpr int score_keys = 4;    // keys x 4 query rows of the score block
   static constexpr int pv_vectors = 4;    // value columns per pv chunk, in vectors
+  static constexpr bool value_block_l1 = false;
   static constexpr int gemm_mr = 8, gemm_nv = 2, narrow_mr = 16;  // GEMM micro-tile
   using vec = __m512;
   using mask = __mmask16;

@@ -8,6 +8,7 @@ struct V {
   static constexpr bool pairs = true;
   static constexpr int score_keys = 4;
   static constexpr int pv_vectors = 4;
+  static constexpr bool value_block_l1 = false;
   static constexpr int gemm_mr = 8, gemm_nv = 3, narrow_mr = 16;
   using vec = float32x4_t;
   using mask = int;  // lanes [0, mask) are on

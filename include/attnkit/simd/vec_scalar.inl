@@ -8,6 +8,7 @@ struct V {
   static constexpr bool pairs = false;
   static constexpr int score_keys = 4;
   static constexpr int pv_vectors = 4;
+  static constexpr bool value_block_l1 = false;
   static constexpr int gemm_mr = 4, gemm_nv = 4, narrow_mr = 4;
   using vec = float;
   using mask = int;  // 1: the lane is on
