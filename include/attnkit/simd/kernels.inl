@@ -371,7 +371,7 @@ inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, con
                    std::int64_t keys, std::int64_t d, float* s, std::int64_t s_stride,
                    Prefetch& pf) {
   if constexpr (std::same_as<Prefetch, l1_range_prefetch> && !V::value_block_l1) {
-    no_prefetch none;  // the target's P V keeps its loads' latency covered (V::value_block_l1)
+    no_prefetch none;  // issued only where measured to help (V::value_block_l1)
     scores<Columns>(q, q_stride, rows, k, keys, d, s, s_stride, none);
     return;
   }

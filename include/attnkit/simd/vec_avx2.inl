@@ -7,7 +7,7 @@ struct V {
   static constexpr int lanes = 8;
   static constexpr bool mask_registers = false;  // masked loads/stores as cheap as plain ones
   static constexpr bool pairs = true;
-  static constexpr int score_keys = 2;  // 8 sums + 2 keys' and 1 row's vector pairs: 14 registers
+  static constexpr int score_keys = 2;  // 8 sums + 2 keys' and 1 row's vectors (a pair's half)
   static constexpr int pv_vectors = 2;
   static constexpr bool value_block_l1 = true;  // see l1_range_prefetch (simd/targets.hpp)
   static constexpr int gemm_mr = 6, gemm_nv = 2, narrow_mr = 8;
