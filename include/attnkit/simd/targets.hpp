@@ -64,32 +64,31 @@ struct no_prefetch {
   void step() {}
 };
 
-/// Prefetches the cache line at p into L2 (T1); a no-op where the compiler has neither the
-/// instruction nor a builtin. An asm statement on x86-64 and AArch64: GCC 12's dead-code
-/// elimination deletes some __builtin_prefetch calls whose addresses come from a local array of
-/// row pointers, as the streaming score block's do (its K rows went unprefetched without a
-/// warning; docs/benchmarks.md), and a volatile asm is never deleted.
+/// The cache level a prefetch brings its line into.
+enum class cache_level { l1, l2 };
+/// Prefetches the cache line at p into L2 (T1), or into L1 (T0) for Into = cache_level::l1; a
+/// no-op where the compiler has neither the instruction nor a builtin. An asm statement on x86-64
+/// and AArch64: GCC 12's dead-code elimination deletes some __builtin_prefetch calls whose
+/// addresses come from a local array of row pointers, as the streaming score block's do (its K
+/// rows went unprefetched without a warning; docs/benchmarks.md), and a volatile asm is never
+/// deleted.
+template <cache_level Into = cache_level::l2>
 inline void prefetch_line(const void* p) {
+  constexpr bool l1 = Into == cache_level::l1;
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-  __asm__ volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+  if constexpr (l1)
+    __asm__ volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  else
+    __asm__ volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
 #elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
-  __asm__ volatile("prfm pldl2keep, [%0]" : : "r"(p));
+  if constexpr (l1)
+    __asm__ volatile("prfm pldl1keep, [%0]" : : "r"(p));
+  else
+    __asm__ volatile("prfm pldl2keep, [%0]" : : "r"(p));
 #elif defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p, 0, 2);
+  __builtin_prefetch(p, 0, l1 ? 3 : 2);
 #else
-  (void)p;
-#endif
-}
-/// The same into L1 (T0).
-inline void prefetch_line_l1(const void* p) {
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-  __asm__ volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
-#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
-  __asm__ volatile("prfm pldl1keep, [%0]" : : "r"(p));
-#elif defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p, 0, 3);
-#else
-  (void)p;
+  (void)p, (void)l1;
 #endif
 }
 /// A prefetch stream (see no_prefetch) of one byte range's lines into L1, a line per step: a
@@ -103,7 +102,7 @@ struct l1_range_prefetch {
   const char* end;
   void step() {
     if (next < end) {
-      prefetch_line_l1(next);
+      prefetch_line<cache_level::l1>(next);
       next += 64;
     }
   }
@@ -111,10 +110,17 @@ struct l1_range_prefetch {
 inline std::int64_t prefetch_rows(std::int64_t row_bytes) {
   return std::max<std::int64_t>(4, ATTNKIT_PREFETCH_BYTES / std::max<std::int64_t>(row_bytes, 1));
 }
+/// The lines of `bytes` > 0 bytes from row. A loop that always takes its first line: the per-key
+/// P V chunks call it for half a line, and a loop that may take none compiled to a dozen
+/// instructions of setup around the one prefetch (GCC 12).
 template <class S>
 inline void prefetch_row(const S* row, std::int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (std::int64_t b = 0; b < bytes; b += 64) prefetch_line(p + b);
+  const char* const end = p + bytes;
+  do {
+    prefetch_line(p);
+    p += 64;
+  } while (p < end);
 }
 
 /// n rounded up to whole 16-row (or 16-column) AMX tiles.
