@@ -116,11 +116,11 @@ inline std::int64_t prefetch_rows(std::int64_t row_bytes) {
 template <class S>
 inline void prefetch_row(const S* row, std::int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(row);
-  const char* const end = p + bytes;
+  std::int64_t b = 0;
   do {
-    prefetch_line(p);
-    p += 64;
-  } while (p < end);
+    prefetch_line(p + b);
+    b += 64;
+  } while (b < bytes);
 }
 
 /// n rounded up to whole 16-row (or 16-column) AMX tiles.
