@@ -141,19 +141,27 @@ TEST_CASE("bf16 products: the engine ATTNKIT_BF16_ENGINE forces is the one that 
 }
 
 TEST_CASE("SIMD targets: permute_pairs round trip for every group size", "[core][simd]") {
-  for (std::int64_t group : {0, 2, 8, 16, 32})
-    for (std::int64_t n : {0, 5, 16, 40, 64, 70}) {
-      std::vector<float> x(static_cast<std::size_t>(n));
-      for (std::int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(i);
-      auto y = x;
-      detail::permute_pairs(y.data(), n, group);
-      if (group >= 4 && n >= group) {  // evens first within the first group, then odds
-        CHECK(y[0] == 0.f);
-        CHECK(y[1] == 2.f);
-        CHECK(y[group / 2] == 1.f);
+  // On every target this CPU runs: its own group (2 lanes) takes its vector code, others scalars.
+  const simd_target before = active_target();
+  for (simd_target t : supported_targets()) {
+    set_target(t);
+    for (std::int64_t group : {0, 2, 8, 16, 32, 64})
+      for (std::int64_t n : {0, 5, 16, 40, 64, 70, 136}) {
+        std::vector<float> x(static_cast<std::size_t>(n));
+        for (std::int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(i);
+        auto y = x;
+        detail::permute_pairs(y.data(), n, group);
+        // Each whole group: its even columns, then its odd ones; the columns after them unmoved.
+        const std::int64_t whole = group ? n / group * group : 0;
+        for (std::int64_t c = 0; c < whole; c += group)
+          for (std::int64_t j = 0; j < group / 2; ++j) {
+            CHECK(y[c + j] == x[c + 2 * j]);
+            CHECK(y[c + group / 2 + j] == x[c + 2 * j + 1]);
+          }
+        for (std::int64_t i = whole; i < n; ++i) CHECK(y[i] == x[i]);
+        detail::unpermute_pairs(y.data(), n, group);
+        CHECK(y == x);
       }
-      for (std::int64_t i = (group ? n / group * group : 0); i < n; ++i) CHECK(y[i] == x[i]);
-      detail::unpermute_pairs(y.data(), n, group);
-      CHECK(y == x);
-    }
+  }
+  set_target(before);
 }

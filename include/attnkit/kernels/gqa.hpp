@@ -221,7 +221,10 @@ class gqa_products {
     }
     for (std::int64_t r = 0; r < m_; ++r) {
       const float* src = row(r);
-      for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * cs] * pb_.scale;
+      if (cs == 1)
+        scale_row_to(src, q_ + r * dqk, dqk, pb_.scale);
+      else
+        for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * cs] * pb_.scale;
       if (paired() || (narrow() && std::same_as<S, bf16>))  // the score block reads bf16 as pairs
         permute_pairs(q_ + r * dqk, dqk, bf16_pair_group());
     }

@@ -58,6 +58,24 @@ inline typename W::vec vexp_coarse(typename W::vec x) {
   return vexp<4, W>(x);
 }
 
+/// Natural -> paired order in place over whole groups of 2 L columns (ToPaired), or back (see
+/// detail::reorder_pairs in simd/targets.hpp).
+template <bool ToPaired>
+inline void reorder_pair_groups(float* x, std::int64_t n) {
+  for (std::int64_t c = 0; c + 2 * L <= n; c += 2 * L) {
+    vec even, odd;
+    if constexpr (ToPaired) {
+      V::split_pairs(x + c, even, odd);
+      V::store(x + c, even);
+      V::store(x + c + L, odd);
+    } else {
+      even = V::load(x + c);
+      odd = V::load(x + c + L);
+      V::join_pairs(x + c, even, odd);
+    }
+  }
+}
+
 /// n elements of storage type S to float.
 template <storage_type S>
 inline void to_float_row(const S* src, float* dst, std::int64_t n) {

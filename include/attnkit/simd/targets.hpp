@@ -372,23 +372,34 @@ inline bool simd_vector_target() { return active_target() != simd_target::scalar
 /// order: the query tile and output accumulator of a bf16 streaming pass are held that way.
 inline std::int64_t bf16_pair_group() { ATTNKIT_SIMD_DISPATCH(pair_group) }
 
-/// Natural -> paired order in place for the first floor(n / group) * group columns.
-inline void permute_pairs(float* x, std::int64_t n, std::int64_t group) {
+/// Natural -> paired order (ToPaired) or back, in place, for the first floor(n / group) * group
+/// columns: each group as its group / 2 even columns, then its odd ones. The active target's
+/// group (2 lanes: the order its bf16 kernels read) in vectors; any other even group up to 64
+/// in scalars. (A run-time std::copy per group had made each a memmove call: a third of a
+/// one-key decode's time, docs/benchmarks.md.)
+template <bool ToPaired>
+inline void reorder_pairs(float* x, std::int64_t n, std::int64_t group) {
+  if (group == 0) return;
+  if (group == 2 * simd_lanes()) {
+    ATTNKIT_SIMD_DISPATCH(reorder_pair_groups<ToPaired>(x, n))
+  }
   float tmp[64];
   const std::int64_t half = group / 2;
-  for (std::int64_t c = 0; group > 0 && c + group <= n; c += group) {
-    for (std::int64_t j = 0; j < half; ++j) tmp[j] = x[c + 2 * j], tmp[half + j] = x[c + 2 * j + 1];
-    std::copy(tmp, tmp + group, x + c);
+  for (std::int64_t c = 0; c + group <= n; c += group) {
+    for (std::int64_t j = 0; j < half; ++j) {
+      if constexpr (ToPaired)
+        tmp[j] = x[c + 2 * j], tmp[half + j] = x[c + 2 * j + 1];
+      else
+        tmp[2 * j] = x[c + j], tmp[2 * j + 1] = x[c + half + j];
+    }
+    for (std::int64_t j = 0; j < group; ++j) x[c + j] = tmp[j];
   }
 }
-/// Paired -> natural order in place.
+inline void permute_pairs(float* x, std::int64_t n, std::int64_t group) {
+  reorder_pairs<true>(x, n, group);
+}
 inline void unpermute_pairs(float* x, std::int64_t n, std::int64_t group) {
-  float tmp[64];
-  const std::int64_t half = group / 2;
-  for (std::int64_t c = 0; group > 0 && c + group <= n; c += group) {
-    for (std::int64_t j = 0; j < half; ++j) tmp[2 * j] = x[c + j], tmp[2 * j + 1] = x[c + half + j];
-    std::copy(tmp, tmp + group, x + c);
-  }
+  reorder_pairs<false>(x, n, group);
 }
 
 /// n elements of storage type S to float.
