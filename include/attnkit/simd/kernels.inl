@@ -132,15 +132,25 @@ inline void scale_add_row(float* a, float fa, const float* b, float fb, std::int
 }
 
 /// dst[c * ld + i] = rows[i][c] * scale for i < n, c < cols: rows turned into columns (a query
-/// tile's Q^T), L x L blocks transposed in registers.
+/// tile's Q^T), L x L blocks transposed in registers. Column blocks outside, so the L rows of
+/// dst being written stay in L1 until they are whole: rows outside wrote every dst row a vector
+/// at a time, n / L times over (128 heads x 576: 295 KiB rewritten from L2; docs/benchmarks.md).
 inline void transpose_scaled(const float* const* rows, std::int64_t n, std::int64_t cols,
                              float scale, float* dst, std::int64_t ld) {
   const vec s = V::set1(scale);
-  for (std::int64_t i0 = 0; i0 < n; i0 += L) {
-    const std::int64_t nr = std::min<std::int64_t>(L, n - i0);
-    for (std::int64_t c0 = 0; c0 < cols; c0 += L) {
-      const std::int64_t nc = std::min<std::int64_t>(L, cols - c0);
+  for (std::int64_t c0 = 0; c0 < cols; c0 += L) {
+    const std::int64_t nc = std::min<std::int64_t>(L, cols - c0);
+    for (std::int64_t i0 = 0; i0 < n; i0 += L) {
+      const std::int64_t nr = std::min<std::int64_t>(L, n - i0);
       vec x[L];
+      if (nr == L && nc == L) {  // constant trip counts: x stays in registers
+        ATTNKIT_UNROLL
+        for (int i = 0; i < L; ++i) x[i] = V::mul(V::load(rows[i0 + i] + c0), s);
+        V::transpose(x);
+        ATTNKIT_UNROLL
+        for (int k = 0; k < L; ++k) V::store(dst + (c0 + k) * ld + i0, x[k]);
+        continue;
+      }
       ATTNKIT_UNROLL
       for (int i = 0; i < L; ++i)
         x[i] = i < nr ? V::mul(V::load(V::first(nc), rows[i0 + i] + c0), s) : V::zero();

@@ -122,19 +122,25 @@ struct V {
   }
   /// x[0, 8) transposed in place (lane i of x[k] <-> lane k of x[i]). Within each 128-bit half,
   /// u[4 b + k] gathers column k of rows 4b..4b+3; the halves are then paired.
-  static void transpose(vec* x) {
+  // Inlined and unrolled: called out of line, x and the temporaries went through the stack.
+  ATTNKIT_INLINE static void transpose(vec* x) {
     vec t[8], u[8];
+    ATTNKIT_UNROLL
     for (int i = 0; i < 4; ++i) {
       t[2 * i] = _mm256_unpacklo_ps(x[2 * i], x[2 * i + 1]);
       t[2 * i + 1] = _mm256_unpackhi_ps(x[2 * i], x[2 * i + 1]);
     }
-    for (int b = 0; b < 2; ++b)
+    ATTNKIT_UNROLL
+    for (int b = 0; b < 2; ++b) {
+      ATTNKIT_UNROLL
       for (int k = 0; k < 4; ++k) {
         const __m256d lo = _mm256_castps_pd(t[4 * b + k / 2]),
                       hi = _mm256_castps_pd(t[4 * b + 2 + k / 2]);
         u[4 * b + k] =
             _mm256_castpd_ps(k % 2 ? _mm256_unpackhi_pd(lo, hi) : _mm256_unpacklo_pd(lo, hi));
       }
+    }
+    ATTNKIT_UNROLL
     for (int k = 0; k < 4; ++k) {
       x[k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x20);
       x[4 + k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x31);
