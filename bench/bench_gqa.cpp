@@ -57,6 +57,17 @@ BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16, true, true)
     ->ArgNames({"T", "threads", "target"})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
+// Short decodes (the first tokens of a sequence): what a call costs besides its keys' work.
+BENCHMARK_TEMPLATE(BM_gqa_decode, float)
+    ->ArgsProduct({{1, 64}, {1, 2}})
+    ->ArgNames({"T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gqa_decode, ak::bf16)
+    ->ArgsProduct({{1, 64}, {1, 2}})
+    ->ArgNames({"T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_gqa_decode_model_step, float)
     ->ArgsProduct({{4096, 16384}, {1, 2}, ak::bench::target_args()})
     ->ArgNames({"T", "threads", "target"})

@@ -79,6 +79,17 @@ BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, ak::bf16, true)
     ->ArgNames({"H", "T", "threads"})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
+// Short decodes: what a call costs besides its keys' work (128 heads: a 256 KiB output).
+BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, float)
+    ->ArgsProduct({{16, 128}, {1, 64}, {1, 2}})
+    ->ArgNames({"H", "T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_mla_absorbed_decode, ak::bf16)
+    ->ArgsProduct({{16, 128}, {1, 64}, {1, 2}})
+    ->ArgNames({"H", "T", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_mla_naive_decode)
     ->ArgsProduct({{16}, {1024, 4096, 16384}, {2}})
     ->Args({128, 1024, 2})
