@@ -375,8 +375,8 @@ inline std::int64_t bf16_pair_group() { ATTNKIT_SIMD_DISPATCH(pair_group) }
 /// Natural -> paired order (ToPaired) or back, in place, for the first floor(n / group) * group
 /// columns: each group as its group / 2 even columns, then its odd ones. The active target's
 /// group (2 lanes: the order its bf16 kernels read) in vectors; any other even group up to 64
-/// in scalars. (A run-time std::copy per group had made each a memmove call: a third of a
-/// one-key decode's time, docs/benchmarks.md.)
+/// in scalars (a std::copy of a run-time size there was a memmove call per group, which short
+/// decodes paid per query and output row: docs/benchmarks.md).
 template <bool ToPaired>
 inline void reorder_pairs(float* x, std::int64_t n, std::int64_t group) {
   if (group == 0) return;
@@ -395,9 +395,11 @@ inline void reorder_pairs(float* x, std::int64_t n, std::int64_t group) {
     for (std::int64_t j = 0; j < group; ++j) x[c + j] = tmp[j];
   }
 }
+/// Natural -> paired order in place (reorder_pairs).
 inline void permute_pairs(float* x, std::int64_t n, std::int64_t group) {
   reorder_pairs<true>(x, n, group);
 }
+/// Paired -> natural order in place.
 inline void unpermute_pairs(float* x, std::int64_t n, std::int64_t group) {
   reorder_pairs<false>(x, n, group);
 }

@@ -121,8 +121,8 @@ struct V {
     return _mm256_add_ps(a, _mm256_and_ps(b, _mm256_castsi256_ps(bits(m))));
   }
   /// x[0, 8) transposed in place (lane i of x[k] <-> lane k of x[i]). Within each 128-bit half,
-  /// u[4 b + k] gathers column k of rows 4b..4b+3; the halves are then paired.
-  // Inlined and unrolled: called out of line, x and the temporaries went through the stack.
+  /// u[4 b + k] gathers column k of rows 4b..4b+3; the halves are then paired. Inlined and
+  /// unrolled: out of line, x and the temporaries went through the stack.
   ATTNKIT_INLINE static void transpose(vec* x) {
     vec t[8], u[8];
     ATTNKIT_UNROLL
