@@ -140,6 +140,33 @@ TEST_CASE("bf16 products: the engine ATTNKIT_BF16_ENGINE forces is the one that 
   }
 }
 
+TEST_CASE("l1_range_prefetch: every line of its ranges once, in order; none past capacity",
+          "[core][simd]") {
+  // The line a step issued is the one before `next` (step() advances it past that line).
+  alignas(64) static char buf[64 * 64];
+  auto issued = [](detail::l1_range_prefetch& pf, int steps) {
+    std::vector<const char*> lines;
+    for (int i = 0; i < steps; ++i) {
+      const char* before = pf.next;
+      pf.step();
+      if (pf.next != before) lines.push_back(pf.next - 64);
+    }
+    return lines;
+  };
+  detail::l1_range_prefetch pf;
+  CHECK(issued(pf, 4).empty());
+  // Ranges starting inside a line (from that line), ending inside one (through it), one line.
+  pf.add(buf + 70, buf + 200);     // lines 1, 2, 3
+  pf.add(buf + 1024, buf + 1088);  // line 16
+  pf.add(buf + 640, buf + 641);    // line 10
+  const std::vector<const char*> want{buf + 64, buf + 128, buf + 192, buf + 1024, buf + 640};
+  CHECK(issued(pf, 20) == want);
+  detail::l1_range_prefetch full;
+  for (int i = 0; i <= detail::l1_range_prefetch::capacity; ++i) full.add(buf + 64 * i, buf + 64 * i + 64);
+  CHECK(full.count == -1);
+  CHECK(issued(full, 40).empty());
+}
+
 TEST_CASE("SIMD targets: permute_pairs round trip for every group size", "[core][simd]") {
   // On every target this CPU runs: its own group (2 lanes) takes its vector code, others scalars.
   const simd_target before = active_target();

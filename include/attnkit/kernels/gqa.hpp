@@ -250,7 +250,7 @@ class gqa_products {
           if (i == 0) list_rows(pb_.kv.keys(), j, b0, nb, k_rows_, k_ahead_);
           detail::scores(q, dqk, rows,
                          listed_rows<S>{k_rows_, k_ahead_, head_offset(pb_.kv.keys(), i)}, nb, dqk,
-                         s, pl_.block);
+                         s, pl_.block, value_block_into_l1(j + i, b0, nb));
         }
       }
       return {s_, pl_.block, 1};
@@ -386,15 +386,20 @@ class gqa_products {
                                  s, pl_.block);
     }
   }
-  /// The contiguous view's value rows [b0, b0 + nb) of KV head `head`, for the score block to
-  /// bring into L1 while it runs (P V reads them next); none where the rows are not one run of
-  /// memory or the values are not read (keys only, MLA's values inside the keys).
+  /// The value rows [b0, b0 + nb) of KV head `head`, for the score block to bring into L1 while
+  /// it runs (P V reads them next): a byte range per run of rows (per page of a paged view);
+  /// none where a run's rows are not one range of memory or the values are not read (keys
+  /// only, MLA's values inside the keys).
   l1_range_prefetch value_block_into_l1(std::int64_t head, std::int64_t b0, std::int64_t nb) const {
     const auto& v = pb_.kv.values();
-    if (pb_.keys_only || pb_.kv.values_in_keys() || v.row_stride != v.width)
-      return {nullptr, nullptr};
-    const char* begin = reinterpret_cast<const char*>(v.row(head, b0));
-    return {begin, begin + nb * v.width * std::int64_t{sizeof(S)}};
+    l1_range_prefetch pf;
+    if (pb_.keys_only || pb_.kv.values_in_keys() || v.row_stride != v.width) return pf;
+    const std::int64_t row_bytes = v.width * std::int64_t{sizeof(S)};
+    for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
+      const char* begin = reinterpret_cast<const char*>(v.row(head, t));
+      pf.add(begin, begin + n * row_bytes);
+    });
+    return pf;
   }
   /// pairs_pv_: the streaming P V of `rows` rows on pairs into o (rows of d_v).
   template <class Rows>

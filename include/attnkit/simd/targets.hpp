@@ -91,20 +91,39 @@ inline void prefetch_line(const void* p) {
   (void)p, (void)l1;
 #endif
 }
-/// A prefetch stream (see no_prefetch) of one byte range's lines into L1, a line per step: a
+/// A prefetch stream (see no_prefetch) of byte ranges' lines into L1, a line per step: a
 /// streaming decode step's value block while the block's scores run, so that its P V, which
-/// follows, reads L1 (the rows were requested into L2 a prefetch distance before). Issued on
-/// targets with V::value_block_l1 only: AVX2, where it was measured faster (docs/benchmarks.md),
-/// whose P V chunks update 8 accumulators, one FMA chain each per key, so a value load from L2
-/// holds up the chains; on AVX-512 (16 accumulators) no gain was shown.
+/// follows, reads L1 (the rows were requested into L2 a prefetch distance before). The block is
+/// one range in a contiguous cache, one per page it spans in a paged one; a block over more
+/// than `capacity` pages is not brought in. Issued on targets with V::value_block_l1 only:
+/// AVX2, where it was measured faster (docs/benchmarks.md), whose P V chunks update 8
+/// accumulators, one FMA chain each per key, so a value load from L2 holds up the chains; on
+/// AVX-512 (16 accumulators) no gain was shown.
 struct l1_range_prefetch {
-  const char* next;
-  const char* end;
-  void step() {
-    if (next < end) {
-      prefetch_line<cache_level::l1>(next);
-      next += 64;
+  static constexpr int capacity = 16;
+  const char* next = nullptr;  // the line the next step issues, in the range being issued
+  const char* end = nullptr;   // that range's end
+  int count = 0;               // ranges added; -1 past capacity (the stream then issues nothing)
+  int taken = 0;               // ranges started
+  const char* begins[capacity];  // [count]: the line holding each range's first byte
+  const char* ends[capacity];    // [count]
+  void add(const void* begin, const void* range_end) {
+    if (count < 0) return;
+    if (count == capacity) {
+      count = -1, next = end = nullptr;
+      return;
     }
+    const char* b = static_cast<const char*>(begin);
+    begins[count] = b - (reinterpret_cast<std::uintptr_t>(b) & 63);
+    ends[count++] = static_cast<const char*>(range_end);
+  }
+  void step() {
+    if (next >= end) {
+      if (taken >= count) return;
+      next = begins[taken], end = ends[taken], ++taken;
+    }
+    prefetch_line<cache_level::l1>(next);
+    next += 64;
   }
 };
 inline std::int64_t prefetch_rows(std::int64_t row_bytes) {
@@ -456,11 +475,10 @@ inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows, con
   ATTNKIT_SIMD_DISPATCH(scores(q, q_stride, rows, kr, keys, d, s, s_stride, pf))
 }
 /// The same over K rows found through pointers (a block that spans pages).
-template <storage_type S>
+template <storage_type S, class Prefetch = no_prefetch>
 inline void scores(const float* q, std::int64_t q_stride, std::int64_t rows,
                    const listed_rows<S>& k, std::int64_t keys, std::int64_t d, float* s,
-                   std::int64_t s_stride) {
-  no_prefetch pf;
+                   std::int64_t s_stride, Prefetch&& pf = {}) {
   ATTNKIT_SIMD_DISPATCH(scores(q, q_stride, rows, k, keys, d, s, s_stride, pf))
 }
 
