@@ -12,6 +12,9 @@
 //                                           d_R 64: one latent row of 576 per token), f32 (0)
 //                                           or bf16 products (1: AMX or vdpbf16ps where the
 //                                           CPU has them).
+//   BM_single_gqa/page_size/T/threads:      one sequence's decode (attend) over a contiguous
+//                                           (page_size 0) or paged bf16 cache of T tokens, same
+//                                           geometry: what paging costs a single call.
 //   BM_plan_gqa/threads:                    plan_batch for the same batch (once per step).
 #include <attnkit/attention.hpp>
 #include <benchmark/benchmark.h>
@@ -49,13 +52,14 @@ std::vector<std::int64_t> lengths() {
 /// One variant's caches of the batch: contiguous (page_size 0) or paged in one pool.
 template <class Flat, class Layout, class Fill>
 struct batch_caches {
-  std::vector<std::int64_t> len = lengths(), positions;
+  std::vector<std::int64_t> len, positions;
   std::unique_ptr<ak::page_pool<bf16>> pool;
   std::vector<Flat> flat;
   std::vector<ak::paged_cache<bf16, Layout>> paged;
 
-  batch_caches(std::int64_t page_size, Layout layout, Fill fill,
-               std::function<Flat(std::int64_t)> make_flat) {
+  batch_caches(std::vector<std::int64_t> lens, std::int64_t page_size, Layout layout, Fill fill,
+               std::function<Flat(std::int64_t)> make_flat)
+      : len(std::move(lens)) {
     if (page_size > 0) {
       std::int64_t pages = 0;
       for (const auto t : len) pages += (t + page_size - 1) / page_size;
@@ -125,12 +129,13 @@ using gqa_caches = batch_caches<ak::dense_cache<bf16>, ak::paged_dense, fill_den
 using mla_caches = batch_caches<ak::latent_cache<bf16>, ak::paged_latent, fill_latent>;
 
 // Building a batch's caches takes seconds: each configuration is built once per process.
-const gqa_caches& gqa_batch_caches(std::int64_t page_size) {
-  static std::map<std::int64_t, std::unique_ptr<gqa_caches>> cache;
-  auto& c = cache[page_size];
+// lens: the batch's lengths (default) or one sequence's.
+const gqa_caches& gqa_batch_caches(std::int64_t page_size, std::vector<std::int64_t> lens = lengths()) {
+  static std::map<std::pair<std::int64_t, std::vector<std::int64_t>>, std::unique_ptr<gqa_caches>> cache;
+  auto& c = cache[{page_size, lens}];
   if (!c)
-    c = std::make_unique<gqa_caches>(page_size, ak::paged_dense{8, 128, 128}, fill_dense{8, 128},
-                                     [](std::int64_t t) {
+    c = std::make_unique<gqa_caches>(lens, page_size, ak::paged_dense{8, 128, 128},
+                                     fill_dense{8, 128}, [](std::int64_t t) {
                                        return ak::dense_cache<bf16>({8, 128, 128, t});
                                      });
   return *c;
@@ -139,7 +144,8 @@ const mla_caches& mla_batch_caches(std::int64_t page_size) {
   static std::map<std::int64_t, std::unique_ptr<mla_caches>> cache;
   auto& c = cache[page_size];
   if (!c)
-    c = std::make_unique<mla_caches>(page_size, ak::paged_latent{512, 64, 1}, fill_latent{512, 64},
+    c = std::make_unique<mla_caches>(lengths(), page_size, ak::paged_latent{512, 64, 1},
+                                     fill_latent{512, 64},
                                      [](std::int64_t t) {
                                        return ak::latent_cache<bf16>({512, 64, 1, t});
                                      });
@@ -228,6 +234,23 @@ void BM_mla(benchmark::State& state, bool batched) {
 void BM_batch_mla(benchmark::State& state) { BM_mla(state, true); }
 void BM_loop_mla(benchmark::State& state) { BM_mla(state, false); }
 
+void BM_single_gqa(benchmark::State& state) {
+  const std::int64_t ps = state.range(0), t = state.range(1), h = 32, d = 128;
+  const gqa_caches& c = gqa_batch_caches(ps, {t});
+  const ak::kv_view<bf16> view = c.views<ak::kv_view<bf16>>()[0];
+  const std::vector<std::int64_t> qpos{t - 1};
+  const auto q = random_floats(h * d, 5);
+  std::vector<float> out(static_cast<std::size_t>(h * d));
+  ak::thread_pool pool(static_cast<int>(state.range(2)));
+  ak::attention_workspace ws;
+  for (auto _ : state) {
+    ak::attend(ak::tensor3_view<const float>(q.data(), {1, h, d}), qpos, view,
+               ak::tensor3_view<float>(out.data(), {1, h, d}), {.causal = true}, pool, &ws);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetBytesProcessed(state.iterations() * t * 8 * 2 * d * 2);
+}
+
 void BM_plan_gqa(benchmark::State& state) {
   const gqa_caches& c = gqa_batch_caches(16);
   const auto views = c.views<ak::kv_view<bf16>>();
@@ -252,6 +275,11 @@ BENCHMARK(BM_batch_gqa)->Apply(args);
 BENCHMARK(BM_loop_gqa)->Apply(args);
 BENCHMARK(BM_batch_mla)->Apply(args);
 BENCHMARK(BM_loop_mla)->Apply(args);
+BENCHMARK(BM_single_gqa)
+    ->ArgsProduct({{0, 16, 64}, {1024, 16384}, {1, 2}})
+    ->ArgNames({"page", "T", "threads"})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 BENCHMARK(BM_plan_gqa)->Arg(2)->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();
