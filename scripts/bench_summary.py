@@ -134,6 +134,14 @@ def batch(m, us, bw2, fma2):
             c, p16 = us(f"BM_batch_{v}/0/2/{p}"), us(f"BM_batch_{v}/16/2/{p}")
             print(f"  {v.upper()} {products:4s} page 16 vs contiguous: {100 * (p16 / c - 1):+.0f}%")
     print(f"  plan_batch for the 32 sequences: {us('BM_plan_gqa/2'):.1f} us")
+    print("Single-sequence GQA decode (attend), bf16 cache: paged against contiguous:")
+    for t in (1024, 16384):
+        for th in (1, 2):
+            c = us(f"BM_single_gqa/page:0/T:{t}/threads:{th}")
+            pages = ", ".join(f"page {ps} {us(f'BM_single_gqa/page:{ps}/T:{t}/threads:{th}') / 1e3:6.2f} ms "
+                              f"({100 * (us(f'BM_single_gqa/page:{ps}/T:{t}/threads:{th}') / c - 1):+.0f}%)"
+                              for ps in (16, 64))
+            print(f"  T={t:5d}, {th} thread{'s' if th > 1 else ' '}: contiguous {c / 1e3:6.2f} ms, {pages}")
 
 
 def main():
