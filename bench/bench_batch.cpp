@@ -130,8 +130,10 @@ using mla_caches = batch_caches<ak::latent_cache<bf16>, ak::paged_latent, fill_l
 
 // Building a batch's caches takes seconds: each configuration is built once per process.
 // lens: the batch's lengths (default) or one sequence's.
-const gqa_caches& gqa_batch_caches(std::int64_t page_size, std::vector<std::int64_t> lens = lengths()) {
-  static std::map<std::pair<std::int64_t, std::vector<std::int64_t>>, std::unique_ptr<gqa_caches>> cache;
+const gqa_caches& gqa_batch_caches(std::int64_t page_size,
+                                   std::vector<std::int64_t> lens = lengths()) {
+  static std::map<std::pair<std::int64_t, std::vector<std::int64_t>>, std::unique_ptr<gqa_caches>>
+      cache;
   auto& c = cache[{page_size, lens}];
   if (!c)
     c = std::make_unique<gqa_caches>(lens, page_size, ak::paged_dense{8, 128, 128},
@@ -145,8 +147,7 @@ const mla_caches& mla_batch_caches(std::int64_t page_size) {
   auto& c = cache[page_size];
   if (!c)
     c = std::make_unique<mla_caches>(lengths(), page_size, ak::paged_latent{512, 64, 1},
-                                     fill_latent{512, 64},
-                                     [](std::int64_t t) {
+                                     fill_latent{512, 64}, [](std::int64_t t) {
                                        return ak::latent_cache<bf16>({512, 64, 1, t});
                                      });
   return *c;

@@ -162,7 +162,8 @@ TEST_CASE("l1_range_prefetch: every line of its ranges once, in order; none past
   const std::vector<const char*> want{buf + 64, buf + 128, buf + 192, buf + 1024, buf + 640};
   CHECK(issued(pf, 20) == want);
   detail::l1_range_prefetch full;
-  for (int i = 0; i <= detail::l1_range_prefetch::capacity; ++i) full.add(buf + 64 * i, buf + 64 * i + 64);
+  for (int i = 0; i <= detail::l1_range_prefetch::capacity; ++i)
+    full.add(buf + 64 * i, buf + 64 * i + 64);
   CHECK(full.count == -1);
   CHECK(issued(full, 40).empty());
 }

@@ -101,10 +101,10 @@ inline void prefetch_line(const void* p) {
 /// AVX-512 (16 accumulators) no gain was shown.
 struct l1_range_prefetch {
   static constexpr int capacity = 16;
-  const char* next = nullptr;  // the line the next step issues, in the range being issued
-  const char* end = nullptr;   // that range's end
-  int count = 0;               // ranges added; -1 past capacity (the stream then issues nothing)
-  int taken = 0;               // ranges started
+  const char* next = nullptr;    // the line the next step issues, in the range being issued
+  const char* end = nullptr;     // that range's end
+  int count = 0;                 // ranges added; -1 past capacity (the stream then issues nothing)
+  int taken = 0;                 // ranges started
   const char* begins[capacity];  // [count]: the line holding each range's first byte
   const char* ends[capacity];    // [count]
   void add(const void* begin, const void* range_end) {
