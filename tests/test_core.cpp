@@ -140,7 +140,7 @@ TEST_CASE("bf16 products: the engine ATTNKIT_BF16_ENGINE forces is the one that 
   }
 }
 
-TEST_CASE("l1_range_prefetch: every line of its ranges once, in order; none past capacity",
+TEST_CASE("l1_range_prefetch: every line of its ranges once and in order, none past capacity",
           "[core][simd]") {
   // The line a step issued is the one before `next` (step() advances it past that line).
   alignas(64) static char buf[64 * 64];
