@@ -137,9 +137,9 @@ def batch(m, us, bw2, fma2):
     print("Single-sequence GQA decode (attend), bf16 cache: paged against contiguous:")
     for t in (1024, 16384):
         for th in (1, 2):
-            c = us(f"BM_single_gqa/page:0/T:{t}/threads:{th}")
-            pages = ", ".join(f"page {ps} {us(f'BM_single_gqa/page:{ps}/T:{t}/threads:{th}') / 1e3:6.2f} ms "
-                              f"({100 * (us(f'BM_single_gqa/page:{ps}/T:{t}/threads:{th}') / c - 1):+.0f}%)"
+            single = {ps: us(f"BM_single_gqa/page:{ps}/T:{t}/threads:{th}") for ps in (0, 16, 64)}
+            c = single[0]
+            pages = ", ".join(f"page {ps} {single[ps] / 1e3:6.2f} ms ({100 * (single[ps] / c - 1):+.0f}%)"
                               for ps in (16, 64))
             print(f"  T={t:5d}, {th} thread{'s' if th > 1 else ' '}: contiguous {c / 1e3:6.2f} ms, {pages}")
 
