@@ -149,3 +149,75 @@ TEST_CASE("vectorised exp is 0, not subnormal, below ln(FLT_MIN) on the vector t
       CHECK(std::abs(e[i] - std::exp(double(xs[i]))) <= 4 * 0x1p-24 * std::exp(double(xs[i])));
   }
 }
+
+TEST_CASE("softmax_rows: rows taken together equal each row alone, and the online update in double",
+          "[softmax]") {
+  std::mt19937_64 rng(GENERATE(5, 6, 7));
+  std::normal_distribution<float> nd(0.f, 3.f);
+  const auto same = [](float a, float b) { return a == b || (a != a && b != b); };
+  for (const std::int64_t rows : {1, 2, 3, 4, 5, 7, 9})
+    for (const std::int64_t n : {1, 5, 8, 13, 64, 67}) {
+      const std::int64_t ld = n + 3;  // rows at a stride, the gaps never touched
+      std::vector<float> s(static_cast<std::size_t>(rows * ld), 77.f), max(rows), sum(rows);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const auto kind = rng() % 6;  // 0: fully masked, 1: a NaN score, 2: no earlier key
+        for (std::int64_t t = 0; t < n; ++t)
+          s[r * ld + t] = kind == 0 || rng() % 5 == 0 ? -INFINITY : nd(rng);
+        if (kind == 1) s[r * ld + static_cast<std::int64_t>(rng() % n)] = NAN;
+        const bool empty = kind == 2 || rng() % 4 == 0;
+        max[r] = empty ? -INFINITY : nd(rng);
+        sum[r] = empty ? 0.f : 1.f + std::abs(nd(rng));
+      }
+      INFO("rows=" << rows << " n=" << n);
+      std::vector<float> s1 = s, max1 = max, sum1 = sum, alpha(rows), alpha1(rows);
+      const std::vector<float> s0 = s, max0 = max, sum0 = sum;
+      detail::softmax_rows(s.data(), ld, rows, n, max.data(), sum.data(), alpha.data());
+      for (std::int64_t r = 0; r < rows; ++r)
+        detail::softmax_rows(s1.data() + r * ld, ld, 1, n, &max1[r], &sum1[r], &alpha1[r]);
+      for (std::size_t i = 0; i < s.size(); ++i) CHECK(same(s[i], s1[i]));
+      for (std::int64_t r = 0; r < rows; ++r) {
+        CHECK(same(max[r], max1[r]));
+        CHECK(same(sum[r], sum1[r]));
+        CHECK(same(alpha[r], alpha1[r]));
+        for (std::int64_t t = n; t < ld; ++t) CHECK(s[r * ld + t] == 77.f);
+        // The update in double: max' = max(old, the row's max), NaN if a score is NaN.
+        double mx = max0[r];
+        bool nan = false;
+        for (std::int64_t t = 0; t < n; ++t) {
+          const double x = s0[r * ld + t];
+          nan = nan || x != x;
+          mx = std::max(mx, x);
+        }
+        INFO("row " << r);
+        if (nan) {
+          CHECK(max[r] != max[r]);
+          CHECK(sum[r] != sum[r]);
+          continue;
+        }
+        CHECK(max[r] == float(mx));
+        if (mx == -INFINITY) {  // nothing seen yet: zeros, state unchanged, no rescale
+          for (std::int64_t t = 0; t < n; ++t) CHECK(s[r * ld + t] == 0.f);
+          CHECK(sum[r] == 0.f);
+          CHECK(alpha[r] == 1.f);
+          continue;
+        }
+        // exp of a difference rounded to float: 4 ulp, and the rounding times the difference;
+        // or under the smallest normal float (0 on the vector targets)
+        const auto close = [mx](float e, float x) {
+          if (x == -INFINITY) return e == 0.f;
+          const double ref = std::exp(double(x) - mx);
+          return std::abs(e - ref) <= std::max((4 + std::abs(x - mx)) * 0x1p-24 * ref, 1.2e-38);
+        };
+        CHECK(close(alpha[r], max0[r]));
+        const double a = max0[r] == -INFINITY ? 0.0 : std::exp(double(max0[r]) - mx);
+        double ref_sum = sum0[r] * a;
+        for (std::int64_t t = 0; t < n; ++t) {
+          const float x = s0[r * ld + t];
+          INFO("t=" << t << " score=" << x << " p=" << s[r * ld + t]);
+          CHECK(close(s[r * ld + t], x));
+          ref_sum += x == -INFINITY ? 0.0 : std::exp(double(x) - mx);
+        }
+        CHECK(std::abs(sum[r] - ref_sum) <= (8.0 + double(n)) * 0x1p-24 * ref_sum);
+      }
+    }
+}

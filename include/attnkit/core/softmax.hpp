@@ -40,16 +40,10 @@ constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
 /// Row form: s[0, n) become the unnormalised probabilities exp(s - max'). Returns the factor by
 /// which the row's accumulator must be rescaled (1 if unchanged, 0 the first time a row that was
-/// fully masked sees a key).
+/// fully masked sees a key). One row of softmax_rows (simd/targets.hpp).
 inline float softmax_absorb_row(float& max, float& sum, float* s, std::int64_t n) {
-  const float new_max = max_nan(row_max(s, n), max);
-  if (new_max == neg_inf) {  // everything masked so far: probabilities are all zero
-    for (std::int64_t i = 0; i < n; ++i) s[i] = 0.f;
-    return 1.f;
-  }
-  const float alpha = max == neg_inf ? 0.f : std::exp(max - new_max);
-  sum = sum * alpha + exp_shift_sum(s, n, new_max);
-  max = new_max;
+  float alpha;
+  softmax_rows(s, n, 1, n, &max, &sum, &alpha);
   return alpha;
 }
 

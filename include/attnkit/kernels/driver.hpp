@@ -271,17 +271,13 @@ class attention_worker {
             exp_given_row(s.data + r * s.row_stride, nb, state_.max[r]);
         else
           exp_given_columns(s.data, s.key_stride, nb, m, state_.max);
-      } else if (s.key_stride == 1) {
-        for (std::int64_t r = 0; r < m; ++r) {
-          const float a =
-              softmax_absorb_row(state_.max[r], state_.sum[r], s.data + r * s.row_stride, nb);
-          if (a != 1.f) scale_row(acc_ + r * dv, dv, a);
-        }
       } else {
         // The variant's block max holds when the scores reach the softmax unchanged.
         const bool unchanged = vis == block_visibility::full && !call_.policy.logits.active() &&
                                std::same_as<Mask, no_mask>;
-        if constexpr (requires { var_.value_weights(); }) {
+        if (s.key_stride == 1) {
+          softmax_rows(s.data, s.row_stride, m, nb, state_.max, state_.sum, alpha_);
+        } else if constexpr (requires { var_.value_weights(); }) {
           const auto w = var_.value_weights();
           softmax_columns(s.data, s.key_stride, nb, m, state_.max, state_.sum, alpha_,
                           unchanged ? s.block_max : nullptr, &w);

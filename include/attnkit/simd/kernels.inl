@@ -6,7 +6,7 @@
 //   scores         S[r][t] = sum_c Q[r][c] K[t][c]   streaming path: all query rows of a KV group
 //   accumulate_pv  O[r][c] += sum_t P[r][t] V[t][c]  streaming path
 //   gemm_bcast     C (+)= A B, register-blocked      GEMM tiles (prefill) and TPA's value product
-//   softmax_columns, exp_given_columns, exp_shift_sum, row_max: the softmax's vector loops
+//   softmax_rows, softmax_columns, exp_given_columns, exp_shift_sum: the softmax's vector loops
 //   scale_row, scale_row_to, scale_add_row, fill_row, any_non_finite: the driver's row loops
 //                  (rescale, output, split merge, masking, the repair check), vectorised
 //                  whatever the includer's -O level
@@ -95,7 +95,13 @@ inline void to_float_row(const S* src, float* dst, std::int64_t n) {
 inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
   const vec vs = V::set1(shift);
   vec acc = V::zero();
-  for (std::int64_t i = 0; i < n; i += L) {
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) {  // whole vectors: no mask to test or apply
+    const vec e = vexp(V::sub(V::load(s + i), vs));
+    V::store(s + i, e);
+    acc = V::add(acc, e);
+  }
+  if (i < n) {
     const vmask m = V::first(n - i);
     const vec e = vexp(V::sub(V::load(m, s + i), vs));
     V::store(m, s + i, e);
@@ -175,12 +181,55 @@ inline bool any_non_finite(const float* x, std::int64_t n) {
   return sum != sum;
 }
 
-/// max over s[0, n), NaN if any element is NaN; -inf for n == 0.
-inline float row_max(const float* s, std::int64_t n) {
+/// h[g] = max over row g's n columns (s + g * ld), NaN if one is NaN, for g < G: one row's max
+/// is a chain of dependent max steps, and the G chains overlap.
+template <int G>
+ATTNKIT_INLINE void row_maxima(const float* s, std::int64_t ld, std::int64_t n, float* h) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  vec m = V::set1(ninf);
-  for (std::int64_t i = 0; i < n; i += L) m = V::max_nan(m, V::load_or(V::first(n - i), s + i, ninf));
-  return V::hmax_nan(m);
+  vec m[G];
+  ATTNKIT_UNROLL
+  for (int g = 0; g < G; ++g) m[g] = V::set1(ninf);
+  for (std::int64_t i = 0; i < n; i += L) {
+    const vmask mk = V::first(n - i);
+    ATTNKIT_UNROLL
+    for (int g = 0; g < G; ++g) m[g] = V::max_nan(m[g], V::load_or(mk, s + g * ld + i, ninf));
+  }
+  ATTNKIT_UNROLL
+  for (int g = 0; g < G; ++g) h[g] = V::hmax_nan(m[g]);
+}
+
+/// Row form of the online softmax for rows r < rows of s[r * ld + t], t < n: each row
+/// becomes exp(s - max'), its running max and sum are updated, alpha[r] = the factor its
+/// accumulator must be rescaled by (1 if the max stayed, 0 the first time a row that was fully
+/// masked sees a key; a row still fully masked becomes zeros with alpha 1). The maxima are taken
+/// 4 rows (2, 1) at a time.
+inline void softmax_rows(float* s, std::int64_t ld, std::int64_t rows, std::int64_t n,
+                         float* state_max, float* state_sum, float* alpha) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (std::int64_t r0 = 0, g_n; r0 < rows; r0 += g_n) {
+    float h[4];
+    g_n = rows - r0 >= 4 ? 4 : rows - r0 >= 2 ? 2 : 1;
+    if (g_n == 4)
+      row_maxima<4>(s + r0 * ld, ld, n, h);
+    else if (g_n == 2)
+      row_maxima<2>(s + r0 * ld, ld, n, h);
+    else
+      row_maxima<1>(s + r0 * ld, ld, n, h);
+    for (std::int64_t g = 0; g < g_n; ++g) {
+      const std::int64_t r = r0 + g;
+      float* x = s + r * ld;
+      const float old = state_max[r];
+      const float mx = h[g] != h[g] || h[g] > old ? h[g] : old;  // NaN-propagating max
+      if (mx == ninf) {  // everything masked so far: the probabilities are all zero
+        fill_row(x, n, 0.f);
+        alpha[r] = 1.f;
+        continue;
+      }
+      alpha[r] = old == ninf ? 0.f : old == mx ? 1.f : std::exp(old - mx);
+      state_sum[r] = state_sum[r] * alpha[r] + exp_shift_sum(x, n, mx);
+      state_max[r] = mx;
+    }
+  }
 }
 
 // ---- streaming score and value products ----

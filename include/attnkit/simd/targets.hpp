@@ -460,8 +460,13 @@ inline bool any_non_finite(const float* x, std::int64_t n) {
   ATTNKIT_SIMD_DISPATCH(any_non_finite(x, n))
 }
 
-/// max over s[0, n), NaN if any element is NaN; -inf for n == 0.
-inline float row_max(const float* s, std::int64_t n) { ATTNKIT_SIMD_DISPATCH(row_max(s, n)) }
+/// Row form of the online softmax over rows r < rows of the block s[r * ld + t], t < n: the
+/// probabilities exp(s - max') in place, the running max / sum updated, alpha[r] = the factor
+/// row r's accumulator must be rescaled by (see softmax_absorb_row, core/softmax.hpp).
+inline void softmax_rows(float* s, std::int64_t ld, std::int64_t rows, std::int64_t n,
+                         float* state_max, float* state_sum, float* alpha) {
+  ATTNKIT_SIMD_DISPATCH(softmax_rows(s, ld, rows, n, state_max, state_sum, alpha))
+}
 
 /// S[rows][keys] = Q K^T for a block (streaming path); the query rows in paired order for bf16
 /// (bf16_pair_group). prefetch_k: prefetch the K rows ATTNKIT_PREFETCH_BYTES ahead; pf: a
