@@ -91,8 +91,9 @@ inline void to_float_row(const S* src, float* dst, std::int64_t n) {
   }
 }
 
-/// s[i] = exp(s[i] - shift) in place; returns the sum.
-inline float exp_shift_sum(float* s, std::int64_t n, float shift) {
+/// s[i] = exp(s[i] - shift) in place; returns the sum. Out of line: inlined into softmax_rows,
+/// the exponential's constants went to the stack and its loop read them from there.
+ATTNKIT_NOINLINE float exp_shift_sum(float* s, std::int64_t n, float shift) {
   const vec vs = V::set1(shift);
   vec acc = V::zero();
   std::int64_t i = 0;
@@ -184,12 +185,17 @@ inline bool any_non_finite(const float* x, std::int64_t n) {
 /// h[g] = max over row g's n columns (s + g * ld), NaN if one is NaN, for g < G: one row's max
 /// is a chain of dependent max steps, and the G chains overlap.
 template <int G>
-ATTNKIT_INLINE void row_maxima(const float* s, std::int64_t ld, std::int64_t n, float* h) {
+inline void row_maxima(const float* s, std::int64_t ld, std::int64_t n, float* h) {
   const float ninf = -std::numeric_limits<float>::infinity();
   vec m[G];
   ATTNKIT_UNROLL
   for (int g = 0; g < G; ++g) m[g] = V::set1(ninf);
-  for (std::int64_t i = 0; i < n; i += L) {
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    ATTNKIT_UNROLL
+    for (int g = 0; g < G; ++g) m[g] = V::max_nan(m[g], V::load(s + g * ld + i));
+  }
+  if (i < n) {
     const vmask mk = V::first(n - i);
     ATTNKIT_UNROLL
     for (int g = 0; g < G; ++g) m[g] = V::max_nan(m[g], V::load_or(mk, s + g * ld + i, ninf));

@@ -41,10 +41,14 @@
 
 // The small pieces of a register-blocked kernel (a step, a reduction) must be inlined into its
 // loop: in a large translation unit GCC may leave them calls, and the register block spills.
+// ATTNKIT_NOINLINE: a loop kept out of its caller's body, where inlining it made the caller
+// spill (see exp_shift_sum).
 #if defined(__GNUC__)
 #define ATTNKIT_INLINE inline __attribute__((always_inline))
+#define ATTNKIT_NOINLINE inline __attribute__((noinline))
 #else
 #define ATTNKIT_INLINE inline
+#define ATTNKIT_NOINLINE inline
 #endif
 
 /// Software prefetch into L2, this many bytes of rows ahead. One core streaming K/V rows from
