@@ -111,23 +111,19 @@ ATTNKIT_NOINLINE float exp_shift_sum(float* s, std::int64_t n, float shift) {
   return V::hsum(acc);
 }
 
-/// x[i] *= a.
-inline void scale_row(float* x, std::int64_t n, float a) {
-  const vec va = V::set1(a);
-  for (std::int64_t i = 0; i < n; i += L) {
-    const vmask m = V::first(n - i);
-    V::store(m, x + i, V::mul(V::load(m, x + i), va));
-  }
-}
-
-/// dst[i] = src[i] * a.
+/// dst[i] = src[i] * a (dst == src allowed): whole vectors, then the masked tail.
 inline void scale_row_to(const float* src, float* dst, std::int64_t n, float a) {
   const vec va = V::set1(a);
-  for (std::int64_t i = 0; i < n; i += L) {
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) V::store(dst + i, V::mul(V::load(src + i), va));
+  if (i < n) {
     const vmask m = V::first(n - i);
     V::store(m, dst + i, V::mul(V::load(m, src + i), va));
   }
 }
+
+/// x[i] *= a.
+inline void scale_row(float* x, std::int64_t n, float a) { scale_row_to(x, x, n, a); }
 
 /// a[i] = a[i] * fa + b[i] * fb (two softmax states' accumulators merged).
 inline void scale_add_row(float* a, float fa, const float* b, float fb, std::int64_t n) {
