@@ -158,9 +158,9 @@ struct V {
     return _mm256_cvtss_f32(x);
   }
   /// Lane i = the sum of x[i]'s lanes, for x[0, 8): lane-halving on pairs, lanes out in the
-  /// order idx (an involution: see vec_avx512.inl). Each halving adds a blend of the pair to a
-  /// shuffle of it (one shuffle, not two): the shuffle pipes are the FMA ones on Zen cores, and a
-  /// score block reduces 8 sums per 2 keys.
+  /// order idx (an involution: see vec_avx512.inl). The first two halvings add a blend of the
+  /// pair to one shuffle of it, not two shuffles: the shuffle pipes are FMA ones on Zen cores,
+  /// and a score block reduces 8 sums per 2 keys.
   ATTNKIT_INLINE static vec sums(const vec* x) {
     constexpr int idx[8] = {0, 2, 1, 3, 4, 6, 5, 7};
     vec a[4], b[2];
