@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds and runs the benchmarks (Release, -march=native), 5 interleaved repetitions each, and
 # prints the target figures as ratios of medians from the same run. JSON lands in
-# build/bench-results/. Usage: bash scripts/bench.sh [gqa] [mla] [tpa] [convert] [shared] [batch]   (default: all six)
+# build/bench-results/. Usage: bash scripts/bench.sh [gqa] [mla] [tpa] [convert] [shared] [batch] [kernels]
+# (default: all seven)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/deps.sh"
 cmake -S "$root" -B "$root/build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O3 -DNDEBUG" >/dev/null
 which=("$@")
-[ ${#which[@]} -gt 0 ] || which=(gqa mla tpa convert shared batch)
+[ ${#which[@]} -gt 0 ] || which=(gqa mla tpa convert shared batch kernels)
 mkdir -p "$root/build/bench-results"
 for b in "${which[@]}"; do
   cmake --build "$root/build" --target "bench_$b" -j"$(nproc)" >/dev/null

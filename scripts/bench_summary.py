@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Reads the JSON of bench_gqa, bench_mla, bench_tpa, bench_convert or bench_shared (--benchmark_repetitions=N --benchmark_out=F) and prints
-the figures the speed targets are stated in, each as a ratio of medians taken in the same run.
+"""Reads the JSON of bench_gqa, bench_mla, bench_tpa, bench_convert, bench_shared, bench_batch or bench_kernels
+(--benchmark_repetitions=N --benchmark_out=F) and prints the figures the speed targets are stated in, each as a ratio
+of medians taken in the same run.
 
-usage: scripts/bench_summary.py bench_gqa.json|bench_mla.json|bench_tpa.json|bench_convert.json|bench_shared.json
+usage: scripts/bench_summary.py bench_gqa.json|bench_mla.json|bench_tpa.json|bench_convert.json|bench_shared.json|...
 """
 import json
 import sys
@@ -144,16 +145,34 @@ def batch(m, us, bw2, fma2):
             print(f"  T={t:5d}, {th} thread{'s' if th > 1 else ' '}: contiguous {c / 1e3:6.2f} ms, {pages}")
 
 
+def kernels(m, peak):
+    names = ["scalar", "avx2", "avx512", "neon"]  # attnkit::all_simd_targets
+    print("\nkernels alone, operands in cache, 1 thread: GFLOP/s (share of the target's FMA peak)")
+    for n, b in sorted(m.items()):
+        if not n.startswith("BM_kernel_"):
+            continue
+        k = int(n.rsplit(":", 1)[1])
+        if "FLOPS" in b:
+            fl = b["FLOPS"] / 1e9
+            share = f"({100 * fl / peak(1, k):5.1f}% of peak)" if names[k] != "scalar" else ""
+            print(f"  {n:48s} {names[k]:6s} {fl:6.1f} GFLOP/s {share}")
+        else:
+            print(f"  {n:48s} {names[k]:6s} {b['items_per_second'] / 1e6:6.0f} M scores/s")
+
+
 def main():
     ctx, m = medians(sys.argv[1])
     gbs = lambda n: m[n]["bytes_per_second"] / 1e9
     us = lambda n: m[n]["real_time"] * {"us": 1, "ms": 1e3, "ns": 1e-3, "s": 1e6}[m[n]["time_unit"]]
     print(f"host: {ctx.get('host_name', '?')}, {ctx.get('num_cpus', '?')} CPUs, date {ctx.get('date', '?')}")
-    bw1 = gbs("attnkit::bench::BM_read_bandwidth/threads:1")
-    bw2 = gbs("attnkit::bench::BM_read_bandwidth/threads:2")
     # The FMA peak of each SIMD target (bench/roofline.hpp); the kernels of the other binaries run
     # on the best one, the fastest.
     peak = lambda th, k: m[f"attnkit::bench::BM_fma_peak/threads:{th}/target:{k}"]["FLOPS"] / 1e9
+    if any(k.startswith("BM_kernel_") for k in m):  # kernels alone: no memory traffic to compare
+        kernels(m, peak)
+        return
+    bw1 = gbs("attnkit::bench::BM_read_bandwidth/threads:1")
+    bw2 = gbs("attnkit::bench::BM_read_bandwidth/threads:2")
     targets = sorted({int(n.rsplit(":", 1)[1]) for n in m if n.startswith("attnkit::bench::BM_fma_peak/")})
     fma1, fma2 = (max(peak(th, k) for k in targets) for th in (1, 2))
     print(f"roofline: read bandwidth {bw1:.1f} GB/s (1 thread), {bw2:.1f} GB/s (2 threads); "
