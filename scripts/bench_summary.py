@@ -8,6 +8,8 @@ usage: scripts/bench_summary.py bench_gqa.json|bench_mla.json|bench_tpa.json|ben
 import json
 import sys
 
+TARGETS = ["scalar", "avx2", "avx512", "neon"]  # attnkit::all_simd_targets
+
 
 def medians(path):
     with open(path) as f:
@@ -146,7 +148,6 @@ def batch(m, us, bw2, fma2):
 
 
 def kernels(m, peak):
-    names = ["scalar", "avx2", "avx512", "neon"]  # attnkit::all_simd_targets
     print("\nkernels alone, operands in cache, 1 thread: GFLOP/s (share of the target's FMA peak)")
     for n, b in sorted(m.items()):
         if not n.startswith("BM_kernel_"):
@@ -154,10 +155,10 @@ def kernels(m, peak):
         k = int(n.rsplit(":", 1)[1])
         if "FLOPS" in b:
             fl = b["FLOPS"] / 1e9
-            share = f"({100 * fl / peak(1, k):5.1f}% of peak)" if names[k] != "scalar" else ""
-            print(f"  {n:48s} {names[k]:6s} {fl:6.1f} GFLOP/s {share}")
+            share = f"({100 * fl / peak(1, k):5.1f}% of peak)" if TARGETS[k] != "scalar" else ""
+            print(f"  {n:48s} {TARGETS[k]:6s} {fl:6.1f} GFLOP/s {share}")
         else:
-            print(f"  {n:48s} {names[k]:6s} {b['items_per_second'] / 1e6:6.0f} M scores/s")
+            print(f"  {n:48s} {TARGETS[k]:6s} {b['items_per_second'] / 1e6:6.0f} M scores/s")
 
 
 def main():
@@ -192,7 +193,7 @@ def main():
     if any(k.startswith("BM_tpa_") for k in m):
         tpa(m, us, bw2, fma2)
         return
-    names = ["scalar", "avx2", "avx512", "neon"]  # attnkit::all_simd_targets
+    names = TARGETS
     gqa = [k for k in targets if f"BM_gqa_decode<float, true>/T:16384/threads:1/target:{k}" in m]
     print("\nGQA decode (H 32, H_kv 8, d 128), median time, KV read rate, share of the read bandwidth:")
     for s in ("float", "ak::bf16"):
