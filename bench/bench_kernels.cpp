@@ -41,10 +41,19 @@ std::vector<S> random_values(std::int64_t n, unsigned seed, float scale = 1.f) {
   return v;
 }
 
-void set_flops(benchmark::State& state, double per_iteration) {
+/// The timing loop of a kernel benchmark: `run` once per iteration, `out` kept, FLOPs per
+/// iteration reported as a rate, the target's name as the label.
+template <class Run>
+void time_kernel(benchmark::State& state, const ak::bench::target_scope& target,
+                 double flops_per_iteration, std::vector<float>& out, Run&& run) {
+  for (auto _ : state) {
+    run();
+    benchmark::DoNotOptimize(out.data());
+  }
   state.counters["FLOPS"] =
-      benchmark::Counter(per_iteration, benchmark::Counter::kIsIterationInvariantRate,
+      benchmark::Counter(flops_per_iteration, benchmark::Counter::kIsIterationInvariantRate,
                          benchmark::Counter::OneK::kIs1000);
+  state.SetLabel(target.name());
 }
 
 template <class S>
@@ -55,14 +64,11 @@ void BM_kernel_scores(benchmark::State& state) {
   const auto k = random_values<S>(blocks * KEYS * D, 1);        // [blocks * 64][128]
   const auto q = random_values<float>(ROWS * D, 2);             // [4][128] (paired order for bf16)
   std::vector<float> s(static_cast<std::size_t>(ROWS * KEYS));  // [4][64]
-  for (auto _ : state) {
+  time_kernel(state, target, 2.0 * ROWS * KEYS * D * static_cast<double>(blocks), s, [&] {
     for (std::int64_t b = 0; b < blocks; ++b)
       ak::detail::scores(q.data(), D, ROWS, k.data() + b * KEYS * D, D, KEYS, D, s.data(), KEYS,
                          false);
-    benchmark::DoNotOptimize(s.data());
-  }
-  set_flops(state, 2.0 * ROWS * KEYS * D * static_cast<double>(blocks));
-  state.SetLabel(target.name());
+  });
 }
 
 template <class S>
@@ -73,14 +79,11 @@ void BM_kernel_pv(benchmark::State& state) {
   const auto v = random_values<S>(blocks * KEYS * D, 1);          // [blocks * 64][128]
   const auto p = random_values<float>(ROWS * KEYS, 2, 0.01f);     // [4][64]
   std::vector<float> o(static_cast<std::size_t>(ROWS * D), 0.f);  // [4][128]
-  for (auto _ : state) {
+  time_kernel(state, target, 2.0 * ROWS * KEYS * D * static_cast<double>(blocks), o, [&] {
     for (std::int64_t b = 0; b < blocks; ++b)
       ak::detail::accumulate_pv(p.data(), KEYS, ROWS, v.data() + b * KEYS * D, D, KEYS, D, o.data(),
                                 D, false);
-    benchmark::DoNotOptimize(o.data());
-  }
-  set_flops(state, 2.0 * ROWS * KEYS * D * static_cast<double>(blocks));
-  state.SetLabel(target.name());
+  });
 }
 
 void BM_kernel_softmax_rows(benchmark::State& state) {
@@ -107,14 +110,11 @@ void BM_kernel_mla_scores(benchmark::State& state) {
   const auto q = random_values<float>(MLA_HEADS * MLA_D, 2);         // [16][576]
   std::vector<float> s(static_cast<std::size_t>(KEYS * MLA_HEADS));  // S^T [64][16]
   ak::detail::no_prefetch pf;
-  for (auto _ : state) {
+  time_kernel(state, target, 2.0 * MLA_HEADS * KEYS * MLA_D, s, [&] {
     ak::detail::scores_columns(q.data(), MLA_D, MLA_HEADS,
                                ak::detail::strided_rows<S>{k.data(), MLA_D}, KEYS, MLA_D, s.data(),
                                MLA_HEADS, pf);
-    benchmark::DoNotOptimize(s.data());
-  }
-  set_flops(state, 2.0 * MLA_HEADS * KEYS * MLA_D);
-  state.SetLabel(target.name());
+  });
 }
 
 template <class S>
@@ -125,13 +125,10 @@ void BM_kernel_mla_pv(benchmark::State& state) {
   const auto p = random_values<float>(KEYS * MLA_HEADS, 2, 0.01f);          // P^T [64][16]
   std::vector<float> o(static_cast<std::size_t>(MLA_HEADS * MLA_DV), 0.f);  // [16][512]
   ak::detail::no_prefetch pf;
-  for (auto _ : state) {
+  time_kernel(state, target, 2.0 * MLA_HEADS * KEYS * MLA_DV, o, [&] {
     ak::detail::pv_columns(p.data(), MLA_HEADS, ak::detail::strided_rows<S>{v.data(), MLA_D}, KEYS,
                            MLA_DV, o.data(), MLA_DV, pf);
-    benchmark::DoNotOptimize(o.data());
-  }
-  set_flops(state, 2.0 * MLA_HEADS * KEYS * MLA_DV);
-  state.SetLabel(target.name());
+  });
 }
 
 void block_args(benchmark::internal::Benchmark* b) {
