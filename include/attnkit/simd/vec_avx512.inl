@@ -154,12 +154,15 @@ struct V {
   ATTNKIT_INLINE static vec sums(const vec* x) {
     constexpr int idx[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
     vec a[8], b[4], c[2];
+    ATTNKIT_UNROLL
     for (int i = 0; i < 8; ++i)  // 256-bit halves: y_i in the low half, y_{i+8} in the high
       a[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, x[idx[i]], x[idx[i + 8]], 0x44),
                            _mm512_maskz_shuffle_f32x4(0xFFFF, x[idx[i]], x[idx[i + 8]], 0xEE));
+    ATTNKIT_UNROLL
     for (int i = 0; i < 4; ++i)  // 128-bit chunks: y_i, y_{i+8}, y_{i+4}, y_{i+12}
       b[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, a[i], a[i + 4], 0x88),
                            _mm512_maskz_shuffle_f32x4(0xFFFF, a[i], a[i + 4], 0xDD));
+    ATTNKIT_UNROLL
     for (int i = 0; i < 2; ++i)  // pairs of lanes
       c[i] = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xFFFF, b[i], b[i + 2], 0x44),
                            _mm512_maskz_shuffle_ps(0xFFFF, b[i], b[i + 2], 0xEE));
