@@ -18,8 +18,10 @@
 #include <attnkit/attention.hpp>
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -32,12 +34,27 @@ using ak::bf16;
 constexpr std::int64_t ROWS = 4, KEYS = 64, D = 128;               // a GQA decode block
 constexpr std::int64_t MLA_HEADS = 16, MLA_D = 576, MLA_DV = 512;  // DeepSeek-V2-Lite
 
+/// n elements of S on a cache line, as the library's caches and workspaces are: in a
+/// std::vector (16-byte aligned) an AVX-512 vector straddles two lines, and a kernel's figure
+/// then moved with where the allocator happened to place its operands.
 template <class S>
-std::vector<S> random_values(std::int64_t n, unsigned seed, float scale = 1.f) {
+struct aligned_values {
+  std::unique_ptr<S[], ak::detail::aligned_free> p;
+  S* data() const { return p.get(); }
+};
+
+template <class S>
+aligned_values<S> random_values(std::int64_t n, unsigned seed, float scale = 1.f) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd;
-  std::vector<S> v(static_cast<std::size_t>(n));
-  for (auto& x : v) x = S(scale * nd(rng));
+  aligned_values<S> v{ak::detail::aligned_alloc_array<S>(n)};
+  for (std::int64_t i = 0; i < n; ++i) v.data()[i] = S(scale * nd(rng));
+  return v;
+}
+
+aligned_values<float> zeros(std::int64_t n) {
+  aligned_values<float> v{ak::detail::aligned_alloc_array<float>(n)};
+  std::fill_n(v.data(), n, 0.f);
   return v;
 }
 
@@ -45,10 +62,10 @@ std::vector<S> random_values(std::int64_t n, unsigned seed, float scale = 1.f) {
 /// iteration reported as a rate, the target's name as the label.
 template <class Run>
 void time_kernel(benchmark::State& state, const ak::bench::target_scope& target,
-                 double flops_per_iteration, std::vector<float>& out, Run&& run) {
+                 double flops_per_iteration, float* out, Run&& run) {
   for (auto _ : state) {
     run();
-    benchmark::DoNotOptimize(out.data());
+    benchmark::DoNotOptimize(out);
   }
   state.counters["FLOPS"] =
       benchmark::Counter(flops_per_iteration, benchmark::Counter::kIsIterationInvariantRate,
@@ -63,8 +80,8 @@ void BM_kernel_scores(benchmark::State& state) {
   const std::int64_t blocks = state.range(0);
   const auto k = random_values<S>(blocks * KEYS * D, 1);        // [blocks * 64][128]
   const auto q = random_values<float>(ROWS * D, 2);             // [4][128] (paired order for bf16)
-  std::vector<float> s(static_cast<std::size_t>(ROWS * KEYS));  // [4][64]
-  time_kernel(state, target, 2.0 * ROWS * KEYS * D * static_cast<double>(blocks), s, [&] {
+  const auto s = zeros(ROWS * KEYS);                            // [4][64]
+  time_kernel(state, target, 2.0 * ROWS * KEYS * D * static_cast<double>(blocks), s.data(), [&] {
     for (std::int64_t b = 0; b < blocks; ++b)
       ak::detail::scores(q.data(), D, ROWS, k.data() + b * KEYS * D, D, KEYS, D, s.data(), KEYS,
                          false);
@@ -78,8 +95,8 @@ void BM_kernel_pv(benchmark::State& state) {
   const std::int64_t blocks = state.range(0);
   const auto v = random_values<S>(blocks * KEYS * D, 1);          // [blocks * 64][128]
   const auto p = random_values<float>(ROWS * KEYS, 2, 0.01f);     // [4][64]
-  std::vector<float> o(static_cast<std::size_t>(ROWS * D), 0.f);  // [4][128]
-  time_kernel(state, target, 2.0 * ROWS * KEYS * D * static_cast<double>(blocks), o, [&] {
+  const auto o = zeros(ROWS * D);                                 // [4][128]
+  time_kernel(state, target, 2.0 * ROWS * KEYS * D * static_cast<double>(blocks), o.data(), [&] {
     for (std::int64_t b = 0; b < blocks; ++b)
       ak::detail::accumulate_pv(p.data(), KEYS, ROWS, v.data() + b * KEYS * D, D, KEYS, D, o.data(),
                                 D, false);
@@ -91,7 +108,7 @@ void BM_kernel_softmax_rows(benchmark::State& state) {
   if (!target.ok()) return;
   // The block is softmaxed in place each iteration: after the first, its scores are the last
   // probabilities and the running max stays (no rescale), the common case of a long decode.
-  auto s = random_values<float>(ROWS * KEYS, 1, 3.f);  // [4][64]
+  const auto s = random_values<float>(ROWS * KEYS, 1, 3.f);  // [4][64]
   std::vector<float> max(ROWS, -INFINITY), sum(ROWS, 0.f), alpha(ROWS);
   for (auto _ : state) {
     ak::detail::softmax_rows(s.data(), KEYS, ROWS, KEYS, max.data(), sum.data(), alpha.data());
@@ -108,9 +125,9 @@ void BM_kernel_mla_scores(benchmark::State& state) {
   if (!target.ok()) return;
   const auto k = random_values<S>(KEYS * MLA_D, 1);                  // latent rows [64][576]
   const auto q = random_values<float>(MLA_HEADS * MLA_D, 2);         // [16][576]
-  std::vector<float> s(static_cast<std::size_t>(KEYS * MLA_HEADS));  // S^T [64][16]
+  const auto s = zeros(KEYS * MLA_HEADS);                            // S^T [64][16]
   ak::detail::no_prefetch pf;
-  time_kernel(state, target, 2.0 * MLA_HEADS * KEYS * MLA_D, s, [&] {
+  time_kernel(state, target, 2.0 * MLA_HEADS * KEYS * MLA_D, s.data(), [&] {
     ak::detail::scores_columns(q.data(), MLA_D, MLA_HEADS,
                                ak::detail::strided_rows<S>{k.data(), MLA_D}, KEYS, MLA_D, s.data(),
                                MLA_HEADS, pf);
@@ -123,9 +140,9 @@ void BM_kernel_mla_pv(benchmark::State& state) {
   if (!target.ok()) return;
   const auto v = random_values<S>(KEYS * MLA_D, 1);                         // latent rows [64][576]
   const auto p = random_values<float>(KEYS * MLA_HEADS, 2, 0.01f);          // P^T [64][16]
-  std::vector<float> o(static_cast<std::size_t>(MLA_HEADS * MLA_DV), 0.f);  // [16][512]
+  const auto o = zeros(MLA_HEADS * MLA_DV);                                 // [16][512]
   ak::detail::no_prefetch pf;
-  time_kernel(state, target, 2.0 * MLA_HEADS * KEYS * MLA_DV, o, [&] {
+  time_kernel(state, target, 2.0 * MLA_HEADS * KEYS * MLA_DV, o.data(), [&] {
     ak::detail::pv_columns(p.data(), MLA_HEADS, ak::detail::strided_rows<S>{v.data(), MLA_D}, KEYS,
                            MLA_DV, o.data(), MLA_DV, pf);
   });
