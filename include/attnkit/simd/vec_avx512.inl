@@ -105,16 +105,19 @@ struct V {
   /// x[i] <- column i of the 16 x 16 matrix of 32-bit words whose row r is x[r].
   static void transpose_words(__m512i* x) {
     __m512i a[16], b[16];
+    ATTNKIT_UNROLL
     for (int k = 0; k < 8; ++k) {  // per 128-bit lane: (r0 c0, r1 c0, r0 c1, r1 c1) ...
       a[2 * k] = _mm512_maskz_unpacklo_epi32(0xFFFF, x[2 * k], x[2 * k + 1]);
       a[2 * k + 1] = _mm512_maskz_unpackhi_epi32(0xFFFF, x[2 * k], x[2 * k + 1]);
     }
+    ATTNKIT_UNROLL
     for (int k = 0; k < 4; ++k) {  // b[4k + j], lane L: column 4L + j of rows 4k .. 4k + 3
       b[4 * k] = _mm512_maskz_unpacklo_epi64(0xFF, a[4 * k], a[4 * k + 2]);
       b[4 * k + 1] = _mm512_maskz_unpackhi_epi64(0xFF, a[4 * k], a[4 * k + 2]);
       b[4 * k + 2] = _mm512_maskz_unpacklo_epi64(0xFF, a[4 * k + 1], a[4 * k + 3]);
       b[4 * k + 3] = _mm512_maskz_unpackhi_epi64(0xFF, a[4 * k + 1], a[4 * k + 3]);
     }
+    ATTNKIT_UNROLL
     for (int j = 0; j < 4; ++j) {  // column 4L + j: lane L of b[j], b[4 + j], b[8 + j], b[12 + j]
       const __m512i u01 = _mm512_maskz_shuffle_i32x4(0xFFFF, b[j], b[4 + j], 0x44),
                     v01 = _mm512_maskz_shuffle_i32x4(0xFFFF, b[8 + j], b[12 + j], 0x44),
@@ -129,8 +132,10 @@ struct V {
   /// x[0, 16) transposed in place (lane i of x[k] <-> lane k of x[i]).
   static void transpose(vec* x) {
     __m512i w[16];
+    ATTNKIT_UNROLL
     for (int i = 0; i < 16; ++i) w[i] = _mm512_castps_si512(x[i]);
     transpose_words(w);
+    ATTNKIT_UNROLL
     for (int i = 0; i < 16; ++i) x[i] = _mm512_castsi512_ps(w[i]);
   }
   static float hsum(vec x) {
