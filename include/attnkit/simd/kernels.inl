@@ -249,10 +249,11 @@ inline void prefetch_column_lines(const S* const (&rows)[N], std::int64_t c, boo
 /// (i < NQ: NQ vectors per row and step) with the KB keys' vectors kv[u][i]. The operand with
 /// fewer vectors per step is held in registers (the query vectors, or the keys' widened ones)
 /// and the other streamed past it, so the block's sums and operands fit the registers. Keys
-/// held (KB < RB: AVX2's 16 registers) are held one vector i at a time, each kept in a scalar
-/// through V::hold: an array of all NQ, or the hold applied to an array element, made GCC
-/// spill them to the stack in the loop (a store per vector and step). Either order adds the
-/// same products to each sum in the same order.
+/// held (KB < RB: AVX2's 16 registers) are held one vector i at a time. Every held vector goes
+/// through V::hold as a scalar before it is put in its array: an array of all NQ keys, or the
+/// hold applied to an array element, made GCC store the array to the stack on every step (a
+/// store per vector and step; in the AVX-512 decode 16 per step of 32 FMAs). Either order adds
+/// the same products to each sum in the same order.
 template <int RB, int KB, int NQ, class QLoad, class KLoad>
 ATTNKIT_INLINE void score_step(vec (&acc)[RB][KB], const QLoad& q, const KLoad& k) {
   if constexpr (KB >= RB) {
@@ -260,14 +261,22 @@ ATTNKIT_INLINE void score_step(vec (&acc)[RB][KB], const QLoad& q, const KLoad& 
     ATTNKIT_UNROLL
     for (int r = 0; r < RB; ++r) {
       ATTNKIT_UNROLL
-      for (int i = 0; i < NQ; ++i) qv[r][i] = q(r, i), V::hold(qv[r][i]);
+      for (int i = 0; i < NQ; ++i) {
+        vec x = q(r, i);
+        V::hold(x);
+        qv[r][i] = x;
+      }
     }
     ATTNKIT_UNROLL
     for (int u = 0; u < KB; ++u) {
       vec kv[NQ];
       k(u, kv);
       ATTNKIT_UNROLL
-      for (int i = 0; i < NQ; ++i) V::hold(kv[i]);  // one load for the RB rows
+      for (int i = 0; i < NQ; ++i) {  // one load for the RB rows
+        vec x = kv[i];
+        V::hold(x);
+        kv[i] = x;
+      }
       ATTNKIT_UNROLL
       for (int r = 0; r < RB; ++r) {
         ATTNKIT_UNROLL
