@@ -245,15 +245,21 @@ inline void prefetch_column_lines(const S* const (&rows)[N], std::int64_t c, boo
   for (int u = 0; u < N; ++u) prefetch_line(rows[u] + c);
 }
 
+/// x, kept in a register (V::hold) as a value of its own: the hold applied to an array element
+/// made GCC store the whole array to the stack on every step of the loop it is in.
+ATTNKIT_INLINE vec held(vec x) {
+  V::hold(x);
+  return x;
+}
+
 /// One step of a score block: acc[r][u] += the products of the RB rows' query vectors q(r, i)
 /// (i < NQ: NQ vectors per row and step) with the KB keys' vectors kv[u][i]. The operand with
 /// fewer vectors per step is held in registers (the query vectors, or the keys' widened ones)
 /// and the other streamed past it, so the block's sums and operands fit the registers. Keys
-/// held (KB < RB: AVX2's 16 registers) are held one vector i at a time. Every held vector goes
-/// through V::hold as a scalar before it is put in its array: an array of all NQ keys, or the
-/// hold applied to an array element, made GCC store the array to the stack on every step (a
-/// store per vector and step; in the AVX-512 decode 16 per step of 32 FMAs). Either order adds
-/// the same products to each sum in the same order.
+/// held (KB < RB: AVX2's 16 registers) are held one vector i at a time; every held vector goes
+/// through held() (an array of all NQ keys, or holds on array elements, cost a store per vector
+/// and step: in the AVX-512 decode 16 per step of 32 FMAs). Either order adds the same products
+/// to each sum in the same order.
 template <int RB, int KB, int NQ, class QLoad, class KLoad>
 ATTNKIT_INLINE void score_step(vec (&acc)[RB][KB], const QLoad& q, const KLoad& k) {
   if constexpr (KB >= RB) {
@@ -261,22 +267,14 @@ ATTNKIT_INLINE void score_step(vec (&acc)[RB][KB], const QLoad& q, const KLoad& 
     ATTNKIT_UNROLL
     for (int r = 0; r < RB; ++r) {
       ATTNKIT_UNROLL
-      for (int i = 0; i < NQ; ++i) {
-        vec x = q(r, i);
-        V::hold(x);
-        qv[r][i] = x;
-      }
+      for (int i = 0; i < NQ; ++i) qv[r][i] = held(q(r, i));
     }
     ATTNKIT_UNROLL
     for (int u = 0; u < KB; ++u) {
       vec kv[NQ];
       k(u, kv);
       ATTNKIT_UNROLL
-      for (int i = 0; i < NQ; ++i) {  // one load for the RB rows
-        vec x = kv[i];
-        V::hold(x);
-        kv[i] = x;
-      }
+      for (int i = 0; i < NQ; ++i) kv[i] = held(kv[i]);  // one load for the RB rows
       ATTNKIT_UNROLL
       for (int r = 0; r < RB; ++r) {
         ATTNKIT_UNROLL
@@ -288,15 +286,10 @@ ATTNKIT_INLINE void score_step(vec (&acc)[RB][KB], const QLoad& q, const KLoad& 
     for (int i = 0; i < NQ; ++i) {
       vec kv[KB];
       ATTNKIT_UNROLL
-      for (int u = 0; u < KB; ++u) {
-        vec x = k.one(u, i);
-        V::hold(x);
-        kv[u] = x;
-      }
+      for (int u = 0; u < KB; ++u) kv[u] = held(k.one(u, i));
       ATTNKIT_UNROLL
       for (int r = 0; r < RB; ++r) {
-        vec qv = q(r, i);
-        V::hold(qv);  // one load for the KB keys
+        const vec qv = held(q(r, i));  // one load for the KB keys
         ATTNKIT_UNROLL
         for (int u = 0; u < KB; ++u) acc[r][u] = V::fmadd(qv, kv[u], acc[r][u]);
       }
