@@ -159,6 +159,7 @@ struct V {
   ATTNKIT_INLINE static vec sums(const vec* x) {
     constexpr int idx[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
     vec a[8], b[4], c[2];
+    // Unrolled, x[idx[i]] names registers; as loops GCC 12 stored x and read it back through idx.
     ATTNKIT_UNROLL
     for (int i = 0; i < 8; ++i)  // 256-bit halves: y_i in the low half, y_{i+8} in the high
       a[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, x[idx[i]], x[idx[i + 8]], 0x44),
