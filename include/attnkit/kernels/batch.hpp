@@ -106,7 +106,8 @@ std::vector<attention_shape> gqa_shapes(const char* who, std::int64_t heads,
     require(heads > 0 && heads % v.kv_heads() == 0, who, ": heads=", heads,
             " must be a positive multiple of kv_heads=", v.kv_heads());
     const std::int64_t tq = rows_of(q_indptr, s).size();
-    shapes.push_back(gqa_products<S>::shape_of(tq, heads, v, streams(opt, heads / v.kv_heads(), tq)));
+    shapes.push_back(gqa_products<S>::shape_of(tq, heads, v, streams(opt, heads / v.kv_heads(), tq),
+                                               opt.products == product_math::bf16));
   });
   return shapes;
 }

@@ -103,19 +103,25 @@ class gqa_products {
  public:
   using problem = gqa_problem<S>;
   static attention_shape shape(const problem& pb) {
-    return shape_of(pb.q.extent(0), pb.q.extent(1), pb.kv, pb.streaming, pb.keys_only);
+    return shape_of(pb.q.extent(0), pb.q.extent(1), pb.kv, pb.streaming, pb.bf16_products,
+                    pb.keys_only);
   }
-  /// The shape of Tq tokens of H query heads against kv.
+  /// The shape of Tq tokens of H query heads against kv (bf16_products: product_math::bf16).
+  /// Blocks of 64 keys on the streaming path and for tiles of a single AMX row tile (amx_rows),
+  /// whose tile products stream the next block's rows in: an MLA batch's latent rows came from
+  /// DRAM faster a block of 64 keys ahead than of 128 (docs/benchmarks.md); else 128.
   static attention_shape shape_of(std::int64_t tq, std::int64_t h, const kv_view<S>& kv,
-                                  bool streaming, bool keys_only = false) {
+                                  bool streaming, bool bf16_products, bool keys_only = false) {
     const std::int64_t groups = merges_heads(tq, kv, streaming, keys_only) ? 1 : kv.kv_heads();
+    const bool amx_row_tile = engine_for(kv, streaming, bf16_products) == pair_engine::amx &&
+                              tq * (h / groups) <= 16 && kv.v_head_dim() % 32 == 0;
     return {tq,
             groups,
             h / groups,
             kv.size(),
             kv.v_head_dim(),
             streaming ? 32 : 128,
-            streaming ? 64 : 128};
+            streaming || amx_row_tile ? 64 : 128};
   }
   /// A paged decode step (one query token, streaming) makes one item of all KV heads, which
   /// walks each key block's pages head after head: the item reads whole pages ([H_kv, page_size,
@@ -151,8 +157,12 @@ class gqa_products {
   /// columns), or nothing (f32 products).
   enum class pair_engine { none, dot, amx };
   static pair_engine engine_of(const problem& pb) {
-    if (!std::same_as<S, bf16> || !pb.bf16_products || pb.streaming) return pair_engine::none;
-    const std::int64_t dqk = pb.kv.head_dim(), dv = pb.kv.v_head_dim();
+    return engine_for(pb.kv, pb.streaming, pb.bf16_products);
+  }
+  /// engine_of for a view, the call's tile strategy and its products.
+  static pair_engine engine_for(const kv_view<S>& kv, bool streaming, bool bf16_products) {
+    if (!std::same_as<S, bf16> || !bf16_products || streaming) return pair_engine::none;
+    const std::int64_t dqk = kv.head_dim(), dv = kv.v_head_dim();
     if (detail::bf16_amx_available() && dqk % 32 == 0 && dv % 16 == 0) return pair_engine::amx;
     if (detail::bf16_dot_available() && dqk % 2 == 0) return pair_engine::dot;
     return pair_engine::none;
