@@ -107,21 +107,23 @@ class gqa_products {
                     pb.keys_only);
   }
   /// The shape of Tq tokens of H query heads against kv (bf16_products: product_math::bf16).
-  /// Blocks of 64 keys on the streaming path and for tiles of a single AMX row tile (amx_rows),
-  /// whose tile products stream the next block's rows in: an MLA batch's latent rows came from
-  /// DRAM faster a block of 64 keys ahead than of 128 (docs/benchmarks.md); else 128.
+  /// Keys per block: 64 on the streaming path and for tiles of a single AMX row tile (amx_rows),
+  /// whose tile products stream the next block's rows in (an MLA batch's latent rows came from
+  /// DRAM faster a block of 64 keys ahead than of 128); 32 for an item of every KV head
+  /// (merges_heads), whose block holds all its heads' rows and whose prefetch runs at least a
+  /// block ahead (list_rows); else 128. Measured in docs/benchmarks.md.
   static attention_shape shape_of(std::int64_t tq, std::int64_t h, const kv_view<S>& kv,
                                   bool streaming, bool bf16_products, bool keys_only = false) {
-    const std::int64_t groups = merges_heads(tq, kv, streaming, keys_only) ? 1 : kv.kv_heads();
+    const bool merged = merges_heads(tq, kv, streaming, keys_only);
+    const std::int64_t groups = merged ? 1 : kv.kv_heads();
     const bool amx_row_tile = engine_for(kv, streaming, bf16_products) == pair_engine::amx &&
                               tq * (h / groups) <= 16 && kv.v_head_dim() % 32 == 0;
-    return {tq,
-            groups,
-            h / groups,
-            kv.size(),
-            kv.v_head_dim(),
-            streaming ? 32 : 128,
-            streaming || amx_row_tile ? 64 : 128};
+    std::int64_t block = 128;
+    if (merged)
+      block = 32;
+    else if (streaming || amx_row_tile)
+      block = 64;
+    return {tq, groups, h / groups, kv.size(), kv.v_head_dim(), streaming ? 32 : 128, block};
   }
   /// A paged decode step (one query token, streaming) makes one item of all KV heads, which
   /// walks each key block's pages head after head: the item reads whole pages ([H_kv, page_size,
