@@ -175,7 +175,10 @@ TEST_CASE(
   }
 }
 
-TEST_CASE("paged bf16 cache with bf16 products: bitwise the contiguous cache's answer", "[bf16]") {
+TEST_CASE(
+    "paged bf16 cache with bf16 products: the contiguous cache's answer, bitwise for the same key "
+    "blocks",
+    "[bf16]") {
   // Both read the same key blocks; the products pair rows through their page pointers.
   // Tiles of 80 rows, and single row tiles (4 and 16 rows: AMX reads their value rows in place);
   // a streaming decode step (vdpbf16ps scores where it runs), whose paged item of every KV head
