@@ -58,11 +58,15 @@ fmat attend_over(const gqa_case& c, const gqa_data& x, const KV& kv) {
   return out;
 }
 
-/// Whether attend over a paged copy of case c runs as one work item of every KV head
-/// (gqa_products::merges_heads), whose key blocks differ from the contiguous cache's.
-bool merged_decode(const gqa_case& c) {
+/// Whether attend of case c over the paged cache runs as one work item of every KV head
+/// (the library's rule, gqa_products::merges_heads), whose key blocks differ from the
+/// contiguous cache's.
+template <storage_type S>
+bool merged_decode(const gqa_case& c, const paged_cache<S, paged_dense>& paged) {
   const attention_options opt{.strategy = c.strategy, .products = c.products};
-  return c.tq == 1 && c.kv_heads > 1 && detail::streams(opt, c.heads / c.kv_heads, c.tq);
+  return detail::gqa_products<S>::merges_heads(c.tq, detail::kv_view_of(paged),
+                                               detail::streams(opt, c.heads / c.kv_heads, c.tq),
+                                               false);
 }
 
 /// A merged decode's answer at another page size (7: no block boundary on a page boundary) in
@@ -90,8 +94,9 @@ void check_paged_gqa(std::mt19937_64& rng) {
       const fmat got = attend_over<S>(c, x, paged);
       const fmat contiguous = run_kernel<S>(c, x);
       INFO(describe(c) << " page_size=" << ps);
-      if (merged_decode(c)) check_same_at_another_page_size<S>(c, x, got, rng);
-      if (ps % 128 == 0 && !merged_decode(c)) {
+      const bool merged = merged_decode(c, paged);
+      if (merged) check_same_at_another_page_size<S>(c, x, got, rng);
+      if (ps % 128 == 0 && !merged) {
         CHECK((got.array() == contiguous.array()).all());  // the same key blocks: bitwise
       } else {
         const auto ref = run_reference<S>(c, x);
@@ -202,9 +207,9 @@ TEST_CASE(
       page_pool<bf16> pool(pool_for(c, ps));
       shuffle_free_pages(pool, rng);
       INFO(describe(c) << " page_size=" << ps);
-      const fmat got = attend_over<bf16>(c, x, paged_copy(pool, c, x)),
-                 contiguous = run_kernel<bf16>(c, x);
-      if (!merged_decode(c)) {
+      const auto paged = paged_copy(pool, c, x);
+      const fmat got = attend_over<bf16>(c, x, paged), contiguous = run_kernel<bf16>(c, x);
+      if (!merged_decode(c, paged)) {
         CHECK((got.array() == contiguous.array()).all());
         continue;
       }
