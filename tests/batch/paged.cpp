@@ -64,9 +64,8 @@ fmat attend_over(const gqa_case& c, const gqa_data& x, const KV& kv) {
 template <storage_type S>
 bool merged_decode(const gqa_case& c, const paged_cache<S, paged_dense>& paged) {
   const attention_options opt{.strategy = c.strategy, .products = c.products};
-  return detail::gqa_products<S>::merges_heads(c.tq, detail::kv_view_of(paged),
-                                               detail::streams(opt, c.heads / c.kv_heads, c.tq),
-                                               false);
+  return detail::gqa_products<S>::merges_heads(
+      c.tq, detail::kv_view_of(paged), detail::streams(opt, c.heads / c.kv_heads, c.tq), false);
 }
 
 /// A merged decode's answer at another page size (7: no block boundary on a page boundary) in
