@@ -116,8 +116,9 @@ class gqa_products {
                                   bool streaming, bool bf16_products, bool keys_only = false) {
     const bool merged = merges_heads(tq, kv, streaming, keys_only);
     const std::int64_t groups = merged ? 1 : kv.kv_heads();
-    const bool amx_row_tile = engine_for(kv, streaming, bf16_products) == pair_engine::amx &&
-                              tq * (h / groups) <= 16 && kv.v_head_dim() % 32 == 0;
+    const bool amx_row_tile =
+        engine_for(kv, streaming, bf16_products, tq * (h / groups)) == pair_engine::amx &&
+        tq * (h / groups) <= 16 && kv.v_head_dim() % 32 == 0;
     std::int64_t block = 128;
     if (merged)
       block = 32;
@@ -134,12 +135,13 @@ class gqa_products {
     return streaming && tq == 1 && kv.kv_heads() > 1 && kv.keys().table.paged() && !keys_only;
   }
   static std::size_t scratch_floats(const problem& pb, const attention_plan& pl) {
-    // Rows rounded up to whole AMX tiles; the bf16 products' P pairs.
+    // Rows rounded up to whole AMX tiles; the bf16 products' P pairs (Q's and P's per part).
     const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
-                       dv = pb.kv.v_head_dim();
+                       dv = pb.kv.v_head_dim(), parts = split_parts(pb);
     return static_cast<std::size_t>(
-        (listed(pb) ? 4 * nb * pointer_floats : 0) + m * (dqk + nb) + nb * (dqk + dv) +
-        (engine_of(pb) != pair_engine::none ? std::max(m * (nb / 2 + 16), 32 * round16(nb)) : 0) +
+        (listed(pb) ? 4 * nb * pointer_floats : 0) + m * (parts * dqk + nb) + nb * (dqk + dv) +
+        (engine_of(pb) != pair_engine::none ? parts * std::max(m * (nb / 2 + 16), 32 * round16(nb))
+                                            : 0) +
         cached_blocks(pb, pl) * nb / 2 * dv);
   }
   /// Whole key blocks whose value pairs a worker keeps (value_pairs): with bf16 products on the
@@ -156,15 +158,25 @@ class gqa_products {
   static constexpr std::int64_t max_cached_blocks = 32, cache_bytes = std::int64_t{1} << 20;
   /// What runs the GEMM tiles' bf16 products (product_math::bf16) on a bf16 cache: AMX tiles
   /// (whole 32-column query tiles and 16-column value tiles), vdpbf16ps (whole pairs of query
-  /// columns), or nothing (f32 products).
+  /// columns), or nothing (f32 products). f32 products of a single AMX row tile (at most 16
+  /// query rows, an MLA decode step's heads; d_v whole 32-column groups) run on AMX too, each
+  /// float operand (Q, P) as the sum of split_parts() bf16 parts: a float times a bf16 is the sum
+  /// of three exact bf16 products, so the products stay exact and the sums float, at three tile
+  /// products per K or V tile loaded instead of 16 FMAs per float vector (docs/math.md).
   enum class pair_engine { none, dot, amx };
   static pair_engine engine_of(const problem& pb) {
-    return engine_for(pb.kv, pb.streaming, pb.bf16_products);
+    return engine_for(pb.kv, pb.streaming, pb.bf16_products,
+                      pb.q.extent(0) * (pb.q.extent(1) / pb.kv.kv_heads()));
   }
-  /// engine_of for a view, the call's tile strategy and its products.
-  static pair_engine engine_for(const kv_view<S>& kv, bool streaming, bool bf16_products) {
-    if (!std::same_as<S, bf16> || !bf16_products || streaming) return pair_engine::none;
+  /// engine_of for a view, the call's tile strategy and products, and its query rows per KV head.
+  static pair_engine engine_for(const kv_view<S>& kv, bool streaming, bool bf16_products,
+                                std::int64_t rows) {
+    if (!std::same_as<S, bf16> || streaming) return pair_engine::none;
     const std::int64_t dqk = kv.head_dim(), dv = kv.v_head_dim();
+    if (!bf16_products)
+      return detail::bf16_amx_available() && rows <= 16 && dqk % 32 == 0 && dv % 32 == 0
+                 ? pair_engine::amx
+                 : pair_engine::none;
     if (detail::bf16_amx_available() && dqk % 32 == 0 && dv % 16 == 0) return pair_engine::amx;
     if (detail::bf16_dot_available() && dqk % 2 == 0) return pair_engine::dot;
     return pair_engine::none;
@@ -179,6 +191,12 @@ class gqa_products {
            detail::bf16_dot_available() && pb.kv.head_dim() % 32 == 0;
   }
 
+  /// bf16 parts per float operand of the tile products: 3 for f32 products on AMX (engine_for),
+  /// else 1 (bf16 products round Q and P to bf16).
+  static int split_parts(const problem& pb) {
+    return !pb.bf16_products && engine_of(pb) == pair_engine::amx ? 3 : 1;
+  }
+
   gqa_products(const problem& pb, const attention_plan& pl, float* f) : pb_(pb), pl_(pl) {
     const std::int64_t m = round16(pl.rows), nb = pl.block, dqk = pb.kv.head_dim(),
                        dv = pb.kv.v_head_dim();
@@ -187,22 +205,24 @@ class gqa_products {
       k_rows_ = rows, k_ahead_ = rows + nb, v_rows_ = rows + 2 * nb, v_ahead_ = rows + 3 * nb;
       f += 4 * nb * pointer_floats;
     }
-    q_ = f, f += m * dqk;    // [m][d_qk], or Q^T [d_qk][m], or Q^T's pairs [d_qk / 2][m16]
+    q_ = f, f += m * dqk * parts_;  // [m][d_qk], or Q^T [d_qk][m], or Q^T's pairs [d_qk / 2][m16]
+                                    // per part
     s_ = f, f += m * nb;     // scores / probabilities: [m][block], or [nb][m(16)] transposed
     kf_ = f, f += nb * dqk;  // a block of K widened to float, or gathered as bf16 (paged AMX)
     vf_ = f, f += nb * dv;   // a block of V widened to float, or its pairs [nb32 / 2][d_v]
     cached_heads_.fill(-1);
     if (pairs_ == pair_engine::none) return;
     // P^T's pairs [nb / 2][m], or P's [m16][nb32 / 2], or (amx_pv_rows) its halves [2][nb16][16]
+    // per part
     pp_ = reinterpret_cast<std::uint32_t*>(f);
-    f += std::max(m * (nb / 2 + 16), 32 * round16(nb));
+    f += parts_ * std::max(m * (nb / 2 + 16), 32 * round16(nb));
     cache_ = reinterpret_cast<std::uint32_t*>(f);  // [cached blocks][nb / 2][d_v]
   }
 
   std::span<const std::int64_t> positions() const { return pb_.kv.positions(); }
   /// The GEMM tiles' P V rounds the probabilities to bf16 (pair_accumulate), so the softmax
   /// computes them by the coarse exponential (docs/math.md).
-  bool rounds_probabilities() const { return pairs_ != pair_engine::none; }
+  bool rounds_probabilities() const { return pairs_ != pair_engine::none && parts_ == 1; }
   /// Key blocks may span page runs: scores and accumulate walk a block's runs themselves.
   std::int64_t run_end(std::int64_t /*t*/) const { return pb_.kv.size(); }
 
@@ -528,9 +548,11 @@ class gqa_products {
     if (amx_rows()) {  // the value rows in place (an MLA's: the key groups' leading columns)
       if (!pb_.kv.values_in_keys())
         key_groups(pb_.kv.values(), j, b0, nb, reinterpret_cast<S*>(vf_), v_groups_);
-      pack_probability_halves(p.data, p.key_stride, nb, pp_);
+      const std::int64_t part_stride = 32 * round16(nb);
+      for (int part = 0; part < parts_; ++part)
+        pack_probability_halves(p.data, p.key_stride, nb, pp_ + part * part_stride, part);
       amx_pv_rows(m_, dv, pp_, pb_.kv.values_in_keys() ? k_groups_ : v_groups_, acc, dv, &pf_,
-                  pf_steps_);
+                  pf_steps_, parts_, part_stride);
       return;
     }
     const std::uint32_t* vp = value_pairs(j, b0, nb);
@@ -600,7 +622,7 @@ class gqa_products {
     pf_steps_ = static_cast<int>((lines + products - 1) / products);
     key_groups(pb_.kv.keys(), j, b0, nb, reinterpret_cast<S*>(kf_), k_groups_);
     amx_group_scores(k_groups_, dqk, reinterpret_cast<const std::uint32_t*>(q_), s_, &pf_,
-                     pf_steps_);
+                     pf_steps_, parts_, dqk / 2 * q_cols());
     return {s_, 1, 16};
   }
   /// rows[i] = the query row r0 + i (i < n <= 16) of tile (t0, j), contiguous: strided columns
@@ -617,15 +639,18 @@ class gqa_products {
       rows[i] = src;
     }
   }
-  /// Q^T as bf16 pairs of adjacent columns [d_qk / 2][q_cols()]; the AMX tiles' padding columns 0.
+  /// Q^T as bf16 pairs of adjacent columns [d_qk / 2][q_cols()] per part (split_parts); the AMX
+  /// tiles' padding columns 0.
   void load_query_pairs(std::int64_t t0, std::int64_t j) {
     const std::int64_t dqk = pb_.kv.head_dim();
+    auto* qp = reinterpret_cast<std::uint32_t*>(q_);
     for (std::int64_t r0 = 0; r0 < q_cols(); r0 += 16) {
       const std::int64_t n = std::clamp<std::int64_t>(m_ - r0, 0, 16);
       const float* rows[16];
       query_rows(t0, j, r0, n, rows);
-      pack_query_pairs(rows, n, dqk / 2, pb_.scale, std::min<std::int64_t>(16, q_cols() - r0),
-                       reinterpret_cast<std::uint32_t*>(q_) + r0, q_cols());
+      for (int part = 0; part < parts_; ++part)
+        pack_query_pairs(rows, n, dqk / 2, pb_.scale, std::min<std::int64_t>(16, q_cols() - r0),
+                         qp + part * (dqk / 2 * q_cols()) + r0, q_cols(), part);
     }
   }
 
@@ -653,6 +678,7 @@ class gqa_products {
   const bool vector_gemm_ = simd_vector_target();
   const std::int64_t pair_group_ = std::same_as<S, bf16> && pb_.streaming ? bf16_pair_group() : 0;
   const pair_engine pairs_ = engine_of(pb_);  // bf16 products (product_math::bf16)
+  const int parts_ = split_parts(pb_);        // bf16 parts per float operand of pairs_
   const std::int64_t cached_blocks_ = cached_blocks(pb_, pl_);
   const bool stream_pairs_ = streams_pairs(pb_);  // bf16 products on the streaming path
   // ... and their P V on pairs (stream_pair_pv) where d_v is whole 32-column groups

@@ -134,10 +134,13 @@ inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_
 
 /// A row tile's scores against 16-key groups, S^T[t][r] = sum_d K[t][d] Q[r][d] for t < k.keys:
 /// A tiles the groups' key rows in place, B = Q^T's pairs qp [depth / 2][16] words, C = s
-/// [k.keys][16]. The last group (keys % 16 rows) runs under its own tile configuration, so no
-/// row past k.keys is read. pf (optional): stepped pf_steps times per 32 of depth.
+/// [k.keys][16]; with parts > 1, Q is the sum of `parts` such B operands part_stride words apart
+/// (bf16_residual's parts), each multiplied into the same C tiles by the A tiles loaded once. The
+/// last group (keys % 16 rows) runs under its own tile configuration, so no row past k.keys is
+/// read. pf (optional): stepped pf_steps times per 32 of depth.
 inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const std::uint32_t* qp,
-                             float* s, range_prefetcher* pf, int pf_steps) {
+                             float* s, range_prefetcher* pf, int pf_steps, int parts,
+                             std::int64_t part_stride) {
   const int full = static_cast<int>(k.keys / 16), groups = static_cast<int>((k.keys + 15) / 16);
   amx_memory_barrier();
   if (full > 0) amx_configure();
@@ -150,9 +153,11 @@ inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const 
     for (std::int64_t d = 0; d < depth; d += 32) {
       _tile_loadd(4, k.base[g] + d, k.stride[g] * 2);
       if (two) _tile_loadd(5, k.base[g + 1] + d, k.stride[g + 1] * 2);
-      _tile_loadd(6, qp + d / 2 * 16, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      if (two) _tile_dpbf16ps(2, 5, 6);
+      for (int p = 0; p < parts; ++p) {
+        _tile_loadd(6, qp + p * part_stride + d / 2 * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two) _tile_dpbf16ps(2, 5, 6);
+      }
       amx_prefetch(pf, pf_steps);
     }
     _tile_stored(0, s + g * 256, 64);
@@ -164,14 +169,15 @@ inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const 
 
 /// P's rows for amx_pv_rows from the column tile x[t] = src + t * ld (t < keys; later keys 0):
 /// per 16 keys k0, [2][16][16] words at halves + k0 * 32: row r's (bf16(x[k0 + i][r]), 0) for
-/// i < 16, then the same with the probability in the high half.
+/// i < 16, then the same with the probability in the high half; of bf16_residual's `part` of
+/// the probability where part > 0.
 inline void pack_probability_halves(const float* src, std::int64_t ld, std::int64_t keys,
-                                    std::uint32_t* halves) {
+                                    std::uint32_t* halves, int part = 0) {
   for (std::int64_t k0 = 0; k0 < keys; k0 += 16) {
     __m512i w[16];  // w[i]: key k0 + i's probabilities of rows 0 .. 15
     for (int i = 0; i < 16; ++i)
-      w[i] =
-          k0 + i < keys ? bf16_bits(_mm512_loadu_ps(src + (k0 + i) * ld)) : _mm512_setzero_si512();
+      w[i] = k0 + i < keys ? bf16_bits(bf16_residual(_mm512_loadu_ps(src + (k0 + i) * ld), part))
+                           : _mm512_setzero_si512();
     V::transpose_words(w);
     std::uint32_t* dst = halves + k0 * 32;
     for (int r = 0; r < 16; ++r) {
@@ -184,7 +190,7 @@ inline void pack_probability_halves(const float* src, std::int64_t ld, std::int6
 /// One pass of amx_pv_rows over the value groups [g0, g1) (the configured B rows each).
 inline void amx_pv_pass(std::int64_t dv, int g0, int g1, const std::uint32_t* halves,
                         const amx_key_groups& v, float* acc, std::int64_t ldacc,
-                        range_prefetcher* pf, int pf_steps) {
+                        range_prefetcher* pf, int pf_steps, int parts, std::int64_t part_stride) {
   const std::int64_t cs = ldacc * 4;
   for (std::int64_t c0 = 0; c0 < dv; c0 += 64) {
     const bool two = c0 + 64 <= dv;  // two 32-column groups, or the last single one
@@ -196,17 +202,20 @@ inline void amx_pv_pass(std::int64_t dv, int g0, int g1, const std::uint32_t* ha
       _tile_loadd(3, c + 48, cs);
     }
     for (int g = g0; g < g1; ++g) {
-      _tile_loadd(4, halves + g * 512, 64);        // (p, 0): the even columns
-      _tile_loadd(5, halves + g * 512 + 256, 64);  // (0, p): the odd columns
       const bf16* vr = v.base[g] + c0;
       const std::int64_t vs = v.stride[g] * 2;
       _tile_loadd(6, vr, vs);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 5, 6);
-      if (two) {
-        _tile_loadd(7, vr + 32, vs);
-        _tile_dpbf16ps(2, 4, 7);
-        _tile_dpbf16ps(3, 5, 7);
+      if (two) _tile_loadd(7, vr + 32, vs);
+      for (int p = 0; p < parts; ++p) {  // the value rows loaded once for every part of P
+        const std::uint32_t* h = halves + p * part_stride + g * 512;
+        _tile_loadd(4, h, 64);        // (p, 0): the even columns
+        _tile_loadd(5, h + 256, 64);  // (0, p): the odd columns
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (two) {
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
       }
       amx_prefetch(pf, pf_steps);
     }
@@ -227,21 +236,22 @@ inline void amx_pv_pass(std::int64_t dv, int g0, int g1, const std::uint32_t* ha
 /// holds each group as its 16 even columns, then its 16 odd ones (permute_pairs' order, group
 /// 32). Half the products are zeros; a single row tile saves the pairing of V's rows by key,
 /// which costs it more than its products. The last group (keys % 16 rows) runs under its own
-/// tile configuration, so no row past v.keys is read. pf (optional): stepped per group and 64
-/// columns.
+/// tile configuration, so no row past v.keys is read. With parts > 1, P is the sum of `parts`
+/// such halves part_stride words apart (bf16_residual's parts). pf (optional): stepped per group
+/// and 64 columns.
 inline void amx_pv_rows(std::int64_t rows, std::int64_t dv, const std::uint32_t* halves,
                         const amx_key_groups& v, float* acc, std::int64_t ldacc,
-                        range_prefetcher* pf, int pf_steps) {
+                        range_prefetcher* pf, int pf_steps, int parts, std::int64_t part_stride) {
   const int full = static_cast<int>(v.keys / 16), r = static_cast<int>(rows);
   amx_memory_barrier();
   if (full > 0) {
     amx_configure(r, 64, 16);
-    amx_pv_pass(dv, 0, full, halves, v, acc, ldacc, pf, pf_steps);
+    amx_pv_pass(dv, 0, full, halves, v, acc, ldacc, pf, pf_steps, parts, part_stride);
   }
   if (v.keys > 16 * full) {
     const int n = static_cast<int>(v.keys - 16 * full);
     amx_configure(r, 4 * n, n);
-    amx_pv_pass(dv, full, full + 1, halves, v, acc, ldacc, pf, pf_steps);
+    amx_pv_pass(dv, full, full + 1, halves, v, acc, ldacc, pf, pf_steps, parts, part_stride);
   }
   amx_memory_barrier();  // the C tiles stored before the caller reads them
   _tile_release();

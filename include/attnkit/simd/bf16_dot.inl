@@ -24,11 +24,23 @@ inline __m512i bf16_bits(const float* p, __mmask16 m) {
   return bf16_bits(_mm512_maskz_loadu_ps(m, p));
 }
 
+/// x less its first `part` roundings to bf16: part 0 is x, part 1 x - bf16(x), part 2 part 1 less
+/// its own rounding. Each difference is exact, and the three parts rounded to bf16 sum to x (8
+/// significant bits each cover a float's 24), so three bf16 products of a float and a bf16 are
+/// its float product exactly: f32 products on AMX tiles (gqa_products::split_parts).
+inline __m512 bf16_residual(__m512 x, int part) {
+  for (int i = 0; i < part; ++i)
+    x = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(x), 16)));
+  return x;
+}
+
 /// Q^T as pairs: dst[k * ld + r] = (bf16(scale x_r[2k]), bf16(scale x_r[2k + 1])) for the rows
 /// x_r = rows[r], r < n <= 16 (rows n .. width - 1 written as 0), k < pairs; `width` <= 16 words
-/// stored per k. Each 16-row block is converted row by row and transposed in registers.
+/// stored per k; of bf16_residual's `part` of scale x_r where part > 0. Each 16-row block is
+/// converted row by row and transposed in registers.
 inline void pack_query_pairs(const float* const* rows, std::int64_t n, std::int64_t pairs,
-                             float scale, std::int64_t width, std::uint32_t* dst, std::int64_t ld) {
+                             float scale, std::int64_t width, std::uint32_t* dst, std::int64_t ld,
+                             int part = 0) {
   const __m512 vs = _mm512_set1_ps(scale);
   const __mmask16 store = V::first(width);
   for (std::int64_t k0 = 0; k0 < pairs; k0 += 16) {
@@ -40,8 +52,10 @@ inline void pack_query_pairs(const float* const* rows, std::int64_t n, std::int6
         continue;
       }
       const float* x = rows[r] + 2 * k0;
-      const __m512 lo = _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(V::first(cols), x));
-      const __m512 hi = _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(V::first(cols - 16), x + 16));
+      const __m512 lo =
+          bf16_residual(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(V::first(cols), x)), part);
+      const __m512 hi = bf16_residual(
+          _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(V::first(cols - 16), x + 16)), part);
       w[r] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
     }
     V::transpose_words(w);

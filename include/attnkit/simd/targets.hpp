@@ -596,12 +596,15 @@ inline void pack_row_pairs_of(Row&& row, std::int64_t n, std::int64_t cols, std:
 
 /// Q^T as bf16 pairs: dst[k * ld + r] = (bf16(scale x_r[2k]), bf16(scale x_r[2k + 1])) for the
 /// rows x_r = rows[r], r < n <= 16, k < pairs; rows n .. width - 1 (width <= 16) stored as 0.
+/// part > 0: of what the first `part` roundings of scale x_r to bf16 leave (bf16_residual), so
+/// parts 0, 1, 2 sum to scale x_r exactly.
 inline void pack_query_pairs(const float* const* rows, std::int64_t n, std::int64_t pairs,
-                             float scale, std::int64_t width, std::uint32_t* dst, std::int64_t ld) {
+                             float scale, std::int64_t width, std::uint32_t* dst, std::int64_t ld,
+                             int part = 0) {
 #if ATTNKIT_AVX512_TARGET
-  simd_avx512_bf16::pack_query_pairs(rows, n, pairs, scale, width, dst, ld);
+  simd_avx512_bf16::pack_query_pairs(rows, n, pairs, scale, width, dst, ld, part);
 #else
-  (void)rows, (void)n, (void)pairs, (void)scale, (void)width, (void)dst, (void)ld;
+  (void)rows, (void)n, (void)pairs, (void)scale, (void)width, (void)dst, (void)ld, (void)part;
   std::abort();  // unreachable: bf16_products_available() is false
 #endif
 }
@@ -669,40 +672,45 @@ inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, c
 }
 
 /// AMX: a row tile's scores S^T [k.keys][16] against 16-key groups k (in place), B = Q^T's pairs
-/// [depth / 2][16] words; depth a multiple of 32. pf (optional): stepped pf_steps times per 32 of
-/// depth.
+/// [depth / 2][16] words, or the sum of `parts` such (pack_query_pairs' parts) part_stride words
+/// apart; depth a multiple of 32. pf (optional): stepped pf_steps times per 32 of depth.
 inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const std::uint32_t* qp,
-                             float* s, range_prefetcher* pf, int pf_steps) {
+                             float* s, range_prefetcher* pf, int pf_steps, int parts = 1,
+                             std::int64_t part_stride = 0) {
 #if ATTNKIT_AVX512_TARGET
-  simd_amx::amx_group_scores(k, depth, qp, s, pf, pf_steps);
+  simd_amx::amx_group_scores(k, depth, qp, s, pf, pf_steps, parts, part_stride);
 #else
-  (void)k, (void)depth, (void)qp, (void)s, (void)pf, (void)pf_steps;
+  (void)k, (void)depth, (void)qp, (void)s, (void)pf, (void)pf_steps, (void)parts, (void)part_stride;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
 
 /// AMX: a row tile's probabilities for amx_pv_rows, [keys rounded up to 16 / 16][2][16][16]
-/// words, from the column tile x[t] = src + t * ld (t < keys, 16 rows each).
+/// words, from the column tile x[t] = src + t * ld (t < keys, 16 rows each); part > 0: of its
+/// bf16_residual part, as pack_query_pairs.
 inline void pack_probability_halves(const float* src, std::int64_t ld, std::int64_t keys,
-                                    std::uint32_t* halves) {
+                                    std::uint32_t* halves, int part = 0) {
 #if ATTNKIT_AVX512_TARGET
-  simd_amx::pack_probability_halves(src, ld, keys, halves);
+  simd_amx::pack_probability_halves(src, ld, keys, halves, part);
 #else
-  (void)src, (void)ld, (void)keys, (void)halves;
+  (void)src, (void)ld, (void)keys, (void)halves, (void)part;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
 
 /// AMX: O[rows][dv] += P V for rows <= 16 with the value rows of 16-key groups v read in place;
 /// O's 32-column groups held as even columns, then odd (permute_pairs, group 32); dv a multiple
-/// of 32. pf (optional): stepped pf_steps times per group and 64 columns.
+/// of 32; P the sum of `parts` halves part_stride words apart. pf (optional): stepped pf_steps
+/// times per group and 64 columns.
 inline void amx_pv_rows(std::int64_t rows, std::int64_t dv, const std::uint32_t* halves,
                         const amx_key_groups& v, float* acc, std::int64_t ldacc,
-                        range_prefetcher* pf, int pf_steps) {
+                        range_prefetcher* pf, int pf_steps, int parts = 1,
+                        std::int64_t part_stride = 0) {
 #if ATTNKIT_AVX512_TARGET
-  simd_amx::amx_pv_rows(rows, dv, halves, v, acc, ldacc, pf, pf_steps);
+  simd_amx::amx_pv_rows(rows, dv, halves, v, acc, ldacc, pf, pf_steps, parts, part_stride);
 #else
-  (void)rows, (void)dv, (void)halves, (void)v, (void)acc, (void)ldacc, (void)pf, (void)pf_steps;
+  (void)rows, (void)dv, (void)halves, (void)v, (void)acc, (void)ldacc, (void)pf, (void)pf_steps,
+      (void)parts, (void)part_stride;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
