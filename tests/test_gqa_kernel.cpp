@@ -688,17 +688,20 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "f32 products on a single AMX row tile: each float operand as three bf16 parts, to float "
-    "round-off; key remainders, a last single value group, key splits",
+    "f32 products on AMX tiles: each float operand as three bf16 parts, to float round-off: "
+    "single row tiles and GEMM tiles, key remainders, value widths, key splits",
     "[gqa][mla][bf16][amx]") {
   using products = detail::gqa_products<bf16>;
   std::mt19937_64 rng(89);
-  // 16, 12 and 1 rows; d_v 96 ends in one 32-column group; 7 keys are fewer than a tile's 16,
-  // 300 end in 12 after whole blocks. The float tolerance is the f32 path's: a single bf16 part
-  // (bf16 products) misses it by orders of magnitude.
-  for (const auto& [dqk, dv] : {std::pair{64, 64}, {128, 96}, {576, 512}})
-    for (const auto& [heads, kv_heads, tq] : {std::tuple{16, 1, 1}, {4, 1, 3}, {3, 3, 1}})
-      for (const std::int64_t tk : {7, 300}) {
+  // 16, 12 and 1 rows: a single row tile (d_v 96 ends in one 32-column group; 48 is no multiple
+  // of 32, so its values are paired for the GEMM tiles); 80 rows: GEMM tiles. 40 keys end in a
+  // partial 16-key tile, 300 in a partial block; 7 stay on FMAs (fewer than split_min_keys). The
+  // float tolerance is the f32 path's: two parts miss it, a single one (bf16 products) by orders
+  // of magnitude.
+  for (const auto& [dqk, dv] : {std::pair{64, 64}, {128, 96}, {64, 48}, {576, 512}})
+    for (const auto& [heads, kv_heads, tq] :
+         {std::tuple{16, 1, 1}, {4, 1, 3}, {3, 3, 1}, {32, 2, 5}})
+      for (const std::int64_t tk : {7, 40, 300}) {
         const gqa_case c{.heads = heads,
                          .kv_heads = kv_heads,
                          .head_dim = dqk,
@@ -707,10 +710,10 @@ TEST_CASE(
                          .tq = tq,
                          .strategy = tile_strategy::gemm};
         const std::vector<std::int64_t> pos(static_cast<std::size_t>(tk));
-        const std::vector<bf16> rows(static_cast<std::size_t>(tk * kv_heads * dqk));
+        const std::vector<bf16> rows(static_cast<std::size_t>(tk * dqk));
         const auto view = kv_view<bf16>::latent(rows.data(), dqk, dv, dqk, pos);
-        CHECK((products::engine_for(view, false, false, tq * heads / kv_heads) ==
-               products::pair_engine::amx) == detail::bf16_amx_available());
+        CHECK((products::engine_for(view, false, false) == products::pair_engine::amx) ==
+              (detail::bf16_amx_available() && tk >= products::split_min_keys));
         INFO(describe(c) << " AMX: " << detail::bf16_amx_available());
         check_against_reference<bf16>(c, rng);
         check_against_reference<bf16>(c, rng, thread_pool(2));

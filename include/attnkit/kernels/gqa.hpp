@@ -116,9 +116,8 @@ class gqa_products {
                                   bool streaming, bool bf16_products, bool keys_only = false) {
     const bool merged = merges_heads(tq, kv, streaming, keys_only);
     const std::int64_t groups = merged ? 1 : kv.kv_heads();
-    const bool amx_row_tile =
-        engine_for(kv, streaming, bf16_products, tq * (h / groups)) == pair_engine::amx &&
-        tq * (h / groups) <= 16 && kv.v_head_dim() % 32 == 0;
+    const bool amx_row_tile = engine_for(kv, streaming, bf16_products) == pair_engine::amx &&
+                              tq * (h / groups) <= 16 && kv.v_head_dim() % 32 == 0;
     std::int64_t block = 128;
     if (merged)
       block = 32;
@@ -156,28 +155,26 @@ class gqa_products {
                      cache_bytes / (2 * pl.block * pb.kv.v_head_dim())});
   }
   static constexpr std::int64_t max_cached_blocks = 32, cache_bytes = std::int64_t{1} << 20;
-  /// What runs the GEMM tiles' bf16 products (product_math::bf16) on a bf16 cache: AMX tiles
-  /// (whole 32-column query tiles and 16-column value tiles), vdpbf16ps (whole pairs of query
-  /// columns), or nothing (f32 products). f32 products of a single AMX row tile (at most 16
-  /// query rows, an MLA decode step's heads; d_v whole 32-column groups) run on AMX too, each
-  /// float operand (Q, P) as the sum of split_parts() bf16 parts: a float times a bf16 is the sum
-  /// of three exact bf16 products, so the products stay exact and the sums float, at three tile
-  /// products per K or V tile loaded instead of 16 FMAs per float vector (docs/math.md).
+  /// What runs the GEMM tiles' products on a bf16 cache: AMX tiles (whole 32-column query tiles
+  /// and 16-column value tiles), vdpbf16ps (bf16 products only: whole pairs of query columns), or
+  /// nothing (f32 FMAs). With f32 products the AMX tiles take each float operand (Q, P) as the
+  /// sum of split_parts() bf16 parts: a float times a bf16 is the sum of three exact bf16
+  /// products, so the products stay exact and the sums float (docs/math.md); over fewer than
+  /// split_min_keys keys, where packing three parts costs more than the FMAs they save, f32
+  /// products stay on FMAs.
   enum class pair_engine { none, dot, amx };
+  static constexpr std::int64_t split_min_keys = 32;
   static pair_engine engine_of(const problem& pb) {
-    return engine_for(pb.kv, pb.streaming, pb.bf16_products,
-                      pb.q.extent(0) * (pb.q.extent(1) / pb.kv.kv_heads()));
+    return engine_for(pb.kv, pb.streaming, pb.bf16_products);
   }
-  /// engine_of for a view, the call's tile strategy and products, and its query rows per KV head.
-  static pair_engine engine_for(const kv_view<S>& kv, bool streaming, bool bf16_products,
-                                std::int64_t rows) {
+  /// engine_of for a view, the call's tile strategy and its products.
+  static pair_engine engine_for(const kv_view<S>& kv, bool streaming, bool bf16_products) {
     if (!std::same_as<S, bf16> || streaming) return pair_engine::none;
     const std::int64_t dqk = kv.head_dim(), dv = kv.v_head_dim();
-    if (!bf16_products)
-      return detail::bf16_amx_available() && rows <= 16 && dqk % 32 == 0 && dv % 32 == 0
-                 ? pair_engine::amx
-                 : pair_engine::none;
-    if (detail::bf16_amx_available() && dqk % 32 == 0 && dv % 16 == 0) return pair_engine::amx;
+    if (detail::bf16_amx_available() && dqk % 32 == 0 && dv % 16 == 0 &&
+        (bf16_products || kv.size() >= split_min_keys))
+      return pair_engine::amx;
+    if (!bf16_products) return pair_engine::none;
     if (detail::bf16_dot_available() && dqk % 2 == 0) return pair_engine::dot;
     return pair_engine::none;
   }
@@ -220,8 +217,9 @@ class gqa_products {
   }
 
   std::span<const std::int64_t> positions() const { return pb_.kv.positions(); }
-  /// The GEMM tiles' P V rounds the probabilities to bf16 (pair_accumulate), so the softmax
-  /// computes them by the coarse exponential (docs/math.md).
+  /// The GEMM tiles' P V with bf16 products rounds the probabilities to bf16 (pair_accumulate),
+  /// so the softmax computes them by the coarse exponential (docs/math.md); split into parts
+  /// (f32 products) they keep the full one.
   bool rounds_probabilities() const { return pairs_ != pair_engine::none && parts_ == 1; }
   /// Key blocks may span page runs: scores and accumulate walk a block's runs themselves.
   std::int64_t run_end(std::int64_t /*t*/) const { return pb_.kv.size(); }
@@ -533,7 +531,7 @@ class gqa_products {
         k = gather_rows(pb_.kv.keys(), j, b0, nb, reinterpret_cast<S*>(kf_));
         k_stride = dqk;
       }
-      amx_gemm<false>(nb, q_cols(), dqk, k, k_stride, qp, q_cols(), s_, q_cols());
+      amx_gemm<false>(nb, q_cols(), dqk, k, k_stride, qp, q_cols(), s_, q_cols(), query_parts());
       return {s_, 1, q_cols()};
     }
     for_each_run(b0, nb, [&](std::int64_t t, std::int64_t n) {
@@ -552,14 +550,17 @@ class gqa_products {
       for (int part = 0; part < parts_; ++part)
         pack_probability_halves(p.data, p.key_stride, nb, pp_ + part * part_stride, part);
       amx_pv_rows(m_, dv, pp_, pb_.kv.values_in_keys() ? k_groups_ : v_groups_, acc, dv, &pf_,
-                  pf_steps_, parts_, part_stride);
+                  pf_steps_, {parts_, part_stride, 0});
       return;
     }
     const std::uint32_t* vp = value_pairs(j, b0, nb);
     if (pairs_ == pair_engine::amx) {  // keys padded with zeros to whole 32-key tiles
-      const std::int64_t nb32 = (nb + 31) / 32 * 32;
-      pack_pairs_transposed(p.data, p.key_stride, nb, q_cols(), nb32 / 2, pp_, nb32 / 2);
-      amx_gemm<true>(m_, dv, nb32, reinterpret_cast<const bf16*>(pp_), nb32, vp, dv, acc, dv);
+      const std::int64_t nb32 = (nb + 31) / 32 * 32, part_words = q_cols() * nb32 / 2;
+      for (int part = 0; part < parts_; ++part)
+        pack_pairs_transposed(p.data, p.key_stride, nb, q_cols(), nb32 / 2, pp_ + part * part_words,
+                              nb32 / 2, part);
+      amx_gemm<true>(m_, dv, nb32, reinterpret_cast<const bf16*>(pp_), nb32, vp, dv, acc, dv,
+                     {parts_, 2 * part_words, 0});
       return;
     }
     pack_row_pairs_of<float>([&](std::int64_t t) { return p.data + t * p.key_stride; }, nb, m_, pp_,
@@ -622,7 +623,7 @@ class gqa_products {
     pf_steps_ = static_cast<int>((lines + products - 1) / products);
     key_groups(pb_.kv.keys(), j, b0, nb, reinterpret_cast<S*>(kf_), k_groups_);
     amx_group_scores(k_groups_, dqk, reinterpret_cast<const std::uint32_t*>(q_), s_, &pf_,
-                     pf_steps_, parts_, dqk / 2 * q_cols());
+                     pf_steps_, query_parts());
     return {s_, 1, 16};
   }
   /// rows[i] = the query row r0 + i (i < n <= 16) of tile (t0, j), contiguous: strided columns
@@ -639,6 +640,8 @@ class gqa_products {
       rows[i] = src;
     }
   }
+  /// The parts of Q^T's pairs (load_query_pairs) as the B operand of AMX tile products.
+  amx_parts query_parts() const { return {parts_, 0, pb_.kv.head_dim() / 2 * q_cols()}; }
   /// Q^T as bf16 pairs of adjacent columns [d_qk / 2][q_cols()] per part (split_parts); the AMX
   /// tiles' padding columns 0.
   void load_query_pairs(std::int64_t t0, std::int64_t j) {

@@ -36,11 +36,12 @@ inline void amx_prefetch(range_prefetcher* pf, int steps) {
 }
 
 /// An R x C block of 16 x 16 C tiles (R, C in {1, 2}) over `depth` (a multiple of 32): A rows at
-/// a + i * a_stride (bf16 elements), B pair rows at b + k * ldb (words), C rows at c + i * ldc.
+/// a + i * a_stride (bf16 elements), B pair rows at b + k * ldb (words), C rows at c + i * ldc;
+/// each of the parts' A or B operands (amx_parts) multiplied in at every step of depth.
 template <int R, int C>
 inline void amx_block(const bf16* a, std::int64_t a_stride, const std::uint32_t* b,
                       std::int64_t ldb, float* c, std::int64_t ldc, std::int64_t depth,
-                      bool accumulate) {
+                      bool accumulate, const amx_parts& parts) {
   const std::int64_t as = a_stride * 2, bs = ldb * 4, cs = ldc * 4;
   amx_memory_barrier();
   if (accumulate) {
@@ -54,16 +55,23 @@ inline void amx_block(const bf16* a, std::int64_t a_stride, const std::uint32_t*
     if constexpr (R > 1) _tile_zero(2);
     if constexpr (R > 1 && C > 1) _tile_zero(3);
   }
-  for (std::int64_t k = 0; k < depth; k += 32) {
-    _tile_loadd(4, a + k, as);
-    if constexpr (R > 1) _tile_loadd(5, a + 16 * a_stride + k, as);
-    _tile_loadd(6, b + k / 2 * ldb, bs);
-    if constexpr (C > 1) _tile_loadd(7, b + k / 2 * ldb + 16, bs);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (C > 1) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (R > 1) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (R > 1 && C > 1) _tile_dpbf16ps(3, 5, 7);
-  }
+  for (std::int64_t k = 0; k < depth; k += 32)
+    for (int p = 0; p < parts.n; ++p) {
+      if (p == 0 || parts.a_stride != 0) {
+        const bf16* ap = a + p * parts.a_stride + k;
+        _tile_loadd(4, ap, as);
+        if constexpr (R > 1) _tile_loadd(5, ap + 16 * a_stride, as);
+      }
+      if (p == 0 || parts.b_stride != 0) {
+        const std::uint32_t* bp = b + p * parts.b_stride + k / 2 * ldb;
+        _tile_loadd(6, bp, bs);
+        if constexpr (C > 1) _tile_loadd(7, bp + 16, bs);
+      }
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (C > 1) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (R > 1) _tile_dpbf16ps(2, 5, 6);
+      if constexpr (R > 1 && C > 1) _tile_dpbf16ps(3, 5, 7);
+    }
   _tile_stored(0, c, cs);
   if constexpr (C > 1) _tile_stored(1, c + 16, cs);
   if constexpr (R > 1) _tile_stored(2, c + 16 * ldc, cs);
@@ -75,36 +83,36 @@ inline void amx_block(const bf16* a, std::int64_t a_stride, const std::uint32_t*
 template <int R>
 inline void amx_row_tiles(std::int64_t cols, std::int64_t depth, const bf16* a,
                           std::int64_t a_stride, const std::uint32_t* b, std::int64_t ldb, float* c,
-                          std::int64_t ldc, bool accumulate) {
+                          std::int64_t ldc, bool accumulate, const amx_parts& parts) {
   std::int64_t j0 = 0;
   for (; j0 + 32 <= cols; j0 += 32)
-    amx_block<R, 2>(a, a_stride, b + j0, ldb, c + j0, ldc, depth, accumulate);
-  if (j0 < cols) amx_block<R, 1>(a, a_stride, b + j0, ldb, c + j0, ldc, depth, accumulate);
+    amx_block<R, 2>(a, a_stride, b + j0, ldb, c + j0, ldc, depth, accumulate, parts);
+  if (j0 < cols) amx_block<R, 1>(a, a_stride, b + j0, ldb, c + j0, ldc, depth, accumulate, parts);
 }
 
 /// C[rows][cols] (+)= A B on tiles: A rows of `depth` bf16 at a + i * a_stride (i < rows), B pair
 /// rows b + k * ldb (k < depth / 2), C rows c + i * ldc. cols a multiple of 16, depth of 32. The
 /// last rows (rows % 16) run under a configuration of that many rows, so no row past `rows` is
-/// read or written.
+/// read or written. A or B as several parts: amx_parts.
 template <bool Accumulate>
 inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, const bf16* a,
                      std::int64_t a_stride, const std::uint32_t* b, std::int64_t ldb, float* c,
-                     std::int64_t ldc) {
+                     std::int64_t ldc, const amx_parts& parts) {
   const std::int64_t full = rows / 16 * 16;
   if (full > 0) amx_configure();
   std::int64_t i0 = 0;
   for (; i0 + 32 <= full; i0 += 32)
     amx_row_tiles<2>(cols, depth, a + i0 * a_stride, a_stride, b, ldb, c + i0 * ldc, ldc,
-                     Accumulate);
+                     Accumulate, parts);
   if (i0 < full) {
     amx_row_tiles<1>(cols, depth, a + i0 * a_stride, a_stride, b, ldb, c + i0 * ldc, ldc,
-                     Accumulate);
+                     Accumulate, parts);
     i0 += 16;
   }
   if (i0 < rows) {
     amx_configure(static_cast<int>(rows - i0));
     amx_row_tiles<1>(cols, depth, a + i0 * a_stride, a_stride, b, ldb, c + i0 * ldc, ldc,
-                     Accumulate);
+                     Accumulate, parts);
   }
   amx_memory_barrier();  // the C tiles stored before the caller reads them
   _tile_release();
@@ -112,19 +120,21 @@ inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, c
 
 /// dst[r * dst_stride + k] = (x[2k][r], x[2k + 1][r]) as bf16 pairs (the AMX A operand of O += P V
 /// from the column tile P^T) for the float rows x[t] = src + t * ld: t < keys (later keys are 0),
-/// r < rows (a multiple of 16), k < pairs (a multiple of 16).
+/// r < rows (a multiple of 16), k < pairs (a multiple of 16); of x's bf16_residual `part`.
 inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_t keys,
                                   std::int64_t rows, std::int64_t pairs, std::uint32_t* dst,
-                                  std::int64_t dst_stride) {
+                                  std::int64_t dst_stride, int part) {
   for (std::int64_t r0 = 0; r0 < rows; r0 += 16)
     for (std::int64_t k0 = 0; k0 < pairs; k0 += 16) {
       __m512i w[16];  // w[i]: the pairs k0 + i of rows r0 .. r0 + 15
       for (int i = 0; i < 16; ++i) {
         const std::int64_t t = 2 * (k0 + i);
-        const __m512i lo =
-            t < keys ? bf16_bits(_mm512_loadu_ps(src + t * ld + r0)) : _mm512_setzero_si512();
-        const __m512i hi = t + 1 < keys ? bf16_bits(_mm512_loadu_ps(src + (t + 1) * ld + r0))
-                                        : _mm512_setzero_si512();
+        const __m512i lo = t < keys
+                               ? bf16_bits(bf16_residual(_mm512_loadu_ps(src + t * ld + r0), part))
+                               : _mm512_setzero_si512();
+        const __m512i hi =
+            t + 1 < keys ? bf16_bits(bf16_residual(_mm512_loadu_ps(src + (t + 1) * ld + r0), part))
+                         : _mm512_setzero_si512();
         w[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
       }
       V::transpose_words(w);
@@ -134,13 +144,11 @@ inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_
 
 /// A row tile's scores against 16-key groups, S^T[t][r] = sum_d K[t][d] Q[r][d] for t < k.keys:
 /// A tiles the groups' key rows in place, B = Q^T's pairs qp [depth / 2][16] words, C = s
-/// [k.keys][16]; with parts > 1, Q is the sum of `parts` such B operands part_stride words apart
-/// (bf16_residual's parts), each multiplied into the same C tiles by the A tiles loaded once. The
-/// last group (keys % 16 rows) runs under its own tile configuration, so no row past k.keys is
-/// read. pf (optional): stepped pf_steps times per 32 of depth.
+/// [k.keys][16]; Q^T as parts.n such B operands (parts.b_stride words apart) multiplied by the A
+/// tiles loaded once. The last group (keys % 16 rows) runs under its own tile configuration, so
+/// no row past k.keys is read. pf (optional): stepped pf_steps times per 32 of depth.
 inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const std::uint32_t* qp,
-                             float* s, range_prefetcher* pf, int pf_steps, int parts,
-                             std::int64_t part_stride) {
+                             float* s, range_prefetcher* pf, int pf_steps, const amx_parts& parts) {
   const int full = static_cast<int>(k.keys / 16), groups = static_cast<int>((k.keys + 15) / 16);
   amx_memory_barrier();
   if (full > 0) amx_configure();
@@ -153,8 +161,8 @@ inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const 
     for (std::int64_t d = 0; d < depth; d += 32) {
       _tile_loadd(4, k.base[g] + d, k.stride[g] * 2);
       if (two) _tile_loadd(5, k.base[g + 1] + d, k.stride[g + 1] * 2);
-      for (int p = 0; p < parts; ++p) {
-        _tile_loadd(6, qp + p * part_stride + d / 2 * 16, 64);
+      for (int p = 0; p < parts.n; ++p) {
+        _tile_loadd(6, qp + p * parts.b_stride + d / 2 * 16, 64);
         _tile_dpbf16ps(0, 4, 6);
         if (two) _tile_dpbf16ps(2, 5, 6);
       }
@@ -190,7 +198,7 @@ inline void pack_probability_halves(const float* src, std::int64_t ld, std::int6
 /// One pass of amx_pv_rows over the value groups [g0, g1) (the configured B rows each).
 inline void amx_pv_pass(std::int64_t dv, int g0, int g1, const std::uint32_t* halves,
                         const amx_key_groups& v, float* acc, std::int64_t ldacc,
-                        range_prefetcher* pf, int pf_steps, int parts, std::int64_t part_stride) {
+                        range_prefetcher* pf, int pf_steps, const amx_parts& parts) {
   const std::int64_t cs = ldacc * 4;
   for (std::int64_t c0 = 0; c0 < dv; c0 += 64) {
     const bool two = c0 + 64 <= dv;  // two 32-column groups, or the last single one
@@ -206,8 +214,8 @@ inline void amx_pv_pass(std::int64_t dv, int g0, int g1, const std::uint32_t* ha
       const std::int64_t vs = v.stride[g] * 2;
       _tile_loadd(6, vr, vs);
       if (two) _tile_loadd(7, vr + 32, vs);
-      for (int p = 0; p < parts; ++p) {  // the value rows loaded once for every part of P
-        const std::uint32_t* h = halves + p * part_stride + g * 512;
+      for (int p = 0; p < parts.n; ++p) {  // the value rows loaded once for every part of P
+        const std::uint32_t* h = halves + p * parts.a_stride + g * 512;
         _tile_loadd(4, h, 64);        // (p, 0): the even columns
         _tile_loadd(5, h + 256, 64);  // (0, p): the odd columns
         _tile_dpbf16ps(0, 4, 6);
@@ -236,22 +244,22 @@ inline void amx_pv_pass(std::int64_t dv, int g0, int g1, const std::uint32_t* ha
 /// holds each group as its 16 even columns, then its 16 odd ones (permute_pairs' order, group
 /// 32). Half the products are zeros; a single row tile saves the pairing of V's rows by key,
 /// which costs it more than its products. The last group (keys % 16 rows) runs under its own
-/// tile configuration, so no row past v.keys is read. With parts > 1, P is the sum of `parts`
-/// such halves part_stride words apart (bf16_residual's parts). pf (optional): stepped per group
-/// and 64 columns.
+/// tile configuration, so no row past v.keys is read. P as parts.n such halves (parts.a_stride
+/// words apart) against the value tiles loaded once. pf (optional): stepped per group and 64
+/// columns.
 inline void amx_pv_rows(std::int64_t rows, std::int64_t dv, const std::uint32_t* halves,
                         const amx_key_groups& v, float* acc, std::int64_t ldacc,
-                        range_prefetcher* pf, int pf_steps, int parts, std::int64_t part_stride) {
+                        range_prefetcher* pf, int pf_steps, const amx_parts& parts) {
   const int full = static_cast<int>(v.keys / 16), r = static_cast<int>(rows);
   amx_memory_barrier();
   if (full > 0) {
     amx_configure(r, 64, 16);
-    amx_pv_pass(dv, 0, full, halves, v, acc, ldacc, pf, pf_steps, parts, part_stride);
+    amx_pv_pass(dv, 0, full, halves, v, acc, ldacc, pf, pf_steps, parts);
   }
   if (v.keys > 16 * full) {
     const int n = static_cast<int>(v.keys - 16 * full);
     amx_configure(r, 4 * n, n);
-    amx_pv_pass(dv, full, full + 1, halves, v, acc, ldacc, pf, pf_steps, parts, part_stride);
+    amx_pv_pass(dv, full, full + 1, halves, v, acc, ldacc, pf, pf_steps, parts);
   }
   amx_memory_barrier();  // the C tiles stored before the caller reads them
   _tile_release();

@@ -159,6 +159,15 @@ struct amx_key_groups {
   std::int64_t keys = 0;
 };
 
+/// One float operand of AMX tile products as n bf16 parts (f32 products on AMX:
+/// gqa_products::split_parts): the A operand repeats a_stride of its elements apart, or the B
+/// operand b_stride of its elements apart, the other loaded once for all the parts (stride 0);
+/// every part is multiplied into the same C tiles.
+struct amx_parts {
+  int n = 1;
+  std::int64_t a_stride = 0, b_stride = 0;
+};
+
 /// A prefetch stream (see no_prefetch) over the byte ranges a kernel's next key block will read:
 /// step() issues the current range's next cache line, or (once per range) moves to the next
 /// range, which the Ranges object given to start() yields through `next(begin, end)` until it
@@ -661,26 +670,26 @@ inline void stream_pair_pv(const float* p, std::int64_t p_stride, std::int64_t r
 template <bool Accumulate>
 inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, const bf16* a,
                      std::int64_t a_stride, const std::uint32_t* b, std::int64_t ldb, float* c,
-                     std::int64_t ldc) {
+                     std::int64_t ldc, const amx_parts& parts = {}) {
 #if ATTNKIT_AVX512_TARGET
-  simd_amx::amx_gemm<Accumulate>(rows, cols, depth, a, a_stride, b, ldb, c, ldc);
+  simd_amx::amx_gemm<Accumulate>(rows, cols, depth, a, a_stride, b, ldb, c, ldc, parts);
 #else
   (void)rows, (void)cols, (void)depth, (void)a, (void)a_stride, (void)b, (void)ldb, (void)c,
-      (void)ldc;
+      (void)ldc, (void)parts;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
 
 /// AMX: a row tile's scores S^T [k.keys][16] against 16-key groups k (in place), B = Q^T's pairs
-/// [depth / 2][16] words, or the sum of `parts` such (pack_query_pairs' parts) part_stride words
-/// apart; depth a multiple of 32. pf (optional): stepped pf_steps times per 32 of depth.
+/// [depth / 2][16] words, or the sum of parts.n such (parts.b_stride words apart); depth a
+/// multiple of 32. pf (optional): stepped pf_steps times per 32 of depth.
 inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const std::uint32_t* qp,
-                             float* s, range_prefetcher* pf, int pf_steps, int parts = 1,
-                             std::int64_t part_stride = 0) {
+                             float* s, range_prefetcher* pf, int pf_steps,
+                             const amx_parts& parts = {}) {
 #if ATTNKIT_AVX512_TARGET
-  simd_amx::amx_group_scores(k, depth, qp, s, pf, pf_steps, parts, part_stride);
+  simd_amx::amx_group_scores(k, depth, qp, s, pf, pf_steps, parts);
 #else
-  (void)k, (void)depth, (void)qp, (void)s, (void)pf, (void)pf_steps, (void)parts, (void)part_stride;
+  (void)k, (void)depth, (void)qp, (void)s, (void)pf, (void)pf_steps, (void)parts;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
@@ -700,31 +709,30 @@ inline void pack_probability_halves(const float* src, std::int64_t ld, std::int6
 
 /// AMX: O[rows][dv] += P V for rows <= 16 with the value rows of 16-key groups v read in place;
 /// O's 32-column groups held as even columns, then odd (permute_pairs, group 32); dv a multiple
-/// of 32; P the sum of `parts` halves part_stride words apart. pf (optional): stepped pf_steps
-/// times per group and 64 columns.
+/// of 32; P the sum of parts.n halves (parts.a_stride words apart). pf (optional): stepped
+/// pf_steps times per group and 64 columns.
 inline void amx_pv_rows(std::int64_t rows, std::int64_t dv, const std::uint32_t* halves,
                         const amx_key_groups& v, float* acc, std::int64_t ldacc,
-                        range_prefetcher* pf, int pf_steps, int parts = 1,
-                        std::int64_t part_stride = 0) {
+                        range_prefetcher* pf, int pf_steps, const amx_parts& parts = {}) {
 #if ATTNKIT_AVX512_TARGET
-  simd_amx::amx_pv_rows(rows, dv, halves, v, acc, ldacc, pf, pf_steps, parts, part_stride);
+  simd_amx::amx_pv_rows(rows, dv, halves, v, acc, ldacc, pf, pf_steps, parts);
 #else
   (void)rows, (void)dv, (void)halves, (void)v, (void)acc, (void)ldacc, (void)pf, (void)pf_steps,
-      (void)parts, (void)part_stride;
+      (void)parts;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
 
 /// AMX: P's rows as bf16 pairs of keys, dst[r * dst_stride + k] = (x[2k][r], x[2k + 1][r]), from
 /// the column tile x[t] = src + t * ld (t < keys; later keys 0), r < rows, k < pairs (both
-/// multiples of 16).
+/// multiples of 16); part > 0: of x's bf16_residual part, as pack_query_pairs.
 inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_t keys,
                                   std::int64_t rows, std::int64_t pairs, std::uint32_t* dst,
-                                  std::int64_t dst_stride) {
+                                  std::int64_t dst_stride, int part = 0) {
 #if ATTNKIT_AVX512_TARGET
-  simd_amx::pack_pairs_transposed(src, ld, keys, rows, pairs, dst, dst_stride);
+  simd_amx::pack_pairs_transposed(src, ld, keys, rows, pairs, dst, dst_stride, part);
 #else
-  (void)src, (void)ld, (void)keys, (void)rows, (void)pairs, (void)dst, (void)dst_stride;
+  (void)src, (void)ld, (void)keys, (void)rows, (void)pairs, (void)dst, (void)dst_stride, (void)part;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
