@@ -19,9 +19,10 @@ enum class tile_strategy { automatic, streaming, gemm };
 /// The arithmetic of the products over bf16 caches.
 ///   f32   the cache's bf16 values widened exactly; queries and probabilities stay float: the
 ///         result carries float round-off only. On AMX CPUs the GEMM tiles (prefill, absorbed
-///         MLA decode; d_qk a multiple of 32, d_v of 16) run on AMX tiles with each float operand
-///         as the exact sum of three bf16 parts, so the products stay exact (docs/math.md, "f32
-///         products on AMX tiles").
+///         MLA decode; d_qk a multiple of 32, d_v of 16) and TPA's D dots and value GEMM run on
+///         AMX tiles with each float operand as the exact sum of three bf16 parts, so the
+///         products stay exact (docs/math.md, "f32 products on AMX tiles"); views of 32 keys or
+///         more.
 ///   bf16  the scaled queries and the probabilities are rounded to bf16 as well (relative error
 ///         <= 2^-8 each; what oneDNN and PyTorch's CPU flash attention do with bf16 inputs), so
 ///         the GEMM tiles (prefill, absorbed MLA with many heads) run on the CPU's bf16 dot

@@ -85,32 +85,46 @@ class tpa_products {
     const std::int64_t h = p.kv.heads;
     return {p.a_q.extent(0), 1, h, p.kv.size(), p.kv.v_head_dim, h, block};
   }
-  /// What runs the value GEMM of product_math::bf16 on a bf16 cache: the value weights rounded
-  /// to bf16 and B_V's rows as stored, both as bf16 pairs along the depth (s, v), on AMX tiles
-  /// (d_v whole 16-column tiles) or vdpbf16ps; else (none) the f32 GEMM.
+  /// What runs the value GEMM on a bf16 cache: the value weights rounded to bf16 (bf16
+  /// products) and B_V's rows as stored, both as bf16 pairs along the depth (s, v), on AMX tiles
+  /// (d_v whole 16-column tiles) or vdpbf16ps; with f32 products on AMX, over at least
+  /// split_min_keys tokens and for heads in whole 16-row tiles, the weights as three exact bf16
+  /// parts (split_parts, as gqa_products); else (none) the f32 GEMM.
   enum class pair_engine { none, dot, amx };
+  static constexpr std::int64_t split_min_keys = 32;
   static pair_engine engine_of(const problem& p) {
-    if (!std::same_as<S, bf16> || !p.bf16_products) return pair_engine::none;
-    if (detail::bf16_amx_available() && p.kv.v_head_dim % 16 == 0) return pair_engine::amx;
+    if (!std::same_as<S, bf16>) return pair_engine::none;
+    // Three parts of a partial 16-row tile of heads cost three whole tiles: f32 products take the
+    // value GEMM to AMX where the heads fill whole tiles (T6-small's 34 were slower there).
+    if (on_amx(p) && p.kv.v_head_dim % 16 == 0 && (p.bf16_products || p.kv.heads % 16 == 0))
+      return pair_engine::amx;
+    if (!p.bf16_products) return pair_engine::none;
     if (detail::bf16_dot_available()) return pair_engine::dot;
     return pair_engine::none;
   }
-  /// product_math::bf16 on AMX with d whole 32-column tiles: D on tiles too, D^T = B_K B_Q^T with
-  /// B_Q rounded to bf16 (its pairs [d / 2][R_Q rounded up to 16]) and B_K's rows as stored.
+  /// On AMX with d whole 32-column tiles: D on tiles too, D^T = B_K B_Q^T with B_Q as bf16 pairs
+  /// [d / 2][R_Q rounded up to 16] (rounded, or per part) and B_K's rows as stored.
   static bool dots_on_tiles(const problem& p) {
-    return std::same_as<S, bf16> && p.bf16_products && detail::bf16_amx_available() &&
-           p.kv.head_dim % 32 == 0;
+    return std::same_as<S, bf16> && on_amx(p) && p.kv.head_dim % 32 == 0;
+  }
+  /// bf16 parts per float operand of the tile products: 3 for f32 products, 1 for bf16 products.
+  static int split_parts(const problem& p) { return p.bf16_products ? 1 : 3; }
+  /// The tile products run on AMX: bf16 products, or f32 ones over at least split_min_keys
+  /// tokens (fewer: packing three parts costs more than the FMAs they save).
+  static bool on_amx(const problem& p) {
+    return detail::bf16_amx_available() && (p.bf16_products || p.kv.size() >= split_min_keys);
   }
   static std::size_t scratch_floats(const problem& p, const attention_plan& pl) {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, dv = p.kv.v_head_dim, nb = pl.block;
     const std::int64_t rk = p.kv.k_rank, rv = p.kv.v_rank, hp = p.hp;
     // The pairs' depth padded to whole 32s (AMX tiles).
     const std::int64_t depth = (nb * rv + 31) / 32 * 32;
+    const std::int64_t parts = split_parts(p);
     const std::int64_t pairs = engine_of(p) == pair_engine::none
                                    ? 0
-                                   : 2 * nb * rv * pointer_floats + depth / 2 * (hp + dv);
+                                   : 2 * nb * rv * pointer_floats + depth / 2 * (parts * hp + dv);
     const std::int64_t dots =
-        dots_on_tiles(p) ? nb * rk * round16(rq) + d / 2 * round16(rq) : rq * nb * rk;
+        dots_on_tiles(p) ? nb * rk * round16(rq) + parts * d / 2 * round16(rq) : rq * nb * rk;
     return static_cast<std::size_t>(rq * hp + rq * d + dots + nb * hp + hp + nb * rv * hp +
                                     nb * rv * dv + pairs);
   }
@@ -130,7 +144,7 @@ class tpa_products {
     f += dots_tiles_ ? nb * rk * round16(rq) : rq * nb * rk;
     if (dots_tiles_) {
       bq_pairs_ = reinterpret_cast<std::uint32_t*>(f);  // B_Q^T's pairs [d / 2][round16(R_Q)]
-      f += d / 2 * round16(rq);
+      f += parts_ * d / 2 * round16(rq);                // per part
     }
     st_ = f, f += nb * hp;         // scores [s][hp]
     bmax_ = f, f += hp;            // the block's max per head
@@ -138,9 +152,9 @@ class tpa_products {
     bv_ = f, f += nb * rv * dv;    // a block of B_V widened to float [(s, v)][d_v]
     if (pairs_ != pair_engine::none) {
       const std::int64_t depth_pairs = (nb * rv + 31) / 32 * 16;
-      // dot: [depth pairs][hp]; amx: the A rows [hp][depth pairs]
+      // dot: [depth pairs][hp]; amx: the A rows [hp][depth pairs] per part
       w_pairs_ = reinterpret_cast<std::uint32_t*>(f);
-      bv_pairs_ = w_pairs_ + depth_pairs * hp;  // [depth pairs][d_v]
+      bv_pairs_ = w_pairs_ + parts_ * depth_pairs * hp;  // [depth pairs][d_v]
     }
   }
 
@@ -160,7 +174,9 @@ class tpa_products {
         const float* rows[16];
         const std::int64_t n = std::min<std::int64_t>(16, rq - r0);
         for (std::int64_t i = 0; i < n; ++i) rows[i] = bq_ + (r0 + i) * d;
-        pack_query_pairs(rows, n, d / 2, 1.f, 16, bq_pairs_ + r0, round16(rq));
+        for (int part = 0; part < parts_; ++part)
+          pack_query_pairs(rows, n, d / 2, 1.f, 16, bq_pairs_ + part * (d / 2 * round16(rq)) + r0,
+                           round16(rq), part);
       }
   }
 
@@ -223,7 +239,8 @@ class tpa_products {
   void tile_dots(const S* bk, std::int64_t keys) {
     if constexpr (std::same_as<S, bf16>) {
       const std::int64_t qc = round16(p_.a_q.extent(1));
-      amx_gemm<false>(keys, qc, p_.kv.head_dim, bk, p_.kv.head_dim, bq_pairs_, qc, dots_, qc);
+      amx_gemm<false>(keys, qc, p_.kv.head_dim, bk, p_.kv.head_dim, bq_pairs_, qc, dots_, qc,
+                      {parts_, 0, p_.kv.head_dim / 2 * qc});
     }
   }
   /// O += W B_V on bf16 pairs (W rounded; B_V's rows as stored), natural column order.
@@ -236,10 +253,12 @@ class tpa_products {
       // A = W's rows [hp][padded depth] as pairs, from its column form; B's pairs past the depth
       // are zeros (0 x whatever lies there could be a NaN).
       const std::int64_t padded = (depth + 31) / 32 * 32, stored = (depth + 1) / 2;
-      pack_pairs_transposed(wt_, hp, depth, hp, padded / 2, w_pairs_, padded / 2);
+      for (int part = 0; part < parts_; ++part)
+        pack_pairs_transposed(wt_, hp, depth, hp, padded / 2, w_pairs_ + part * hp * padded / 2,
+                              padded / 2, part);
       std::fill(bv_pairs_ + stored * dv, bv_pairs_ + padded / 2 * dv, 0u);
       return amx_gemm<true>(h, dv, padded, reinterpret_cast<const bf16*>(w_pairs_), padded,
-                            bv_pairs_, dv, acc, dv);
+                            bv_pairs_, dv, acc, dv, {parts_, hp * padded, 0});
     }
     for (std::int64_t k = 0; k < depth; ++k) w_rows_[k] = wt_ + k * hp;
     pack_row_pairs(w_rows_, depth, h, w_pairs_, hp);  // rows past h are not read
@@ -265,6 +284,7 @@ class tpa_products {
   static constexpr std::int64_t pointer_floats = sizeof(const S*) / sizeof(float);
   const pair_engine pairs_ = engine_of(p_);
   const bool dots_tiles_ = dots_on_tiles(p_);
+  const int parts_ = split_parts(p_);
   float *aq_, *bq_, *dots_, *st_, *bmax_, *wt_, *bv_;
   const float** w_rows_ = nullptr;  // pairs_: the value weights' rows, B_V's rows
   const S** bv_rows_ = nullptr;
