@@ -720,6 +720,53 @@ TEST_CASE(
       }
 }
 
+TEST_CASE(
+    "f32 products on AMX tiles: an infinite key or value gives the FMA path's answer (inf or "
+    "NaN where it has them)",
+    "[gqa][bf16][amx]") {
+  // A part of 0 (or of the other sign) times an infinite key or value is NaN where the float
+  // product is +-inf: such calls run again on FMAs (splits_products), here checked against the
+  // avx2 target's FMAs on the same data.
+  if (!detail::bf16_amx_available() || !cpu_supports(simd_target::avx2)) {
+    SUCCEED("no AMX engine on this CPU (the f32 products stay on FMAs)");
+    return;
+  }
+  std::mt19937_64 rng(97);
+  for (const bool in_values : {false, true})
+    for (const auto& [heads, tq] : {std::pair{16, 1}, {8, 5}}) {
+      const gqa_case c{.heads = heads,
+                       .kv_heads = 1,
+                       .head_dim = 64,
+                       .v_head_dim = 64,
+                       .tk = 300,
+                       .tq = tq,
+                       .strategy = tile_strategy::gemm};
+      gqa_data x = make_gqa_data(rng, c);
+      fmat& planted = in_values ? x.v : x.k;
+      planted(123, 7) = std::numeric_limits<float>::infinity();
+      planted(200, 9) = -std::numeric_limits<float>::infinity();
+      const fmat tiles = run_kernel<bf16>(c, x);
+      const simd_target before = active_target();
+      set_target(simd_target::avx2);
+      const fmat fmas = run_kernel<bf16>(c, x);
+      set_target(before);
+      INFO(describe(c) << " infinities in the " << (in_values ? "values" : "keys"));
+      std::int64_t non_finite = 0;
+      for (std::int64_t i = 0; i < fmas.size(); ++i) {
+        const float want = fmas.data()[i], got = tiles.data()[i];
+        if (std::isnan(want)) {
+          CHECK(std::isnan(got));
+        } else if (std::isinf(want)) {
+          CHECK(got == want);
+        } else {
+          CHECK(std::abs(got - want) <= 1e-5f * (1 + std::abs(want)));
+        }
+        non_finite += !std::isfinite(want);
+      }
+      CHECK(non_finite > 0);  // the infinities reach the output
+    }
+}
+
 TEMPLATE_TEST_CASE(
     "narrow tiles (16 rows or fewer) read the cache in place: scores in column form, row and "
     "column remainders, GQA values and absorbed MLA values from the latent rows",

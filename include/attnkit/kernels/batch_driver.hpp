@@ -260,6 +260,13 @@ void run_attention_batch(const batch_plan& bp, SequenceOf&& sequence, Exec& exec
                    pair);
     }
   });
+  // A sequence on bf16 parts whose outputs are not all finite runs again on FMAs, alone.
+  if constexpr (requires(const typename Variant::problem& pb) { pb.split_products; })
+    for (std::int64_t s = 0; s < n; ++s) {
+      const batch_sequence<Variant, Mask> e = sequence(s);
+      if (splits_products<Variant>(e.pb) && outputs_non_finite(e.call))
+        run_attention<Variant>(on_fmas(e.pb), e.call, exec, &ws);
+    }
 }
 
 /// Sequence s of a batch: its query rows [q_indptr[s], q_indptr[s + 1]).

@@ -38,6 +38,7 @@
 // materialised form): the masked logits are stored during the run and become exp(s - lse) once
 // every row's LSE is known.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <concepts>
 #include <cstdint>
@@ -487,11 +488,59 @@ void normalise_weights(const attention_call<Mask>& call, Exec& exec) {
   });
 }
 
-/// Plans and runs one attention call of a variant over the executor; the caller has validated
-/// the arguments.
+/// Whether a call of the variant computes f32 products as bf16 parts (split_parts > 1: AMX
+/// tiles). Exact for finite values, they give NaN where an infinite cached element meets a zero
+/// or opposite-signed part and float products give +-inf, so such a call's outputs are checked
+/// and, where not finite, computed again on FMAs (run_attention, run_attention_batch).
+template <class Variant>
+bool splits_products(const typename Variant::problem& pb) {
+  if constexpr (requires {
+                  Variant::split_parts(pb);
+                  pb.split_products;
+                })
+    return pb.split_products && Variant::split_parts(pb) > 1;
+  else
+    return false;
+}
+/// The call's problem with f32 products on FMAs.
+template <class Problem>
+Problem on_fmas(Problem pb) {
+  pb.split_products = false;
+  return pb;
+}
+/// Whether an output or LSE element of the call is NaN or infinite.
+template <class Mask>
+bool outputs_non_finite(const attention_call<Mask>& call) {
+  const tensor3_view<float>& o = call.out;
+  for (std::int64_t t = 0; t < o.extent(0); ++t)
+    for (std::int64_t h = 0; h < o.extent(1); ++h) {
+      if (!call.lse.empty() && !std::isfinite(call.lse(t, h))) return true;
+      for (std::int64_t c = 0; c < o.extent(2); ++c)
+        if (!std::isfinite(o(t, h, c))) return true;
+    }
+  return false;
+}
+
 template <block_products Variant, class Mask, class Exec>
-void run_attention(const typename Variant::problem& pb, const attention_call<Mask>& call_in,
-                   Exec& exec, attention_workspace* ws_in) {
+void run_attention_pass(const typename Variant::problem& pb, const attention_call<Mask>& call_in,
+                        Exec& exec, attention_workspace* ws_in);
+
+/// Plans and runs one attention call of a variant over the executor; the caller has validated
+/// the arguments. A call on bf16 parts whose outputs are not all finite runs again on FMAs
+/// (splits_products).
+template <block_products Variant, class Mask, class Exec>
+void run_attention(const typename Variant::problem& pb, const attention_call<Mask>& call,
+                   Exec& exec, attention_workspace* ws) {
+  run_attention_pass<Variant>(pb, call, exec, ws);
+  if constexpr (requires { pb.split_products; })
+    if (splits_products<Variant>(pb) && outputs_non_finite(call))
+      run_attention_pass<Variant>(on_fmas(pb), call, exec, ws);
+}
+
+/// One pass of run_attention.
+template <block_products Variant, class Mask, class Exec>
+void run_attention_pass(const typename Variant::problem& pb, const attention_call<Mask>& call_in,
+                        Exec& exec, attention_workspace* ws_in) {
   const attention_shape shape = Variant::shape(pb);
   if (shape.q_tokens == 0) return;
   attention_workspace local;

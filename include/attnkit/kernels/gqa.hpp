@@ -72,6 +72,7 @@ struct gqa_problem {
   bool streaming = true;
   bool keys_only = false;  ///< scores only (a follower recomputing them): V is not widened
   bool bf16_products = false;  ///< product_math::bf16 asked for
+  bool split_products = true;  ///< f32 products may run as bf16 parts (engine_for); false: FMAs
 };
 
 /// The rows of KV head j that keys [begin, end) read, as byte ranges (range_prefetcher): the key
@@ -165,14 +166,16 @@ class gqa_products {
   enum class pair_engine { none, dot, amx };
   static constexpr std::int64_t split_min_keys = 32;
   static pair_engine engine_of(const problem& pb) {
-    return engine_for(pb.kv, pb.streaming, pb.bf16_products);
+    return engine_for(pb.kv, pb.streaming, pb.bf16_products, pb.split_products);
   }
-  /// engine_of for a view, the call's tile strategy and its products.
-  static pair_engine engine_for(const kv_view<S>& kv, bool streaming, bool bf16_products) {
+  /// engine_of for a view, the call's tile strategy and its products (splits: f32 products may
+  /// take bf16 parts).
+  static pair_engine engine_for(const kv_view<S>& kv, bool streaming, bool bf16_products,
+                                bool splits = true) {
     if (!std::same_as<S, bf16> || streaming) return pair_engine::none;
     const std::int64_t dqk = kv.head_dim(), dv = kv.v_head_dim();
     if (detail::bf16_amx_available() && dqk % 32 == 0 && dv % 16 == 0 &&
-        (bf16_products || kv.size() >= split_min_keys))
+        (bf16_products || (splits && kv.size() >= split_min_keys)))
       return pair_engine::amx;
     if (!bf16_products) return pair_engine::none;
     if (detail::bf16_dot_available() && dqk % 2 == 0) return pair_engine::dot;

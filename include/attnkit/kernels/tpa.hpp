@@ -74,6 +74,7 @@ struct tpa_problem {
   float score_scale = 1.f;     // softmax scale x k_scale
   std::int64_t hp = 0;         // heads rounded up to 16
   bool bf16_products = false;  // product_math::bf16 asked for
+  bool split_products = true;  // f32 products may run as bf16 parts (on_amx); false: FMAs
 };
 
 template <storage_type S>
@@ -107,12 +108,13 @@ class tpa_products {
   static bool dots_on_tiles(const problem& p) {
     return std::same_as<S, bf16> && on_amx(p) && p.kv.head_dim % 32 == 0;
   }
-  /// bf16 parts per float operand of the tile products: 3 for f32 products, 1 for bf16 products.
-  static int split_parts(const problem& p) { return p.bf16_products ? 1 : 3; }
+  /// bf16 parts per float operand of the tile products: 3 for f32 products on AMX, else 1.
+  static int split_parts(const problem& p) { return !p.bf16_products && on_amx(p) ? 3 : 1; }
   /// The tile products run on AMX: bf16 products, or f32 ones over at least split_min_keys
   /// tokens (fewer: packing three parts costs more than the FMAs they save).
   static bool on_amx(const problem& p) {
-    return detail::bf16_amx_available() && (p.bf16_products || p.kv.size() >= split_min_keys);
+    return detail::bf16_amx_available() &&
+           (p.bf16_products || (p.split_products && p.kv.size() >= split_min_keys));
   }
   static std::size_t scratch_floats(const problem& p, const attention_plan& pl) {
     const std::int64_t rq = p.a_q.extent(1), d = p.kv.head_dim, dv = p.kv.v_head_dim, nb = pl.block;
