@@ -38,8 +38,9 @@ enum class tile_strategy { automatic, streaming, gemm };
 ///         GEMM on AMX tiles (d_v a multiple of 16) or vdpbf16ps; on AMX also its D dots, with
 ///         B_Q rounded (d a multiple of 32).
 ///         A shared-attention follower (attend_shared) over a bf16 value cache takes the donor's
-///         products for its P V: on vdpbf16ps the probabilities rounded to bf16 against the
-///         values as stored (GEMM tiles; the streaming path where d_v is a multiple of 32).
+///         products for its P V: the probabilities rounded to bf16 against the values as
+///         stored, on AMX tiles (GEMM tiles, d_v a multiple of 16) or vdpbf16ps (GEMM tiles;
+///         the streaming path where d_v is a multiple of 32).
 ///         Where the CPU has no such products (bf16_products_available() in core/cpu.hpp), with
 ///         an odd d_qk, and on the streaming path of an AMX CPU it computes as f32. No effect on
 ///         float and f16 caches. The layers take it as their configs' `products` field.

@@ -502,10 +502,11 @@ bool splits_products(const typename Variant::problem& pb) {
   else
     return false;
 }
-/// The call's problem with f32 products on FMAs.
+/// The call's problem with f32 products on FMAs (a follower's: its donor's score products too).
 template <class Problem>
 Problem on_fmas(Problem pb) {
   pb.split_products = false;
+  if constexpr (requires { pb.donor.split_products; }) pb.donor.split_products = false;
   return pb;
 }
 /// Whether an output or LSE element of the call is NaN or infinite.

@@ -82,25 +82,46 @@ auto value_view_of(const X& x) {
 /// acc[rows][d_v] += P[rows][keys] V[keys][d_v] for a follower's KV heads: the streaming
 /// micro-kernel on row tiles (V read in its storage type; bf16 in the target's paired column
 /// order, undone by finish), otherwise a GEMM on V widened to float (the vector target's own
-/// GEMM for any tile layout, Eigen on the scalar target). With bf16 products
-/// (product_math::bf16) on a bf16 value cache where vdpbf16ps runs (bf16_dot_available), the
-/// probabilities are rounded to bf16 and multiplied by the stored values as they are: the
-/// streaming P V on pairs of value rows (stream_pair_pv, d_v whole 32-column groups), or
-/// otherwise the GEMM on P^T and V paired by key (gemm_pairs) that the GQA family's tiles use.
+/// GEMM for any tile layout, Eigen on the scalar target). On a bf16 value cache the GEMM tiles
+/// run on AMX where the CPU has it (bf16_amx_available, d_v whole 16-column tiles, runs of at
+/// least amx_min_rows rows): V paired by key, P's rows rounded to bf16 (product_math::bf16) or,
+/// with f32 products over at least split_min_keys keys, as three exact bf16 parts, as the GQA
+/// family's tiles take them (gqa_products::split_parts). Elsewhere, with bf16 products where
+/// vdpbf16ps runs (bf16_dot_available), the probabilities are rounded to bf16 and multiplied by
+/// the stored values as they are: the streaming P V on pairs of value rows (stream_pair_pv, d_v
+/// whole 32-column groups), or otherwise the GEMM on P^T and V paired by key (gemm_pairs).
 template <storage_type S>
 class value_accumulator {
  public:
-  /// A block of V widened to float (or its key pairs), and P's key pairs for `rows` rows.
+  /// A block of V widened to float (or its key pairs), and P's key pairs for `rows` rows (or
+  /// their bf16 rows per part for the AMX tiles).
   static std::size_t scratch_floats(std::int64_t block, std::int64_t dv, std::int64_t rows) {
-    return static_cast<std::size_t>(block * dv + (block / 2 + 1) * rows);
+    const std::int64_t amx = std::same_as<S, bf16> && bf16_amx_available()
+                                 ? 3 * round16(rows) * (round32(block) / 2)
+                                 : 0;
+    return static_cast<std::size_t>(value_floats(block, dv) +
+                                    std::max((block / 2 + 1) * rows, amx));
   }
-  value_accumulator(const value_view<S>& v, bool streaming, bool bf16_products, std::int64_t block,
-                    float* f)
+  /// bf16 parts of P per AMX tile product: 0 where P V does not run on AMX tiles, 1 for bf16
+  /// products, 3 for f32 products (splits: f32 products may take bf16 parts).
+  static int amx_parts(const value_view<S>& v, bool streaming, bool bf16_products, bool splits) {
+    if (!std::same_as<S, bf16> || streaming || !bf16_amx_available() || v.v_head_dim() % 16 != 0)
+      return 0;
+    if (bf16_products) return 1;
+    return splits && v.size() >= split_min_keys ? 3 : 0;
+  }
+  /// A tile product costs as much for one row as for 16: fewer rows stay on FMAs.
+  static constexpr std::int64_t amx_min_rows = 8;
+  static constexpr std::int64_t split_min_keys = gqa_products<S>::split_min_keys;
+
+  value_accumulator(const value_view<S>& v, bool streaming, bool bf16_products, bool splits,
+                    std::int64_t block, float* f)
       : v_(v),
         streaming_(streaming),
         vf_(f),
-        pp_(reinterpret_cast<std::uint32_t*>(f + block * v.v_head_dim())),
-        pairs_(pairs_of(streaming, bf16_products, v.v_head_dim())) {}
+        pp_(reinterpret_cast<std::uint32_t*>(f + value_floats(block, v.v_head_dim()))),
+        parts_(amx_parts(v, streaming, bf16_products, splits)),
+        pairs_(parts_ > 0 ? pair_math::amx : pairs_of(streaming, bf16_products, v.v_head_dim())) {}
 
   /// Rows [r0, r0 + rows) of the tile p (its keys [b0, b0 + nb)) against KV head j.
   void add(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p, std::int64_t r0,
@@ -119,6 +140,12 @@ class value_accumulator {
       accumulate_pv(pr, p.row_stride, rows, v, vs, nb, dv, acc + r0 * dv, dv);
       return;
     }
+    if constexpr (std::same_as<S, bf16>)
+      if (pairs_ == pair_math::amx && rows >= amx_min_rows &&
+          (p.key_stride == 1 || p.row_stride == 1)) {
+        add_on_tiles(j, b0, nb, p, pr, rows, acc + r0 * dv);
+        return;
+      }
     if constexpr (std::same_as<S, bf16>)
       if (pairs_ == pair_math::gemm) {
         // P^T's and V's rows paired by key: vp [ceil(nb / 2)][d_v]
@@ -172,9 +199,36 @@ class value_accumulator {
   }
 
  private:
-  /// What computes P V with bf16 products: nothing (f32), the streaming kernel on value-row
-  /// pairs, or the GEMM on key pairs.
-  enum class pair_math { none, stream, gemm };
+  /// What computes P V on bf16 pairs: nothing (f32), the streaming kernel on value-row pairs,
+  /// the GEMM on key pairs (vdpbf16ps), or AMX tiles.
+  enum class pair_math { none, stream, gemm, amx };
+  /// vf_: a block of V as float, or its key pairs up to whole 32-key tiles.
+  static std::int64_t value_floats(std::int64_t block, std::int64_t dv) {
+    return std::max(block, round32(block) / 2) * dv;
+  }
+  /// acc[rows][d_v] += P V on AMX tiles: V's rows [b0, b0 + nb) of KV head j paired by key (zero
+  /// up to whole 32-key tiles, once per block), P's rows at pr (a row or a column tile) as bf16
+  /// rows per part, [parts][round16(rows)][nb32].
+  void add_on_tiles(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p,
+                    const float* pr, std::int64_t rows, float* acc) {
+    const std::int64_t dv = v_.v_head_dim(), vs = v_.values().row_stride, nb32 = round32(nb),
+                       part_elems = round16(rows) * nb32;
+    auto* vp = reinterpret_cast<std::uint32_t*>(vf_);
+    if (repack(j, b0, nb, true)) {
+      const S* v = v_.values().row(j, b0);
+      pack_row_pairs_of<S>([&](std::int64_t t) { return v + t * vs; }, nb, dv, vp, dv);
+      std::fill(vp + (nb + 1) / 2 * dv, vp + nb32 / 2 * dv, 0u);
+    }
+    auto* a = reinterpret_cast<bf16*>(pp_);
+    for (int part = 0; part < parts_; ++part) {
+      if (p.key_stride == 1)
+        pack_rows_bf16(pr, p.row_stride, rows, nb, nb32, a + part * part_elems, nb32, part);
+      else
+        pack_pairs_transposed(pr, p.key_stride, nb, rows, nb32 / 2, pp_ + part * part_elems / 2,
+                              nb32 / 2, part);
+    }
+    amx_gemm<true>(rows, dv, nb32, a, nb32, vp, dv, acc, dv, {parts_, part_elems, 0});
+  }
   static pair_math pairs_of(bool streaming, bool bf16_products, std::int64_t dv) {
     if (!std::same_as<S, bf16> || !bf16_products || !bf16_dot_available()) return pair_math::none;
     if (!streaming) return pair_math::gemm;
@@ -212,7 +266,8 @@ class value_accumulator {
   const value_view<S>& v_;
   bool streaming_;
   float* vf_;          // [block][d_v]: a block of V widened to float, or its key pairs
-  std::uint32_t* pp_;  // [block / 2 + 1][rows]: P^T's key pairs
+  std::uint32_t* pp_;  // [block / 2 + 1][rows]: P^T's key pairs, or P's bf16 rows per part
+  int parts_;          // amx_parts
   pair_math pairs_;
   // The block vf_ holds: (j, b0, nb), and whether as pairs. A causal item may end a block
   // early, so a later item's block at the same b0 can hold more keys.
@@ -229,6 +284,7 @@ struct weights_problem {
   value_view<S> v;
   bool streaming = true;
   bool bf16_products = false;  // product_math::bf16
+  bool split_products = true;  // f32 products may run as bf16 parts on AMX tiles; false: FMAs
 };
 
 template <storage_type S>
@@ -245,11 +301,17 @@ class weights_products {
     return static_cast<std::size_t>(pl.rows * pl.block) +
            value_accumulator<S>::scratch_floats(pl.block, pb.v.v_head_dim(), pl.rows);
   }
+  /// bf16 parts per float operand of the tile products (driver.hpp's splits_products).
+  static int split_parts(const problem& pb) {
+    return std::max(1, value_accumulator<S>::amx_parts(pb.v, pb.streaming, pb.bf16_products,
+                                                       pb.split_products));
+  }
   weights_products(const problem& pb, const attention_plan& pl, float* f)
       : pb_(pb),
         pl_(pl),
         tile_(f),
-        values_(pb.v, pb.streaming, pb.bf16_products, pl.block, f + pl.rows * pl.block) {}
+        values_(pb.v, pb.streaming, pb.bf16_products, pb.split_products, pl.block,
+                f + pl.rows * pl.block) {}
 
   std::span<const std::int64_t> positions() const { return pb_.v.positions(); }
   std::int64_t run_end(std::int64_t t) const { return pb_.v.run_end(t); }
@@ -294,6 +356,8 @@ struct follower_problem {
   std::int64_t heads = 0;  // H
   bool streaming = false;  // the donor's tiles are row tiles of its streaming micro-kernels
   bool bf16_products = false;  // product_math::bf16 for the follower's P V too
+  bool split_products = true;  // f32 P V may run as bf16 parts on AMX tiles (the donor's scores
+                               // follow donor.split_products); false: FMAs
 };
 
 template <class Donor, storage_type S>
@@ -309,11 +373,18 @@ class follower_products {
     return Donor::scratch_floats(pb.donor, pl) +
            value_accumulator<S>::scratch_floats(pl.block, pb.v.v_head_dim(), pl.rows);
   }
+  /// bf16 parts per float operand of the donor's score products or the follower's P V, the
+  /// more of the two (driver.hpp's splits_products; on_fmas turns off both).
+  static int split_parts(const problem& pb) {
+    return std::max(
+        Donor::split_parts(pb.donor),
+        value_accumulator<S>::amx_parts(pb.v, pb.streaming, pb.bf16_products, pb.split_products));
+  }
   follower_products(const problem& pb, const attention_plan& pl, float* f)
       : pb_(pb),
         pl_(pl),
         donor_(pb.donor, pl, f),
-        values_(pb.v, pb.streaming, pb.bf16_products, pl.block,
+        values_(pb.v, pb.streaming, pb.bf16_products, pb.split_products, pl.block,
                 f + Donor::scratch_floats(pb.donor, pl)),
         gf_(pb.heads / pb.v.kv_heads()) {}
 
@@ -391,8 +462,8 @@ void run_follower(const char* who, const typename Donor::problem& donor, bool st
 /// h / (H / kv_heads) of `values` (a value_view or a value_cache over the same Tk tokens). The
 /// weights are a donor's normalised attention weights (attention_options::weights); entries equal
 /// to 0 contribute nothing, whatever the value holds. products: product_math::bf16 rounds the
-/// weights to bf16 for the products with a bf16 value cache where vdpbf16ps runs
-/// (core/options.hpp); elsewhere, and by default, f32.
+/// weights to bf16 for the products with a bf16 value cache where the CPU has bf16 products (AMX
+/// tiles, vdpbf16ps; core/options.hpp); elsewhere, and by default, f32.
 template <value_source VS, class Exec = serial_executor>
 void attend_shared(tensor3_view<const float> weights, const VS& values, tensor3_view<float> out,
                    Exec&& exec = Exec{}, attention_workspace* ws = nullptr,
@@ -424,8 +495,8 @@ void attend_shared(tensor3_view<const float> weights, const VS& values, tensor3_
 /// q_positions, donor_options and mask must be that call's (scale, causal, window, soft-cap,
 /// ALiBi, sinks, strategy, products). `values` holds the follower's V over the donor's tokens
 /// (same positions); the follower's P V takes the donor's products (product_math::bf16: the
-/// probabilities rounded to bf16 against a bf16 value cache where vdpbf16ps runs). Memory
-/// O(Tq H): the Tq x Tk weights are never held.
+/// probabilities rounded to bf16 against a bf16 value cache where the CPU has bf16 products).
+/// Memory O(Tq H): the Tq x Tk weights are never held.
 template <class Donor, value_source VS, class Exec = serial_executor,
           mask_predicate Mask = no_mask>
 void attend_shared(const Donor& donor, std::span<const std::int64_t> q_positions,

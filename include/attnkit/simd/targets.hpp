@@ -146,8 +146,9 @@ inline void prefetch_row(const S* row, std::int64_t bytes) {
   } while (b < bytes);
 }
 
-/// n rounded up to whole 16-row (or 16-column) AMX tiles.
+/// n rounded up to whole 16-row (or 16-column) AMX tiles, or to whole 32-deep ones.
 constexpr std::int64_t round16(std::int64_t n) { return (n + 15) / 16 * 16; }
+constexpr std::int64_t round32(std::int64_t n) { return (n + 31) / 32 * 32; }
 
 /// A key block's rows in groups of 16 keys for the AMX kernels of a single row tile: group i's
 /// rows at base[i] + r * stride[i] (bf16 elements; r < 16, in the last group r < keys % 16 when
@@ -724,8 +725,9 @@ inline void amx_pv_rows(std::int64_t rows, std::int64_t dv, const std::uint32_t*
 }
 
 /// AMX: P's rows as bf16 pairs of keys, dst[r * dst_stride + k] = (x[2k][r], x[2k + 1][r]), from
-/// the column tile x[t] = src + t * ld (t < keys; later keys 0), r < rows, k < pairs (both
-/// multiples of 16); part > 0: of x's bf16_residual part, as pack_query_pairs.
+/// the column tile x[t] = src + t * ld (t < keys; later keys 0), r < rows rounded up to 16
+/// (columns past `rows` not read, their rows 0), k < pairs (a multiple of 16); part > 0: of x's
+/// bf16_residual part, as pack_query_pairs.
 inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_t keys,
                                   std::int64_t rows, std::int64_t pairs, std::uint32_t* dst,
                                   std::int64_t dst_stride, int part = 0) {
@@ -733,6 +735,19 @@ inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_
   simd_amx::pack_pairs_transposed(src, ld, keys, rows, pairs, dst, dst_stride, part);
 #else
   (void)src, (void)ld, (void)keys, (void)rows, (void)pairs, (void)dst, (void)dst_stride, (void)part;
+  std::abort();  // unreachable: bf16_amx_available() is false
+#endif
+}
+
+/// AMX: P's rows as bf16, dst[r * dst_stride + c] = bf16(x_r[c]), from the row tile x_r = src +
+/// r * ld, r < rows, c < cols (a multiple of 32; columns from `keys` on 0); part > 0: of x's
+/// bf16_residual part.
+inline void pack_rows_bf16(const float* src, std::int64_t ld, std::int64_t rows, std::int64_t keys,
+                           std::int64_t cols, bf16* dst, std::int64_t dst_stride, int part = 0) {
+#if ATTNKIT_AVX512_TARGET
+  simd_amx::pack_rows_bf16(src, ld, rows, keys, cols, dst, dst_stride, part);
+#else
+  (void)src, (void)ld, (void)rows, (void)keys, (void)cols, (void)dst, (void)dst_stride, (void)part;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
