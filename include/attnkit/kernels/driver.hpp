@@ -513,9 +513,14 @@ Problem on_fmas(Problem pb) {
 template <class Mask>
 bool outputs_non_finite(const attention_call<Mask>& call) {
   const tensor3_view<float>& o = call.out;
+  const bool rows = o.stride(2) == 1;  // a vector scan per output row
   for (std::int64_t t = 0; t < o.extent(0); ++t)
     for (std::int64_t h = 0; h < o.extent(1); ++h) {
       if (!call.lse.empty() && !std::isfinite(call.lse(t, h))) return true;
+      if (rows) {
+        if (any_non_finite(&o(t, h, 0), o.extent(2))) return true;
+        continue;
+      }
       for (std::int64_t c = 0; c < o.extent(2); ++c)
         if (!std::isfinite(o(t, h, c))) return true;
     }

@@ -559,9 +559,8 @@ class gqa_products {
     const std::uint32_t* vp = value_pairs(j, b0, nb);
     if (pairs_ == pair_engine::amx) {  // keys padded with zeros to whole 32-key tiles
       const std::int64_t nb32 = (nb + 31) / 32 * 32, part_words = q_cols() * nb32 / 2;
-      for (int part = 0; part < parts_; ++part)
-        pack_pairs_transposed(p.data, p.key_stride, nb, q_cols(), nb32 / 2, pp_ + part * part_words,
-                              nb32 / 2, part);
+      pack_pairs_transposed(p.data, p.key_stride, nb, q_cols(), nb32 / 2, pp_, nb32 / 2, parts_,
+                            part_words);
       amx_gemm<true>(m_, dv, nb32, reinterpret_cast<const bf16*>(pp_), nb32, vp, dv, acc, dv,
                      {parts_, 2 * part_words, 0});
       return;

@@ -220,13 +220,11 @@ class value_accumulator {
       std::fill(vp + (nb + 1) / 2 * dv, vp + nb32 / 2 * dv, 0u);
     }
     auto* a = reinterpret_cast<bf16*>(pp_);
-    for (int part = 0; part < parts_; ++part) {
-      if (p.key_stride == 1)
-        pack_rows_bf16(pr, p.row_stride, rows, nb, nb32, a + part * part_elems, nb32, part);
-      else
-        pack_pairs_transposed(pr, p.key_stride, nb, rows, nb32 / 2, pp_ + part * part_elems / 2,
-                              nb32 / 2, part);
-    }
+    if (p.key_stride == 1)
+      pack_rows_bf16(pr, p.row_stride, rows, nb, nb32, a, nb32, parts_, part_elems);
+    else
+      pack_pairs_transposed(pr, p.key_stride, nb, rows, nb32 / 2, pp_, nb32 / 2, parts_,
+                            part_elems / 2);
     amx_gemm<true>(rows, dv, nb32, a, nb32, vp, dv, acc, dv, {parts_, part_elems, 0});
   }
   static pair_math pairs_of(bool streaming, bool bf16_products, std::int64_t dv) {

@@ -255,9 +255,8 @@ class tpa_products {
       // A = W's rows [hp][padded depth] as pairs, from its column form; B's pairs past the depth
       // are zeros (0 x whatever lies there could be a NaN).
       const std::int64_t padded = (depth + 31) / 32 * 32, stored = (depth + 1) / 2;
-      for (int part = 0; part < parts_; ++part)
-        pack_pairs_transposed(wt_, hp, depth, hp, padded / 2, w_pairs_ + part * hp * padded / 2,
-                              padded / 2, part);
+      pack_pairs_transposed(wt_, hp, depth, hp, padded / 2, w_pairs_, padded / 2, parts_,
+                            hp * padded / 2);
       std::fill(bv_pairs_ + stored * dv, bv_pairs_ + padded / 2 * dv, 0u);
       return amx_gemm<true>(h, dv, padded, reinterpret_cast<const bf16*>(w_pairs_), padded,
                             bv_pairs_, dv, acc, dv, {parts_, hp * padded, 0});

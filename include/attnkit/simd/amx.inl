@@ -121,42 +121,55 @@ inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, c
 /// dst[r * dst_stride + k] = (x[2k][r], x[2k + 1][r]) as bf16 pairs (the AMX A operand of O += P V
 /// from the column tile P^T) for the float rows x[t] = src + t * ld: t < keys (later keys are 0),
 /// r < rows rounded up to 16 (columns past `rows` are not read: their pairs are 0), k < pairs (a
-/// multiple of 16); of x's bf16_residual `part`.
+/// multiple of 16); bf16_residual's parts 0 .. parts - 1 of x at dst + p * part_stride. Each 16 x
+/// 16 block of even keys and of odd keys is loaded and transposed once, its parts then taken row
+/// by row, each the last one's residual.
 inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_t keys,
                                   std::int64_t rows, std::int64_t pairs, std::uint32_t* dst,
-                                  std::int64_t dst_stride, int part) {
+                                  std::int64_t dst_stride, int parts, std::int64_t part_stride) {
   for (std::int64_t r0 = 0; r0 < rows; r0 += 16)
     for (std::int64_t k0 = 0; k0 < pairs; k0 += 16) {
       const __mmask16 m = V::first(rows - r0);
-      __m512i w[16];  // w[i]: the pairs k0 + i of rows r0 .. r0 + 15
+      // even[i], odd[i]: keys 2 (k0 + i) and 2 (k0 + i) + 1 of rows r0 .. r0 + 15; transposed,
+      // row r0 + i's 16 even and odd keys
+      __m512 even[16], odd[16];
       for (int i = 0; i < 16; ++i) {
         const std::int64_t t = 2 * (k0 + i);
-        const __m512i lo =
-            t < keys ? bf16_bits(bf16_residual(_mm512_maskz_loadu_ps(m, src + t * ld + r0), part))
-                     : _mm512_setzero_si512();
-        const __m512i hi =
-            t + 1 < keys
-                ? bf16_bits(bf16_residual(_mm512_maskz_loadu_ps(m, src + (t + 1) * ld + r0), part))
-                : _mm512_setzero_si512();
-        w[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+        even[i] = t < keys ? _mm512_maskz_loadu_ps(m, src + t * ld + r0) : _mm512_setzero_ps();
+        odd[i] =
+            t + 1 < keys ? _mm512_maskz_loadu_ps(m, src + (t + 1) * ld + r0) : _mm512_setzero_ps();
       }
-      V::transpose_words(w);
-      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + (r0 + r) * dst_stride + k0, w[r]);
+      V::transpose(even);
+      V::transpose(odd);
+      for (int r = 0; r < 16; ++r) {
+        __m512 e = even[r], o = odd[r];
+        std::uint32_t* d = dst + (r0 + r) * dst_stride + k0;
+        for (int p = 0; p < parts; ++p) {
+          const __m512i be = bf16_bits(e), bo = bf16_bits(o);
+          _mm512_storeu_si512(d + p * part_stride, _mm512_or_si512(be, _mm512_slli_epi32(bo, 16)));
+          e = _mm512_sub_ps(e, _mm512_castsi512_ps(_mm512_slli_epi32(be, 16)));
+          o = _mm512_sub_ps(o, _mm512_castsi512_ps(_mm512_slli_epi32(bo, 16)));
+        }
+      }
     }
 }
 
 /// dst[r * dst_stride + c] = bf16(x_r[c]) (the AMX A operand of O += P V from the row tile P)
 /// for the float rows x_r = src + r * ld, r < rows, c < cols (a multiple of 32; columns from
-/// `keys` on are 0); of x's bf16_residual `part`.
+/// `keys` on are 0); x's bf16_residual parts 0 .. parts - 1 at dst + p * part_stride.
 inline void pack_rows_bf16(const float* src, std::int64_t ld, std::int64_t rows, std::int64_t keys,
-                           std::int64_t cols, bf16* dst, std::int64_t dst_stride, int part) {
+                           std::int64_t cols, bf16* dst, std::int64_t dst_stride, int parts,
+                           std::int64_t part_stride) {
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t c = 0; c < cols; c += 32) {
       const float* x = src + r * ld + c;
-      const __m512 lo = bf16_residual(_mm512_maskz_loadu_ps(V::first(keys - c), x), part);
-      const __m512 hi = bf16_residual(_mm512_maskz_loadu_ps(V::first(keys - c - 16), x + 16), part);
-      _mm512_storeu_si512(dst + r * dst_stride + c,
-                          reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      __m512 lo = _mm512_maskz_loadu_ps(V::first(keys - c), x);
+      __m512 hi = _mm512_maskz_loadu_ps(V::first(keys - c - 16), x + 16);
+      for (int p = 0; p < parts; ++p) {
+        _mm512_storeu_si512(dst + p * part_stride + r * dst_stride + c,
+                            reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+        lo = bf16_residual(lo, 1), hi = bf16_residual(hi, 1);
+      }
     }
 }
 

@@ -726,28 +726,32 @@ inline void amx_pv_rows(std::int64_t rows, std::int64_t dv, const std::uint32_t*
 
 /// AMX: P's rows as bf16 pairs of keys, dst[r * dst_stride + k] = (x[2k][r], x[2k + 1][r]), from
 /// the column tile x[t] = src + t * ld (t < keys; later keys 0), r < rows rounded up to 16
-/// (columns past `rows` not read, their rows 0), k < pairs (a multiple of 16); part > 0: of x's
-/// bf16_residual part, as pack_query_pairs.
+/// (columns past `rows` not read, their rows 0), k < pairs (a multiple of 16); x's
+/// bf16_residual parts 0 .. parts - 1 at dst + p * part_stride (words), as pack_query_pairs'.
 inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_t keys,
                                   std::int64_t rows, std::int64_t pairs, std::uint32_t* dst,
-                                  std::int64_t dst_stride, int part = 0) {
+                                  std::int64_t dst_stride, int parts = 1,
+                                  std::int64_t part_stride = 0) {
 #if ATTNKIT_AVX512_TARGET
-  simd_amx::pack_pairs_transposed(src, ld, keys, rows, pairs, dst, dst_stride, part);
+  simd_amx::pack_pairs_transposed(src, ld, keys, rows, pairs, dst, dst_stride, parts, part_stride);
 #else
-  (void)src, (void)ld, (void)keys, (void)rows, (void)pairs, (void)dst, (void)dst_stride, (void)part;
+  (void)src, (void)ld, (void)keys, (void)rows, (void)pairs, (void)dst, (void)dst_stride,
+      (void)parts, (void)part_stride;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
 
 /// AMX: P's rows as bf16, dst[r * dst_stride + c] = bf16(x_r[c]), from the row tile x_r = src +
-/// r * ld, r < rows, c < cols (a multiple of 32; columns from `keys` on 0); part > 0: of x's
-/// bf16_residual part.
+/// r * ld, r < rows, c < cols (a multiple of 32; columns from `keys` on 0); x's bf16_residual
+/// parts 0 .. parts - 1 at dst + p * part_stride (bf16 elements).
 inline void pack_rows_bf16(const float* src, std::int64_t ld, std::int64_t rows, std::int64_t keys,
-                           std::int64_t cols, bf16* dst, std::int64_t dst_stride, int part = 0) {
+                           std::int64_t cols, bf16* dst, std::int64_t dst_stride, int parts = 1,
+                           std::int64_t part_stride = 0) {
 #if ATTNKIT_AVX512_TARGET
-  simd_amx::pack_rows_bf16(src, ld, rows, keys, cols, dst, dst_stride, part);
+  simd_amx::pack_rows_bf16(src, ld, rows, keys, cols, dst, dst_stride, parts, part_stride);
 #else
-  (void)src, (void)ld, (void)rows, (void)keys, (void)cols, (void)dst, (void)dst_stride, (void)part;
+  (void)src, (void)ld, (void)rows, (void)keys, (void)cols, (void)dst, (void)dst_stride, (void)parts,
+      (void)part_stride;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
