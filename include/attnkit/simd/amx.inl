@@ -121,23 +121,32 @@ inline void amx_gemm(std::int64_t rows, std::int64_t cols, std::int64_t depth, c
 /// dst[r * dst_stride + k] = (x[2k][r], x[2k + 1][r]) as bf16 pairs (the AMX A operand of O += P V
 /// from the column tile P^T) for the float rows x[t] = src + t * ld: t < keys (later keys are 0),
 /// r < rows rounded up to 16 (columns past `rows` are not read: their pairs are 0), k < pairs (a
-/// multiple of 16); bf16_residual's parts 0 .. parts - 1 of x at dst + p * part_stride. Each 16 x
-/// 16 block of even keys and of odd keys is loaded and transposed once, its parts then taken row
-/// by row, each the last one's residual.
+/// multiple of 16); bf16_residual's parts 0 .. parts - 1 of x at dst + p * part_stride. One part:
+/// each 16 x 16 block of pairs transposed as words; several: each block of even keys and of odd
+/// keys transposed once as floats, the parts then taken row by row, each the last one's residual.
 inline void pack_pairs_transposed(const float* src, std::int64_t ld, std::int64_t keys,
                                   std::int64_t rows, std::int64_t pairs, std::uint32_t* dst,
                                   std::int64_t dst_stride, int parts, std::int64_t part_stride) {
   for (std::int64_t r0 = 0; r0 < rows; r0 += 16)
     for (std::int64_t k0 = 0; k0 < pairs; k0 += 16) {
       const __mmask16 m = V::first(rows - r0);
-      // even[i], odd[i]: keys 2 (k0 + i) and 2 (k0 + i) + 1 of rows r0 .. r0 + 15; transposed,
-      // row r0 + i's 16 even and odd keys
-      __m512 even[16], odd[16];
+      auto key = [&](std::int64_t t) {  // key t of rows r0 .. r0 + 15
+        return t < keys ? _mm512_maskz_loadu_ps(m, src + t * ld + r0) : _mm512_setzero_ps();
+      };
+      if (parts == 1) {
+        __m512i w[16];  // w[i]: the pairs k0 + i of rows r0 .. r0 + 15; transposed, row r0 + i's
+        for (int i = 0; i < 16; ++i) {
+          const std::int64_t t = 2 * (k0 + i);
+          w[i] = _mm512_or_si512(bf16_bits(key(t)), _mm512_slli_epi32(bf16_bits(key(t + 1)), 16));
+        }
+        V::transpose_words(w);
+        for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + (r0 + r) * dst_stride + k0, w[r]);
+        continue;
+      }
+      __m512 even[16], odd[16];  // keys 2 (k0 + i) and 2 (k0 + i) + 1; transposed, row r0 + i's
       for (int i = 0; i < 16; ++i) {
-        const std::int64_t t = 2 * (k0 + i);
-        even[i] = t < keys ? _mm512_maskz_loadu_ps(m, src + t * ld + r0) : _mm512_setzero_ps();
-        odd[i] =
-            t + 1 < keys ? _mm512_maskz_loadu_ps(m, src + (t + 1) * ld + r0) : _mm512_setzero_ps();
+        even[i] = key(2 * (k0 + i));
+        odd[i] = key(2 * (k0 + i) + 1);
       }
       V::transpose(even);
       V::transpose(odd);
