@@ -83,24 +83,22 @@ auto value_view_of(const X& x) {
 /// micro-kernel on row tiles (V read in its storage type; bf16 in the target's paired column
 /// order, undone by finish), otherwise a GEMM on V widened to float (the vector target's own
 /// GEMM for any tile layout, Eigen on the scalar target). On a bf16 value cache the GEMM tiles
-/// run on AMX where the CPU has it (bf16_amx_available, d_v whole 16-column tiles, runs of at
-/// least amx_min_rows rows): V paired by key, P's rows rounded to bf16 (product_math::bf16) or,
-/// with f32 products over at least split_min_keys keys, as three exact bf16 parts, as the GQA
-/// family's tiles take them (gqa_products::split_parts). Elsewhere, with bf16 products where
-/// vdpbf16ps runs (bf16_dot_available), the probabilities are rounded to bf16 and multiplied by
-/// the stored values as they are: the streaming P V on pairs of value rows (stream_pair_pv, d_v
-/// whole 32-column groups), or otherwise the GEMM on P^T and V paired by key (gemm_pairs).
+/// run on AMX where the CPU has it (bf16_amx_available, d_v whole 16-column tiles, at least
+/// amx_min_rows rows of a KV head): V paired by key,
+/// P's rows rounded to bf16 (product_math::bf16) or, with f32 products over at least split_min_keys
+/// keys, as three exact bf16 parts, as the GQA family's tiles take them
+/// (gqa_products::split_parts). Elsewhere, with bf16 products where vdpbf16ps runs
+/// (bf16_dot_available), the probabilities are rounded to bf16 and multiplied by the stored values
+/// as they are: the streaming P V on pairs of value rows (stream_pair_pv, d_v whole 32-column
+/// groups), or otherwise the GEMM on P^T and V paired by key (gemm_pairs).
 template <storage_type S>
 class value_accumulator {
  public:
-  /// A block of V widened to float (or its key pairs), and P's key pairs for `rows` rows (or
-  /// their bf16 rows per part for the AMX tiles).
+  /// A block of V widened to float (or its key pairs), P's key pairs for `rows` rows (or their
+  /// bf16 rows per part for the AMX tiles), and add_gathered's rows.
   static std::size_t scratch_floats(std::int64_t block, std::int64_t dv, std::int64_t rows) {
-    const std::int64_t amx = std::same_as<S, bf16> && bf16_amx_available()
-                                 ? 3 * round16(rows) * (round32(block) / 2)
-                                 : 0;
-    return static_cast<std::size_t>(value_floats(block, dv) +
-                                    std::max((block / 2 + 1) * rows, amx));
+    return static_cast<std::size_t>(gathered_offset(block, dv, rows) + block * round16(rows) +
+                                    rows * dv);
   }
   /// bf16 parts of P per AMX tile product: 0 where P V does not run on AMX tiles, 1 for bf16
   /// products, 3 for f32 products (splits: f32 products may take bf16 parts).
@@ -114,14 +112,46 @@ class value_accumulator {
   static constexpr std::int64_t amx_min_rows = 8;
   static constexpr std::int64_t split_min_keys = gqa_products<S>::split_min_keys;
 
+  /// Over `rows` rows and blocks of `block` keys; f: scratch_floats(block, d_v, rows).
   value_accumulator(const value_view<S>& v, bool streaming, bool bf16_products, bool splits,
-                    std::int64_t block, float* f)
+                    std::int64_t block, std::int64_t rows, float* f)
       : v_(v),
         streaming_(streaming),
         vf_(f),
         pp_(reinterpret_cast<std::uint32_t*>(f + value_floats(block, v.v_head_dim()))),
+        gp_(f + gathered_offset(block, v.v_head_dim(), rows)),
+        ga_(gp_ + block * round16(rows)),
         parts_(amx_parts(v, streaming, bf16_products, splits)),
         pairs_(parts_ > 0 ? pair_math::amx : pairs_of(streaming, bf16_products, v.v_head_dim())) {}
+
+  /// Whether add_gathered runs (the GEMM tiles: a streaming row tile takes any rows in place).
+  bool gathers() const { return !streaming_; }
+  /// add for the rows r_i = (i / width) * stride + first + i % width, i < n (whole runs of
+  /// width), of the tile p against KV head j, where they are not consecutive (a flash follower
+  /// whose value heads change within a token's rows): their probabilities and accumulators
+  /// gathered into a column tile and a block of rows, so that the GEMM tiles (AMX's among them)
+  /// take them all at once, and the accumulators scattered back.
+  void add_gathered(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p,
+                    std::int64_t first, std::int64_t width, std::int64_t stride, std::int64_t n,
+                    float* acc) {
+    const std::int64_t dv = v_.v_head_dim(), n16 = round16(n);
+    // Each of the n / width runs: rows [a * stride + first, + width), gathered rows a * width on.
+    auto runs = [&](auto&& f) {
+      for (std::int64_t a = 0, i = 0; i < n; ++a, i += width) f(a * stride + first, i);
+    };
+    runs([&](std::int64_t r, std::int64_t i) {  // gp_ [nb][n16]: the rows' probabilities
+      for (std::int64_t t = 0; t < nb; ++t)
+        for (std::int64_t c = 0; c < width; ++c)
+          gp_[t * n16 + i + c] = p.data[(r + c) * p.row_stride + t * p.key_stride];
+    });
+    runs([&](std::int64_t r, std::int64_t i) {  // ga_ [n][d_v]: their accumulators
+      std::copy_n(acc + r * dv, width * dv, ga_ + i * dv);
+    });
+    add(j, b0, nb, score_tile{gp_, 1, n16}, 0, n, ga_);
+    runs([&](std::int64_t r, std::int64_t i) {
+      std::copy_n(ga_ + i * dv, width * dv, acc + r * dv);
+    });
+  }
 
   /// Rows [r0, r0 + rows) of the tile p (its keys [b0, b0 + nb)) against KV head j.
   void add(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p, std::int64_t r0,
@@ -206,6 +236,12 @@ class value_accumulator {
   static std::int64_t value_floats(std::int64_t block, std::int64_t dv) {
     return std::max(block, round32(block) / 2) * dv;
   }
+  /// Where add_gathered's scratch starts: after vf_ and pp_ (P's key pairs or bf16 parts).
+  static std::int64_t gathered_offset(std::int64_t block, std::int64_t dv, std::int64_t rows) {
+    const bool amx = std::same_as<S, bf16> && bf16_amx_available();
+    const std::int64_t parts = amx ? 3 * round16(rows) * (round32(block) / 2) : 0;
+    return value_floats(block, dv) + std::max((block / 2 + 1) * rows, parts);
+  }
   /// acc[rows][d_v] += P V on AMX tiles: V's rows [b0, b0 + nb) of KV head j paired by key (zero
   /// up to whole 32-key tiles, once per block), P's rows at pr (a row or a column tile) as bf16
   /// rows per part, [parts][round16(rows)][nb32].
@@ -265,6 +301,8 @@ class value_accumulator {
   bool streaming_;
   float* vf_;          // [block][d_v]: a block of V widened to float, or its key pairs
   std::uint32_t* pp_;  // [block / 2 + 1][rows]: P^T's key pairs, or P's bf16 rows per part
+  float* gp_;          // [block][round16(rows)]: add_gathered's column tile (P^T)
+  float* ga_;          // [rows][d_v]: add_gathered's accumulators
   int parts_;          // amx_parts
   pair_math pairs_;
   // The block vf_ holds: (j, b0, nb), and whether as pairs. A causal item may end a block
@@ -308,7 +346,7 @@ class weights_products {
       : pb_(pb),
         pl_(pl),
         tile_(f),
-        values_(pb.v, pb.streaming, pb.bf16_products, pb.split_products, pl.block,
+        values_(pb.v, pb.streaming, pb.bf16_products, pb.split_products, pl.block, pl.rows,
                 f + pl.rows * pl.block) {}
 
   std::span<const std::int64_t> positions() const { return pb_.v.positions(); }
@@ -382,7 +420,7 @@ class follower_products {
       : pb_(pb),
         pl_(pl),
         donor_(pb.donor, pl, f),
-        values_(pb.v, pb.streaming, pb.bf16_products, pb.split_products, pl.block,
+        values_(pb.v, pb.streaming, pb.bf16_products, pb.split_products, pl.block, pl.rows,
                 f + Donor::scratch_floats(pb.donor, pl)),
         gf_(pb.heads / pb.v.kv_heads()) {}
 
@@ -397,12 +435,23 @@ class follower_products {
   score_tile scores(std::int64_t j, std::int64_t b0, std::int64_t nb, std::int64_t k_end) {
     return donor_.scores(j, b0, nb, k_end);
   }
+  /// Row r (token r / g, local head r % g) reads value head value_head(j, r): each run of local
+  /// heads [h0, h1) of one value head is one run of rows if it is all g heads, else gathered
+  /// over the tokens for the GEMM tiles (value_accumulator::add_gathered), else (a streaming
+  /// tile, or one token) added token by token.
   void accumulate(std::int64_t j, std::int64_t b0, std::int64_t nb, const score_tile& p,
                   float* acc) {
-    for (std::int64_t r0 = 0, r1; r0 < m_; r0 = r1) {
-      const std::int64_t jf = value_head(j, r0);
-      for (r1 = r0 + 1; r1 < m_ && value_head(j, r1) == jf;) ++r1;
-      values_.add(jf, b0, nb, p, r0, r1 - r0, acc);
+    const std::int64_t g = pl_.g, tokens = m_ / g;
+    for (std::int64_t h0 = 0, h1; h0 < g; h0 = h1) {
+      const std::int64_t jf = value_head(j, h0);
+      for (h1 = h0 + 1; h1 < g && value_head(j, h1) == jf;) ++h1;
+      const std::int64_t w = h1 - h0;
+      if (w == g)
+        values_.add(jf, b0, nb, p, 0, m_, acc);
+      else if (tokens > 1 && values_.gathers())
+        values_.add_gathered(jf, b0, nb, p, h0, w, g, tokens * w, acc);
+      else
+        for (std::int64_t t = 0; t < tokens; ++t) values_.add(jf, b0, nb, p, t * g + h0, w, acc);
     }
   }
   const float* value_row(std::int64_t /*j*/, std::int64_t head, std::int64_t t, float* buf) const {
