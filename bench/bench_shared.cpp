@@ -12,6 +12,10 @@
 //   BM_span_chunk_{flash,materialised}/Tq/T/H_kv/threads: a chunk of Tq queries at the end of a
 //     T-token context through the shared span in each form: the data behind the automatic rule
 //     of shared_stack (materialised while P of the block fits its byte limit).
+//   BM_follower_value_heads/Tq/T/H_kv/threads/products: one flash follower call, Tq queries at
+//     the end of T tokens, over a donor of 8 KV heads (Llama-3-8B attention) whose follower keeps
+//     H_kv value heads: 8 (a donor item's rows read one value head) or 32 (one per query head:
+//     each value head's rows gathered over the item's tokens).
 #include <attnkit/attention.hpp>
 #include <benchmark/benchmark.h>
 
@@ -161,6 +165,36 @@ void BM_span_prefill_materialised(benchmark::State& state) {
   BM_span_prefill(state, prefill_kind::materialised);
 }
 
+void BM_follower_value_heads(benchmark::State& state) {
+  const std::int64_t tq = state.range(0), t = state.range(1), hkv = state.range(2), donor_kv = 8;
+  const auto donor = filled(ak::dense_cache<bf16>({donor_kv, D, D, t}), t, donor_kv, 20);
+  const auto values = filled(ak::value_cache<bf16>({hkv, D, t}), t, hkv, 30);
+  const auto q = random_floats(tq * H * D, 5);
+  std::vector<float> out(static_cast<std::size_t>(tq * H * D)),
+      lse(static_cast<std::size_t>(tq * H));
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(tq));
+  for (std::int64_t i = 0; i < tq; ++i) pos[static_cast<std::size_t>(i)] = t - tq + i;
+  ak::thread_pool pool(static_cast<int>(state.range(3)));
+  const ak::attention_options opt{.products = state.range(4) ? ak::product_math::bf16
+                                                             : ak::product_math::f32};
+  ak::attention_workspace ws;
+  const ak::tensor3_view<const float> qv(q.data(), {tq, H, D});
+  const ak::tensor3_view<float> ov(out.data(), {tq, H, D});
+  ak::attention_options donor_opt = opt;
+  donor_opt.lse = ak::matrix_view<float>(lse.data(), {tq, H});
+  ak::attend(qv, pos, donor, ov, donor_opt, pool, &ws);
+  for (auto _ : state) {
+    ak::attend_shared(ak::gqa_scores<bf16>{qv, donor.view()}, pos,
+                      ak::matrix_view<const float>(lse.data(), {tq, H}), values, ov, opt, pool,
+                      &ws);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double pairs = double(tq) * double(t) - double(tq) * double(tq - 1) / 2;
+  state.counters["FLOPS"] =
+      benchmark::Counter(4.0 * H * D * pairs, benchmark::Counter::kIsIterationInvariantRate,
+                         benchmark::Counter::OneK::kIs1000);
+}
+
 // T, H_kv (32: Llama-2-7B, 8: Llama-3-8B), threads
 void decode_args(benchmark::internal::Benchmark* b) {
   for (std::int64_t hkv : {32, 8})
@@ -186,5 +220,10 @@ BENCHMARK(BM_span_prefill_flash)->Apply(prefill_args);
 BENCHMARK(BM_span_prefill_materialised)->Apply(prefill_args);
 BENCHMARK(BM_span_prefill_flash)->Name("BM_span_chunk_flash")->Apply(chunk_args);
 BENCHMARK(BM_span_prefill_materialised)->Name("BM_span_chunk_materialised")->Apply(chunk_args);
+// Tq, T, follower H_kv, threads, products
+BENCHMARK(BM_follower_value_heads)
+    ->ArgsProduct({{128, 512}, {4096}, {8, 32}, {2}, {0, 1}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 BENCHMARK_MAIN();
