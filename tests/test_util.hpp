@@ -93,6 +93,25 @@ inline std::vector<std::int64_t> gapped_positions(std::mt19937_64& rng, std::int
 
 inline double max_abs_diff(const dmat& a, const dmat& b) { return (a - b).cwiseAbs().maxCoeff(); }
 
+/// Checks got against the FMA path's answer want element for element (NaN where it has NaN,
+/// the same infinity where it has one, else within 1e-5 relative, the order of the sums being
+/// the one difference); returns how many of want's elements are not finite.
+inline std::int64_t check_as_fmas(const fmat& got, const fmat& want) {
+  std::int64_t non_finite = 0;
+  for (std::int64_t i = 0; i < want.size(); ++i) {
+    const float w = want.data()[i], g = got.data()[i];
+    if (std::isnan(w)) {
+      CHECK(std::isnan(g));
+    } else if (std::isinf(w)) {
+      CHECK(g == w);
+    } else {
+      CHECK(std::abs(g - w) <= 1e-5f * (1 + std::abs(w)));
+    }
+    non_finite += !std::isfinite(w);
+  }
+  return non_finite;
+}
+
 /// Largest norm of a width-wide segment (one head) of any row.
 inline double max_segment_norm(const dmat& m, std::int64_t width) {
   double n = 0;

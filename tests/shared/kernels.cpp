@@ -449,27 +449,15 @@ TEST_CASE(
                   << ", flash " << e_flash << ", FMAs " << e_fma);
         CHECK(e_mat <= tol);
         CHECK(e_flash <= tol);
-        // As accurate as the FMAs (with two parts, 3-4 times their error).
+        // As accurate as the FMAs (with two parts, 8 times their error).
         CHECK(e_mat <= 2 * e_fma);
         CHECK(e_flash <= 2 * e_fma);
         continue;
       }
-      for (const auto& [got, want] : {std::pair{&mat, &mat_fma}, {&flash, &flash_fma}}) {
-        std::int64_t non_finite = 0;
-        for (std::int64_t i = 0; i < want->size(); ++i) {
-          const float w = want->data()[i], g = got->data()[i];
-          if (std::isnan(w)) {
-            CHECK(std::isnan(g));
-          } else if (std::isinf(w)) {
-            CHECK(g == w);
-          } else {
-            CHECK(std::abs(g - w) <= 1e-5f * (1 + std::abs(w)));
-          }
-          non_finite += !std::isfinite(w);
-        }
-        if (planted == 1 || got == &flash)
-          CHECK(non_finite > 0);  // the infinity reaches the output
-      }
+      // The infinity reaches the output (a donor key's: through the flash form's scores).
+      const std::int64_t mat_non_finite = check_as_fmas(mat, mat_fma);
+      if (planted == 1) CHECK(mat_non_finite > 0);
+      CHECK(check_as_fmas(flash, flash_fma) > 0);
     }
 }
 
