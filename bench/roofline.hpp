@@ -8,6 +8,8 @@
 #include <attnkit/version.hpp>
 #include <benchmark/benchmark.h>
 
+#include "read_stream.hpp"
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -53,37 +55,12 @@ class target_scope {
   bool ok_ = false;
 };
 
-/// Sum of n floats (n a multiple of 64) in 64 independent lanes: the compiler vectorises it for
-/// its baseline, and a streaming read is bound by the memory, not by the vector width.
-inline float read_sum(const float* p, std::int64_t n) {
-  float s[64] = {};
-  for (std::int64_t i = 0; i + 64 <= n; i += 64)
-    for (int j = 0; j < 64; ++j) s[j] += p[i + j];
-  float t = 0.f;
-  for (float x : s) t += x;
-  return t;
-}
-
 inline void BM_read_bandwidth(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));
-  const std::int64_t n = std::int64_t{1} << 28;  // 1 GiB of floats
-  // Allocated like a cache buffer (2 MiB-aligned, huge pages advised) so that the kernels and
-  // their yardstick read memory the same way.
-  static auto buf = [&] {
-    auto b = detail::aligned_alloc_array<float>(n);
-    for (std::int64_t i = 0; i < n; ++i) b[i] = 1e-9f * static_cast<float>(i & 1023);
-    return b;
-  }();
+  static const read_stream stream;  // 1 GiB, written once per process
   thread_pool pool(threads);
-  std::vector<float> sums(static_cast<std::size_t>(threads));
-  for (auto _ : state) {
-    pool.parallel_for(threads, [&](std::int64_t t) {
-      const std::int64_t chunk = n / threads;
-      sums[static_cast<std::size_t>(t)] = read_sum(buf.get() + t * chunk, chunk);
-    });
-    benchmark::DoNotOptimize(sums.data());
-  }
-  state.SetBytesProcessed(state.iterations() * n * static_cast<std::int64_t>(sizeof(float)));
+  for (auto _ : state) benchmark::DoNotOptimize(stream.pass(pool, threads));
+  state.SetBytesProcessed(state.iterations() * stream.bytes());
 }
 
 /// 12 independent FMA chains of `lanes` floats for `iters` steps: the FLOP/s peak of the active

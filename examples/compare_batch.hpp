@@ -6,6 +6,8 @@
 // share of the machine's read bandwidth, measured in the same run.
 #include <attnkit/attention.hpp>
 
+#include "../bench/read_stream.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -66,29 +68,13 @@ inline std::pair<double, double> median_pair_us(int reps, const std::function<vo
   return {ta[ta.size() / 2], tb[tb.size() / 2]};
 }
 
-/// Read bandwidth of `threads` threads streaming a 1 GiB buffer (GB/s, median of 5): each
-/// thread sums its part as 64-bit words (vectorised; no floating-point dependency chain).
+/// Read bandwidth of `threads` threads streaming a 1 GiB buffer (GB/s, median of 5 passes): the
+/// benchmarks' yardstick (bench/read_stream.hpp), so both report the same share of it.
 inline double read_bandwidth(ak::thread_pool& pool, int threads) {
-  const std::size_t n = std::size_t{1} << 27;  // 64-bit words
-  std::vector<std::uint64_t> buf(n);
-  pool.parallel_for(threads, [&](std::int64_t t) {  // first touch by the thread that reads it
-    const std::size_t chunk = n / static_cast<std::size_t>(threads),
-                      b = static_cast<std::size_t>(t) * chunk;
-    for (std::size_t i = b; i < b + chunk; ++i) buf[i] = i;
-  });
-  std::vector<std::uint64_t> sums(static_cast<std::size_t>(threads));
-  const double us = median_us(5, [&] {
-    pool.parallel_for(threads, [&](std::int64_t t) {
-      const std::size_t chunk = n / static_cast<std::size_t>(threads),
-                        b = static_cast<std::size_t>(t) * chunk;
-      std::uint64_t s = 0;
-      for (std::size_t i = b; i < b + chunk; ++i) s += buf[i];
-      sums[static_cast<std::size_t>(t)] = s;
-    });
-  });
-  volatile std::uint64_t sink = sums[0];
-  (void)sink;
-  return double(n * sizeof(std::uint64_t)) / us / 1e3;
+  const ak::bench::read_stream stream;
+  volatile std::uint64_t sink = 0;
+  const double us = median_us(5, [&] { sink = sink + stream.pass(pool, threads); });
+  return static_cast<double>(stream.bytes()) / us / 1e3;
 }
 
 /// Per sequence: keys it holds after the step's appends and the tokens it feeds this step.
