@@ -12,6 +12,25 @@ static_assert(kv_cache<factorized_cache<float>>);
 static_assert(kv_cache<factorized_cache<bf16>>);
 static_assert(kv_cache<factorized_cache<half>>);
 
+namespace {
+/// A factor cache of kpos.size() tokens holding A_K [T, R_K, H], B_K [T, R_K, d], A_V [T, R_V, H]
+/// and B_V [T, R_V, d_v] (row-major, T rows each) at positions kpos.
+template <class S>
+factorized_cache<S> filled_factor_cache(std::int64_t h, std::int64_t d, std::int64_t dv,
+                                        std::int64_t rk, std::int64_t rv, const fmat& ak,
+                                        const fmat& bk, const fmat& av, const fmat& bv,
+                                        std::span<const std::int64_t> kpos) {
+  const auto tk = static_cast<std::int64_t>(kpos.size());
+  factorized_cache<S> cache(
+      {.heads = h, .head_dim = d, .v_head_dim = dv, .k_rank = rk, .v_rank = rv, .capacity = tk});
+  cache.append({tensor3_view<const float>(ak.data(), {tk, rk, h}),
+                tensor3_view<const float>(bk.data(), {tk, rk, d}),
+                tensor3_view<const float>(av.data(), {tk, rv, h}),
+                tensor3_view<const float>(bv.data(), {tk, rv, dv}), kpos});
+  return cache;
+}
+}  // namespace
+
 TEMPLATE_TEST_CASE("factorized_cache: (R_K (H + d) + R_V (H + d_v)) elements per token",
                    "[tpa][cache]", float, bf16, half) {
   using S = TestType;
@@ -64,12 +83,7 @@ TEMPLATE_TEST_CASE("attend_factorized matches attention on the materialised Q, K
   std::vector<std::int64_t> qpos;
   for (std::int64_t i = 0; i < tq; ++i)
     qpos.push_back(i == tq - 1 ? kpos.back() : kpos[rng() % kpos.size()]);
-  factorized_cache<S> cache(
-      {.heads = h, .head_dim = d, .v_head_dim = dv, .k_rank = rk, .v_rank = rv, .capacity = tk});
-  cache.append({tensor3_view<const float>(ak.data(), {tk, rk, h}),
-                tensor3_view<const float>(bk.data(), {tk, rk, d}),
-                tensor3_view<const float>(av.data(), {tk, rv, h}),
-                tensor3_view<const float>(bv.data(), {tk, rv, dv}), kpos});
+  const auto cache = filled_factor_cache<S>(h, d, dv, rk, rv, ak, bk, av, bv, kpos);
   const tpa_scales sc{1.f / float(rq), 1.f / float(rk), 1.f / float(rv)};
   fmat out(tq, h * dv), lse(tq, h);
   thread_pool pool(2);
@@ -167,12 +181,7 @@ TEST_CASE("attend_factorized: f32 products on AMX tiles (three bf16 parts) as ac
     std::vector<std::int64_t> kpos(static_cast<std::size_t>(tk)), qpos;
     for (std::int64_t i = 0; i < tk; ++i) kpos[static_cast<std::size_t>(i)] = i;
     for (std::int64_t i = 0; i < tq; ++i) qpos.push_back(tk - tq + i);
-    factorized_cache<bf16> cache(
-        {.heads = h, .head_dim = d, .v_head_dim = dv, .k_rank = rk, .v_rank = rv, .capacity = tk});
-    cache.append({tensor3_view<const float>(ak.data(), {tk, rk, h}),
-                  tensor3_view<const float>(bk.data(), {tk, rk, d}),
-                  tensor3_view<const float>(av.data(), {tk, rv, h}),
-                  tensor3_view<const float>(bv.data(), {tk, rv, dv}), kpos});
+    const auto cache = filled_factor_cache<bf16>(h, d, dv, rk, rv, ak, bk, av, bv, kpos);
     const tpa_scales sc{1.f / float(rq), 1.f / float(rk), 1.f / float(rv)};
     const fmat aq_scaled = aq * sc.q;
     factor_view<bf16> f = cache.view();
