@@ -1,67 +1,72 @@
 #pragma once
 // The machine's streaming read bandwidth: the yardstick that the decode benchmarks
 // (roofline.hpp, BM_read_bandwidth) and attnkit-compare --batch divide a kernel's KV bytes per
-// second by. Each of `threads` workers sums its share of a buffer far larger than the caches,
-// allocated like a KV cache (2 MiB-aligned, huge pages advised) so that the yardstick and the
-// kernels read memory the same way.
+// second by. Each of `threads` workers sums its share of a 1 GiB buffer of floats, allocated like
+// a KV cache (2 MiB-aligned, huge pages advised) so that the yardstick and the kernels read
+// memory the same way.
 //
-// The sum is written with GCC / Clang vector types, four independent 64-byte accumulators of
-// 64-bit integers, so that it keeps up with the memory whatever -march the includer builds with:
-// a plain loop is vectorised or not depending on -O and -march, and a sum slower than the memory
-// measures the adder, not the memory (a scalar sum built without -march read half of what this
-// one reads, and attnkit-compare then put a decode at 134% of the "bandwidth").
+// The sum runs the same code whatever -march the includer builds with: on x86 CPUs with AVX2 a
+// copy compiled for AVX2 (per-function target), elsewhere the baseline one. A sum compiled for
+// the includer's flags measured the flags: the compare tool's scalar one, built without -march,
+// read far less than the memory gives and put the GQA batch above 100% of the "bandwidth". Of the
+// loops tried (docs/benchmarks.md, 2026-12-07) this one, 8-float vectors summed into 64 lanes,
+// read the most, so the shares measured against it are the conservative ones.
 #include <attnkit/core/aligned_buffer.hpp>
-#include <attnkit/core/executor.hpp>
+#include <attnkit/core/cpu.hpp>
 
 #include <cstdint>
-#include <cstring>
+#include <memory>
 #include <vector>
 
 namespace attnkit::bench {
 
 class read_stream {
  public:
-  /// A buffer of `bytes` (rounded down to whole 256-byte steps per worker), written once.
+  /// A buffer of `bytes` (rounded down to whole 256-byte steps), written once.
   explicit read_stream(std::int64_t bytes = std::int64_t{1} << 30)
-      : words_(bytes / 8 / step_words * step_words),
-        buf_(detail::aligned_alloc_array<std::uint64_t>(words_)) {
-    for (std::int64_t i = 0; i < words_; ++i) buf_[i] = static_cast<std::uint64_t>(i);
+      : floats_(bytes / 256 * 64), buf_(attnkit::detail::aligned_alloc_array<float>(floats_)) {
+    for (std::int64_t i = 0; i < floats_; ++i) buf_[i] = 1e-9f * static_cast<float>(i & 1023);
   }
-  std::int64_t bytes() const { return words_ * 8; }  ///< bytes one pass reads.
+  std::int64_t bytes() const { return floats_ * 4; }  ///< bytes one pass reads.
 
   /// One pass over the buffer, split into `threads` contiguous parts run on pool's workers.
   template <class Executor>
-  std::uint64_t pass(Executor& pool, int threads) const {
-    std::vector<std::uint64_t> sums(static_cast<std::size_t>(threads));
-    const std::int64_t part = words_ / threads / step_words * step_words;
+  float pass(Executor& pool, int threads) const {
+    std::vector<float> sums(static_cast<std::size_t>(threads));
+    const std::int64_t part = floats_ / threads / 64 * 64;
     pool.parallel_for(threads, [&](std::int64_t t) {
-      sums[static_cast<std::size_t>(t)] = sum(buf_.get() + t * part, part);
+      sums[static_cast<std::size_t>(t)] = sum_best(buf_.get() + t * part, part);
     });
-    std::uint64_t s = 0;
-    for (const std::uint64_t x : sums) s += x;
+    float s = 0.f;
+    for (const float x : sums) s += x;
     return s;
   }
 
  private:
-  static constexpr std::int64_t step_words = 32;  // 256 bytes: four 64-byte vectors
-
-  /// Sum of n words (n a multiple of step_words).
-  static std::uint64_t sum(const std::uint64_t* p, std::int64_t n) {
-    using v8 = std::uint64_t __attribute__((vector_size(64)));
-    v8 a{}, b{}, c{}, d{};
-    for (std::int64_t i = 0; i < n; i += step_words) {
-      v8 x[4];
-      std::memcpy(x, p + i, sizeof x);
-      a += x[0], b += x[1], c += x[2], d += x[3];
-    }
-    a += b + c + d;
-    std::uint64_t s = 0;
-    for (int j = 0; j < 8; ++j) s += a[j];
-    return s;
+  /// Sum of n floats (n a multiple of 64) in 64 independent lanes.
+  static float sum(const float* p, std::int64_t n) {
+    float s[64] = {};
+    for (std::int64_t i = 0; i + 64 <= n; i += 64)
+      for (int j = 0; j < 64; ++j) s[j] += p[i + j];
+    float t = 0.f;
+    for (const float x : s) t += x;
+    return t;
+  }
+#if ATTNKIT_X86_TARGETS
+  __attribute__((target("avx2"))) static float sum_avx2(const float* p, std::int64_t n) {
+    return sum(p, n);
+  }
+#endif
+  static float sum_best(const float* p, std::int64_t n) {
+#if ATTNKIT_X86_TARGETS
+    static const bool avx2 = attnkit::detail::detect_x86().avx2;
+    if (avx2) return sum_avx2(p, n);
+#endif
+    return sum(p, n);
   }
 
-  std::int64_t words_;
-  std::unique_ptr<std::uint64_t[], detail::aligned_free> buf_;
+  std::int64_t floats_;
+  std::unique_ptr<float[], attnkit::detail::aligned_free> buf_;
 };
 
 }  // namespace attnkit::bench

@@ -72,7 +72,7 @@ inline std::pair<double, double> median_pair_us(int reps, const std::function<vo
 /// benchmarks' yardstick (bench/read_stream.hpp), so both report the same share of it.
 inline double read_bandwidth(ak::thread_pool& pool, int threads) {
   const ak::bench::read_stream stream;
-  volatile std::uint64_t sink = 0;
+  volatile float sink = 0.f;
   const double us = median_us(5, [&] { sink = sink + stream.pass(pool, threads); });
   return static_cast<double>(stream.bytes()) / us / 1e3;
 }
