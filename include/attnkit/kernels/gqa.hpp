@@ -550,8 +550,7 @@ class gqa_products {
       if (!pb_.kv.values_in_keys())
         key_groups(pb_.kv.values(), j, b0, nb, reinterpret_cast<S*>(vf_), v_groups_);
       const std::int64_t part_stride = 32 * round16(nb);
-      for (int part = 0; part < parts_; ++part)
-        pack_probability_halves(p.data, p.key_stride, nb, pp_ + part * part_stride, part);
+      pack_probability_halves(p.data, p.key_stride, nb, pp_, parts_, part_stride);
       amx_pv_rows(m_, dv, pp_, pb_.kv.values_in_keys() ? k_groups_ : v_groups_, acc, dv, &pf_,
                   pf_steps_, {parts_, part_stride, 0});
       return;

@@ -217,20 +217,25 @@ inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const 
 
 /// P's rows for amx_pv_rows from the column tile x[t] = src + t * ld (t < keys; later keys 0):
 /// per 16 keys k0, [2][16][16] words at halves + k0 * 32: row r's (bf16(x[k0 + i][r]), 0) for
-/// i < 16, then the same with the probability in the high half; of bf16_residual's `part` of
-/// the probability where part > 0.
+/// i < 16, then the same with the probability in the high half; bf16_residual's parts 0 .. parts
+/// - 1 of the probabilities at halves + p * part_stride. Each 16 x 16 block is transposed once as
+/// floats and its parts taken row by row, each the last one's residual.
 inline void pack_probability_halves(const float* src, std::int64_t ld, std::int64_t keys,
-                                    std::uint32_t* halves, int part = 0) {
+                                    std::uint32_t* halves, int parts, std::int64_t part_stride) {
   for (std::int64_t k0 = 0; k0 < keys; k0 += 16) {
-    __m512i w[16];  // w[i]: key k0 + i's probabilities of rows 0 .. 15
+    __m512 x[16];  // x[i]: key k0 + i's probabilities of rows 0 .. 15; transposed, row i's
     for (int i = 0; i < 16; ++i)
-      w[i] = k0 + i < keys ? bf16_bits(bf16_residual(_mm512_loadu_ps(src + (k0 + i) * ld), part))
-                           : _mm512_setzero_si512();
-    V::transpose_words(w);
-    std::uint32_t* dst = halves + k0 * 32;
+      x[i] = k0 + i < keys ? _mm512_loadu_ps(src + (k0 + i) * ld) : _mm512_setzero_ps();
+    V::transpose(x);
     for (int r = 0; r < 16; ++r) {
-      _mm512_storeu_si512(dst + r * 16, w[r]);
-      _mm512_storeu_si512(dst + 256 + r * 16, _mm512_slli_epi32(w[r], 16));
+      __m512 e = x[r];
+      for (int p = 0; p < parts; ++p) {
+        const __m512i w = bf16_bits(e), high = _mm512_slli_epi32(w, 16);
+        std::uint32_t* dst = halves + p * part_stride + k0 * 32 + r * 16;
+        _mm512_storeu_si512(dst, w);
+        _mm512_storeu_si512(dst + 256, high);
+        e = _mm512_sub_ps(e, _mm512_castsi512_ps(high));
+      }
     }
   }
 }

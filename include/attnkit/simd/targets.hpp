@@ -696,14 +696,14 @@ inline void amx_group_scores(const amx_key_groups& k, std::int64_t depth, const 
 }
 
 /// AMX: a row tile's probabilities for amx_pv_rows, [keys rounded up to 16 / 16][2][16][16]
-/// words, from the column tile x[t] = src + t * ld (t < keys, 16 rows each); part > 0: of its
-/// bf16_residual part, as pack_query_pairs.
+/// words, from the column tile x[t] = src + t * ld (t < keys, 16 rows each), as `parts`
+/// bf16_residual parts (as pack_query_pairs) part_stride words apart.
 inline void pack_probability_halves(const float* src, std::int64_t ld, std::int64_t keys,
-                                    std::uint32_t* halves, int part = 0) {
+                                    std::uint32_t* halves, int parts, std::int64_t part_stride) {
 #if ATTNKIT_AVX512_TARGET
-  simd_amx::pack_probability_halves(src, ld, keys, halves, part);
+  simd_amx::pack_probability_halves(src, ld, keys, halves, parts, part_stride);
 #else
-  (void)src, (void)ld, (void)keys, (void)halves, (void)part;
+  (void)src, (void)ld, (void)keys, (void)halves, (void)parts, (void)part_stride;
   std::abort();  // unreachable: bf16_amx_available() is false
 #endif
 }
