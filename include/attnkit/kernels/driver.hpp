@@ -509,14 +509,17 @@ Problem on_fmas(Problem pb) {
   if constexpr (requires { pb.donor.split_products; }) pb.donor.split_products = false;
   return pb;
 }
-/// Whether an output or LSE element of the call is NaN or infinite.
+/// Whether an output element of the call is NaN or infinite, or an LSE element NaN or +inf. An
+/// LSE of -inf is a row that saw no key (its output row 0): bf16 parts reach it only where every
+/// score is masked or -inf with no NaN among its products, and then FMAs do too.
 template <class Mask>
 bool outputs_non_finite(const attention_call<Mask>& call) {
   const tensor3_view<float>& o = call.out;
   const bool rows = o.stride(2) == 1;  // a vector scan per output row
   for (std::int64_t t = 0; t < o.extent(0); ++t)
     for (std::int64_t h = 0; h < o.extent(1); ++h) {
-      if (!call.lse.empty() && !std::isfinite(call.lse(t, h))) return true;
+      if (!call.lse.empty() && !(call.lse(t, h) < std::numeric_limits<float>::infinity()))
+        return true;
       if (rows) {
         if (any_non_finite(&o(t, h, 0), o.extent(2))) return true;
         continue;
