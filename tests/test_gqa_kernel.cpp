@@ -720,6 +720,24 @@ TEST_CASE(
       }
 }
 
+TEST_CASE("f32 products on AMX GEMM tiles: value pairs kept across query tiles past 32 key blocks",
+          "[gqa][bf16][amx]") {
+  std::mt19937_64 rng(97);
+  // 3 query tiles of 32 tokens per KV head read the same key blocks: on AMX (blocks of 64 keys)
+  // the first 64 blocks' value pairs come from the worker's cache after the first tile, the
+  // blocks past 4096 keys are paired again each time; 2 KV heads share the cache slots in turn.
+  const gqa_case c{.heads = 8,
+                   .kv_heads = 2,
+                   .head_dim = 128,
+                   .v_head_dim = 128,
+                   .tk = 4200,
+                   .tq = 80,
+                   .strategy = tile_strategy::gemm};
+  INFO(describe(c) << " AMX: " << detail::bf16_amx_available());
+  check_against_reference<bf16>(c, rng);
+  check_against_reference<bf16>(c, rng, thread_pool(2));
+}
+
 TEST_CASE(
     "f32 products on AMX tiles: a row that sees no key (LSE -inf) keeps the call on the tiles",
     "[gqa][bf16][amx]") {

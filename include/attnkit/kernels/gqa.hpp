@@ -112,7 +112,9 @@ class gqa_products {
   /// whose tile products stream the next block's rows in (an MLA batch's latent rows came from
   /// DRAM faster a block of 64 keys ahead than of 128); 32 for an item of every KV head
   /// (merges_heads), whose block holds all its heads' rows and whose prefetch runs at least a
-  /// block ahead (list_rows); else 128. Measured in docs/benchmarks.md.
+  /// block ahead (list_rows); 64 for f32 products as bf16 parts on AMX tiles over separate
+  /// values (a GQA prefill's three parts of P per block stay half as large); else 128. Measured
+  /// in docs/benchmarks.md.
   static attention_shape shape_of(std::int64_t tq, std::int64_t h, const kv_view<S>& kv,
                                   bool streaming, bool bf16_products, bool keys_only = false) {
     const bool merged = merges_heads(tq, kv, streaming, keys_only);
@@ -122,7 +124,9 @@ class gqa_products {
     std::int64_t block = 128;
     if (merged)
       block = 32;
-    else if (streaming || amx_row_tile)
+    else if (streaming || amx_row_tile ||
+             (!bf16_products && !kv.values_in_keys() &&
+              engine_for(kv, streaming, bf16_products) == pair_engine::amx))
       block = 64;
     return {tq, groups, h / groups, kv.size(), kv.v_head_dim(), streaming ? 32 : 128, block};
   }
@@ -155,7 +159,7 @@ class gqa_products {
     return std::min({(pl.keys + pl.block - 1) / pl.block, max_cached_blocks,
                      cache_bytes / (2 * pl.block * pb.kv.v_head_dim())});
   }
-  static constexpr std::int64_t max_cached_blocks = 32, cache_bytes = std::int64_t{1} << 20;
+  static constexpr std::int64_t max_cached_blocks = 64, cache_bytes = std::int64_t{1} << 20;
   /// What runs the GEMM tiles' products on a bf16 cache: AMX tiles (whole 32-column query tiles
   /// and 16-column value tiles), vdpbf16ps (bf16 products only: whole pairs of query columns), or
   /// nothing (f32 FMAs). With f32 products the AMX tiles take each float operand (Q, P) as the
