@@ -720,19 +720,27 @@ TEST_CASE(
       }
 }
 
+namespace {
+/// 8 query heads over 2 KV heads of width 128 on the GEMM tiles, f32 products: AMX tiles with
+/// three bf16 parts where the CPU has them.
+gqa_case amx_gemm_case(std::int64_t tk, std::int64_t tq) {
+  return {.heads = 8,
+          .kv_heads = 2,
+          .head_dim = 128,
+          .v_head_dim = 128,
+          .tk = tk,
+          .tq = tq,
+          .strategy = tile_strategy::gemm};
+}
+}  // namespace
+
 TEST_CASE("f32 products on AMX GEMM tiles: value pairs kept across query tiles past 32 key blocks",
           "[gqa][bf16][amx]") {
   std::mt19937_64 rng(97);
   // 3 query tiles of 32 tokens per KV head read the same key blocks: on AMX (blocks of 64 keys)
   // the first 64 blocks' value pairs come from the worker's cache after the first tile, the
   // blocks past 4096 keys are paired again each time; 2 KV heads share the cache slots in turn.
-  const gqa_case c{.heads = 8,
-                   .kv_heads = 2,
-                   .head_dim = 128,
-                   .v_head_dim = 128,
-                   .tk = 4200,
-                   .tq = 80,
-                   .strategy = tile_strategy::gemm};
+  const gqa_case c = amx_gemm_case(4200, 80);
   INFO(describe(c) << " AMX: " << detail::bf16_amx_available());
   check_against_reference<bf16>(c, rng);
   check_against_reference<bf16>(c, rng, thread_pool(2));
@@ -742,13 +750,7 @@ TEST_CASE(
     "f32 products on AMX tiles: a row that sees no key (LSE -inf) keeps the call on the tiles",
     "[gqa][bf16][amx]") {
   std::mt19937_64 rng(101);
-  const gqa_case c{.heads = 8,
-                   .kv_heads = 2,
-                   .head_dim = 128,
-                   .v_head_dim = 128,
-                   .tk = 300,
-                   .tq = 40,
-                   .strategy = tile_strategy::gemm};
+  const gqa_case c = amx_gemm_case(300, 40);
   gqa_data x = make_gqa_data(rng, c);
   x.q_pos[0] = x.k_pos.front() - 1;  // before every key: no key visible under the causal rule
   fmat lse;
