@@ -2,7 +2,8 @@
 // with the machine's roofline (read bandwidth, FMA peak) measured in the same run.
 // Decode is memory-bound: read bytes/s vs BM_read_bandwidth. Prefill is compute-bound: FLOPS
 // vs BM_fma_peak. FLOPs per call: 2 * H * Tq * (d_qk + d_v) * Tk, halved for causal prefill.
-// bf16 prefill runs twice: f32 products and bf16 products (product_math::bf16).
+// bf16 prefill runs three times: f32 products, bf16 products (product_math::bf16), and bf16
+// products with bf16 queries and outputs.
 #include <attnkit/attention.hpp>
 
 #include <atomic>
@@ -89,6 +90,11 @@ BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, ak::bf16)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, ak::bf16, true)
+    ->ArgsProduct({{512, 2048}, {1, 2}, ak::bench::target_args()})
+    ->ArgNames({"T", "threads", "target"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_gqa_prefill_causal, ak::bf16, true, true, ak::bf16)
     ->ArgsProduct({{512, 2048}, {1, 2}, ak::bench::target_args()})
     ->ArgNames({"T", "threads", "target"})
     ->UseRealTime()

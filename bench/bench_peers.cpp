@@ -5,7 +5,8 @@
 //   S2 MLA absorbed    d_c 512 + d_R 64, T = 4096, H = 16, 128 (all heads as rows of the latent)
 //   S3 causal prefill  H 32, H_kv 8, d 128, T = 512, 2048
 // f32 and bf16 caches; bf16 also with bf16 products (product_math::bf16, where the CPU has them).
-// The queries stay f32 (torch's SDPA rounds them to the cache's type). Runs on the best target.
+// The queries and outputs are f32, and for the bf16-product prefill also bf16, as torch's bf16
+// SDPA takes and writes them. Runs on the best target.
 // BM_block_piece: the parts of one bf16-product block, to see where its time goes.
 #include <algorithm>
 #include <cstdlib>
@@ -140,6 +141,8 @@ int main(int argc, char** argv) {
           {"T", "threads"});
       add("S3_prefill<bf16, products>", BM_gqa_prefill_causal<ak::bf16, true, false>, {tq, th},
           {"T", "threads"});
+      add("S3_prefill<bf16, products, bf16 q/out>",
+          BM_gqa_prefill_causal<ak::bf16, true, false, ak::bf16>, {tq, th}, {"T", "threads"});
     }
   }
   benchmark::Initialize(&argc, argv);

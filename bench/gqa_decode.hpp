@@ -115,8 +115,10 @@ void BM_gqa_decode_model_step(benchmark::State& state) {
 }
 
 /// Causal prefill of T tokens. Products: product_math::bf16 (bf16 caches; skipped where the
-/// target has no bf16 products).
-template <ak::storage_type S, bool Products = false, bool TargetArg = true>
+/// target has no bf16 products). E: the queries' and outputs' type (bf16: as an engine running
+/// bf16 activations, and PyTorch's bf16 SDPA, pass them).
+template <ak::storage_type S, bool Products = false, bool TargetArg = true,
+          ak::activation_type E = float>
 void BM_gqa_prefill_causal(benchmark::State& state) {
   const std::int64_t t = state.range(0);
   const int threads = static_cast<int>(state.range(1));
@@ -127,23 +129,24 @@ void BM_gqa_prefill_causal(benchmark::State& state) {
   const ak::attention_options opt{.products =
                                       Products ? ak::product_math::bf16 : ak::product_math::f32};
   const auto cache = filled_cache<S>(t);
-  std::vector<float> q(static_cast<std::size_t>(t * H * D)), out(q.size());
+  std::vector<E> q(static_cast<std::size_t>(t * H * D)), out(q.size());
   std::mt19937 rng(2);
   std::normal_distribution<float> nd;
-  for (auto& x : q) x = nd(rng);
+  for (auto& x : q) x = E(nd(rng));
   std::vector<std::int64_t> pos(cache.positions().begin(), cache.positions().end());
   ak::thread_pool pool(threads);
   ak::attention_workspace ws;
   for (auto _ : state) {
-    ak::attend(ak::tensor3_view<const float>(q.data(), {t, H, D}), pos, cache,
-               ak::tensor3_view<float>(out.data(), {t, H, D}), opt, pool, &ws);
+    ak::attend(ak::tensor3_view<const E>(q.data(), {t, H, D}), pos, cache,
+               ak::tensor3_view<E>(out.data(), {t, H, D}), opt, pool, &ws);
     benchmark::DoNotOptimize(out.data());
   }
   state.counters["FLOPS"] = benchmark::Counter(2.0 * H * t * (D + D) * t / 2,
                                                benchmark::Counter::kIsIterationInvariantRate,
                                                benchmark::Counter::OneK::kIs1000);
   state.SetLabel(std::string("compute-bound, ") + ak::storage_name<S>() +
-                 (Products ? " products" : "") + ", " + ak::target_name(ak::active_target()));
+                 (Products ? " products" : "") + (std::same_as<E, ak::bf16> ? ", bf16 q/out" : "") +
+                 ", " + ak::target_name(ak::active_target()));
 }
 
 }  // namespace attnkit::bench

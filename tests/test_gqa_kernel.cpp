@@ -901,3 +901,154 @@ TEST_CASE(
         CHECK(worst <= 1.0);
       }
 }
+
+namespace {
+
+/// x's queries rounded to bf16, and the same values widened back to float.
+struct bf16_queries {
+  std::vector<bf16> b;
+  fmat f;
+};
+bf16_queries round_queries(const fmat& q) {
+  bf16_queries r{std::vector<bf16>(static_cast<std::size_t>(q.size())), fmat(q.rows(), q.cols())};
+  for (std::int64_t i = 0; i < q.size(); ++i) {
+    r.b[static_cast<std::size_t>(i)] = bf16(q.data()[i]);
+    r.f.data()[i] = static_cast<float>(r.b[static_cast<std::size_t>(i)]);
+  }
+  return r;
+}
+
+/// The bits of a bf16 (NaNs compared by their bits too: the conversions keep sign and payload
+/// the same way on every target).
+std::uint16_t bits_of(bf16 x) { return Eigen::numext::bit_cast<std::uint16_t>(x); }
+
+/// x's K and V in a dense cache of S.
+template <storage_type S>
+dense_cache<S> cache_of(const gqa_case& c, const gqa_data& x) {
+  dense_cache<S> cache({.kv_heads = c.kv_heads,
+                        .head_dim = c.head_dim,
+                        .v_head_dim = c.v_head_dim,
+                        .capacity = c.tk});
+  cache.append(tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.head_dim}),
+               tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_head_dim}), x.k_pos);
+  return cache;
+}
+
+}  // namespace
+
+TEST_CASE("bf16 queries and outputs: the float call on the same queries, rounded once",
+          "[gqa][bf16][io]") {
+  // A bf16 call widens its queries to the floats a float call would get and rounds each output
+  // element of the same float result to bf16 once (to nearest even): its outputs are those of
+  // the float call rounded, bit for bit, and its LSE the float call's, on every path (streaming
+  // decodes, GEMM tiles, AMX and vdpbf16ps tiles, f32 and bf16 products, float and bf16
+  // caches, key splits) and every target. A NaN query element makes its rows NaN in both.
+  const std::uint64_t seed = GENERATE(range(1, 17));
+  std::mt19937_64 rng(seed * 7919);
+  gqa_case c = random_case(rng);
+  if (seed % 4 == 0) c.tq = 40 + static_cast<std::int64_t>(rng() % 90);  // GEMM / AMX tiles
+  if (seed % 2 == 0) c.products = product_math::bf16;
+  if (c.head_dim % 32) c.head_dim = 32 * (1 + c.head_dim / 32);  // AMX takes whole 32 columns
+  if (seed % 3 == 0) c.v_head_dim = c.head_dim;
+  gqa_data x = make_gqa_data(rng, c);
+  if (seed % 5 == 0) x.q(c.tq / 2, 1) = NAN;
+  const bf16_queries q = round_queries(x.q);
+  INFO(describe(c) << " products=" << (c.products == product_math::bf16 ? "bf16" : "f32"));
+  thread_pool pool(2);
+  auto check = [&](auto cache) {
+    const std::int64_t n = c.tq * c.heads * c.v_head_dim;
+    fmat out_f(c.tq, c.heads * c.v_head_dim), lse_f(c.tq, c.heads), lse_b(c.tq, c.heads);
+    std::vector<bf16> out_b(static_cast<std::size_t>(n));
+    attention_options opt{
+        .causal = c.causal, .window = c.window, .strategy = c.strategy, .products = c.products};
+    opt.lse = matrix_view<float>(lse_f.data(), {c.tq, c.heads});
+    attend(tensor3_view<const float>(q.f.data(), {c.tq, c.heads, c.head_dim}), x.q_pos, cache,
+           tensor3_view<float>(out_f.data(), {c.tq, c.heads, c.v_head_dim}), opt, pool);
+    opt.lse = matrix_view<float>(lse_b.data(), {c.tq, c.heads});
+    attend(tensor3_view<const bf16>(q.b.data(), {c.tq, c.heads, c.head_dim}), x.q_pos, cache,
+           tensor3_view<bf16>(out_b.data(), {c.tq, c.heads, c.v_head_dim}), opt, pool);
+    std::int64_t differ = 0;
+    for (std::int64_t i = 0; i < n; ++i)
+      differ += bits_of(out_b[static_cast<std::size_t>(i)]) != bits_of(bf16(out_f.data()[i]));
+    CHECK(differ == 0);
+    CHECK(lse_b.cwiseEqual(lse_f).count() +
+              (lse_b.array().isNaN() && lse_f.array().isNaN()).count() ==
+          lse_f.size());
+    return out_f;
+  };
+  check(cache_of<float>(c, x));
+  const fmat out = check(cache_of<bf16>(c, x));
+  if (seed % 5 != 0 && c.products == product_math::f32) {  // and the float result is the kernel's
+    gqa_data xr = x;
+    xr.q = q.f;
+    const auto ref = run_reference<bf16>(c, xr);
+    CHECK(max_abs_diff(to_double(out), ref.out) <=
+          float_tolerance(c.head_dim, c.tk, xr.a_max(c.head_dim), x.v.cwiseAbs().maxCoeff()));
+  }
+}
+
+TEST_CASE("bf16 queries and outputs: strided views, MHA and MQA, and bad input",
+          "[gqa][bf16][io][view][errors]") {
+  std::mt19937_64 rng(73);
+  gqa_case c{.heads = 4, .kv_heads = 4, .head_dim = 64, .v_head_dim = 32, .tk = 90, .tq = 6};
+  const gqa_data x = make_gqa_data(rng, c);
+  const bf16_queries q = round_queries(x.q);
+  const auto cache = cache_of<bf16>(c, x);
+  fmat base(c.tq, c.heads * c.v_head_dim);
+  attend_mha(tensor3_view<const float>(q.f.data(), {c.tq, c.heads, c.head_dim}), x.q_pos, cache,
+             tensor3_view<float>(base.data(), {c.tq, c.heads, c.v_head_dim}));
+  // q with padded head stride and every other column (a strided slice), out with padded token
+  // stride: the strided widening and the strided rounding of the output rows.
+  const std::int64_t qhs = 2 * c.head_dim + 6, ots = c.heads * c.v_head_dim + 3;
+  std::vector<bf16> qbuf(static_cast<std::size_t>(c.tq * c.heads * qhs), bf16(NAN)),
+      obuf(static_cast<std::size_t>(c.tq * ots), bf16(-1.f));
+  for (std::int64_t t = 0; t < c.tq; ++t)
+    for (std::int64_t h = 0; h < c.heads; ++h)
+      for (std::int64_t i = 0; i < c.head_dim; ++i)
+        qbuf[static_cast<std::size_t>((t * c.heads + h) * qhs + 2 * i)] =
+            q.b[static_cast<std::size_t>(t * c.heads * c.head_dim + h * c.head_dim + i)];
+  attend_mha(
+      tensor3_view<const bf16>(qbuf.data(), {c.tq, c.heads, c.head_dim}, {c.heads * qhs, qhs, 2}),
+      x.q_pos, cache,
+      tensor3_view<bf16>(obuf.data(), {c.tq, c.heads, c.v_head_dim}, {ots, 1, c.heads}));
+  for (std::int64_t t = 0; t < c.tq; ++t) {
+    for (std::int64_t h = 0; h < c.heads; ++h)
+      for (std::int64_t i = 0; i < c.v_head_dim; ++i)
+        CHECK(bits_of(obuf[static_cast<std::size_t>(t * ots + i * c.heads + h)]) ==
+              bits_of(bf16(base(t, h * c.v_head_dim + i))));
+    for (std::int64_t i = c.heads * c.v_head_dim; i < ots; ++i)
+      CHECK(bits_of(obuf[static_cast<std::size_t>(t * ots + i)]) == bits_of(bf16(-1.f)));
+  }
+  // MQA: one KV head.
+  gqa_case m{.heads = 3, .kv_heads = 1, .head_dim = 32, .v_head_dim = 32, .tk = 20, .tq = 2};
+  const gqa_data y = make_gqa_data(rng, m);
+  const bf16_queries qm = round_queries(y.q);
+  const auto mqa_cache = cache_of<float>(m, y);
+  fmat mf(m.tq, m.heads * m.v_head_dim);
+  std::vector<bf16> mb(static_cast<std::size_t>(mf.size()));
+  attend_mqa(tensor3_view<const float>(qm.f.data(), {m.tq, m.heads, m.head_dim}), y.q_pos,
+             mqa_cache, tensor3_view<float>(mf.data(), {m.tq, m.heads, m.v_head_dim}));
+  attend_mqa(tensor3_view<const bf16>(qm.b.data(), {m.tq, m.heads, m.head_dim}), y.q_pos, mqa_cache,
+             tensor3_view<bf16>(mb.data(), {m.tq, m.heads, m.v_head_dim}));
+  for (std::int64_t i = 0; i < mf.size(); ++i)
+    CHECK(bits_of(mb[static_cast<std::size_t>(i)]) == bits_of(bf16(mf.data()[i])));
+  // Bad input: the float call's messages; a throwing call writes nothing.
+  std::vector<bf16> qs(2 * 8, bf16(1.f)), os(2 * 8, bf16(-1.f));
+  dense_cache<float> small({.kv_heads = 2, .head_dim = 8, .capacity = 4});
+  std::vector<std::int64_t> pos{0};
+  auto qv = [&](std::int64_t h, std::int64_t d) {
+    return tensor3_view<const bf16>(qs.data(), {1, h, d});
+  };
+  auto ov = [&](bf16* p, std::int64_t h, std::int64_t d) {
+    return tensor3_view<bf16>(p, {1, h, d});
+  };
+  ATTNKIT_CHECK_INVALID(attend(qv(2, 6), pos, small, ov(os.data(), 2, 8)), "q.extent(2)=6",
+                        "head_dim=8");
+  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, small, ov(os.data(), 2, 7)),
+                        "attend: out has shape [1, 2, 7] but [1, 2, 8]");
+  ATTNKIT_CHECK_INVALID(attend(qv(2, 8), pos, small, ov(qs.data(), 2, 8)),
+                        "attend: out overlaps the input q");
+  ATTNKIT_CHECK_INVALID(attend_mqa(qv(2, 8), pos, small, ov(os.data(), 2, 8)),
+                        "attend_mqa: kv_heads must be 1, got 2");
+  for (const bf16 o : os) CHECK(bits_of(o) == bits_of(bf16(-1.f)));
+}

@@ -78,9 +78,12 @@ inline void softmax_merge(float& max_a, float& sum_a, float* acc_a, float max_b,
   max_a = m;
 }
 
-/// out = acc / sum (0 for a fully masked row); returns the natural-log LSE (-inf if masked).
-/// A finite `sink` logit joins the denominator with no value (gpt-oss attention sinks).
-inline float softmax_finalize(float max, float sum, const float* acc, float* out,
+/// out = acc / sum (0 for a fully masked row), out float or bf16 (rounded once, to nearest
+/// even); returns the natural-log LSE (-inf if masked). A finite `sink` logit joins the
+/// denominator with no value (gpt-oss attention sinks).
+template <class O>
+requires std::same_as<O, float> || std::same_as<O, bf16>
+inline float softmax_finalize(float max, float sum, const float* acc, O* out,
                               std::int64_t out_stride, std::int64_t d, float sink = neg_inf) {
   float factor = 1.f;  // exp(max - max') where the sink raises the max
   if (sink != neg_inf) {
@@ -90,14 +93,14 @@ inline float softmax_finalize(float max, float sum, const float* acc, float* out
     max = m;
   }
   if (sum == 0.f) {
-    for (std::int64_t i = 0; i < d; ++i) out[i * out_stride] = 0.f;
+    for (std::int64_t i = 0; i < d; ++i) out[i * out_stride] = O(0.f);
     return neg_inf;
   }
   const float inv = factor / sum;
   if (out_stride == 1)
     scale_row_to(acc, out, d, inv);
   else
-    for (std::int64_t i = 0; i < d; ++i) out[i * out_stride] = acc[i] * inv;
+    for (std::int64_t i = 0; i < d; ++i) out[i * out_stride] = O(acc[i] * inv);
   return max + std::log(sum);
 }
 }  // namespace detail

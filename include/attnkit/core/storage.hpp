@@ -16,6 +16,11 @@ using half = Eigen::half;      ///< IEEE half storage (5-bit exponent, 11-bit si
 template <class S>
 concept storage_type = std::same_as<S, float> || std::same_as<S, bf16> || std::same_as<S, half>;
 
+/// The element types of the activations an attention call takes and writes (queries, outputs):
+/// float, or bf16 as an engine running bf16 activations holds them.
+template <class E>
+concept activation_type = std::same_as<E, float> || std::same_as<E, bf16>;
+
 /// x as float (exact for every storage type).
 template <storage_type S>
 inline float to_float(S x) {

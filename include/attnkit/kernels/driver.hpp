@@ -169,13 +169,46 @@ inline bool turned_non_finite(const float* x, const float* before, std::int64_t 
 template <class V>
 constexpr bool given_weights_v = requires { requires V::given_weights; };
 
+/// A call's output rows [Tq, H, v_head_dim]: float, or bf16 (an engine's bf16 activations;
+/// each row finalised in float and rounded once).
+struct output_rows {
+  tensor3_view<float> f32{};
+  tensor3_view<bf16> b16{};
+  bool bf16_out = false;
+  output_rows(tensor3_view<float> o) : f32(o) {}
+  output_rows(tensor3_view<bf16> o) : b16(o), bf16_out(true) {}
+  index_t extent(std::size_t i) const { return bf16_out ? b16.extent(i) : f32.extent(i); }
+  /// f(view) with the view of the output's element type.
+  template <class F>
+  decltype(auto) visit(F&& f) const {
+    return bf16_out ? f(b16) : f(f32);
+  }
+};
+
+/// True when some of the n bf16 at x is inf or NaN (all exponent bits set): four at a time as
+/// one 64-bit word, a lane whose exponent bits are all set found as a zero lane of w ^ mask.
+inline bool any_non_finite(const bf16* x, std::int64_t n) {
+  constexpr std::uint64_t exponent = 0x7F807F807F807F80u, ones = 0x0001000100010001u,
+                          tops = 0x8000800080008000u;
+  std::int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    std::uint64_t w;
+    std::memcpy(&w, x + i, sizeof w);
+    const std::uint64_t v = (w & exponent) ^ exponent;  // a lane 0: all exponent bits set
+    if ((v - ones) & ~v & tops) return true;
+  }
+  for (; i < n; ++i)
+    if (!std::isfinite(static_cast<float>(x[i]))) return true;
+  return false;
+}
+
 /// Everything of one call that is not the variant's.
 template <class Mask>
 struct attention_call {
   std::span<const std::int64_t> q_pos;
   attention_policy policy;
   Mask mask;
-  tensor3_view<float> out;               // [Tq, H, v_head_dim]
+  output_rows out;                       // [Tq, H, v_head_dim]
   matrix_view<float> lse;                // [Tq, H] or empty
   tensor3_view<float> weights{};         // [Tq, H, Tk] or empty: the normalised weights out
   matrix_view<const float> given_lse{};  // [Tq, H] or empty: the given-LSE mode
@@ -186,13 +219,15 @@ struct attention_call {
   /// (`fixed`) the accumulator is the output.
   void finalize(std::int64_t t, std::int64_t head, float max, float sum, const float* acc,
                 std::int64_t dv, bool fixed) const {
-    if (fixed) {
-      for (std::int64_t c = 0; c < dv; ++c) out(t, head, c) = acc[c];
-      return;
-    }
-    const float l =
-        softmax_finalize(max, sum, acc, &out(t, head, 0), out.stride(2), dv, sink(head));
-    if (!lse.empty()) lse(t, head) = l;
+    out.visit([&](const auto& o) {
+      using O = std::remove_cvref_t<decltype(o(0, 0, 0))>;
+      if (fixed) {
+        for (std::int64_t c = 0; c < dv; ++c) o(t, head, c) = O(acc[c]);
+        return;
+      }
+      const float l = softmax_finalize(max, sum, acc, &o(t, head, 0), o.stride(2), dv, sink(head));
+      if (!lse.empty()) lse(t, head) = l;
+    });
   }
 };
 
@@ -514,20 +549,21 @@ Problem on_fmas(Problem pb) {
 /// score is masked or -inf with no NaN among its products, and then FMAs do too.
 template <class Mask>
 bool outputs_non_finite(const attention_call<Mask>& call) {
-  const tensor3_view<float>& o = call.out;
-  const bool rows = o.stride(2) == 1;  // a vector scan per output row
-  for (std::int64_t t = 0; t < o.extent(0); ++t)
-    for (std::int64_t h = 0; h < o.extent(1); ++h) {
-      if (!call.lse.empty() && !(call.lse(t, h) < std::numeric_limits<float>::infinity()))
-        return true;
-      if (rows) {
-        if (any_non_finite(&o(t, h, 0), o.extent(2))) return true;
-        continue;
+  return call.out.visit([&](const auto& o) {
+    const bool rows = o.stride(2) == 1;  // a vector scan per output row
+    for (std::int64_t t = 0; t < o.extent(0); ++t)
+      for (std::int64_t h = 0; h < o.extent(1); ++h) {
+        if (!call.lse.empty() && !(call.lse(t, h) < std::numeric_limits<float>::infinity()))
+          return true;
+        if (rows) {
+          if (any_non_finite(&o(t, h, 0), o.extent(2))) return true;
+          continue;
+        }
+        for (std::int64_t c = 0; c < o.extent(2); ++c)
+          if (!std::isfinite(static_cast<float>(o(t, h, c)))) return true;
       }
-      for (std::int64_t c = 0; c < o.extent(2); ++c)
-        if (!std::isfinite(o(t, h, c))) return true;
-    }
-  return false;
+    return false;
+  });
 }
 
 template <block_products Variant, class Mask, class Exec>
@@ -616,8 +652,8 @@ void run_attention_pass(const typename Variant::problem& pb, const attention_cal
 }
 
 /// Outputs (out, and the options' lse and weights) must not share memory with the input `in`.
-template <class In>
-void require_outputs_disjoint(const char* who, const tensor3_view<float>& out,
+template <class O, class In>
+void require_outputs_disjoint(const char* who, const tensor3_view<O>& out,
                               const attention_options& opt, const In& in, const char* name) {
   require_disjoint(out, in, who, "out", name);
   require_disjoint(opt.lse, in, who, "lse", name);
@@ -627,11 +663,11 @@ void require_outputs_disjoint(const char* who, const tensor3_view<float>& out,
 /// Checks the arguments every entry point shares: q_positions and out for Tq tokens and
 /// `heads` query heads of v_head_dim, the LSE and weights outputs (the latter over `keys`
 /// keys), the scale and the policy.
-inline attention_policy validate_call(const char* who, std::int64_t tq, std::int64_t heads,
-                                      std::int64_t v_head_dim, std::int64_t keys,
-                                      std::span<const std::int64_t> q_pos,
-                                      const tensor3_view<float>& out,
-                                      const attention_options& opt) {
+template <class O>
+attention_policy validate_call(const char* who, std::int64_t tq, std::int64_t heads,
+                               std::int64_t v_head_dim, std::int64_t keys,
+                               std::span<const std::int64_t> q_pos, const tensor3_view<O>& out,
+                               const attention_options& opt) {
   require(static_cast<std::int64_t>(q_pos.size()) == tq, who, ": q_positions has ", q_pos.size(),
           " entries but the queries have Tq=", tq, " tokens");
   require_extents(out, {tq, heads, v_head_dim}, who, "out");

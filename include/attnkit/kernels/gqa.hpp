@@ -64,9 +64,25 @@ inline void copy_strided(const float* src, std::int64_t stride, std::int64_t n, 
     for (std::int64_t c = 0; c < n; ++c) dst[c] = src[c * stride];
 }
 
+/// Queries [Tq, H, d_qk]: float, or bf16 (an engine's bf16 activations, widened a tile of
+/// rows at a time as the kernels load them).
+struct query_view {
+  tensor3_view<const float> f32{};
+  tensor3_view<const bf16> b16{};
+  bool bf16_in = false;
+  query_view(tensor3_view<const float> q) : f32(q) {}
+  query_view(tensor3_view<const bf16> q) : b16(q), bf16_in(true) {}
+  index_t extent(std::size_t i) const { return bf16_in ? b16.extent(i) : f32.extent(i); }
+  /// f(view) with the view of the queries' element type.
+  template <class F>
+  decltype(auto) visit(F&& f) const {
+    return bf16_in ? f(b16) : f(f32);
+  }
+};
+
 template <storage_type S>
 struct gqa_problem {
-  tensor3_view<const float> q;  // [Tq, H, d_qk]
+  query_view q;  // [Tq, H, d_qk]
   kv_view<S> kv;
   float scale = 1.f;
   bool streaming = true;
@@ -239,31 +255,24 @@ class gqa_products {
     if (t0 == loaded_[0] && tn == loaded_[1] && j == loaded_[2]) return;
     loaded_[0] = t0, loaded_[1] = tn, loaded_[2] = j;
     if (pairs_ != pair_engine::none) return load_query_pairs(t0, j);
-    const std::int64_t cs = pb_.q.stride(2);
-    auto row = [&](std::int64_t r) { return &pb_.q(t0 + r / g, j * g + r % g, 0); };
-    if (transposed() && !narrow()) {  // Q^T [d_qk][m], 16 rows at a time
-      for (std::int64_t r0 = 0; r0 < m_; r0 += 16) {
-        const std::int64_t n = std::min<std::int64_t>(16, m_ - r0);
-        const float* rows[16];
-        query_rows(t0, j, r0, n, rows);
+    for (std::int64_t r0 = 0; r0 < m_; r0 += 16) {  // 16 rows at a time (query_rows)
+      const std::int64_t n = std::min<std::int64_t>(16, m_ - r0);
+      const float* rows[16];
+      query_rows(t0, j, r0, n, rows);
+      if (transposed() && !narrow()) {  // Q^T [d_qk][m]
         transpose_scaled(rows, n, dqk, pb_.scale, q_ + r0, m_);
+        continue;
       }
-      return;
-    }
-    if (stream_pairs_) {  // [m][d_qk] bf16: row r's pairs in natural column order
-      auto* qp = reinterpret_cast<bf16*>(q_);
-      for (std::int64_t r = 0; r < m_; ++r)
-        for (std::int64_t c = 0; c < dqk; ++c) qp[r * dqk + c] = bf16(row(r)[c * cs] * pb_.scale);
-      return;
-    }
-    for (std::int64_t r = 0; r < m_; ++r) {
-      const float* src = row(r);
-      if (cs == 1)
-        scale_row_to(src, q_ + r * dqk, dqk, pb_.scale);
-      else
-        for (std::int64_t c = 0; c < dqk; ++c) q_[r * dqk + c] = src[c * cs] * pb_.scale;
-      if (paired() || (narrow() && std::same_as<S, bf16>))  // the score block reads bf16 as pairs
-        permute_pairs(q_ + r * dqk, dqk, bf16_pair_group());
+      for (std::int64_t i = 0; i < n; ++i) {
+        const std::int64_t r = r0 + i;
+        if (stream_pairs_) {  // [m][d_qk] bf16: row r's pairs in natural column order
+          scale_row_to(rows[i], reinterpret_cast<bf16*>(q_) + r * dqk, dqk, pb_.scale);
+          continue;
+        }
+        scale_row_to(rows[i], q_ + r * dqk, dqk, pb_.scale);
+        if (paired() || (narrow() && std::same_as<S, bf16>))  // the score block reads bf16 pairs
+          permute_pairs(q_ + r * dqk, dqk, bf16_pair_group());
+      }
     }
   }
 
@@ -635,15 +644,26 @@ class gqa_products {
   /// are copied into kf_ (free until the first block).
   void query_rows(std::int64_t t0, std::int64_t j, std::int64_t r0, std::int64_t n,
                   const float** rows) {
-    const std::int64_t g = pl_.g, dqk = pb_.kv.head_dim(), cs = pb_.q.stride(2);
-    for (std::int64_t i = 0; i < n; ++i) {
-      const float* src = &pb_.q(t0 + (r0 + i) / g, j * g + (r0 + i) % g, 0);
-      if (cs != 1) {
-        copy_strided(src, cs, dqk, kf_ + i * dqk);
-        src = kf_ + i * dqk;
+    const std::int64_t g = pl_.g, dqk = pb_.kv.head_dim();
+    pb_.q.visit([&](const auto& q) {
+      const std::int64_t cs = q.stride(2);
+      for (std::int64_t i = 0; i < n; ++i) {
+        const auto* src = &q(t0 + (r0 + i) / g, j * g + (r0 + i) % g, 0);
+        float* row = kf_ + i * dqk;  // float rows in place, else widened or gathered here
+        if constexpr (std::same_as<std::remove_cvref_t<decltype(*src)>, float>) {
+          if (cs == 1) {
+            rows[i] = src;
+            continue;
+          }
+          copy_strided(src, cs, dqk, row);
+        } else if (cs == 1) {
+          to_float_row(src, row, dqk);
+        } else {
+          for (std::int64_t c = 0; c < dqk; ++c) row[c] = static_cast<float>(src[c * cs]);
+        }
+        rows[i] = row;
       }
-      rows[i] = src;
-    }
+    });
   }
   /// The parts of Q^T's pairs (load_query_pairs) as the B operand of AMX tile products.
   amx_parts query_parts() const { return {parts_, 0, pb_.kv.head_dim() / 2 * q_cols()}; }
@@ -708,14 +728,14 @@ inline bool streams(const attention_options& opt, std::int64_t g, std::int64_t t
 /// The GQA problem of queries q [Tq, H, d_qk] against kv (checked against each other): the
 /// tile strategy and the scale.
 template <storage_type S>
-gqa_problem<S> gqa_problem_of(const char* who, tensor3_view<const float> q, const kv_view<S>& kv,
+gqa_problem<S> gqa_problem_of(const char* who, query_view q, const kv_view<S>& kv,
                               const attention_options& opt, std::optional<float> default_scale) {
   const std::int64_t tq = q.extent(0), h = q.extent(1), hkv = kv.kv_heads(), dqk = kv.head_dim();
   require(h > 0 && h % hkv == 0, who, ": heads=", h,
           " (q.extent(1)) must be a positive multiple of kv_heads=", hkv);
   require(q.extent(2) == dqk, who, ": q head dim q.extent(2)=", q.extent(2),
           " differs from the keys' head_dim=", dqk);
-  require_extents(q, {tq, h, dqk}, who, "q");
+  q.visit([&](const auto& v) { require_extents(v, {tq, h, dqk}, who, "q"); });
   const float scale =
       opt.scale.value_or(default_scale.value_or(1.f / std::sqrt(static_cast<float>(dqk))));
   return {.q = q,
@@ -726,11 +746,10 @@ gqa_problem<S> gqa_problem_of(const char* who, tensor3_view<const float> q, cons
 }
 
 /// The GQA path of attend and attend_latent on a validated kv_view.
-template <storage_type S, class Mask, class Exec>
-void run_gqa(const char* who, tensor3_view<const float> q, std::span<const std::int64_t> q_pos,
-             const kv_view<S>& kv, tensor3_view<float> out, const attention_options& opt,
-             Exec& exec, attention_workspace* ws, const Mask& mask,
-             std::optional<float> default_scale = {}) {
+template <storage_type S, class Q, class O, class Mask, class Exec>
+void run_gqa(const char* who, tensor3_view<const Q> q, std::span<const std::int64_t> q_pos,
+             const kv_view<S>& kv, tensor3_view<O> out, const attention_options& opt, Exec& exec,
+             attention_workspace* ws, const Mask& mask, std::optional<float> default_scale = {}) {
   const gqa_problem<S> pb = gqa_problem_of(who, q, kv, opt, default_scale);
   require_outputs_disjoint(who, out, opt, q, "q");
   const attention_policy policy =
@@ -747,28 +766,39 @@ void run_gqa(const char* who, tensor3_view<const float> q, std::span<const std::
 /// 1/sqrt(d_qk)), causal, window, soft-cap, ALiBi, sinks, LSE output, tile strategy; `mask`
 /// narrows the visible keys further. Thread count is the executor's; `ws` keeps scratch memory
 /// across calls.
-template <kv_source KV, class Exec = serial_executor, mask_predicate Mask = no_mask>
-void attend(tensor3_view<const float> q, std::span<const std::int64_t> q_positions, const KV& kv,
-            tensor3_view<float> out, const attention_options& opt = {}, Exec&& exec = Exec{},
+///
+/// Queries and outputs are float, or both bf16 (E, taken from `out`) as an engine running bf16
+/// activations holds them: the same kernels, which load the queries a tile at a time (as float,
+/// or with product_math::bf16 as bf16 pairs) and round each output row to bf16 once, to nearest
+/// even, from its float result; a prefill moves half the interface bytes.
+template <activation_type E, kv_source KV, class Exec = serial_executor,
+          mask_predicate Mask = no_mask>
+void attend(std::type_identity_t<tensor3_view<const E>> q,
+            std::span<const std::int64_t> q_positions, const KV& kv, tensor3_view<E> out,
+            const attention_options& opt = {}, Exec&& exec = Exec{},
             attention_workspace* ws = nullptr, const Mask& mask = {}) {
   detail::run_gqa("attend", q, q_positions, detail::kv_view_of(kv), out, opt, exec, ws, mask);
 }
 
 /// MHA and MQA are the same kernel: names for readers, with a shape check, not copies.
-template <kv_source KV, class Exec = serial_executor, mask_predicate Mask = no_mask>
-void attend_mha(tensor3_view<const float> q, std::span<const std::int64_t> q_positions,
-                const KV& kv, tensor3_view<float> out, const attention_options& opt = {},
-                Exec&& exec = Exec{}, attention_workspace* ws = nullptr, const Mask& mask = {}) {
+template <activation_type E, kv_source KV, class Exec = serial_executor,
+          mask_predicate Mask = no_mask>
+void attend_mha(std::type_identity_t<tensor3_view<const E>> q,
+                std::span<const std::int64_t> q_positions, const KV& kv, tensor3_view<E> out,
+                const attention_options& opt = {}, Exec&& exec = Exec{},
+                attention_workspace* ws = nullptr, const Mask& mask = {}) {
   const auto v = detail::kv_view_of(kv);
   detail::require(q.extent(1) == v.kv_heads(), "attend_mha: heads=", q.extent(1),
                   " must equal kv_heads=", v.kv_heads());
   detail::run_gqa("attend_mha", q, q_positions, v, out, opt, exec, ws, mask);
 }
 /// MQA: attend with kv_heads = 1, checked.
-template <kv_source KV, class Exec = serial_executor, mask_predicate Mask = no_mask>
-void attend_mqa(tensor3_view<const float> q, std::span<const std::int64_t> q_positions,
-                const KV& kv, tensor3_view<float> out, const attention_options& opt = {},
-                Exec&& exec = Exec{}, attention_workspace* ws = nullptr, const Mask& mask = {}) {
+template <activation_type E, kv_source KV, class Exec = serial_executor,
+          mask_predicate Mask = no_mask>
+void attend_mqa(std::type_identity_t<tensor3_view<const E>> q,
+                std::span<const std::int64_t> q_positions, const KV& kv, tensor3_view<E> out,
+                const attention_options& opt = {}, Exec&& exec = Exec{},
+                attention_workspace* ws = nullptr, const Mask& mask = {}) {
   const auto v = detail::kv_view_of(kv);
   detail::require(v.kv_heads() == 1, "attend_mqa: kv_heads must be 1, got ", v.kv_heads());
   detail::run_gqa("attend_mqa", q, q_positions, v, out, opt, exec, ws, mask);

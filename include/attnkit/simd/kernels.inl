@@ -122,6 +122,17 @@ inline void scale_row_to(const float* src, float* dst, std::int64_t n, float a) 
   }
 }
 
+/// dst[i] = bf16(src[i] * a), rounded to nearest even.
+inline void scale_row_to(const float* src, bf16* dst, std::int64_t n, float a) {
+  const vec va = V::set1(a);
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) V::store_bf16(V::first(L), dst + i, V::mul(V::load(src + i), va));
+  if (i < n) {
+    const vmask m = V::first(n - i);
+    V::store_bf16(m, dst + i, V::mul(V::load(m, src + i), va));
+  }
+}
+
 /// x[i] *= a.
 inline void scale_row(float* x, std::int64_t n, float a) { scale_row_to(x, x, n, a); }
 

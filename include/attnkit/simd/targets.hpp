@@ -453,6 +453,11 @@ inline void scale_row_to(const float* src, float* dst, std::int64_t n, float a) 
   ATTNKIT_SIMD_DISPATCH(scale_row_to(src, dst, n, a))
 }
 
+/// dst[i] = src[i] * a rounded to bf16 (to nearest even).
+inline void scale_row_to(const float* src, bf16* dst, std::int64_t n, float a) {
+  ATTNKIT_SIMD_DISPATCH(scale_row_to(src, dst, n, a))
+}
+
 /// a[i] = a[i] * fa + b[i] * fb.
 inline void scale_add_row(float* a, float fa, const float* b, float fb, std::int64_t n) {
   ATTNKIT_SIMD_DISPATCH(scale_add_row(a, fa, b, fb, n))

@@ -78,6 +78,20 @@ struct V {
       return load_as_float(tmp);
     }
   }
+  /// x rounded to bf16 into p's first m lanes: see vec_avx512.inl.
+  static void store_bf16(mask m, bf16* p, vec x) {
+    const __m256i b = _mm256_castps_si256(x), high = _mm256_srli_epi32(b, 16);
+    const __m256i bias =
+        _mm256_add_epi32(_mm256_and_si256(high, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7FFF));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, bias), 16);
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(high, _mm256_set1_epi32(0x40)),
+                           _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    if (m == lanes) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), w);
+    alignas(16) std::uint16_t t[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(t), w);
+    std::memcpy(p, t, static_cast<std::size_t>(m) * sizeof(bf16));
+  }
   /// 16 bf16 as (even, odd) columns: see vec_avx512.inl.
   static void load_bf16_pairs(const bf16* p, vec& even, vec& odd) {
     __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));

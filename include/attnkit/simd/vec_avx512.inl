@@ -54,6 +54,17 @@ struct V {
       return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
     }
   }
+  /// x rounded to bf16 (to nearest even, a NaN kept quiet with its sign) into p's first lanes
+  /// (m): the bit arithmetic of the scalar conversion, so every target writes the same bits.
+  static void store_bf16(mask m, bf16* p, vec x) {
+    const __m512i b = _mm512_castps_si512(x), high = _mm512_srli_epi32(b, 16);
+    const __m512i bias =
+        _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, bias), 16);
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), high,
+                             _mm512_set1_epi32(0x40));
+    _mm512_mask_cvtepi32_storeu_epi16(p, m, r);
+  }
   /// 32 bf16 as two vectors without a cross-lane shuffle: each dword holds an (even, odd) pair;
   /// << 16 gives the even columns, masking the low half the odd ones.
   static void load_bf16_pairs(const bf16* p, vec& even, vec& odd) {

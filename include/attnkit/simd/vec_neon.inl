@@ -53,6 +53,16 @@ struct V {
     for (int i = 0; i < m; ++i) t[i] = p[i];
     return load_as_float(t);
   }
+  /// x rounded to bf16 into p's first m lanes: see vec_avx512.inl.
+  static void store_bf16(mask m, bf16* p, vec x) {
+    const uint32x4_t b = vreinterpretq_u32_f32(x), high = vshrq_n_u32(b, 16);
+    const uint32x4_t bias = vaddq_u32(vandq_u32(high, vdupq_n_u32(1)), vdupq_n_u32(0x7FFF));
+    uint32x4_t r = vshrq_n_u32(vaddq_u32(b, bias), 16);
+    r = vbslq_u32(vmvnq_u32(vceqq_f32(x, x)), vorrq_u32(high, vdupq_n_u32(0x40)), r);
+    std::uint16_t t[4];
+    vst1_u16(t, vmovn_u32(r));
+    std::memcpy(p, t, static_cast<std::size_t>(m) * sizeof(bf16));
+  }
   static void load_bf16_pairs(const bf16* p, vec& even, vec& odd) {
     const uint32x4_t raw = vld1q_u32(reinterpret_cast<const std::uint32_t*>(p));
     even = vreinterpretq_f32_u32(vshlq_n_u32(raw, 16));

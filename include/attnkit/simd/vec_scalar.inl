@@ -29,6 +29,9 @@ struct V {
   template <storage_type S>
   static vec load_as_float(mask m, const S* p) { return m ? static_cast<float>(*p) : 0.f; }
 
+  static void store_bf16(mask m, bf16* p, vec x) {
+    if (m) *p = static_cast<bf16>(x);
+  }
   static void load_bf16_pairs(const bf16* p, vec& even, vec& odd) {  // (unused: pairs is off)
     even = static_cast<float>(p[0]), odd = static_cast<float>(p[1]);
   }
