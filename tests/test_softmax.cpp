@@ -135,7 +135,8 @@ TEST_CASE(
 TEST_CASE("vectorised exp is 0, not subnormal, below ln(FLT_MIN) on the vector targets",
           "[softmax]") {
   if (!detail::simd_vector_target()) return;  // the scalar target is std::exp
-  std::vector<float> xs;
+  // Far below too: AVX-512 exponentiates without clamping its argument (vec_avx512.inl).
+  std::vector<float> xs{-1e3f, -1e10f, -3.4e38f};
   for (float x = -104.f; x < -87.3366f; x += 0.0731f) xs.push_back(x);
   const std::vector<float> just_above = {-87.3365f, -87.2f, -86.9f};
   xs.insert(xs.end(), just_above.begin(), just_above.end());
@@ -148,6 +149,11 @@ TEST_CASE("vectorised exp is 0, not subnormal, below ln(FLT_MIN) on the vector t
     else  // normal floats from ln(FLT_MIN) up, within 4 ulp
       CHECK(std::abs(e[i] - std::exp(double(xs[i]))) <= 4 * 0x1p-24 * std::exp(double(xs[i])));
   }
+  std::vector<float> nan_row{NAN, 0.f, -INFINITY};  // a NaN score stays NaN, its neighbours not
+  detail::exp_shift_sum(nan_row.data(), 3, 0.f);
+  CHECK(std::isnan(nan_row[0]));
+  CHECK(nan_row[1] == 1.f);
+  CHECK(nan_row[2] == 0.f);
 }
 
 TEST_CASE("softmax_rows: rows taken together equal each row alone, and the online update in double",

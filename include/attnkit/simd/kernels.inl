@@ -31,10 +31,11 @@ constexpr std::int64_t pair_group = V::pairs ? 2 * L : 0;
 /// n ln2), e^r by its Taylor series of degree Degree, times 2^n. Degree 7 (vexp): truncation
 /// < 6e-9 relative, within ~2 ulp. Degree 4 (vexp_coarse): truncation < 5.6e-5 relative (at r =
 /// -ln2/2), for probabilities rounded to bf16 next (whose rounding, 2^-8, is 70 times larger):
-/// three fewer FMAs per vector. exp(-inf) = 0, exp(NaN) = NaN, finite for x <= 88. Results below
-/// the smallest normal float (x < ln(FLT_MIN)) are 0 on every vector target: forming a subnormal
-/// costs a microcode assist per instruction on Intel cores, and a masked tile's -inf scores would
-/// all take one.
+/// three fewer FMAs per vector. exp(-inf) = 0, exp(NaN) = NaN, finite for x <= 88 (the kernels
+/// take x <= 0: a score less its row's max, a max less a larger one, a score less its LSE). Results
+/// below the smallest normal float (x < ln(FLT_MIN)) are 0 on every vector target: forming a
+/// subnormal costs a microcode assist per instruction on Intel cores, and a masked tile's -inf
+/// scores would all take one.
 template <int Degree = 7, class W = V>
 inline typename W::vec vexp(typename W::vec x) {
   if constexpr (W::lanes == 1) {
@@ -43,8 +44,11 @@ inline typename W::vec vexp(typename W::vec x) {
     constexpr float inverse_factorial[8] = {1.f,        1.f,         0.5f,        1.f / 6.f,
                                             1.f / 24.f, 1.f / 120.f, 1.f / 720.f, 1.f / 5040.f};
     static_assert(Degree >= 1 && Degree <= 7);
-    const vec xc = W::exp_clamp(x);
-    const vec n = W::round(W::mul(xc, W::set1(1.44269504088896341f)));
+    // n = x log2(e) rounded to an integer by the magic number 1.5 2^23 (the FMA's one
+    // rounding puts n in the low mantissa bits; |x log2(e)| < 2^22 after the clamp, and the
+    // lanes a target leaves unclamped are set to 0 by exp_scale).
+    const vec xc = W::exp_clamp(x), magic = W::set1(0x1.8p23f);
+    const vec n = W::sub(W::fmadd(xc, W::set1(1.44269504088896341f), magic), magic);
     const vec r = W::fnmadd(n, W::set1(1.42860682e-06f),
                             W::fnmadd(n, W::set1(0.693145751953125f), xc));
     vec p = W::set1(inverse_factorial[Degree]);

@@ -189,7 +189,6 @@ struct V {
                            _mm256_shuffle_ps(a[i], a[i + 2], 0x4E));
     return _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
   }
-  static vec round(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // exp (kernels.inl): 2^n is built in the exponent field, so n stays in [-126, 127]: the argument
   // is clamped to [ln 2^-126, 88.3] (vmaxps / vminps return the second operand, x, when it is NaN)
   // and the lanes below it (exp under the smallest normal float; -inf among them) are set to 0 afterwards.

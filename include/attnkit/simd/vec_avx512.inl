@@ -188,15 +188,10 @@ struct V {
   }
 
   static vec fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
-  static vec round(vec x) {
-    return _mm512_maskz_roundscale_ps(0xFFFF, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  // exp (kernels.inl): the argument clamped (a NaN kept: vmaxps / vminps return the second
-  // operand when either is NaN), then p 2^n by vscalefps.
-  static vec exp_clamp(vec x) {
-    x = _mm512_maskz_max_ps(0xFFFF, _mm512_set1_ps(-150.f), x);
-    return _mm512_maskz_min_ps(0xFFFF, _mm512_set1_ps(88.7f), x);
-  }
+  // exp (kernels.inl): no clamp: every argument the kernels exponentiate is at most 0 (a score
+  // less its row's max, or an LSE) or NaN, and vscalefps takes any n, so only the lanes below
+  // ln(FLT_MIN) (-inf among them, whose r is NaN) need a value, the 0 exp_scale gives them.
+  static vec exp_clamp(vec x) { return x; }
   /// p 2^n, 0 where x < ln(FLT_MIN) (NaN kept): the masked lanes never form a subnormal.
   static vec exp_scale(vec p, vec n, vec x) {
     return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ), p,

@@ -103,7 +103,6 @@ struct V {
   ATTNKIT_INLINE static vec sums(const vec* x) {
     return vpaddq_f32(vpaddq_f32(x[0], x[1]), vpaddq_f32(x[2], x[3]));
   }
-  static vec round(vec x) { return vrndnq_f32(x); }
   // exp (kernels.inl): as on AVX2, 2^n in the exponent field, n in [-126, 127].
   static vec exp_clamp(vec x) {
     return vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.33654f)), vdupq_n_f32(88.3f));
