@@ -67,15 +67,22 @@ inline gqa_data make_gqa_data(std::mt19937_64& rng, const gqa_case& c) {
   return x;
 }
 
-/// The kernel's output over a dense cache of S.
-template <storage_type S, class Exec = serial_executor>
-fmat run_kernel(const gqa_case& c, const gqa_data& x, Exec&& exec = Exec{}, fmat* lse = nullptr) {
+/// x's K and V in a dense cache of S.
+template <storage_type S>
+dense_cache<S> cache_of(const gqa_case& c, const gqa_data& x) {
   dense_cache<S> cache({.kv_heads = c.kv_heads,
                         .head_dim = c.head_dim,
                         .v_head_dim = c.v_head_dim,
                         .capacity = c.tk});
   cache.append(tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.head_dim}),
                tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_head_dim}), x.k_pos);
+  return cache;
+}
+
+/// The kernel's output over a dense cache of S.
+template <storage_type S, class Exec = serial_executor>
+fmat run_kernel(const gqa_case& c, const gqa_data& x, Exec&& exec = Exec{}, fmat* lse = nullptr) {
+  const dense_cache<S> cache = cache_of<S>(c, x);
   fmat out(c.tq, c.heads * c.v_head_dim);
   attention_options opt{
       .causal = c.causal, .window = c.window, .strategy = c.strategy, .products = c.products};

@@ -922,18 +922,6 @@ bf16_queries round_queries(const fmat& q) {
 /// the same way on every target).
 std::uint16_t bits_of(bf16 x) { return Eigen::numext::bit_cast<std::uint16_t>(x); }
 
-/// x's K and V in a dense cache of S.
-template <storage_type S>
-dense_cache<S> cache_of(const gqa_case& c, const gqa_data& x) {
-  dense_cache<S> cache({.kv_heads = c.kv_heads,
-                        .head_dim = c.head_dim,
-                        .v_head_dim = c.v_head_dim,
-                        .capacity = c.tk});
-  cache.append(tensor3_view<const float>(x.k.data(), {c.tk, c.kv_heads, c.head_dim}),
-               tensor3_view<const float>(x.v.data(), {c.tk, c.kv_heads, c.v_head_dim}), x.k_pos);
-  return cache;
-}
-
 }  // namespace
 
 TEST_CASE("bf16 queries and outputs: the float call on the same queries, rounded once",
