@@ -129,17 +129,20 @@ void BM_gqa_prefill_causal(benchmark::State& state) {
   const ak::attention_options opt{.products =
                                       Products ? ak::product_math::bf16 : ak::product_math::f32};
   const auto cache = filled_cache<S>(t);
-  std::vector<E> q(static_cast<std::size_t>(t * H * D)), out(q.size());
+  // q and out aligned as an engine's (and torch's) activations are: std::vector's large blocks
+  // sit 16 bytes past a page, which splits every vector access of their rows across two lines.
+  const std::int64_t n = t * H * D;
+  const auto q = ak::detail::aligned_alloc_array<E>(n), out = ak::detail::aligned_alloc_array<E>(n);
   std::mt19937 rng(2);
   std::normal_distribution<float> nd;
-  for (auto& x : q) x = E(nd(rng));
+  for (std::int64_t i = 0; i < n; ++i) q[i] = E(nd(rng)), out[i] = E(0.f);
   std::vector<std::int64_t> pos(cache.positions().begin(), cache.positions().end());
   ak::thread_pool pool(threads);
   ak::attention_workspace ws;
   for (auto _ : state) {
-    ak::attend(ak::tensor3_view<const E>(q.data(), {t, H, D}), pos, cache,
-               ak::tensor3_view<E>(out.data(), {t, H, D}), opt, pool, &ws);
-    benchmark::DoNotOptimize(out.data());
+    ak::attend(ak::tensor3_view<const E>(q.get(), {t, H, D}), pos, cache,
+               ak::tensor3_view<E>(out.get(), {t, H, D}), opt, pool, &ws);
+    benchmark::DoNotOptimize(out.get());
   }
   state.counters["FLOPS"] = benchmark::Counter(2.0 * H * t * (D + D) * t / 2,
                                                benchmark::Counter::kIsIterationInvariantRate,
